@@ -1,0 +1,185 @@
+"""Which parameters gradwatch measures and what it calls them.
+
+A *layer* is a module that directly owns parameters (``module._parameters``), named by its qualified name
+with wrapper prefixes removed, so that ``torch.compile``, DDP, FSDP and activation-checkpoint wrappers do
+not change the names a user sees.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+log = logging.getLogger("gradwatch")
+
+__all__ = ["WRAPPER_PREFIXES", "clean_name", "Selection", "select_parameters", "ROOT_NAME", "GLOBAL_NAME"]
+
+#: Name parts that wrappers insert into qualified names; removed wherever they appear.
+WRAPPER_PREFIXES: tuple[str, ...] = (
+    "_orig_mod.",
+    "module.",
+    "_fsdp_wrapped_module.",
+    "_checkpoint_wrapped_module.",
+)
+
+#: Name of the layer formed by parameters the root module owns itself.
+ROOT_NAME = "_root"
+#: Name under which whole-model metrics are recorded.
+GLOBAL_NAME = "_global"
+
+Pattern = str | re.Pattern
+
+
+def clean_name(name: str) -> str:
+    """Drop wrapper parts from a qualified module or parameter name.
+
+    >>> clean_name("_orig_mod.module.layer1.0.conv1")
+    'layer1.0.conv1'
+    """
+    parts = name.split(".")
+    # "module" is also an ordinary attribute name, so it is dropped only where DDP puts it: in front.
+    kept = [p for p in parts if p not in _WRAPPER_PARTS]
+    while kept and kept[0] == "module":
+        kept.pop(0)
+    return ".".join(kept)
+
+
+_WRAPPER_PARTS = frozenset(p.rstrip(".") for p in WRAPPER_PREFIXES) - {"module"}
+
+
+def _matches(name: str, patterns: Sequence[Pattern]) -> bool:
+    for pat in patterns:
+        if isinstance(pat, re.Pattern):
+            if pat.search(name):
+                return True
+        elif fnmatch.fnmatchcase(name, pat):
+            return True
+    return False
+
+
+@dataclass
+class Selection:
+    """The measured parameters, grouped into named units (layers or single parameters).
+
+    ``params[i]`` belongs to unit ``segments[i]`` whose name is ``names[segments[i]]``. Parameters are
+    ordered by (device, dtype) so fused norms need no reordering; ``names`` follow forward/definition order.
+    """
+
+    names: list[str]
+    params: list[nn.Parameter]
+    param_names: list[str]
+    segments: list[int]
+    frozen: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+
+def _as_patterns(value: Pattern | Iterable[Pattern] | None, arg: str) -> list[Pattern]:
+    if value is None:
+        return []
+    if isinstance(value, (str, re.Pattern)):
+        return [value]
+    try:
+        out = list(value)
+    except TypeError:
+        raise TypeError(f"{arg} must be a glob string, a compiled regex or a list of them, got {type(value).__name__}")
+    for v in out:
+        if not isinstance(v, (str, re.Pattern)):
+            raise TypeError(f"{arg} entries must be glob strings or compiled regexes, got {type(v).__name__}")
+    return out
+
+
+def _as_types(value: type | Iterable[type] | None, arg: str) -> tuple[type, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, type):
+        value = (value,)
+    out = tuple(value)
+    for v in out:
+        if not (isinstance(v, type) and issubclass(v, nn.Module)):
+            raise TypeError(f"{arg} entries must be nn.Module subclasses, got {v!r}")
+    return out
+
+
+def select_parameters(
+    model: nn.Module,
+    *,
+    granularity: str = "layer",
+    include: Pattern | Iterable[Pattern] | None = None,
+    exclude: Pattern | Iterable[Pattern] | None = None,
+    include_types: type | Iterable[type] | None = None,
+    exclude_types: type | Iterable[type] | None = None,
+    only: set[int] | None = None,
+) -> Selection:
+    """Resolve which parameters of ``model`` are measured, and their unit names.
+
+    ``include``/``exclude`` are glob patterns (``fnmatch``, e.g. ``"layer1.*"``) or compiled regexes matched
+    against the layer name; ``include_types``/``exclude_types`` filter by module class. ``only`` restricts
+    to parameters whose ``id`` is in the set (the parameters an optimizer holds). Frozen parameters
+    (``requires_grad=False``) are left out and listed in ``Selection.frozen``.
+    """
+    if granularity not in ("layer", "parameter"):
+        raise ValueError(f"granularity must be 'layer' or 'parameter', got {granularity!r}")
+    inc = _as_patterns(include, "include")
+    exc = _as_patterns(exclude, "exclude")
+    inc_t = _as_types(include_types, "include_types")
+    exc_t = _as_types(exclude_types, "exclude_types")
+
+    seen: set[int] = set()
+    units: list[tuple[str, list[tuple[str, nn.Parameter]]]] = []
+    frozen: list[str] = []
+    for mod_name, module in model.named_modules(remove_duplicate=True):
+        own = [(n, p) for n, p in module._parameters.items() if p is not None]
+        if not own:
+            continue
+        layer = clean_name(mod_name) or ROOT_NAME
+        if inc and not _matches(layer, inc):
+            continue
+        if exc and _matches(layer, exc):
+            continue
+        if inc_t and not isinstance(module, inc_t):
+            continue
+        if exc_t and isinstance(module, exc_t):
+            continue
+        kept = []
+        for pname, p in own:
+            if id(p) in seen:  # tied weights belong to the first module that owns them
+                continue
+            seen.add(id(p))
+            full = f"{layer}.{pname}" if layer != ROOT_NAME else pname
+            if isinstance(p, nn.parameter.UninitializedParameter):
+                log.info("gradwatch: skipping uninitialized (lazy) parameter %s", full)
+                continue
+            if not p.requires_grad:
+                frozen.append(full)
+                continue
+            if only is not None and id(p) not in only:
+                continue
+            kept.append((full, p))
+        if not kept:
+            continue
+        if granularity == "layer":
+            units.append((layer, kept))
+        else:
+            units.extend((full, [(full, p)]) for full, p in kept)
+
+    flat = [(u, full, p) for u, (_, members) in enumerate(units) for full, p in members]
+    # Stable sort by (device, dtype): one contiguous run per fused-norm group.
+    keys: dict[tuple[torch.device, torch.dtype], int] = {}
+    for _, _, p in flat:
+        keys.setdefault((p.device, p.dtype), len(keys))
+    flat.sort(key=lambda e: keys[(e[2].device, e[2].dtype)])
+    return Selection(
+        names=[name for name, _ in units],
+        params=[p for _, _, p in flat],
+        param_names=[full for _, full, _ in flat],
+        segments=[u for u, _, _ in flat],
+        frozen=frozen,
+    )
