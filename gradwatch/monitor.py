@@ -232,12 +232,43 @@ class Monitor:
         s = self._step if step is None else int(step)
         try:
             if s % self.every == 0:
-                self._begin(s)
+                self._begin(s, snapshot=False)
                 self._finish()
         except Exception as err:  # never break the user's loop
             self._contain(err)
         finally:
             self._step = s + 1
+
+    def begin_step(
+        self,
+        step: int,
+        *,
+        grad_scale: torch.Tensor | float | None = None,
+        track_update: bool = False,
+    ) -> bool:
+        """For framework integrations: measure gradients and weights now, recording them at ``step``.
+
+        Call where the gradients are final for this optimizer step (accumulated, synced, unscaled), before
+        the step. ``grad_scale`` divides gradients that are still multiplied by an AMP loss scale.
+        ``track_update`` snapshots the weights so :meth:`end_step` can add ``update_to_weight``. Nothing is
+        moved to the host until :meth:`end_step`. Does not check ``every``: the caller decides
+        (:meth:`is_logging_step`). Returns True when a measurement is pending. Never raises unless ``strict``.
+        """
+        if self._closed:
+            return False
+        try:
+            self._begin(int(step), grad_scale=grad_scale, snapshot=track_update)
+        except Exception as err:
+            self._contain(err)
+        self._step = int(step) + 1
+        return self._pending is not None
+
+    def end_step(self) -> None:
+        """For framework integrations: finish the measurement :meth:`begin_step` started and record it."""
+        try:
+            self._finish()
+        except Exception as err:
+            self._contain(err)
 
     def history(self) -> pd.DataFrame:
         """Every logged value as a long DataFrame: columns ``step, name, metric, value``."""
@@ -298,6 +329,7 @@ class Monitor:
                 self._step,
                 grad_scale=getattr(optimizer, "grad_scale", None),
                 found_inf=getattr(optimizer, "found_inf", None),
+                snapshot=self.track_updates,
             )
         except Exception as err:
             self._contain(err)
@@ -319,6 +351,7 @@ class Monitor:
         step: int,
         grad_scale: torch.Tensor | float | None = None,
         found_inf: torch.Tensor | None = None,
+        snapshot: bool = False,
     ) -> None:
         """Compute squared norms on the device; the host transfer waits for :meth:`_finish`."""
         self.measurements += 1
@@ -334,10 +367,8 @@ class Monitor:
         if grad_scale is not None:
             scale = torch.as_tensor(grad_scale, dtype=torch.float32).to(g_sq.device)
             g_sq = g_sq / scale.square()
-        snapshot = None
-        if self._optimizer is not None and self.track_updates:
-            snapshot = [local_tensor(w).clone() for w in weights]
-        self._pending = _Pending(step, kept, [g_sq, squared_norms(weights)], snapshot, found_inf)
+        before = [local_tensor(w).clone() for w in weights] if snapshot else None
+        self._pending = _Pending(step, kept, [g_sq, squared_norms(weights)], before, found_inf)
 
     def _finish(self) -> None:
         pending, self._pending = self._pending, None
