@@ -1,0 +1,78 @@
+"""The ``gradwatch`` command (also ``python -m gradwatch``)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+__all__ = ["main", "build_parser"]
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _depth(text: str) -> int:
+    value = int(text)
+    if value < 8 or (value - 2) % 6:
+        raise argparse.ArgumentTypeError(f"depth must be 6n+2 (8, 20, 32, 44, 56, 110, ...), got {value}")
+    return value
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo(
+        out=args.out,
+        steps=args.steps,
+        depth=args.depth,
+        every=args.every,
+        batch_size=args.batch_size,
+        nets=args.nets,
+        seed=args.seed,
+    )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gradwatch", description="Gradient diagnostics for deep networks."
+    )
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"gradwatch {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    demo = sub.add_parser(
+        "demo",
+        help="train plain, post-act, pre-act and broken-skip ResNets on generated data; log to TensorBoard",
+    )
+    demo.add_argument("--out", default="runs/demo", help="TensorBoard log folder (default: runs/demo)")
+    demo.add_argument("--steps", type=_positive, default=200, help="training steps per net (default: 200)")
+    demo.add_argument("--depth", type=_depth, default=56, help="network depth, 6n+2 (default: 56)")
+    demo.add_argument("--every", type=_positive, default=5, help="log every N steps (default: 5)")
+    demo.add_argument("--batch-size", type=_positive, default=32, help="batch size (default: 32)")
+    demo.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    demo.add_argument(
+        "--nets", nargs="+", choices=["plain", "postact", "preact", "broken_skip"], help="run only these nets"
+    )
+    demo.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``gradwatch`` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,157 @@
+"""``gradwatch demo``: train four reference nets on generated data and show what gradwatch sees.
+
+The four nets share depth, width and data: a *plain* net (no skips), a post-activation ResNet, a
+pre-activation ResNet, and a post-activation ResNet whose middle block has a detached skip. Each is logged
+to TensorBoard under ``<out>/<net>``; a table per net compares the gradient-to-weight ratio of the first,
+middle and last weight layers.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .blocks import ResNet, resnet
+from .data import synthetic_images
+from .monitor import Monitor
+
+__all__ = ["DemoNet", "demo_nets", "run_demo", "ratio_table"]
+
+
+@dataclass
+class DemoNet:
+    """One net of the demo: its run name, what it shows, and how to build it."""
+
+    name: str
+    about: str
+    build: Callable[[], ResNet]
+
+
+def demo_nets(depth: int = 56) -> list[DemoNet]:
+    """The demo's four nets at ``depth`` (6n+2)."""
+    n_blocks = 3 * ((depth - 2) // 6)
+    broken = n_blocks // 2
+    return [
+        DemoNet("plain", f"plain {depth}-layer BN net, no skips", lambda: resnet(depth, block="plain")),
+        DemoNet("postact", f"ResNet-{depth}, post-activation (He 2015)", lambda: resnet(depth)),
+        DemoNet("preact", f"ResNet-{depth}, pre-activation (He 2016)", lambda: resnet(depth, block="preact")),
+        DemoNet(
+            "broken_skip",
+            f"ResNet-{depth}, post-activation, block {broken} skip detached",
+            lambda: resnet(depth, skip_fault={broken: "detached"}),
+        ),
+    ]
+
+
+def weight_layers(model: nn.Module, names: list[str]) -> list[str]:
+    """The measured names that are convolutions or linear layers, in forward (definition) order."""
+    kinds = {n: m for n, m in model.named_modules()}
+    return [n for n in names if isinstance(kinds.get(n), (nn.Conv2d, nn.Linear))]
+
+
+def ratio_table(history: pd.DataFrame, layers: list[str]) -> dict[str, float]:
+    """Median over steps of grad_to_weight at the first, middle and last of ``layers``, their first/last
+    ratio, and first/last at the first logged step (initialisation)."""
+    g2w = history[history.metric == "grad_to_weight"]
+    med = g2w.groupby("name")["value"].median()
+    first, middle, last = layers[0], layers[len(layers) // 2], layers[-1]
+    row = {
+        "first": float(med.get(first, np.nan)),
+        "middle": float(med.get(middle, np.nan)),
+        "last": float(med.get(last, np.nan)),
+    }
+    row["first/last"] = row["first"] / row["last"] if row["last"] else float("nan")
+    at_init = g2w[g2w.step == g2w.step.min()].set_index("name")["value"]
+    row["init first/last"] = float(at_init.get(first, np.nan) / at_init.get(last, np.nan))
+    return row
+
+
+def _progress(label: str, i: int, total: int, loss: float, start: float, stream=sys.stderr) -> None:
+    width = 24
+    done = int(width * i / total)
+    rate = i / max(time.perf_counter() - start, 1e-9)
+    eta = (total - i) / rate if rate else 0.0
+    stream.write(
+        f"\r  {label:<12} [{'#' * done}{'.' * (width - done)}] {i:>4}/{total} loss {loss:6.3f} eta {eta:4.0f}s"
+    )
+    if i == total:
+        stream.write("\n")
+    stream.flush()
+
+
+def run_demo(
+    out: str = "runs/demo",
+    steps: int = 200,
+    depth: int = 56,
+    every: int = 5,
+    batch_size: int = 32,
+    image_size: int = 16,
+    seed: int = 0,
+    nets: list[str] | None = None,
+    stream=sys.stdout,
+) -> dict[str, pd.DataFrame]:
+    """Train the demo nets and print a table per net; return each net's history.
+
+    ``nets`` picks a subset by name (``plain``, ``postact``, ``preact``, ``broken_skip``).
+    """
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    chosen = demo_nets(depth)
+    if nets is not None:
+        unknown = set(nets) - {n.name for n in chosen}
+        if unknown:
+            raise ValueError(f"unknown demo nets {sorted(unknown)}; choose from {[n.name for n in chosen]}")
+        chosen = [n for n in chosen if n.name in nets]
+    x, y = synthetic_images(max(batch_size * 16, 512), size=image_size, seed=seed)
+    print(f"gradwatch demo: {len(chosen)} nets, depth {depth}, {steps} steps, batch {batch_size}, "
+          f"logging every {every} steps to {out}/", file=stream)
+    histories: dict[str, pd.DataFrame] = {}
+    tables: dict[str, dict[str, float]] = {}
+    for net in chosen:
+        torch.manual_seed(seed)
+        model = net.build()
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+        gen = torch.Generator().manual_seed(seed)
+        start = time.perf_counter()
+        with Monitor(model, optimizer=opt, log_dir=os.path.join(out, net.name), every=every) as mon:
+            for i in range(1, steps + 1):
+                idx = torch.randint(0, x.shape[0], (batch_size,), generator=gen)
+                loss = F.cross_entropy(model(x[idx]), y[idx])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                if i % 5 == 0 or i == steps:
+                    _progress(net.name, i, steps, float(loss), start)
+        hist = mon.history()
+        histories[net.name] = hist
+        tables[net.name] = ratio_table(hist, weight_layers(model, mon.layer_names))
+        tables[net.name]["about"] = net.about  # type: ignore[assignment]
+
+    print("\ngrad_to_weight, median over logged steps (first / middle / last conv or linear layer):", file=stream)
+    print(
+        f"  {'net':<12} {'first':>10} {'middle':>10} {'last':>10} {'first/last':>11} {'at init':>10}  about",
+        file=stream,
+    )
+    for name, row in tables.items():
+        print(
+            f"  {name:<12} {row['first']:10.3e} {row['middle']:10.3e} {row['last']:10.3e} "
+            f"{row['first/last']:11.3g} {row['init first/last']:10.3g}  {row['about']}",
+            file=stream,
+        )
+    print(
+        "\n'at init' is first/last at step 0. The deeper a plain BN net, the larger its first layer's ratio at init"
+        "\n(gradients explode toward the input: ~800x at depth 56); after a few steps its early layers' ratios"
+        "\ncollapse far below a ResNet's. The ResNets stay within about an order of magnitude.",
+        file=stream,
+    )
+    print(f"\nSee it in TensorBoard:\n  tensorboard --logdir {out}", file=stream)
+    return histories
