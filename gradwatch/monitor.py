@@ -92,6 +92,8 @@ class Monitor:
         prefix: prepended to every TensorBoard tag (e.g. ``"gradwatch/"``).
         strict: re-raise errors raised inside gradwatch's own hooks (for tests). Otherwise they are logged
             on the ``gradwatch`` logger, kept in :attr:`errors`, and training goes on.
+        params: measure only these parameters of ``model`` (e.g. one optimizer's, when an integration drives
+            the monitor through :meth:`begin_step`); no hooks are added. Combines with ``optimizer``.
 
     Raises:
         TypeError: ``model`` is not an ``nn.Module``, ``optimizer`` not an optimizer, ``every`` not an int.
@@ -118,6 +120,7 @@ class Monitor:
         histograms: bool = True,
         prefix: str = "",
         strict: bool = False,
+        params: Iterable[torch.Tensor] | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -142,6 +145,13 @@ class Monitor:
                 raise ValueError(
                     "optimizer holds none of the model's parameters; pass the optimizer that trains this model"
                 )
+        if params is not None:
+            if isinstance(params, torch.Tensor):
+                raise TypeError("params must be an iterable of parameters, not a single tensor")
+            wanted = {id(p) for p in params} & {id(p) for p in model.parameters()}
+            if not wanted:
+                raise ValueError("params holds none of the model's parameters")
+            only = wanted if only is None else only & wanted
 
         self.model = model
         self.every = every
@@ -263,9 +273,16 @@ class Monitor:
         self._step = int(step) + 1
         return self._pending is not None
 
-    def end_step(self) -> None:
-        """For framework integrations: finish the measurement :meth:`begin_step` started and record it."""
+    def end_step(self, found_inf: torch.Tensor | None = None) -> None:
+        """For framework integrations: finish the measurement :meth:`begin_step` started and record it.
+
+        ``found_inf`` is an AMP scaler's overflow flag for this step (``optimizer.found_inf`` inside a fused
+        optimizer's step): when non-zero the step was skipped and nothing is recorded. Read on the host
+        together with the norms, so it adds no synchronisation.
+        """
         try:
+            if found_inf is not None and self._pending is not None:
+                self._pending.found_inf = torch.as_tensor(found_inf)
             self._finish()
         except Exception as err:
             self._contain(err)
