@@ -75,7 +75,8 @@ def ratio_table(history: pd.DataFrame, layers: list[str]) -> dict[str, float]:
     return row
 
 
-def _progress(label: str, i: int, total: int, loss: float, start: float, stream=sys.stderr) -> None:
+def _progress(label: str, i: int, total: int, loss: float, start: float) -> None:
+    stream = sys.stderr
     width = 24
     done = int(width * i / total)
     rate = i / max(time.perf_counter() - start, 1e-9)
@@ -97,7 +98,7 @@ def run_demo(
     image_size: int = 16,
     seed: int = 0,
     nets: list[str] | None = None,
-    stream=sys.stdout,
+    stream=None,
 ) -> dict[str, pd.DataFrame]:
     """Train the demo nets and print a table per net; return each net's history.
 
@@ -105,6 +106,7 @@ def run_demo(
     """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
+    stream = stream or sys.stdout
     chosen = demo_nets(depth)
     if nets is not None:
         unknown = set(nets) - {n.name for n in chosen}
@@ -130,7 +132,7 @@ def run_demo(
                 loss.backward()
                 opt.step()
                 if i % 5 == 0 or i == steps:
-                    _progress(net.name, i, steps, float(loss), start)
+                    _progress(net.name, i, steps, loss.item(), start)
         hist = mon.history()
         histories[net.name] = hist
         tables[net.name] = ratio_table(hist, weight_layers(model, mon.layer_names))

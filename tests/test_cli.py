@@ -1,0 +1,49 @@
+"""The command line: `gradwatch demo` end to end, `python -m gradwatch`, argument errors."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from conftest import read_events
+
+from gradwatch.data import synthetic_images
+from gradwatch.demo import run_demo
+
+
+def test_demo_trains_four_nets_and_logs_each(tmp_path, capsys):
+    out = tmp_path / "demo"
+    histories = run_demo(out=str(out), steps=4, depth=8, every=2, batch_size=8)
+    text = capsys.readouterr().out
+    assert set(histories) == {"plain", "postact", "preact", "broken_skip"}
+    for net in histories:
+        assert net in text
+        scalars = read_events(str(out / net))["scalars"]
+        assert set(scalars["grad_to_weight/conv1"]) == {0, 2}
+        assert "update_to_weight/fc" in scalars
+    assert f"tensorboard --logdir {out}" in text
+    assert "first/last" in text
+
+
+def test_console_script_and_module_entry_points(tmp_path):
+    exe = os.path.join(os.path.dirname(sys.executable), "gradwatch")
+    done = subprocess.run(
+        [exe, "demo", "--steps", "2", "--depth", "8", "--nets", "preact", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    rows = [line.split()[0] for line in done.stdout.splitlines() if line.startswith("  ") and "e-" in line]
+    assert rows == ["preact"]
+    bad = subprocess.run([sys.executable, "-m", "gradwatch", "demo", "--depth", "21"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "6n+2" in bad.stderr
+    bad = subprocess.run([sys.executable, "-m", "gradwatch", "demo", "--steps", "0"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "steps" in bad.stderr
+
+
+def test_generated_data_is_deterministic_and_labelled():
+    x1, y1 = synthetic_images(32, seed=3)
+    x2, y2 = synthetic_images(32, seed=3)
+    assert x1.equal(x2) and y1.equal(y2)
+    assert y1.min() >= 0 and y1.max() < 10
+    assert not synthetic_images(32, seed=4)[0].equal(x1)

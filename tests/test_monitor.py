@@ -1,0 +1,441 @@
+"""The raw-PyTorch Monitor: values, cadence, non-perturbation, hooks, TensorBoard output."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import read_events, reference_norms, small_batch
+from torch import nn
+
+import gradwatch
+from gradwatch.blocks import resnet
+
+
+def tiny_resnet(**kwargs) -> nn.Module:
+    torch.manual_seed(0)
+    return resnet(8, width=4, **kwargs)
+
+
+def train_step(model, opt, seed):
+    x, y = small_batch(seed=seed)
+    F.cross_entropy(model(x), y).backward()
+
+
+def test_values_equal_an_independent_computation_at_logged_steps_only(tmp_path):
+    model = tiny_resnet()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    expected = {}
+    mon = gradwatch.Monitor(model, log_dir=tmp_path, every=3, strict=True)
+    for step in range(8):
+        train_step(model, opt, step)
+        if step % 3 == 0:
+            expected[step] = reference_norms(model)
+        mon.step()
+        opt.step()
+        opt.zero_grad()
+    mon.close()
+
+    hist = mon.history()
+    assert list(hist.columns) == ["step", "name", "metric", "value"]
+    assert sorted(hist.step.unique()) == [0, 3, 6]
+    assert set(hist.metric) == {"grad_norm", "weight_norm", "grad_to_weight"}  # no optimizer: no updates
+    scalars = read_events(str(tmp_path))["scalars"]
+    for step, layers in expected.items():
+        for layer, metrics in layers.items():
+            for metric, value in metrics.items():
+                row = hist[(hist.step == step) & (hist.name == layer) & (hist.metric == metric)]
+                assert len(row) == 1
+                assert row.value.iloc[0] == pytest.approx(value, rel=1e-6)
+                assert scalars[f"{metric}/{layer}"][step] == pytest.approx(value, rel=1e-6)
+    for metric in ("grad_norm", "weight_norm", "grad_to_weight"):
+        assert set(scalars[f"{metric}/conv1"]) == {0, 3, 6}
+    # the whole-model entry
+    g_global = math.sqrt(sum(v["grad_norm"] ** 2 for v in expected[6].values()))
+    row = hist[(hist.step == 6) & (hist.name == "_global") & (hist.metric == "grad_norm")]
+    assert row.value.iloc[0] == pytest.approx(g_global, rel=1e-6)
+
+
+def test_steps_that_do_not_log_compute_no_norms(monkeypatch):
+    model = tiny_resnet()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    calls = []
+    real = torch._foreach_norm
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "_foreach_norm", counting)
+    mon = gradwatch.Monitor(model, optimizer=opt, every=4)
+    per_step = []
+    for step in range(9):
+        before = len(calls)
+        train_step(model, opt, step)
+        opt.step()
+        opt.zero_grad()
+        per_step.append(len(calls) - before)
+    mon.close()
+    assert [n > 0 for n in per_step] == [s % 4 == 0 for s in range(9)]
+    assert mon.measurements == 3
+
+
+def _train(model, monitor_kwargs=None, steps=20, momentum=0.9):
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=momentum)
+    mon = gradwatch.Monitor(model, optimizer=opt, **monitor_kwargs) if monitor_kwargs is not None else None
+    outputs = []
+    for step in range(steps):
+        x, y = small_batch(seed=step)
+        out = model(x)
+        outputs.append(out.detach().clone())
+        F.cross_entropy(out, y).backward()
+        opt.step()
+        opt.zero_grad()
+    if mon is not None:
+        mon.close()
+    return outputs, [p.detach().clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_training_is_bit_identical_with_and_without_the_monitor(inplace, tmp_path):
+    torch.use_deterministic_algorithms(True)
+    try:
+        out_bare, w_bare = _train(tiny_resnet(inplace=inplace))
+        out_mon, w_mon = _train(tiny_resnet(inplace=inplace), {"every": 1, "log_dir": tmp_path, "strict": True})
+    finally:
+        torch.use_deterministic_algorithms(False)
+    for a, b in zip(out_bare, out_mon):
+        assert torch.equal(a, b)
+    for a, b in zip(w_bare, w_mon):
+        assert torch.equal(a, b)
+
+
+def test_manual_step_is_bit_identical_too():
+    def run(with_monitor):
+        model = tiny_resnet()
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        mon = gradwatch.Monitor(model, every=1, strict=True) if with_monitor else None
+        for step in range(20):
+            train_step(model, opt, step)
+            if mon:
+                mon.step()
+            opt.step()
+            opt.zero_grad()
+        return [p.detach().clone() for p in model.parameters()]
+
+    for a, b in zip(run(False), run(True)):
+        assert torch.equal(a, b)
+
+
+def test_update_to_weight_measures_the_optimizer_step():
+    model = tiny_resnet()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    mon = gradwatch.Monitor(model, optimizer=opt, every=2, strict=True)
+    expected = {}
+    for step in range(4):
+        train_step(model, opt, step)
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        opt.step()
+        if step % 2 == 0:
+            delta = sum(float((p.detach() - before[n]).double().pow(2).sum()) for n, p in model.named_parameters()
+                        if n.startswith("layer2.0.conv1."))
+            w0 = sum(float(before[n].double().pow(2).sum()) for n in before if n.startswith("layer2.0.conv1."))
+            expected[step] = math.sqrt(delta) / math.sqrt(w0)
+        opt.zero_grad()
+    mon.close()
+    hist = mon.history()
+    upd = hist[(hist.metric == "update_to_weight") & (hist.name == "layer2.0.conv1")].set_index("step").value
+    assert sorted(upd.index) == [0, 2]
+    for step, value in expected.items():
+        assert upd[step] == pytest.approx(value, rel=1e-5)
+
+
+def test_context_manager_removes_every_hook(tmp_path):
+    model = tiny_resnet(inplace=True)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with gradwatch.Monitor(model, optimizer=opt, log_dir=tmp_path, every=1) as mon:
+        assert opt._optimizer_step_pre_hooks and opt._optimizer_step_post_hooks
+        train_step(model, opt, 0)
+        opt.step()
+    assert not opt._optimizer_step_pre_hooks and not opt._optimizer_step_post_hooks
+    for m in model.modules():
+        assert not m._forward_hooks and not m._forward_pre_hooks and not m._backward_hooks
+    for p in model.parameters():
+        assert not p._backward_hooks
+    assert len(mon.history()) > 0
+
+
+def test_user_step_counter_decides_and_labels(tmp_path):
+    model = tiny_resnet()
+    mon = gradwatch.Monitor(model, every=10)
+    for step in (5, 10, 15, 20):
+        train_step(model, None, step)
+        mon.step(step=step)
+        model.zero_grad()
+    assert sorted(mon.history().step.unique()) == [10, 20]
+    assert mon.global_step == 21
+
+
+def test_tensorboard_tags_group_by_metric_and_write_one_run(tmp_path):
+    model = tiny_resnet()
+    with gradwatch.Monitor(model, log_dir=tmp_path, every=1, prefix="gw/") as mon:
+        train_step(model, None, 0)
+        mon.step()
+    ev = read_events(str(tmp_path))
+    assert "gw/grad_to_weight/layer1.0.conv1" in ev["scalars"]
+    assert "gw/grad_norm/_global" in ev["scalars"]
+    for metric in ("grad_norm", "weight_norm", "grad_to_weight"):
+        hist = ev["histograms"][f"gw/hist/{metric}"][0]
+        assert hist.num == len(mon.layer_names)  # layers only, not _global
+        assert ev["scalars"][f"gw/nonfinite/{metric}"][0] == 0
+    assert [d for d in os.listdir(tmp_path) if os.path.isdir(tmp_path / d)] == []  # no add_scalars runs
+
+
+def test_user_writer_is_flushed_not_closed(tmp_path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(tmp_path)
+    model = tiny_resnet()
+    with gradwatch.Monitor(model, writer=writer) as mon:
+        train_step(model, None, 0)
+        mon.step()
+    writer.add_scalar("mine", 1.0, 0)  # still usable
+    writer.close()
+    assert "grad_norm/conv1" in read_events(str(tmp_path))["scalars"]
+
+
+def test_parameter_granularity_and_filters():
+    model = tiny_resnet()
+    mon = gradwatch.Monitor(model, granularity="parameter", include="layer1.*", exclude_types=nn.BatchNorm2d)
+    assert mon.layer_names == ["layer1.0.conv1.weight", "layer1.0.conv2.weight"]
+    mon2 = gradwatch.Monitor(model, include_types=nn.Linear)
+    assert mon2.layer_names == ["fc"]
+    import re
+
+    mon3 = gradwatch.Monitor(model, exclude=[re.compile(r"bn\d?$"), "layer*"])
+    assert mon3.layer_names == ["conv1", "fc"]
+    train_step(model, None, 0)
+    mon.step()
+    hist = mon.history()
+    assert set(hist.name) == {"layer1.0.conv1.weight", "layer1.0.conv2.weight", "_global"}
+
+
+def test_frozen_and_gradless_parameters_are_skipped_and_reported_once(caplog):
+    model = tiny_resnet()
+    model.conv1.weight.requires_grad_(False)
+    with caplog.at_level(logging.INFO, logger="gradwatch"):
+        mon = gradwatch.Monitor(model, every=1, strict=True)
+        assert "frozen" in caplog.text and "conv1.weight" in caplog.text
+        caplog.clear()
+        for step in range(3):
+            x, y = small_batch(seed=step)
+            # the head's bias gets no gradient: detach it from the graph
+            out = F.linear(model.layer3(model.layer2(model.layer1(F.relu(model.bn1(model.conv1(x)))))).mean((2, 3)),
+                           model.fc.weight)
+            F.cross_entropy(out, y).backward()
+            mon.step()
+            model.zero_grad(set_to_none=True)
+    assert caplog.text.count("no gradient") == 1 and "fc.bias" in caplog.text
+    hist = mon.history()
+    assert "conv1" not in set(hist.name)
+    fc = hist[(hist.name == "fc") & (hist.metric == "weight_norm") & (hist.step == 0)].value.iloc[0]
+    assert fc == pytest.approx(float(model.fc.weight.detach().norm()), rel=1e-6)  # bias left out: it had no gradient
+
+
+def test_zero_weight_gives_nan_ratio_without_warnings():
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    nn.init.zeros_(model[2].weight)
+    nn.init.zeros_(model[2].bias)
+    mon = gradwatch.Monitor(model, every=1, strict=True)
+    model(torch.randn(8, 4)).sum().backward()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        mon.step()
+    hist = mon.history().set_index(["name", "metric"]).value
+    assert hist[("2", "weight_norm")] == 0
+    assert hist[("2", "grad_norm")] > 0
+    assert np.isnan(hist[("2", "grad_to_weight")])
+    assert np.isfinite(hist[("0", "grad_to_weight")])
+
+
+def test_nan_gradients_are_recorded_and_training_goes_on(tmp_path):
+    model = tiny_resnet()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    mon = gradwatch.Monitor(model, log_dir=tmp_path, every=1, strict=True)
+    train_step(model, opt, 0)
+    model.layer2[0].conv1.weight.grad[0, 0, 0, 0] = float("nan")
+    model.fc.bias.grad[0] = float("inf")
+    mon.step()
+    mon.close()
+    hist = mon.history().set_index(["name", "metric"]).value
+    assert np.isnan(hist[("layer2.0.conv1", "grad_norm")])
+    assert np.isinf(hist[("fc", "grad_norm")])
+    assert np.isfinite(hist[("layer1.0.conv1", "grad_norm")])
+    ev = read_events(str(tmp_path))
+    assert ev["scalars"]["nonfinite/grad_norm"][0] == 2
+    assert ev["histograms"]["hist/grad_norm"][0].num == len(mon.layer_names) - 2
+
+
+def test_errors_inside_gradwatch_are_contained_unless_strict(caplog):
+    class BrokenWriter:
+        def add_scalar(self, *a, **k):
+            raise OSError("disk full")
+
+        def add_histogram(self, *a, **k):
+            raise OSError("disk full")
+
+        def flush(self):
+            pass
+
+    model = tiny_resnet()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    mon = gradwatch.Monitor(model, optimizer=opt, writer=BrokenWriter(), every=1)
+    with caplog.at_level(logging.ERROR, logger="gradwatch"):
+        for step in range(3):
+            train_step(model, opt, step)
+            opt.step()
+            opt.zero_grad()
+    assert mon.errors and "disk full" in mon.errors[0]
+    assert "disk full" in caplog.text
+    assert mon.global_step == 3  # the counter kept going
+
+    strict = gradwatch.Monitor(model, writer=BrokenWriter(), every=1, strict=True)
+    train_step(model, opt, 0)
+    with pytest.raises(OSError, match="disk full"):
+        strict.step()
+
+
+def test_amp_grad_scaler_sees_unscaled_gradients():
+    def measured(fused):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=fused)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+        mon = gradwatch.Monitor(model, optimizer=opt, every=1, strict=True)
+        x = torch.randn(16, 8, generator=torch.Generator().manual_seed(1))
+        loss = model(x).square().mean()
+        scaler.scale(loss).backward()
+        expected = {
+            name: math.sqrt(sum(float(p.grad.double().square().sum()) for p in model[int(name)].parameters())) / 2.0**10
+            for name in ("0", "2")
+        }
+        scaler.step(opt)
+        scaler.update()
+        mon.close()
+        hist = mon.history().set_index(["name", "metric"]).value
+        return expected, hist
+
+    for fused in (False, True):
+        expected, hist = measured(fused)
+        assert len(hist) > 0
+        for name in ("0", "2"):
+            assert hist[(name, "grad_norm")] == pytest.approx(expected[name], rel=1e-5)
+
+
+def test_overflowed_amp_steps_are_not_recorded():
+    model = nn.Sequential(nn.Linear(4, 4))
+    opt = torch.optim.Adam(model.parameters(), fused=True)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    mon = gradwatch.Monitor(model, optimizer=opt, every=1, strict=True)
+    scaler.scale(model(torch.randn(2, 4)).sum()).backward()
+    model[0].weight.grad[0, 0] = float("inf")
+    scaler.step(opt)
+    scaler.update()
+    assert len(mon.history()) == 0
+
+
+@pytest.mark.parametrize(
+    "backend", ["eager", pytest.param("inductor", marks=pytest.mark.slow)]
+)
+def test_compiled_model_gives_parameter_metrics(backend):
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    compiled = torch.compile(model, backend=backend)
+    opt = torch.optim.SGD(compiled.parameters(), lr=0.1)
+    with gradwatch.Monitor(compiled, optimizer=opt, every=1, track_updates=False, strict=True) as mon:
+        compiled(torch.randn(4, 8)).sum().backward()
+        expected = reference_norms(model)
+        opt.step()
+    hist = mon.history().set_index(["name", "metric"]).value
+    assert set(mon.layer_names) == {"0", "2"}  # no _orig_mod. prefix
+    for layer in ("0", "2"):
+        for metric in ("grad_norm", "weight_norm", "grad_to_weight"):
+            assert hist[(layer, metric)] == pytest.approx(expected[layer][metric], rel=1e-6)
+
+
+def test_history_saves_to_csv(tmp_path):
+    model = tiny_resnet()
+    mon = gradwatch.Monitor(model, every=1)
+    train_step(model, None, 0)
+    mon.step()
+    path = mon.save_history(tmp_path / "h.csv")
+    import pandas as pd
+
+    back = pd.read_csv(path)
+    assert len(back) == len(mon.history()) and list(back.columns) == ["step", "name", "metric", "value"]
+    with pytest.raises(ValueError, match=r"\.csv"):
+        mon.save_history(tmp_path / "h.txt")
+
+
+def test_state_dict_round_trip():
+    model = tiny_resnet()
+    mon = gradwatch.Monitor(model, every=2)
+    for step in range(3):
+        mon.step()
+    state = mon.state_dict()
+    again = gradwatch.Monitor(model, every=2)
+    again.load_state_dict(state)
+    assert again.global_step == 3
+    with pytest.raises(ValueError, match="state_dict"):
+        again.load_state_dict({"nope": 1})
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def test_bad_inputs_raise_clear_errors_at_construction(tmp_path):
+    model = tiny_resnet()
+    with pytest.raises(TypeError, match="model"):
+        gradwatch.Monitor("not a model")
+    with pytest.raises(ValueError, match="every"):
+        gradwatch.Monitor(model, every=0)
+    with pytest.raises(TypeError, match="every"):
+        gradwatch.Monitor(model, every=2.5)
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    with pytest.raises(ValueError, match="log_dir"):
+        gradwatch.Monitor(model, log_dir=blocker / "sub")
+    frozen = nn.Linear(2, 2).requires_grad_(False)
+    with pytest.raises(ValueError, match="trainable"):
+        gradwatch.Monitor(frozen)
+    with pytest.raises(ValueError, match="trainable"):
+        gradwatch.Monitor(nn.ReLU())
+    other = torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="optimizer"):
+        gradwatch.Monitor(model, optimizer=other)
+    with pytest.raises(TypeError, match="optimizer"):
+        gradwatch.Monitor(model, optimizer="sgd")
+    with pytest.raises(ValueError, match="log_dir or writer"):
+        gradwatch.Monitor(model, log_dir=tmp_path, writer=object())
+    with pytest.raises(ValueError, match="granularity"):
+        gradwatch.Monitor(model, granularity="block")
+    with pytest.raises(ValueError, match="filters"):
+        gradwatch.Monitor(model, include="nothing.matches")
+    with pytest.raises(TypeError, match="include_types"):
+        gradwatch.Monitor(model, include_types=[int])
+
+
+def test_step_is_ignored_with_a_warning_when_the_optimizer_drives():
+    model = tiny_resnet()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    mon = gradwatch.Monitor(model, optimizer=opt, every=1)
+    with pytest.warns(UserWarning, match="optimizer"):
+        mon.step()
+    assert mon.measurements == 0
