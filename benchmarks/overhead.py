@@ -1,0 +1,78 @@
+"""Step-time overhead of the parameter metrics on a CIFAR ResNet-56 (run by hand, not a test).
+
+Three identical nets train side by side in one process: bare, monitored with ``every=50`` and monitored with
+``every=1``. Steps are interleaved (the order rotates every round) so that machine noise hits all three alike;
+the report gives the median step time of each and the median of per-round ratios against the bare step.
+
+    .venv/bin/python benchmarks/overhead.py --steps 200 --batch 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+import gradwatch
+from gradwatch.blocks import resnet
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--size", type=int, default=32, help="image side (CIFAR: 32)")
+    parser.add_argument("--depth", type=int, default=56)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave the default)")
+    parser.add_argument("--warmup", type=int, default=5)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    configs = {"bare": None, "every=50": 50, "every=1": 1}
+    runs = {}
+    for label, every in configs.items():
+        torch.manual_seed(0)
+        model = resnet(args.depth)
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        mon = gradwatch.Monitor(model, optimizer=opt, every=every) if every else None
+        runs[label] = (model, opt, mon)
+
+    x = torch.randn(args.batch, 3, args.size, args.size)
+    y = torch.randint(0, 10, (args.batch,))
+    times: dict[str, list[float]] = {k: [] for k in configs}
+    labels = list(configs)
+    for step in range(args.warmup + args.steps):
+        order = labels[step % 3:] + labels[: step % 3]
+        for label in order:
+            model, opt, _ = runs[label]
+            t0 = time.perf_counter()
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            dt = time.perf_counter() - t0
+            if step >= args.warmup:
+                times[label].append(dt)
+
+    bare = times["bare"]
+    print(f"ResNet-{args.depth}, batch {args.batch}x3x{args.size}x{args.size}, {args.steps} interleaved steps, "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"{'config':<10} {'median ms':>10} {'median ratio':>13}")
+    for label in labels:
+        ratios = [t / b for t, b in zip(times[label], bare)]
+        print(f"{label:<10} {1e3 * statistics.median(times[label]):10.2f} {statistics.median(ratios):13.4f}")
+    # the logging steps alone, for every=50
+    logged = [t / b for i, (t, b) in enumerate(zip(times["every=50"], bare)) if (i + args.warmup) % 50 == 0]
+    if logged:
+        print(f"every=50, logging steps only: median ratio {statistics.median(logged):.4f} over {len(logged)} steps")
+    for label in labels[1:]:
+        mon = runs[label][2]
+        print(f"{label}: {mon.measurements} measurements, {len(mon.errors)} contained errors")
+
+
+if __name__ == "__main__":
+    main()
