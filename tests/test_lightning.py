@@ -1,0 +1,463 @@
+"""GradWatchCallback with real Lightning Trainers on CPU; TensorBoard event files read back.
+
+Every value gradwatch writes is compared with an independent float64 computation made by a second callback
+(``Recorder``) at ``on_before_optimizer_step`` and, for ``update_to_weight``, across the optimizer step.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+from gradwatch.blocks import resnet
+
+NAMESPACES = [
+    pytest.param("lightning.pytorch", id="lightning"),
+    pytest.param("pytorch_lightning", id="pytorch_lightning"),
+]
+RTOL = 1e-5
+METRICS = ("grad_norm", "weight_norm", "grad_to_weight", "update_to_weight")
+
+
+def ns(name: str):
+    return pytest.importorskip(name)
+
+
+def dataset(n: int = 48, size: int = 8, seed: int = 0) -> TensorDataset:
+    g = torch.Generator().manual_seed(seed)
+    return TensorDataset(torch.randn(n, 3, size, size, generator=g), torch.randint(0, 10, (n,), generator=g))
+
+
+def make_module(pl, *, manual: bool = False, two_optimizers: bool = False, fused: bool = False, batch: int = 8):
+    """A LightningModule over ``resnet(20, width=8)`` for the namespace ``pl``."""
+
+    class Lit(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.net = resnet(20, width=8)
+            self.automatic_optimization = not manual
+
+        def forward(self, x):
+            return self.net(x)
+
+        def training_step(self, b, i):
+            x, y = b
+            loss = F.cross_entropy(self.net(x), y)
+            self.log("loss", loss)
+            if not manual:
+                return loss
+            opts = self.optimizers()
+            opts = opts if isinstance(opts, list) else [opts]
+            self.manual_backward(loss)
+            for opt in opts:
+                opt.step()
+                opt.zero_grad()
+            return None
+
+        def configure_optimizers(self):
+            if two_optimizers:
+                early = [p for n, p in self.net.named_parameters() if n.startswith(("conv1", "bn1", "layer1"))]
+                late = [p for n, p in self.net.named_parameters() if not n.startswith(("conv1", "bn1", "layer1"))]
+                return [torch.optim.SGD(early, lr=0.05), torch.optim.Adam(late, lr=1e-3)]
+            if fused:
+                return torch.optim.Adam(self.parameters(), lr=1e-3, fused=True)
+            return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
+
+        def train_dataloader(self):
+            return DataLoader(dataset(), batch_size=batch)
+
+    return Lit()
+
+
+def make_recorder(pl):
+    """An independent reference: per-layer norms in float64 at on_before_optimizer_step, per optimizer."""
+
+    class Recorder(pl.Callback):
+        def __init__(self) -> None:
+            self.values: dict[tuple[int, int, str, str], float] = {}  # (opt index, step, layer, metric)
+            self._before: dict = {}
+
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            step = trainer.fit_loop.epoch_loop._batches_that_stepped
+            k = [id(o) for o in trainer.optimizers].index(id(optimizer))
+            held = {id(p) for g in optimizer.param_groups for p in g["params"]}
+            scaler = getattr(trainer.precision_plugin, "scaler", None)
+            scale = 1.0
+            if scaler is not None and getattr(optimizer, "_step_supports_amp_scaling", False):
+                scale = scaler.get_scale()
+            tot_g = tot_w = 0.0
+            for name, mod in pl_module.named_modules():
+                own = [p for p in mod._parameters.values() if p is not None and id(p) in held and p.grad is not None]
+                if not own:
+                    continue
+                g2 = sum(float((p.grad.double() / scale).pow(2).sum()) for p in own)
+                w2 = sum(float(p.detach().double().pow(2).sum()) for p in own)
+                tot_g, tot_w = tot_g + g2, tot_w + w2
+                self._put(k, step, name, g2, w2)
+                self._before[(k, step, name)] = (own, [p.detach().double().clone() for p in own], w2)
+            self._put(k, step, "_global", tot_g, tot_w)
+
+        def _put(self, k, step, name, g2, w2):
+            self.values[(k, step, name, "grad_norm")] = math.sqrt(g2)
+            self.values[(k, step, name, "weight_norm")] = math.sqrt(w2)
+            self.values[(k, step, name, "grad_to_weight")] = math.sqrt(g2) / math.sqrt(w2)
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            totals: dict = {}
+            for (k, step, name), (own, before, w2) in self._before.items():
+                d2 = sum(float((p.detach().double() - b).pow(2).sum()) for p, b in zip(own, before))
+                self.values[(k, step, name, "update_to_weight")] = math.sqrt(d2) / math.sqrt(w2)
+                t = totals.setdefault((k, step), [0.0, 0.0])
+                t[0] += d2
+                t[1] += w2
+            for (k, step), (d2, w2) in totals.items():
+                self.values[(k, step, "_global", "update_to_weight")] = math.sqrt(d2) / math.sqrt(w2)
+            self._before.clear()
+
+        def steps(self, k: int = 0) -> set[int]:
+            return {s for (kk, s, _, _) in self.values if kk == k}
+
+    return Recorder()
+
+
+def trainer_kwargs(tmp_path, **kw):
+    base = dict(
+        accelerator="cpu",
+        devices=1,
+        max_steps=4,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        default_root_dir=str(tmp_path),
+    )
+    base.update(kw)
+    return base
+
+
+def tb_logger(pl, tmp_path, name="tb"):
+    return importlib.import_module(pl.__name__ + ".loggers").TensorBoardLogger(str(tmp_path), name=name, version=0)
+
+
+def check_against(recorder, scalars, k=0, tag_prefix="", steps=None):
+    """Every gradwatch scalar at every recorded step equals the recorder's value."""
+    steps = recorder.steps(k) if steps is None else steps
+    checked = 0
+    for (kk, step, name, metric), ref in recorder.values.items():
+        if kk != k or step not in steps:
+            continue
+        tag = f"{tag_prefix}{metric}/{name}"
+        assert tag in scalars, f"missing {tag}"
+        got = scalars[tag][step]
+        assert got == pytest.approx(ref, rel=RTOL, abs=1e-12), (tag, step, got, ref)
+        checked += 1
+    assert checked
+    return checked
+
+
+# ---------------------------------------------------------------------------------------------- construction
+def test_callback_is_a_callback_of_every_installed_namespace():
+    from gradwatch.integrations.lightning import NAMESPACES as found
+    from gradwatch.integrations.lightning import GradWatchCallback
+
+    cb = GradWatchCallback()
+    assert found
+    for name in found:
+        assert isinstance(cb, importlib.import_module(name).Callback)
+    assert cb.monitor is None and cb.history().empty
+
+
+@pytest.mark.parametrize(
+    "kwargs, exc, text",
+    [
+        ({"every": 0}, ValueError, "every"),
+        ({"every": 2.5}, TypeError, "every"),
+        ({"every": True}, TypeError, "every"),
+        ({"granularity": "block"}, ValueError, "granularity"),
+        ({"include": 3}, TypeError, "include"),
+        ({"exclude_types": [int]}, TypeError, "exclude_types"),
+        ({"prefix": 1}, TypeError, "prefix"),
+        ({"prog_bar": "yes"}, TypeError, "prog_bar"),
+        ({"histograms": None}, TypeError, "histograms"),
+    ],
+)
+def test_arguments_are_validated_at_construction(kwargs, exc, text):
+    from gradwatch.integrations.lightning import GradWatchCallback
+
+    with pytest.raises(exc, match=text):
+        GradWatchCallback(**kwargs)
+
+
+# ---------------------------------------------------------------------------------------------- values
+@pytest.mark.parametrize("name", NAMESPACES)
+def test_fit_writes_reference_values_to_tensorboard(name, tmp_path, events):
+    pl = ns(name)
+    from gradwatch.integrations.lightning import GradWatchCallback
+
+    cb, rec = GradWatchCallback(), make_recorder(pl)
+    trainer = pl.Trainer(
+        callbacks=[cb, rec], logger=tb_logger(pl, tmp_path), log_every_n_steps=2, **trainer_kwargs(tmp_path, max_steps=6)
+    )
+    trainer.fit(make_module(pl))
+    scalars = events(os.path.join(tmp_path, "tb", "version_0"))["scalars"]
+
+    # every=None follows log_every_n_steps=2: step 0, then the steps self.log writes at (1, 3, 5).
+    loss_steps = set(scalars["loss"])
+    assert loss_steps == {1, 3, 5}
+    assert set(scalars["grad_norm/_global"]) == {0} | loss_steps
+    assert cb.every is None and cb.monitor.every == 2
+    n = check_against(rec, scalars, steps={0, 1, 3, 5})
+    assert n == 4 * 4 * len(cb.monitor.layer_names + ["_global"])
+    assert "hist/grad_to_weight" in events(os.path.join(tmp_path, "tb", "version_0"))["histograms"]
+    # The in-memory history holds the same values.
+    hist = cb.monitor.history()
+    row = hist[(hist.step == 3) & (hist.name == "net.conv1") & (hist.metric == "grad_norm")]
+    assert row.value.item() == pytest.approx(rec.values[(0, 3, "net.conv1", "grad_norm")], rel=RTOL)
+    assert not cb.errors and not cb.monitor.errors
+
+
+def test_accumulated_gradients_are_measured_once_per_optimizer_step(tmp_path, events):
+    pl = ns("lightning.pytorch")
+    from gradwatch.integrations.lightning import GradWatchCallback
+
+    cb, rec = GradWatchCallback(every=1), make_recorder(pl)
+    trainer = pl.Trainer(
+        callbacks=[cb, rec],
+        logger=tb_logger(pl, tmp_path),
+        accumulate_grad_batches=2,
+        log_every_n_steps=1,
+        **trainer_kwargs(tmp_path, max_steps=3),
+    )
+    trainer.fit(make_module(pl))
+    scalars = events(os.path.join(tmp_path, "tb", "version_0"))["scalars"]
+    assert set(scalars["grad_norm/_global"]) == {0, 1, 2} == set(scalars["loss"])
+    check_against(rec, scalars)
+
+    # Independent of Lightning: step 0 sees (grad(batch 0) + grad(batch 1)) / 2 at the initial weights.
+    ref = make_module(pl)
+    loader = iter(DataLoader(dataset(), batch_size=8))
+    for _ in range(2):
+        x, y = next(loader)
+        (F.cross_entropy(ref.net(x), y) / 2).backward()
+    g = math.sqrt(sum(float(p.grad.double().pow(2).sum()) for p in ref.parameters()))
+    assert scalars["grad_norm/_global"][0] == pytest.approx(g, rel=RTOL)
+
+
+def test_bf16_mixed(tmp_path, events):
+    pl = ns("lightning.pytorch")
+    from gradwatch.integrations.lightning import GradWatchCallback
+
+    cb, rec = GradWatchCallback(every=1), make_recorder(pl)
+    trainer = pl.Trainer(
+        callbacks=[cb, rec], logger=tb_logger(pl, tmp_path), precision="bf16-mixed", **trainer_kwargs(tmp_path)
+    )
+    trainer.fit(make_module(pl))
+    scalars = events(os.path.join(tmp_path, "tb", "version_0"))["scalars"]
+    assert set(scalars["grad_norm/_global"]) == {0, 1, 2, 3}
+    check_against(rec, scalars)
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "foreach"])
+def test_grad_scaler_values_are_unscaled_and_overflow_steps_are_not_recorded(fused, tmp_path, events):
+    """fp16 AMP on CPU: Lightning maps precision="16-mixed" to bf16 on CPU, so the plugin is passed explicitly.
+
+    A huge initial scale makes steps 0 and 1 overflow (the scaler skips them and backs off 2**30 -> 2**20 -> 2**10).
+    """
+    pl = ns("lightning.pytorch")
+    from lightning.pytorch.plugins import MixedPrecision
+
+    from gradwatch.integrations.lightning import GradWatchCallback
+
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**30, backoff_factor=2.0**-10)
+    cb, rec = GradWatchCallback(every=1), make_recorder(pl)
+    trainer = pl.Trainer(
+        callbacks=[cb, rec],
+        logger=tb_logger(pl, tmp_path),
+        plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)],
+        **trainer_kwargs(tmp_path),
+    )
+    module = make_module(pl, fused=True) if fused else make_module(pl)
+    if not fused:  # same optimizer family, unscaled by Lightning before on_before_optimizer_step
+        module.configure_optimizers = lambda: torch.optim.Adam(module.parameters(), lr=1e-3)
+    trainer.fit(module)
+    scalars = events(os.path.join(tmp_path, "tb", "version_0"))["scalars"]
+
+    assert not math.isfinite(rec.values[(0, 0, "_global", "grad_norm")])  # the overflow really happened
+    assert set(scalars["grad_norm/_global"]) == {2, 3}  # skipped steps are not reported
+    assert all(math.isfinite(v) for tag, d in scalars.items() if "/" in tag for v in d.values())
+    check_against(rec, scalars, steps={2, 3})
+
+    # Unscaled: at step 2 the weights are still the initial ones (both earlier steps were skipped), so the
+    # gradient must match a float32 computation on batch 2 up to fp16 autocast error, not be 1024 times larger.
+    ref = make_module(pl)
+    x, y = dataset()[16:24]
+    F.cross_entropy(ref.net(x), y).backward()
+    g = math.sqrt(sum(float(p.grad.double().pow(2).sum()) for p in ref.parameters()))
+    assert scalars["grad_norm/_global"][2] == pytest.approx(g, rel=2e-2)
+    assert scaler.get_scale() == 2.0**10
+
+
+def test_two_optimizers_each_measured_at_its_own_step_with_distinct_names(tmp_path, events):
+    pl = ns("lightning.pytorch")
+    from gradwatch.integrations.lightning import GradWatchCallback
+
+    cb, rec = GradWatchCallback(every=1), make_recorder(pl)
+    trainer = pl.Trainer(
+        callbacks=[cb, rec], logger=tb_logger(pl, tmp_path), log_every_n_steps=1, **trainer_kwargs(tmp_path, max_steps=6)
+    )
+    trainer.fit(make_module(pl, manual=True, two_optimizers=True))
+    scalars = events(os.path.join(tmp_path, "tb", "version_0"))["scalars"]
+
+    assert set(cb.monitors) == {"optimizer_0", "optimizer_1"}
+    # Two optimizer steps per batch: global_step is 6, the self.log axis counts 3 batches.
+    assert trainer.global_step == 6 and set(scalars["loss"]) == {0, 1, 2}
+    assert set(scalars["optimizer_0/grad_norm/_global"]) == {0, 1, 2} == set(scalars["optimizer_1/grad_norm/_global"])
+    assert "optimizer_0/grad_norm/net.conv1" in scalars and "optimizer_1/grad_norm/net.fc" in scalars
+    assert "optimizer_1/grad_norm/net.conv1" not in scalars and "grad_norm/_global" not in scalars
+    check_against(rec, scalars, k=0, tag_prefix="optimizer_0/")
+    check_against(rec, scalars, k=1, tag_prefix="optimizer_1/")
+    names = set(cb.history().name)
+    assert {"optimizer_0/_global", "optimizer_1/_global", "optimizer_1/net.fc"} <= names
+
+
+@pytest.mark.parametrize("name", NAMESPACES)
+def test_manual_optimization(name, tmp_path, events):
+    pl = ns(name)
+    from gradwatch.integrations.lightning import GradWatchCallback
+
+    cb, rec = GradWatchCallback(every=2), make_recorder(pl)
+    trainer = pl.Trainer(callbacks=[cb, rec], logger=tb_logger(pl, tmp_path), **trainer_kwargs(tmp_path))
+    trainer.fit(make_module(pl, manual=True))
+    scalars = events(os.path.join(tmp_path, "tb", "version_0"))["scalars"]
+    assert set(scalars["grad_norm/_global"]) == {0, 1, 3}
+    check_against(rec, scalars, steps={0, 1, 3})
+
+
+# ---------------------------------------------------------------------------------------------- destinations
+def test_csv_logger_gets_flat_scalar_dicts(tmp_path):
+    pl = ns("lightning.pytorch")
+    import pandas as pd
+    from lightning.pytorch.loggers import CSVLogger
+
+    from gradwatch.integrations.lightning import GradWatchCallback
+
+    cb, rec = GradWatchCallback(every=1), make_recorder(pl)
+    logger = CSVLogger(str(tmp_path), name="csv", version=0)
+    trainer = pl.Trainer(callbacks=[cb, rec], logger=logger, log_every_n_steps=1, **trainer_kwargs(tmp_path))
+    trainer.fit(make_module(pl))
+    df = pd.read_csv(os.path.join(tmp_path, "csv", "version_0", "metrics.csv"))
+    col = "grad_to_weight/net.layer1.0.conv1"
+    rows = df.dropna(subset=[col])
+    assert sorted(rows.step) == [0, 1, 2, 3]
+    for step, value in zip(rows.step, rows[col]):
+        assert value == pytest.approx(rec.values[(0, step, "net.layer1.0.conv1", "grad_to_weight")], rel=RTOL)
+    assert sorted(df.dropna(subset=["loss"]).step) == [0, 1, 2, 3]  # the same step axis as self.log
+
+
+def test_without_logger_writes_under_default_root_dir_and_says_so_once(tmp_path, events, caplog):
+    pl = ns("lightning.pytorch")
+    from gradwatch.integrations.lightning import GradWatchCallback
+
+    cb = GradWatchCallback(every=1)
+    with caplog.at_level("INFO"):
+        pl.Trainer(callbacks=[cb], logger=False, **trainer_kwargs(tmp_path, max_steps=2)).fit(make_module(pl))
+        pl.Trainer(callbacks=[cb], logger=False, **trainer_kwargs(tmp_path, max_steps=2)).fit(make_module(pl))
+    path = os.path.join(tmp_path, "gradwatch")
+    assert cb.log_dir == path
+    assert set(events(path)["scalars"]["grad_norm/_global"]) == {0, 1}
+    assert sum("has no logger" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_prog_bar_shows_early_layer_ratio(tmp_path):
+    pl = ns("lightning.pytorch")
+    from gradwatch.integrations.lightning import PROG_BAR_KEY, GradWatchCallback
+
+    cb = GradWatchCallback(every=1, prog_bar=True)
+    trainer = pl.Trainer(callbacks=[cb], logger=False, **trainer_kwargs(tmp_path, max_steps=2))
+    trainer.fit(make_module(pl))
+    hist = cb.monitor.history()
+    early = cb.monitor.layer_names[: len(cb.monitor.layer_names) // 4]
+    last = hist[(hist.step == 1) & (hist.metric == "grad_to_weight") & hist.name.isin(early)].value.max()
+    assert float(trainer.progress_bar_metrics[PROG_BAR_KEY]) == pytest.approx(last, rel=1e-6)
+    assert PROG_BAR_KEY not in trainer.logged_metrics
+
+
+# ---------------------------------------------------------------------------------------------- resume
+def test_resume_from_checkpoint_continues_the_step_axis(tmp_path, events):
+    pl = ns("lightning.pytorch")
+    from gradwatch.integrations.lightning import GradWatchCallback
+
+    kw = dict(log_every_n_steps=1)
+    cb1 = GradWatchCallback(every=1)
+    t1 = pl.Trainer(callbacks=[cb1], logger=tb_logger(pl, tmp_path), **kw, **trainer_kwargs(tmp_path, max_steps=3))
+    t1.fit(make_module(pl))
+    ckpt = os.path.join(tmp_path, "mid.ckpt")
+    t1.save_checkpoint(ckpt)
+    saved = torch.load(ckpt, weights_only=False)["callbacks"][cb1.state_key]
+    assert saved["monitors"]["optimizer_0"]["step"] == 3
+
+    cb2 = GradWatchCallback(every=1)
+    t2 = pl.Trainer(callbacks=[cb2], logger=tb_logger(pl, tmp_path), **kw, **trainer_kwargs(tmp_path, max_steps=6))
+    t2.fit(make_module(pl), ckpt_path=ckpt)
+    scalars = events(os.path.join(tmp_path, "tb", "version_0"))["scalars"]
+    assert set(scalars["grad_norm/_global"]) == set(range(6)) == set(scalars["loss"])
+    assert set(cb2.monitor.history().step) == {3, 4, 5}
+    assert cb2.monitor.global_step == 6 and cb2.state_dict()["monitors"]["optimizer_0"]["step"] == 6
+
+
+# ---------------------------------------------------------------------------------------------- installs
+_BLOCKER = """
+import importlib.abc, sys
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if any(name == b or name.startswith(b + ".") for b in {blocked!r}):
+            raise ModuleNotFoundError(f"No module named {{name!r}} (blocked)")
+sys.meta_path.insert(0, Block())
+"""
+
+
+def _run_blocked(blocked: tuple[str, ...], body: str) -> subprocess.CompletedProcess:
+    code = _BLOCKER.format(blocked=blocked) + textwrap.dedent(body)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, timeout=120)
+
+
+@pytest.mark.parametrize(
+    "blocked, present",
+    [(("pytorch_lightning",), "lightning.pytorch"), (("lightning",), "pytorch_lightning")],
+    ids=["only-lightning", "only-pytorch_lightning"],
+)
+def test_import_works_with_only_one_package_installed(blocked, present):
+    pytest.importorskip(present)
+    body = f"""
+    import importlib
+    from gradwatch.integrations.lightning import GradWatchCallback, NAMESPACES
+    assert NAMESPACES == ({present!r},), NAMESPACES
+    cb = GradWatchCallback(every=3)
+    assert isinstance(cb, importlib.import_module({present!r}).Callback)
+    print("ok")
+    """
+    out = _run_blocked(blocked, body)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
+
+
+def test_import_without_any_lightning_says_what_to_install():
+    out = _run_blocked(
+        ("lightning", "pytorch_lightning"),
+        """
+        try:
+            import gradwatch.integrations.lightning
+        except ImportError as err:
+            print("ImportError:", err)
+        """,
+    )
+    assert "pip install lightning" in out.stdout, out.stderr[-2000:]
