@@ -1,0 +1,227 @@
+"""gradwatch under torch.distributed on CPU (gloo, 2 processes).
+
+- Lightning DDP (``Trainer(strategy="ddp", accelerator="cpu", devices=2)``): the callback's values equal a
+  1-process run over the same global batch; rank 1 writes nothing and opens no files.
+- FSDP2 (``fully_shard``, DTensor parameters) with raw torch.distributed: the raw :class:`gradwatch.Monitor`
+  gives the values of the unsharded model, with ONE ``all_reduce`` per logging step; rank 1 writes nothing.
+"""
+
+from __future__ import annotations
+
+import copy
+import glob
+import importlib.util
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from torch import nn
+
+pytestmark = pytest.mark.slow
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RTOL = 1e-5
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ---------------------------------------------------------------------------------------------- Lightning DDP
+DDP_SCRIPT = textwrap.dedent(
+    '''
+    """Run by the test as a script: Lightning's DDP launcher re-runs this file for rank 1."""
+    import os
+    import sys
+
+    import lightning.pytorch as pl
+    import torch
+    import torch.nn.functional as F
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from torch import nn
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from gradwatch.integrations.lightning import GradWatchCallback
+
+
+    class Net(pl.LightningModule):
+        """No BatchNorm: per-rank batch statistics would make DDP differ from one process by design."""
+
+        def __init__(self, batch):
+            super().__init__()
+            torch.manual_seed(0)
+            self.batch = batch
+            self.net = nn.Sequential(
+                nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1, stride=2), nn.ReLU(),
+                nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10),
+            )
+
+        def training_step(self, b, i):
+            x, y = b
+            loss = F.cross_entropy(self.net(x), y)
+            self.log("loss", loss)
+            return loss
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+
+        def train_dataloader(self):
+            g = torch.Generator().manual_seed(0)
+            data = TensorDataset(torch.randn(48, 3, 8, 8, generator=g), torch.randint(0, 10, (48,), generator=g))
+            # Lightning's automatic DistributedSampler always shuffles training data; an unshuffled one makes
+            # the ranks' batches at step k together exactly the 1-process batch k.
+            sampler = None
+            if self.trainer.world_size > 1:
+                sampler = torch.utils.data.DistributedSampler(
+                    data, self.trainer.world_size, self.trainer.global_rank, shuffle=False
+                )
+            return DataLoader(data, batch_size=self.batch, sampler=sampler)
+
+
+    def trainer(root, devices, logger):
+        return pl.Trainer(
+            accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto", max_steps=3,
+            log_every_n_steps=1, callbacks=[GradWatchCallback(every=1)], logger=logger, default_root_dir=root,
+            enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False, use_distributed_sampler=False,
+        )
+
+
+    if __name__ == "__main__":
+        out = sys.argv[1]
+        # Each rank gets its own folder, so "rank 1 opens no files" is checked by that folder not existing.
+        root = os.path.join(out, "rank" + os.environ.get("LOCAL_RANK", "0"))
+        trainer(root, 2, TensorBoardLogger(root, name="tb", version=0)).fit(Net(batch=4))
+        trainer(root, 2, False).fit(Net(batch=4))  # no logger: the callback's own writer, on rank 0 only
+    '''
+)
+
+
+def test_lightning_ddp_equals_one_process_over_the_global_batch(tmp_path, events):
+    pytest.importorskip("lightning.pytorch")
+    script = tmp_path / "ddp_run.py"
+    script.write_text(DDP_SCRIPT)
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.pop("LOCAL_RANK", None)
+    env["MASTER_PORT"] = str(_free_port())
+    proc = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "ddp")], env=env, cwd=str(tmp_path),
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+    # The 1-process reference over the same global batch (2 x 4), in this process.
+    spec = importlib.util.spec_from_file_location("ddp_run", script)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    single = str(tmp_path / "single")
+    mod.trainer(single, 1, TensorBoardLogger(single, name="tb", version=0)).fit(mod.Net(batch=8))
+
+    ddp = events(str(tmp_path / "ddp" / "rank0" / "tb" / "version_0"))["scalars"]
+    ref = events(os.path.join(single, "tb", "version_0"))["scalars"]
+    tags = [t for t in ref if t.split("/")[0] in ("grad_norm", "weight_norm", "grad_to_weight", "update_to_weight")]
+    assert len(tags) == 4 * 4  # 3 layers + _global
+    for tag in tags:
+        assert set(ddp[tag]) == set(ref[tag]) == {0, 1, 2}
+        for step, value in ref[tag].items():
+            assert ddp[tag][step] == pytest.approx(value, rel=RTOL, abs=1e-9), (tag, step)
+    assert set(ddp["loss"]) == {0, 1, 2}
+
+    # Rank 0 wrote one event file per run; rank 1 created nothing at all.
+    assert len(glob.glob(str(tmp_path / "ddp" / "rank0" / "tb" / "version_0" / "events.*"))) == 1
+    assert set(events(str(tmp_path / "ddp" / "rank0" / "gradwatch"))["scalars"]["grad_norm/_global"]) == {0, 1, 2}
+    assert not (tmp_path / "ddp" / "rank1").exists()
+
+
+# ---------------------------------------------------------------------------------------------- FSDP2, raw torch
+def _mlp() -> nn.Module:
+    torch.manual_seed(0)
+    # 33 rows shard unevenly (17 + 16); the last layer's single row leaves rank 1 an empty shard.
+    return nn.Sequential(nn.Linear(10, 33), nn.ReLU(), nn.Linear(33, 16), nn.ReLU(), nn.Linear(16, 1))
+
+
+def _fsdp_worker(rank: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    import gradwatch
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        ref = _mlp()
+        model = copy.deepcopy(ref)
+        for layer in model:
+            if isinstance(layer, nn.Linear):
+                fully_shard(layer)
+        fully_shard(model)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1)
+        log_dir = os.path.join(out, f"rank{rank}")
+        mon = gradwatch.Monitor(model, optimizer=opt, every=1, log_dir=log_dir)
+        ref_mon = gradwatch.Monitor(ref, optimizer=ref_opt, every=1)
+        plain = gradwatch.Monitor(model, every=1)  # the step() path, no optimizer, no update_to_weight
+
+        calls = []
+        real_all_reduce = dist.all_reduce
+
+        def counting(*args, **kwargs):
+            calls.append(1)
+            return real_all_reduce(*args, **kwargs)
+
+        g = torch.Generator().manual_seed(1)
+        for step in range(3):
+            x, y = torch.randn(8, 10, generator=g), torch.randn(8, 1, generator=g)
+            local = slice(4 * rank, 4 * rank + 4)
+            nn.functional.mse_loss(model(x[local]), y[local]).backward()
+            nn.functional.mse_loss(ref(x), y).backward()  # FSDP2 averages grads over ranks: the global batch
+            dist.all_reduce = counting
+            try:
+                plain.step()
+                assert len(calls) == 1, f"step() made {len(calls)} all_reduce calls"
+                opt.step()
+                assert len(calls) == 2, f"optimizer.step() measurement made {len(calls) - 1} all_reduce calls"
+            finally:
+                dist.all_reduce = real_all_reduce
+                calls.clear()
+            ref_opt.step()
+            opt.zero_grad()
+            ref_opt.zero_grad()
+        mon.close()
+        assert not mon.errors and not plain.errors, (mon.errors, plain.errors)
+
+        want = ref_mon.history().set_index(["step", "name", "metric"]).value
+        got = mon.history().set_index(["step", "name", "metric"]).value
+        assert set(got.index) == set(want.index) and len(want) == 3 * 4 * 4
+        diff = ((got - want.reindex(got.index)).abs() / want.reindex(got.index).abs().clip(lower=1e-12)).max()
+        assert diff < RTOL, f"FSDP2 values differ from unsharded ones by {diff:.2e}"
+        got_plain = plain.history().set_index(["step", "name", "metric"]).value
+        common = want.reindex(got_plain.index)
+        assert len(got_plain) == 3 * 4 * 3 and ((got_plain - common).abs() / common.abs()).max() < RTOL
+        assert mon.layer_names == ["0", "2", "4"]
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp2_monitor_equals_unsharded_with_one_all_reduce(tmp_path, events):
+    import torch.distributed as dist
+    import torch.multiprocessing as mp
+
+    if not dist.is_available():
+        pytest.skip("torch built without distributed")
+    pytest.importorskip("torch.distributed.fsdp")
+    from torch.distributed import fsdp
+
+    if not hasattr(fsdp, "fully_shard"):
+        pytest.skip("this torch has no FSDP2 fully_shard")
+    mp.spawn(_fsdp_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+    assert set(events(str(tmp_path / "rank0"))["scalars"]["grad_norm/_global"]) == {0, 1, 2}
+    assert not (tmp_path / "rank1").exists()  # the raw Monitor logs on rank 0 only
