@@ -1,7 +1,8 @@
 """gradwatch under torch.distributed on CPU (gloo, 2 processes).
 
-- Lightning DDP (``Trainer(strategy="ddp", accelerator="cpu", devices=2)``): the callback's values equal a
-  1-process run over the same global batch; rank 1 writes nothing and opens no files.
+- Lightning DDP (``Trainer(strategy="ddp", accelerator="cpu", devices=2)``) and Lightning FSDP2
+  (``ModelParallelStrategy`` + ``fully_shard``): the callback's values equal a 1-process run over the same
+  global batch; rank 1 writes nothing and opens no files.
 - FSDP2 (``fully_shard``, DTensor parameters) with raw torch.distributed: the raw :class:`gradwatch.Monitor`
   gives the values of the unsharded model, with ONE ``all_reduce`` per logging step; rank 1 writes nothing.
 """
@@ -58,9 +59,20 @@ DDP_SCRIPT = textwrap.dedent(
             torch.manual_seed(0)
             self.batch = batch
             self.net = nn.Sequential(
-                nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1, stride=2), nn.ReLU(),
+                nn.Conv2d(3, 7, 3, padding=1), nn.ReLU(), nn.Conv2d(7, 8, 3, padding=1, stride=2), nn.ReLU(),
                 nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10),
             )
+
+        def configure_model(self):
+            mesh = getattr(self, "_device_mesh", None)  # set by ModelParallelStrategy only
+            if mesh is None:
+                return
+            from torch.distributed.fsdp import fully_shard
+
+            for layer in self.net:
+                if isinstance(layer, (nn.Conv2d, nn.Linear)):
+                    fully_shard(layer, mesh=mesh["data_parallel"])
+            fully_shard(self.net, mesh=mesh["data_parallel"])
 
         def training_step(self, b, i):
             x, y = b
@@ -84,25 +96,36 @@ DDP_SCRIPT = textwrap.dedent(
             return DataLoader(data, batch_size=self.batch, sampler=sampler)
 
 
-    def trainer(root, devices, logger):
+    def trainer(root, devices, logger, strategy="auto"):
+        if strategy == "fsdp2":
+            from lightning.pytorch.strategies import ModelParallelStrategy
+
+            strategy = ModelParallelStrategy(data_parallel_size=devices, tensor_parallel_size=1)
         return pl.Trainer(
-            accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto", max_steps=3,
+            accelerator="cpu", devices=devices, strategy=strategy, max_steps=3,
             log_every_n_steps=1, callbacks=[GradWatchCallback(every=1)], logger=logger, default_root_dir=root,
             enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False, use_distributed_sampler=False,
         )
 
 
     if __name__ == "__main__":
-        out = sys.argv[1]
+        out, strategy = sys.argv[1], sys.argv[2]
         # Each rank gets its own folder, so "rank 1 opens no files" is checked by that folder not existing.
         root = os.path.join(out, "rank" + os.environ.get("LOCAL_RANK", "0"))
-        trainer(root, 2, TensorBoardLogger(root, name="tb", version=0)).fit(Net(batch=4))
-        trainer(root, 2, False).fit(Net(batch=4))  # no logger: the callback's own writer, on rank 0 only
+        net = Net(batch=4)
+        trainer(root, 2, TensorBoardLogger(root, name="tb", version=0), strategy).fit(net)
+        if strategy == "fsdp2":  # really sharded: every parameter is a DTensor
+            assert all(type(p).__name__ == "DTensor" for p in net.parameters())
+        # no logger: the callback's own writer, on rank 0 only
+        trainer(root, 2, False, strategy).fit(Net(batch=4))
     '''
 )
 
 
-def test_lightning_ddp_equals_one_process_over_the_global_batch(tmp_path, events):
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_lightning_multiprocess_equals_one_process_over_the_global_batch(strategy, tmp_path, events):
+    """``ddp``: DistributedDataParallel. ``fsdp2``: ``ModelParallelStrategy`` with ``fully_shard`` in
+    ``configure_model`` (DTensor parameters; runs on CPU with gloo, unlike Lightning's FSDP1 ``FSDPStrategy``)."""
     pytest.importorskip("lightning.pytorch")
     script = tmp_path / "ddp_run.py"
     script.write_text(DDP_SCRIPT)
@@ -110,7 +133,7 @@ def test_lightning_ddp_equals_one_process_over_the_global_batch(tmp_path, events
     env.pop("LOCAL_RANK", None)
     env["MASTER_PORT"] = str(_free_port())
     proc = subprocess.run(
-        [sys.executable, str(script), str(tmp_path / "ddp")], env=env, cwd=str(tmp_path),
+        [sys.executable, str(script), str(tmp_path / "multi"), strategy], env=env, cwd=str(tmp_path),
         capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -124,20 +147,20 @@ def test_lightning_ddp_equals_one_process_over_the_global_batch(tmp_path, events
     single = str(tmp_path / "single")
     mod.trainer(single, 1, TensorBoardLogger(single, name="tb", version=0)).fit(mod.Net(batch=8))
 
-    ddp = events(str(tmp_path / "ddp" / "rank0" / "tb" / "version_0"))["scalars"]
+    multi = events(str(tmp_path / "multi" / "rank0" / "tb" / "version_0"))["scalars"]
     ref = events(os.path.join(single, "tb", "version_0"))["scalars"]
     tags = [t for t in ref if t.split("/")[0] in ("grad_norm", "weight_norm", "grad_to_weight", "update_to_weight")]
     assert len(tags) == 4 * 4  # 3 layers + _global
     for tag in tags:
-        assert set(ddp[tag]) == set(ref[tag]) == {0, 1, 2}
+        assert set(multi[tag]) == set(ref[tag]) == {0, 1, 2}
         for step, value in ref[tag].items():
-            assert ddp[tag][step] == pytest.approx(value, rel=RTOL, abs=1e-9), (tag, step)
-    assert set(ddp["loss"]) == {0, 1, 2}
+            assert multi[tag][step] == pytest.approx(value, rel=RTOL, abs=1e-9), (tag, step)
+    assert set(multi["loss"]) == {0, 1, 2}
 
     # Rank 0 wrote one event file per run; rank 1 created nothing at all.
-    assert len(glob.glob(str(tmp_path / "ddp" / "rank0" / "tb" / "version_0" / "events.*"))) == 1
-    assert set(events(str(tmp_path / "ddp" / "rank0" / "gradwatch"))["scalars"]["grad_norm/_global"]) == {0, 1, 2}
-    assert not (tmp_path / "ddp" / "rank1").exists()
+    assert len(glob.glob(str(tmp_path / "multi" / "rank0" / "tb" / "version_0" / "events.*"))) == 1
+    assert set(events(str(tmp_path / "multi" / "rank0" / "gradwatch"))["scalars"]["grad_norm/_global"]) == {0, 1, 2}
+    assert not (tmp_path / "multi" / "rank1").exists()
 
 
 # ---------------------------------------------------------------------------------------------- FSDP2, raw torch

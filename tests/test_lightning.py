@@ -252,6 +252,27 @@ def test_accumulated_gradients_are_measured_once_per_optimizer_step(tmp_path, ev
     assert scalars["grad_norm/_global"][0] == pytest.approx(g, rel=RTOL)
 
 
+def test_gradients_are_measured_before_clipping(tmp_path, events):
+    pl = ns("lightning.pytorch")
+    from gradwatch.integrations.lightning import GradWatchCallback
+
+    cb = GradWatchCallback(every=1)
+    trainer = pl.Trainer(
+        callbacks=[cb], logger=tb_logger(pl, tmp_path), gradient_clip_val=1e-3, **trainer_kwargs(tmp_path, max_steps=1)
+    )
+    trainer.fit(make_module(pl))
+    scalars = events(os.path.join(tmp_path, "tb", "version_0"))["scalars"]
+    ref = make_module(pl)
+    x, y = dataset()[0:8]
+    F.cross_entropy(ref.net(x), y).backward()
+    g = math.sqrt(sum(float(p.grad.double().pow(2).sum()) for p in ref.parameters()))
+    assert g > 100 * 1e-3
+    assert scalars["grad_norm/_global"][0] == pytest.approx(g, rel=RTOL)  # not clipped
+    # The update across the step is the clipped one: SGD(lr=0.05), no momentum buffer yet -> ||dw|| <= 0.05 * 1e-3.
+    w = scalars["weight_norm/_global"][0]
+    assert scalars["update_to_weight/_global"][0] * w == pytest.approx(0.05 * 1e-3, rel=1e-3)
+
+
 def test_bf16_mixed(tmp_path, events):
     pl = ns("lightning.pytorch")
     from gradwatch.integrations.lightning import GradWatchCallback
