@@ -14,9 +14,14 @@ from . import blocks
 from .history import History
 from .layers import GLOBAL_NAME, clean_name
 from .monitor import METRICS, Monitor
+from . import detectors
+from .alert_sinks import CallableSink, LoggingSink, TensorBoardAlertSink, WebhookSink
+from .alerts import Alert, GradientAlarm
 
 __version__ = "0.1.0"
 __all__ = ["Monitor", "METRICS", "GLOBAL_NAME", "History", "blocks", "clean_name", "__version__"]
+__all__ += ["Alert", "GradientAlarm", "WebhookSink", "LoggingSink", "TensorBoardAlertSink", "CallableSink",
+            "detectors"]
 
 
 def _bind_integrations() -> None:

@@ -20,6 +20,7 @@ from .history import History
 from .layers import GLOBAL_NAME, Pattern, Selection, select_parameters
 from .metrics import is_sharded, local_tensor, reduce_squared, safe_ratio, segment_sum, squared_norms
 from .sinks import TensorBoardSink
+from .alerts import Alert, build_manager
 
 log = logging.getLogger("gradwatch")
 
@@ -94,6 +95,20 @@ class Monitor:
             on the ``gradwatch`` logger, kept in :attr:`errors`, and training goes on.
         params: measure only these parameters of ``model`` (e.g. one optimizer's, when an integration drives
             the monitor through :meth:`begin_step`); no hooks are added. Combines with ``optimizer``.
+        rules: alert rules run after each logging step (``gradwatch.detectors``; ``docs/alerts.md``). ``None``
+            (default): all built-in rules (``skip_collapse``, ``vanishing``, ``exploding``, ``depth_trend``,
+            ``nonfinite``, ``dead_layer``) with defaults; a dict tunes or drops them
+            (``{"vanishing": {"patience": 5}, "dead_layer": False}``); a list of ``Rule`` instances replaces
+            them; ``False`` turns alerting off.
+        alert_sinks: where alerts go besides the defaults (the ``gradwatch`` logger, TensorBoard text and an
+            ``alerts/count`` scalar when there is a writer, and the JSONL record): e.g.
+            ``[gradwatch.WebhookSink(url)]`` or any callable taking an :class:`~gradwatch.Alert`.
+        on_critical: ``"warn"`` (default), ``"stop"`` (set :attr:`should_stop`) or ``"raise"`` (raise
+            :class:`~gradwatch.GradientAlarm` out of ``step()`` / ``optimizer.step()``).
+        alerts_path: the JSONL record of every alert; default ``<log_dir>/alerts.jsonl`` (or the writer's
+            directory); ``False`` for none.
+        alert_cooldown: logging steps before the same rule may alert again about the same layer or block at
+            the same severity (an escalation to critical always passes).
 
     Raises:
         TypeError: ``model`` is not an ``nn.Module``, ``optimizer`` not an optimizer, ``every`` not an int.
@@ -121,6 +136,11 @@ class Monitor:
         prefix: str = "",
         strict: bool = False,
         params: Iterable[torch.Tensor] | None = None,
+        rules: Any = None,
+        alert_sinks: Iterable[Any] | None = None,
+        on_critical: str = "warn",
+        alerts_path: str | os.PathLike | bool | None = None,
+        alert_cooldown: int = 20,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -188,6 +208,10 @@ class Monitor:
             self._writer = writer
         self.log_dir = None if log_dir is None else os.fspath(log_dir)
         self._sink = TensorBoardSink(self._writer, prefix, histograms) if self._writer is not None else None
+        self._alerts = build_manager(
+            model, rules=rules, alert_sinks=alert_sinks, on_critical=on_critical, cooldown=alert_cooldown,
+            alerts_path=alerts_path, log_dir=log_dir, writer=self._writer, prefix=prefix, rank_zero=self._rank_zero,
+        )
 
         self._history = History()
         self._step = 0
@@ -248,6 +272,7 @@ class Monitor:
             self._contain(err)
         finally:
             self._step = s + 1
+        self._alert_step()
 
     def begin_step(
         self,
@@ -286,6 +311,7 @@ class Monitor:
             self._finish()
         except Exception as err:
             self._contain(err)
+        self._alert_step()
 
     def history(self) -> pd.DataFrame:
         """Every logged value as a long DataFrame: columns ``step, name, metric, value``."""
@@ -297,13 +323,38 @@ class Monitor:
 
     def state_dict(self) -> dict[str, Any]:
         """The monitor's resumable state (step counter)."""
-        return {"version": _STATE_VERSION, "step": self._step}
+        state: dict[str, Any] = {"version": _STATE_VERSION, "step": self._step}
+        if self._alerts is not None:
+            state["alerts"] = self._alerts.state_dict()  # rule streaks, baselines, cooldowns
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned, so a resumed run continues the same step axis."""
         if not isinstance(state, dict) or "step" not in state:
             raise ValueError("not a gradwatch Monitor state_dict (missing 'step')")
         self._step = int(state["step"])
+        if self._alerts is not None and isinstance(state.get("alerts"), dict):
+            self._alerts.load_state_dict(state["alerts"])
+
+    @property
+    def alerts(self) -> list[Alert]:
+        """Every alert sent so far, oldest first (``gradwatch.Alert``; the same on every rank)."""
+        return [] if self._alerts is None else self._alerts.alerts
+
+    @property
+    def should_stop(self) -> bool:
+        """True once a critical alert fired under ``on_critical="stop"`` or ``"raise"``: end the loop."""
+        return self._alerts is not None and self._alerts.should_stop
+
+    def _alert_step(self) -> None:
+        """Run the alert rules on what this logging step recorded; then, if the policy says so, raise."""
+        if self._alerts is None:
+            return
+        try:
+            self._alerts.evaluate_current()
+        except Exception as err:
+            self._contain(err)
+        self._alerts.raise_pending()  # GradientAlarm (on_critical="raise"): deliberately not contained
 
     def flush(self) -> None:
         """Flush the TensorBoard writer."""
@@ -318,6 +369,8 @@ class Monitor:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        if self._alerts is not None:
+            self._alerts.close()  # flushes webhooks (bounded wait) and the JSONL record
         self._pending = None
         if self._writer is not None:
             self._writer.flush()
@@ -361,6 +414,7 @@ class Monitor:
             self._contain(err)
         finally:
             self._step += 1
+        self._alert_step()
 
     # ------------------------------------------------------------------ measurement
     def _begin(
@@ -443,6 +497,8 @@ class Monitor:
         self._history.append(step, names, metric, values)
         if self._sink is not None:
             self._sink.write(step, names, metric, values, hist_mask)
+        if self._alerts is not None:
+            self._alerts.observe(step, names, metric, values)  # the step's measurements, for the alert rules
 
     # ------------------------------------------------------------------ housekeeping
     def _report_missing(self, kept: list[int]) -> None:

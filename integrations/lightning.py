@@ -12,6 +12,7 @@ the measuring is :class:`gradwatch.Monitor`'s.
 from __future__ import annotations
 
 import importlib
+import inspect
 import logging
 import os
 from collections.abc import Iterable, Sequence
@@ -21,6 +22,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+import gradwatch
 from gradwatch.layers import Pattern, _as_patterns, _as_types
 from gradwatch.monitor import Monitor
 
@@ -56,6 +58,11 @@ PROG_BAR_KEY = "g2w_early"
 
 _STATE_VERSION = 1
 _GRANULARITIES = ("layer", "parameter")
+#: Monitor arguments the callback sets itself (the rest can be passed through ``**monitor_kwargs``).
+_RESERVED = frozenset(
+    {"self", "model", "optimizer", "log_dir", "writer", "every", "params", "granularity", "include", "exclude",
+     "include_types", "exclude_types", "track_updates", "histograms", "prefix", "strict"}
+)
 
 
 class GradWatchCallback(*_BASES):  # type: ignore[misc]
@@ -93,6 +100,13 @@ class GradWatchCallback(*_BASES):  # type: ignore[misc]
     With several optimizers each gets a monitor of its own, restricted to the parameters it holds, and its
     tags start with ``optimizer_<i>/`` (``i`` = position in ``configure_optimizers``).
 
+    **Monitor features that run beside the norms.** Where the monitor measures block flow in the forward
+    pass, the callback arms it on its own logging batches (``Monitor.flow_trigger``), in the first
+    optimizer's monitor only. Where a monitor asks to stop (``Monitor.should_stop``, e.g. an alert policy
+    ``on_critical="stop"``), the callback sets ``trainer.should_stop`` at the end of that batch, decided
+    with ``trainer.strategy.reduce_boolean_decision`` so that all ranks agree. ``GradientAlarm`` (policy
+    ``"raise"``) is let through even when ``strict=False``.
+
     Args:
         every: measure every ``every`` steps (see above). ``None`` (default): the trainer's
             ``log_every_n_steps``.
@@ -107,10 +121,13 @@ class GradWatchCallback(*_BASES):  # type: ignore[misc]
             quarter of the measured layers (in definition order), from the latest measurement.
         strict: re-raise errors raised inside gradwatch (for tests). Otherwise they are logged on the
             ``gradwatch`` logger, kept in :attr:`errors`, and training goes on.
+        **monitor_kwargs: any other :class:`gradwatch.Monitor` argument, passed to every monitor unchanged
+            (checked against ``Monitor``'s signature here, at construction).
 
     Raises:
         TypeError: an argument of the wrong type (``every`` not an int, a pattern that is neither a string nor
-            a compiled regex, a type that is not an ``nn.Module`` subclass, a flag that is not a bool).
+            a compiled regex, a type that is not an ``nn.Module`` subclass, a flag that is not a bool), or a
+            ``monitor_kwargs`` name that ``Monitor`` does not take or that the callback sets itself.
         ValueError: ``every < 1``; ``granularity`` not ``"layer"``/``"parameter"``; at ``fit`` start, when the
             filters leave nothing to measure in any optimizer's parameters.
 
@@ -143,8 +160,18 @@ class GradWatchCallback(*_BASES):  # type: ignore[misc]
         prefix: str = "",
         prog_bar: bool = False,
         strict: bool = False,
+        **monitor_kwargs: Any,
     ) -> None:
         super().__init__()
+        accepted = set(inspect.signature(Monitor.__init__).parameters) - _RESERVED
+        for name in monitor_kwargs:
+            if name in _RESERVED:
+                raise TypeError(f"GradWatchCallback sets Monitor's {name!r} itself; it cannot be passed")
+            if name not in accepted:
+                raise TypeError(
+                    f"GradWatchCallback got an unexpected argument {name!r} "
+                    f"(neither its own nor gradwatch.Monitor's: {', '.join(sorted(accepted)) or 'none'})"
+                )
         if every is not None:
             if isinstance(every, bool) or not isinstance(every, int):
                 raise TypeError(f"every must be None or an int >= 1, got {type(every).__name__}")
@@ -175,6 +202,7 @@ class GradWatchCallback(*_BASES):  # type: ignore[misc]
         self.prefix = prefix
         self.prog_bar = prog_bar
         self.strict = strict
+        self.monitor_kwargs = dict(monitor_kwargs)
         #: Errors contained inside the callback's hooks, as "ExceptionType: message" strings.
         self.errors: list[str] = []
         #: Where the callback's own SummaryWriter writes when the trainer has no logger (rank 0), else None.
@@ -266,11 +294,17 @@ class GradWatchCallback(*_BASES):  # type: ignore[misc]
                     strict=self.strict,
                     params=params,
                     **self._filters,
+                    **self.monitor_kwargs,
                 )
             except ValueError as err:
                 skipped.append(f"{key}: {err}")
                 continue
             monitors[key] = mon
+            if hasattr(mon, "flow_trigger"):
+                # Block-flow hooks run in the forward pass: arm them on this callback's logging batches, and
+                # only in the first monitor (every monitor watches the whole module's blocks).
+                first = not by_optimizer
+                mon.flow_trigger = (lambda: self.is_logging_step(_axis_step(trainer))) if first else (lambda: False)
             early = mon.layer_names[: max(1, len(mon.layer_names) // 4)]
             by_optimizer[id(opt)] = _Slot(key, mon, opt, {f"{prefix}grad_to_weight/{n}" for n in early})
         if not monitors:
@@ -327,6 +361,13 @@ class GradWatchCallback(*_BASES):  # type: ignore[misc]
                     log.debug("gradwatch: %s did not step at step %s; measurement dropped", slot.key, slot.last_step)
                     slot.pending = False
                     slot.monitor.end_step(found_inf=torch.ones(()))
+            if self.is_logging_step(_axis_step(trainer)) and any(
+                hasattr(m, "should_stop") for m in self._monitors.values()
+            ):
+                # Alert policy on_critical="stop": every rank takes part, so the decision is the same on all.
+                stop = any(getattr(m, "should_stop", False) for m in self._monitors.values())
+                if trainer.strategy.reduce_boolean_decision(stop, all=False):
+                    trainer.should_stop = True
             health = [s.health for s in self._by_optimizer.values() if s.health is not None]
             if self.prog_bar and health:
                 pl_module.log(
@@ -436,8 +477,9 @@ class GradWatchCallback(*_BASES):  # type: ignore[misc]
     def _contain(self, err: BaseException, slot: _Slot | None = None) -> None:
         if slot is not None:
             slot.pending = False
-        if self.strict:
-            raise err
+        alarm = getattr(gradwatch, "GradientAlarm", None)
+        if self.strict or (alarm is not None and isinstance(err, alarm)):
+            raise err  # on_critical="raise" is the user's request to stop training
         text = f"{type(err).__name__}: {err}"
         self.errors.append(text)
         if len(self.errors) <= 3:
@@ -524,6 +566,19 @@ class _FanOut:
     def add_histogram(self, tag: str, values: Any, step: int) -> None:
         for w in self.writers:
             w.add_histogram(tag, values, step)
+
+    def add_text(self, tag: str, text: str, step: int) -> None:
+        for w in self.writers:
+            add_text = getattr(w, "add_text", None)
+            if add_text is not None:
+                add_text(tag, text, step)
+
+    def get_logdir(self) -> str | None:
+        for w in self.writers:
+            get = getattr(w, "get_logdir", None)
+            if get is not None:
+                return get()
+        return None
 
     def flush(self) -> None:
         for w in self.writers:

@@ -188,6 +188,8 @@ def test_callback_is_a_callback_of_every_installed_namespace():
         ({"prefix": 1}, TypeError, "prefix"),
         ({"prog_bar": "yes"}, TypeError, "prog_bar"),
         ({"histograms": None}, TypeError, "histograms"),
+        ({"model": object()}, TypeError, "model"),  # the callback sets it
+        ({"no_such_option": 1}, TypeError, "no_such_option"),  # neither the callback's nor Monitor's
     ],
 )
 def test_arguments_are_validated_at_construction(kwargs, exc, text):
@@ -410,6 +412,20 @@ def test_prog_bar_shows_early_layer_ratio(tmp_path):
     last = hist[(hist.step == 1) & (hist.metric == "grad_to_weight") & hist.name.isin(early)].value.max()
     assert float(trainer.progress_bar_metrics[PROG_BAR_KEY]) == pytest.approx(last, rel=1e-6)
     assert PROG_BAR_KEY not in trainer.logged_metrics
+
+
+def test_a_monitor_asking_to_stop_stops_the_trainer(tmp_path, monkeypatch):
+    """Alert policy ``on_critical="stop"`` sets ``Monitor.should_stop``; the callback turns it into
+    ``trainer.should_stop`` through ``strategy.reduce_boolean_decision`` (the same decision on every rank)."""
+    pl = ns("lightning.pytorch")
+    from gradwatch.integrations.lightning import GradWatchCallback
+    from gradwatch.monitor import Monitor
+
+    monkeypatch.setattr(Monitor, "should_stop", property(lambda self: self.measurements >= 2), raising=False)
+    cb = GradWatchCallback(every=1)
+    trainer = pl.Trainer(callbacks=[cb], logger=False, **trainer_kwargs(tmp_path, max_steps=10))
+    trainer.fit(make_module(pl))
+    assert trainer.global_step == 2
 
 
 # ---------------------------------------------------------------------------------------------- resume

@@ -1,0 +1,404 @@
+"""Where alerts go: Python logging, TensorBoard, your own callable, a webhook. Open this file to add a sink.
+
+A sink is any object with ``send(alert)``; optionally ``end_step(step, alerts)`` (called after every
+evaluated logging step, with the alerts sent at it), ``close(timeout)`` (flush, waiting at most ``timeout``
+seconds) and ``attach(report_failure)`` (receives ``report_failure(sink_description, alert, error)`` to record
+a delivery that failed). ``send`` must return quickly: anything slow belongs on a thread, like
+:class:`WebhookSink`. Errors a sink raises are caught and logged by the :class:`~gradwatch.alerts.AlertManager`;
+they never reach the training loop. Sinks run on rank 0 only.
+
+The JSONL record (``alerts.jsonl``) is not a sink: the manager writes it before any sink runs, so a failing
+sink can never lose an alert.
+"""
+
+from __future__ import annotations
+
+import atexit
+import http.client
+import json
+import logging
+import os
+import queue
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+from .alerts import Alert, severity_rank
+
+log = logging.getLogger("gradwatch")
+
+__all__ = ["LoggingSink", "TensorBoardAlertSink", "CallableSink", "WebhookSink", "as_sink", "redact_url",
+           "WEBHOOK_ENV"]
+
+#: Environment variable :class:`WebhookSink` reads its URL from when none is passed.
+WEBHOOK_ENV = "GRADWATCH_WEBHOOK_URL"
+
+_ICONS = {"info": ":information_source:", "warning": ":warning:", "critical": ":rotating_light:"}
+
+
+class _Filtered:
+    """Mixin: drop alerts below ``min_severity``."""
+
+    min_severity = "info"
+
+    def _wants(self, alert: Alert) -> bool:
+        return severity_rank(alert.severity) >= severity_rank(self.min_severity)
+
+
+class LoggingSink(_Filtered):
+    """Log each alert on a Python logger (default ``gradwatch``): info → INFO, warning → WARNING,
+    critical → ERROR. On by default."""
+
+    _LEVELS = {"info": logging.INFO, "warning": logging.WARNING, "critical": logging.ERROR}
+
+    def __init__(self, logger: str | logging.Logger = "gradwatch", min_severity: str = "info") -> None:
+        self.logger = logger if isinstance(logger, logging.Logger) else logging.getLogger(logger)
+        severity_rank(min_severity)
+        self.min_severity = min_severity
+
+    def send(self, alert: Alert) -> None:
+        if self._wants(alert):
+            self.logger.log(self._LEVELS[alert.severity], "gradwatch %s", alert.format())
+
+    def __repr__(self) -> str:
+        return f"LoggingSink({self.logger.name!r})"
+
+
+class TensorBoardAlertSink(_Filtered):
+    """Alerts in TensorBoard, on the step axis of the curves: a text entry ``<prefix>alerts/<rule>`` per alert
+    and a scalar ``<prefix>alerts/count`` (alerts sent at that logging step, 0 when none) at every logging
+    step. On by default when the monitor has a writer."""
+
+    def __init__(self, writer: Any, prefix: str = "", min_severity: str = "info") -> None:
+        self.writer = writer
+        self.prefix = prefix
+        severity_rank(min_severity)
+        self.min_severity = min_severity
+
+    def send(self, alert: Alert) -> None:
+        add_text = getattr(self.writer, "add_text", None)
+        if add_text is None or not self._wants(alert):
+            return
+        where = f" — `{alert.name}`" if alert.name else ""
+        add_text(
+            f"{self.prefix}alerts/{alert.rule}",
+            f"**{alert.severity}** {alert.rule}{where}\n\n{alert.message}\n\n"
+            f"value {alert.value:.4g}, threshold {alert.threshold:.4g}\n\n*hint:* {alert.hint}",
+            alert.step,
+        )
+
+    def end_step(self, step: int, alerts: list[Alert]) -> None:
+        n = sum(1 for a in alerts if self._wants(a))
+        self.writer.add_scalar(f"{self.prefix}alerts/count", float(n), step)
+        if alerts:
+            flush = getattr(self.writer, "flush", None)
+            if flush is not None:
+                flush()
+
+    def __repr__(self) -> str:
+        return f"TensorBoardAlertSink(prefix={self.prefix!r})"
+
+
+class CallableSink(_Filtered):
+    """Call ``fn(alert)`` for each alert (in the training thread: keep it quick). A plain callable passed in
+    ``alert_sinks`` is wrapped in one."""
+
+    def __init__(self, fn: Callable[[Alert], Any], min_severity: str = "info") -> None:
+        if not callable(fn):
+            raise TypeError(f"CallableSink needs a callable, got {type(fn).__name__}")
+        self.fn = fn
+        severity_rank(min_severity)
+        self.min_severity = min_severity
+
+    def send(self, alert: Alert) -> None:
+        if self._wants(alert):
+            self.fn(alert)
+
+    def __repr__(self) -> str:
+        return f"CallableSink({getattr(self.fn, '__qualname__', self.fn)!r})"
+
+
+def as_sink(obj: Any) -> Any:
+    """``obj`` if it is a sink (has ``send``), a :class:`CallableSink` if it is a callable."""
+    if hasattr(obj, "send"):
+        return obj
+    if callable(obj):
+        return CallableSink(obj)
+    raise TypeError(f"an alert sink needs a send(alert) method or must be callable, got {type(obj).__name__}")
+
+
+def redact_url(url: str) -> str:
+    """``https://hooks.slack.com/…``: scheme and host only, so a webhook's secret path never reaches a log."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        host = parts.hostname or "?"
+        port = f":{parts.port}" if parts.port else ""
+    except ValueError:
+        return "<webhook url>"
+    return f"{parts.scheme}://{host}{port}/…"
+
+
+_STOP = object()
+_LIVE: weakref.WeakSet = weakref.WeakSet()
+
+
+@atexit.register
+def _close_live_sinks() -> None:  # pragma: no cover - exercised at interpreter exit
+    for sink in list(_LIVE):
+        sink.close(2.0)
+
+
+class WebhookSink(_Filtered):
+    """POST each alert to an HTTP(S) webhook from a background thread: Slack or any JSON endpoint.
+
+    ``format="slack"`` posts ``{"text": "..."}`` (Slack / Mattermost / Discord-compatible incoming webhooks);
+    ``format="json"`` posts the alert's fields (:meth:`Alert.to_dict`) plus ``"source"``.
+
+    Delivery never blocks or raises into training: :meth:`send` only queues. The thread retries a failed
+    POST (connection error, timeout, HTTP 5xx, 408, 429) up to ``retries`` times with exponential backoff
+    from ``backoff`` seconds; on HTTP 429 it waits the ``Retry-After`` the server asks for (capped at
+    ``max_retry_after``). Other 4xx answers are not retried. After the last try the failure is recorded
+    (``gradwatch`` logger and a ``delivery_failed`` line in ``alerts.jsonl``) and the thread moves on. Posts
+    are spaced by ``min_interval`` seconds (default 1.0 for Slack, whose webhooks accept about one message per
+    second). At close, the queue is flushed for at most the close timeout; what is left is recorded as failed.
+
+    The URL comes from ``url`` or the environment variable ``GRADWATCH_WEBHOOK_URL`` and is never printed or
+    logged in full (only scheme and host: :func:`redact_url`).
+
+    Args:
+        url: the webhook URL (``http://`` or ``https://``); None reads ``GRADWATCH_WEBHOOK_URL``.
+        format: ``"slack"`` or ``"json"``.
+        timeout: seconds per HTTP request.
+        retries: extra attempts after the first.
+        min_severity: send alerts at least this severe (default ``"warning"``: info stays local).
+        backoff: first retry delay in seconds, doubled after each failure.
+        max_retry_after: longest wait honoured for a 429 ``Retry-After``.
+        min_interval: seconds between posts (None: 1.0 for Slack, 0 for JSON).
+        title: prefix of each message / the ``source`` field (e.g. the run name).
+        queue_size: alerts waiting at most; beyond, new ones are recorded as failed, not sent.
+        headers: extra HTTP headers (e.g. an ``Authorization`` for a JSON endpoint).
+
+    Raises:
+        ValueError: no URL (neither ``url`` nor the environment variable), not http(s), bad ``format``.
+
+    Example::
+
+        sink = gradwatch.WebhookSink(format="slack")        # URL from $GRADWATCH_WEBHOOK_URL
+        mon = gradwatch.Monitor(model, log_dir="runs/exp", alert_sinks=[sink])
+    """
+
+    def __init__(
+        self,
+        url: str | None = None,
+        format: str = "slack",
+        timeout: float = 5.0,
+        retries: int = 3,
+        *,
+        min_severity: str = "warning",
+        backoff: float = 1.0,
+        max_retry_after: float = 60.0,
+        min_interval: float | None = None,
+        title: str = "gradwatch",
+        queue_size: int = 1000,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        if url is None:
+            url = os.environ.get(WEBHOOK_ENV) or None
+            if url is None:
+                raise ValueError(f"WebhookSink needs a URL: pass url= or set the environment variable {WEBHOOK_ENV}")
+        if not isinstance(url, str):
+            raise TypeError(f"url must be a str, got {type(url).__name__}")
+        scheme = urllib.parse.urlsplit(url).scheme
+        if scheme not in ("http", "https"):
+            raise ValueError(f"webhook URL must start with http:// or https://, got {redact_url(url)}")
+        if format not in ("slack", "json"):
+            raise ValueError(f"format must be 'slack' or 'json', got {format!r}")
+        if not timeout > 0:
+            raise ValueError(f"timeout must be > 0 seconds, got {timeout!r}")
+        if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+            raise ValueError(f"retries must be an int >= 0, got {retries!r}")
+        severity_rank(min_severity)
+        self._url = url
+        self.format = format
+        self.timeout = float(timeout)
+        self.retries = retries
+        self.min_severity = min_severity
+        self.backoff = float(backoff)
+        self.max_retry_after = float(max_retry_after)
+        self.min_interval = (1.0 if format == "slack" else 0.0) if min_interval is None else float(min_interval)
+        self.title = title
+        self.headers = {"Content-Type": "application/json", "User-Agent": "gradwatch-webhook"}
+        self.headers.update(headers or {})
+        #: Alerts delivered / given up on.
+        self.sent = 0
+        self.failed = 0
+        self._report: Callable[[str, Alert | None, str], None] = self._log_failure
+        self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
+        self._closing = threading.Event()
+        self._deadline: float | None = None
+        self._last_post = 0.0
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="gradwatch-webhook", daemon=True)
+        self._thread.start()
+        _LIVE.add(self)
+
+    # ------------------------------------------------------------------ sink protocol
+    @property
+    def url(self) -> str:
+        """The URL, redacted (scheme and host only)."""
+        return redact_url(self._url)
+
+    def attach(self, report_failure: Callable[[str, Alert | None, str], None]) -> None:
+        self._report = report_failure
+
+    def send(self, alert: Alert) -> None:
+        if not self._wants(alert):
+            return
+        if self._closed:
+            self._fail(alert, "the sink is closed")
+            return
+        try:
+            self._queue.put_nowait(alert)
+        except queue.Full:
+            self._fail(alert, f"queue full ({self._queue.maxsize} alerts waiting); dropped")
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Send what is queued, waiting at most ``timeout`` seconds; record the rest as failed."""
+        if self._closed:
+            return
+        self._closed = True
+        self._deadline = time.monotonic() + max(0.0, timeout)
+        self._closing.set()
+        try:
+            self._queue.put_nowait(_STOP)
+        except queue.Full:
+            pass
+        self._thread.join(max(0.0, timeout) + 0.5)
+        while True:  # what the thread did not get to
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is not _STOP:
+                self._fail(item, "not sent before the close timeout")
+        _LIVE.discard(self)
+
+    def __repr__(self) -> str:
+        return f"WebhookSink({self.url!r}, format={self.format!r})"
+
+    # ------------------------------------------------------------------ the thread
+    def payload(self, alert: Alert) -> bytes:
+        """The request body for ``alert``."""
+        if self.format == "json":
+            return json.dumps({"source": self.title, **alert.to_dict()}).encode("utf-8")
+        where = f" in `{alert.name}`" if alert.name else ""
+        text = (f"{_ICONS.get(alert.severity, '')} *{self.title} {alert.severity}*: `{alert.rule}` at step "
+                f"{alert.step}{where}\n{alert.message}\n_hint:_ {alert.hint}")
+        return json.dumps({"text": text}).encode("utf-8")
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is _STOP:
+                return
+            try:
+                self._deliver(item)
+            except Exception as err:  # never let the thread die
+                self._fail(item, f"{type(err).__name__}: {self._scrub(str(err))}")
+
+    def _deliver(self, alert: Alert) -> None:
+        body = self.payload(alert)
+        attempt = 0
+        while True:
+            if not self._wait(self._last_post + self.min_interval - time.monotonic()):
+                self._fail(alert, "not sent before the close timeout")
+                return
+            timeout = self.timeout
+            if self._deadline is not None:
+                timeout = min(timeout, self._deadline - time.monotonic())
+                if timeout <= 0:
+                    self._fail(alert, "not sent before the close timeout")
+                    return
+            retry_after = None
+            try:
+                self._last_post = time.monotonic()
+                req = urllib.request.Request(self._url, data=body, headers=self.headers, method="POST")
+                with urllib.request.urlopen(req, timeout=timeout) as resp:
+                    resp.read()
+                self.sent += 1
+                return
+            except urllib.error.HTTPError as err:
+                error = f"HTTP {err.code} {err.reason}"
+                if err.code == 429:
+                    retry_after = _retry_after(err.headers.get("Retry-After"))
+                elif 400 <= err.code < 500 and err.code != 408:
+                    self._fail(alert, error + " (not retried: the request itself was refused)")
+                    return
+            except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as err:
+                reason = getattr(err, "reason", None) or err
+                error = f"{type(err).__name__}: {self._scrub(str(reason))}"
+            attempt += 1
+            if attempt > self.retries:
+                self._fail(alert, f"{error} (after {attempt} attempts)")
+                return
+            delay = self.backoff * 2 ** (attempt - 1)
+            if retry_after is not None:
+                delay = min(retry_after, self.max_retry_after)
+            if not self._wait(delay):
+                self._fail(alert, f"{error}; not retried before the close timeout")
+                return
+
+    def _wait(self, delay: float) -> bool:
+        """Sleep ``delay`` seconds; False when that would pass the close deadline."""
+        end = time.monotonic() + max(0.0, delay)
+        while True:
+            now = time.monotonic()
+            if self._deadline is not None and end > self._deadline:
+                return False
+            if now >= end:
+                return True
+            if self._closing.is_set():
+                time.sleep(end - now)
+            else:
+                self._closing.wait(end - now)  # wakes early at close to re-check the deadline
+
+    def _fail(self, alert: Alert | None, error: str) -> None:
+        self.failed += 1
+        try:
+            self._report(repr(self), alert, error)
+        except Exception:  # the record itself failed: keep going
+            log.exception("gradwatch: could not record a webhook delivery failure")
+
+    def _log_failure(self, sink: str, alert: Alert | None, error: str) -> None:
+        log.warning("gradwatch: alert not delivered by %s: %s", sink, error)
+
+    def _scrub(self, text: str) -> str:
+        """Remove the URL (and its path) from an error text."""
+        parts = urllib.parse.urlsplit(self._url)
+        for secret in (self._url, parts.path, parts.query):
+            if secret and len(secret) > 1:
+                text = text.replace(secret, "/…")
+        return text
+
+
+def _retry_after(value: str | None) -> float | None:
+    """Seconds from a ``Retry-After`` header (delta-seconds or an HTTP date); None when absent or unreadable."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        from email.utils import parsedate_to_datetime
+
+        when = parsedate_to_datetime(value)
+        return max(0.0, when.timestamp() - time.time())
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None

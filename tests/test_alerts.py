@@ -1,0 +1,359 @@
+"""Alert rules, the alert record and policies on real training loops: NaN, vanishing, dead layers, resume."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import read_events
+from torch import nn
+
+import gradwatch
+from gradwatch.alerts import AlertManager, read_alerts
+from gradwatch.detectors import (
+    DeadLayer,
+    DepthTrend,
+    Exploding,
+    Measurements,
+    NonFinite,
+    Rule,
+    SkipCollapse,
+    Vanishing,
+    build_rules,
+    layer_kinds,
+    replay,
+)
+
+
+def mlp(depth: int = 4, width: int = 16, act: type[nn.Module] = nn.ReLU, seed: int = 0) -> nn.Sequential:
+    torch.manual_seed(seed)
+    layers: list[nn.Module] = []
+    for i in range(depth):
+        layers += [nn.Linear(8 if i == 0 else width, width), act()]
+    layers.append(nn.Linear(width, 3))
+    return nn.Sequential(*layers)
+
+
+def batch(seed: int, n: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 8, generator=g), torch.randint(0, 3, (n,), generator=g)
+
+
+def train(model, mon, steps, opt=None, on_step=None):
+    """The raw loop: backward, mon.step(), optimizer step. Returns the number of steps completed."""
+    opt = opt or torch.optim.SGD(model.parameters(), lr=0.05)
+    done = 0
+    for i in range(steps):
+        if on_step is not None:
+            on_step(i)
+        x, y = batch(i)
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        mon.step()
+        opt.step()
+        done += 1
+    return done
+
+
+def nan_grad_at(param: torch.Tensor, step_box: dict, at: int):
+    """Make ``param``'s gradient NaN on step ``at`` (a tensor hook: only that layer is hit)."""
+    return param.register_hook(lambda g: torch.full_like(g, math.nan) if step_box["i"] == at else g)
+
+
+# ---------------------------------------------------------------------------------------------- nonfinite
+def test_injected_nan_fires_nonfinite_naming_the_layer_with_record_log_and_tensorboard(tmp_path, caplog):
+    model = mlp()
+    box = {"i": 0}
+    nan_grad_at(model[4].weight, box, at=3)
+    mon = gradwatch.Monitor(model, log_dir=tmp_path, every=1, strict=True)
+    with caplog.at_level(logging.WARNING, logger="gradwatch"):
+        train(model, mon, 6, on_step=lambda i: box.update(i=i))
+    mon.close()
+
+    crit = [a for a in mon.alerts if a.rule == "nonfinite"]
+    assert len(crit) == 1
+    a = crit[0]
+    assert isinstance(a, gradwatch.Alert)
+    assert (a.severity, a.step, a.name) == ("critical", 3, "4")
+    assert math.isnan(a.value) and a.message and a.hint
+    # the record: one JSON line per alert, read back identical
+    lines = [json.loads(s) for s in (tmp_path / "alerts.jsonl").read_text().splitlines()]
+    assert [ln["rule"] for ln in lines if ln["event"] == "alert"] == [x.rule for x in mon.alerts]
+    assert read_alerts(tmp_path / "alerts.jsonl")[0].name == mon.alerts[0].name
+    # the gradwatch logger
+    assert any("nonfinite" in r.getMessage() and r.levelno == logging.ERROR for r in caplog.records)
+    # TensorBoard: a count at every logging step (1 at the NaN step) and the text
+    ev = read_events(str(tmp_path))
+    count = ev["scalars"]["alerts/count"]
+    assert set(count) == set(range(6)) and count[3] >= 1 and count[0] == 0
+
+
+def test_nonfinite_is_not_raised_for_steps_the_amp_scaler_skips():
+    # A fused optimizer under GradScaler: an overflow step is skipped by the scaler and dropped by the monitor.
+    model = mlp()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True) if _fused_cpu_adam() else None
+    if opt is None:
+        pytest.skip("no fused Adam on CPU in this torch")
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    mon = gradwatch.Monitor(model, optimizer=opt, every=1, strict=True)
+    box = {"i": 0}
+    nan_grad_at(model[0].weight, box, at=1)
+    for i in range(3):
+        box["i"] = i
+        x, y = batch(i)
+        opt.zero_grad()
+        scaler.scale(F.cross_entropy(model(x), y)).backward()
+        scaler.step(opt)
+        scaler.update()
+    mon.close()
+    assert not [a for a in mon.alerts if a.rule == "nonfinite"]
+    assert 1 not in set(mon.history().step)
+
+
+def _fused_cpu_adam() -> bool:
+    try:
+        m = nn.Linear(2, 2)
+        o = torch.optim.Adam(m.parameters(), fused=True)
+        m(torch.ones(1, 2)).sum().backward()
+        o.step()
+        return True
+    except (RuntimeError, TypeError):
+        return False
+
+
+# ---------------------------------------------------------------------------------------------- vanishing / dead
+def test_deep_sigmoid_mlp_fires_vanishing():
+    model = mlp(depth=16, width=32, act=nn.Sigmoid)
+    mon = gradwatch.Monitor(model, every=1, strict=True)
+    train(model, mon, 4)
+    mon.close()
+    van = [a for a in mon.alerts if a.rule == "vanishing"]
+    assert van and van[0].step == 2  # patience 3: the third logging step
+    assert van[0].severity in ("warning", "critical") and van[0].value < 0.02
+    assert "0.weight" not in van[0].message and "0" in van[0].message  # names the early layers
+
+
+def test_healthy_small_relu_mlp_fires_nothing():
+    model = mlp(depth=4)
+    mon = gradwatch.Monitor(model, every=1, strict=True)
+    train(model, mon, 12)
+    mon.close()
+    assert [a for a in mon.alerts if a.severity != "info"] == []
+
+
+class ZeroGate(nn.Module):
+    """A layer in the graph whose output is multiplied by 0: its gradient is exactly zero."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return x + 0.0 * self.inner(x)
+
+
+def gated() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(ZeroGate(), nn.Linear(8, 3))
+
+
+def test_dead_layer_fires_after_patience_naming_the_layer():
+    model = gated()
+    mon = gradwatch.Monitor(model, every=1, strict=True, rules={"dead_layer": {"patience": 4}})
+    train(model, mon, 5)
+    dead = [a for a in mon.alerts if a.rule == "dead_layer"]
+    assert [(a.step, a.name) for a in dead] == [(3, "0.inner")]
+
+
+def test_resume_from_a_checkpoint_keeps_the_streak(tmp_path):
+    rules = {"dead_layer": {"patience": 4}}
+    model = gated()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    first = gradwatch.Monitor(model, every=1, rules=rules, alerts_path=tmp_path / "a.jsonl")
+    train(model, first, 2, opt)  # half-way through patience
+    torch.save({"model": model.state_dict(), "gradwatch": first.state_dict()}, tmp_path / "ckpt.pt")
+    first.close()
+    assert not first.alerts
+    json.dumps(first.state_dict())  # plain data: any checkpoint format can hold it
+
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    resumed = gradwatch.Monitor(model, every=1, rules=rules, alerts_path=tmp_path / "a.jsonl")
+    resumed.load_state_dict(ckpt["gradwatch"])
+    train(model, resumed, 2, opt)
+    resumed.close()
+    assert [(a.rule, a.step) for a in resumed.alerts] == [("dead_layer", 3)]  # steps 0, 1 | 2, 3
+
+    fresh = gradwatch.Monitor(model, every=1, rules=rules, alerts_path=False)
+    train(model, fresh, 2, opt)
+    assert not fresh.alerts  # without the state the streak starts again
+    assert [a.step for a in read_alerts(tmp_path / "a.jsonl")] == [3]
+
+
+# ---------------------------------------------------------------------------------------------- policies
+@pytest.mark.parametrize("driven", ["step", "optimizer"])
+def test_on_critical_raise_raises_gradient_alarm_into_the_loop(driven):
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    box = {"i": 0}
+    nan_grad_at(model[2].weight, box, at=2)
+    kw = {"optimizer": opt} if driven == "optimizer" else {}
+    mon = gradwatch.Monitor(model, every=1, on_critical="raise", **kw)  # strict=False
+    with pytest.raises(gradwatch.GradientAlarm) as info:
+        for i in range(5):
+            box["i"] = i
+            x, y = batch(i)
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            if driven == "step":
+                mon.step()
+            opt.step()
+    assert i == 2
+    assert info.value.alert.rule == "nonfinite" and info.value.alert.name == "2"
+    assert mon.should_stop and not mon.errors  # raised on purpose, not contained as an error
+    mon.close()
+
+
+def test_on_critical_stop_sets_should_stop_and_warn_does_not():
+    for policy, expect in (("stop", True), ("warn", False)):
+        model = mlp()
+        box = {"i": 0}
+        nan_grad_at(model[0].weight, box, at=1)
+        mon = gradwatch.Monitor(model, every=1, on_critical=policy)
+        steps = 0
+        for i in range(4):
+            box["i"] = i
+            x, y = batch(i)
+            F.cross_entropy(model(x), y).backward()
+            mon.step()
+            model.zero_grad()
+            steps += 1
+            if mon.should_stop:
+                break
+        assert mon.should_stop is expect
+        assert steps == (2 if expect else 4)
+        assert mon.alerts[0].rule == "nonfinite"
+        mon.close()
+
+
+def test_arguments_are_validated():
+    model = mlp()
+    with pytest.raises(ValueError, match="on_critical"):
+        gradwatch.Monitor(model, on_critical="panic")
+    with pytest.raises(ValueError, match="unknown rule"):
+        gradwatch.Monitor(model, rules={"vanishng": {}})
+    with pytest.raises(TypeError, match="vanishing"):
+        gradwatch.Monitor(model, rules={"vanishing": {"patiense": 2}})
+    with pytest.raises(ValueError, match="patience"):
+        Vanishing(patience=0)
+    with pytest.raises(TypeError, match="alert_sinks"):
+        gradwatch.Monitor(model, alert_sinks=print)
+    off = gradwatch.Monitor(model, rules=False, every=1)
+    train(model, off, 2)
+    assert off.alerts == [] and off.state_dict().get("alerts") is None
+    assert [r.name for r in build_rules({"dead_layer": False})] == [
+        "nonfinite", "skip_collapse", "vanishing", "exploding", "depth_trend"]
+
+
+# ---------------------------------------------------------------------------------------------- manager
+class Scripted(Rule):
+    """Emits the severity scripted for each step (None: nothing) about one layer."""
+
+    name = "scripted"
+
+    def __init__(self, script):
+        super().__init__(patience=1)
+        self.script = script
+
+    def check(self, m):
+        sev = self.script[m.step]
+        return [] if sev is None else [self.alert(m, sev, "conv1", 1.0, 0.5, f"step {m.step}", "none")]
+
+
+def run_manager(manager, steps):
+    for s in range(steps):
+        manager.observe(s, ["conv1", "_global"], "grad_norm", np.array([1.0, 1.0]))
+        manager.evaluate(s)
+
+
+def test_cooldown_deduplicates_and_lets_an_escalation_through(tmp_path):
+    script = ["warning", "warning", "warning", "critical", "critical", "warning", "warning", "warning"]
+    got = []
+    mgr = AlertManager([Scripted(script)], [got.append], cooldown=4, path=str(tmp_path / "a.jsonl"))
+    run_manager(mgr, len(script))
+    mgr.close()
+    # warning@0; 1, 2 held; critical@3 escalates through; 4 held; warnings held until 4 steps after 3
+    assert [(a.step, a.severity) for a in got] == [(0, "warning"), (3, "critical"), (7, "warning")]
+    assert mgr.suppressed == 5
+    assert [a.step for a in read_alerts(tmp_path / "a.jsonl")] == [0, 3, 7]
+
+
+def test_a_failing_sink_or_rule_never_reaches_training_and_the_record_keeps_the_alert(tmp_path, caplog):
+    class Broken(Rule):
+        name = "broken"
+
+        def check(self, m):
+            raise ZeroDivisionError("rule bug")
+
+    def bad_sink(alert):
+        raise OSError("sink down")
+
+    model = gated()
+    mon = gradwatch.Monitor(model, every=1, alerts_path=tmp_path / "a.jsonl",
+                            rules=[Broken(), DeadLayer(patience=1)], alert_sinks=[bad_sink])
+    with caplog.at_level(logging.ERROR, logger="gradwatch"):
+        assert train(model, mon, 3) == 3
+    mon.close()
+    assert [a.rule for a in read_alerts(tmp_path / "a.jsonl")] == ["dead_layer"]
+    assert any("rule bug" in e for e in mon._alerts.errors) and any("sink down" in e for e in mon._alerts.errors)
+
+
+# ---------------------------------------------------------------------------------------------- rules, by hand
+def step_of(step, blocks=None, layers=None, whole=None):
+    m = Measurements(step=step, kinds={})
+    for metric, (names, vals) in (blocks or {}).items():
+        m.add(names, metric, np.asarray(vals, dtype=float))
+    for metric, (names, vals) in (layers or {}).items():
+        m.add(names, metric, np.asarray(vals, dtype=float))
+    for metric, v in (whole or {}).items():
+        m.add(["_global"], metric, np.array([v]))
+    return m
+
+
+def test_skip_collapse_names_the_block_after_patience():
+    rule = SkipCollapse(patience=2)
+    names = ["layer1.0", "layer1.1", "layer2.0"]
+    fired = []
+    for s in range(3):
+        fired += rule.check(step_of(s, blocks={"skip_share": (names, [0.3, 1e-8, 0.5])}))
+    assert [(a.step, a.name) for a in fired] == [(1, "layer1.1"), (2, "layer1.1")]
+    # a healthy step resets the streak
+    rule.check(step_of(3, blocks={"skip_share": (names, [0.3, 0.2, 0.5])}))
+    assert rule.check(step_of(4, blocks={"skip_share": (names, [0.3, 0.0, 0.5])})) == []
+
+
+def test_depth_trend_on_block_inputs_and_exploding_spike():
+    blocks = [f"b{i}" for i in range(10)]
+    decaying = 10.0 ** (0.2 * np.arange(10))  # 10^0.2 per block, larger at the output
+    rule = DepthTrend(patience=2)
+    got = [rule.check(step_of(s, blocks={"grad_in": (blocks, decaying)})) for s in range(2)]
+    assert got[0] == [] and got[1][0].value == pytest.approx(0.2) and "decays toward the input" in got[1][0].message
+    flat = DepthTrend(patience=1).check(step_of(0, blocks={"grad_in": (blocks, np.ones(10))}))
+    assert flat == []
+
+    spike = Exploding(warmup=3)
+    found = [spike.check(step_of(s, whole={"grad_norm": g})) for s, g in enumerate([1, 1.2, 0.9, 1.1, 50.0])]
+    assert sum(map(len, found[:4])) == 0 and found[4][0].value > 10 and found[4][0].severity == "warning"
+
+
+def test_replay_runs_rules_over_a_saved_history():
+    model = mlp(depth=16, width=32, act=nn.Sigmoid)
+    mon = gradwatch.Monitor(model, every=1, rules=False)
+    train(model, mon, 4)
+    alerts = replay(mon.history(), {"exploding": False}, layer_kinds(model))
+    assert "vanishing" in {a.rule for a in alerts}
+    assert NonFinite().check(step_of(0, layers={"grad_norm": (["a", "b"], [1.0, 2.0])})) == []
