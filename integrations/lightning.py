@@ -464,9 +464,10 @@ class GradWatchCallback(*_BASES):  # type: ignore[misc]
         self._handles.clear()
 
     def _close(self) -> None:
+        """End of fit: remove every hook (the callback's and the monitors'); histories stay readable."""
         self._teardown_hooks()
         for mon in self._monitors.values():
-            mon.flush()
+            mon.close()  # flushes our writer, does not close it (the loggers own theirs)
         for sink in self._sinks:
             sink.flush()
         if self._own_writer is not None:
