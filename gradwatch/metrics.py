@@ -51,6 +51,8 @@ def is_sharded(t: torch.Tensor) -> bool:
 
 
 def _foreach_norm_f32(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    if tensors and tensors[0].dtype == torch.float64:  # a float64 norm cannot narrow to float32 inside the op
+        return [n.float() for n in torch._foreach_norm(tensors, 2)]
     try:
         return list(torch._foreach_norm(tensors, 2, dtype=torch.float32))
     except TypeError:  # torch < 2.2 has no dtype argument: upcast first

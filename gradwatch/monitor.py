@@ -6,7 +6,7 @@ import logging
 import os
 import tempfile
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .flow import Blocks, FlowBatch, FlowProbe, FlowStatus
 from .history import History
 from .layers import GLOBAL_NAME, Pattern, Selection, select_parameters
 from .metrics import is_sharded, local_tensor, reduce_squared, safe_ratio, segment_sum, squared_norms
@@ -41,6 +42,7 @@ class _Pending:
     parts: list[torch.Tensor]  # squared norms: grads, weights
     snapshot: list[torch.Tensor] | None  # weights before the optimizer step (update_to_weight)
     found_inf: torch.Tensor | None  # fused-AMP overflow flag: the optimizer will skip this step
+    flow: FlowBatch | None = None  # block-flow norms (gradwatch.flow): they join the same transfer
 
 
 def _is_rank_zero() -> bool:
@@ -109,6 +111,11 @@ class Monitor:
             directory); ``False`` for none.
         alert_cooldown: logging steps before the same rule may alert again about the same layer or block at
             the same severity (an escalation to critical always passes).
+        blocks: shortcut-path gradient flow per residual merge y = F(x) + S(x) (``grad_out``, ``grad_in``,
+            ``skip_grad``, ``branch_grad``, ``skip_share``, ``transmission``; see ``docs/flow.md``).
+            ``"auto"`` (default) finds the merges in the autograd graph of the first logging step's forward;
+            a list of modules watches only those; ``None`` turns it off. :meth:`describe` lists the blocks,
+            :meth:`watch_block` adds one, :attr:`flow_status` says why flow is unavailable (torch.compile).
 
     Raises:
         TypeError: ``model`` is not an ``nn.Module``, ``optimizer`` not an optimizer, ``every`` not an int.
@@ -141,6 +148,7 @@ class Monitor:
         on_critical: str = "warn",
         alerts_path: str | os.PathLike | bool | None = None,
         alert_cooldown: int = 20,
+        blocks: str | Iterable[nn.Module] | None = "auto",
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -230,6 +238,14 @@ class Monitor:
             self._handles.append(optimizer.register_step_pre_hook(self._before_optimizer_step))
             self._handles.append(optimizer.register_step_post_hook(self._after_optimizer_step))
 
+        #: For integrations with their own cadence: decides, at each block forward, whether the step in
+        #: progress logs (default: :meth:`is_logging_step`), so block-flow hooks are armed on those steps only.
+        self.flow_trigger: Callable[[], bool] | None = None
+        self._flow: FlowProbe | None = None
+        if blocks is not None:
+            self._flow = FlowProbe(model, blocks, is_logging=self._flow_armed, step=self._flow_step,
+                                   on_error=self._contain)
+
     # ------------------------------------------------------------------ public API
     @property
     def layer_names(self) -> list[str]:
@@ -245,6 +261,43 @@ class Monitor:
         """Whether ``step`` (default: the next step) is one that logs."""
         s = self._step if step is None else step
         return s % self.every == 0
+
+    def watch_block(self, module: nn.Module, name: str | None = None) -> None:
+        """Measure the residual merges in ``module``'s forward, named ``name`` (default: its qualified name).
+
+        For blocks discovery does not see (a skip dead from the start, a branch without parameters) or to
+        rename one. Works with ``blocks=None`` too (then only watched modules are measured).
+        """
+        if self._flow is None:
+            self._flow = FlowProbe(self.model, [], is_logging=self._flow_armed, step=self._flow_step,
+                                   on_error=self._contain)
+        self._flow.watch(module, name)
+
+    def describe(self, *example_args: Any, **example_kwargs: Any) -> Blocks:
+        """The residual blocks found (name, skip kind, depth index), as a list that prints as a table.
+
+        Blocks are found on the first logging step; pass example inputs to find them now with one forward
+        (buffers such as BatchNorm statistics and the RNG state are left as they were).
+        """
+        if self._flow is None:
+            return Blocks()
+        if example_args or example_kwargs:
+            return self._flow.discover(*example_args, **example_kwargs)
+        return self._flow.describe()
+
+    @property
+    def flow_status(self) -> FlowStatus:
+        """Whether block flow is measured; if not, why (e.g. ``torch.compile``)."""
+        if self._flow is None:
+            return FlowStatus("off", "blocks=None")
+        return self._flow.status
+
+    def _flow_armed(self) -> bool:
+        trigger = self.flow_trigger
+        return trigger() if trigger is not None else self._step % self.every == 0
+
+    def _flow_step(self) -> int:
+        return self._step
 
     def step(self, step: int | None = None) -> None:
         """Mark the end of a backward pass; measure if this step logs.
@@ -371,6 +424,8 @@ class Monitor:
         self._handles.clear()
         if self._alerts is not None:
             self._alerts.close()  # flushes webhooks (bounded wait) and the JSONL record
+        if self._flow is not None:
+            self._flow.close()
         self._pending = None
         if self._writer is not None:
             self._writer.flush()
@@ -426,11 +481,14 @@ class Monitor:
     ) -> None:
         """Compute squared norms on the device; the host transfer waits for :meth:`_finish`."""
         self.measurements += 1
+        flow = self._flow.collect() if self._flow is not None else None
         sel = self._selection
         kept = [i for i, p in enumerate(sel.params) if p.grad is not None]
         self._report_missing(kept)
         if not kept:
             self._pending = None
+            if flow is not None:
+                self._flow.record(step, flow, flow.values.cpu().numpy(), self._record)
             return
         grads = [sel.params[i].grad for i in kept]
         weights = [sel.params[i].detach() for i in kept]
@@ -439,7 +497,7 @@ class Monitor:
             scale = torch.as_tensor(grad_scale, dtype=torch.float32).to(g_sq.device)
             g_sq = g_sq / scale.square()
         before = [local_tensor(w).clone() for w in weights] if snapshot else None
-        self._pending = _Pending(step, kept, [g_sq, squared_norms(weights)], before, found_inf)
+        self._pending = _Pending(step, kept, [g_sq, squared_norms(weights)], before, found_inf, flow)
 
     def _finish(self) -> None:
         pending, self._pending = self._pending, None
@@ -457,13 +515,23 @@ class Monitor:
             stacked = reduce_squared(stacked, mask)
         if pending.found_inf is not None:
             stacked = torch.cat([stacked, pending.found_inf.detach().float().reshape(1).to(stacked.device)])
+        n_flow = 0 if pending.flow is None else pending.flow.values.numel()
+        if n_flow:  # block-flow norms ride along
+            flow = pending.flow.values
+            dtype = torch.promote_types(stacked.dtype, flow.dtype)
+            stacked = torch.cat([stacked.to(dtype), flow.to(device=stacked.device, dtype=dtype)])
         host = stacked.cpu().numpy().astype(np.float64)  # the one device-to-host transfer
+        flow_host = None
+        if n_flow:
+            host, flow_host = host[:-n_flow], host[-n_flow:]
         if pending.found_inf is not None:
             if host[-1] > 0:  # the optimizer skipped this step: its gradients overflowed, not real
                 log.debug("gradwatch: step %d skipped by the AMP scaler; not recorded", pending.step)
                 return
             host = host[:-1]
         self._record_parameters(pending.step, pending.kept, host.reshape(len(parts), len(pending.kept)))
+        if flow_host is not None and self._flow is not None:
+            self._flow.record(pending.step, pending.flow, flow_host, self._record)
 
     def _record_parameters(self, step: int, kept: list[int], sq: np.ndarray) -> None:
         sel = self._selection

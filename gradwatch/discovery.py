@@ -1,0 +1,404 @@
+"""Finding residual merges in a module's autograd graph.
+
+A *residual merge* is an ``AddBackward0`` node ``y = a + b`` whose two operands both trace back, inside one
+module's forward, to a common tensor ``x`` (the *fork*), where the path through one operand (the *branch*)
+holds learnable parameters. The operand with the shorter path to the fork is the *skip*. Concatenation
+(DenseNet) and multiplicative gates (squeeze-excitation) are not additions and are not merges.
+
+This module only reads graphs: it never registers a hook and keeps no node after it returns. What it
+finds is stored as a :class:`MergePattern`, a description in edge indices (``next_functions`` positions)
+from the module's output to the merge and from the merge to every consumer of the fork. On a later
+forward the same pattern is *resolved* on the new graph with a few attribute reads (:func:`resolve`):
+discovery is paid once, not per step.
+
+Definitions used throughout (see ``docs/flow.md``):
+
+- the **fork** is the lowest common ancestor of the two operands (the one created last in the forward);
+  it is the block input ``x`` for identity, zero-pad and post-activation projection shortcuts, and the
+  pre-activated input for pre-activation blocks whose projection reads ``relu(bn(x))``;
+- a **consumer** is an edge ``(node, i)`` with ``node.next_functions[i][0] is fork`` on a path from the
+  merge to the fork; in backward it carries exactly that path's contribution to dL/dx;
+- consumers only under the skip operand are the skip; all others the branch.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = [
+    "MERGE_OPS",
+    "MergePattern",
+    "Resolved",
+    "NO_GRAD",
+    "Graph",
+    "boundary_node",
+    "find_merges",
+    "find_dead_merges",
+    "resolve",
+]
+
+#: Autograd node types that can merge a residual (``a + b``, ``a += b``, ``torch.add(a, b, alpha=c)``).
+MERGE_OPS = frozenset({"AddBackward0"})
+#: Node types that move or pad values without computing: a skip made only of these is an identity skip.
+IDENTITY_OPS = frozenset(
+    {
+        "Slice", "ConstantPadNd", "View", "UnsafeView", "Reshape", "ReshapeAlias", "Expand", "Clone",
+        "ToCopy", "Permute", "Transpose", "T", "Unsqueeze", "Squeeze", "Select", "AsStrided", "Index",
+        "Alias", "Narrow", "Contiguous", "Identity",
+    }
+)
+#: Elementwise scalings: a skip with one of these (and no projection) is a scaled or gated skip.
+SCALE_OPS = frozenset({"Mul", "Div"})
+COMPILED = "CompiledFunctionBackward"
+_ACCUMULATE = "AccumulateGrad"
+_WALK_LIMIT = 200_000
+
+
+def _base(node: Any) -> str:
+    """``"ConvolutionBackward0"`` -> ``"Convolution"``."""
+    name = type(node).__name__.rstrip("0123456789")
+    return name[: -len("Backward")] if name.endswith("Backward") else name
+
+
+def _seq(node: Any) -> int:
+    """Creation order of a node (leaves: -1, they precede everything)."""
+    if type(node).__name__ == _ACCUMULATE:
+        return -1
+    try:
+        return int(node._sequence_nr())
+    except Exception:  # pragma: no cover - custom nodes without a sequence number
+        return -1
+
+
+def boundary_node(t: Any) -> Any:
+    """The autograd node that produced tensor ``t`` (its AccumulateGrad node for a leaf); None if no grad."""
+    if not getattr(t, "requires_grad", False):
+        return None
+    if t.grad_fn is not None:
+        return t.grad_fn
+    # A leaf: its AccumulateGrad node, reached through a throwaway view. The caller holds the node, which
+    # keeps the tensor's weakly cached accumulator the same object the module's ops will use.
+    return t.expand_as(t).grad_fn.next_functions[0][0]
+
+
+@dataclass(frozen=True)
+class MergePattern:
+    """Where one residual merge sits relative to its module's output, in ``next_functions`` indices."""
+
+    out_index: int  # which tensor of the module's flattened output leads to the merge
+    to_merge: tuple[int, ...]  # edges from that tensor's grad_fn to the merge node
+    merge_type: str  # e.g. "AddBackward0"
+    skip_edge: int  # operand index of the skip at the merge node
+    consumers: tuple[tuple[tuple[int, ...], int, bool], ...]  # (edges merge->consumer, edge to fork, is_skip)
+    kind: str  # identity | projection | scaled | other
+    skip_ops: str  # the skip's ops from fork to merge, e.g. "Slice>Slice>ConstantPadNd"
+    dead: bool = False  # found with a skip that carries no gradient (its operand has no grad_fn)
+
+
+@dataclass
+class Resolved:
+    """A :class:`MergePattern` located on one forward's graph (held only until hooks are registered)."""
+
+    merge: Any
+    fork: Any
+    fork_nr: int
+    consumers: list[tuple[Any, int, bool]]  # (node, edge, is_skip)
+    dead: bool
+
+
+#: :func:`resolve` result when the block's input needs no gradient (nothing to measure, not a mismatch).
+NO_GRAD = object()
+
+
+class Graph:
+    """The autograd graph of one module call: everything reachable from its outputs, stopping at its inputs.
+
+    Inputs (``boundary``), leaves (AccumulateGrad) and compiled regions are visited but not expanded. Keeps
+    node references only as long as the object lives (a forward hook's duration).
+    """
+
+    def __init__(self, roots: list[Any], boundary: Iterable[Any], limit: int = _WALK_LIMIT) -> None:
+        self.boundary = {id(n) for n in boundary if n is not None}
+        self.nodes: dict[int, Any] = {}
+        self.children: dict[int, list[tuple[int, int, int]]] = {}  # id -> [(edge, child id, output nr)]
+        self.parent: dict[int, tuple[int, int] | None] = {}  # id -> (parent id, edge); roots: None
+        self.root_index: dict[int, int] = {}
+        self.compiled = False
+        self.truncated = False
+        queue: deque[Any] = deque()
+        for i, root in enumerate(roots):
+            if root is not None and id(root) not in self.nodes:
+                self.nodes[id(root)] = root
+                self.parent[id(root)] = None
+                self.root_index[id(root)] = i
+                queue.append(root)
+        while queue:
+            node = queue.popleft()
+            nid = id(node)
+            name = type(node).__name__
+            if nid in self.boundary or name == _ACCUMULATE:
+                continue
+            if name == COMPILED:
+                self.compiled = True
+                continue
+            if len(self.nodes) > limit:
+                self.truncated = True
+                break
+            kids = []
+            for edge, (child, nr) in enumerate(node.next_functions):
+                if child is None:
+                    continue
+                cid = id(child)
+                kids.append((edge, cid, nr))
+                if cid not in self.nodes:
+                    self.nodes[cid] = child
+                    self.parent[cid] = (nid, edge)
+                    queue.append(child)
+            self.children[nid] = kids
+
+    def is_leaf_param(self, nid: int) -> bool:
+        """A leaf that is not one of the module's inputs: a parameter (or a captured trainable tensor)."""
+        return nid not in self.boundary and type(self.nodes[nid]).__name__ == _ACCUMULATE
+
+    def reach(self, start: int) -> dict[int, int]:
+        """Nodes reachable from ``start`` (itself included) with their distance in edges."""
+        dist = {start: 0}
+        queue = deque([start])
+        while queue:
+            nid = queue.popleft()
+            for _, cid, _ in self.children.get(nid, ()):
+                if cid not in dist:
+                    dist[cid] = dist[nid] + 1
+                    queue.append(cid)
+        return dist
+
+    def path_from_root(self, nid: int) -> tuple[int, tuple[int, ...]]:
+        """(output index, edges) leading from a root to ``nid`` along the walk's shortest path."""
+        edges = []
+        while self.parent[nid] is not None:
+            pid, edge = self.parent[nid]
+            edges.append(edge)
+            nid = pid
+        return self.root_index[nid], tuple(reversed(edges))
+
+    def paths_within(self, start: int, allowed: set[int]) -> dict[int, tuple[int, ...]]:
+        """Shortest edge paths from ``start`` to every node of ``allowed`` reachable inside ``allowed``."""
+        paths = {start: ()}
+        queue = deque([start])
+        while queue:
+            nid = queue.popleft()
+            for edge, cid, _ in self.children.get(nid, ()):
+                if cid in allowed and cid not in paths:
+                    paths[cid] = paths[nid] + (edge,)
+                    queue.append(cid)
+        return paths
+
+
+def _classify(g: Graph, skip_side: set[int], fork: int, has_param: dict[int, bool]) -> str:
+    """Kind of a skip from the nodes on its fork-to-merge paths (a gate's own computation is off-path)."""
+    inside = skip_side | {fork}
+    side = [n for n in skip_side if fork in g.paths_within(n, inside)]
+    bases = [_base(g.nodes[n]) for n in side]
+    if any(has_param.get(n, False) and b not in SCALE_OPS for n, b in zip(side, bases)):
+        return "projection"
+    if any(b in SCALE_OPS for b in bases):
+        return "scaled"
+    if all(b in IDENTITY_OPS for b in bases):
+        return "identity"
+    return "other"
+
+
+def _skip_ops(g: Graph, merge: int, skip_edge: int, fork: int, side: set[int]) -> str:
+    """Ops on the shortest skip path, in forward order (fork -> merge)."""
+    first = next((cid for edge, cid, _ in g.children[merge] if edge == skip_edge), None)
+    if first is None or first == fork:
+        return ""
+    paths = g.paths_within(first, side | {fork})
+    if fork not in paths:
+        return ""
+    names, nid = [], first
+    names.append(_base(g.nodes[nid]))
+    for edge in paths[fork][:-1]:
+        nid = next(cid for e, cid, _ in g.children[nid] if e == edge)
+        names.append(_base(g.nodes[nid]))
+    return ">".join(reversed(names))
+
+
+def find_merges(
+    g: Graph, claimed: set[int], rejected: set[int], *, relaxed: bool = False
+) -> list[tuple[MergePattern, int, int]]:
+    """Residual merges created in the walked module and not already claimed by an inner module.
+
+    Returns ``(pattern, creation order, merge node id)`` in creation order. Adds whose operands share no
+    ancestor inside this module stay unclaimed (an enclosing module may see the fork); adds with a fork
+    but without parameters on the branch (``x + 0.04 * x**3`` inside GELU, rotary embeddings) go to
+    ``rejected`` and are not looked at again. ``relaxed`` (explicitly watched modules) drops the parameter
+    requirement.
+    """
+    found = []
+    has_param = {nid: any(g.is_leaf_param(c) for _, c, _ in kids) for nid, kids in g.children.items()}
+    for nid, node in list(g.nodes.items()):
+        if nid in claimed or nid in rejected or type(node).__name__ not in MERGE_OPS:
+            continue
+        kids = g.children.get(nid)
+        if kids is None or len(kids) != 2 or len(node.next_functions) != 2:
+            continue  # an operand without gradient: not a live merge (see find_dead_merges)
+        (ea, a, _), (eb, b, _) = kids
+        if a == b or g.is_leaf_param(a) or g.is_leaf_param(b):
+            continue
+        ra, rb = g.reach(a), g.reach(b)
+        common = [c for c in ra if c in rb and not g.is_leaf_param(c)]
+        if not common:
+            continue
+        fork = max(common, key=lambda c: _seq(g.nodes[c]))
+        rf = g.reach(fork)
+        side_a = {n for n in ra if n not in rf}
+        side_b = {n for n in rb if n not in rf}
+        pa = any(has_param.get(n, False) for n in side_a)
+        pb = any(has_param.get(n, False) for n in side_b)
+        if ra[fork] != rb[fork]:
+            skip_is_a = ra[fork] < rb[fork]
+        elif pa != pb:
+            skip_is_a = not pa
+        else:
+            skip_is_a = False  # `out + identity`: the second operand
+        skip_edge, skip_side, branch_side = (ea, side_a, side_b) if skip_is_a else (eb, side_b, side_a)
+        if not relaxed and not any(has_param.get(n, False) for n in branch_side):
+            rejected.add(nid)
+            continue
+        between = side_a | side_b | {nid}
+        consumers = []
+        nrs = set()
+        for n in between:
+            for edge, cid, nr in g.children.get(n, ()):
+                if cid == fork:
+                    is_skip = (n == nid and edge == skip_edge) or (n in skip_side and n not in branch_side)
+                    consumers.append((n, edge, is_skip))
+                    nrs.add(nr)
+        if len(nrs) != 1 or not any(c[2] for c in consumers) or all(c[2] for c in consumers):
+            rejected.add(nid)  # different outputs of one node (chunk/split coupling), or one side only
+            continue
+        paths = g.paths_within(nid, between)
+        if any(n not in paths for n, _, _ in consumers):
+            rejected.add(nid)
+            continue
+        out_index, to_merge = g.path_from_root(nid)
+        pure_skip = skip_side - branch_side
+        pattern = MergePattern(
+            out_index=out_index,
+            to_merge=to_merge,
+            merge_type=type(node).__name__,
+            skip_edge=skip_edge,
+            consumers=tuple(
+                sorted((paths[n], edge, is_skip) for n, edge, is_skip in consumers)
+            ),
+            kind=_classify(g, pure_skip, fork, has_param),
+            skip_ops=_skip_ops(g, nid, skip_edge, fork, pure_skip),
+        )
+        claimed.add(nid)
+        found.append((pattern, _seq(node), nid))
+    found.sort(key=lambda f: f[1])
+    return found
+
+
+def find_dead_merges(g: Graph, claimed: set[int], live: list[int]) -> list[tuple[MergePattern, int, int]]:
+    """For explicitly watched modules: adds with one operand that carries no gradient (``s.detach()``).
+
+    The live operand must reach one of the module's inputs or one of its live merges (``live``, node ids);
+    the latest of those it reaches is the fork, and every consumer of it is the branch.
+    """
+    found = []
+    stream = set(g.boundary) | set(live)
+    for nid, node in list(g.nodes.items()):
+        if nid in claimed or type(node).__name__ not in MERGE_OPS:
+            continue
+        nf = node.next_functions
+        if len(nf) != 2 or (nf[0][0] is None) == (nf[1][0] is None):
+            continue
+        skip_edge = 0 if nf[0][0] is None else 1
+        branch = next(cid for edge, cid, _ in g.children.get(nid, ()) if edge != skip_edge)
+        rb = g.reach(branch)
+        forks = [c for c in rb if c in stream and c in g.nodes]
+        if not forks:
+            continue
+        fork = max(forks, key=lambda c: _seq(g.nodes[c]))
+        rf = g.reach(fork)
+        between = {n for n in rb if n not in rf} | {nid}
+        consumers = [(n, edge) for n in between for edge, cid, _ in g.children.get(n, ()) if cid == fork]
+        if not consumers:
+            continue
+        paths = g.paths_within(nid, between)
+        out_index, to_merge = g.path_from_root(nid)
+        pattern = MergePattern(
+            out_index=out_index,
+            to_merge=to_merge,
+            merge_type=type(node).__name__,
+            skip_edge=skip_edge,
+            consumers=tuple(sorted((paths[n], edge, False) for n, edge in consumers if n in paths)),
+            kind="other",
+            skip_ops="",
+            dead=True,
+        )
+        claimed.add(nid)
+        found.append((pattern, _seq(node), nid))
+    found.sort(key=lambda f: f[1])
+    return found
+
+
+def _follow(node: Any, path: tuple[int, ...]) -> Any:
+    for edge in path:
+        nf = node.next_functions
+        if edge >= len(nf):
+            return None
+        node = nf[edge][0]
+        if node is None:
+            return None
+    return node
+
+
+def resolve(p: MergePattern, outs: list[Any]) -> Resolved | object | None:
+    """Locate ``p`` on a new forward's graph. ``outs``: grad_fn of each flattened output tensor.
+
+    Returns a :class:`Resolved`, :data:`NO_GRAD` when the block's output or input carries no gradient
+    (nothing to measure), or None when the graph no longer matches (the structure changed: rediscover).
+    A skip operand without gradient (``s.detach()``) resolves with ``dead=True``.
+    """
+    if p.out_index >= len(outs):
+        return None
+    root = outs[p.out_index]
+    if root is None:
+        return NO_GRAD
+    merge = _follow(root, p.to_merge)
+    if merge is None or type(merge).__name__ != p.merge_type:
+        return None
+    mf = merge.next_functions
+    if p.skip_edge >= len(mf):
+        return None
+    dead = mf[p.skip_edge][0] is None
+    fork = fork_nr = None
+    consumers = []
+    for path, edge, is_skip in p.consumers:
+        if dead and is_skip:
+            continue
+        node = _follow(merge, path)
+        if node is None:
+            return None
+        nf = node.next_functions
+        if edge >= len(nf):
+            return None
+        target, nr = nf[edge]
+        if target is None:
+            return NO_GRAD  # the block input needs no gradient (e.g. a block fed straight from data)
+        if fork is None:
+            fork, fork_nr = target, nr
+        elif target is not fork or nr != fork_nr:
+            return None
+        consumers.append((node, edge, is_skip))
+    if fork is None:
+        return None
+    if p.dead and not dead:
+        return None  # the skip came back: rediscover it as a live merge
+    return Resolved(merge, fork, fork_nr, consumers, dead)
