@@ -220,6 +220,9 @@ def test_fit_writes_reference_values_to_tensorboard(name, tmp_path, events):
     n = check_against(rec, scalars, steps={0, 1, 3, 5})
     assert n == 4 * 4 * len(cb.monitor.layer_names + ["_global"])
     assert "hist/grad_to_weight" in events(os.path.join(tmp_path, "tb", "version_0"))["histograms"]
+    # Block flow (forward-side hooks) is armed on the callback's logging batches, not the Monitor's own cadence.
+    flow = [t for t in scalars if t.startswith("skip_share/")]
+    assert len(flow) == 9 and all(set(scalars[t]) == {0, 1, 3, 5} for t in flow)
     # The in-memory history holds the same values.
     hist = cb.monitor.history()
     row = hist[(hist.step == 3) & (hist.name == "net.conv1") & (hist.metric == "grad_norm")]
@@ -346,6 +349,9 @@ def test_two_optimizers_each_measured_at_its_own_step_with_distinct_names(tmp_pa
     assert set(scalars["optimizer_0/grad_norm/_global"]) == {0, 1, 2} == set(scalars["optimizer_1/grad_norm/_global"])
     assert "optimizer_0/grad_norm/net.conv1" in scalars and "optimizer_1/grad_norm/net.fc" in scalars
     assert "optimizer_1/grad_norm/net.conv1" not in scalars and "grad_norm/_global" not in scalars
+    # Block flow is measured once, with the first optimizer's monitor.
+    assert any(t.startswith("optimizer_0/skip_share/") for t in scalars)
+    assert not any(t.startswith("optimizer_1/skip_share/") for t in scalars)
     check_against(rec, scalars, k=0, tag_prefix="optimizer_0/")
     check_against(rec, scalars, k=1, tag_prefix="optimizer_1/")
     names = set(cb.history().name)
