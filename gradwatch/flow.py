@@ -287,6 +287,7 @@ class _Session:
         self.slots: dict[int, list[tuple[_Entry, _Slot]]] = {}
         self.handles: dict[int, list[Any]] = {}
         self.examined: list[int] = []
+        self.order: dict[int, int] = {}  # module id -> position of its first completed call (depth order)
 
     def disarm(self, mid: int) -> None:
         for h in self.handles.pop(mid, ()):
@@ -708,6 +709,7 @@ class FlowProbe:
             sess = self._session
             if sess is None:
                 return
+            sess.order.setdefault(id(module), len(sess.order))  # also under no_grad (reentrant checkpoint)
             stack = sess.inputs.get(id(module))
             if not stack:
                 return
@@ -753,15 +755,13 @@ class FlowProbe:
             inner = name == ROOT_NAME or any(c.startswith(name + ".") for c in self._compiled)
             if not (inner and self._compiled):
                 self._note_compiled(name)  # only the innermost module around a compiled region
-        out_seq = max((n._sequence_nr() for n in outs if n is not None and type(n).__name__ != "AccumulateGrad"),
-                      default=-1)
-        self._exam[mid] = (sess.number, out_seq)
+        self._exam[mid] = (sess.number, sess.order.get(mid, len(sess.order)))
         sess.examined.append(mid)
         del g
         old = [e.key for e in self._entries.get(mid, ())]
         if found:
             how = "watch" if explicit else "auto"
-            keys = old if len(old) == len(found) else [(sess.number, f[1]) for f in found]
+            keys = old if len(old) == len(found) else [self._exam[mid] + (f[1],) for f in found]
             self._set_entries(module, [f[0] for f in found], keys, [how] * len(found))
             return
         if old:  # rediscovered: no merge any more
@@ -792,8 +792,10 @@ class FlowProbe:
                 seen.add(e.pattern)
                 r = resolve(e.pattern, outs)
                 if isinstance(r, Resolved) and r.dead:
-                    session_no, out_seq = self._exam.get(mid, (sess.number, -1))
-                    self._set_entries(module, [e.pattern], [(session_no, out_seq - 0.5)], ["sibling"])
+                    key = self._exam.get(mid, (sess.number, len(sess.order))) + (0,)
+                    # what the skip was before it was cut off is not in the graph: its kind is unknown
+                    dead = dataclasses.replace(e.pattern, kind="other", skip_ops="")
+                    self._set_entries(module, [dead], [key], ["sibling"])
                     log.info("gradwatch: %s: residual block whose skip carries no gradient (matched to %s)",
                              self._names.get(mid), e.block.name)
                     return True
@@ -820,6 +822,8 @@ class FlowProbe:
             if prev and not module.training:
                 return  # an eval-mode forward does not replace a training one
         results = [resolve(e.pattern, outs) for e in entries]
+        results = [None if e.block.found == "sibling" and isinstance(r, Resolved) and not r.dead else r
+                   for e, r in zip(entries, results)]  # a skip that came back is rediscovered as what it is
         if any(r is None for r in results):
             self._mismatch(module)
         live = [(e, r) for e, r in zip(entries, results) if isinstance(r, Resolved)]

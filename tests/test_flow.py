@@ -370,16 +370,23 @@ def test_detached_and_scaled_skips_are_seen():
     net = resnet(20, width=4, skip_fault={3: "detached", 5: ("scaled", 1e-4)})
     opt = torch.optim.SGD(net.parameters(), lr=0.05)
     mon = gradwatch.Monitor(net, optimizer=opt, every=1, strict=True)
-    for step in range(3):
+    for step in range(5):
         x, y = batch(seed=step, dtype=torch.float32)
         if step == 2:
             set_skip_fault(net, {7: "detached"})  # planted after discovery: the same pattern, a dead operand
+        if step == 3:
+            set_skip_fault(net, {3: None})  # repaired: rediscovered as the projection it is
         F.cross_entropy(net(x), y).backward()
         opt.step()
         opt.zero_grad()
-    found = {b.index: b for b in mon.describe()}
+        found = {b.index: b for b in mon.describe()}
+        if step == 0:
+            assert found[3].note == "skip carries no gradient" and found[3].found == "sibling"
+            assert found[3].kind == "other"  # what a cut-off skip was is not in the graph
     assert len(found) == 9
-    assert found[3].note == "skip carries no gradient" and found[3].found == "sibling"
+    assert (found[3].kind, found[3].note, found[3].name) == ("projection", "", "layer2.0")
+    later = values(mon, 4)
+    assert later["layer2.0"]["skip_share"] > 0.1 and "layer2.0" not in values(mon, 3)
     assert found[5].kind == "scaled"
     for step in range(3):
         v = values(mon, step)

@@ -1,0 +1,372 @@
+"""Block flow at run time: non-perturbation, cadence, hook hygiene, checkpointing, eval loops, compile, errors."""
+
+from __future__ import annotations
+
+import gc
+import logging
+import weakref
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+import gradwatch
+from gradwatch import flow
+from gradwatch.blocks import BasicBlock, resnet
+
+
+def batch(n=4, size=8, seed=1, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, size, size, generator=g, dtype=dtype), torch.randint(0, 10, (n,), generator=g)
+
+
+def flow_rows(mon):
+    hist = mon.history()
+    return hist[hist.metric.isin(flow.FLOW_METRICS)]
+
+
+def train(model, steps, mon_kwargs=None, seed=0, extra=None):
+    """SGD steps on a fixed stream of batches; returns (params, monitor)."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    mon = gradwatch.Monitor(model, optimizer=opt, **mon_kwargs) if mon_kwargs is not None else None
+    for step in range(steps):
+        x, y = batch(seed=seed + step)
+        if extra is not None:
+            extra(model, step)
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+    return [p.detach().clone() for p in model.parameters()], mon
+
+
+def test_inplace_model_trains_bit_identically_with_and_without_block_flow():
+    torch.manual_seed(0)
+    a = resnet(20, width=4, inplace=True, shortcut="A")
+    b = resnet(20, width=4, inplace=True, shortcut="A")
+    b.load_state_dict(a.state_dict())
+    bare, _ = train(a, 4)
+    watched, mon = train(b, 4, dict(every=1, strict=True))
+    assert all(torch.equal(p, q) for p, q in zip(bare, watched))
+    assert all(torch.equal(p, q) for p, q in zip(a.buffers(), b.buffers()))
+    rows = flow_rows(mon)
+    assert sorted(rows.step.unique()) == [0, 1, 2, 3]
+    assert len(mon.describe()) == 9 and np.isfinite(rows.value).all()
+    assert not mon.errors
+
+
+def test_only_logging_steps_arm_and_discovery_is_paid_once():
+    torch.manual_seed(0)
+    net = resnet(8, width=4)
+    opt = torch.optim.SGD(net.parameters(), lr=0.05)
+    mon = gradwatch.Monitor(net, optimizer=opt, every=3, strict=True)
+    hooked_before = sum(len(m._forward_hooks) for m in net.modules())
+    assert hooked_before == len(list(net.modules()))  # discovery hooks, until the first logging step
+    for step in range(7):
+        x, y = batch(seed=step)
+        loss = F.cross_entropy(net(x), y)
+        armed = mon._flow._session is not None
+        assert armed == (step % 3 == 0)  # nothing is armed on steps that do not log
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        assert mon._flow._session is None  # collected, hooks removed
+        # after discovery: one forward hook per block, no pre-hooks
+        assert sum(len(m._forward_hooks) for m in net.modules()) == 3
+        assert sum(len(m._forward_pre_hooks) for m in net.modules()) == 0
+    assert sorted(flow_rows(mon).step.unique()) == [0, 3, 6]
+    assert mon._flow._sessions == 3
+
+
+def test_no_hook_remains_after_close_and_no_activation_is_held():
+    torch.manual_seed(0)
+    net = resnet(8, width=4, inplace=True)
+    opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
+    mon = gradwatch.Monitor(net, optimizer=opt, every=1, strict=True)
+    refs = []
+    keep = net.layer2.register_forward_hook(lambda m, a, out: refs.append(weakref.ref(out)))
+
+    def steps(n, seed):
+        for step in range(n):
+            x, y = batch(seed=seed + step)
+            F.cross_entropy(net(x), y).backward()
+            opt.step()
+            opt.zero_grad()
+
+    def live_tensors():
+        gc.collect()
+        return sum(1 for o in gc.get_objects() if type(o) in (torch.Tensor, nn.Parameter))
+
+    steps(5, 0)
+    before = live_tensors()
+    assert refs and all(r() is None for r in refs)  # no activation outlives its step
+    steps(15, 5)
+    assert live_tensors() == before  # nothing accumulates over steps
+    assert all(r() is None for r in refs)
+    keep.remove()
+    assert len(flow_rows(mon).step.unique()) == 20
+    mon.close()
+    for m in net.modules():
+        assert not m._forward_hooks and not m._forward_pre_hooks and not m._backward_hooks
+    x, y = batch()
+    F.cross_entropy(net(x), y).backward()  # nothing armed, nothing recorded, no error
+    assert mon._flow._session is None and not mon.errors
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_activation_checkpointing_counts_each_block_once_with_the_same_values(reentrant):
+    class Checkpointed(nn.Module):
+        def __init__(self, net, use_ckpt):
+            super().__init__()
+            self.net, self.use_ckpt = net, use_ckpt
+
+        def forward(self, x):
+            out = self.net.relu(self.net.bn1(self.net.conv1(x)))
+            for block in self.net.residual_blocks():
+                out = checkpoint(block, out, use_reentrant=reentrant) if self.use_ckpt else block(out)
+            return self.net.fc(F.adaptive_avg_pool2d(out, 1).flatten(1))
+
+    torch.manual_seed(0)
+    plain = resnet(8, width=4).double()
+    ckpt = resnet(8, width=4).double()
+    ckpt.load_state_dict(plain.state_dict())
+    results = []
+    for model in (Checkpointed(plain, False), Checkpointed(ckpt, True)):
+        mon = gradwatch.Monitor(model, every=1, strict=True)
+        for step in range(2):
+            x, y = batch(seed=step, dtype=torch.float64)
+            F.cross_entropy(model(x), y).backward()
+            mon.step()
+            model.zero_grad()
+        results.append(flow_rows(mon).set_index(["step", "name", "metric"]).value)
+        assert len(mon.describe()) == 3
+    reference, measured = results
+    assert len(measured) == len(reference) == 2 * 3 * len(flow.FLOW_METRICS)  # once per block and step
+    assert measured.index.equals(reference.index)
+    np.testing.assert_allclose(measured.values, reference.values, rtol=1e-10)
+
+
+def test_eval_and_no_grad_forwards_on_logging_steps_are_harmless():
+    def validate(model, step):
+        x, _ = batch(seed=100 + step)
+        model.eval()
+        with torch.no_grad():
+            model(x)  # a validation loop
+        model(x).sum()  # an eval forward with grad enabled, never backpropagated
+        model.train()
+
+    torch.manual_seed(0)
+    a, b = resnet(8, width=4), resnet(8, width=4)
+    b.load_state_dict(a.state_dict())
+    _, plain = train(a, 3, dict(every=1, strict=True))
+    _, validated = train(b, 3, dict(every=1, strict=True), extra=validate)
+    # the eval forwards ran before each training forward of the same step: they armed nothing that stuck
+    pd_plain = flow_rows(plain).set_index(["step", "name", "metric"]).value
+    pd_val = flow_rows(validated).set_index(["step", "name", "metric"]).value
+    np.testing.assert_allclose(pd_val.values, pd_plain.values, rtol=1e-6)
+    assert np.isfinite(pd_val.values).all() and not validated.errors
+
+
+def test_gradient_accumulation_measures_the_last_micro_batch():
+    torch.manual_seed(0)
+    net = resnet(8, width=4).double()
+    mon = gradwatch.Monitor(net, every=1, strict=True)
+    for micro in range(2):
+        x, y = batch(seed=micro, dtype=torch.float64)
+        F.cross_entropy(net(x), y).backward()
+    mon.step()
+    accumulated = flow_rows(mon).set_index(["name", "metric"]).value
+    net.zero_grad()
+    single = gradwatch.Monitor(net, every=1, strict=True)
+    mon.close()
+    x, y = batch(seed=1, dtype=torch.float64)
+    F.cross_entropy(net(x), y).backward()
+    single.step()
+    last = flow_rows(single).set_index(["name", "metric"]).value
+    np.testing.assert_allclose(accumulated.values, last.values, rtol=1e-10)
+
+
+def test_tensorboard_tags_are_grouped_like_layer_metrics(tmp_path, events):
+    torch.manual_seed(0)
+    net = resnet(8, width=4)
+    opt = torch.optim.SGD(net.parameters(), lr=0.05)
+    mon = gradwatch.Monitor(net, optimizer=opt, every=2, log_dir=tmp_path, prefix="gw/")
+    for step in range(3):
+        x, y = batch(seed=step)
+        F.cross_entropy(net(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+    mon.close()
+    ev = events(str(tmp_path))
+    hist = mon.history()
+    for metric in flow.FLOW_METRICS:
+        for name in ("layer1.0", "layer2.0", "layer3.0"):
+            tag = f"gw/{metric}/{name}"
+            assert set(ev["scalars"][tag]) == {0, 2}
+            value = hist[(hist.step == 2) & (hist.name == name) & (hist.metric == metric)].value.iloc[0]
+            assert ev["scalars"][tag][2] == pytest.approx(value, rel=1e-6)
+        assert ev["histograms"][f"gw/hist/{metric}"][0].num == 3
+
+
+def test_explicit_blocks_watch_block_and_names():
+    class TanhResidual(nn.Module):  # a residual around a parameter-free op: not found automatically
+        def forward(self, x):
+            return x + torch.tanh(x)
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), TanhResidual(), nn.Linear(8, 8), TanhResidual(), nn.Linear(8, 2))
+    x = torch.randn(3, 4)
+    mon = gradwatch.Monitor(model, every=1, strict=True)
+    model(x).sum().backward()
+    mon.step()
+    assert list(mon.describe()) == []
+    mon.watch_block(model[3], name="late")
+    model(x).sum().backward()
+    mon.step()
+    assert [(b.name, b.found) for b in mon.describe()] == [("late", "watch")]
+    assert set(flow_rows(mon)[lambda d: d.step == 1].name) == {"late"}
+    mon.close()
+
+    net = resnet(8, width=4)
+    only = gradwatch.Monitor(net, every=1, blocks=[net.layer2[0]], strict=True)
+    xi, yi = batch()
+    F.cross_entropy(net(xi), yi).backward()
+    only.step()
+    assert [b.name for b in only.describe()] == ["layer2.0"]
+    only.watch_block(net.layer2[0], name="downsample")  # rename
+    assert [b.name for b in only.describe()] == ["downsample"]
+    only.close()
+
+    off = gradwatch.Monitor(net, every=1, blocks=None)
+    assert off.flow_status.state == "off" and list(off.describe()) == []
+    F.cross_entropy(net(xi), yi).backward()
+    off.step()
+    assert flow_rows(off).empty
+    off.close()
+
+    with pytest.raises(ValueError, match="not a submodule"):
+        gradwatch.Monitor(net, blocks=[nn.Linear(2, 2)])
+    with pytest.raises(ValueError, match="blocks must be"):
+        gradwatch.Monitor(net, blocks="all")
+    with pytest.raises(TypeError, match="nn.Module"):
+        gradwatch.Monitor(net, blocks=["layer1.0"])
+
+
+def test_watch_block_finds_a_block_whose_skip_is_dead_from_the_start():
+    class Cut(BasicBlock):
+        def forward(self, x):
+            out = self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x)))))
+            return self.relu(out + x.detach())  # every instance is broken: no sibling to match
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), Cut(4, 4), Cut(4, 4))
+    mon = gradwatch.Monitor(model, every=1, blocks=None, strict=True)
+    mon.watch_block(model[1])
+    x, _ = batch()
+    model(x).sum().backward()
+    mon.step()
+    (block,) = mon.describe()
+    assert (block.name, block.note) == ("1", "skip carries no gradient")
+    v = flow_rows(mon).set_index("metric").value
+    assert v["skip_share"] == 0.0 and v["grad_in"] == pytest.approx(v["branch_grad"], rel=1e-6)
+
+
+def test_describe_with_example_input_changes_no_state():
+    torch.manual_seed(0)
+    net = resnet(8, width=4, block="preact")
+    nn.init.normal_(net.fc.weight)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    mon = gradwatch.Monitor(net, every=1)
+    rng = torch.get_rng_state()
+    found = mon.describe(batch()[0])
+    assert [b.name for b in found] == ["layer1.0", "layer2.0", "layer3.0"]
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+    assert all(p.grad is None for p in net.parameters())
+    assert flow_rows(mon).empty and mon.flow_status.state == "ok"
+
+
+def test_errors_inside_flow_hooks_are_contained(monkeypatch, caplog):
+    def broken(g):
+        raise RuntimeError("norm exploded")
+
+    torch.manual_seed(0)
+    a, b = resnet(8, width=4), resnet(8, width=4)
+    b.load_state_dict(a.state_dict())
+    monkeypatch.setattr(flow, "_norm", broken)
+    with caplog.at_level(logging.ERROR, logger="gradwatch"):
+        bare, _ = train(a, 2)
+        watched, mon = train(b, 2, dict(every=1))
+    assert all(torch.equal(p, q) for p, q in zip(bare, watched))
+    assert mon.errors and "norm exploded" in mon.errors[0]
+    hist = mon.history()
+    assert set(hist[hist.metric == "grad_norm"].step) == {0, 1}  # parameter metrics continue
+
+
+class _Res(nn.Module):
+    def __init__(self, d=8):
+        super().__init__()
+        self.fc = nn.Linear(d, d)
+
+    def forward(self, x):
+        return x + torch.tanh(self.fc(x))
+
+
+class _Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inp, self.b0, self.b1, self.out = nn.Linear(4, 8), _Res(), _Res(), nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.out(self.b1(self.b0(self.inp(x))))
+
+
+@pytest.mark.slow
+def test_torch_compile_reports_flow_unavailable_once_and_parameter_metrics_continue(caplog):
+    torch.manual_seed(0)
+    x = torch.randn(5, 4)
+
+    def run(model, params, steps=3):
+        opt = torch.optim.SGD(params, lr=0.1)
+        mon = gradwatch.Monitor(model, optimizer=opt, every=1)
+        for _ in range(steps):
+            model(x).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+        return mon
+
+    with caplog.at_level(logging.WARNING, logger="gradwatch"):
+        net = _Net()
+        mon = run(torch.compile(net), net.parameters())  # the whole model
+    assert sum("block flow is unavailable" in r.getMessage() for r in caplog.records) == 1
+    assert mon.flow_status.state == "unavailable" and "torch.compile" in mon.flow_status.reason
+    hist = mon.history()
+    assert set(hist.step) == {0, 1, 2} and set(hist.metric) == set(gradwatch.METRICS)
+    assert not mon.errors
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="gradwatch"):
+        net = _Net()
+        net.b1 = torch.compile(net.b1)  # one block compiled: the other is still measured
+        mon = run(net, net.parameters())
+    assert sum("torch.compile" in r.getMessage() for r in caplog.records) == 1
+    status = mon.flow_status
+    assert status.state == "partial" and status.unavailable == ("b1",)
+    assert [b.name for b in mon.describe()] == ["b0"]
+    assert set(flow_rows(mon).name) == {"b0"} and set(flow_rows(mon).step) == {0, 1, 2}
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="gradwatch"):
+        net = _Net()
+        opt = torch.optim.SGD(net.parameters(), lr=0.1)
+        mon = gradwatch.Monitor(net, optimizer=opt, every=1)
+        compiled = torch.compile(net)  # compiled after attaching: gradwatch's module hooks never run
+        for _ in range(4):
+            compiled(x).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+    assert sum("block flow is unavailable" in r.getMessage() for r in caplog.records) == 1
+    assert mon.flow_status.state == "unavailable" and "torch.compile" in mon.flow_status.reason
+    assert set(mon.history().step) == {0, 1, 2, 3} and not mon.errors
