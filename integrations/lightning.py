@@ -15,6 +15,7 @@ import importlib
 import inspect
 import logging
 import os
+import warnings
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -276,6 +277,7 @@ class GradWatchCallback(*_BASES):  # type: ignore[misc]
         monitors: dict[str, Monitor] = {}
         by_optimizer: dict[int, _Slot] = {}
         skipped: list[str] = []
+        filtered: list[str] = []
         for index, opt in enumerate(optimizers):
             key = f"optimizer_{index}"
             params = [p for g in opt.param_groups for p in g["params"] if id(p) in module_params]
@@ -297,7 +299,7 @@ class GradWatchCallback(*_BASES):  # type: ignore[misc]
                     **self.monitor_kwargs,
                 )
             except ValueError as err:
-                skipped.append(f"{key}: {err}")
+                filtered.append(f"{key}: {err}")
                 continue
             monitors[key] = mon
             if hasattr(mon, "flow_trigger"):
@@ -307,16 +309,21 @@ class GradWatchCallback(*_BASES):  # type: ignore[misc]
                 mon.flow_trigger = (lambda: self.is_logging_step(_axis_step(trainer))) if first else (lambda: False)
             early = mon.layer_names[: max(1, len(mon.layer_names) // 4)]
             by_optimizer[id(opt)] = _Slot(key, mon, opt, {f"{prefix}grad_to_weight/{n}" for n in early})
+        if not monitors and filtered:  # the user's options select nothing: a configuration error
+            raise ValueError(f"GradWatchCallback has nothing to measure ({'; '.join(filtered)})")
         if not monitors:
-            detail = "; ".join(skipped) or "the LightningModule has no optimizer"
-            raise ValueError(f"GradWatchCallback has nothing to measure ({detail})")
-        if skipped:
-            log.info("gradwatch: not measured: %s", "; ".join(skipped))
+            warnings.warn(
+                "GradWatchCallback: no optimizer holds parameters of the LightningModule; nothing is measured",
+                stacklevel=2,
+            )
+        elif skipped or filtered:
+            log.info("gradwatch: not measured: %s", "; ".join(skipped + filtered))
 
         self._monitors = monitors
         self._by_optimizer = by_optimizer
         for slot in by_optimizer.values():
-            if self.track_updates and hasattr(slot.optimizer, "register_step_post_hook"):
+            # Always hooked, even without track_updates: the end of the step is where an AMP overflow shows.
+            if hasattr(slot.optimizer, "register_step_post_hook"):
                 self._handles.append(slot.optimizer.register_step_post_hook(self._after_optimizer_step))
                 slot.hooked = True
         if self._loaded_state is not None:
@@ -337,7 +344,9 @@ class GradWatchCallback(*_BASES):  # type: ignore[misc]
             if scaler is not None and getattr(slot.optimizer, "_step_supports_amp_scaling", False):
                 # Lightning leaves unscaling to the optimizer's own step: grads here are still scaled.
                 grad_scale = scaler.get_scale()
-            slot.pending = slot.monitor.begin_step(step, grad_scale=grad_scale, track_update=slot.hooked)
+            slot.pending = slot.monitor.begin_step(
+                step, grad_scale=grad_scale, track_update=self.track_updates and slot.hooked
+            )
             if slot.pending and not slot.hooked:
                 self._end(slot)
         except Exception as err:

@@ -292,8 +292,10 @@ def test_bf16_mixed(tmp_path, events):
     check_against(rec, scalars)
 
 
-@pytest.mark.parametrize("fused", [True, False], ids=["fused", "foreach"])
-def test_grad_scaler_values_are_unscaled_and_overflow_steps_are_not_recorded(fused, tmp_path, events):
+@pytest.mark.parametrize(
+    "fused, track_updates", [(True, True), (False, True), (True, False)], ids=["fused", "foreach", "fused-no-updates"]
+)
+def test_grad_scaler_values_are_unscaled_and_overflow_steps_are_not_recorded(fused, track_updates, tmp_path, events):
     """fp16 AMP on CPU: Lightning maps precision="16-mixed" to bf16 on CPU, so the plugin is passed explicitly.
 
     A huge initial scale makes steps 0 and 1 overflow (the scaler skips them and backs off 2**30 -> 2**20 -> 2**10).
@@ -304,7 +306,7 @@ def test_grad_scaler_values_are_unscaled_and_overflow_steps_are_not_recorded(fus
     from gradwatch.integrations.lightning import GradWatchCallback
 
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**30, backoff_factor=2.0**-10)
-    cb, rec = GradWatchCallback(every=1), make_recorder(pl)
+    cb, rec = GradWatchCallback(every=1, track_updates=track_updates), make_recorder(pl)
     trainer = pl.Trainer(
         callbacks=[cb, rec],
         logger=tb_logger(pl, tmp_path),
@@ -320,7 +322,12 @@ def test_grad_scaler_values_are_unscaled_and_overflow_steps_are_not_recorded(fus
     assert not math.isfinite(rec.values[(0, 0, "_global", "grad_norm")])  # the overflow really happened
     assert set(scalars["grad_norm/_global"]) == {2, 3}  # skipped steps are not reported
     assert all(math.isfinite(v) for tag, d in scalars.items() if "/" in tag for v in d.values())
-    check_against(rec, scalars, steps={2, 3})
+    if track_updates:
+        check_against(rec, scalars, steps={2, 3})
+    else:
+        assert "update_to_weight/_global" not in scalars
+        rec.values = {k: v for k, v in rec.values.items() if k[3] != "update_to_weight"}
+        check_against(rec, scalars, steps={2, 3})
 
     # Unscaled: at step 2 the weights are still the initial ones (both earlier steps were skipped), so the
     # gradient must match a float32 computation on batch 2 up to fp16 autocast error, not be 1024 times larger.
@@ -418,6 +425,15 @@ def test_prog_bar_shows_early_layer_ratio(tmp_path):
     last = hist[(hist.step == 1) & (hist.metric == "grad_to_weight") & hist.name.isin(early)].value.max()
     assert float(trainer.progress_bar_metrics[PROG_BAR_KEY]) == pytest.approx(last, rel=1e-6)
     assert PROG_BAR_KEY not in trainer.logged_metrics
+
+
+def test_filters_that_select_nothing_fail_at_fit_start(tmp_path):
+    pl = ns("lightning.pytorch")
+    from gradwatch.integrations.lightning import GradWatchCallback
+
+    trainer = pl.Trainer(callbacks=[GradWatchCallback(include="no_such_layer*")], logger=False, **trainer_kwargs(tmp_path))
+    with pytest.raises(ValueError, match="nothing to measure"):
+        trainer.fit(make_module(pl))
 
 
 def test_a_monitor_asking_to_stop_stops_the_trainer(tmp_path, monkeypatch):
