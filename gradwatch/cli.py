@@ -38,6 +38,37 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    import ast
+    import dataclasses
+    import json
+
+    from .flow import inspect
+
+    kwargs = {}
+    for item in args.kwargs or ():
+        key, sep, text = item.partition("=")
+        if not sep:
+            raise SystemExit(f"gradwatch inspect: --kwargs takes KEY=VALUE, got {item!r}")
+        try:
+            kwargs[key] = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            kwargs[key] = text
+    shape = [int(v) for v in args.input_shape.split(",")] if args.input_shape else None
+    try:
+        blocks, status = inspect(args.factory, shape, kwargs)
+    except (ValueError, ImportError) as err:
+        print(f"gradwatch inspect: {err}", file=sys.stderr)
+        return 1
+    if args.json:
+        rows = [dataclasses.asdict(b) for b in blocks]
+        print(json.dumps({"status": status.state, "reason": status.reason, "blocks": rows}, indent=1))
+    else:
+        print(blocks)
+        print(f"block flow: {status}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gradwatch", description="Gradient diagnostics for deep networks."
@@ -61,6 +92,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--nets", nargs="+", choices=["plain", "postact", "preact", "broken_skip"], help="run only these nets"
     )
     demo.set_defaults(func=_cmd_demo)
+
+    insp = sub.add_parser(
+        "inspect", help="list the residual blocks gradwatch finds in a model (name, skip kind, depth index)"
+    )
+    insp.add_argument("factory", help="MODULE:FACTORY or path/file.py:FACTORY returning a model "
+                                      "(or (model, example_input)), e.g. gradwatch.blocks:resnet")
+    insp.add_argument("--input-shape", help="example input shape, e.g. 2,3,32,32 (filled with randn)")
+    insp.add_argument("--kwargs", nargs="+", metavar="KEY=VALUE", help="factory arguments, e.g. depth=56")
+    insp.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    insp.set_defaults(func=_cmd_inspect)
     return parser
 
 

@@ -370,3 +370,30 @@ def test_torch_compile_reports_flow_unavailable_once_and_parameter_metrics_conti
     assert sum("block flow is unavailable" in r.getMessage() for r in caplog.records) == 1
     assert mon.flow_status.state == "unavailable" and "torch.compile" in mon.flow_status.reason
     assert set(mon.history().step) == {0, 1, 2, 3} and not mon.errors
+
+
+def test_cli_inspect_lists_the_blocks_of_a_factory(tmp_path, capsys):
+    import json
+
+    from gradwatch.cli import main
+
+    args = ["inspect", "gradwatch.blocks:resnet", "--kwargs", "depth=8", "shortcut=A", "--input-shape", "2,3,8,8"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "layer2.0" in out and "Slice>Slice>ConstantPadNd" in out and "block flow: ok: 3 residual merges" in out
+
+    path = tmp_path / "mymodel.py"
+    path.write_text(
+        "import torch\nfrom torch import nn\n\n"
+        "class Res(nn.Module):\n"
+        "    def __init__(self):\n        super().__init__()\n        self.fc = nn.Linear(4, 4)\n"
+        "    def forward(self, x):\n        return x + torch.relu(self.fc(x))\n\n"
+        "def build():\n    return nn.Sequential(nn.Linear(3, 4), Res(), Res()), torch.randn(2, 3)\n"
+    )
+    assert main(["inspect", f"{path}:build", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["status"] == "ok"
+    assert [(b["name"], b["kind"], b["index"]) for b in report["blocks"]] == [("1", "identity", 0), ("2", "identity", 1)]
+
+    assert main(["inspect", "gradwatch.blocks:resnet", "--kwargs", "depth=8"]) == 1
+    assert "--input-shape" in capsys.readouterr().err
