@@ -251,13 +251,20 @@ def _on_node(slot: _Slot, edges: tuple[tuple[int, int], ...], want_out: bool, gr
         slot.on_error(err)
 
 
-def _on_fork(slot: _Slot, grad_outputs) -> None:
+def _on_fork(slot: _Slot, also: tuple[_Slot, ...], grad_outputs) -> None:
+    """Pre-hook on the fork: dL/dx. ``also``: slots whose merge output is this fork (pre-activation nets: one
+    block's merge feeds the next), given the same norm as their ``grad_out`` instead of computing it twice."""
     try:
         if slot.norms[_IN] is None:
             g = grad_outputs[slot.fork_nr] if slot.fork_nr < len(grad_outputs) else None
             slot.norms[_IN] = 0.0 if g is None else _norm(g)
             if slot.keep and g is not None:
                 slot.vectors["in"] = g.detach().clone()
+            for other in also:
+                if other.norms[_OUT] is None:
+                    other.norms[_OUT] = slot.norms[_IN]
+                    if other.keep and g is not None:
+                        other.vectors["out"] = slot.vectors["in"]
         slot.finish()
     except Exception as err:
         slot.on_error(err)
@@ -288,6 +295,7 @@ class _Session:
         self.handles: dict[int, list[Any]] = {}
         self.examined: list[int] = []
         self.order: dict[int, int] = {}  # module id -> position of its first completed call (depth order)
+        self.merges: dict[int, _Slot] = {}  # id of an armed merge node -> its slot
 
     def disarm(self, mid: int) -> None:
         for h in self.handles.pop(mid, ()):
@@ -301,6 +309,7 @@ class _Session:
         self.inputs.clear()
         self.claimed.clear()
         self.rejected.clear()
+        self.merges.clear()
 
 
 def _tensors(obj: Any) -> list[torch.Tensor]:
@@ -330,7 +339,6 @@ class FlowProbe:
         is_logging: returns whether the step in progress logs (checked at every block forward).
         step: returns the current step number (tells one logging step's forwards from the next's).
         on_error: receives exceptions raised inside the probe's hooks (default: re-raise).
-        names: qualified module names to use (default: from ``model.named_modules()``).
     """
 
     def __init__(
@@ -367,7 +375,7 @@ class FlowProbe:
         self._entries: dict[int, list[_Entry]] = {}
         self._modules: dict[int, nn.Module] = {}
         self._names: dict[int, str] = {}
-        self._exam: dict[int, tuple[int, int]] = {}  # examined module id -> (session, output seq)
+        self._exam: dict[int, tuple[int, int]] = {}  # examined module id -> (session, completion order)
         self._plain: dict[int, nn.Module] = {}  # examined, no merge: candidates for sibling matching
         self._disc_handles: dict[int, tuple[Any, Any]] = {}
         self._arm_handles: dict[int, Any] = {}
@@ -379,6 +387,7 @@ class FlowProbe:
         self._sessions = 0
         self._discovered_once = False
         self._silent_steps = 0
+        self._seen = False  # a hook of ours ran (eagerly) since the last collect
         self._announced = False
         self._warned: set[str] = set()
         self._signature: tuple[int, ...] = ()
@@ -414,13 +423,13 @@ class FlowProbe:
                 0,
                 (ROOT_NAME,),
             )
+        if self._silent_steps >= 3:
+            return FlowStatus(
+                "unavailable",
+                f"no forward of the model ran gradwatch's hooks on the last {self._silent_steps} logging steps "
+                "(compiled with torch.compile after the Monitor was attached?)",
+            )
         if not self._discovered_once:
-            if self._silent_steps >= 3:
-                return FlowStatus(
-                    "unavailable",
-                    f"no forward of the model ran gradwatch's hooks on {self._silent_steps} logging steps "
-                    "(compiled with torch.compile after the Monitor was attached? forward under no_grad?)",
-                )
             return FlowStatus("waiting", "no training forward pass on a logging step yet")
         if compiled:
             why = "compiled with torch.compile (CompiledFunctionBackward cannot be walked): " + ", ".join(compiled)
@@ -462,9 +471,13 @@ class FlowProbe:
             if sess is not None:
                 sess.close()
             return None
+        seen, self._seen = self._seen, False
         if sess is None:
+            if seen:  # forwards ran, none on a logging step (e.g. an integration's trigger said no)
+                self._silent_steps = 0
+                return None
             self._silent_steps += 1
-            if self._silent_steps == 3 and not self._discovered_once:
+            if self._silent_steps == 3:
                 self._warn_once("silent", "gradwatch: block flow is unavailable: " + self.status.reason)
             return None
         self._silent_steps = 0
@@ -687,7 +700,10 @@ class FlowProbe:
         self._on_error(err)
 
     def _disc_pre(self, module: nn.Module, args: Any, kwargs: Any) -> None:
-        if _compiling() or not self._live():
+        if _compiling():
+            return
+        self._seen = True
+        if not self._live():
             return
         try:
             sess = self._open()
@@ -728,7 +744,10 @@ class FlowProbe:
             self._error(err)
 
     def _arm_hook(self, module: nn.Module, args: Any, output: Any) -> None:
-        if _compiling() or not self._live():
+        if _compiling():
+            return
+        self._seen = True
+        if not self._live():
             return
         try:
             if not torch.is_grad_enabled() or id(module) in self._disc_handles:
@@ -836,12 +855,12 @@ class FlowProbe:
         handles: list[Any] = []
         pairs = []
         for entry, r in live:
-            slot = self._hook(r, handles)
+            slot = self._hook(r, handles, sess)
             pairs.append((entry, slot))
         sess.slots[mid] = pairs
         sess.handles[mid] = handles
 
-    def _hook(self, r: Resolved, handles: list[Any]) -> _Slot:
+    def _hook(self, r: Resolved, handles: list[Any], sess: _Session) -> _Slot:
         n_skip = sum(1 for _, _, s in r.consumers if s)
         n_branch = len(r.consumers) - n_skip
         slot = _Slot(n_skip, n_branch, r.dead, r.fork_nr, self._error, self.keep_vectors)
@@ -851,7 +870,9 @@ class FlowProbe:
         for nid, (node, edges) in groups.items():
             want_out = nid == id(r.merge)
             handles.append(node.register_hook(partial(_on_node, slot, tuple(edges), want_out)))
-        handles.append(r.fork.register_prehook(partial(_on_fork, slot)))
+        prev = sess.merges.get(id(r.fork)) if r.fork_nr == 0 else None
+        sess.merges[id(r.merge)] = slot
+        handles.append(r.fork.register_prehook(partial(_on_fork, slot, (prev,) if prev is not None else ())))
         return slot
 
     def _mismatch(self, module: nn.Module) -> None:
