@@ -227,14 +227,64 @@ def _skip_ops(g: Graph, merge: int, skip_edge: int, fork: int, side: set[int]) -
     return ">".join(reversed(names))
 
 
+_MAX_FORK_CANDIDATES = 16
+
+
+def _try_fork(g: Graph, nid: int, kids, ra, rb, fork: int, has_param, relaxed: bool) -> MergePattern | None:
+    """The merge at ``nid`` split at ``fork``, or None if that split is not a residual."""
+    (ea, a, _), (eb, b, _) = kids
+    rf = g.reach(fork)
+    side_a = {n for n in ra if n not in rf}
+    side_b = {n for n in rb if n not in rf}
+    pa = any(has_param.get(n, False) for n in side_a)
+    pb = any(has_param.get(n, False) for n in side_b)
+    if ra[fork] != rb[fork]:
+        skip_is_a = ra[fork] < rb[fork]
+    elif pa != pb:
+        skip_is_a = not pa
+    else:
+        skip_is_a = False  # `out + identity`: the second operand
+    skip_edge, skip_side, branch_side = (ea, side_a, side_b) if skip_is_a else (eb, side_b, side_a)
+    if not relaxed and not (pb if skip_is_a else pa):
+        return None  # no parameter on the branch: an op's internals (GELU, rotary embedding), not a block
+    between = side_a | side_b | {nid}
+    consumers = []
+    nrs = set()
+    for n in between:
+        for edge, cid, nr in g.children.get(n, ()):
+            if cid == fork:
+                is_skip = (n == nid and edge == skip_edge) or (n in skip_side and n not in branch_side)
+                consumers.append((n, edge, is_skip))
+                nrs.add(nr)
+    if len(nrs) != 1 or not any(c[2] for c in consumers) or all(c[2] for c in consumers):
+        return None  # different outputs of one node (chunk/split coupling), or no path of its own for the skip
+    paths = g.paths_within(nid, between)
+    if any(n not in paths for n, _, _ in consumers):
+        return None
+    out_index, to_merge = g.path_from_root(nid)
+    pure_skip = skip_side - branch_side
+    return MergePattern(
+        out_index=out_index,
+        to_merge=to_merge,
+        merge_type=type(g.nodes[nid]).__name__,
+        skip_edge=skip_edge,
+        consumers=tuple(sorted((paths[n], edge, is_skip) for n, edge, is_skip in consumers)),
+        kind=_classify(g, pure_skip, fork, has_param),
+        skip_ops=_skip_ops(g, nid, skip_edge, fork, pure_skip),
+    )
+
+
 def find_merges(
     g: Graph, claimed: set[int], rejected: set[int], *, relaxed: bool = False
 ) -> list[tuple[MergePattern, int, int]]:
     """Residual merges created in the walked module and not already claimed by an inner module.
 
-    Returns ``(pattern, creation order, merge node id)`` in creation order. Adds whose operands share no
-    ancestor inside this module stay unclaimed (an enclosing module may see the fork); adds with a fork
-    but without parameters on the branch (``x + 0.04 * x**3`` inside GELU, rotary embeddings) go to
+    Returns ``(pattern, creation order, merge node id)`` in creation order. The fork is the latest common
+    ancestor of the two operands that gives a valid split (a consumer only the skip reaches, a branch with
+    parameters); going further back than the latest one matters for gated skips, where the gate computed
+    from ``x`` is itself shared by both operands (highway: ``t * h(x) + (1 - t) * x``). Adds whose operands
+    share no ancestor inside this module stay unclaimed (an enclosing module may see the fork); adds with
+    common ancestors but no valid split (``x + 0.04 * x**3`` inside GELU, rotary embeddings) go to
     ``rejected`` and are not looked at again. ``relaxed`` (explicitly watched modules) drops the parameter
     requirement.
     """
@@ -246,58 +296,22 @@ def find_merges(
         kids = g.children.get(nid)
         if kids is None or len(kids) != 2 or len(node.next_functions) != 2:
             continue  # an operand without gradient: not a live merge (see find_dead_merges)
-        (ea, a, _), (eb, b, _) = kids
+        a, b = kids[0][1], kids[1][1]
         if a == b or g.is_leaf_param(a) or g.is_leaf_param(b):
             continue
         ra, rb = g.reach(a), g.reach(b)
         common = [c for c in ra if c in rb and not g.is_leaf_param(c)]
         if not common:
             continue
-        fork = max(common, key=lambda c: _seq(g.nodes[c]))
-        rf = g.reach(fork)
-        side_a = {n for n in ra if n not in rf}
-        side_b = {n for n in rb if n not in rf}
-        pa = any(has_param.get(n, False) for n in side_a)
-        pb = any(has_param.get(n, False) for n in side_b)
-        if ra[fork] != rb[fork]:
-            skip_is_a = ra[fork] < rb[fork]
-        elif pa != pb:
-            skip_is_a = not pa
-        else:
-            skip_is_a = False  # `out + identity`: the second operand
-        skip_edge, skip_side, branch_side = (ea, side_a, side_b) if skip_is_a else (eb, side_b, side_a)
-        if not relaxed and not any(has_param.get(n, False) for n in branch_side):
+        common.sort(key=lambda c: _seq(g.nodes[c]), reverse=True)
+        pattern = None
+        for fork in common[:_MAX_FORK_CANDIDATES]:
+            pattern = _try_fork(g, nid, kids, ra, rb, fork, has_param, relaxed)
+            if pattern is not None:
+                break
+        if pattern is None:
             rejected.add(nid)
             continue
-        between = side_a | side_b | {nid}
-        consumers = []
-        nrs = set()
-        for n in between:
-            for edge, cid, nr in g.children.get(n, ()):
-                if cid == fork:
-                    is_skip = (n == nid and edge == skip_edge) or (n in skip_side and n not in branch_side)
-                    consumers.append((n, edge, is_skip))
-                    nrs.add(nr)
-        if len(nrs) != 1 or not any(c[2] for c in consumers) or all(c[2] for c in consumers):
-            rejected.add(nid)  # different outputs of one node (chunk/split coupling), or one side only
-            continue
-        paths = g.paths_within(nid, between)
-        if any(n not in paths for n, _, _ in consumers):
-            rejected.add(nid)
-            continue
-        out_index, to_merge = g.path_from_root(nid)
-        pure_skip = skip_side - branch_side
-        pattern = MergePattern(
-            out_index=out_index,
-            to_merge=to_merge,
-            merge_type=type(node).__name__,
-            skip_edge=skip_edge,
-            consumers=tuple(
-                sorted((paths[n], edge, is_skip) for n, edge, is_skip in consumers)
-            ),
-            kind=_classify(g, pure_skip, fork, has_param),
-            skip_ops=_skip_ops(g, nid, skip_edge, fork, pure_skip),
-        )
         claimed.add(nid)
         found.append((pattern, _seq(node), nid))
     found.sort(key=lambda f: f[1])

@@ -620,7 +620,31 @@ class FlowProbe:
             self._add_arming(module)
         else:
             self._entries.pop(mid, None)
+        self._harmonize()
         self._reindex()
+
+    def _harmonize(self) -> None:
+        """Name merges alike across modules of one class: a transformer layer whose attention residual has no
+        gradient (its input needs none) still calls its MLP residual ``layers.0[1]``, like its siblings."""
+        by_class: dict[type, list[int]] = {}
+        for mid in self._entries:
+            if mid in self._modules:
+                by_class.setdefault(type(self._modules[mid]), []).append(mid)
+        for mids in by_class.values():
+            ref = max(mids, key=lambda m: len(self._entries[m]))
+            where = [(e.pattern.out_index, e.pattern.to_merge) for e in self._entries[ref]]
+            if len(where) < 2:
+                continue
+            for mid in mids:
+                entries = self._entries[mid]
+                if len(entries) == len(where) or self._explicit.get(mid):
+                    continue
+                spots = [(e.pattern.out_index, e.pattern.to_merge) for e in entries]
+                if not all(s in where for s in spots) or len(set(spots)) != len(spots):
+                    continue
+                base = self._names.get(mid, ROOT_NAME)
+                for e, spot in zip(entries, spots):
+                    e.block = dataclasses.replace(e.block, name=f"{base}[{where.index(spot)}]")
 
     def _reindex(self) -> None:
         entries = sorted((e for es in self._entries.values() for e in es), key=lambda e: e.key)

@@ -438,3 +438,51 @@ def test_summary_orders_blocks_by_depth_and_aggregates():
     assert flow.summary(hist[hist.metric == "grad_norm"]).empty
     with pytest.raises(ValueError, match="how"):
         flow.summary(hist, how="mode")
+
+
+class Highway(nn.Module):
+    """y = t * h(x) + (1 - t) * x with the gate t = sigmoid(W x) shared by both operands."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.h, self.t = nn.Linear(c, c), nn.Linear(c, c)
+
+    def forward(self, x):
+        t = torch.sigmoid(self.t(x))
+        return t * torch.relu(self.h(x)) + (1 - t) * x
+
+
+def test_highway_gate_shared_by_both_operands_splits_at_x():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), Highway(6), nn.Linear(6, 2)).double()
+    mon = gradwatch.Monitor(model, every=1, strict=True)
+    mon._flow.keep_vectors = True
+    x = torch.randn(5, 4, dtype=torch.float64)
+    model(x).square().sum().backward()
+    mon.step()
+    (block,) = mon.describe()
+    assert (block.name, block.kind, block.skip) == ("1", "scaled", "Mul")
+    hw, head = model[1], model[2]
+    f = model[0](x).detach().requires_grad_(True)
+
+    def loss(f_skip, f_rest):  # the skip is the direct x factor of (1 - t) * x; the gate belongs to the branch
+        t = torch.sigmoid(hw.t(f_rest))
+        return head(t * torch.relu(hw.h(f_rest)) + (1 - t) * f_skip).square().sum()
+
+    total = torch.autograd.grad(loss(f, f), f)[0]
+    skip = torch.autograd.grad(loss(f, f.detach()), f)[0]
+    branch = torch.autograd.grad(loss(f.detach(), f), f)[0]
+    check_split(mon, "1", skip, branch, total)
+
+
+def test_builtin_transformer_layers_are_named_alike():
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.1, batch_first=True, norm_first=True)
+    enc = nn.TransformerEncoder(layer, 3, enable_nested_tensor=False)
+    mon = gradwatch.Monitor(enc, every=1, strict=True)
+    enc(torch.randn(2, 5, 16)).square().mean().backward()  # the input needs no grad: layer 0's first merge
+    mon.step()                                              # has no gradient to split
+    assert [b.name for b in mon.describe()] == ["layers.0[1]", "layers.1[0]", "layers.1[1]", "layers.2[0]",
+                                                "layers.2[1]"]
+    shares = flow.summary(mon.history(), step=0).skip_share
+    assert shares.between(0.5, 1).all()
