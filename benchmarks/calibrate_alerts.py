@@ -8,6 +8,7 @@ patience 3 would have to cross.
 
     python benchmarks/calibrate_alerts.py                          # all nets, 200 steps, batch 8, every 5
     python benchmarks/calibrate_alerts.py --nets plain56,broken56 --steps 60
+    python benchmarks/calibrate_alerts.py --no-blocks --nets postact56,preact56,postact110,preact110
 """
 
 from __future__ import annotations
@@ -36,14 +37,17 @@ NETS = {
 }
 
 
-def train(name: str, steps: int, batch: int, every: int, seed: int) -> tuple[gradwatch.Monitor, float]:
+def train(
+    name: str, steps: int, batch: int, every: int, seed: int, blocks: bool = True
+) -> tuple[gradwatch.Monitor, float]:
     torch.manual_seed(seed)
     model = NETS[name]()
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
     x, y = synthetic_images(512, size=16, seed=seed)
     gen = torch.Generator().manual_seed(seed)
     start = time.perf_counter()
-    with gradwatch.Monitor(model, optimizer=opt, every=every, alerts_path=False) as mon:
+    extra = {} if blocks else {"blocks": None}  # without block flow: depth_trend uses its layer proxy
+    with gradwatch.Monitor(model, optimizer=opt, every=every, alerts_path=False, **extra) as mon:
         for _ in range(steps):
             idx = torch.randint(0, x.shape[0], (batch,), generator=gen)
             loss = F.cross_entropy(model(x[idx]), y[idx])
@@ -113,12 +117,13 @@ def main() -> None:
     p.add_argument("--every", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--no-blocks", action="store_true", help="turn block flow off (depth_trend's layer proxy)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     print(f"steps {args.steps}, batch {args.batch}, 16x16 generated images, every {args.every}, seed {args.seed}, "
           f"torch {torch.__version__}")
     for name in args.nets.split(","):
-        mon, secs = train(name, args.steps, args.batch, args.every, args.seed)
+        mon, secs = train(name, args.steps, args.batch, args.every, args.seed, blocks=not args.no_blocks)
         report(name, mon, secs)
 
 

@@ -32,7 +32,7 @@ import numpy as np
 
 log = logging.getLogger("gradwatch")
 
-__all__ = ["SEVERITIES", "POLICIES", "Alert", "GradientAlarm", "AlertManager", "read_alerts"]
+__all__ = ["SEVERITIES", "POLICIES", "Alert", "GradientAlarm", "AlertManager", "read_alerts", "summarize"]
 
 #: Alert severities, mildest first.
 SEVERITIES = ("info", "warning", "critical")
@@ -117,6 +117,18 @@ class GradientAlarm(RuntimeError):
         self.alert = self.alerts[0]
         more = f" (+{len(self.alerts) - 1} more critical)" if len(self.alerts) > 1 else ""
         super().__init__(f"gradwatch: {self.alert.headline()}{more}: {self.alert.message}. Hint: {self.alert.hint}")
+
+
+def summarize(alerts: Iterable[Alert], min_severity: str = "warning") -> str:
+    """A one-line digest, e.g. ``"vanishing@15, nonfinite@30 (fc) [critical]"``, of the alerts at least
+    ``min_severity``; ``"none"`` when there are none. For run summaries (the demo prints one per net)."""
+    floor = severity_rank(min_severity)
+    parts = [
+        f"{a.rule}@{a.step}" + (f" ({a.name})" if a.name else "") + (" [critical]" if a.severity == "critical" else "")
+        for a in alerts
+        if severity_rank(a.severity) >= floor
+    ]
+    return ", ".join(parts) if parts else "none"
 
 
 def read_alerts(path: str | os.PathLike) -> list[Alert]:

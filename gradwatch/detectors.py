@@ -179,9 +179,10 @@ class Measurements:
         """Block ``metric`` aligned with :attr:`blocks` (all NaN when not measured)."""
         return self.block.get(metric, np.full(len(self.blocks), np.nan))
 
-    def weight_layers(self) -> list[int]:
+    def weight_layers(self) -> np.ndarray:
         """Indices into :attr:`layers` of the ``"weight"`` layers (conv, linear, ...), in forward order."""
-        return [i for i, n in enumerate(self.layers) if self.kinds.get(n, "weight") == "weight"]
+        kinds = self.kinds
+        return np.flatnonzero([kinds.get(n, "weight") == "weight" for n in self.layers])
 
 
 class Rule:
@@ -240,7 +241,7 @@ def _plain(obj: Any) -> Any:
     return obj
 
 
-def _early(idx: list[int], fraction: float) -> list[int]:
+def _early(idx: np.ndarray, fraction: float) -> np.ndarray:
     return idx[: max(1, math.ceil(len(idx) * fraction))]
 
 
@@ -258,7 +259,8 @@ def early_ratio(m: Measurements, early: float = 0.25, min_layers: int = 4) -> Ea
     """The statistic of :class:`Vanishing` and :class:`Exploding` (None with fewer than ``min_layers``
     weight layers with a finite ratio)."""
     g2w = m.values("grad_to_weight")
-    idx = [i for i in m.weight_layers() if np.isfinite(g2w[i])]
+    idx = m.weight_layers()
+    idx = idx[np.isfinite(g2w[idx])]
     if len(idx) < min_layers:
         return None
     first = _early(idx, early)
@@ -278,8 +280,7 @@ def depth_slope(m: Measurements, min_points: int = 6) -> tuple[str, float, int] 
     if ok.sum() >= min_points:
         unit, y = "block", np.log10(gin[ok])
     else:
-        g2w = m.values("grad_to_weight")
-        vals = np.array([g2w[i] for i in m.weight_layers()[:-1]])
+        vals = m.values("grad_to_weight")[m.weight_layers()[:-1]]
         vals = vals[np.isfinite(vals) & (vals > 0)]
         if len(vals) < min_points:
             return None
@@ -526,13 +527,13 @@ class NonFinite(Rule):
 
     def check(self, m: Measurements) -> list[Alert]:
         g = m.values("grad_norm")
-        bad = [i for i, v in enumerate(g) if not np.isfinite(v)]
+        bad = np.flatnonzero(~np.isfinite(g))
         whole = m.whole.get("grad_norm", math.nan)
-        present = bool(bad) or ("grad_norm" in m.whole and not np.isfinite(whole))
+        present = bool(len(bad)) or ("grad_norm" in m.whole and not np.isfinite(whole))
         n = self.streak("any", present)
         if n != self.patience:  # once per episode: after a NaN step the weights are usually NaN for good
             return []
-        if bad:
+        if len(bad):
             first, last = m.layers[bad[0]], m.layers[bad[-1]]
             value = g[bad[0]]
             where = f"first in forward order: {first}"
@@ -540,8 +541,7 @@ class NonFinite(Rule):
                 where += f"; {len(bad)} of {len(m.layers)} layers non-finite, the last is {last}"
         else:
             first, value, where = None, whole, "in the whole-model norm"
-        w = m.values("weight_norm")
-        bad_w = [m.layers[i] for i, v in enumerate(w) if not np.isfinite(v)]
+        bad_w = [m.layers[i] for i in np.flatnonzero(~np.isfinite(m.values("weight_norm")))]
         if bad_w:
             where += f"; weights already non-finite in {_fmt_names(bad_w)}"
         return [self.alert(
@@ -569,12 +569,10 @@ class DeadLayer(Rule):
         self.max_named = int(max_named)
 
     def check(self, m: Measurements) -> list[Alert]:
-        g = m.values("grad_norm")
-        firing = []
-        for name, v in zip(m.layers, g):
-            n = self.streak(name, bool(v == 0.0))
-            if n >= self.patience:
-                firing.append(name)
+        before = self.state["streaks"]
+        zero = [m.layers[i] for i in np.flatnonzero(m.values("grad_norm") == 0.0)]
+        self.state["streaks"] = streaks = {name: before.get(name, 0) + 1 for name in zero}  # others reset
+        firing = [name for name in zero if streaks[name] >= self.patience]
         hint = ("the layer is in the graph but gets no gradient: dead ReLUs (lower the learning rate, "
                 "LeakyReLU), a gate or multiplier stuck at 0, or an unused layer; if intended, freeze it "
                 "(requires_grad=False) or exclude it from the monitor")
@@ -586,7 +584,7 @@ class DeadLayer(Rule):
             )]
         return [self.alert(
             m, "warning", name, 0.0, 0.0,
-            f"layer {name} has had exactly zero gradient for {self.state['streaks'][name]} logging steps", hint,
+            f"layer {name} has had exactly zero gradient for {streaks[name]} logging steps", hint,
         ) for name in firing]
 
 
