@@ -64,8 +64,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         rows = [dataclasses.asdict(b) for b in blocks]
         print(json.dumps({"status": status.state, "reason": status.reason, "blocks": rows}, indent=1))
     else:
-        print(blocks)
-        print(f"block flow: {status}")
+        print(blocks)  # the table, then the status line
     return 0
 
 

@@ -102,13 +102,20 @@ class Block:
 
 
 class Blocks(list):
-    """A list of :class:`Block` that prints as a table."""
+    """A list of :class:`Block` that prints as a table (followed by the flow status, when known)."""
+
+    status: FlowStatus | None = None
 
     def __str__(self) -> str:
-        if not self:
-            return "no residual blocks found"
-        head = f"{'idx':>4}  {'name':<28} {'kind':<10} skip path (fork > merge)"
-        return "\n".join([head] + [str(b) for b in self])
+        lines = []
+        if self:
+            lines.append(f"{'idx':>4}  {'name':<28} {'kind':<10} skip path (fork > merge)")
+            lines.extend(str(b) for b in self)
+        if self.status is not None:
+            lines.append(f"block flow: {self.status}")
+        elif not self:
+            lines.append("no residual blocks found")
+        return "\n".join(lines)
 
     def __repr__(self) -> str:
         return self.__str__()
@@ -407,7 +414,9 @@ class FlowProbe:
     # ------------------------------------------------------------------ public
     def describe(self) -> Blocks:
         """The blocks found so far, in depth order."""
-        return Blocks(e.block for e in self._index)
+        blocks = Blocks(e.block for e in self._index)
+        blocks.status = self.status
+        return blocks
 
     @property
     def status(self) -> FlowStatus:
@@ -498,16 +507,22 @@ class FlowProbe:
             buf.copy_(value)
 
     def discover(self, *args: Any, **kwargs: Any) -> Blocks:
-        """Find the blocks now with one forward on example inputs; leaves buffers and RNG state unchanged."""
+        """Find the blocks now with one training-mode forward on example inputs.
+
+        Buffers (BatchNorm statistics), train/eval flags and the RNG state are left as they were; no
+        gradient is computed.
+        """
         if self._root_compiled:
             return self.describe()
         saved = [(b, b.detach().clone()) for b in self.model.buffers()]
+        modes = [(m, m.training) for m in self.model.modules()]
         prev, self._session = self._session, None
         self._sessions += 1
         self._session = _Session(None, self._sessions, discovery_only=True)
         self._forced = True
         try:
-            with torch.random.fork_rng(devices=[]), torch.enable_grad():
+            self.model.train()  # the graph of training (dropout, batch statistics) is the one to match later
+            with torch.random.fork_rng(), torch.enable_grad():
                 self.model(*args, **kwargs)
             self._end_of_session(self._session)
         finally:
@@ -515,6 +530,8 @@ class FlowProbe:
             self._session.close()
             self._session = prev
             self._restore(saved)
+            for m, mode in modes:
+                m.training = mode
         return self.describe()
 
     def close(self) -> None:
