@@ -43,7 +43,10 @@ from .metrics import safe_ratio
 
 log = logging.getLogger("gradwatch")
 
-__all__ = ["FLOW_METRICS", "Block", "FlowStatus", "FlowBatch", "FlowProbe", "flow_metrics", "summary"]
+__all__ = [
+    "FLOW_METRICS", "Block", "Blocks", "FlowStatus", "FlowBatch", "FlowProbe", "flow_metrics", "summary",
+    "share_table", "inspect", "load_factory",
+]
 
 #: Per-block metric names (a contract, like :data:`gradwatch.METRICS`).
 FLOW_METRICS = ("grad_out", "grad_in", "skip_grad", "branch_grad", "skip_share", "transmission")
@@ -188,6 +191,32 @@ def summary(history: pd.DataFrame, step: int | None = None, how: str = "median")
     table.index.name = "block"
     table.columns.name = None
     return table
+
+
+def share_table(histories: dict[str, pd.DataFrame], metric: str = "skip_share", how: str = "median") -> str:
+    """A text table of one flow metric per block (rows, depth order) for several runs (columns).
+
+    ``histories`` maps a run label to its ``Monitor.history()``; runs without blocks (a plain net) show
+    ``-``. Meant for printouts such as the demo's:
+
+    >>> print(flow.share_table({"postact": h1, "preact": h2, "broken_skip": h3}))   # doctest: +SKIP
+    """
+    if metric not in FLOW_METRICS:
+        raise ValueError(f"metric must be one of {FLOW_METRICS}, got {metric!r}")
+    columns = {label: summary(h, how=how)[metric] for label, h in histories.items()}
+    rows: list[str] = []
+    for col in columns.values():
+        rows.extend(n for n in col.index if n not in rows)
+    width = max([5] + [len(r) for r in rows])
+    head = f"{'block':<{width}}" + "".join(f" {label:>12}" for label in columns)
+    lines = [head]
+    for r in rows:
+        cells = []
+        for col in columns.values():
+            v = col.get(r, np.nan)
+            cells.append(f" {'-':>12}" if not np.isfinite(v) else f" {v:>12.3g}")
+        lines.append(f"{r:<{width}}" + "".join(cells))
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------------- hooks

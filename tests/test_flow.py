@@ -486,3 +486,21 @@ def test_builtin_transformer_layers_are_named_alike():
                                                 "layers.2[1]"]
     shares = flow.summary(mon.history(), step=0).skip_share
     assert shares.between(0.5, 1).all()
+
+
+def test_share_table_for_the_demo():
+    histories = {}
+    for label, kw in [("plain", dict(block="plain")), ("broken", dict(skip_fault={1: "detached"}))]:
+        torch.manual_seed(0)
+        net = resnet(8, width=4, **kw)
+        mon = gradwatch.Monitor(net, every=1)
+        x, y = batch(dtype=torch.float32)
+        F.cross_entropy(net(x), y).backward()
+        mon.step()
+        histories[label] = mon.history()
+    lines = flow.share_table(histories).splitlines()
+    assert lines[0].split() == ["block", "plain", "broken"]
+    assert [line.split()[0] for line in lines[1:]] == ["layer1.0", "layer2.0", "layer3.0"]
+    assert lines[2].split()[1:] == ["-", "0"]  # the plain net has no blocks; layer2.0's skip is cut
+    with pytest.raises(ValueError, match="metric"):
+        flow.share_table(histories, metric="grad_norm")
