@@ -9,6 +9,7 @@ patience 3 would have to cross.
     python benchmarks/calibrate_alerts.py                          # all nets, 200 steps, batch 8, every 5
     python benchmarks/calibrate_alerts.py --nets plain56,broken56 --steps 60
     python benchmarks/calibrate_alerts.py --no-blocks --nets postact56,preact56,postact110,preact110
+    python benchmarks/calibrate_alerts.py --nets postact20,preact20 --steps 30 --every 1   # shallow, near init
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ from gradwatch.data import synthetic_images
 from gradwatch.detectors import Measurements, depth_slope, early_ratio, layer_kinds
 
 NETS = {
+    "postact20": lambda: resnet(20),
+    "preact20": lambda: resnet(20, block="preact"),
     "postact56": lambda: resnet(56),
     "preact56": lambda: resnet(56, block="preact"),
     "postact110": lambda: resnet(110),
@@ -85,6 +88,7 @@ def report(name: str, mon: gradwatch.Monitor, secs: float) -> None:
     slopes = [depth_slope(m) for m in ms]
     unit = next((s[0] for s in slopes if s is not None), "-")
     slope = np.array([s[1] if s is not None else math.nan for s in slopes])
+    total = np.array([s[1] * (s[2] - 1) if s is not None else math.nan for s in slopes])
     share = np.array([np.nanmin(m.block_values("skip_share")) if m.blocks else math.nan for m in ms])
     spikes = spike_factors(np.array([m.whole.get("grad_norm", math.nan) for m in ms]))
     n_blocks = len(ms[0].blocks) if ms else 0
@@ -104,14 +108,17 @@ def report(name: str, mon: gradwatch.Monitor, secs: float) -> None:
     row("early/median grad_to_weight", ratio, True)
     row("  (same, for exploding)", ratio, False)
     row(f"depth slope, decades per {unit}", slope, False)
-    row(f"  (same, toward the input)", slope, True)
+    row("  (same, toward the input)", slope, True)
+    row("  fitted end-to-end change, decades", total, False)
+    row("  (same, toward the input)", total, True)
     row("min skip_share over blocks", share, True)
     row("global grad_norm / baseline", spikes, None)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--nets", default=",".join(NETS), help=f"comma-separated, from {list(NETS)}")
+    p.add_argument("--nets", default=",".join(n for n in NETS if not n.endswith("20")),
+                   help=f"comma-separated, from {list(NETS)}")
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--every", type=int, default=5)

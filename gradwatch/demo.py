@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .alerts import summarize
 from .blocks import ResNet, resnet
 from .data import synthetic_images
 from .monitor import Monitor
@@ -118,6 +119,7 @@ def run_demo(
           f"logging every {every} steps to {out}/", file=stream)
     histories: dict[str, pd.DataFrame] = {}
     tables: dict[str, dict[str, float]] = {}
+    fired: dict[str, str] = {}  # alert digest per net (gradwatch.alerts)
     for net in chosen:
         torch.manual_seed(seed)
         model = net.build()
@@ -137,6 +139,7 @@ def run_demo(
         histories[net.name] = hist
         tables[net.name] = ratio_table(hist, weight_layers(model, mon.layer_names))
         tables[net.name]["about"] = net.about  # type: ignore[assignment]
+        fired[net.name] = summarize(mon.alerts)
 
     print("\ngrad_to_weight, median over logged steps (first / middle / last conv or linear layer):", file=stream)
     print(
@@ -155,5 +158,8 @@ def run_demo(
         "\ncollapse far below a ResNet's. The ResNets stay within about an order of magnitude.",
         file=stream,
     )
+    print(f"\nAlerts (warning or critical, rule@step; each run's full record: {out}/<net>/alerts.jsonl):", file=stream)
+    for name, text in fired.items():
+        print(f"  {name:<12} {text}", file=stream)
     print(f"\nSee it in TensorBoard:\n  tensorboard --logdir {out}", file=stream)
     return histories

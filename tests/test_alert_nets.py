@@ -181,3 +181,14 @@ def test_ddp_two_processes_same_verdict_one_alert_sent(tmp_path):
     assert len(posts) == 1 and posts[0]["json"]["rule"] == "nonfinite"  # sent once, by rank 0
     assert [a.rule for a in read_alerts(tmp_path / "rank0" / "alerts.jsonl")] == ["nonfinite"]
     assert not (tmp_path / "rank1").exists()
+
+
+# ---------------------------------------------------------------------------------------------- demo
+def test_demo_prints_alerts_for_the_broken_net_only(tmp_path, capsys):
+    from gradwatch.demo import run_demo
+
+    run_demo(out=str(tmp_path), steps=6, depth=20, every=1, batch_size=8, nets=["postact", "broken_skip"])
+    text = capsys.readouterr().out.split("\nAlerts (")[1]
+    rows = {line.split()[0]: line.split(None, 1)[1] for line in text.splitlines()[1:3]}
+    assert rows["postact"] == "none"
+    assert rows["broken_skip"].startswith("skip_collapse@2 (layer2.1)")  # the middle block of ResNet-20

@@ -338,12 +338,15 @@ def test_skip_collapse_names_the_block_after_patience():
 
 def test_depth_trend_on_block_inputs_and_exploding_spike():
     blocks = [f"b{i}" for i in range(10)]
-    decaying = 10.0 ** (0.2 * np.arange(10))  # 10^0.2 per block, larger at the output
+    decaying = 10.0 ** (0.3 * np.arange(10))  # 10^0.3 per block, larger at the output: 10^2.7 in all
     rule = DepthTrend(patience=2)
     got = [rule.check(step_of(s, blocks={"grad_in": (blocks, decaying)})) for s in range(2)]
-    assert got[0] == [] and got[1][0].value == pytest.approx(0.2) and "decays toward the input" in got[1][0].message
+    assert got[0] == [] and got[1][0].value == pytest.approx(0.3) and "decays toward the input" in got[1][0].message
     flat = DepthTrend(patience=1).check(step_of(0, blocks={"grad_in": (blocks, np.ones(10))}))
     assert flat == []
+    # steep per block but only 10^(0.15*9) = 22x end to end (a shallow healthy net at init): not a trend
+    shallow = DepthTrend(patience=1).check(step_of(0, blocks={"grad_in": (blocks, 10.0 ** (-0.15 * np.arange(10)))}))
+    assert shallow == []
 
     spike = Exploding(warmup=3)
     found = [spike.check(step_of(s, whole={"grad_norm": g})) for s, g in enumerate([1, 1.2, 0.9, 1.1, 50.0])]
