@@ -37,7 +37,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from .discovery import NO_GRAD, Graph, MergePattern, Resolved, boundary_node, find_dead_merges, find_merges, resolve
+from .discovery import Graph, MergePattern, Resolved, boundary_node, find_dead_merges, find_merges, resolve
 from .layers import ROOT_NAME, clean_name
 from .metrics import safe_ratio
 
@@ -348,6 +348,30 @@ class _Session:
         self.merges.clear()
 
 
+def _check_member(model: nn.Module, module: Any, arg: str) -> None:
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"{arg} must hold nn.Module instances, got {type(module).__name__}")
+    if not any(m is module for m in model.modules()):
+        raise ValueError(f"{arg}: {type(module).__name__} is not a submodule of the monitored model")
+
+
+def check_blocks(model: nn.Module, blocks: Any) -> list[nn.Module] | None:
+    """Validate a ``blocks=`` argument: None for ``"auto"``, else the list of modules (all in ``model``)."""
+    if isinstance(blocks, str):
+        if blocks != "auto":
+            raise ValueError(f"blocks must be 'auto', None or a list of modules, got {blocks!r}")
+        return None
+    if isinstance(blocks, nn.Module):
+        raise TypeError("blocks must be 'auto', None or a list of modules; wrap a single module in a list")
+    try:
+        mods = list(blocks)
+    except TypeError:
+        raise TypeError(f"blocks must be 'auto', None or a list of modules, got {type(blocks).__name__}") from None
+    for m in mods:
+        _check_member(model, m, "blocks")
+    return mods
+
+
 def _tensors(obj: Any) -> list[torch.Tensor]:
     if isinstance(obj, torch.Tensor):
         return [obj]
@@ -391,19 +415,10 @@ class FlowProbe:
         self._step = step
         self._on_error = on_error
         self._explicit: dict[int, str | None] = {}
-        if isinstance(blocks, str):
-            if blocks != "auto":
-                raise ValueError(f"blocks must be 'auto', None or a list of modules, got {blocks!r}")
-            self.auto = True
-        else:
-            self.auto = False
-            try:
-                mods = list(blocks)
-            except TypeError:
-                raise TypeError(f"blocks must be 'auto', None or a list of modules, got {type(blocks).__name__}")
-            for m in mods:
-                self._check_member(m, "blocks")
-                self._explicit[id(m)] = None
+        mods = check_blocks(model, blocks)
+        self.auto = mods is None
+        for m in mods or ():
+            self._explicit[id(m)] = None
         #: Debugging aid (tests): keep the gradient vectors of the last measured step in :attr:`vectors`.
         #: Holds activation-sized tensors; leave off in training.
         self.keep_vectors = False
@@ -581,10 +596,7 @@ class FlowProbe:
     _forced = False
 
     def _check_member(self, module: Any, arg: str) -> None:
-        if not isinstance(module, nn.Module):
-            raise TypeError(f"{arg} must hold nn.Module instances, got {type(module).__name__}")
-        if not any(m is module for m in self.model.modules()):
-            raise ValueError(f"{arg}: {type(module).__name__} is not a submodule of the monitored model")
+        _check_member(self.model, module, arg)
 
     def _refresh_modules(self) -> None:
         """(Re)scan the module tree: name modules, hook new ones for discovery, forget removed ones."""

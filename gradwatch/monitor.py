@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .flow import Blocks, FlowBatch, FlowProbe, FlowStatus
+from .flow import Blocks, FlowBatch, FlowProbe, FlowStatus, check_blocks
 from .history import History
 from .layers import GLOBAL_NAME, Pattern, Selection, select_parameters
 from .metrics import is_sharded, local_tensor, reduce_squared, safe_ratio, segment_sum, squared_norms
@@ -162,6 +162,9 @@ class Monitor:
             raise TypeError(f"prefix must be a str, got {type(prefix).__name__}")
         if not any(p.requires_grad for p in model.parameters()):
             raise ValueError("model has no trainable parameters (all are frozen or there are none)")
+        if blocks is not None:
+            listed = check_blocks(model, blocks)  # validated before anything is hooked or opened
+            blocks = "auto" if listed is None else listed
 
         only: set[int] | None = None
         if optimizer is not None:

@@ -393,7 +393,23 @@ def test_cli_inspect_lists_the_blocks_of_a_factory(tmp_path, capsys):
     assert main(["inspect", f"{path}:build", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["status"] == "ok"
-    assert [(b["name"], b["kind"], b["index"]) for b in report["blocks"]] == [("1", "identity", 0), ("2", "identity", 1)]
+    found = [(b["name"], b["kind"], b["index"]) for b in report["blocks"]]
+    assert found == [("1", "identity", 0), ("2", "identity", 1)]
 
     assert main(["inspect", "gradwatch.blocks:resnet", "--kwargs", "depth=8"]) == 1
     assert "--input-shape" in capsys.readouterr().err
+
+
+def test_invalid_blocks_argument_fails_before_anything_is_hooked():
+    net = resnet(8, width=4)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    for bad, err in [("all", ValueError), (net.layer1[0], TypeError), ([nn.Linear(2, 2)], ValueError), (3, TypeError)]:
+        with pytest.raises(err):
+            gradwatch.Monitor(net, optimizer=opt, blocks=bad)
+    assert not opt._optimizer_step_pre_hooks and not opt._optimizer_step_post_hooks
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in net.modules())
+    mon = gradwatch.Monitor(net, blocks=(b for b in [net.layer2[0]]), every=1)  # any iterable, read once
+    x, y = batch()
+    F.cross_entropy(net(x), y).backward()
+    mon.step()
+    assert [b.name for b in mon.describe()] == ["layer2.0"]
