@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import flow
 from .alerts import summarize
 from .blocks import ResNet, resnet
 from .data import synthetic_images
@@ -158,6 +159,11 @@ def run_demo(
         "\ncollapse far below a ResNet's. The ResNets stay within about an order of magnitude.",
         file=stream,
     )
+    with_blocks = {name: h for name, h in histories.items() if (h.metric == "skip_share").any()}
+    if with_blocks:
+        print("\nskip_share per residual block, median over logged steps (share of dL/dx through the skip;"
+              " 0 = skip carries nothing):", file=stream)
+        print("  " + flow.share_table(histories).replace("\n", "\n  "), file=stream)
     print(f"\nAlerts (warning or critical, rule@step; each run's full record: {out}/<net>/alerts.jsonl):", file=stream)
     for name, text in fired.items():
         print(f"  {name:<12} {text}", file=stream)
