@@ -10,18 +10,31 @@ import importlib.util as _ilu
 import os as _os
 import sys as _sys
 
-from . import blocks
+from . import blocks, detectors, flow
+from .alert_sinks import CallableSink, LoggingSink, TensorBoardAlertSink, WebhookSink
+from .alerts import Alert, GradientAlarm
 from .history import History
 from .layers import GLOBAL_NAME, clean_name
 from .monitor import METRICS, Monitor
-from . import detectors
-from .alert_sinks import CallableSink, LoggingSink, TensorBoardAlertSink, WebhookSink
-from .alerts import Alert, GradientAlarm
 
 __version__ = "0.1.0"
-__all__ = ["Monitor", "METRICS", "GLOBAL_NAME", "History", "blocks", "clean_name", "__version__"]
-__all__ += ["Alert", "GradientAlarm", "WebhookSink", "LoggingSink", "TensorBoardAlertSink", "CallableSink",
-            "detectors"]
+__all__ = [
+    "Monitor",
+    "METRICS",
+    "GLOBAL_NAME",
+    "History",
+    "Alert",
+    "GradientAlarm",
+    "WebhookSink",
+    "LoggingSink",
+    "TensorBoardAlertSink",
+    "CallableSink",
+    "blocks",
+    "detectors",
+    "flow",
+    "clean_name",
+    "__version__",
+]
 
 
 def _bind_integrations() -> None:
