@@ -19,11 +19,23 @@ def test_integrations_import_from_the_install():
 
 
 def test_integrations_import_from_a_bare_checkout(tmp_path):
-    # no install: only the source tree on sys.path (python -I ignores site-packages' editable finder)
-    code = "import sys; sys.path.insert(0, %r); import gradwatch.integrations as m; print(m.__file__)" % ROOT
+    # A checkout that was never installed: drop the editable install's finder so only the source tree is seen,
+    # and check that gradwatch's own fallback (not setuptools) bound the top-level integrations/ folder.
+    code = (
+        "import sys\n"
+        "sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in getattr(f, '__module__', '')]\n"
+        "sys.path_hooks[:] = [h for h in sys.path_hooks if 'editable' not in getattr(h, '__module__', '')]\n"
+        f"sys.path.insert(0, {ROOT!r})\n"
+        "import gradwatch\n"
+        "import gradwatch.integrations as m\n"
+        "assert 'editable' not in type(m.__spec__.loader).__module__\n"
+        "print(m.__file__)\n"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
-    assert "integrations" in done.stdout
+    # gradwatch/ holds no integrations package, so only the fallback can have found the top-level folder
+    assert not os.path.exists(os.path.join(ROOT, "gradwatch", "integrations"))
+    assert os.path.samefile(done.stdout.strip(), os.path.join(ROOT, "integrations", "__init__.py"))
 
 
 @pytest.mark.slow
