@@ -17,8 +17,9 @@ COLUMNS = ("step", "name", "metric", "value")
 class History:
     """Append-only store of logged metrics.
 
-    Values are kept as one array per (logging step, metric), so a ResNet-56 logged every 50 steps for a
-    million steps costs a few megabytes; the DataFrame is only built when asked for.
+    Values are kept as one float64 array per (logging step, metric): measured ~7.5 KB per logging step for a
+    ResNet-56 with block flow (116 layers x 4 metrics + 27 blocks x 6), i.e. ~150 MB for 20,000 logging
+    steps (every=50 over a million steps). The DataFrame is only built when asked for.
     """
 
     def __init__(self) -> None:
