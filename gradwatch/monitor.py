@@ -369,6 +369,13 @@ class Monitor:
             self._contain(err)
         self._alert_step()
 
+    def discard_step(self) -> None:
+        """For framework integrations: drop the measurement :meth:`begin_step` started, recording nothing.
+
+        For a step the optimizer did not take (e.g. skipped by an AMP scaler). Nothing is moved to the host.
+        """
+        self._pending = None
+
     def history(self) -> pd.DataFrame:
         """Every logged value as a long DataFrame: columns ``step, name, metric, value``."""
         return self._history.to_frame()

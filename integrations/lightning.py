@@ -23,8 +23,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-import gradwatch
-from gradwatch.layers import Pattern, _as_patterns, _as_types
+from gradwatch.alerts import GradientAlarm, check_arguments
+from gradwatch.history import History
+from gradwatch.layers import Pattern, _as_patterns, _as_types, select_parameters
 from gradwatch.monitor import Monitor
 
 log = logging.getLogger("gradwatch")
@@ -77,11 +78,12 @@ class GradWatchCallback(*_BASES):  # type: ignore[misc]
     accumulated over ``accumulate_grad_batches``, synchronised across DDP ranks, unscaled by the AMP
     ``GradScaler`` and not yet clipped (``gradient_clip_val`` applies after). Optimizers that unscale inside
     their own step (``_step_supports_amp_scaling``, e.g. ``Adam(fused=True)``) still hold scaled gradients
-    there: the callback divides by ``scaler.get_scale()``. A step the scaler skips because the gradients
-    overflowed is not recorded: for fused optimizers the scaler's ``found_inf`` flag is read inside the step,
-    for the others the step never runs (the callback's step post-hook does not fire) and the measurement is
-    dropped at ``on_train_batch_end``. ``update_to_weight`` is measured across the step by a step post-hook on
-    the torch optimizer, so it includes clipping and the learning rate.
+    there: the callback divides by the scaler's loss scale (its device tensor: no host sync). A step the
+    scaler skips because the gradients overflowed is not recorded: for fused optimizers the scaler's
+    ``found_inf`` flag is read inside the step, for the others the step never runs (the callback's step
+    post-hook does not fire) and the measurement is dropped at ``on_train_batch_end``
+    (``Monitor.discard_step``: nothing is moved to the host). ``update_to_weight`` is measured across the step
+    by a step post-hook on the torch optimizer, so it includes clipping and the learning rate.
 
     **Which steps.** The step axis is the one ``self.log(..., on_step=True)`` uses:
     ``trainer.fit_loop.epoch_loop._batches_that_stepped`` (batches after which the optimizers stepped; equal
@@ -105,8 +107,11 @@ class GradWatchCallback(*_BASES):  # type: ignore[misc]
     pass, the callback arms it on its own logging batches (``Monitor.flow_trigger``), in the first
     optimizer's monitor only. Where a monitor asks to stop (``Monitor.should_stop``, e.g. an alert policy
     ``on_critical="stop"``), the callback sets ``trainer.should_stop`` at the end of that batch, decided
-    with ``trainer.strategy.reduce_boolean_decision`` so that all ranks agree. ``GradientAlarm`` (policy
-    ``"raise"``) is let through even when ``strict=False``.
+    with ``trainer.strategy.reduce_boolean_decision`` so that all ranks agree; that all-reduce runs only when
+    some monitor's policy is ``"stop"`` or ``"raise"``. ``GradientAlarm`` (policy ``"raise"``) is let through
+    even when ``strict=False``. The callback passes ``Monitor(sync_ranks=True)`` (every rank runs its hooks;
+    ``sync_ranks=False`` in ``monitor_kwargs`` overrides it). With only non-TensorBoard loggers,
+    ``alerts.jsonl`` goes to the first logger's ``log_dir`` (else ``<default_root_dir>/gradwatch``).
 
     Args:
         every: measure every ``every`` steps (see above). ``None`` (default): the trainer's
@@ -123,14 +128,16 @@ class GradWatchCallback(*_BASES):  # type: ignore[misc]
         strict: re-raise errors raised inside gradwatch (for tests). Otherwise they are logged on the
             ``gradwatch`` logger, kept in :attr:`errors`, and training goes on.
         **monitor_kwargs: any other :class:`gradwatch.Monitor` argument, passed to every monitor unchanged
-            (checked against ``Monitor``'s signature here, at construction).
+            (checked against ``Monitor``'s signature here, at construction; ``rules``, ``on_critical`` and
+            ``alert_cooldown`` are checked by gradwatch's alert code at construction too).
 
     Raises:
         TypeError: an argument of the wrong type (``every`` not an int, a pattern that is neither a string nor
             a compiled regex, a type that is not an ``nn.Module`` subclass, a flag that is not a bool), or a
             ``monitor_kwargs`` name that ``Monitor`` does not take or that the callback sets itself.
-        ValueError: ``every < 1``; ``granularity`` not ``"layer"``/``"parameter"``; at ``fit`` start, when the
-            filters leave nothing to measure in any optimizer's parameters.
+        ValueError: ``every < 1``; ``granularity`` not ``"layer"``/``"parameter"``; an unknown rule name,
+            ``on_critical`` or negative ``alert_cooldown``; at ``fit`` start, when the filters leave nothing to
+            measure in any optimizer's parameters.
 
     Example::
 
@@ -173,6 +180,7 @@ class GradWatchCallback(*_BASES):  # type: ignore[misc]
                     f"GradWatchCallback got an unexpected argument {name!r} "
                     f"(neither its own nor gradwatch.Monitor's: {', '.join(sorted(accepted)) or 'none'})"
                 )
+        _check_alert_arguments(monitor_kwargs)
         if every is not None:
             if isinstance(every, bool) or not isinstance(every, int):
                 raise TypeError(f"every must be None or an int >= 1, got {type(every).__name__}")
@@ -252,7 +260,7 @@ class GradWatchCallback(*_BASES):  # type: ignore[misc]
                 df["name"] = key + "/" + df["name"].astype(str)
             frames.append(df)
         if not frames:
-            return _empty_history()
+            return History().to_frame()
         return pd.concat(frames, ignore_index=True)
 
     # ------------------------------------------------------------------ Lightning hooks
@@ -285,28 +293,28 @@ class GradWatchCallback(*_BASES):  # type: ignore[misc]
                 skipped.append(f"{key}: holds none of the LightningModule's parameters")
                 continue
             prefix = f"{self.prefix}{key}/" if several else self.prefix
-            try:
-                mon = Monitor(
-                    pl_module,
-                    writer=writer,
-                    every=max(every, 1),
-                    track_updates=self.track_updates,
-                    histograms=self.histograms,
-                    prefix=prefix,
-                    strict=self.strict,
-                    params=params,
-                    **self._filters,
-                    **self.monitor_kwargs,
-                )
-            except ValueError as err:
-                filtered.append(f"{key}: {err}")
+            if not select_parameters(pl_module, **self._filters, only={id(p) for p in params}).params:
+                # Only this is "nothing to measure"; any other error of Monitor's propagates as itself.
+                filtered.append(f"{key}: include/exclude filters leave no trainable parameters to measure")
                 continue
+            mon = Monitor(
+                pl_module,
+                writer=writer,
+                every=max(every, 1),
+                track_updates=self.track_updates,
+                histograms=self.histograms,
+                prefix=prefix,
+                strict=self.strict,
+                params=params,
+                **self._filters,
+                **self._sync_kwargs(),
+                **self.monitor_kwargs,
+            )
             monitors[key] = mon
-            if hasattr(mon, "flow_trigger"):
-                # Block-flow hooks run in the forward pass: arm them on this callback's logging batches, and
-                # only in the first monitor (every monitor watches the whole module's blocks).
-                first = not by_optimizer
-                mon.flow_trigger = (lambda: self.is_logging_step(_axis_step(trainer))) if first else (lambda: False)
+            # Block-flow hooks run in the forward pass: arm them on this callback's logging batches, and only in
+            # the first monitor (every monitor watches the whole module's blocks).
+            first = not by_optimizer
+            mon.flow_trigger = (lambda: self.is_logging_step(_axis_step(trainer))) if first else (lambda: False)
             early = mon.layer_names[: max(1, len(mon.layer_names) // 4)]
             by_optimizer[id(opt)] = _Slot(key, mon, opt, {f"{prefix}grad_to_weight/{n}" for n in early})
         if not monitors and filtered:  # the user's options select nothing: a configuration error
@@ -342,8 +350,9 @@ class GradWatchCallback(*_BASES):  # type: ignore[misc]
             grad_scale = None
             scaler = _scaler(trainer)
             if scaler is not None and getattr(slot.optimizer, "_step_supports_amp_scaling", False):
-                # Lightning leaves unscaling to the optimizer's own step: grads here are still scaled.
-                grad_scale = scaler.get_scale()
+                # Lightning leaves unscaling to the optimizer's own step: grads here are still scaled. The
+                # scale stays on the device (get_scale() would be an extra host sync); it joins the one transfer.
+                grad_scale = _scale_tensor(scaler)
             slot.pending = slot.monitor.begin_step(
                 step, grad_scale=grad_scale, track_update=self.track_updates and slot.hooked
             )
@@ -369,12 +378,11 @@ class GradWatchCallback(*_BASES):  # type: ignore[misc]
                     # The optimizer never stepped after its measurement: GradScaler skipped it (overflow).
                     log.debug("gradwatch: %s did not step at step %s; measurement dropped", slot.key, slot.last_step)
                     slot.pending = False
-                    slot.monitor.end_step(found_inf=torch.ones(()))
-            if self.is_logging_step(_axis_step(trainer)) and any(
-                hasattr(m, "should_stop") for m in self._monitors.values()
-            ):
-                # Alert policy on_critical="stop": every rank takes part, so the decision is the same on all.
-                stop = any(getattr(m, "should_stop", False) for m in self._monitors.values())
+                    slot.monitor.discard_step()
+            if self.is_logging_step(_axis_step(trainer)) and any(_can_stop(m) for m in self._monitors.values()):
+                # Alert policy on_critical="stop"/"raise": every rank takes part, so the decision is the same
+                # on all. Only then: reduce_boolean_decision is an all_reduce plus a host sync.
+                stop = any(m.should_stop for m in self._monitors.values())
                 if trainer.strategy.reduce_boolean_decision(stop, all=False):
                     trainer.should_stop = True
             health = [s.health for s in self._by_optimizer.values() if s.health is not None]
@@ -418,6 +426,11 @@ class GradWatchCallback(*_BASES):  # type: ignore[misc]
         )
 
     # ------------------------------------------------------------------ internals
+    def _sync_kwargs(self) -> dict[str, Any]:
+        """``sync_ranks=True`` unless the user passed it: every rank runs the callback's hooks, so the per-rank
+        block-flow norms can be all-reduced and the alert rules see (and decide) the same on every rank."""
+        return {} if "sync_ranks" in self.monitor_kwargs else {"sync_ranks": True}
+
     def _end(self, slot: _Slot, found_inf: Any = None) -> None:
         slot.pending = False
         self._tap = tap = _Tap(slot.early_tags)
@@ -447,7 +460,8 @@ class GradWatchCallback(*_BASES):  # type: ignore[misc]
                 others.append(logger)
         self._sinks = []
         if others:
-            sink = _LoggerWriter(others)
+            # Its directory is where the monitors' alerts.jsonl goes when no TensorBoard logger gives one.
+            sink = _LoggerWriter(others, os.path.join(str(trainer.default_root_dir), "gradwatch"))
             self._sinks.append(sink)
             targets.append(sink)
         if not targets:
@@ -487,8 +501,7 @@ class GradWatchCallback(*_BASES):  # type: ignore[misc]
     def _contain(self, err: BaseException, slot: _Slot | None = None) -> None:
         if slot is not None:
             slot.pending = False
-        alarm = getattr(gradwatch, "GradientAlarm", None)
-        if self.strict or (alarm is not None and isinstance(err, alarm)):
+        if self.strict or isinstance(err, GradientAlarm):
             raise err  # on_critical="raise" is the user's request to stop training
         text = f"{type(err).__name__}: {err}"
         self.errors.append(text)
@@ -541,10 +554,23 @@ class _TapWriter:
 class _LoggerWriter:
     """SummaryWriter-like adapter that sends scalars to Lightning loggers as flat dicts via ``log_metrics``."""
 
-    def __init__(self, loggers: Sequence[Any]) -> None:
+    def __init__(self, loggers: Sequence[Any], fallback_dir: str) -> None:
         self.loggers = list(loggers)
+        self.fallback_dir = fallback_dir
         self._step: int | None = None
         self._buffer: dict[str, float] = {}
+
+    def get_logdir(self) -> str:
+        """The first logger's ``log_dir`` (``CSVLogger`` has one), else ``<default_root_dir>/gradwatch``: where
+        the monitors write ``alerts.jsonl``, so the alert record exists whatever the loggers."""
+        for logger in self.loggers:
+            try:
+                d = getattr(logger, "log_dir", None)
+            except Exception:  # a logger whose log_dir needs a live experiment
+                d = None
+            if d:
+                return str(d)
+        return self.fallback_dir
 
     def add_scalar(self, tag: str, value: float, step: int) -> None:
         if self._step is not None and step != self._step:
@@ -598,17 +624,6 @@ class _FanOut:
         self.flush()
 
 
-def _empty_history() -> pd.DataFrame:
-    return pd.DataFrame(
-        {
-            "step": pd.Series(dtype="int64"),
-            "name": pd.Series(dtype="object"),
-            "metric": pd.Series(dtype="object"),
-            "value": pd.Series(dtype="float64"),
-        }
-    )
-
-
 def _unwrap(optimizer: Any) -> Any:
     """The torch optimizer inside a ``LightningOptimizer`` (either package's)."""
     if type(optimizer).__name__ == "LightningOptimizer":
@@ -621,6 +636,37 @@ def _axis_step(trainer: Any) -> int:
     loop = getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None)
     step = getattr(loop, "_batches_that_stepped", None)
     return int(step) if step is not None else int(trainer.global_step)
+
+
+def _check_alert_arguments(kwargs: dict[str, Any]) -> None:
+    """Run the monitor's own checks of its alert arguments now, so a mistake fails at construction.
+
+    ``check_arguments`` opens nothing; the rules it builds (fresh objects for dict/name specs) are discarded.
+    """
+    defaults = inspect.signature(Monitor.__init__).parameters
+    check_arguments(
+        rules=kwargs.get("rules", defaults["rules"].default),
+        alert_sinks=kwargs.get("alert_sinks", defaults["alert_sinks"].default),
+        on_critical=kwargs.get("on_critical", defaults["on_critical"].default),
+        cooldown=kwargs.get("alert_cooldown", defaults["alert_cooldown"].default),
+    )
+
+
+def _scale_tensor(scaler: Any) -> Any:
+    """The scaler's current loss scale, as a device tensor when the scaler offers one (no host sync)."""
+    get_async = getattr(scaler, "_get_scale_async", None)
+    if callable(get_async):
+        scale = get_async()
+        if scale is not None:
+            return scale
+    return scaler.get_scale()
+
+
+def _can_stop(monitor: Monitor) -> bool:
+    """Whether ``monitor``'s alert policy can ever set ``should_stop`` (``on_critical`` "stop" or "raise")."""
+    # Monitor exposes no public accessor for its policy; the AlertManager it holds (None: alerting off) does.
+    manager = getattr(monitor, "_alerts", None)
+    return manager is not None and manager.on_critical in ("stop", "raise")
 
 
 def _scaler(trainer: Any) -> Any:

@@ -190,6 +190,14 @@ def test_callback_is_a_callback_of_every_installed_namespace():
         ({"histograms": None}, TypeError, "histograms"),
         ({"model": object()}, TypeError, "model"),  # the callback sets it
         ({"no_such_option": 1}, TypeError, "no_such_option"),  # neither the callback's nor Monitor's
+        # Monitor's alert arguments, checked by gradwatch's own alert code now rather than at fit start
+        ({"on_critical": "bogus"}, ValueError, "on_critical"),
+        ({"rules": {"nope": {}}}, ValueError, "nope"),
+        ({"rules": {"vanishing": {"no_such_option": 1}}}, TypeError, "vanishing"),
+        ({"rules": "nonfinite"}, TypeError, "rules"),
+        ({"alert_cooldown": -3}, ValueError, "alert_cooldown"),
+        ({"alert_cooldown": 1.5}, ValueError, "alert_cooldown"),
+        ({"alert_sinks": "http://hook"}, TypeError, "alert_sinks"),
     ],
 )
 def test_arguments_are_validated_at_construction(kwargs, exc, text):
@@ -436,7 +444,8 @@ def test_filters_that_select_nothing_fail_at_fit_start(tmp_path):
         trainer.fit(make_module(pl))
 
 
-def test_a_monitor_asking_to_stop_stops_the_trainer(tmp_path, monkeypatch):
+@pytest.mark.parametrize("on_critical", ["stop", "raise"])
+def test_a_monitor_asking_to_stop_stops_the_trainer(on_critical, tmp_path, monkeypatch):
     """Alert policy ``on_critical="stop"`` sets ``Monitor.should_stop``; the callback turns it into
     ``trainer.should_stop`` through ``strategy.reduce_boolean_decision`` (the same decision on every rank)."""
     pl = ns("lightning.pytorch")
@@ -444,10 +453,181 @@ def test_a_monitor_asking_to_stop_stops_the_trainer(tmp_path, monkeypatch):
     from gradwatch.monitor import Monitor
 
     monkeypatch.setattr(Monitor, "should_stop", property(lambda self: self.measurements >= 2), raising=False)
-    cb = GradWatchCallback(every=1)
+    cb = GradWatchCallback(every=1, on_critical=on_critical)
     trainer = pl.Trainer(callbacks=[cb], logger=False, **trainer_kwargs(tmp_path, max_steps=10))
     trainer.fit(make_module(pl))
     assert trainer.global_step == 2
+
+
+@pytest.mark.parametrize(
+    "kwargs, calls", [({}, 0), ({"rules": False, "on_critical": "stop"}, 0), ({"on_critical": "stop"}, 4)],
+    ids=["warn", "alerting-off", "stop"],
+)
+def test_stop_decision_is_reduced_across_ranks_only_when_a_policy_can_stop(kwargs, calls, tmp_path, monkeypatch):
+    """``reduce_boolean_decision`` is an all_reduce plus a host sync: under the default ``on_critical="warn"``
+    (or with alerting off) no monitor can ever stop, so it must not run at all; under "stop" once per logging
+    batch (all ranks take part)."""
+    pl = ns("lightning.pytorch")
+    from gradwatch.integrations.lightning import GradWatchCallback
+
+    cb = GradWatchCallback(every=1, **kwargs)
+    trainer = pl.Trainer(callbacks=[cb], logger=False, **trainer_kwargs(tmp_path, max_steps=4))
+    seen = []
+    real = trainer.strategy.reduce_boolean_decision
+    monkeypatch.setattr(
+        trainer.strategy, "reduce_boolean_decision", lambda d, all=True: seen.append(d) or real(d, all)
+    )
+    trainer.fit(make_module(pl))
+    assert len(seen) == calls and trainer.global_step == 4
+
+
+def test_fit_start_errors_other_than_empty_filters_are_not_reported_as_nothing_to_measure(tmp_path):
+    pl = ns("lightning.pytorch")
+    from gradwatch.integrations.lightning import GradWatchCallback
+
+    cb = GradWatchCallback(blocks=[torch.nn.Linear(2, 2)])  # not a submodule: Monitor's own ValueError
+    trainer = pl.Trainer(callbacks=[cb], logger=False, **trainer_kwargs(tmp_path))
+    with pytest.raises(ValueError, match="not a submodule") as info:
+        trainer.fit(make_module(pl))
+    assert "nothing to measure" not in str(info.value)
+
+
+def _alert_rules(**nonfinite):
+    """Only the ``nonfinite`` rule (with the given options): the fault below fires nothing else."""
+    from gradwatch.detectors import RULES
+
+    return {name: (nonfinite if name == "nonfinite" else False) for name in RULES}
+
+
+def _nan_from(pl, first_step: int):
+    """A module whose gradients are NaN from step ``first_step`` on (on the ``self.log`` step axis)."""
+    module = make_module(pl)
+
+    def on_after_backward():
+        if module.trainer.fit_loop.epoch_loop._batches_that_stepped >= first_step:
+            module.net.fc.weight.grad.fill_(float("nan"))
+
+    module.on_after_backward = on_after_backward
+    return module
+
+
+def test_csv_logger_only_still_writes_the_alert_record(tmp_path):
+    """Without a TensorBoard logger the monitors' writer has no directory of its own: alerts.jsonl goes to the
+    CSVLogger's log_dir, so the record of a fired alert is never lost."""
+    pl = ns("lightning.pytorch")
+    from lightning.pytorch.loggers import CSVLogger
+
+    from gradwatch.alerts import read_alerts
+    from gradwatch.integrations.lightning import GradWatchCallback
+
+    cb = GradWatchCallback(every=1, rules=_alert_rules())
+    logger = CSVLogger(str(tmp_path), name="csv", version=0)
+    trainer = pl.Trainer(callbacks=[cb], logger=logger, **trainer_kwargs(tmp_path, max_steps=3))
+    trainer.fit(_nan_from(pl, 1))
+    assert [(a.rule, a.step) for a in cb.monitor.alerts] == [("nonfinite", 1)]
+    path = os.path.join(tmp_path, "csv", "version_0", "alerts.jsonl")
+    assert [(a.rule, a.step) for a in read_alerts(path)] == [("nonfinite", 1)]
+
+
+def test_flat_logger_without_log_dir_falls_back_to_default_root_dir():
+    from gradwatch.integrations.lightning import _FanOut, _LoggerWriter
+
+    class NoDir:
+        def log_metrics(self, metrics, step):
+            pass
+
+    class Raising(NoDir):
+        @property
+        def log_dir(self):
+            raise RuntimeError("experiment not started")
+
+    fallback = os.path.join("root", "gradwatch")
+    assert _FanOut([_LoggerWriter([NoDir(), Raising()], fallback)]).get_logdir() == fallback
+
+
+# ---------------------------------------------------------------------------------------------- costs
+def test_fused_amp_scale_is_passed_as_a_device_tensor_without_get_scale(tmp_path, monkeypatch):
+    """``scaler.get_scale()`` is an ``.item()`` host sync: the callback hands the scale tensor to begin_step."""
+    pl = ns("lightning.pytorch")
+    from lightning.pytorch.plugins import MixedPrecision
+
+    from gradwatch.integrations.lightning import GradWatchCallback
+    from gradwatch.monitor import Monitor
+
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**4)
+    monkeypatch.setattr(scaler, "get_scale", lambda: pytest.fail("get_scale() called (a host sync)"))
+    scales = []
+    real = Monitor.begin_step
+    monkeypatch.setattr(
+        Monitor, "begin_step", lambda self, step, **kw: scales.append(kw["grad_scale"]) or real(self, step, **kw)
+    )
+    cb = GradWatchCallback(every=1, strict=True)
+    trainer = pl.Trainer(
+        callbacks=[cb], logger=False, plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)],
+        **trainer_kwargs(tmp_path, max_steps=2),
+    )
+    trainer.fit(make_module(pl, fused=True))
+    assert len(scales) == 2 and all(isinstance(s, torch.Tensor) for s in scales)
+    assert set(cb.monitor.history().step) == {0, 1}
+
+
+def test_overflow_step_is_discarded_without_a_host_transfer(tmp_path, monkeypatch):
+    """A non-fused optimizer that GradScaler skipped: the pending measurement is dropped (Monitor.discard_step),
+    not finished (cat + .cpu()) and then thrown away."""
+    pl = ns("lightning.pytorch")
+    from lightning.pytorch.plugins import MixedPrecision
+
+    from gradwatch.integrations.lightning import GradWatchCallback
+    from gradwatch.monitor import Monitor
+
+    finished = []
+    real = Monitor._finish
+    monkeypatch.setattr(Monitor, "_finish", lambda self: finished.append(self._pending is not None) or real(self))
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**30, backoff_factor=2.0**-10)  # steps 0 and 1 overflow
+    cb = GradWatchCallback(every=1, strict=True)
+    trainer = pl.Trainer(
+        callbacks=[cb], logger=False, plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)],
+        **trainer_kwargs(tmp_path),
+    )
+    module = make_module(pl)
+    module.configure_optimizers = lambda: torch.optim.Adam(module.parameters(), lr=1e-3)
+    trainer.fit(module)
+    assert finished.count(True) == 2  # only the steps taken (2 and 3) were moved to the host
+    assert set(cb.monitor.history().step) == {2, 3} and cb.monitor.measurements == 4
+
+
+def test_monitor_discard_step_records_nothing():
+    from gradwatch.monitor import Monitor
+
+    model = torch.nn.Linear(3, 2)
+    model(torch.randn(4, 3)).sum().backward()
+    mon = Monitor(model, blocks=None, strict=True)
+    assert mon.begin_step(0)
+    mon.discard_step()
+    mon.end_step()  # nothing pending any more
+    assert mon.history().empty and mon.global_step == 1
+    assert mon.begin_step(1)
+    mon.end_step()
+    assert set(mon.history().step) == {1}
+
+
+def test_sync_ranks_is_passed_where_monitor_takes_it(tmp_path, monkeypatch):
+    """Every rank runs the callback, so per-rank block-flow norms can be all-reduced (Monitor(sync_ranks=...))."""
+    pl = ns("lightning.pytorch")
+    import gradwatch.integrations.lightning as gl
+    from gradwatch.monitor import Monitor
+
+    got = []
+
+    class Syncing(Monitor):
+        def __init__(self, model, *, sync_ranks=False, **kw):
+            got.append(sync_ranks)
+            super().__init__(model, **kw)
+
+    cb = gl.GradWatchCallback(every=1)
+    monkeypatch.setattr(gl, "Monitor", Syncing)
+    pl.Trainer(callbacks=[cb], logger=False, **trainer_kwargs(tmp_path, max_steps=1)).fit(make_module(pl))
+    assert got == [True]
 
 
 # ---------------------------------------------------------------------------------------------- resume
@@ -471,6 +651,26 @@ def test_resume_from_checkpoint_continues_the_step_axis(tmp_path, events):
     assert set(scalars["grad_norm/_global"]) == set(range(6)) == set(scalars["loss"])
     assert set(cb2.monitor.history().step) == {3, 4, 5}
     assert cb2.monitor.global_step == 6 and cb2.state_dict()["monitors"]["optimizer_0"]["step"] == 6
+
+
+def test_alert_rule_streaks_survive_a_resume(tmp_path):
+    """nonfinite with patience 3, NaN gradients from step 2: steps 2 (first fit), 3 and 4 (resumed fit) make the
+    streak; it fires at step 4, which it only does if the streak was saved in the checkpoint and restored."""
+    pl = ns("lightning.pytorch")
+    from gradwatch.integrations.lightning import GradWatchCallback
+
+    kw = dict(log_every_n_steps=1, logger=False)
+    cb1 = GradWatchCallback(every=1, rules=_alert_rules(patience=3))
+    t1 = pl.Trainer(callbacks=[cb1], **kw, **trainer_kwargs(tmp_path, max_steps=3))
+    t1.fit(_nan_from(pl, 2))
+    assert cb1.monitor.alerts == []
+    ckpt = os.path.join(tmp_path, "mid.ckpt")
+    t1.save_checkpoint(ckpt)
+
+    cb2 = GradWatchCallback(every=1, rules=_alert_rules(patience=3))
+    t2 = pl.Trainer(callbacks=[cb2], **kw, **trainer_kwargs(tmp_path, max_steps=6))
+    t2.fit(_nan_from(pl, 2), ckpt_path=ckpt)
+    assert [(a.rule, a.step) for a in cb2.monitor.alerts] == [("nonfinite", 4)]
 
 
 # ---------------------------------------------------------------------------------------------- installs
