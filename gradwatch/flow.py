@@ -17,7 +17,8 @@ the skip operand give ``skip_grad``, the others ``branch_grad``. Per block and l
 
 :class:`FlowProbe` finds the merges (:mod:`gradwatch.discovery`) on the first logging step, then on each
 logging step arms autograd-node hooks from a forward hook on each block and removes them when the
-measurement is collected. Steps that do not log cost one integer comparison per block forward. No full
+measurement is collected. Steps that do not log run one forward hook per block (an integer check); until
+the first logging step every module carries a discovery hook pair (same check). No full
 backward hooks (they break in-place models), no reference to activations after the step. The
 :class:`~gradwatch.Monitor` owns a probe (``blocks="auto"``) and records its values with the parameter
 metrics, in one device-to-host transfer. See ``docs/flow.md``.
@@ -65,6 +66,10 @@ def _compiling() -> bool:
         return torch.compiler.is_compiling()
     except Exception:  # pragma: no cover - older torch
         return False
+
+
+def _is_scripted(m: nn.Module) -> bool:
+    return isinstance(m, torch.jit.ScriptModule)
 
 
 def _is_compiled(m: nn.Module) -> bool:
@@ -153,6 +158,7 @@ class FlowBatch:
 
     names: list[str]
     values: torch.Tensor
+    step: int | None = None  # the step the probe was armed for (``step()`` at the first hooked forward)
 
 
 def flow_metrics(norms: np.ndarray) -> dict[str, np.ndarray]:
@@ -444,6 +450,8 @@ class FlowProbe:
         self._signature: tuple[int, ...] = ()
         self._closed = False
         self._index: list[_Entry] = []
+        self._constants: dict[tuple, torch.Tensor] = {}
+        self._scripted: list[str] = []  # TorchScript modules: forward hooks cannot be registered on them
         if self._root_compiled:
             self._warn_once(
                 "root-compiled",
@@ -500,7 +508,7 @@ class FlowProbe:
 
         Discovery rules are relaxed for it (see :class:`FlowProbe`). Found on the next logging step.
         """
-        self._check_member(module, "module")
+        _check_member(self.model, module, "module")
         if name is not None and (not isinstance(name, str) or not name):
             raise TypeError("name must be a non-empty str")
         mid = id(module)
@@ -595,9 +603,6 @@ class FlowProbe:
     # ------------------------------------------------------------------ module bookkeeping
     _forced = False
 
-    def _check_member(self, module: Any, arg: str) -> None:
-        _check_member(self.model, module, arg)
-
     def _refresh_modules(self) -> None:
         """(Re)scan the module tree: name modules, hook new ones for discovery, forget removed ones."""
         named = list(self.model.named_modules(remove_duplicate=True))
@@ -624,16 +629,33 @@ class FlowProbe:
                 inside_compiled.update(id(c) for c in m.modules() if c is not m or not isinstance(m, _OptimizedModule))
         for cname in compiled_names:
             self._note_compiled(cname)
+        scripted = [clean_name(name) or ROOT_NAME for name, m in named if _is_scripted(m)]
         watched = self._modules if self.auto else {mid: self._modules[mid] for mid in self._explicit}
         for mid, m in watched.items():
-            if mid in inside_compiled or mid in self._exam or mid in self._entries:
+            if mid in inside_compiled or mid in self._exam or mid in self._entries or _is_scripted(m):
                 continue
             self._add_discovery(m)
+        self._note_scripted(scripted)
         self._reindex()
+
+    def _note_scripted(self, names: Sequence[str]) -> None:
+        """Say once which TorchScript submodules are not watched (they accept no forward hooks)."""
+        new = [n for n in names if n not in self._scripted and not any(n.startswith(s + ".") for s in names)]
+        if new:
+            self._scripted.extend(new)
+            self._warn_once(
+                "scripted-" + ",".join(new),
+                "gradwatch: TorchScript modules accept no forward hooks, so block flow does not watch them as "
+                f"blocks: {', '.join(new)} (a merge inside one may be found by the enclosing module and named after "
+                "it). Other blocks and all parameter metrics are measured.",
+            )
 
     def _add_discovery(self, module: nn.Module) -> None:
         mid = id(module)
         if mid in self._disc_handles:
+            return
+        if _is_scripted(module):
+            self._note_scripted([self._names.get(mid, ROOT_NAME)])
             return
         pre = module.register_forward_pre_hook(self._disc_pre, with_kwargs=True)
         post = module.register_forward_hook(self._disc_post, with_kwargs=True)
@@ -766,11 +788,19 @@ class FlowProbe:
         for v in flat:
             if isinstance(v, torch.Tensor):
                 parts.append(v.to(device=device, dtype=dtype))
-            else:
-                parts.append(torch.tensor(float("nan") if v is None else float(v), dtype=dtype, device=device))
+            else:  # a hook that never fired (NaN) or a dead path (0.0): cached constants, no copy per value
+                parts.append(self._constant(float("nan") if v is None else float(v), device, dtype))
         if self.keep_vectors:
             self.vectors = {name: dict(slot.vectors or {}) for _, name, slot in rows}
-        return FlowBatch([name for _, name, _ in rows], torch.stack(parts))
+        return FlowBatch([name for _, name, _ in rows], torch.stack(parts), sess.step)
+
+    def _constant(self, value: float, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """A 0-d tensor holding ``value`` on ``device``, built (one host-to-device copy) once per value."""
+        key = (repr(value), device, dtype)
+        t = self._constants.get(key)
+        if t is None:
+            t = self._constants[key] = torch.tensor(value, dtype=dtype).to(device)
+        return t
 
     # ------------------------------------------------------------------ hooks (run inside the user's forward)
     def _live(self) -> bool:

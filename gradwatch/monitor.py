@@ -19,7 +19,7 @@ from torch import nn
 from .flow import Blocks, FlowBatch, FlowProbe, FlowStatus, check_blocks
 from .history import History
 from .layers import GLOBAL_NAME, Pattern, Selection, select_parameters
-from .metrics import is_sharded, local_tensor, reduce_squared, safe_ratio, segment_sum, squared_norms
+from .metrics import DTensor, is_sharded, local_tensor, reduce_squared, safe_ratio, segment_sum, squared_norms
 from .sinks import TensorBoardSink
 from .alerts import Alert, build_manager
 
@@ -61,9 +61,11 @@ class Monitor:
     - ``update_to_weight``: ||w_after - w_before|| / ||w_before|| across the optimizer step (only when an
       optimizer is attached; costs one copy of the measured weights, held during logging steps only),
 
-    and the same over the whole model under the name ``_global``. Steps that do not log cost one integer
-    comparison. Norms are fused (``torch._foreach_norm``), computed in float32, and moved to the host once
-    per logging step.
+    and the same over the whole model under the name ``_global``. Norms of steps that do not log are not
+    computed: ``step()`` / the optimizer hook costs one integer comparison, and with block flow on (default
+    ``blocks="auto"``) each residual block's forward hook runs one integer check per forward (every module
+    carries a discovery pre/post hook pair until the first logging step's forward has examined it). Norms are
+    fused (``torch._foreach_norm``), computed in float32, and moved to the host once per logging step.
 
     Two ways to drive it::
 
@@ -116,6 +118,11 @@ class Monitor:
             ``"auto"`` (default) finds the merges in the autograd graph of the first logging step's forward;
             a list of modules watches only those; ``None`` turns it off. :meth:`describe` lists the blocks,
             :meth:`watch_block` adds one, :attr:`flow_status` says why flow is unavailable (torch.compile).
+        sync_ranks: under torch.distributed, average the block-flow norms over ranks (root mean square of each
+            rank's norm, in the same ``all_reduce`` as sharded parameter norms) so block-based alert rules give
+            every rank the same verdict. Every rank must then run the monitor on every logging step, with the
+            same blocks. ``None`` (default): on when ``model`` is a ``DistributedDataParallel`` or has DTensor
+            parameters; integrations that drive every rank pass ``True``.
 
     Raises:
         TypeError: ``model`` is not an ``nn.Module``, ``optimizer`` not an optimizer, ``every`` not an int.
@@ -149,6 +156,7 @@ class Monitor:
         alerts_path: str | os.PathLike | bool | None = None,
         alert_cooldown: int = 20,
         blocks: str | Iterable[nn.Module] | None = "auto",
+        sync_ranks: bool | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -208,24 +216,43 @@ class Monitor:
             )
 
         self._rank_zero = _is_rank_zero()
+        self._sync_ranks = _resolve_sync(model, sync_ranks)
+        self._step = 0
+        self._stride = 1  # the caller's step stride under step(step=...): predicts the step flow is armed for
+        self._last_user_step: int | None = None
+        #: For integrations with their own cadence: decides, at each block forward, whether the step in
+        #: progress logs (default: :meth:`is_logging_step`), so block-flow hooks are armed on those steps only.
+        self.flow_trigger: Callable[[], bool] | None = None
+        # model hooks first (the likeliest to fail, e.g. on a module that takes none), then files and optimizer
+        self._flow: FlowProbe | None = None
+        if blocks is not None:
+            self._flow = FlowProbe(model, blocks, is_logging=self._flow_armed, step=self._flow_step,
+                                   on_error=self._contain)
         self._owns_writer = False
         self._writer = None
-        if log_dir is not None and self._rank_zero:
-            self._writer = _open_writer(log_dir)
-            self._owns_writer = True
-        elif writer is not None and self._rank_zero:
-            if not hasattr(writer, "add_scalar"):
-                raise TypeError(f"writer must be a SummaryWriter-like object, got {type(writer).__name__}")
-            self._writer = writer
-        self.log_dir = None if log_dir is None else os.fspath(log_dir)
-        self._sink = TensorBoardSink(self._writer, prefix, histograms) if self._writer is not None else None
-        self._alerts = build_manager(
-            model, rules=rules, alert_sinks=alert_sinks, on_critical=on_critical, cooldown=alert_cooldown,
-            alerts_path=alerts_path, log_dir=log_dir, writer=self._writer, prefix=prefix, rank_zero=self._rank_zero,
-        )
+        try:
+            if log_dir is not None and self._rank_zero:
+                self._writer = _open_writer(log_dir)
+                self._owns_writer = True
+            elif writer is not None and self._rank_zero:
+                if not hasattr(writer, "add_scalar"):
+                    raise TypeError(f"writer must be a SummaryWriter-like object, got {type(writer).__name__}")
+                self._writer = writer
+            self.log_dir = None if log_dir is None else os.fspath(log_dir)
+            self._sink = TensorBoardSink(self._writer, prefix, histograms) if self._writer is not None else None
+            self._alerts = build_manager(
+                model, rules=rules, alert_sinks=alert_sinks, on_critical=on_critical, cooldown=alert_cooldown,
+                alerts_path=alerts_path, log_dir=log_dir, writer=self._writer, prefix=prefix,
+                rank_zero=self._rank_zero,
+            )
+        except BaseException:
+            if self._flow is not None:
+                self._flow.close()
+            if self._owns_writer:
+                self._writer.close()
+            raise
 
         self._history = History()
-        self._step = 0
         self._pending: _Pending | None = None
         self._reported_missing: set[str] = set()
         self._names_cache: dict[tuple[int, ...], list[str]] = {}
@@ -241,13 +268,6 @@ class Monitor:
             self._handles.append(optimizer.register_step_pre_hook(self._before_optimizer_step))
             self._handles.append(optimizer.register_step_post_hook(self._after_optimizer_step))
 
-        #: For integrations with their own cadence: decides, at each block forward, whether the step in
-        #: progress logs (default: :meth:`is_logging_step`), so block-flow hooks are armed on those steps only.
-        self.flow_trigger: Callable[[], bool] | None = None
-        self._flow: FlowProbe | None = None
-        if blocks is not None:
-            self._flow = FlowProbe(model, blocks, is_logging=self._flow_armed, step=self._flow_step,
-                                   on_error=self._contain)
 
     # ------------------------------------------------------------------ public API
     @property
@@ -297,10 +317,13 @@ class Monitor:
 
     def _flow_armed(self) -> bool:
         trigger = self.flow_trigger
-        return trigger() if trigger is not None else self._step % self.every == 0
+        return trigger() if trigger is not None else (self._step - 1 + self._stride) % self.every == 0
 
     def _flow_step(self) -> int:
-        return self._step
+        """The step the forward in progress belongs to: the next internal step or, under ``step(step=...)``,
+        the caller's last step plus its last stride. A wrong guess only loses that step's flow: ``_begin``
+        drops a flow session armed for another step."""
+        return self._step - 1 + self._stride
 
     def step(self, step: int | None = None) -> None:
         """Mark the end of a backward pass; measure if this step logs.
@@ -320,6 +343,8 @@ class Monitor:
             )
             return
         s = self._step if step is None else int(step)
+        last, self._last_user_step = self._last_user_step, s
+        self._stride = s - last if last is not None and s > last else 1
         try:
             if s % self.every == 0:
                 self._begin(s, snapshot=False)
@@ -352,6 +377,7 @@ class Monitor:
         except Exception as err:
             self._contain(err)
         self._step = int(step) + 1
+        self._stride, self._last_user_step = 1, None
         return self._pending is not None
 
     def end_step(self, found_inf: torch.Tensor | None = None) -> None:
@@ -396,6 +422,7 @@ class Monitor:
         if not isinstance(state, dict) or "step" not in state:
             raise ValueError("not a gradwatch Monitor state_dict (missing 'step')")
         self._step = int(state["step"])
+        self._stride, self._last_user_step = 1, None
         if self._alerts is not None and isinstance(state.get("alerts"), dict):
             self._alerts.load_state_dict(state["alerts"])
 
@@ -492,6 +519,10 @@ class Monitor:
         """Compute squared norms on the device; the host transfer waits for :meth:`_finish`."""
         self.measurements += 1
         flow = self._flow.collect() if self._flow is not None else None
+        if flow is not None and self.flow_trigger is None and flow.step is not None and flow.step != step:
+            # armed for another step (the caller's step counter jumped): another batch's norms, not this one's
+            log.debug("gradwatch: block flow armed for step %s, measured at %d: dropped", flow.step, step)
+            flow = None
         sel = self._selection
         kept = [i for i, p in enumerate(sel.params) if p.grad is not None]
         self._report_missing(kept)
@@ -520,25 +551,32 @@ class Monitor:
             parts.append(squared_norms(torch._foreach_sub(after, pending.snapshot)))
         stacked = torch.cat(parts)
         sharded = [is_sharded(sel.params[i]) for i in pending.kept]
-        if any(sharded):
-            mask = torch.tensor(sharded * len(parts), device=stacked.device)
-            stacked = reduce_squared(stacked, mask)
-        if pending.found_inf is not None:
-            stacked = torch.cat([stacked, pending.found_inf.detach().float().reshape(1).to(stacked.device)])
         n_flow = 0 if pending.flow is None else pending.flow.values.numel()
+        sync = bool(n_flow) and self._sync_ranks and dist.is_available() and dist.is_initialized()
         if n_flow:  # block-flow norms ride along
             flow = pending.flow.values
             dtype = torch.promote_types(stacked.dtype, flow.dtype)
-            stacked = torch.cat([stacked.to(dtype), flow.to(device=stacked.device, dtype=dtype)])
+            flow = flow.to(device=stacked.device, dtype=dtype)
+            if sync:  # each rank saw its own activations: mean of the squared norms over ranks (same all_reduce)
+                flow = flow.square() / dist.get_world_size()
+            stacked = torch.cat([stacked.to(dtype), flow])
+        if any(sharded) or sync:
+            mask = torch.tensor(sharded * len(parts) + [sync] * n_flow, device=stacked.device)
+            stacked = reduce_squared(stacked, mask)  # one collective for parameters and flow
+            if sync:
+                stacked = torch.cat([stacked[:-n_flow], stacked[-n_flow:].sqrt()])
+        if pending.found_inf is not None:
+            found = pending.found_inf.detach().reshape(1).to(device=stacked.device, dtype=stacked.dtype)
+            stacked = torch.cat([stacked, found])
         host = stacked.cpu().numpy().astype(np.float64)  # the one device-to-host transfer
-        flow_host = None
-        if n_flow:
-            host, flow_host = host[:-n_flow], host[-n_flow:]
         if pending.found_inf is not None:
             if host[-1] > 0:  # the optimizer skipped this step: its gradients overflowed, not real
                 log.debug("gradwatch: step %d skipped by the AMP scaler; not recorded", pending.step)
                 return
             host = host[:-1]
+        flow_host = None
+        if n_flow:
+            host, flow_host = host[:-n_flow], host[-n_flow:]
         self._record_parameters(pending.step, pending.kept, host.reshape(len(parts), len(pending.kept)))
         if flow_host is not None and self._flow is not None:
             self._flow.record(pending.step, pending.flow, flow_host, self._record)
@@ -609,6 +647,17 @@ class Monitor:
         if key not in self._warned:
             self._warned.add(key)
             warnings.warn(message, stacklevel=3)
+
+
+def _resolve_sync(model: nn.Module, sync_ranks: bool | None) -> bool:
+    """``sync_ranks=None``: sync when every rank is known to run the monitor (DDP wrapper or DTensor params)."""
+    if sync_ranks is not None:
+        if not isinstance(sync_ranks, bool):
+            raise TypeError(f"sync_ranks must be a bool or None, got {type(sync_ranks).__name__}")
+        return sync_ranks
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        return True
+    return DTensor is not None and any(isinstance(p, DTensor) for p in model.parameters())
 
 
 def _short_list(items: list[str], limit: int = 8) -> str:

@@ -12,6 +12,7 @@ from flow_reference import block_parts, contributions
 from torch import nn
 
 import gradwatch
+from conftest import small_batch
 from gradwatch import flow
 from gradwatch.blocks import resnet, set_skip_fault
 
@@ -19,8 +20,8 @@ TOL = 1e-8
 
 
 def batch(n=4, size=8, seed=1, dtype=torch.float64):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, 3, size, size, generator=g, dtype=dtype), torch.randint(0, 10, (n,), generator=g)
+    x, y = small_batch(n, size, seed)
+    return x.to(dtype), y
 
 
 def values(mon, step=0):

@@ -14,13 +14,14 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import gradwatch
+from conftest import small_batch
 from gradwatch import flow
 from gradwatch.blocks import BasicBlock, resnet
 
 
 def batch(n=4, size=8, seed=1, dtype=torch.float32):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, 3, size, size, generator=g, dtype=dtype), torch.randint(0, 10, (n,), generator=g)
+    x, y = small_batch(n, size, seed)
+    return x.to(dtype), y
 
 
 def flow_rows(mon):
@@ -413,3 +414,168 @@ def test_invalid_blocks_argument_fails_before_anything_is_hooked():
     F.cross_entropy(net(x), y).backward()
     mon.step()
     assert [b.name for b in mon.describe()] == ["layer2.0"]
+
+
+# ---------------------------------------------------------------------------------------- review fixes
+def _grad_out_per_batch(net, steps, mon):
+    """Train ``net`` (pre-activation: a block's output is its merge output) on ``steps`` with
+    ``mon.step(step=s)``; returns {step: {block: ||dL/d(block output)||}} taken with tensor hooks."""
+    opt = torch.optim.SGD(net.parameters(), lr=0.05)
+    seen: dict[int, dict[str, float]] = {}
+    current: dict[str, float] = {}
+    names = {b: n for n, b in net.named_modules() if b in net.residual_blocks()}
+
+    def grab(module, args, out):
+        out.register_hook(lambda g, n=names[module]: current.__setitem__(n, float(g.norm())))
+
+    hooks = [b.register_forward_hook(grab) for b in names]
+    for s in steps:
+        current = {}
+        x, y = batch(seed=s, dtype=torch.float64)
+        F.cross_entropy(net(x), y).backward()
+        seen[s] = current
+        mon.step(step=s)
+        opt.step()
+        opt.zero_grad()
+    for h in hooks:
+        h.remove()
+    return seen
+
+
+@pytest.mark.parametrize("start", [0, 5])
+def test_step_counter_with_a_stride_labels_flow_with_its_own_batch(start):
+    torch.manual_seed(0)
+    net = resnet(8, width=4, block="preact").double()
+    mon = gradwatch.Monitor(net, every=10, strict=True)
+    steps = list(range(start, 45, 5))
+    truth = _grad_out_per_batch(net, steps, mon)
+    hist = mon.history()
+    param_steps = set(hist[hist.metric == "grad_norm"].step)
+    rows = flow_rows(mon)
+    flow_steps = set(rows.step)
+    assert param_steps == {s for s in steps if s % 10 == 0}
+    # the first stride is unknown when the counter does not start on a logging step: that step has no flow
+    assert flow_steps == (param_steps if start == 0 else param_steps - {10})
+    for s in flow_steps:
+        got = rows[(rows.step == s) & (rows.metric == "grad_out")].set_index("name").value
+        assert got.to_dict() == pytest.approx(truth[s], rel=1e-10)  # this batch's gradients, no other's
+    mon.close()
+
+
+class _AddRes(nn.Module):
+    def __init__(self, n=6):
+        super().__init__()
+        self.f = nn.Linear(n, n)
+
+    def forward(self, x):
+        return x + self.f(x)
+
+
+def test_torchscript_submodule_is_skipped_and_reported_once(caplog):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 6), _AddRes(), torch.jit.script(_AddRes()), _AddRes(), nn.Linear(6, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with caplog.at_level(logging.INFO, logger="gradwatch"):
+        mon = gradwatch.Monitor(model, optimizer=opt, every=1, strict=True)
+        for step in range(3):
+            model(torch.randn(4, 6)).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+    notes = [r.getMessage() for r in caplog.records if "TorchScript" in r.getMessage()]
+    assert len(notes) == 1 and "blocks: 2 (" in notes[0]
+    assert {"1", "3"} <= set(flow_rows(mon).name)  # the scripted block's merge may be found by its parent
+    assert set(flow_rows(mon).step) == {0, 1, 2}
+    assert not mon.errors
+    mon.close()
+
+
+def _hooks_left(model, opt):
+    mods = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+    return mods + len(opt._optimizer_step_pre_hooks) + len(opt._optimizer_step_post_hooks)
+
+
+def test_failed_construction_leaves_no_hooks_and_no_writer(tmp_path, monkeypatch):
+    import gradwatch.monitor as monitor_module
+
+    model = resnet(8, width=4)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("cannot hook")
+
+    with monkeypatch.context() as m:
+        m.setattr(monitor_module, "FlowProbe", broken)
+        with pytest.raises(RuntimeError, match="cannot hook"):
+            gradwatch.Monitor(model, optimizer=opt, log_dir=tmp_path / "a")
+    assert _hooks_left(model, opt) == 0
+    assert not (tmp_path / "a").exists()  # the probe is built before the writer opens
+    with pytest.raises(TypeError, match="writer"):  # a failure after the probe: its hooks are removed
+        gradwatch.Monitor(model, optimizer=opt, writer=object())
+    assert _hooks_left(model, opt) == 0
+
+
+def test_unfired_and_dead_norms_reuse_cached_constants(monkeypatch):
+    import sys
+
+    net = resnet(8, width=4, skip_fault={1: "detached"})
+    opt = torch.optim.SGD(net.parameters(), lr=0.05)
+    mon = gradwatch.Monitor(net, optimizer=opt, every=1, strict=True)
+
+    def run(step):
+        x, y = batch(seed=step)
+        F.cross_entropy(net(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+
+    run(0)
+    run(1)
+    real = torch.tensor
+
+    def guarded(*args, **kwargs):
+        assert not sys._getframe(1).f_code.co_filename.endswith("flow.py"), "a tensor per constant norm"
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "tensor", guarded)
+    run(2)
+    monkeypatch.undo()
+    rows = flow_rows(mon)
+    dead = rows[(rows.metric == "skip_grad") & (rows.step == 2)].value
+    assert (dead == 0.0).sum() == 1 and len(mon._flow._constants) >= 1
+    mon.close()
+
+
+def _ddp_worker(rank, world, init_file, out_dir):
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        result = {}
+        for label, kwargs in (("local", {"sync_ranks": False}), ("auto", {})):
+            torch.manual_seed(0)
+            net = DDP(resnet(8, width=4))
+            opt = torch.optim.SGD(net.parameters(), lr=0.05)
+            mon = gradwatch.Monitor(net, optimizer=opt, every=1, strict=True, rules=False, **kwargs)
+            x, y = batch(seed=10 + rank)  # each rank its own data: its own activations
+            F.cross_entropy(net(x), y).backward()
+            opt.step()
+            mon.close()
+            rows = flow_rows(mon)
+            result[label] = rows[rows.metric == "grad_out"].set_index("name").value.to_dict()
+        torch.save(result, f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_ddp_flow_norms_are_averaged_over_ranks(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    assert r0["local"] and r0["local"].keys() == r1["local"].keys()
+    assert r0["local"] != pytest.approx(r1["local"])  # unsynced: each rank its own values
+    assert r0["auto"] == r1["auto"]  # DDP model: synced, every rank the same verdict
+    for name, v in r0["auto"].items():
+        mean_sq = (r0["local"][name] ** 2 + r1["local"][name] ** 2) / 2
+        assert v == pytest.approx(mean_sq ** 0.5, rel=1e-5)

@@ -67,13 +67,16 @@ def test_steps_that_do_not_log_compute_no_norms(monkeypatch):
     model = tiny_resnet()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     calls = []
-    real = torch._foreach_norm
 
-    def counting(*args, **kwargs):
-        calls.append(1)
-        return real(*args, **kwargs)
+    def counting(real):
+        def wrapper(*args, **kwargs):
+            calls.append(1)
+            return real(*args, **kwargs)
 
-    monkeypatch.setattr(torch, "_foreach_norm", counting)
+        return wrapper
+
+    monkeypatch.setattr(torch, "_foreach_norm", counting(torch._foreach_norm))
+    monkeypatch.setattr(torch.linalg, "vector_norm", counting(torch.linalg.vector_norm))  # block-flow norms
     mon = gradwatch.Monitor(model, optimizer=opt, every=4)
     per_step = []
     for step in range(9):
