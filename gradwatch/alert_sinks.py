@@ -2,10 +2,15 @@
 
 A sink is any object with ``send(alert)``; optionally ``end_step(step, alerts)`` (called after every
 evaluated logging step, with the alerts sent at it), ``close(timeout)`` (flush, waiting at most ``timeout``
-seconds) and ``attach(report_failure)`` (receives ``report_failure(sink_description, alert, error)`` to record
+seconds, and release), ``flush(timeout)`` (wait for pending deliveries, stay usable) and
+``attach(report_failure)`` (receives ``report_failure(sink_description, alert, error)`` to record
 a delivery that failed). ``send`` must return quickly: anything slow belongs on a thread, like
 :class:`WebhookSink`. Errors a sink raises are caught and logged by the :class:`~gradwatch.alerts.AlertManager`;
 they never reach the training loop. Sinks run on rank 0 only.
+
+A monitor closes only the sinks it created (logging, TensorBoard, wrapped callables); sinks you pass in
+``alert_sinks`` are flushed at ``mon.close()``, not closed, so one sink can serve several monitors in turn or
+a Lightning callback across several fits. Close them yourself when done (or leave it to interpreter exit).
 
 The JSONL record (``alerts.jsonl``) is not a sink: the manager writes it before any sink runs, so a failing
 sink can never lose an alert.
@@ -243,6 +248,8 @@ class WebhookSink(_Filtered):
         self._deadline: float | None = None
         self._last_post = 0.0
         self._closed = False
+        self._unfinished = 0  # queued or being delivered
+        self._idle = threading.Condition()
         self._thread = threading.Thread(target=self._run, name="gradwatch-webhook", daemon=True)
         self._thread.start()
         _LIVE.add(self)
@@ -262,13 +269,36 @@ class WebhookSink(_Filtered):
         if self._closed:
             self._fail(alert, "the sink is closed")
             return
+        with self._idle:
+            self._unfinished += 1
         try:
             self._queue.put_nowait(alert)
         except queue.Full:
+            self._done()
             self._fail(alert, f"queue full ({self._queue.maxsize} alerts waiting); dropped")
 
+    def flush(self, timeout: float = 5.0) -> bool:
+        """Wait at most ``timeout`` seconds for what is queued to be delivered (or given up on); the sink stays
+        open. What a monitor does with a sink it was given, at its close. Returns whether the queue emptied."""
+        end = time.monotonic() + max(0.0, timeout)
+        with self._idle:
+            while self._unfinished > 0:
+                left = end - time.monotonic()
+                if left <= 0 or not self._thread.is_alive():
+                    return False
+                self._idle.wait(left)
+        return True
+
+    def _done(self) -> None:
+        with self._idle:
+            self._unfinished -= 1
+            if self._unfinished <= 0:
+                self._idle.notify_all()
+
     def close(self, timeout: float = 5.0) -> None:
-        """Send what is queued, waiting at most ``timeout`` seconds; record the rest as failed."""
+        """Send what is queued, waiting at most ``timeout`` seconds; record the rest as failed. Final: alerts
+        sent after it are recorded as failed. A monitor never closes a sink it was given (it calls :meth:`flush`);
+        gradwatch closes still-open webhook sinks at interpreter exit."""
         if self._closed:
             return
         self._closed = True
@@ -285,6 +315,7 @@ class WebhookSink(_Filtered):
             except queue.Empty:
                 break
             if item is not _STOP:
+                self._done()
                 self._fail(item, "not sent before the close timeout")
         _LIVE.discard(self)
 
@@ -310,6 +341,8 @@ class WebhookSink(_Filtered):
                 self._deliver(item)
             except Exception as err:  # never let the thread die
                 self._fail(item, f"{type(err).__name__}: {self._scrub(str(err))}")
+            finally:
+                self._done()
 
     def _deliver(self, alert: Alert) -> None:
         body = self.payload(alert)

@@ -12,8 +12,13 @@ webhooks) and applies the ``on_critical`` policy:
 - ``"raise"``: also raise :class:`GradientAlarm` out of ``mon.step()`` (or ``optimizer.step()`` when the
   monitor drives itself from the optimizer) — the one exception gradwatch raises into a training loop.
 
-Under torch.distributed every rank runs the rules on the same numbers and reaches the same verdict (so
-``should_stop`` and ``GradientAlarm`` agree), but only rank 0 writes the record and sends alerts.
+Under torch.distributed every rank runs the rules and only rank 0 writes the record and sends alerts. The
+per-layer numbers are the same on every rank (gradients after DDP's all-reduce; FSDP/DTensor norms
+all-reduced). Block-flow metrics come from each rank's own activations: they are averaged across ranks (root
+mean square of the per-rank norms) when the monitor syncs ranks — ``Monitor(sync_ranks=...)``, on by default
+for DDP-wrapped and DTensor models and always in the Lightning callback — so then every rank reaches the same
+verdict (``should_stop`` and ``GradientAlarm`` agree). With ``sync_ranks=False`` block-flow rules
+(``skip_collapse``, the block form of ``depth_trend``) may fire on one rank and not another.
 """
 
 from __future__ import annotations
@@ -179,6 +184,48 @@ class _Record:
                 self._file = None
 
 
+class _ForwardOrder:
+    """Records the order in which a model's modules first run (forward-pre hooks on every module), until
+    :meth:`finish` removes the hooks. Names are cleaned like the monitor's layer names (wrappers dropped, the
+    root is ``_root``). Nothing is recorded while ``torch.compile`` traces (the rules then keep definition
+    order)."""
+
+    def __init__(self, model: Any) -> None:
+        import torch
+
+        from .layers import ROOT_NAME, clean_name
+
+        self.order: dict[str, int] = {}
+        self._handles: list[Any] = []
+        is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", lambda: False)
+
+        def make(name: str) -> Callable[..., None]:
+            def hook(module: Any, args: Any) -> None:
+                if name not in self.order and not is_compiling():
+                    self.order[name] = len(self.order)
+            return hook
+
+        try:
+            for qualified, module in model.named_modules():
+                name = clean_name(qualified) or ROOT_NAME
+                self._handles.append(module.register_forward_pre_hook(make(name)))
+        except Exception:  # not an nn.Module, or hooks refused: definition order it is
+            self.finish()
+
+    def finish(self) -> dict[str, int]:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        return dict(self.order)
+
+
+def _check_policy(on_critical: Any, cooldown: Any) -> None:
+    if on_critical not in POLICIES:
+        raise ValueError(f"on_critical must be one of {POLICIES}, got {on_critical!r}")
+    if isinstance(cooldown, bool) or not isinstance(cooldown, int) or cooldown < 0:
+        raise ValueError(f"alert_cooldown must be an int >= 0 (logging steps), got {cooldown!r}")
+
+
 class AlertManager:
     """Runs the rules after each logging step and routes what they find. Owned by :class:`~gradwatch.Monitor`.
 
@@ -193,6 +240,11 @@ class AlertManager:
             severity is not sent again (still counted in :attr:`suppressed`).
         path: the JSONL record, or None for none.
         rank_zero: whether this process writes and sends.
+        owned: the sinks this manager created (identity); :meth:`close` closes those and only flushes the
+            others (``flush(timeout)`` when they have one), which stay usable by another monitor or fit.
+        model: when given, the order its modules run in is recorded up to the first evaluation (one-shot
+            forward-pre hooks, removed then) and handed to the rules as :attr:`Measurements.forward
+            <gradwatch.detectors.Measurements.forward>`, so ``nonfinite`` can name layers in forward order.
     """
 
     def __init__(
@@ -205,13 +257,12 @@ class AlertManager:
         cooldown: int = 20,
         path: str | None = None,
         rank_zero: bool = True,
+        owned: Iterable[Any] = (),
+        model: Any = None,
     ) -> None:
         from .alert_sinks import as_sink
 
-        if on_critical not in POLICIES:
-            raise ValueError(f"on_critical must be one of {POLICIES}, got {on_critical!r}")
-        if isinstance(cooldown, bool) or not isinstance(cooldown, int) or cooldown < 0:
-            raise ValueError(f"alert_cooldown must be an int >= 0 (logging steps), got {cooldown!r}")
+        _check_policy(on_critical, cooldown)
         self.rules = list(rules)
         self.on_critical = on_critical
         self.cooldown = cooldown
@@ -219,6 +270,7 @@ class AlertManager:
         self.rank_zero = rank_zero
         self.path = path
         self.sinks = [as_sink(s) for s in sinks]
+        self._owned = {id(s) for s in owned}
         self._record = _Record(path) if (path and rank_zero) else None
         for sink in self.sinks:
             attach = getattr(sink, "attach", None)
@@ -235,6 +287,8 @@ class AlertManager:
         self._evaluated = 0
         self._last: dict[str, tuple[int, int]] = {}  # "rule\x00name" -> (evaluation number, severity rank)
         self._closed = False
+        self._order = _ForwardOrder(model) if model is not None else None
+        self._forward: dict[str, int] = {}
 
     # ------------------------------------------------------------------ the monitor's calls
     def observe(self, step: int, names: Sequence[str], metric: str, values: np.ndarray) -> None:
@@ -252,6 +306,10 @@ class AlertManager:
         if m is None or m.step != step or self._closed:
             return []
         self._evaluated += 1
+        if self._order is not None:  # the forward order is known after the first measured step: stop recording
+            self._forward = self._order.finish()
+            self._order = None
+        m.forward = self._forward
         found: list[Alert] = []
         for rule in self.rules:
             try:
@@ -305,17 +363,21 @@ class AlertManager:
             self._record.write(entry)
 
     def close(self, timeout: float = 10.0) -> None:
-        """Flush and close the sinks (at most ``timeout`` seconds in all), then the record."""
+        """Close the sinks this manager created and flush the others (at most ``timeout`` seconds in all),
+        then the record. Sinks passed in are not closed: they may serve another monitor (or the next fit)."""
         if self._closed:
             return
         self._closed = True
+        if self._order is not None:
+            self._order.finish()
+            self._order = None
         deadline = time.monotonic() + timeout
         for sink in self.sinks:
-            close = getattr(sink, "close", None)
-            if close is None:
+            finish = getattr(sink, "close" if id(sink) in self._owned else "flush", None)
+            if finish is None:
                 continue
             try:
-                close(max(0.0, deadline - time.monotonic()))
+                finish(max(0.0, deadline - time.monotonic()))
             except Exception as err:
                 self._error(f"sink {sink!r}", err)
         if self._record is not None:
@@ -382,11 +444,36 @@ def default_path(log_dir: str | None, writer: Any) -> str | None:
     return None
 
 
-def build_manager(
-    model: Any,
+def check_arguments(
     *,
     rules: Any,
     alert_sinks: Iterable[Any] | None,
+    on_critical: str,
+    cooldown: int,
+) -> tuple[list[Any], list[Any]] | None:
+    """Validate a monitor's alert arguments before anything is opened (no writer, no hook, no file yet).
+
+    Returns ``(rules, user_sinks)`` resolved (rules built, plain callables wrapped), or None when alerting is
+    off. Raises ``ValueError`` / ``TypeError`` for a bad ``rules``, ``on_critical``, ``cooldown`` or sink.
+    """
+    from .alert_sinks import as_sink
+    from .detectors import build_rules
+
+    _check_policy(on_critical, cooldown)
+    resolved = build_rules(rules)
+    if alert_sinks is not None and (isinstance(alert_sinks, (str, bytes)) or not isinstance(alert_sinks, Iterable)
+                                    or hasattr(alert_sinks, "send")):
+        raise TypeError("alert_sinks must be a list of sinks or callables, e.g. alert_sinks=[WebhookSink(url)]")
+    sinks = [as_sink(s) for s in (alert_sinks or [])]
+    if not resolved:
+        return None
+    return resolved, sinks
+
+
+def build_manager(
+    model: Any,
+    checked: tuple[list[Any], list[Any]] | None,
+    *,
     on_critical: str,
     cooldown: int,
     alerts_path: Any,
@@ -395,28 +482,29 @@ def build_manager(
     prefix: str,
     rank_zero: bool,
 ) -> AlertManager | None:
-    """What :class:`~gradwatch.Monitor` calls: resolve its alert arguments into a manager (None: alerting off).
+    """What :class:`~gradwatch.Monitor` calls once its writer is open: a manager from :func:`check_arguments`'
+    result (None: alerting off).
 
-    Default sinks: Python logging (logger ``gradwatch``) and, with a writer, TensorBoard; then ``alert_sinks``.
+    Default sinks: Python logging (logger ``gradwatch``) and, with a writer, TensorBoard; then the user's
+    ``alert_sinks``. Only the default sinks (and callables wrapped here) are closed with the monitor; the
+    user's sinks are flushed, so one sink can serve several monitors or fits.
     """
-    from .alert_sinks import LoggingSink, TensorBoardAlertSink
-    from .detectors import build_rules, layer_kinds
+    from .alert_sinks import CallableSink, LoggingSink, TensorBoardAlertSink
+    from .detectors import layer_kinds
 
-    resolved = build_rules(rules)
-    if not resolved:
+    if checked is None:
         return None
-    if alert_sinks is not None and (isinstance(alert_sinks, (str, bytes)) or not isinstance(alert_sinks, Iterable)
-                                    or hasattr(alert_sinks, "send")):
-        raise TypeError("alert_sinks must be a list of sinks or callables, e.g. alert_sinks=[WebhookSink(url)]")
-    sinks: list[Any] = [LoggingSink()]
+    resolved, user_sinks = checked
+    defaults: list[Any] = [LoggingSink()]
     if writer is not None:
-        sinks.append(TensorBoardAlertSink(writer, prefix))
-    sinks.extend(alert_sinks or [])
+        defaults.append(TensorBoardAlertSink(writer, prefix))
+    wrapped = [s for s in user_sinks if isinstance(s, CallableSink)]  # as_sink's wrappers: ours to close too
     if alerts_path is None:
         path = default_path(log_dir, writer)
     elif alerts_path is False:
         path = None
     else:
         path = os.fspath(alerts_path)
-    return AlertManager(resolved, sinks, kinds=layer_kinds(model), on_critical=on_critical, cooldown=cooldown,
-                        path=path, rank_zero=rank_zero)
+    return AlertManager(resolved, [*defaults, *user_sinks], kinds=layer_kinds(model), on_critical=on_critical,
+                        cooldown=cooldown, path=path, rank_zero=rank_zero, owned=[*defaults, *wrapped],
+                        model=model)

@@ -7,8 +7,11 @@ raises at that step; what happens next (cooldown, the JSONL record, sinks, the `
 :mod:`gradwatch.alerts`'s business. Rules keep their state (streak counters, running baselines) in plain
 dicts so that it travels in the monitor's ``state_dict`` and survives checkpoint/resume.
 
-Rules see the same numbers on every rank (gradients are identical after DDP's all-reduce; FSDP norms are
-all-reduced), so they reach the same verdict everywhere without communicating.
+Rules see the same numbers on every rank, so they reach the same verdict everywhere without communicating:
+per-layer gradients are identical after DDP's all-reduce (FSDP/DTensor norms are all-reduced), and block-flow
+metrics, measured on each rank's own activations, are averaged across ranks (root mean square of the per-rank
+norms) when the monitor syncs ranks (``Monitor(sync_ranks=...)``: on by default for DDP-wrapped and DTensor
+models, always in the Lightning callback). With ``sync_ranks=False`` the block rules may disagree across ranks.
 
 Adding a rule::
 
@@ -37,10 +40,12 @@ import numpy as np
 from torch import nn
 
 from .alerts import Alert
+from .flow import FLOW_METRICS
 from .layers import GLOBAL_NAME, ROOT_NAME, clean_name
 
 __all__ = [
     "BLOCK_METRICS",
+    "short_list",
     "Measurements",
     "EarlyRatio",
     "early_ratio",
@@ -59,8 +64,9 @@ __all__ = [
     "replay",
 ]
 
-#: Per-block metric names written by block flow (``gradwatch.flow``); anything else recorded is a layer metric.
-BLOCK_METRICS = ("grad_out", "grad_in", "skip_grad", "branch_grad", "skip_share", "transmission")
+#: Per-block metric names written by block flow (:data:`gradwatch.flow.FLOW_METRICS`); anything else recorded is
+#: a layer metric.
+BLOCK_METRICS = FLOW_METRICS
 
 _NORM_TYPES: tuple[type, ...] = (
     nn.modules.batchnorm._NormBase,
@@ -105,10 +111,12 @@ def layer_kinds(model: nn.Module) -> dict[str, str]:
 class Measurements:
     """One logging step's measured values, as the rules see them.
 
-    ``layers`` are the measured layer names in forward (definition) order; ``layer[metric]`` is an array
-    aligned with it (NaN where a layer lacked that metric). ``whole`` holds the ``_global`` entry.
+    ``layers`` are the measured layer names in definition order (``named_modules()``); ``layer[metric]`` is an
+    array aligned with it (NaN where a layer lacked that metric). ``whole`` holds the ``_global`` entry.
     ``blocks`` and ``block[metric]`` are the same for the residual blocks of block flow (empty without it).
-    ``kinds`` maps layer names to :func:`layer_kinds` kinds.
+    ``kinds`` maps layer names to :func:`layer_kinds` kinds. ``forward`` maps module names to the position in
+    which they first ran in a forward pass, as the monitor recorded it on its first measured step (empty when
+    unknown, e.g. in :func:`replay`); :meth:`forward_sorted` orders layers by it.
 
     The monitor fills one per logging step through :meth:`add` (every value it records passes through), so a
     new measurement source shows up here by recording its values; rules can also be fed by hand::
@@ -124,6 +132,19 @@ class Measurements:
     whole: dict[str, float] = field(default_factory=dict)
     blocks: list[str] = field(default_factory=list)
     block: dict[str, np.ndarray] = field(default_factory=dict)
+    forward: Mapping[str, int] = field(default_factory=dict)
+
+    def forward_sorted(self, indices: Iterable[int]) -> list[int]:
+        """Layer ``indices`` sorted in the order their modules ran in the forward pass (:attr:`forward`: module
+        name -> position, recorded by the monitor on its first measured step); layers whose module was not
+        seen (or no order recorded, e.g. in :func:`replay`) keep definition order, after the others."""
+        def key(i: int) -> tuple[int, int]:
+            name = self.layers[i]
+            pos = self.forward.get(name)
+            if pos is None:  # granularity="parameter": "layer1.0.conv1.weight" -> its module
+                pos = self.forward.get(name.rsplit(".", 1)[0] if "." in name else ROOT_NAME)
+            return (0, pos) if pos is not None else (1, i)
+        return sorted(indices, key=key)
 
     def add(self, names: Sequence[str], metric: str, values: np.ndarray | Sequence[float]) -> None:
         """Add ``values[i]`` as ``metric`` of ``names[i]`` (a block metric if ``metric`` is one of
@@ -289,10 +310,14 @@ def depth_slope(m: Measurements, min_points: int = 6) -> tuple[str, float, int] 
     return unit, slope, len(y)
 
 
-def _fmt_names(names: list[str], limit: int = 3) -> str:
+def short_list(names: Sequence[str], limit: int = 8) -> str:
+    """``names`` joined with commas; past ``limit`` names, the first ``limit - 1``, an ellipsis and the last:
+    ``"0, 2, … 6 (4 in all)"``. For messages (alerts here, the monitor's log lines)."""
+    names = list(names)
     if len(names) <= limit:
         return ", ".join(names)
-    return f"{names[0]} … {names[-1]} ({len(names)} layers)"
+    head = ", ".join(names[:max(limit - 1, 1)])
+    return f"{head}, … {names[-1]} ({len(names)} in all)"
 
 
 def _check_fraction(value: float, arg: str, owner: str) -> float:
@@ -383,11 +408,11 @@ class Vanishing(Rule):
             else "warning"
         if rel_low:
             value, threshold = ratio, self.relative
-            what = (f"early layers ({_fmt_names(names)}) have a median grad_to_weight {early_med:.3g}, "
+            what = (f"early layers ({short_list(names, 3)}) have a median grad_to_weight {early_med:.3g}, "
                     f"{ratio:.3g} times the network's median {typical:.3g}")
         else:
             value, threshold = early_med, float(self.floor)
-            what = f"early layers ({_fmt_names(names)}) have a median grad_to_weight {early_med:.3g} < {self.floor:g}"
+            what = f"early layers ({short_list(names, 3)}) have a median grad_to_weight {early_med:.3g} < {self.floor:g}"
         return [self.alert(
             m, severity, None, value, threshold,
             f"vanishing gradients: {what} for {n} logging steps; they have (almost) stopped learning",
@@ -430,7 +455,7 @@ class Exploding(Rule):
         if n >= self.patience and stat is not None:
             out.append(self.alert(
                 m, "warning", None, stat.ratio, self.relative,
-                f"exploding gradients toward the input: early layers ({_fmt_names(stat.early)}) have a median "
+                f"exploding gradients toward the input: early layers ({short_list(stat.early, 3)}) have a median "
                 f"grad_to_weight {stat.early_median:.3g}, {stat.ratio:.3g} times the network's median "
                 f"{stat.typical:.3g}" + (f", for {n} logging steps" if n > 1 else ""),
                 "typical of deep nets without skip connections (BatchNorm alone makes gradients grow toward the "
@@ -516,6 +541,10 @@ class DepthTrend(Rule):
 class NonFinite(Rule):
     """A NaN or Inf gradient: critical at once, naming the first layer in forward order where it appears.
 
+    Forward order is the order the modules ran in on the monitor's first measured step
+    (:attr:`Measurements.forward`); layers it did not see, and all layers when it is unknown (:func:`replay`),
+    follow in definition order.
+
     Raised once per episode (the first non-finite step after finite ones): once a NaN reached the weights,
     every later step is non-finite too.
 
@@ -538,6 +567,7 @@ class NonFinite(Rule):
         if n != self.patience:  # once per episode: after a NaN step the weights are usually NaN for good
             return []
         if len(bad):
+            bad = m.forward_sorted(bad)
             first, last = m.layers[bad[0]], m.layers[bad[-1]]
             value = g[bad[0]]
             where = f"first in forward order: {first}"
@@ -547,7 +577,7 @@ class NonFinite(Rule):
             first, value, where = None, whole, "in the whole-model norm"
         bad_w = [m.layers[i] for i in np.flatnonzero(~np.isfinite(m.values("weight_norm")))]
         if bad_w:
-            where += f"; weights already non-finite in {_fmt_names(bad_w)}"
+            where += f"; weights already non-finite in {short_list(bad_w, 3)}"
         return [self.alert(
             m, "critical", first, value, math.inf,
             f"non-finite gradient ({value}) at step {m.step} ({where})",
@@ -584,7 +614,7 @@ class DeadLayer(Rule):
             return [self.alert(
                 m, "warning", None, 0.0, 0.0,
                 f"{len(firing)} layers have had exactly zero gradient for {self.patience}+ logging steps: "
-                f"{_fmt_names(firing, self.max_named)}", hint,
+                f"{short_list(firing, self.max_named)}", hint,
             )]
         return [self.alert(
             m, "warning", name, 0.0, 0.0,

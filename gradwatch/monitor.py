@@ -22,6 +22,8 @@ from .layers import GLOBAL_NAME, Pattern, Selection, select_parameters
 from .metrics import DTensor, is_sharded, local_tensor, reduce_squared, safe_ratio, segment_sum, squared_norms
 from .sinks import TensorBoardSink
 from .alerts import Alert, build_manager
+from .alerts import check_arguments as check_alert_arguments
+from .detectors import short_list as _short_list
 
 log = logging.getLogger("gradwatch")
 
@@ -215,6 +217,10 @@ class Monitor:
                 _short_list(self._selection.frozen),
             )
 
+        # alert arguments are checked before the writer opens: a bad one leaves no events file or writer thread
+        checked_alerts = check_alert_arguments(
+            rules=rules, alert_sinks=alert_sinks, on_critical=on_critical, cooldown=alert_cooldown
+        )
         self._rank_zero = _is_rank_zero()
         self._sync_ranks = _resolve_sync(model, sync_ranks)
         self._step = 0
@@ -241,9 +247,8 @@ class Monitor:
             self.log_dir = None if log_dir is None else os.fspath(log_dir)
             self._sink = TensorBoardSink(self._writer, prefix, histograms) if self._writer is not None else None
             self._alerts = build_manager(
-                model, rules=rules, alert_sinks=alert_sinks, on_critical=on_critical, cooldown=alert_cooldown,
-                alerts_path=alerts_path, log_dir=log_dir, writer=self._writer, prefix=prefix,
-                rank_zero=self._rank_zero,
+                model, checked_alerts, on_critical=on_critical, cooldown=alert_cooldown, alerts_path=alerts_path,
+                log_dir=log_dir, writer=self._writer, prefix=prefix, rank_zero=self._rank_zero,
             )
         except BaseException:
             if self._flow is not None:
@@ -658,11 +663,6 @@ def _resolve_sync(model: nn.Module, sync_ranks: bool | None) -> bool:
     if isinstance(model, nn.parallel.DistributedDataParallel):
         return True
     return DTensor is not None and any(isinstance(p, DTensor) for p in model.parameters())
-
-
-def _short_list(items: list[str], limit: int = 8) -> str:
-    head = ", ".join(items[:limit])
-    return head + (f", ... (+{len(items) - limit} more)" if len(items) > limit else "")
 
 
 def _open_writer(log_dir: str | os.PathLike) -> Any:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import threading
 
 import numpy as np
 import pytest
@@ -65,6 +66,20 @@ def nan_grad_at(param: torch.Tensor, step_box: dict, at: int):
     return param.register_hook(lambda g: torch.full_like(g, math.nan) if step_box["i"] == at else g)
 
 
+def read_alert_texts(log_dir: str) -> dict[str, list[tuple[int, str]]]:
+    """The ``alerts/<rule>`` text entries of the run under ``log_dir``, read back with TensorBoard's reader."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(log_dir, size_guidance={"tensors": 0})
+    acc.Reload()
+    out: dict[str, list[tuple[int, str]]] = {}
+    for tag in acc.Tags()["tensors"]:
+        if tag.startswith("alerts/"):
+            key = tag.removesuffix("/text_summary")
+            out[key] = [(e.step, e.tensor_proto.string_val[0].decode("utf-8")) for e in acc.Tensors(tag)]
+    return out
+
+
 # ---------------------------------------------------------------------------------------------- nonfinite
 def test_injected_nan_fires_nonfinite_naming_the_layer_with_record_log_and_tensorboard(tmp_path, caplog):
     model = mlp()
@@ -91,6 +106,47 @@ def test_injected_nan_fires_nonfinite_naming_the_layer_with_record_log_and_tenso
     ev = read_events(str(tmp_path))
     count = ev["scalars"]["alerts/count"]
     assert set(count) == set(range(6)) and count[3] >= 1 and count[0] == 0
+    assert count[3] == sum(1 for x in mon.alerts if x.step == 3)
+    texts = read_alert_texts(str(tmp_path))
+    assert set(texts) == {f"alerts/{x.rule}" for x in mon.alerts}
+    ((step, text),) = texts["alerts/nonfinite"]
+    assert step == 3 and text.startswith("**critical** nonfinite — `4`")
+    assert a.message in text and a.hint in text
+
+
+class DefinedBackwards(nn.Module):
+    """``late`` is defined before ``early`` but runs after it; ``nan_at`` makes the gradient at ``late``'s output
+    NaN (born in backward: it spreads to ``late`` and everything before it, ``early``)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.late = nn.Linear(8, 8)
+        self.early = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 3)
+        self.nan = False
+
+    def forward(self, x):
+        h = self.late(torch.relu(self.early(x)))
+        if self.nan:
+            h.register_hook(lambda g: torch.full_like(g, math.nan))
+        return self.head(torch.relu(h))
+
+
+def test_nonfinite_names_layers_in_forward_order_not_definition_order():
+    model = DefinedBackwards()
+    mon = gradwatch.Monitor(model, every=1, strict=True, blocks=None)
+    hooks = sum(len(mod._forward_pre_hooks) for mod in model.modules())
+    train(model, mon, 4, on_step=lambda i: setattr(model, "nan", i == 2))
+    mon.close()
+    assert hooks == 4  # one-shot recorder on every module (the root too) ...
+    assert sum(len(mod._forward_pre_hooks) for mod in model.modules()) == 0  # ... gone after the first step
+    (a,) = [x for x in mon.alerts if x.rule == "nonfinite"]
+    assert (a.step, a.name) == (2, "early")  # definition order would say "late"
+    assert "first in forward order: early" in a.message and "the last is late" in a.message
+    # without a recorded order (replay of the history) the definition order is kept
+    replayed = [x for x in replay(mon.history(), [NonFinite()], layer_kinds(model)) if x.rule == "nonfinite"]
+    assert replayed[0].name == "late"
 
 
 def test_nonfinite_is_not_raised_for_steps_the_amp_scaler_skips():
@@ -135,7 +191,8 @@ def test_deep_sigmoid_mlp_fires_vanishing():
     van = [a for a in mon.alerts if a.rule == "vanishing"]
     assert van and van[0].step == 2  # patience 3: the third logging step
     assert van[0].severity in ("warning", "critical") and van[0].value < 0.02
-    assert "0.weight" not in van[0].message and "0" in van[0].message  # names the early layers
+    # names the early weight layers (Linear at indices 0, 2, ..., 8 of 16), not the late ones
+    assert van[0].name is None and "early layers (0, 2, … 8 (5 in all))" in van[0].message
 
 
 def test_healthy_small_relu_mlp_fires_nothing():
@@ -257,6 +314,23 @@ def test_arguments_are_validated():
     assert off.alerts == [] and off.state_dict().get("alerts") is None
     assert [r.name for r in build_rules({"dead_layer": False})] == [
         "nonfinite", "skip_collapse", "vanishing", "exploding", "depth_trend"]
+
+
+@pytest.mark.parametrize("bad,error", [
+    ({"on_critical": "panic"}, ValueError),
+    ({"rules": {"vanishng": {}}}, ValueError),
+    ({"alert_cooldown": -1}, ValueError),
+    ({"alert_sinks": print}, TypeError),
+    ({"alert_sinks": [42]}, TypeError),
+], ids=["on_critical", "rules", "cooldown", "sinks", "sink"])
+def test_bad_alert_argument_leaves_no_events_file_or_writer(tmp_path, bad, error):
+    # alert arguments are checked before the SummaryWriter opens: nothing in log_dir, no writer thread left
+    before = {t.ident for t in threading.enumerate()}
+    with pytest.raises(error):
+        gradwatch.Monitor(mlp(), log_dir=tmp_path / "run", **bad)
+    run_dir = tmp_path / "run"
+    assert not run_dir.exists() or not any(run_dir.glob("events.out.tfevents.*"))
+    assert [t.name for t in threading.enumerate() if t.ident not in before] == []
 
 
 # ---------------------------------------------------------------------------------------------- manager

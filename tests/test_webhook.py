@@ -145,17 +145,21 @@ def test_429_retry_after_is_honoured(tmp_path):
 def test_slow_server_never_blocks_training_and_close_waits_a_bounded_time(tmp_path):
     with WebhookServer(script=[("slow", 3.0)]) as srv:
         sink = gradwatch.WebhookSink(srv.url, timeout=0.3, retries=0, min_interval=0)
-        mon, slowest = run(sink, tmp_path, steps=8)  # 8 x 0.3 s of timeouts > the 1 s close budget
+        mon, slowest = run(sink, tmp_path, steps=12)  # 12 x 0.3 s of timeouts > the 1 s + 1 s budgets
         t = time.perf_counter()
-        mon._alerts.close(timeout=1.0)
+        mon._alerts.close(timeout=1.0)  # the monitor only flushes a sink it was given: bounded, sink stays open
+        flushing = time.perf_counter() - t
+        assert not sink._closed
+        t = time.perf_counter()
+        sink.close(timeout=1.0)
         closing = time.perf_counter() - t
         mon.close()
-    assert slowest < 0.5 and closing < 2.0
+    assert slowest < 0.5 and flushing < 1.5 and closing < 2.0
     failed = failures(tmp_path)
-    assert len(failed) == 8 and sink.sent == 0  # timed out, or left when the close time ran out
+    assert len(failed) == 12 and sink.sent == 0  # timed out, or left when the close time ran out
     assert any("timed out" in f["error"].lower() for f in failed)
     assert any("close timeout" in f["error"] for f in failed)
-    assert [a.step for a in read_alerts(tmp_path / "alerts.jsonl")] == list(range(8))
+    assert [a.step for a in read_alerts(tmp_path / "alerts.jsonl")] == list(range(12))
 
 
 def test_url_from_the_environment_and_validation(monkeypatch):
@@ -187,3 +191,25 @@ def test_nan_alert_reaches_the_webhook_once_with_the_layer(tmp_path):
                 mon.step()
         texts = [r["json"]["text"] for r in srv.received]
     assert len(texts) == 1 and "nonfinite" in texts[0] and "`2`" in texts[0] and "critical" in texts[0]
+
+
+def test_one_sink_shared_by_two_monitors_in_turn_delivers_both(tmp_path):
+    # A sink passed in alert_sinks belongs to the caller: mon.close() flushes it, never closes it, so the
+    # next monitor (or the next fit of a Lightning callback reusing it) still delivers.
+    with WebhookServer() as srv:
+        sink = gradwatch.WebhookSink(srv.url, format="json", min_interval=0)
+        (tmp_path / "a").mkdir()
+        (tmp_path / "b").mkdir()
+        first, _ = run(sink, tmp_path / "a", steps=2)
+        first.close()
+        assert len(srv.received) == 2  # flushed at close (bounded wait)
+        second, _ = run(sink, tmp_path / "b", steps=3)
+        second.close()
+        got = srv.wait_for(5)
+        sink.close(5.0)
+        sink.send(second.alerts[0])  # closed by its owner: now refused, and said so
+    assert [r["json"]["step"] for r in got] == [0, 1, 0, 1, 2]
+    assert sink.sent == 5 and sink.failed == 1
+    assert failures(tmp_path / "a") == []
+    assert [f["error"] for f in failures(tmp_path / "b")] == ["the sink is closed"]  # the last one attached
+

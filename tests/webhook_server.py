@@ -80,9 +80,13 @@ class WebhookServer:
             return list(self.received)
 
 
-def dead_url(path: str = "/services/T0/B0/SECRETTOKEN") -> str:
-    """A URL on 127.0.0.1 where nothing listens (connection refused)."""
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now (for a dead URL or a process-group rendezvous)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    return f"http://127.0.0.1:{port}{path}"
+        return s.getsockname()[1]
+
+
+def dead_url(path: str = "/services/T0/B0/SECRETTOKEN") -> str:
+    """A URL on 127.0.0.1 where nothing listens (connection refused)."""
+    return f"http://127.0.0.1:{free_port()}{path}"
