@@ -1,8 +1,10 @@
 """Step-time overhead of the parameter metrics on a CIFAR ResNet-56 (run by hand, not a test).
 
-Three identical nets train side by side in one process: bare, monitored with ``every=50`` and monitored with
-``every=1``. Steps are interleaved (the order rotates every round) so that machine noise hits all three alike;
-the report gives the median step time of each and the median of per-round ratios against the bare step.
+Identical nets train side by side in one process: bare (twice: the second is a noise control); monitored with the defaults (parameter metrics, block
+flow, alert rules) at ``every=50`` and ``every=1``; and monitored with parameter metrics only
+(``blocks=None, rules=False``) at ``every=1``. Steps are interleaved (the order rotates every round) so that
+machine noise hits all alike; the report gives the median step time of each and the median of per-round
+ratios against the bare step.
 
     .venv/bin/python benchmarks/overhead.py --steps 200 --batch 32
 """
@@ -32,13 +34,19 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    configs = {"bare": None, "every=50": 50, "every=1": 1}
+    configs = {
+        "bare": None,
+        "bare #2": None,  # noise control: a second bare net
+        "every=50": {"every": 50},
+        "every=1": {"every": 1},
+        "params/1": {"every": 1, "blocks": None, "rules": False},
+    }
     runs = {}
-    for label, every in configs.items():
+    for label, options in configs.items():
         torch.manual_seed(0)
         model = resnet(args.depth)
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-        mon = gradwatch.Monitor(model, optimizer=opt, every=every) if every else None
+        mon = gradwatch.Monitor(model, optimizer=opt, **options) if options else None
         runs[label] = (model, opt, mon)
 
     x = torch.randn(args.batch, 3, args.size, args.size)
@@ -46,7 +54,8 @@ def main() -> None:
     times: dict[str, list[float]] = {k: [] for k in configs}
     labels = list(configs)
     for step in range(args.warmup + args.steps):
-        order = labels[step % 3:] + labels[: step % 3]
+        k = step % len(labels)
+        order = labels[k:] + labels[:k]
         for label in order:
             model, opt, _ = runs[label]
             t0 = time.perf_counter()
@@ -61,6 +70,7 @@ def main() -> None:
     bare = times["bare"]
     print(f"ResNet-{args.depth}, batch {args.batch}x3x{args.size}x{args.size}, {args.steps} interleaved steps, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print("every=50/every=1: defaults (parameter metrics + block flow + rules); params/1: blocks=None, rules=False")
     print(f"{'config':<10} {'median ms':>10} {'median ratio':>13}")
     for label in labels:
         ratios = [t / b for t, b in zip(times[label], bare)]
@@ -69,7 +79,7 @@ def main() -> None:
     logged = [t / b for i, (t, b) in enumerate(zip(times["every=50"], bare)) if (i + args.warmup) % 50 == 0]
     if logged:
         print(f"every=50, logging steps only: median ratio {statistics.median(logged):.4f} over {len(logged)} steps")
-    for label in labels[1:]:
+    for label in labels[2:]:
         mon = runs[label][2]
         print(f"{label}: {mon.measurements} measurements, {len(mon.errors)} contained errors")
 
