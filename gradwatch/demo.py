@@ -8,6 +8,7 @@ middle and last weight layers.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import time
@@ -77,6 +78,14 @@ def ratio_table(history: pd.DataFrame, layers: list[str]) -> dict[str, float]:
     return row
 
 
+class _BelowProgressBar(logging.StreamHandler):
+    """Prints gradwatch's live alert lines on a line of their own, not glued to the progress bar."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream.write("\n")
+        super().emit(record)
+
+
 def _progress(label: str, i: int, total: int, loss: float, start: float) -> None:
     stream = sys.stderr
     width = 24
@@ -89,6 +98,29 @@ def _progress(label: str, i: int, total: int, loss: float, start: float) -> None
     if i == total:
         stream.write("\n")
     stream.flush()
+
+
+def _train_all(chosen, x, y, out, steps, every, batch_size, seed, histories, tables, fired) -> None:
+    for net in chosen:
+        torch.manual_seed(seed)
+        model = net.build()
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+        gen = torch.Generator().manual_seed(seed)
+        start = time.perf_counter()
+        with Monitor(model, optimizer=opt, log_dir=os.path.join(out, net.name), every=every) as mon:
+            for i in range(1, steps + 1):
+                idx = torch.randint(0, x.shape[0], (batch_size,), generator=gen)
+                loss = F.cross_entropy(model(x[idx]), y[idx])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                if i % 5 == 0 or i == steps:
+                    _progress(net.name, i, steps, loss.item(), start)
+        hist = mon.history()
+        histories[net.name] = hist
+        tables[net.name] = ratio_table(hist, weight_layers(model, mon.layer_names))
+        tables[net.name]["about"] = net.about  # type: ignore[assignment]
+        fired[net.name] = summarize(mon.alerts)
 
 
 def run_demo(
@@ -121,26 +153,17 @@ def run_demo(
     histories: dict[str, pd.DataFrame] = {}
     tables: dict[str, dict[str, float]] = {}
     fired: dict[str, str] = {}  # alert digest per net (gradwatch.alerts)
-    for net in chosen:
-        torch.manual_seed(seed)
-        model = net.build()
-        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
-        gen = torch.Generator().manual_seed(seed)
-        start = time.perf_counter()
-        with Monitor(model, optimizer=opt, log_dir=os.path.join(out, net.name), every=every) as mon:
-            for i in range(1, steps + 1):
-                idx = torch.randint(0, x.shape[0], (batch_size,), generator=gen)
-                loss = F.cross_entropy(model(x[idx]), y[idx])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                if i % 5 == 0 or i == steps:
-                    _progress(net.name, i, steps, loss.item(), start)
-        hist = mon.history()
-        histories[net.name] = hist
-        tables[net.name] = ratio_table(hist, weight_layers(model, mon.layer_names))
-        tables[net.name]["about"] = net.about  # type: ignore[assignment]
-        fired[net.name] = summarize(mon.alerts)
+    log = logging.getLogger("gradwatch")
+    handler = None
+    if not log.handlers:  # leave a user's logging set-up alone
+        handler = _BelowProgressBar(sys.stderr)
+        handler.setLevel(logging.WARNING)
+        log.addHandler(handler)
+    try:
+        _train_all(chosen, x, y, out, steps, every, batch_size, seed, histories, tables, fired)
+    finally:
+        if handler is not None:
+            log.removeHandler(handler)
 
     print("\ngrad_to_weight, median over logged steps (first / middle / last conv or linear layer):", file=stream)
     print(

@@ -537,6 +537,8 @@ class FlowProbe:
             if seen:  # forwards ran, none on a logging step (e.g. an integration's trigger said no)
                 self._silent_steps = 0
                 return None
+            if self._discovered_once and not self._index and not self._compiled:
+                return None  # discovery ran and found no residual merge (a plain net): nothing to hear from
             self._silent_steps += 1
             if self._silent_steps == 3:
                 self._warn_once("silent", "gradwatch: block flow is unavailable: " + self.status.reason)

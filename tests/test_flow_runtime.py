@@ -579,3 +579,16 @@ def test_ddp_flow_norms_are_averaged_over_ranks(tmp_path):
     for name, v in r0["auto"].items():
         mean_sq = (r0["local"][name] ** 2 + r1["local"][name] ** 2) / 2
         assert v == pytest.approx(mean_sq ** 0.5, rel=1e-5)
+
+
+def test_a_model_without_residual_merges_is_reported_as_none_not_unavailable(caplog):
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+    mon = gradwatch.Monitor(model, every=1, strict=True)
+    with caplog.at_level(logging.WARNING, logger="gradwatch"):
+        for _ in range(5):
+            model(torch.randn(3, 4)).sum().backward()
+            mon.step()
+            model.zero_grad()
+    assert mon.flow_status.state == "none"
+    assert "unavailable" not in caplog.text
+    assert set(mon.history().metric) == {"grad_norm", "weight_norm", "grad_to_weight"}
