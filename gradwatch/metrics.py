@@ -50,6 +50,16 @@ def is_sharded(t: torch.Tensor) -> bool:
     return any(isinstance(p, Shard) for p in t.placements)
 
 
+def _dense_values(t: torch.Tensor) -> torch.Tensor:
+    """A strided tensor with the same L2 norm: the stored values of a sparse tensor (e.g. the gradient of
+    ``nn.Embedding(sparse=True)``), which ``_foreach_norm`` cannot take."""
+    if t.layout == torch.strided:
+        return t
+    if t.layout == torch.sparse_coo:
+        return t.coalesce().values()  # coalescing sums duplicate indices, as the dense tensor would
+    return t.values()  # compressed layouts (CSR, CSC, BSR, BSC) store each entry once
+
+
 def _foreach_norm_f32(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     if tensors and tensors[0].dtype == torch.float64:  # a float64 norm cannot narrow to float32 inside the op
         return [n.float() for n in torch._foreach_norm(tensors, 2)]
@@ -68,7 +78,7 @@ def squared_norms(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     >>> squared_norms([torch.ones(4), torch.full((2,), 3.0)])
     tensor([ 4., 18.])
     """
-    tensors = [local_tensor(t) for t in tensors]
+    tensors = [_dense_values(local_tensor(t)) for t in tensors]
     if not tensors:
         return torch.zeros(0)
     target = tensors[0].device

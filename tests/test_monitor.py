@@ -443,3 +443,17 @@ def test_step_is_ignored_with_a_warning_when_the_optimizer_drives():
     with pytest.warns(UserWarning, match="optimizer"):
         mon.step()
     assert mon.measurements == 0
+
+
+def test_sparse_gradients_are_measured():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(10, 4, sparse=True), nn.Flatten(), nn.Linear(8, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    mon = gradwatch.Monitor(model, optimizer=opt, every=1, strict=True)
+    model(torch.tensor([[1, 1], [2, 3]])).sum().backward()  # index 1 twice: duplicate sparse entries
+    assert model[0].weight.grad.is_sparse
+    expected = float(model[0].weight.grad.to_dense().norm())
+    opt.step()
+    hist = mon.history().set_index(["name", "metric"]).value
+    assert hist[("0", "grad_norm")] == pytest.approx(expected, rel=1e-6)
+    assert mon.errors == []
