@@ -20,11 +20,11 @@ import time
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 import gradwatch
 from gradwatch.blocks import resnet
 from gradwatch.data import synthetic_images
+from gradwatch.demo import train as train_recipe
 from gradwatch.detectors import Measurements, depth_slope, early_ratio, layer_kinds
 
 NETS = {
@@ -45,18 +45,11 @@ def train(
 ) -> tuple[gradwatch.Monitor, float]:
     torch.manual_seed(seed)
     model = NETS[name]()
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
     x, y = synthetic_images(512, size=16, seed=seed)
-    gen = torch.Generator().manual_seed(seed)
     start = time.perf_counter()
     extra = {} if blocks else {"blocks": None}  # without block flow: depth_trend uses its layer proxy
-    with gradwatch.Monitor(model, optimizer=opt, every=every, alerts_path=False, **extra) as mon:
-        for _ in range(steps):
-            idx = torch.randint(0, x.shape[0], (batch,), generator=gen)
-            loss = F.cross_entropy(model(x[idx]), y[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+    mon = train_recipe(model, x, y, steps=steps, batch_size=batch, seed=seed, every=every, alerts_path=False,
+                       **extra)
     return mon, time.perf_counter() - start
 
 

@@ -27,7 +27,7 @@ from .blocks import ResNet, resnet
 from .data import synthetic_images
 from .monitor import Monitor
 
-__all__ = ["DemoNet", "demo_nets", "run_demo", "ratio_table"]
+__all__ = ["DemoNet", "demo_nets", "run_demo", "ratio_table", "train"]
 
 
 @dataclass
@@ -100,22 +100,49 @@ def _progress(label: str, i: int, total: int, loss: float, start: float) -> None
     stream.flush()
 
 
+def train(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    steps: int,
+    batch_size: int,
+    seed: int = 0,
+    on_step: Callable[[int, torch.Tensor], None] | None = None,
+    **monitor_kwargs,
+) -> Monitor:
+    """Train ``model`` with the demo's recipe (SGD lr 0.05, momentum 0.9, weight decay 5e-4, random batches
+    of ``batch_size`` from ``x, y``), watched by a ``Monitor(model, optimizer=..., **monitor_kwargs)``.
+
+    ``on_step(i, loss)`` runs after each step ``i`` (1-based). Returns the closed monitor. The demo, the alert
+    calibration and the alert tests share this recipe so their numbers describe the same training.
+    """
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    gen = torch.Generator().manual_seed(seed)
+    with Monitor(model, optimizer=opt, **monitor_kwargs) as mon:
+        for i in range(1, steps + 1):
+            idx = torch.randint(0, x.shape[0], (batch_size,), generator=gen)
+            loss = F.cross_entropy(model(x[idx]), y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if on_step is not None:
+                on_step(i, loss)
+    return mon
+
+
 def _train_all(chosen, x, y, out, steps, every, batch_size, seed, histories, tables, fired) -> None:
     for net in chosen:
         torch.manual_seed(seed)
         model = net.build()
-        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
-        gen = torch.Generator().manual_seed(seed)
         start = time.perf_counter()
-        with Monitor(model, optimizer=opt, log_dir=os.path.join(out, net.name), every=every) as mon:
-            for i in range(1, steps + 1):
-                idx = torch.randint(0, x.shape[0], (batch_size,), generator=gen)
-                loss = F.cross_entropy(model(x[idx]), y[idx])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                if i % 5 == 0 or i == steps:
-                    _progress(net.name, i, steps, loss.item(), start)
+
+        def progress(i: int, loss: torch.Tensor, label: str = net.name) -> None:
+            if i % 5 == 0 or i == steps:
+                _progress(label, i, steps, loss.item(), start)
+
+        mon = train(model, x, y, steps=steps, batch_size=batch_size, seed=seed, on_step=progress,
+                    log_dir=os.path.join(out, net.name), every=every)
         hist = mon.history()
         histories[net.name] = hist
         tables[net.name] = ratio_table(hist, weight_layers(model, mon.layer_names))

@@ -16,21 +16,13 @@ import gradwatch
 from gradwatch.alerts import read_alerts
 from gradwatch.blocks import resnet
 from gradwatch.data import synthetic_images
+from gradwatch.demo import train
 
 
 def train_net(model, steps, every, batch=8, size=16, seed=0, **kw):
-    """The demo's recipe (SGD lr 0.05, momentum 0.9, wd 5e-4) on generated images; returns the monitor."""
+    """The demo's recipe on generated images; returns the monitor."""
     x, y = synthetic_images(512, size=size, seed=seed)
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
-    gen = torch.Generator().manual_seed(seed)
-    with gradwatch.Monitor(model, optimizer=opt, every=every, alerts_path=False, **kw) as mon:
-        for _ in range(steps):
-            idx = torch.randint(0, x.shape[0], (batch,), generator=gen)
-            loss = F.cross_entropy(model(x[idx]), y[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-    return mon
+    return train(model, x, y, steps=steps, batch_size=batch, seed=seed, every=every, alerts_path=False, **kw)
 
 
 # ---------------------------------------------------------------------------------------------- planted faults
