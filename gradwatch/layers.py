@@ -16,41 +16,13 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .names import GLOBAL_NAME, ROOT_NAME, WRAPPER_PREFIXES, clean_name
+
 log = logging.getLogger("gradwatch")
 
 __all__ = ["WRAPPER_PREFIXES", "clean_name", "Selection", "select_parameters", "ROOT_NAME", "GLOBAL_NAME"]
 
-#: Name parts that wrappers insert into qualified names; removed wherever they appear.
-WRAPPER_PREFIXES: tuple[str, ...] = (
-    "_orig_mod.",
-    "module.",
-    "_fsdp_wrapped_module.",
-    "_checkpoint_wrapped_module.",
-)
-
-#: Name of the layer formed by parameters the root module owns itself.
-ROOT_NAME = "_root"
-#: Name under which whole-model metrics are recorded.
-GLOBAL_NAME = "_global"
-
 Pattern = str | re.Pattern
-
-
-def clean_name(name: str) -> str:
-    """Drop wrapper parts from a qualified module or parameter name.
-
-    >>> clean_name("_orig_mod.module.layer1.0.conv1")
-    'layer1.0.conv1'
-    """
-    parts = name.split(".")
-    # "module" is also an ordinary attribute name, so it is dropped only where DDP puts it: in front.
-    kept = [p for p in parts if p not in _WRAPPER_PARTS]
-    while kept and kept[0] == "module":
-        kept.pop(0)
-    return ".".join(kept)
-
-
-_WRAPPER_PARTS = frozenset(p.rstrip(".") for p in WRAPPER_PREFIXES) - {"module"}
 
 
 def _matches(name: str, patterns: Sequence[Pattern]) -> bool:

@@ -17,14 +17,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-try:  # DTensor moved out of _tensor in torch 2.4; FSDP2 needs it.
-    from torch.distributed.tensor import DTensor, Shard
-except ImportError:  # pragma: no cover - older torch or a build without distributed
-    try:
-        from torch.distributed._tensor import DTensor, Shard  # type: ignore[no-redef]
-    except ImportError:
-        DTensor = None  # type: ignore[assignment,misc]
-        Shard = None  # type: ignore[assignment,misc]
+from ._compat import DTensor, Shard, foreach_norm_f32
 
 __all__ = [
     "local_tensor",
@@ -60,15 +53,6 @@ def _dense_values(t: torch.Tensor) -> torch.Tensor:
     return t.values()  # compressed layouts (CSR, CSC, BSR, BSC) store each entry once
 
 
-def _foreach_norm_f32(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    if tensors and tensors[0].dtype == torch.float64:  # a float64 norm cannot narrow to float32 inside the op
-        return [n.float() for n in torch._foreach_norm(tensors, 2)]
-    try:
-        return list(torch._foreach_norm(tensors, 2, dtype=torch.float32))
-    except TypeError:  # torch < 2.2 has no dtype argument: upcast first
-        return list(torch._foreach_norm([t.float() for t in tensors], 2))
-
-
 def squared_norms(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """Squared L2 norm of each tensor, in float32, as one 1-D tensor in input order.
 
@@ -86,10 +70,10 @@ def squared_norms(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     for i, t in enumerate(tensors):
         groups[(t.device, t.dtype)].append(i)
     if len(groups) == 1:
-        return torch.stack(_foreach_norm_f32(tensors)).square()
+        return torch.stack(foreach_norm_f32(tensors)).square()
     parts, order = [], []
     for idx in groups.values():
-        parts.append(torch.stack(_foreach_norm_f32([tensors[i] for i in idx])).to(target))
+        parts.append(torch.stack(foreach_norm_f32([tensors[i] for i in idx])).to(target))
         order.extend(idx)
     grouped = torch.cat(parts).square()
     if order == sorted(order):

@@ -1,0 +1,105 @@
+"""Every private or version-dependent torch API gradwatch touches, in one place, each behind a guard.
+
+When a torch release moves one of these, this is the only file to change. Nothing here imports Lightning or
+any other framework (the core does not depend on them).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = [
+    "DTensor", "Shard", "OptimizedModule", "NORM_TYPES", "is_compiling", "in_backward", "tree_tensors",
+    "foreach_norm_f32", "foreach_sub", "unscales_in_step", "scale_tensor", "event_file_writer",
+]
+
+try:  # DTensor moved out of _tensor in torch 2.4; FSDP2 needs it.
+    from torch.distributed.tensor import DTensor, Shard
+except ImportError:  # pragma: no cover - older torch or a build without distributed
+    try:
+        from torch.distributed._tensor import DTensor, Shard  # type: ignore[no-redef]
+    except ImportError:
+        DTensor = None  # type: ignore[assignment,misc]
+        Shard = None  # type: ignore[assignment,misc]
+
+try:  # the wrapper torch.compile(module) returns
+    from torch._dynamo.eval_frame import OptimizedModule
+except Exception:  # pragma: no cover - builds without dynamo
+    OptimizedModule = ()  # type: ignore[assignment,misc]
+
+#: Normalisation layers (scale ~1, small gradients): their gradient-to-weight ratios do not compare with
+#: those of convolutions and linear maps. ``_NormBase`` covers every BatchNorm and InstanceNorm.
+NORM_TYPES: tuple[type, ...] = (
+    getattr(nn.modules.batchnorm, "_NormBase", nn.modules.batchnorm.BatchNorm2d),
+    nn.GroupNorm,
+    nn.LayerNorm,
+    nn.LocalResponseNorm,
+) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
+
+
+def is_compiling() -> bool:
+    """True while torch.compile traces (hooks must then do nothing: they would be traced or ignored)."""
+    try:
+        return torch.compiler.is_compiling()
+    except Exception:  # pragma: no cover - older torch
+        return False
+
+
+def in_backward() -> bool:
+    """True inside a backward pass (an activation-checkpoint recompute runs its forward there)."""
+    try:
+        return torch._C._current_graph_task_id() != -1
+    except AttributeError:  # pragma: no cover - older torch: assume a plain forward
+        return False
+
+
+def tree_tensors(obj: Any) -> list[torch.Tensor]:
+    """Every tensor inside nested tuples, lists and dicts (a module's inputs or outputs)."""
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    return [t for t in torch.utils._pytree.tree_leaves(obj) if isinstance(t, torch.Tensor)]
+
+
+def foreach_norm_f32(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """One fused L2 norm per tensor, in float32 (tensors of one device and dtype)."""
+    if tensors and tensors[0].dtype == torch.float64:  # a float64 norm cannot narrow to float32 inside the op
+        return [n.float() for n in torch._foreach_norm(tensors, 2)]
+    try:
+        return list(torch._foreach_norm(tensors, 2, dtype=torch.float32))
+    except TypeError:  # torch < 2.2 has no dtype argument: upcast first
+        return list(torch._foreach_norm([t.float() for t in tensors], 2))
+
+
+def foreach_sub(a: list[torch.Tensor], b: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``[x - y for x, y in zip(a, b)]`` in one fused kernel per group."""
+    return list(torch._foreach_sub(a, b))
+
+
+def unscales_in_step(optimizer: Any) -> bool:
+    """Whether ``optimizer`` unscales AMP gradients inside its own ``step`` (fused optimizers): before that
+    step, its gradients are still multiplied by the loss scale."""
+    return bool(getattr(optimizer, "_step_supports_amp_scaling", False))
+
+
+def scale_tensor(scaler: Any) -> Any:
+    """A ``GradScaler``'s current loss scale, as a device tensor when it offers one (no host sync)."""
+    get_async = getattr(scaler, "_get_scale_async", None)
+    if callable(get_async):
+        scale = get_async()
+        if scale is not None:
+            return scale
+    return scaler.get_scale()
+
+
+def event_file_writer(writer: Any) -> Any:
+    """The event-file writer behind a ``torch.utils.tensorboard.SummaryWriter`` (whose ``add_summary`` takes a
+    whole ``Summary`` proto at once), or None for any other writer-like object."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    if not isinstance(writer, SummaryWriter):
+        return None
+    get = getattr(writer, "_get_file_writer", None)
+    return get() if callable(get) else None
