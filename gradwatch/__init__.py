@@ -2,6 +2,10 @@
 
 >>> import gradwatch
 >>> mon = gradwatch.Monitor(model, log_dir="runs/exp", every=50)   # doctest: +SKIP
+
+The data path (``docs/architecture.md``): hooks → fused norms (:mod:`gradwatch.measure`) → one
+:class:`StepRecord` per logging step → alert rules (:mod:`gradwatch.alerts`) → every :class:`Sink` (history,
+TensorBoard, alert sinks, yours).
 """
 
 from __future__ import annotations
@@ -10,28 +14,48 @@ import importlib.util as _ilu
 import os as _os
 import sys as _sys
 
-from . import blocks, detectors, flow
-from .alert_sinks import CallableSink, LoggingSink, TensorBoardAlertSink, WebhookSink
-from .alerts import Alert, GradientAlarm
+from . import alerts, blocks, flow, reference
+from .alerts import (
+    Alert, AlertSink, CallableSink, GradientAlarm, LoggingSink, Measurements, Rule, WebhookSink,
+)
+from .config import AlertConfig, Config, MeasureConfig, OutputConfig
 from .history import History
-from .layers import GLOBAL_NAME, clean_name
-from .monitor import METRICS, Monitor
+from .measure import amp_grad_scale
+from .monitor import Monitor, NothingToMeasure
+from .names import EARLY_FRACTION, FLOW_METRICS, GLOBAL_NAME, METRICS, clean_name, early_count
+from .record import Sink, StepRecord
+from .sinks import TensorBoardSink
+from .version import __version__
 
-__version__ = "0.1.0"
 __all__ = [
     "Monitor",
-    "METRICS",
-    "GLOBAL_NAME",
+    "NothingToMeasure",
+    "Config",
+    "MeasureConfig",
+    "AlertConfig",
+    "OutputConfig",
+    "StepRecord",
+    "Sink",
+    "TensorBoardSink",
     "History",
+    "METRICS",
+    "FLOW_METRICS",
+    "GLOBAL_NAME",
+    "EARLY_FRACTION",
+    "early_count",
+    "amp_grad_scale",
     "Alert",
     "GradientAlarm",
+    "Rule",
+    "Measurements",
+    "AlertSink",
     "WebhookSink",
     "LoggingSink",
-    "TensorBoardAlertSink",
     "CallableSink",
+    "alerts",
     "blocks",
-    "detectors",
     "flow",
+    "reference",
     "clean_name",
     "__version__",
 ]

@@ -95,11 +95,7 @@ def scale_tensor(scaler: Any) -> Any:
 
 
 def event_file_writer(writer: Any) -> Any:
-    """The event-file writer behind a ``torch.utils.tensorboard.SummaryWriter`` (whose ``add_summary`` takes a
-    whole ``Summary`` proto at once), or None for any other writer-like object."""
-    from torch.utils.tensorboard import SummaryWriter
-
-    if not isinstance(writer, SummaryWriter):
-        return None
+    """The event-file writer behind a ``torch.utils.tensorboard.SummaryWriter`` (its ``add_summary`` takes a
+    whole ``Summary`` proto at once), or None when the writer has none."""
     get = getattr(writer, "_get_file_writer", None)
     return get() if callable(get) else None

@@ -3,8 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import ast
+import dataclasses
+import json
 import sys
 from collections.abc import Sequence
+
+from .flow import inspect
+from .reference.demo import run_demo
+from .version import __version__
 
 __all__ = ["main", "build_parser"]
 
@@ -24,8 +31,6 @@ def _depth(text: str) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
-
     run_demo(
         out=args.out,
         steps=args.steps,
@@ -39,12 +44,6 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    import ast
-    import dataclasses
-    import json
-
-    from .flow import inspect
-
     kwargs = {}
     for item in args.kwargs or ():
         key, sep, text = item.partition("=")
@@ -72,8 +71,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gradwatch", description="Gradient diagnostics for deep networks."
     )
-    from . import __version__
-
     parser.add_argument("--version", action="version", version=f"gradwatch {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 

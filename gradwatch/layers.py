@@ -16,11 +16,13 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ._compat import NORM_TYPES
 from .names import GLOBAL_NAME, ROOT_NAME, WRAPPER_PREFIXES, clean_name
 
 log = logging.getLogger("gradwatch")
 
-__all__ = ["WRAPPER_PREFIXES", "clean_name", "Selection", "select_parameters", "ROOT_NAME", "GLOBAL_NAME"]
+__all__ = ["WRAPPER_PREFIXES", "clean_name", "Selection", "select_parameters", "layer_kinds", "check_patterns",
+           "check_types", "ROOT_NAME", "GLOBAL_NAME"]
 
 Pattern = str | re.Pattern
 
@@ -53,7 +55,7 @@ class Selection:
         return len(self.names)
 
 
-def _as_patterns(value: Pattern | Iterable[Pattern] | None, arg: str) -> list[Pattern]:
+def check_patterns(value: Pattern | Iterable[Pattern] | None, arg: str) -> list[Pattern]:
     if value is None:
         return []
     if isinstance(value, (str, re.Pattern)):
@@ -68,11 +70,13 @@ def _as_patterns(value: Pattern | Iterable[Pattern] | None, arg: str) -> list[Pa
     return out
 
 
-def _as_types(value: type | Iterable[type] | None, arg: str) -> tuple[type, ...]:
+def check_types(value: type | Iterable[type] | None, arg: str) -> tuple[type, ...]:
     if value is None:
         return ()
     if isinstance(value, type):
         value = (value,)
+    if not isinstance(value, Iterable):
+        raise TypeError(f"{arg} must be an nn.Module subclass or a list of them, got {type(value).__name__}")
     out = tuple(value)
     for v in out:
         if not (isinstance(v, type) and issubclass(v, nn.Module)):
@@ -99,10 +103,10 @@ def select_parameters(
     """
     if granularity not in ("layer", "parameter"):
         raise ValueError(f"granularity must be 'layer' or 'parameter', got {granularity!r}")
-    inc = _as_patterns(include, "include")
-    exc = _as_patterns(exclude, "exclude")
-    inc_t = _as_types(include_types, "include_types")
-    exc_t = _as_types(exclude_types, "exclude_types")
+    inc = check_patterns(include, "include")
+    exc = check_patterns(exclude, "exclude")
+    inc_t = check_types(include_types, "include_types")
+    exc_t = check_types(exclude_types, "exclude_types")
 
     seen: set[int] = set()
     units: list[tuple[str, list[tuple[str, nn.Parameter]]]] = []
@@ -155,3 +159,36 @@ def select_parameters(
         segments=[u for u, _, _ in flat],
         frozen=frozen,
     )
+
+
+_EMBEDDING_TYPES: tuple[type, ...] = (nn.Embedding, nn.EmbeddingBag)
+
+
+def layer_kinds(model: nn.Module) -> dict[str, str]:
+    """What kind of layer each measured name is: ``"weight"``, ``"norm"``, ``"embedding"`` or ``"other"``.
+
+    ``"weight"`` layers (convolutions, linear maps, attention projections: a parameter with two or more
+    dimensions) are the ones whose gradient-to-weight ratios are comparable across depth. Normalisation
+    layers (scale ~1, small gradients) and embeddings (only the looked-up rows get a gradient) are not.
+    Keys cover both granularities: ``"layer1.0.conv1"`` and ``"layer1.0.conv1.weight"``.
+    """
+    kinds: dict[str, str] = {}
+    for mod_name, module in model.named_modules():
+        own = [(n, p) for n, p in module._parameters.items() if p is not None]
+        if not own:
+            continue
+        layer = clean_name(mod_name) or ROOT_NAME
+        if isinstance(module, NORM_TYPES):
+            kind = "norm"
+        elif isinstance(module, _EMBEDDING_TYPES):
+            kind = "embedding"
+        elif any(p.dim() >= 2 for _, p in own if not isinstance(p, nn.parameter.UninitializedParameter)):
+            kind = "weight"
+        else:
+            kind = "other"
+        kinds.setdefault(layer, kind)
+        for pname, p in own:
+            full = f"{layer}.{pname}" if layer != ROOT_NAME else pname
+            weight = kind == "weight" and not isinstance(p, nn.parameter.UninitializedParameter) and p.dim() >= 2
+            kinds.setdefault(full, "weight" if weight else ("other" if kind == "weight" else kind))
+    return kinds

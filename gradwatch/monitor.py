@@ -1,50 +1,44 @@
-"""The raw-PyTorch entry point: :class:`Monitor`."""
+"""The raw-PyTorch entry point: :class:`Monitor`. It decides *when* to measure and routes each step's record;
+the measuring is :mod:`gradwatch.measure`'s, block flow :mod:`gradwatch.flow`'s, alerting
+:mod:`gradwatch.alerts`'s, writing the sinks'."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import operator
 import os
-import tempfile
 import warnings
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import pandas as pd
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from .flow import Blocks, FlowBatch, FlowProbe, FlowStatus, check_blocks
+from .alerts import Alert, AlertEngine, LoggingSink, build_rules
+from .alerts.engine import default_path
+from .config import Config
+from .flow import Blocks, FlowProbe, FlowStatus, check_blocks
 from .history import History
-from .layers import GLOBAL_NAME, Pattern, Selection, select_parameters
-from .metrics import DTensor, is_sharded, local_tensor, reduce_squared, safe_ratio, segment_sum, squared_norms
-from .sinks import TensorBoardSink
-from .alerts import Alert, build_manager
-from .alerts import check_arguments as check_alert_arguments
-from .detectors import short_list as _short_list
+from .layers import Selection, layer_kinds, select_parameters
+from .measure import Meter, Pending
+from .metrics import DTensor
+from .names import METRICS, short_list
+from .order import ForwardOrder
+from .record import StepRecord
+from .sinks import TensorBoardSink, open_writer
 
 log = logging.getLogger("gradwatch")
 
-__all__ = ["Monitor", "METRICS"]
-
-#: The per-layer metric names (a contract: detectors, dashboards and outside checks rely on them).
-METRICS = ("grad_norm", "weight_norm", "grad_to_weight", "update_to_weight")
+__all__ = ["Monitor", "METRICS", "NothingToMeasure"]
 
 _STATE_VERSION = 1
 
 
-@dataclass
-class _Pending:
-    """On-device results of a measurement whose host transfer waits for the end of the optimizer step."""
-
-    step: int
-    kept: list[int]  # indices into Selection.params that had a gradient
-    parts: list[torch.Tensor]  # squared norms: grads, weights
-    snapshot: list[torch.Tensor] | None  # weights before the optimizer step (update_to_weight)
-    found_inf: torch.Tensor | None  # fused-AMP overflow flag: the optimizer will skip this step
-    flow: FlowBatch | None = None  # block-flow norms (gradwatch.flow): they join the same transfer
+class NothingToMeasure(ValueError):
+    """The model, the optimizer's parameters and the filters leave no trainable parameter to measure."""
 
 
 def _is_rank_zero() -> bool:
@@ -63,11 +57,16 @@ class Monitor:
     - ``update_to_weight``: ||w_after - w_before|| / ||w_before|| across the optimizer step (only when an
       optimizer is attached; costs one copy of the measured weights, held during logging steps only),
 
-    and the same over the whole model under the name ``_global``. Norms of steps that do not log are not
-    computed: ``step()`` / the optimizer hook costs one integer comparison, and with block flow on (default
-    ``blocks="auto"``) each residual block's forward hook runs one integer check per forward (every module
-    carries a discovery pre/post hook pair until the first logging step's forward has examined it). Norms are
-    fused (``torch._foreach_norm``), computed in float32, and moved to the host once per logging step.
+    and the same over the whole model under the name ``_global``; with block flow, six metrics per residual
+    block (``docs/flow.md``). Norms of steps that do not log are not computed: ``step()`` / the optimizer hook
+    costs one integer comparison, and with block flow on (default ``blocks="auto"``) each residual block's
+    forward hook runs one integer check per forward (every module carries a discovery pre/post hook pair until
+    the first logging step's forward has examined it). Norms are fused (``torch._foreach_norm``), computed in
+    float32, and moved to the host once per logging step.
+
+    Each logging step becomes one :class:`~gradwatch.StepRecord`: the alert rules run on it, then it goes to
+    every sink — the history (:meth:`history`), TensorBoard, the alert sinks and yours (``sinks=``); the
+    latest one is :attr:`latest`. ``docs/architecture.md`` draws the path.
 
     Two ways to drive it::
 
@@ -90,48 +89,49 @@ class Monitor:
         log_dir: create a TensorBoard ``SummaryWriter`` there. Mutually exclusive with ``writer``.
         writer: an existing ``SummaryWriter`` (flushed, not closed, by :meth:`close`).
             With neither, values are kept in :meth:`history` only.
-        every: log when ``step % every == 0``.
-        granularity: ``"layer"`` (default) or ``"parameter"`` (one unit per parameter tensor).
-        include, exclude: glob patterns (``"layer1.*"``) or compiled regexes on layer names.
-        include_types, exclude_types: module classes to keep or drop (e.g. ``nn.BatchNorm2d``).
-        track_updates: measure ``update_to_weight`` when an optimizer is attached.
-        histograms: write a histogram across layers per metric and logging step.
-        prefix: prepended to every TensorBoard tag (e.g. ``"gradwatch/"``).
-        strict: re-raise errors raised inside gradwatch's own hooks (for tests). Otherwise they are logged
-            on the ``gradwatch`` logger, kept in :attr:`errors`, and training goes on.
         params: measure only these parameters of ``model`` (e.g. one optimizer's, when an integration drives
             the monitor through :meth:`begin_step`); no hooks are added. Combines with ``optimizer``.
-        rules: alert rules run after each logging step (``gradwatch.detectors``; ``docs/alerts.md``). ``None``
-            (default): all built-in rules (``skip_collapse``, ``vanishing``, ``exploding``, ``depth_trend``,
-            ``nonfinite``, ``dead_layer``) with defaults; a dict tunes or drops them
-            (``{"vanishing": {"patience": 5}, "dead_layer": False}``); a list of ``Rule`` instances replaces
-            them; ``False`` turns alerting off.
-        alert_sinks: where alerts go besides the defaults (the ``gradwatch`` logger, TensorBoard text and an
-            ``alerts/count`` scalar when there is a writer, and the JSONL record): e.g.
-            ``[gradwatch.WebhookSink(url)]`` or any callable taking an :class:`~gradwatch.Alert`.
-        on_critical: ``"warn"`` (default), ``"stop"`` (set :attr:`should_stop`) or ``"raise"`` (raise
-            :class:`~gradwatch.GradientAlarm` out of ``step()`` / ``optimizer.step()``).
-        alerts_path: the JSONL record of every alert; default ``<log_dir>/alerts.jsonl`` (or the writer's
-            directory); ``False`` for none.
-        alert_cooldown: logging steps before the same rule may alert again about the same layer or block at
-            the same severity (an escalation to critical always passes).
-        blocks: shortcut-path gradient flow per residual merge y = F(x) + S(x) (``grad_out``, ``grad_in``,
-            ``skip_grad``, ``branch_grad``, ``skip_share``, ``transmission``; see ``docs/flow.md``).
-            ``"auto"`` (default) finds the merges in the autograd graph of the first logging step's forward;
-            a list of modules watches only those; ``None`` turns it off. :meth:`describe` lists the blocks,
-            :meth:`watch_block` adds one, :attr:`flow_status` says why flow is unavailable (torch.compile).
-        sync_ranks: under torch.distributed, average the block-flow norms over ranks (root mean square of each
-            rank's norm, in the same ``all_reduce`` as sharded parameter norms) so block-based alert rules give
-            every rank the same verdict. Every rank must then run the monitor on every logging step, with the
-            same blocks. ``None`` (default): on when ``model`` is a ``DistributedDataParallel`` or has DTensor
-            parameters; integrations that drive every rank pass ``True``.
+        config: a :class:`~gradwatch.Config` to start from (integrations build one at construction); the
+            options below override it.
+
+    Options (keyword arguments; :class:`~gradwatch.Config` groups and checks them):
+
+    - *what to measure*: ``granularity`` (``"layer"``, default, or ``"parameter"``: one unit per tensor);
+      ``include``, ``exclude`` (glob patterns such as ``"layer1.*"`` or compiled regexes on layer names);
+      ``include_types``, ``exclude_types`` (module classes, e.g. ``nn.BatchNorm2d``); ``track_updates``
+      (``update_to_weight`` when an optimizer is attached, default True); ``blocks``: shortcut-path gradient
+      flow per residual merge y = F(x) + S(x) — ``"auto"`` (default) finds the merges in the autograd graph
+      of the first logging step's forward, a list of modules watches only those, ``None`` turns it off
+      (:meth:`describe` lists the blocks, :meth:`watch_block` adds one, :attr:`flow_status` says why flow is
+      unavailable); ``sync_ranks``: under torch.distributed, average the block-flow norms over ranks (root
+      mean square, in the same ``all_reduce`` as sharded parameter norms) so block-based rules give every
+      rank the same verdict — every rank must then run the monitor on every logging step; ``None`` (default):
+      on when ``model`` is a ``DistributedDataParallel`` or has DTensor parameters.
+    - *alerting*: ``rules`` (``None``, default: all built-in rules — ``skip_collapse``, ``vanishing``,
+      ``exploding``, ``depth_trend``, ``nonfinite``, ``dead_layer`` — with defaults; a dict tunes or drops
+      them, ``{"vanishing": {"patience": 5}, "dead_layer": False}``; a list of ``Rule`` instances replaces
+      them; ``False`` turns alerting off; ``docs/alerts.md``); ``alert_sinks``: where alerts go besides the
+      ``gradwatch`` logger, TensorBoard (text and an ``alerts/count`` scalar) and the JSONL record, e.g.
+      ``[gradwatch.WebhookSink(url)]`` or any callable taking an :class:`~gradwatch.Alert`;
+      ``on_critical``: ``"warn"`` (default), ``"stop"`` (set :attr:`should_stop`) or ``"raise"`` (raise
+      :class:`~gradwatch.GradientAlarm` out of ``step()`` / ``optimizer.step()``); ``alerts_path``: the JSONL
+      record of every alert, default ``<log_dir>/alerts.jsonl`` (or the writer's directory), ``False`` for
+      none; ``alert_cooldown`` (default 20): logging steps before the same rule may alert again about the same
+      layer or block at the same severity (an escalation to critical always passes).
+    - *output*: ``every`` (default 50): log when ``step % every == 0``; ``histograms`` (default True): a
+      TensorBoard histogram across layers per metric and step; ``prefix``: prepended to every TensorBoard tag;
+      ``sinks``: more :class:`~gradwatch.Sink` s, each receiving every record (flushed, not closed, at
+      :meth:`close`); ``strict``: re-raise errors inside gradwatch's own hooks and sinks (for tests) —
+      otherwise they are logged on the ``gradwatch`` logger, kept in :attr:`errors`, and training goes on.
 
     Raises:
-        TypeError: ``model`` is not an ``nn.Module``, ``optimizer`` not an optimizer, ``every`` not an int.
-        ValueError: ``every < 1``; ``log_dir`` not writable; both ``log_dir`` and ``writer``; no trainable
-            parameters (after filters); an optimizer that holds none of the model's parameters.
+        TypeError: ``model`` is not an ``nn.Module``, ``optimizer`` not an optimizer, an unknown option, an
+            option of the wrong type (``every="3"``, ``histograms=1``).
+        ValueError: an option with a wrong value (``every=0``, ``on_critical="panic"``); ``log_dir`` not
+            writable; both ``log_dir`` and ``writer``; no trainable parameters (after filters); an optimizer
+            that holds none of the model's parameters.
 
-    Under torch.distributed only rank 0 writes to TensorBoard; other ranks open no files.
+    Under torch.distributed only rank 0 writes (TensorBoard, alerts, sinks); other ranks open no files.
     """
 
     def __init__(
@@ -141,138 +141,99 @@ class Monitor:
         optimizer: torch.optim.Optimizer | None = None,
         log_dir: str | os.PathLike | None = None,
         writer: Any = None,
-        every: int = 50,
-        granularity: str = "layer",
-        include: Pattern | Iterable[Pattern] | None = None,
-        exclude: Pattern | Iterable[Pattern] | None = None,
-        include_types: type | Iterable[type] | None = None,
-        exclude_types: type | Iterable[type] | None = None,
-        track_updates: bool = True,
-        histograms: bool = True,
-        prefix: str = "",
-        strict: bool = False,
         params: Iterable[torch.Tensor] | None = None,
-        rules: Any = None,
-        alert_sinks: Iterable[Any] | None = None,
-        on_critical: str = "warn",
-        alerts_path: str | os.PathLike | bool | None = None,
-        alert_cooldown: int = 20,
-        blocks: str | Iterable[nn.Module] | None = "auto",
-        sync_ranks: bool | None = None,
+        config: Config | None = None,
+        **options: Any,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        if isinstance(every, bool) or not isinstance(every, int):
-            raise TypeError(f"every must be an int >= 1, got {type(every).__name__}")
-        if every < 1:
-            raise ValueError(f"every must be >= 1, got {every}")
+        cfg = Config.from_options(config, **options)
         if log_dir is not None and writer is not None:
             raise ValueError("pass log_dir or writer, not both")
-        if not isinstance(prefix, str):
-            raise TypeError(f"prefix must be a str, got {type(prefix).__name__}")
+        if writer is not None and not hasattr(writer, "add_scalar"):
+            raise TypeError(f"writer must be a SummaryWriter-like object, got {type(writer).__name__}")
+        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         if not any(p.requires_grad for p in model.parameters()):
-            raise ValueError("model has no trainable parameters (all are frozen or there are none)")
-        if blocks is not None:
-            listed = check_blocks(model, blocks)  # validated before anything is hooked or opened
-            blocks = "auto" if listed is None else listed
-
-        only: set[int] | None = None
-        if optimizer is not None:
-            if not isinstance(optimizer, torch.optim.Optimizer):
-                raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
-            held = {id(p) for group in optimizer.param_groups for p in group["params"]}
-            only = {id(p) for p in model.parameters()} & held
-            if not only:
-                raise ValueError(
-                    "optimizer holds none of the model's parameters; pass the optimizer that trains this model"
-                )
-        if params is not None:
-            if isinstance(params, torch.Tensor):
-                raise TypeError("params must be an iterable of parameters, not a single tensor")
-            wanted = {id(p) for p in params} & {id(p) for p in model.parameters()}
-            if not wanted:
-                raise ValueError("params holds none of the model's parameters")
-            only = wanted if only is None else only & wanted
+            raise NothingToMeasure("model has no trainable parameters (all are frozen or there are none)")
+        blocks = cfg.measure.blocks
+        if blocks is not None and blocks != "auto":
+            blocks = check_blocks(model, blocks)  # all in the model: checked before anything is hooked or opened
+        selection = _select(model, cfg, optimizer, params)
+        rules = build_rules(cfg.alerts.rules)  # fresh rule state for this monitor
 
         self.model = model
-        self.every = every
-        self.strict = strict
-        self.track_updates = track_updates
-        self._optimizer = optimizer
-        self._selection: Selection = select_parameters(
-            model,
-            granularity=granularity,
-            include=include,
-            exclude=exclude,
-            include_types=include_types,
-            exclude_types=exclude_types,
-            only=only,
-        )
-        if not self._selection.params:
-            raise ValueError("include/exclude filters leave no trainable parameters to measure")
-        if self._selection.frozen:
-            log.info(
-                "gradwatch: skipping %d frozen parameter(s): %s",
-                len(self._selection.frozen),
-                _short_list(self._selection.frozen),
-            )
-
-        # alert arguments are checked before the writer opens: a bad one leaves no events file or writer thread
-        checked_alerts = check_alert_arguments(
-            rules=rules, alert_sinks=alert_sinks, on_critical=on_critical, cooldown=alert_cooldown
-        )
-        self._rank_zero = _is_rank_zero()
-        self._sync_ranks = _resolve_sync(model, sync_ranks)
-        self._step = 0
-        self._stride = 1  # the caller's step stride under step(step=...): predicts the step flow is armed for
-        self._last_user_step: int | None = None
-        #: For integrations with their own cadence: decides, at each block forward, whether the step in
-        #: progress logs (default: :meth:`is_logging_step`), so block-flow hooks are armed on those steps only.
-        self.flow_trigger: Callable[[], bool] | None = None
-        # model hooks first (the likeliest to fail, e.g. on a module that takes none), then files and optimizer
-        self._flow: FlowProbe | None = None
-        if blocks is not None:
-            self._flow = FlowProbe(model, blocks, is_logging=self._flow_armed, step=self._flow_step,
-                                   on_error=self._contain)
-        self._owns_writer = False
-        self._writer = None
-        try:
-            if log_dir is not None and self._rank_zero:
-                self._writer = _open_writer(log_dir)
-                self._owns_writer = True
-            elif writer is not None and self._rank_zero:
-                if not hasattr(writer, "add_scalar"):
-                    raise TypeError(f"writer must be a SummaryWriter-like object, got {type(writer).__name__}")
-                self._writer = writer
-            self.log_dir = None if log_dir is None else os.fspath(log_dir)
-            self._sink = TensorBoardSink(self._writer, prefix, histograms) if self._writer is not None else None
-            self._alerts = build_manager(
-                model, checked_alerts, on_critical=on_critical, cooldown=alert_cooldown, alerts_path=alerts_path,
-                log_dir=log_dir, writer=self._writer, prefix=prefix, rank_zero=self._rank_zero,
-            )
-        except BaseException:
-            if self._flow is not None:
-                self._flow.close()
-            if self._owns_writer:
-                self._writer.close()
-            raise
-
-        self._history = History()
-        self._pending: _Pending | None = None
-        self._reported_missing: set[str] = set()
-        self._names_cache: dict[tuple[int, ...], list[str]] = {}
-        self._closed = False
-        self._warned: set[str] = set()
-        #: Errors contained inside gradwatch's hooks, as "ExceptionType: message" strings.
+        self.config = cfg
+        self.every = cfg.output.every
+        self.strict = cfg.output.strict
+        self.track_updates = cfg.measure.track_updates
+        #: Errors contained inside gradwatch's hooks and sinks, as "ExceptionType: message" strings.
         self.errors: list[str] = []
         #: How many measurements (logging steps) have run; steps that do not log leave it unchanged.
         self.measurements = 0
-
+        #: For integrations with their own cadence: decides, at each block forward, whether the step in
+        #: progress logs (default: :meth:`is_logging_step`), so block-flow hooks are armed on those steps only.
+        self.flow_trigger: Callable[[], bool] | None = None
+        self._optimizer = optimizer
+        self._selection: Selection = selection
+        self._rank_zero = _is_rank_zero()
+        self._meter = Meter(selection, _resolve_sync(model, cfg.measure.sync_ranks))
+        self._history = History()
+        self._latest: StepRecord | None = None
+        self._pending: Pending | None = None
+        self._step = 0
+        self._stride = 1  # the caller's step stride under step(step=...): predicts the step flow is armed for
+        self._last_user_step: int | None = None
+        self._closed = False
+        self._warned: set[str] = set()
         self._handles: list[Any] = []
+        # model hooks first (the likeliest to fail, e.g. on a module that takes none), then files and optimizer
+        self._flow = self._new_probe(blocks) if blocks is not None else None
+        try:
+            self._open_outputs(cfg, model, rules, log_dir, writer)
+        except BaseException:
+            if self._flow is not None:
+                self._flow.close()
+            raise
         if optimizer is not None:
             self._handles.append(optimizer.register_step_pre_hook(self._before_optimizer_step))
             self._handles.append(optimizer.register_step_post_hook(self._after_optimizer_step))
 
+    def _new_probe(self, blocks: Any) -> FlowProbe:
+        return FlowProbe(self.model, blocks, is_logging=self._flow_armed, step=self._flow_step,
+                         on_error=self._contain)
+
+    def _open_outputs(self, cfg: Config, model: nn.Module, rules: list[Any], log_dir: Any, writer: Any) -> None:
+        """The writer, the sinks (rank 0) and the alert engine."""
+        self.log_dir = None if log_dir is None else os.fspath(log_dir)
+        self._owns_writer = log_dir is not None and self._rank_zero
+        self._writer = open_writer(log_dir) if self._owns_writer else (writer if self._rank_zero else None)
+        owned: list[Any] = []  # closed at close(); the user's sinks are only flushed
+        if self._writer is not None:
+            owned.append(TensorBoardSink(self._writer, cfg.output.prefix, cfg.output.histograms))
+        self._engine: AlertEngine | None = None
+        self._order: ForwardOrder | None = None
+        self._forward: dict[str, int] = {}
+        user: list[Any] = []
+        if rules:
+            path = cfg.alerts.alerts_path
+            path = default_path(log_dir, self._writer or writer) if path is None else (path or None)
+            self._engine = AlertEngine(rules, kinds=layer_kinds(model), on_critical=cfg.alerts.on_critical,
+                                       cooldown=cfg.alerts.alert_cooldown, path=path, rank_zero=self._rank_zero,
+                                       on_error=self._contain_in)
+            self._order = ForwardOrder(model)  # until the first measured step: nonfinite names layers in this order
+            owned.append(LoggingSink())
+            user.extend(cfg.alerts.alert_sinks)
+            for sink in user:
+                attach = getattr(sink, "attach", None)
+                if callable(attach):
+                    attach(self._engine.report_failure)
+        user.extend(cfg.output.sinks)
+        self._owned = owned
+        self._sinks = [*owned, *user] if self._rank_zero else []
+        if self._selection.frozen:
+            log.info("gradwatch: skipping %d frozen parameter(s): %s", len(self._selection.frozen),
+                     short_list(self._selection.frozen))
 
     # ------------------------------------------------------------------ public API
     @property
@@ -284,6 +245,18 @@ class Monitor:
     def global_step(self) -> int:
         """The step the next measurement would be recorded at."""
         return self._step
+
+    @property
+    def latest(self) -> StepRecord | None:
+        """The record of the latest logging step (with its alerts), or None before the first."""
+        return self._latest
+
+    @property
+    def probe(self) -> FlowProbe | None:
+        """The block-flow probe (:class:`gradwatch.flow.FlowProbe`), None with ``blocks=None``. A debugging
+        handle: ``probe.keep_vectors = True`` keeps the gradient vectors of the last measured step in
+        ``probe.vectors``; ``probe.armed`` says whether hooks wait for a backward."""
+        return self._flow
 
     def is_logging_step(self, step: int | None = None) -> bool:
         """Whether ``step`` (default: the next step) is one that logs."""
@@ -297,8 +270,7 @@ class Monitor:
         rename one. Works with ``blocks=None`` too (then only watched modules are measured).
         """
         if self._flow is None:
-            self._flow = FlowProbe(self.model, [], is_logging=self._flow_armed, step=self._flow_step,
-                                   on_error=self._contain)
+            self._flow = self._new_probe([])
         self._flow.watch(module, name)
 
     def describe(self, *example_args: Any, **example_kwargs: Any) -> Blocks:
@@ -320,16 +292,6 @@ class Monitor:
             return FlowStatus("off", "blocks=None")
         return self._flow.status
 
-    def _flow_armed(self) -> bool:
-        trigger = self.flow_trigger
-        return trigger() if trigger is not None else (self._step - 1 + self._stride) % self.every == 0
-
-    def _flow_step(self) -> int:
-        """The step the forward in progress belongs to: the next internal step or, under ``step(step=...)``,
-        the caller's last step plus its last stride. A wrong guess only loses that step's flow: ``_begin``
-        drops a flow session armed for another step."""
-        return self._step - 1 + self._stride
-
     def step(self, step: int | None = None) -> None:
         """Mark the end of a backward pass; measure if this step logs.
 
@@ -341,24 +303,23 @@ class Monitor:
             self._warn_once("closed", "gradwatch: Monitor.step() called after close(); ignored")
             return
         if self._optimizer is not None:
-            self._warn_once(
-                "driven",
-                "gradwatch: this Monitor measures at optimizer.step() (optimizer= was given); "
-                "Monitor.step() is ignored",
-            )
+            self._warn_once("driven", "gradwatch: this Monitor measures at optimizer.step() (optimizer= was "
+                            "given); Monitor.step() is ignored")
             return
-        s = self._step if step is None else int(step)
+        if step is not None:
+            step = _as_step(step)
+        s = self._step if step is None else step
         last, self._last_user_step = self._last_user_step, s
         self._stride = s - last if last is not None and s > last else 1
         try:
             if s % self.every == 0:
-                self._begin(s, snapshot=False)
+                self._begin(s)
                 self._finish()
         except Exception as err:  # never break the user's loop
             self._contain(err)
         finally:
             self._step = s + 1
-        self._alert_step()
+        self._raise_alarm()
 
     def begin_step(
         self,
@@ -370,18 +331,20 @@ class Monitor:
         """For framework integrations: measure gradients and weights now, recording them at ``step``.
 
         Call where the gradients are final for this optimizer step (accumulated, synced, unscaled), before
-        the step. ``grad_scale`` divides gradients that are still multiplied by an AMP loss scale.
-        ``track_update`` snapshots the weights so :meth:`end_step` can add ``update_to_weight``. Nothing is
-        moved to the host until :meth:`end_step`. Does not check ``every``: the caller decides
-        (:meth:`is_logging_step`). Returns True when a measurement is pending. Never raises unless ``strict``.
+        the step. ``grad_scale`` divides gradients that are still multiplied by an AMP loss scale (see
+        :func:`gradwatch.amp_grad_scale`). ``track_update`` snapshots the weights so :meth:`end_step` can add
+        ``update_to_weight``. Nothing is moved to the host until :meth:`end_step`. Does not check ``every``:
+        the caller decides (:meth:`is_logging_step`). Returns True when a measurement is pending. Never raises
+        unless ``strict``.
         """
         if self._closed:
             return False
+        step = _as_step(step)
         try:
-            self._begin(int(step), grad_scale=grad_scale, snapshot=track_update)
+            self._begin(step, grad_scale=grad_scale, snapshot=track_update)
         except Exception as err:
             self._contain(err)
-        self._step = int(step) + 1
+        self._step = step + 1
         self._stride, self._last_user_step = 1, None
         return self._pending is not None
 
@@ -398,7 +361,7 @@ class Monitor:
             self._finish()
         except Exception as err:
             self._contain(err)
-        self._alert_step()
+        self._raise_alarm()
 
     def discard_step(self) -> None:
         """For framework integrations: drop the measurement :meth:`begin_step` started, recording nothing.
@@ -411,15 +374,20 @@ class Monitor:
         """Every logged value as a long DataFrame: columns ``step, name, metric, value``."""
         return self._history.to_frame()
 
+    @property
+    def records(self) -> list[StepRecord]:
+        """Every record of this monitor, oldest first (what :meth:`history` is built from)."""
+        return self._history.records
+
     def save_history(self, path: str | os.PathLike) -> str:
         """Write :meth:`history` to a ``.csv``/``.csv.gz`` or ``.parquet`` file and return the path."""
         return self._history.save(path)
 
     def state_dict(self) -> dict[str, Any]:
-        """The monitor's resumable state (step counter)."""
+        """The monitor's resumable state (step counter, alert rule state)."""
         state: dict[str, Any] = {"version": _STATE_VERSION, "step": self._step}
-        if self._alerts is not None:
-            state["alerts"] = self._alerts.state_dict()  # rule streaks, baselines, cooldowns
+        if self._engine is not None:
+            state["alerts"] = self._engine.state_dict()  # rule streaks, baselines, cooldowns
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -428,51 +396,44 @@ class Monitor:
             raise ValueError("not a gradwatch Monitor state_dict (missing 'step')")
         self._step = int(state["step"])
         self._stride, self._last_user_step = 1, None
-        if self._alerts is not None and isinstance(state.get("alerts"), dict):
-            self._alerts.load_state_dict(state["alerts"])
+        if self._engine is not None and isinstance(state.get("alerts"), dict):
+            self._engine.load_state_dict(state["alerts"])
 
     @property
     def alerts(self) -> list[Alert]:
         """Every alert sent so far, oldest first (``gradwatch.Alert``; the same on every rank)."""
-        return [] if self._alerts is None else self._alerts.alerts
+        return [] if self._engine is None else list(self._engine.alerts)
 
     @property
     def should_stop(self) -> bool:
         """True once a critical alert fired under ``on_critical="stop"`` or ``"raise"``: end the loop."""
-        return self._alerts is not None and self._alerts.should_stop
-
-    def _alert_step(self) -> None:
-        """Run the alert rules on what this logging step recorded; then, if the policy says so, raise."""
-        if self._alerts is None:
-            return
-        try:
-            self._alerts.evaluate_current()
-        except Exception as err:
-            self._contain(err)
-        self._alerts.raise_pending()  # GradientAlarm (on_critical="raise"): deliberately not contained
+        return self._engine is not None and self._engine.should_stop
 
     def flush(self) -> None:
-        """Flush the TensorBoard writer."""
-        if self._sink is not None:
-            self._sink.flush()
+        """Flush every sink (the TensorBoard writer among them)."""
+        for sink in self._sinks:
+            self._call(sink, "flush")
 
     def close(self) -> None:
-        """Remove every hook gradwatch added and flush (and close, if gradwatch opened it) the writer."""
+        """Remove every hook gradwatch added; close the sinks gradwatch created (and the writer, if it opened
+        it) and flush the others, which stay usable by another monitor or fit."""
         if self._closed:
             return
         self._closed = True
         for h in self._handles:
             h.remove()
         self._handles.clear()
-        if self._alerts is not None:
-            self._alerts.close()  # flushes webhooks (bounded wait) and the JSONL record
+        if self._order is not None:
+            self._order.finish()
         if self._flow is not None:
             self._flow.close()
         self._pending = None
-        if self._writer is not None:
-            self._writer.flush()
-            if self._owns_writer:
-                self._writer.close()
+        for sink in self._sinks:
+            self._call(sink, "close" if any(sink is s for s in self._owned) else "flush")
+        if self._engine is not None:
+            self._engine.close()
+        if self._owns_writer:
+            self._writer.close()
 
     def __enter__(self) -> Monitor:
         return self
@@ -492,12 +453,8 @@ class Monitor:
             return
         try:
             # A fused optimizer under GradScaler unscales inside its step: its grads are still scaled here.
-            self._begin(
-                self._step,
-                grad_scale=getattr(optimizer, "grad_scale", None),
-                found_inf=getattr(optimizer, "found_inf", None),
-                snapshot=self.track_updates,
-            )
+            self._begin(self._step, grad_scale=getattr(optimizer, "grad_scale", None),
+                        found_inf=getattr(optimizer, "found_inf", None), snapshot=self.track_updates)
         except Exception as err:
             self._contain(err)
 
@@ -505,22 +462,26 @@ class Monitor:
         if self._closed:
             return
         try:
-            if self._pending is not None:
-                self._finish()
+            self._finish()
         except Exception as err:
             self._contain(err)
         finally:
             self._step += 1
-        self._alert_step()
+        self._raise_alarm()
 
-    # ------------------------------------------------------------------ measurement
-    def _begin(
-        self,
-        step: int,
-        grad_scale: torch.Tensor | float | None = None,
-        found_inf: torch.Tensor | None = None,
-        snapshot: bool = False,
-    ) -> None:
+    # ------------------------------------------------------------------ block-flow cadence
+    def _flow_armed(self) -> bool:
+        trigger = self.flow_trigger
+        return trigger() if trigger is not None else (self._step - 1 + self._stride) % self.every == 0
+
+    def _flow_step(self) -> int:
+        """The step the forward in progress belongs to: the next internal step or, under ``step(step=...)``,
+        the caller's last step plus its last stride. A wrong guess only loses that step's flow: ``_begin``
+        drops a flow session armed for another step."""
+        return self._step - 1 + self._stride
+
+    # ------------------------------------------------------------------ measure, record, publish
+    def _begin(self, step: int, grad_scale: Any = None, found_inf: Any = None, snapshot: bool = False) -> None:
         """Compute squared norms on the device; the host transfer waits for :meth:`_finish`."""
         self.measurements += 1
         flow = self._flow.collect() if self._flow is not None else None
@@ -528,125 +489,54 @@ class Monitor:
             # armed for another step (the caller's step counter jumped): another batch's norms, not this one's
             log.debug("gradwatch: block flow armed for step %s, measured at %d: dropped", flow.step, step)
             flow = None
-        sel = self._selection
-        kept = [i for i, p in enumerate(sel.params) if p.grad is not None]
-        self._report_missing(kept)
-        if not kept:
-            self._pending = None
-            if flow is not None:
-                self._flow.record(step, flow, flow.values.cpu().numpy(), self._record)
-            return
-        grads = [sel.params[i].grad for i in kept]
-        weights = [sel.params[i].detach() for i in kept]
-        g_sq = squared_norms(grads)
-        if grad_scale is not None:
-            scale = torch.as_tensor(grad_scale, dtype=torch.float32).to(g_sq.device)
-            g_sq = g_sq / scale.square()
-        before = [local_tensor(w).clone() for w in weights] if snapshot else None
-        self._pending = _Pending(step, kept, [g_sq, squared_norms(weights)], before, found_inf, flow)
+        self._pending = self._meter.begin(step, flow, grad_scale=grad_scale, found_inf=found_inf,
+                                          snapshot=snapshot)
 
     def _finish(self) -> None:
         pending, self._pending = self._pending, None
         if pending is None:
             return
-        sel = self._selection
-        parts = list(pending.parts)
-        if pending.snapshot is not None:
-            after = [local_tensor(sel.params[i].detach()) for i in pending.kept]
-            parts.append(squared_norms(torch._foreach_sub(after, pending.snapshot)))
-        stacked = torch.cat(parts)
-        sharded = [is_sharded(sel.params[i]) for i in pending.kept]
-        n_flow = 0 if pending.flow is None else pending.flow.values.numel()
-        sync = bool(n_flow) and self._sync_ranks and dist.is_available() and dist.is_initialized()
-        if n_flow:  # block-flow norms ride along
-            flow = pending.flow.values
-            dtype = torch.promote_types(stacked.dtype, flow.dtype)
-            flow = flow.to(device=stacked.device, dtype=dtype)
-            if sync:  # each rank saw its own activations: mean of the squared norms over ranks (same all_reduce)
-                flow = flow.square() / dist.get_world_size()
-            stacked = torch.cat([stacked.to(dtype), flow])
-        if any(sharded) or sync:
-            mask = torch.tensor(sharded * len(parts) + [sync] * n_flow, device=stacked.device)
-            stacked = reduce_squared(stacked, mask)  # one collective for parameters and flow
-            if sync:
-                stacked = torch.cat([stacked[:-n_flow], stacked[-n_flow:].sqrt()])
-        if pending.found_inf is not None:
-            found = pending.found_inf.detach().reshape(1).to(device=stacked.device, dtype=stacked.dtype)
-            stacked = torch.cat([stacked, found])
-        host = stacked.cpu().numpy().astype(np.float64)  # the one device-to-host transfer
-        if pending.found_inf is not None:
-            if host[-1] > 0:  # the optimizer skipped this step: its gradients overflowed, not real
-                log.debug("gradwatch: step %d skipped by the AMP scaler; not recorded", pending.step)
-                return
-            host = host[:-1]
-        flow_host = None
-        if n_flow:
-            host, flow_host = host[:-n_flow], host[-n_flow:]
-        self._record_parameters(pending.step, pending.kept, host.reshape(len(parts), len(pending.kept)))
-        if flow_host is not None and self._flow is not None:
-            self._flow.record(pending.step, pending.flow, flow_host, self._record)
+        record = self._meter.finish(pending)
+        if record is not None:
+            self._publish(record)
 
-    def _record_parameters(self, step: int, kept: list[int], sq: np.ndarray) -> None:
-        sel = self._selection
-        n = len(sel.names)
-        seg = np.asarray([sel.segments[i] for i in kept], dtype=np.int64)
-        present = np.bincount(seg, minlength=n) > 0
-        key = tuple(np.flatnonzero(present).tolist())
-        names = self._names_cache.get(key)
-        if names is None:
-            names = [sel.names[j] for j in key] + [GLOBAL_NAME]
-            self._names_cache[key] = names
+    def _publish(self, record: StepRecord) -> None:
+        """Run the rules on ``record``, put their alerts in it, and hand it to every sink."""
+        if self._engine is not None:
+            if self._order is not None:  # the forward order is known after the first measured step
+                self._forward, self._order = self._order.finish(), None
+            record = dataclasses.replace(record, alerts=self._engine.evaluate(record, self._forward))
+        self._latest = record
+        self._history.write(record)  # every rank keeps its history
+        for sink in self._sinks:
+            self._call(sink, "write", record)
 
-        def per_unit(row: np.ndarray) -> np.ndarray:
-            units = np.sqrt(segment_sum(row, seg, n))[present]
-            return np.append(units, np.sqrt(row.sum()))
+    def _raise_alarm(self) -> None:
+        if self._engine is not None:
+            self._engine.raise_pending()  # GradientAlarm (on_critical="raise"): deliberately not contained
 
-        grad = per_unit(sq[0])
-        weight = per_unit(sq[1])
-        values = {"grad_norm": grad, "weight_norm": weight, "grad_to_weight": safe_ratio(grad, weight)}
-        if sq.shape[0] > 2:
-            values["update_to_weight"] = safe_ratio(per_unit(sq[2]), weight)
-        hist_mask = np.ones(len(names), dtype=bool)
-        hist_mask[-1] = False  # the _global entry is not a layer
-        for metric, vals in values.items():
-            self._record(step, names, metric, vals, hist_mask)
-
-    def _record(
-        self, step: int, names: list[str], metric: str, values: np.ndarray, hist_mask: np.ndarray | None = None
-    ) -> None:
-        """Send one metric for ``names`` to the history and, on rank 0, to TensorBoard."""
-        self._history.append(step, names, metric, values)
-        if self._sink is not None:
-            self._sink.write(step, names, metric, values, hist_mask)
-        if self._alerts is not None:
-            self._alerts.observe(step, names, metric, values)  # the step's measurements, for the alert rules
+    def _call(self, sink: Any, method: str, *args: Any) -> None:
+        """``sink.method(*args)`` if it has one; a failing sink is contained like a failing hook."""
+        fn = getattr(sink, method, None)
+        if fn is None:
+            return
+        try:
+            fn(*args)
+        except Exception as err:
+            self._contain_in(f"sink {sink!r}", err)
 
     # ------------------------------------------------------------------ housekeeping
-    def _report_missing(self, kept: list[int]) -> None:
-        if len(kept) == len(self._selection.params):
-            return
-        have = set(kept)
-        new = [
-            name
-            for i, name in enumerate(self._selection.param_names)
-            if i not in have and name not in self._reported_missing
-        ]
-        if new:
-            self._reported_missing.update(new)
-            log.info(
-                "gradwatch: %d parameter(s) have no gradient (.grad is None) and are skipped: %s",
-                len(new),
-                _short_list(new),
-            )
-
     def _contain(self, err: BaseException) -> None:
         self._pending = None
+        self._contain_in(None, err)
+
+    def _contain_in(self, where: str | None, err: BaseException) -> None:
         if self.strict:
             raise err
-        text = f"{type(err).__name__}: {err}"
+        text = f"{type(err).__name__}: {err}" if where is None else f"{where}: {type(err).__name__}: {err}"
         self.errors.append(text)
         if len(self.errors) <= 3:
-            log.error("gradwatch: error inside a gradwatch hook, measurement skipped: %s", text, exc_info=err)
+            log.error("gradwatch: error inside gradwatch (%s); training goes on", text, exc_info=err)
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
@@ -654,25 +544,45 @@ class Monitor:
             warnings.warn(message, stacklevel=3)
 
 
+def _as_step(step: Any) -> int:
+    """An integer step (int, numpy integer, integer 0-d tensor); TypeError for anything else (floats, bools)."""
+    if isinstance(step, bool):
+        raise TypeError("step must be an int, got bool")
+    try:
+        return operator.index(step)
+    except TypeError:
+        raise TypeError(f"step must be an int, got {type(step).__name__}") from None
+
+
+def _select(model: nn.Module, cfg: Config, optimizer: Any, params: Any) -> Selection:
+    """The measured parameters: the model's trainable ones, held by ``optimizer`` and in ``params`` if given,
+    after the include/exclude filters."""
+    only: set[int] | None = None
+    if optimizer is not None:
+        held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        only = {id(p) for p in model.parameters()} & held
+        if not only:
+            raise ValueError("optimizer holds none of the model's parameters; pass the optimizer that trains this model")
+    if params is not None:
+        if isinstance(params, torch.Tensor):
+            raise TypeError("params must be an iterable of parameters, not a single tensor")
+        wanted = {id(p) for p in params} & {id(p) for p in model.parameters()}
+        if not wanted:
+            raise ValueError("params holds none of the model's parameters")
+        only = wanted if only is None else only & wanted
+    m = cfg.measure
+    selection = select_parameters(model, granularity=m.granularity, include=m.include or None,
+                                  exclude=m.exclude or None, include_types=m.include_types or None,
+                                  exclude_types=m.exclude_types or None, only=only)
+    if not selection.params:
+        raise NothingToMeasure("include/exclude filters leave no trainable parameters to measure")
+    return selection
+
+
 def _resolve_sync(model: nn.Module, sync_ranks: bool | None) -> bool:
     """``sync_ranks=None``: sync when every rank is known to run the monitor (DDP wrapper or DTensor params)."""
     if sync_ranks is not None:
-        if not isinstance(sync_ranks, bool):
-            raise TypeError(f"sync_ranks must be a bool or None, got {type(sync_ranks).__name__}")
         return sync_ranks
     if isinstance(model, nn.parallel.DistributedDataParallel):
         return True
     return DTensor is not None and any(isinstance(p, DTensor) for p in model.parameters())
-
-
-def _open_writer(log_dir: str | os.PathLike) -> Any:
-    path = os.fspath(log_dir)
-    try:
-        os.makedirs(path, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path):
-            pass
-    except OSError as err:
-        raise ValueError(f"log_dir {path!r} is not writable: {err.strerror or err}") from err
-    from torch.utils.tensorboard import SummaryWriter
-
-    return SummaryWriter(log_dir=path)

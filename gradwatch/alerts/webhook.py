@@ -1,20 +1,4 @@
-"""Where alerts go: Python logging, TensorBoard, your own callable, a webhook. Open this file to add a sink.
-
-A sink is any object with ``send(alert)``; optionally ``end_step(step, alerts)`` (called after every
-evaluated logging step, with the alerts sent at it), ``close(timeout)`` (flush, waiting at most ``timeout``
-seconds, and release), ``flush(timeout)`` (wait for pending deliveries, stay usable) and
-``attach(report_failure)`` (receives ``report_failure(sink_description, alert, error)`` to record
-a delivery that failed). ``send`` must return quickly: anything slow belongs on a thread, like
-:class:`WebhookSink`. Errors a sink raises are caught and logged by the :class:`~gradwatch.alerts.AlertManager`;
-they never reach the training loop. Sinks run on rank 0 only.
-
-A monitor closes only the sinks it created (logging, TensorBoard, wrapped callables); sinks you pass in
-``alert_sinks`` are flushed at ``mon.close()``, not closed, so one sink can serve several monitors in turn or
-a Lightning callback across several fits. Close them yourself when done (or leave it to interpreter exit).
-
-The JSONL record (``alerts.jsonl``) is not a sink: the manager writes it before any sink runs, so a failing
-sink can never lose an alert.
-"""
+"""A sink that posts alerts to a webhook (Slack or any JSON endpoint) from a background thread."""
 
 from __future__ import annotations
 
@@ -31,110 +15,20 @@ import urllib.parse
 import urllib.request
 import weakref
 from collections.abc import Callable
-from typing import Any
+from email.utils import parsedate_to_datetime
 
-from .alerts import Alert, severity_rank
+from .._checks import check_choice, check_int, check_number
+from .alert import Alert
+from .sinks import AlertSink
 
 log = logging.getLogger("gradwatch")
 
-__all__ = ["LoggingSink", "TensorBoardAlertSink", "CallableSink", "WebhookSink", "as_sink", "redact_url",
-           "WEBHOOK_ENV"]
+__all__ = ["WebhookSink", "redact_url", "WEBHOOK_ENV"]
 
 #: Environment variable :class:`WebhookSink` reads its URL from when none is passed.
 WEBHOOK_ENV = "GRADWATCH_WEBHOOK_URL"
 
 _ICONS = {"info": ":information_source:", "warning": ":warning:", "critical": ":rotating_light:"}
-
-
-class _Filtered:
-    """Mixin: drop alerts below ``min_severity``."""
-
-    min_severity = "info"
-
-    def _wants(self, alert: Alert) -> bool:
-        return severity_rank(alert.severity) >= severity_rank(self.min_severity)
-
-
-class LoggingSink(_Filtered):
-    """Log each alert on a Python logger (default ``gradwatch``): info → INFO, warning → WARNING,
-    critical → ERROR. On by default."""
-
-    _LEVELS = {"info": logging.INFO, "warning": logging.WARNING, "critical": logging.ERROR}
-
-    def __init__(self, logger: str | logging.Logger = "gradwatch", min_severity: str = "info") -> None:
-        self.logger = logger if isinstance(logger, logging.Logger) else logging.getLogger(logger)
-        severity_rank(min_severity)
-        self.min_severity = min_severity
-
-    def send(self, alert: Alert) -> None:
-        if self._wants(alert):
-            self.logger.log(self._LEVELS[alert.severity], "gradwatch %s", alert.format())
-
-    def __repr__(self) -> str:
-        return f"LoggingSink({self.logger.name!r})"
-
-
-class TensorBoardAlertSink(_Filtered):
-    """Alerts in TensorBoard, on the step axis of the curves: a text entry ``<prefix>alerts/<rule>`` per alert
-    and a scalar ``<prefix>alerts/count`` (alerts sent at that logging step, 0 when none) at every logging
-    step. On by default when the monitor has a writer."""
-
-    def __init__(self, writer: Any, prefix: str = "", min_severity: str = "info") -> None:
-        self.writer = writer
-        self.prefix = prefix
-        severity_rank(min_severity)
-        self.min_severity = min_severity
-
-    def send(self, alert: Alert) -> None:
-        add_text = getattr(self.writer, "add_text", None)
-        if add_text is None or not self._wants(alert):
-            return
-        where = f" — `{alert.name}`" if alert.name else ""
-        add_text(
-            f"{self.prefix}alerts/{alert.rule}",
-            f"**{alert.severity}** {alert.rule}{where}\n\n{alert.message}\n\n"
-            f"value {alert.value:.4g}, threshold {alert.threshold:.4g}\n\n*hint:* {alert.hint}",
-            alert.step,
-        )
-
-    def end_step(self, step: int, alerts: list[Alert]) -> None:
-        n = sum(1 for a in alerts if self._wants(a))
-        self.writer.add_scalar(f"{self.prefix}alerts/count", float(n), step)
-        if alerts:
-            flush = getattr(self.writer, "flush", None)
-            if flush is not None:
-                flush()
-
-    def __repr__(self) -> str:
-        return f"TensorBoardAlertSink(prefix={self.prefix!r})"
-
-
-class CallableSink(_Filtered):
-    """Call ``fn(alert)`` for each alert (in the training thread: keep it quick). A plain callable passed in
-    ``alert_sinks`` is wrapped in one."""
-
-    def __init__(self, fn: Callable[[Alert], Any], min_severity: str = "info") -> None:
-        if not callable(fn):
-            raise TypeError(f"CallableSink needs a callable, got {type(fn).__name__}")
-        self.fn = fn
-        severity_rank(min_severity)
-        self.min_severity = min_severity
-
-    def send(self, alert: Alert) -> None:
-        if self._wants(alert):
-            self.fn(alert)
-
-    def __repr__(self) -> str:
-        return f"CallableSink({getattr(self.fn, '__qualname__', self.fn)!r})"
-
-
-def as_sink(obj: Any) -> Any:
-    """``obj`` if it is a sink (has ``send``), a :class:`CallableSink` if it is a callable."""
-    if hasattr(obj, "send"):
-        return obj
-    if callable(obj):
-        return CallableSink(obj)
-    raise TypeError(f"an alert sink needs a send(alert) method or must be callable, got {type(obj).__name__}")
 
 
 def redact_url(url: str) -> str:
@@ -158,7 +52,7 @@ def _close_live_sinks() -> None:  # pragma: no cover - exercised at interpreter 
         sink.close(2.0)
 
 
-class WebhookSink(_Filtered):
+class WebhookSink(AlertSink):
     """POST each alert to an HTTP(S) webhook from a background thread: Slack or any JSON endpoint.
 
     ``format="slack"`` posts ``{"text": "..."}`` (Slack / Mattermost / Discord-compatible incoming webhooks);
@@ -221,21 +115,15 @@ class WebhookSink(_Filtered):
         scheme = urllib.parse.urlsplit(url).scheme
         if scheme not in ("http", "https"):
             raise ValueError(f"webhook URL must start with http:// or https://, got {redact_url(url)}")
-        if format not in ("slack", "json"):
-            raise ValueError(f"format must be 'slack' or 'json', got {format!r}")
-        if not timeout > 0:
-            raise ValueError(f"timeout must be > 0 seconds, got {timeout!r}")
-        if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
-            raise ValueError(f"retries must be an int >= 0, got {retries!r}")
-        severity_rank(min_severity)
+        super().__init__(min_severity)
         self._url = url
-        self.format = format
-        self.timeout = float(timeout)
-        self.retries = retries
-        self.min_severity = min_severity
-        self.backoff = float(backoff)
-        self.max_retry_after = float(max_retry_after)
-        self.min_interval = (1.0 if format == "slack" else 0.0) if min_interval is None else float(min_interval)
+        self.format = check_choice(format, "format", ("slack", "json"), owner="WebhookSink")
+        self.timeout = check_number(timeout, "timeout", owner="WebhookSink")
+        self.retries = check_int(retries, "retries", minimum=0, owner="WebhookSink")
+        self.backoff = check_number(backoff, "backoff", positive=False, owner="WebhookSink")
+        self.max_retry_after = check_number(max_retry_after, "max_retry_after", positive=False, owner="WebhookSink")
+        interval = check_number(min_interval, "min_interval", positive=False, allow_none=True, owner="WebhookSink")
+        self.min_interval = (1.0 if format == "slack" else 0.0) if interval is None else interval
         self.title = title
         self.headers = {"Content-Type": "application/json", "User-Agent": "gradwatch-webhook"}
         self.headers.update(headers or {})
@@ -429,8 +317,6 @@ def _retry_after(value: str | None) -> float | None:
     except ValueError:
         pass
     try:
-        from email.utils import parsedate_to_datetime
-
         when = parsedate_to_datetime(value)
         return max(0.0, when.timestamp() - time.time())
     except (TypeError, ValueError, IndexError, OverflowError):

@@ -1,4 +1,4 @@
-"""Alert rules: turn one logging step's measurements into findings. Open this file to add a rule.
+"""The built-in alert rules: turn one logging step's measurements into findings. Open this file to add a rule.
 
 Every logging step the :class:`~gradwatch.Monitor` gathers what it recorded (per-layer metrics in forward
 order, the whole-model ``_global`` entry and, when block flow is on, per-block metrics) into one
@@ -23,7 +23,7 @@ Adding a rule::
                 return [self.alert(m, "warning", None, g, 1e-9, "no gradient at all", "is the loss detached?")]
             return []
 
-    gradwatch.Monitor(model, rules=[*gradwatch.detectors.default_rules(), TooQuiet()])
+    gradwatch.Monitor(model, rules=[*gradwatch.alerts.default_rules(), TooQuiet()])
 
 Defaults and the measurements behind them are in ``docs/alerts.md``
 (reproduce with ``python benchmarks/calibrate_alerts.py``).
@@ -32,306 +32,21 @@ Defaults and the measurements behind them are in ``docs/alerts.md``
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
-from torch import nn
 
-from .alerts import Alert
-from .flow import FLOW_METRICS
-from .layers import GLOBAL_NAME, ROOT_NAME, clean_name
+from .._checks import check_fraction, check_int, check_number
+from ..names import EARLY_FRACTION, short_list
+from .alert import Alert
+from .measurements import Measurements, depth_slope, early_ratio
+from .rule import Rule
 
 __all__ = [
-    "BLOCK_METRICS",
-    "short_list",
-    "Measurements",
-    "EarlyRatio",
-    "early_ratio",
-    "depth_slope",
-    "Rule",
-    "SkipCollapse",
-    "Vanishing",
-    "Exploding",
-    "DepthTrend",
-    "NonFinite",
-    "DeadLayer",
-    "RULES",
-    "default_rules",
-    "build_rules",
-    "layer_kinds",
-    "replay",
+    "SkipCollapse", "Vanishing", "Exploding", "DepthTrend", "NonFinite", "DeadLayer", "RULES", "default_rules",
+    "build_rules", "replay",
 ]
-
-#: Per-block metric names written by block flow (:data:`gradwatch.flow.FLOW_METRICS`); anything else recorded is
-#: a layer metric.
-BLOCK_METRICS = FLOW_METRICS
-
-_NORM_TYPES: tuple[type, ...] = (
-    nn.modules.batchnorm._NormBase,
-    nn.GroupNorm,
-    nn.LayerNorm,
-    nn.LocalResponseNorm,
-) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
-_EMBEDDING_TYPES: tuple[type, ...] = (nn.Embedding, nn.EmbeddingBag)
-
-
-def layer_kinds(model: nn.Module) -> dict[str, str]:
-    """What kind of layer each measured name is: ``"weight"``, ``"norm"``, ``"embedding"`` or ``"other"``.
-
-    ``"weight"`` layers (convolutions, linear maps, attention projections: a parameter with two or more
-    dimensions) are the ones whose gradient-to-weight ratios are comparable across depth. Normalisation
-    layers (scale ~1, small gradients) and embeddings (only the looked-up rows get a gradient) are not.
-    Keys cover both granularities: ``"layer1.0.conv1"`` and ``"layer1.0.conv1.weight"``.
-    """
-    kinds: dict[str, str] = {}
-    for mod_name, module in model.named_modules():
-        own = [(n, p) for n, p in module._parameters.items() if p is not None]
-        if not own:
-            continue
-        layer = clean_name(mod_name) or ROOT_NAME
-        if isinstance(module, _NORM_TYPES):
-            kind = "norm"
-        elif isinstance(module, _EMBEDDING_TYPES):
-            kind = "embedding"
-        elif any(p.dim() >= 2 for _, p in own if not isinstance(p, nn.parameter.UninitializedParameter)):
-            kind = "weight"
-        else:
-            kind = "other"
-        kinds.setdefault(layer, kind)
-        for pname, p in own:
-            full = f"{layer}.{pname}" if layer != ROOT_NAME else pname
-            weight = kind == "weight" and not isinstance(p, nn.parameter.UninitializedParameter) and p.dim() >= 2
-            kinds.setdefault(full, "weight" if weight else ("other" if kind == "weight" else kind))
-    return kinds
-
-
-@dataclass
-class Measurements:
-    """One logging step's measured values, as the rules see them.
-
-    ``layers`` are the measured layer names in definition order (``named_modules()``); ``layer[metric]`` is an
-    array aligned with it (NaN where a layer lacked that metric). ``whole`` holds the ``_global`` entry.
-    ``blocks`` and ``block[metric]`` are the same for the residual blocks of block flow (empty without it).
-    ``kinds`` maps layer names to :func:`layer_kinds` kinds. ``forward`` maps module names to the position in
-    which they first ran in a forward pass, as the monitor recorded it on its first measured step (empty when
-    unknown, e.g. in :func:`replay`); :meth:`forward_sorted` orders layers by it.
-
-    The monitor fills one per logging step through :meth:`add` (every value it records passes through), so a
-    new measurement source shows up here by recording its values; rules can also be fed by hand::
-
-        m = Measurements(step=0, kinds={"a": "weight", "b": "weight"})
-        m.add(["a", "b", "_global"], "grad_norm", np.array([1.0, 2.0, 2.24]))
-    """
-
-    step: int
-    kinds: Mapping[str, str] = field(default_factory=dict)
-    layers: list[str] = field(default_factory=list)
-    layer: dict[str, np.ndarray] = field(default_factory=dict)
-    whole: dict[str, float] = field(default_factory=dict)
-    blocks: list[str] = field(default_factory=list)
-    block: dict[str, np.ndarray] = field(default_factory=dict)
-    forward: Mapping[str, int] = field(default_factory=dict)
-
-    def forward_sorted(self, indices: Iterable[int]) -> list[int]:
-        """Layer ``indices`` sorted in the order their modules ran in the forward pass (:attr:`forward`: module
-        name -> position, recorded by the monitor on its first measured step); layers whose module was not
-        seen (or no order recorded, e.g. in :func:`replay`) keep definition order, after the others."""
-        def key(i: int) -> tuple[int, int]:
-            name = self.layers[i]
-            pos = self.forward.get(name)
-            if pos is None:  # granularity="parameter": "layer1.0.conv1.weight" -> its module
-                pos = self.forward.get(name.rsplit(".", 1)[0] if "." in name else ROOT_NAME)
-            return (0, pos) if pos is not None else (1, i)
-        return sorted(indices, key=key)
-
-    def add(self, names: Sequence[str], metric: str, values: np.ndarray | Sequence[float]) -> None:
-        """Add ``values[i]`` as ``metric`` of ``names[i]`` (a block metric if ``metric`` is one of
-        :data:`BLOCK_METRICS`, else a layer metric; ``_global`` goes to :attr:`whole`)."""
-        values = np.asarray(values, dtype=np.float64).reshape(-1)
-        names = list(names)
-        if GLOBAL_NAME in names:
-            i = names.index(GLOBAL_NAME)
-            self.whole[metric] = float(values[i])
-            names = names[:i] + names[i + 1:]
-            values = np.delete(values, i)
-        if metric in BLOCK_METRICS:
-            self._put(self.blocks, self.block, names, metric, values)
-        else:
-            self._put(self.layers, self.layer, names, metric, values)
-
-    @staticmethod
-    def _put(order: list[str], table: dict[str, np.ndarray], names: list[str], metric: str,
-             values: np.ndarray) -> None:
-        if not order:
-            order.extend(names)
-        if names == order:
-            table[metric] = values
-            return
-        index = {n: i for i, n in enumerate(order)}
-        new = [n for n in names if n not in index]
-        if new:  # a name seen first in this metric: grow every table
-            order.extend(new)
-            index.update({n: len(index) + k for k, n in enumerate(new)})
-            for key, arr in table.items():
-                table[key] = np.concatenate([arr, np.full(len(new), np.nan)])
-        out = table.get(metric, np.full(len(order), np.nan)).copy()
-        out[[index[n] for n in names]] = values
-        table[metric] = out
-
-    @classmethod
-    def from_history(cls, history: Any, kinds: Mapping[str, str] | None = None) -> list[Measurements]:
-        """One :class:`Measurements` per step of a ``mon.history()`` DataFrame (or a saved one read back), in
-        step order, e.g. to try rules on a finished run (:func:`replay`). Layer order is the frame's order."""
-        out = []
-        for step, frame in history.groupby("step", sort=True):
-            m = cls(step=int(step), kinds=dict(kinds or {}))
-            for metric, rows in frame.groupby("metric", sort=False):
-                m.add(list(rows["name"]), str(metric), rows["value"].to_numpy())
-            out.append(m)
-        return out
-
-    def values(self, metric: str) -> np.ndarray:
-        """Layer ``metric`` aligned with :attr:`layers` (all NaN when not measured)."""
-        return self.layer.get(metric, np.full(len(self.layers), np.nan))
-
-    def block_values(self, metric: str) -> np.ndarray:
-        """Block ``metric`` aligned with :attr:`blocks` (all NaN when not measured)."""
-        return self.block.get(metric, np.full(len(self.blocks), np.nan))
-
-    def weight_layers(self) -> np.ndarray:
-        """Indices into :attr:`layers` of the ``"weight"`` layers (conv, linear, ...), in forward order."""
-        kinds = self.kinds
-        return np.flatnonzero([kinds.get(n, "weight") == "weight" for n in self.layers])
-
-
-class Rule:
-    """Base class of alert rules.
-
-    Subclasses set :attr:`name` and implement :meth:`check`, returning the alerts raised at this step
-    (build them with :meth:`alert`). Keep every piece of state in :attr:`state` (a JSON-like dict): it is
-    saved in the monitor's ``state_dict``. :meth:`streak` counts consecutive logging steps a condition held.
-    """
-
-    name = "rule"
-
-    def __init__(self, patience: int = 3) -> None:
-        if isinstance(patience, bool) or not isinstance(patience, int) or patience < 1:
-            raise ValueError(f"{type(self).__name__}: patience must be an int >= 1, got {patience!r}")
-        self.patience = patience
-        self.state: dict[str, Any] = {"streaks": {}}
-
-    def check(self, m: Measurements) -> list[Alert]:  # pragma: no cover - abstract
-        raise NotImplementedError
-
-    def streak(self, key: str, condition: bool) -> int:
-        """Count consecutive logging steps on which ``condition`` held for ``key`` (0 resets)."""
-        streaks = self.state["streaks"]
-        n = streaks.get(key, 0) + 1 if condition else 0
-        if n:
-            streaks[key] = n
-        else:
-            streaks.pop(key, None)
-        return n
-
-    def alert(self, m: Measurements, severity: str, name: str | None, value: float, threshold: float,
-              message: str, hint: str) -> Alert:
-        return Alert(self.name, severity, int(m.step), name, float(value), float(threshold), message, hint)
-
-    def state_dict(self) -> dict[str, Any]:
-        return _plain(self.state)
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.state = _plain(state)
-        self.state.setdefault("streaks", {})
-
-    def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if k != "state")
-        return f"{type(self).__name__}({args})"
-
-
-def _plain(obj: Any) -> Any:
-    """A deep copy made of dicts, lists, str, int and float (what checkpoints store best)."""
-    if isinstance(obj, Mapping):
-        return {str(k): _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
-    if isinstance(obj, (np.floating, np.integer)):
-        return obj.item()
-    return obj
-
-
-def _early(idx: np.ndarray, fraction: float) -> np.ndarray:
-    return idx[: max(1, math.ceil(len(idx) * fraction))]
-
-
-@dataclass
-class EarlyRatio:
-    """median(grad_to_weight of the early weight layers) / median(grad_to_weight of all weight layers)."""
-
-    ratio: float
-    early_median: float
-    typical: float
-    early: list[str]
-
-
-def early_ratio(m: Measurements, early: float = 0.25, min_layers: int = 4) -> EarlyRatio | None:
-    """The statistic of :class:`Vanishing` and :class:`Exploding` (None with fewer than ``min_layers``
-    weight layers with a finite ratio)."""
-    g2w = m.values("grad_to_weight")
-    idx = m.weight_layers()
-    idx = idx[np.isfinite(g2w[idx])]
-    if len(idx) < min_layers:
-        return None
-    first = _early(idx, early)
-    typical = float(np.median(g2w[idx]))
-    early_med = float(np.median(g2w[first]))
-    ratio = early_med / typical if typical > 0 else math.nan
-    return EarlyRatio(ratio, early_med, typical, [m.layers[i] for i in first])
-
-
-def depth_slope(m: Measurements, min_points: int = 6) -> tuple[str, float, int] | None:
-    """The statistic of :class:`DepthTrend`: ``(unit, slope, points)`` with ``slope`` the least-squares slope
-    of log10(gradient) per ``unit`` of depth: ``"block"`` (``grad_in`` of the blocks, when block flow measured
-    at least ``min_points``) or ``"layer"`` (``grad_to_weight`` of the weight layers but the last). None when
-    there are too few points."""
-    gin = m.block_values("grad_in")
-    ok = np.isfinite(gin) & (gin > 0)
-    if ok.sum() >= min_points:
-        unit, y = "block", np.log10(gin[ok])
-    else:
-        vals = m.values("grad_to_weight")[m.weight_layers()[:-1]]
-        vals = vals[np.isfinite(vals) & (vals > 0)]
-        if len(vals) < min_points:
-            return None
-        unit, y = "layer", np.log10(vals)
-    slope = float(np.polyfit(np.arange(len(y), dtype=np.float64), y, 1)[0])
-    return unit, slope, len(y)
-
-
-def short_list(names: Sequence[str], limit: int = 8) -> str:
-    """``names`` joined with commas; past ``limit`` names, the first ``limit - 1``, an ellipsis and the last:
-    ``"0, 2, … 6 (4 in all)"``. For messages (alerts here, the monitor's log lines)."""
-    names = list(names)
-    if len(names) <= limit:
-        return ", ".join(names)
-    head = ", ".join(names[:max(limit - 1, 1)])
-    return f"{head}, … {names[-1]} ({len(names)} in all)"
-
-
-def _check_fraction(value: float, arg: str, owner: str) -> float:
-    if not 0 < value <= 1:
-        raise ValueError(f"{owner}: {arg} must be in (0, 1], got {value!r}")
-    return float(value)
-
-
-def _check_positive(value: float | None, arg: str, owner: str, allow_none: bool = False) -> float | None:
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ValueError(f"{owner}: {arg} must be a number > 0, got {value!r}")
-    return float(value)
 
 
 class SkipCollapse(Rule):
@@ -349,8 +64,8 @@ class SkipCollapse(Rule):
 
     def __init__(self, threshold: float = 1e-3, critical: float | None = None, patience: int = 3) -> None:
         super().__init__(patience)
-        self.threshold = _check_positive(threshold, "threshold", self.name)
-        self.critical = _check_positive(critical, "critical", self.name, allow_none=True)
+        self.threshold = check_number(threshold, "threshold", owner=self.name)
+        self.critical = check_number(critical, "critical", owner=self.name, allow_none=True)
 
     def check(self, m: Measurements) -> list[Alert]:
         share = m.block_values("skip_share")
@@ -385,13 +100,13 @@ class Vanishing(Rule):
     name = "vanishing"
 
     def __init__(self, relative: float = 0.02, floor: float | None = 1e-7, critical: float | None = 1e-4,
-                 early: float = 0.25, patience: int = 3, min_layers: int = 4) -> None:
+                 early: float = EARLY_FRACTION, patience: int = 3, min_layers: int = 4) -> None:
         super().__init__(patience)
-        self.relative = _check_positive(relative, "relative", self.name)
-        self.floor = _check_positive(floor, "floor", self.name, allow_none=True)
-        self.critical = _check_positive(critical, "critical", self.name, allow_none=True)
-        self.early = _check_fraction(early, "early", self.name)
-        self.min_layers = int(min_layers)
+        self.relative = check_number(relative, "relative", owner=self.name)
+        self.floor = check_number(floor, "floor", owner=self.name, allow_none=True)
+        self.critical = check_number(critical, "critical", owner=self.name, allow_none=True)
+        self.early = check_fraction(early, "early", owner=self.name)
+        self.min_layers = check_int(min_layers, "min_layers", minimum=1, owner=self.name)
 
     def check(self, m: Measurements) -> list[Alert]:
         stat = early_ratio(m, self.early, self.min_layers)
@@ -435,16 +150,16 @@ class Exploding(Rule):
     name = "exploding"
 
     def __init__(self, relative: float = 20.0, spike: float | None = 10.0, critical_spike: float | None = 1e3,
-                 early: float = 0.25, patience: int = 1, warmup: int = 5, baseline_weight: float = 0.1,
+                 early: float = EARLY_FRACTION, patience: int = 1, warmup: int = 5, baseline_weight: float = 0.1,
                  min_layers: int = 4) -> None:
         super().__init__(patience)
-        self.relative = _check_positive(relative, "relative", self.name)
-        self.spike = _check_positive(spike, "spike", self.name, allow_none=True)
-        self.critical_spike = _check_positive(critical_spike, "critical_spike", self.name, allow_none=True)
-        self.early = _check_fraction(early, "early", self.name)
-        self.warmup = int(warmup)
-        self.baseline_weight = _check_fraction(baseline_weight, "baseline_weight", self.name)
-        self.min_layers = int(min_layers)
+        self.relative = check_number(relative, "relative", owner=self.name)
+        self.spike = check_number(spike, "spike", owner=self.name, allow_none=True)
+        self.critical_spike = check_number(critical_spike, "critical_spike", owner=self.name, allow_none=True)
+        self.early = check_fraction(early, "early", owner=self.name)
+        self.warmup = check_int(warmup, "warmup", minimum=0, owner=self.name)
+        self.baseline_weight = check_fraction(baseline_weight, "baseline_weight", owner=self.name)
+        self.min_layers = check_int(min_layers, "min_layers", minimum=1, owner=self.name)
         self.state.update({"log_baseline": None, "seen": 0})
 
     def check(self, m: Measurements) -> list[Alert]:
@@ -506,10 +221,10 @@ class DepthTrend(Rule):
     def __init__(self, per_block: float = 0.1, per_layer: float = 0.05, min_total: float = 100.0,
                  patience: int = 3, min_points: int = 6) -> None:
         super().__init__(patience)
-        self.per_block = _check_positive(per_block, "per_block", self.name)
-        self.per_layer = _check_positive(per_layer, "per_layer", self.name)
-        self.min_total = _check_positive(min_total, "min_total", self.name)
-        self.min_points = int(min_points)
+        self.per_block = check_number(per_block, "per_block", owner=self.name)
+        self.per_layer = check_number(per_layer, "per_layer", owner=self.name)
+        self.min_total = check_number(min_total, "min_total", owner=self.name)
+        self.min_points = check_int(min_points, "min_points", minimum=2, owner=self.name)
 
     def check(self, m: Measurements) -> list[Alert]:
         stat = depth_slope(m, self.min_points)
@@ -600,7 +315,7 @@ class DeadLayer(Rule):
 
     def __init__(self, patience: int = 3, max_named: int = 5) -> None:
         super().__init__(patience)
-        self.max_named = int(max_named)
+        self.max_named = check_int(max_named, "max_named", minimum=1, owner=self.name)
 
     def check(self, m: Measurements) -> list[Alert]:
         before = self.state["streaks"]

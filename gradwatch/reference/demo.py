@@ -21,11 +21,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import flow
-from .alerts import summarize
+from ..alerts import summarize
+from ..flow import share_table
+from ..layers import layer_kinds
+from ..monitor import Monitor
 from .blocks import ResNet, resnet
 from .data import synthetic_images
-from .monitor import Monitor
 
 __all__ = ["DemoNet", "demo_nets", "run_demo", "ratio_table", "train"]
 
@@ -56,9 +57,10 @@ def demo_nets(depth: int = 56) -> list[DemoNet]:
 
 
 def weight_layers(model: nn.Module, names: list[str]) -> list[str]:
-    """The measured names that are convolutions or linear layers, in forward (definition) order."""
-    kinds = {n: m for n, m in model.named_modules()}
-    return [n for n in names if isinstance(kinds.get(n), (nn.Conv2d, nn.Linear))]
+    """The measured names that are weight layers (convolutions, linear maps: :func:`gradwatch.layers.layer_kinds`),
+    in definition order."""
+    kinds = layer_kinds(model)
+    return [n for n in names if kinds.get(n) == "weight"]
 
 
 def ratio_table(history: pd.DataFrame, layers: list[str]) -> dict[str, float]:
@@ -213,7 +215,7 @@ def run_demo(
     if with_blocks:
         print("\nskip_share per residual block, median over logged steps (share of dL/dx through the skip;"
               " 0 = skip carries nothing):", file=stream)
-        print("  " + flow.share_table(histories).replace("\n", "\n  "), file=stream)
+        print("  " + share_table(histories).replace("\n", "\n  "), file=stream)
     print(f"\nAlerts (warning or critical, rule@step; each run's full record: {out}/<net>/alerts.jsonl):", file=stream)
     for name, text in fired.items():
         print(f"  {name:<12} {text}", file=stream)

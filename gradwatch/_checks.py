@@ -1,0 +1,71 @@
+"""Argument checks shared by every option gradwatch takes, with one rule: TypeError for a wrong type,
+ValueError for a wrong value, never a silent coercion (``True`` is not an int here, ``"3"`` is not a number).
+A leaf module."""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from typing import Any
+
+__all__ = ["check_int", "check_number", "check_fraction", "check_bool", "check_choice", "check_str"]
+
+
+def _who(name: str, owner: str) -> str:
+    return f"{owner}: {name}" if owner else name
+
+
+def check_int(value: Any, name: str, *, minimum: int | None = None, allow_none: bool = False, owner: str = "") -> Any:
+    """``value`` as given when it is an int (not a bool) ``>= minimum``; None passes when ``allow_none``."""
+    if value is None and allow_none:
+        return None
+    what = "an int" + (f" >= {minimum}" if minimum is not None else "") + (" or None" if allow_none else "")
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{_who(name, owner)} must be {what}, got {type(value).__name__}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{_who(name, owner)} must be {what}, got {value}")
+    return value
+
+
+def check_number(value: Any, name: str, *, positive: bool = True, allow_none: bool = False, owner: str = "") -> Any:
+    """``value`` as a float when it is an int or float (not a bool), ``> 0`` when ``positive``."""
+    if value is None and allow_none:
+        return None
+    what = "a number" + (" > 0" if positive else "") + (" or None" if allow_none else "")
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{_who(name, owner)} must be {what}, got {type(value).__name__}")
+    if positive and not value > 0:
+        raise ValueError(f"{_who(name, owner)} must be {what}, got {value!r}")
+    return float(value)
+
+
+def check_fraction(value: Any, name: str, *, owner: str = "") -> float:
+    """``value`` as a float in (0, 1]."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{_who(name, owner)} must be a number in (0, 1], got {type(value).__name__}")
+    if not 0 < value <= 1:
+        raise ValueError(f"{_who(name, owner)} must be in (0, 1], got {value!r}")
+    return float(value)
+
+
+def check_bool(value: Any, name: str, *, allow_none: bool = False, owner: str = "") -> Any:
+    if value is None and allow_none:
+        return None
+    if not isinstance(value, bool):
+        raise TypeError(f"{_who(name, owner)} must be a bool{' or None' if allow_none else ''}, "
+                        f"got {type(value).__name__}")
+    return value
+
+
+def check_str(value: Any, name: str, *, owner: str = "") -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"{_who(name, owner)} must be a str, got {type(value).__name__}")
+    return value
+
+
+def check_choice(value: Any, name: str, choices: Collection[str], *, owner: str = "") -> str:
+    """``value`` when it is one of ``choices`` (strings)."""
+    if not isinstance(value, str):
+        raise TypeError(f"{_who(name, owner)} must be one of {tuple(choices)}, got {type(value).__name__}")
+    if value not in choices:
+        raise ValueError(f"{_who(name, owner)} must be one of {tuple(choices)}, got {value!r}")
+    return value

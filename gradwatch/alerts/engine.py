@@ -1,0 +1,214 @@
+"""The alert engine: runs the rules on each step's record, drops repeats, keeps the record that is never lost,
+and applies the ``on_critical`` policy.
+
+After each logging step the :class:`~gradwatch.Monitor` hands its :class:`~gradwatch.StepRecord` to
+:meth:`AlertEngine.evaluate`. The rules (:mod:`gradwatch.alerts.rules`) turn it into :class:`Alert` s; the engine
+drops repeats (cooldown per (rule, name); an escalation to ``critical`` always passes), writes every alert as
+one JSON line to ``alerts.jsonl`` and returns the alerts sent, which the monitor puts into the record for the
+sinks (logging, TensorBoard, webhooks, yours). The ``on_critical`` policy:
+
+- ``"warn"`` (default): alert and carry on;
+- ``"stop"``: also set :attr:`Monitor.should_stop <gradwatch.Monitor.should_stop>` (the Lightning callback
+  turns it into ``trainer.should_stop``, agreed across ranks);
+- ``"raise"``: also raise :class:`GradientAlarm` out of ``mon.step()`` (or ``optimizer.step()`` when the
+  monitor drives itself from the optimizer) — the one exception gradwatch raises into a training loop.
+
+Under torch.distributed every rank runs the rules and only rank 0 writes the record (and runs the sinks). The
+per-layer numbers are the same on every rank (gradients after DDP's all-reduce; FSDP/DTensor norms
+all-reduced). Block-flow metrics come from each rank's own activations: they are averaged across ranks (root
+mean square of the per-rank norms) when the monitor syncs ranks — ``Monitor(sync_ranks=...)``, on by default
+for DDP-wrapped and DTensor models and always in the Lightning callback — so then every rank reaches the same
+verdict (``should_stop`` and ``GradientAlarm`` agree). With ``sync_ranks=False`` block-flow rules
+(``skip_collapse``, the block form of ``depth_trend``) may fire on one rank and not another.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from ..record import StepRecord
+from .alert import POLICIES, Alert, GradientAlarm, severity_rank
+from .measurements import Measurements
+
+log = logging.getLogger("gradwatch")
+
+__all__ = ["AlertEngine", "default_path"]
+
+
+class _JsonLines:
+    """Append-only JSONL file: one line per alert or delivery failure, written and flushed at once."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._lock = threading.Lock()  # webhook threads report delivery failures here too
+        self._file = None
+        self._broken = False
+
+    def write(self, entry: dict[str, Any]) -> None:
+        line = json.dumps(entry, ensure_ascii=False, allow_nan=False)
+        with self._lock:
+            if self._broken:
+                return
+            try:
+                if self._file is None:
+                    parent = os.path.dirname(self.path)
+                    if parent:
+                        os.makedirs(parent, exist_ok=True)
+                    self._file = open(self.path, "a", encoding="utf-8")
+                self._file.write(line + "\n")
+                self._file.flush()
+            except OSError as err:
+                self._broken = True
+                log.error("gradwatch: cannot write the alert record %s (%s); alerts stay in mon.alerts and "
+                          "the other sinks", self.path, err)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._file is not None:
+                self._file.close()
+                self._file = None
+
+
+def default_path(log_dir: str | os.PathLike | None, writer: Any) -> str | None:
+    """``<log_dir>/alerts.jsonl``, else the writer's log directory, else None."""
+    if log_dir is not None:
+        return os.path.join(os.fspath(log_dir), "alerts.jsonl")
+    get = getattr(writer, "get_logdir", None)
+    if callable(get):
+        try:
+            d = get()
+        except Exception:
+            d = None
+        if d:
+            return os.path.join(str(d), "alerts.jsonl")
+    return None
+
+
+class AlertEngine:
+    """Runs the rules after each logging step and decides what is sent. Owned by :class:`~gradwatch.Monitor`.
+
+    Args:
+        rules: the :class:`~gradwatch.alerts.Rule` s to run (see :func:`gradwatch.alerts.build_rules`).
+        kinds: layer kinds (:func:`gradwatch.layers.layer_kinds`).
+        on_critical: ``"warn"``, ``"stop"`` or ``"raise"``.
+        cooldown: logging steps during which a repeat of the same (rule, name) at the same or a lower
+            severity is not sent again (still counted in :attr:`suppressed`).
+        path: the JSONL record, or None for none.
+        rank_zero: whether this process writes the record.
+        on_error: receives ``(where, exception)`` for an error inside a rule (the other rules still run).
+    """
+
+    def __init__(
+        self,
+        rules: Sequence[Any],
+        *,
+        kinds: Mapping[str, str] | None = None,
+        on_critical: str = "warn",
+        cooldown: int = 20,
+        path: str | None = None,
+        rank_zero: bool = True,
+        on_error: Callable[[str, BaseException], None] | None = None,
+    ) -> None:
+        if on_critical not in POLICIES:
+            raise ValueError(f"on_critical must be one of {POLICIES}, got {on_critical!r}")
+        self.rules = list(rules)
+        self.on_critical = on_critical
+        self.cooldown = cooldown
+        self.kinds = dict(kinds or {})
+        self.path = path
+        self._jsonl = _JsonLines(path) if (path and rank_zero) else None
+        self._on_error = on_error
+        #: Every alert sent, oldest first (the same list on every rank).
+        self.alerts: list[Alert] = []
+        #: Alerts held back by the cooldown.
+        self.suppressed = 0
+        self.should_stop = False
+        self._pending_alarm: list[Alert] | None = None
+        self._evaluated = 0
+        self._last: dict[str, tuple[int, int]] = {}  # "rule\x00name" -> (evaluation number, severity rank)
+        self._closed = False
+
+    def evaluate(self, record: StepRecord, forward: Mapping[str, int] | None = None) -> tuple[Alert, ...]:
+        """Run the rules on ``record`` (``forward``: module name -> position in the forward pass); record and
+        return the alerts that pass the cooldown."""
+        if self._closed:
+            return ()
+        self._evaluated += 1
+        m = Measurements.from_record(record, self.kinds, forward or {})
+        found: list[Alert] = []
+        for rule in self.rules:
+            try:
+                found.extend(rule.check(m))
+            except Exception as err:  # a broken rule must not silence the others
+                self._error(f"rule {getattr(rule, 'name', rule)!r}", err)
+        sent = tuple(a for a in found if self._passes(a))
+        self.alerts.extend(sent)
+        if self._jsonl is not None:
+            for alert in sent:
+                self._jsonl.write({"event": "alert", "time": time.time(), **alert.to_dict()})
+        critical = [a for a in sent if a.severity == "critical"]
+        if critical and self.on_critical in ("stop", "raise"):
+            self.should_stop = True
+            if self.on_critical == "raise":
+                self._pending_alarm = critical
+        return sent
+
+    def raise_pending(self) -> None:
+        """Raise the :class:`GradientAlarm` a critical alert left pending (``on_critical="raise"``)."""
+        pending, self._pending_alarm = self._pending_alarm, None
+        if pending:
+            raise GradientAlarm(pending)
+
+    def report_failure(self, sink: str, alert: Alert | None, error: str) -> None:
+        """Record that ``sink`` could not deliver ``alert`` (called by sinks, possibly from their threads)."""
+        log.warning("gradwatch: alert not delivered by %s: %s%s", sink, error,
+                    f" ({alert.headline()})" if alert is not None else "")
+        if self._jsonl is not None:
+            entry = {"event": "delivery_failed", "time": time.time(), "sink": sink, "error": error}
+            if alert is not None:
+                entry["alert"] = alert.to_dict()
+            self._jsonl.write(entry)
+
+    def close(self) -> None:
+        """Close the JSONL record; later evaluations return nothing."""
+        self._closed = True
+        if self._jsonl is not None:
+            self._jsonl.close()
+
+    def state_dict(self) -> dict[str, Any]:
+        """Rule state (streaks, baselines) and the cooldown table; JSON-like."""
+        return {
+            "rules": {r.name: r.state_dict() for r in self.rules},
+            "evaluated": self._evaluated,
+            "last": {k: list(v) for k, v in self._last.items()},
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        rules = state.get("rules", {})
+        for rule in self.rules:
+            if rule.name in rules:
+                rule.load_state_dict(rules[rule.name])
+        self._evaluated = int(state.get("evaluated", 0))
+        self._last = {k: (int(v[0]), int(v[1])) for k, v in state.get("last", {}).items()}
+
+    def _passes(self, alert: Alert) -> bool:
+        key = f"{alert.rule}\x00{alert.name}"
+        rank = severity_rank(alert.severity)
+        last = self._last.get(key)
+        if last is not None and rank <= last[1] and self._evaluated - last[0] < max(self.cooldown, 1):
+            self.suppressed += 1
+            return False
+        self._last[key] = (self._evaluated, rank)
+        return True
+
+    def _error(self, where: str, err: BaseException) -> None:
+        if self._on_error is not None:
+            self._on_error(where, err)
+        else:
+            log.error("gradwatch: error in alerting (%s: %s: %s); training goes on", where, type(err).__name__, err)

@@ -1,0 +1,175 @@
+"""What the rules see: one logging step's values as :class:`Measurements`, and the statistics rules share
+(:func:`early_ratio`, :func:`depth_slope`)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ..names import EARLY_FRACTION, FLOW_METRICS, GLOBAL_NAME, ROOT_NAME, early_count
+from ..record import StepRecord
+
+__all__ = ["Measurements", "EarlyRatio", "early_ratio", "depth_slope"]
+
+
+@dataclass
+class Measurements:
+    """One logging step's measured values, as the rules see them.
+
+    ``layers`` are the measured layer names in definition order (``named_modules()``); ``layer[metric]`` is an
+    array aligned with it (NaN where a layer lacked that metric). ``whole`` holds the ``_global`` entry.
+    ``blocks`` and ``block[metric]`` are the same for the residual blocks of block flow (empty without it).
+    ``kinds`` maps layer names to :func:`gradwatch.layers.layer_kinds` kinds. ``forward`` maps module names to the position in
+    which they first ran in a forward pass, as the monitor recorded it on its first measured step (empty when
+    unknown, e.g. in :func:`replay`); :meth:`forward_sorted` orders layers by it.
+
+    The monitor builds one per logging step from its :class:`~gradwatch.StepRecord` (:meth:`from_record`);
+    rules can also be fed by hand::
+
+        m = Measurements(step=0, kinds={"a": "weight", "b": "weight"})
+        m.add(["a", "b", "_global"], "grad_norm", np.array([1.0, 2.0, 2.24]))
+    """
+
+    step: int
+    kinds: Mapping[str, str] = field(default_factory=dict)
+    layers: list[str] = field(default_factory=list)
+    layer: dict[str, np.ndarray] = field(default_factory=dict)
+    whole: dict[str, float] = field(default_factory=dict)
+    blocks: list[str] = field(default_factory=list)
+    block: dict[str, np.ndarray] = field(default_factory=dict)
+    forward: Mapping[str, int] = field(default_factory=dict)
+
+    def forward_sorted(self, indices: Iterable[int]) -> list[int]:
+        """Layer ``indices`` sorted in the order their modules ran in the forward pass (:attr:`forward`: module
+        name -> position, recorded by the monitor on its first measured step); layers whose module was not
+        seen (or no order recorded, e.g. in :func:`replay`) keep definition order, after the others."""
+        def key(i: int) -> tuple[int, int]:
+            name = self.layers[i]
+            pos = self.forward.get(name)
+            if pos is None:  # granularity="parameter": "layer1.0.conv1.weight" -> its module
+                pos = self.forward.get(name.rsplit(".", 1)[0] if "." in name else ROOT_NAME)
+            return (0, pos) if pos is not None else (1, i)
+        return sorted(indices, key=key)
+
+    def add(self, names: Sequence[str], metric: str, values: np.ndarray | Sequence[float]) -> None:
+        """Add ``values[i]`` as ``metric`` of ``names[i]`` (a block metric if ``metric`` is one of
+        :data:`~gradwatch.names.FLOW_METRICS`, else a layer metric; ``_global`` goes to :attr:`whole`)."""
+        values = np.asarray(values, dtype=np.float64).reshape(-1)
+        names = list(names)
+        if GLOBAL_NAME in names:
+            i = names.index(GLOBAL_NAME)
+            self.whole[metric] = float(values[i])
+            names = names[:i] + names[i + 1:]
+            values = np.delete(values, i)
+        if metric in FLOW_METRICS:
+            self._put(self.blocks, self.block, names, metric, values)
+        else:
+            self._put(self.layers, self.layer, names, metric, values)
+
+    @staticmethod
+    def _put(order: list[str], table: dict[str, np.ndarray], names: list[str], metric: str,
+             values: np.ndarray) -> None:
+        if not order:
+            order.extend(names)
+        if names == order:
+            table[metric] = values
+            return
+        index = {n: i for i, n in enumerate(order)}
+        new = [n for n in names if n not in index]
+        if new:  # a name seen first in this metric: grow every table
+            order.extend(new)
+            index.update({n: len(index) + k for k, n in enumerate(new)})
+            for key, arr in table.items():
+                table[key] = np.concatenate([arr, np.full(len(new), np.nan)])
+        out = table.get(metric, np.full(len(order), np.nan)).copy()
+        out[[index[n] for n in names]] = values
+        table[metric] = out
+
+    @classmethod
+    def from_history(cls, history: Any, kinds: Mapping[str, str] | None = None) -> list[Measurements]:
+        """One :class:`Measurements` per step of a ``mon.history()`` DataFrame (or a saved one read back), in
+        step order, e.g. to try rules on a finished run (:func:`replay`). Layer order is the frame's order."""
+        out = []
+        for step, frame in history.groupby("step", sort=True):
+            m = cls(step=int(step), kinds=dict(kinds or {}))
+            for metric, rows in frame.groupby("metric", sort=False):
+                m.add(list(rows["name"]), str(metric), rows["value"].to_numpy())
+            out.append(m)
+        return out
+
+    @classmethod
+    def from_record(cls, record: StepRecord, kinds: Mapping[str, str] | None = None,
+                    forward: Mapping[str, int] | None = None) -> Measurements:
+        """The measurements of one :class:`~gradwatch.StepRecord` (how the monitor feeds its rules)."""
+        return cls(
+            step=record.step, kinds=dict(kinds or {}), layers=list(record.layers),
+            layer={m: record.layer(m) for m in record.layer_metrics},
+            whole={m: record.global_value(m) for m in record.layer_metrics},
+            blocks=list(record.blocks), block={m: record.block(m) for m in FLOW_METRICS} if record.blocks else {},
+            forward=dict(forward or {}),
+        )
+
+    def values(self, metric: str) -> np.ndarray:
+        """Layer ``metric`` aligned with :attr:`layers` (all NaN when not measured)."""
+        return self.layer.get(metric, np.full(len(self.layers), np.nan))
+
+    def block_values(self, metric: str) -> np.ndarray:
+        """Block ``metric`` aligned with :attr:`blocks` (all NaN when not measured)."""
+        return self.block.get(metric, np.full(len(self.blocks), np.nan))
+
+    def weight_layers(self) -> np.ndarray:
+        """Indices into :attr:`layers` of the ``"weight"`` layers (conv, linear, ...), in forward order."""
+        kinds = self.kinds
+        return np.flatnonzero([kinds.get(n, "weight") == "weight" for n in self.layers])
+
+
+def _early(idx: np.ndarray, fraction: float) -> np.ndarray:
+    return idx[: early_count(len(idx), fraction)]
+
+
+@dataclass
+class EarlyRatio:
+    """median(grad_to_weight of the early weight layers) / median(grad_to_weight of all weight layers)."""
+
+    ratio: float
+    early_median: float
+    typical: float
+    early: list[str]
+
+
+def early_ratio(m: Measurements, early: float = EARLY_FRACTION, min_layers: int = 4) -> EarlyRatio | None:
+    """The statistic of :class:`Vanishing` and :class:`Exploding` (None with fewer than ``min_layers``
+    weight layers with a finite ratio)."""
+    g2w = m.values("grad_to_weight")
+    idx = m.weight_layers()
+    idx = idx[np.isfinite(g2w[idx])]
+    if len(idx) < min_layers:
+        return None
+    first = _early(idx, early)
+    typical = float(np.median(g2w[idx]))
+    early_med = float(np.median(g2w[first]))
+    ratio = early_med / typical if typical > 0 else math.nan
+    return EarlyRatio(ratio, early_med, typical, [m.layers[i] for i in first])
+
+
+def depth_slope(m: Measurements, min_points: int = 6) -> tuple[str, float, int] | None:
+    """The statistic of :class:`DepthTrend`: ``(unit, slope, points)`` with ``slope`` the least-squares slope
+    of log10(gradient) per ``unit`` of depth: ``"block"`` (``grad_in`` of the blocks, when block flow measured
+    at least ``min_points``) or ``"layer"`` (``grad_to_weight`` of the weight layers but the last). None when
+    there are too few points."""
+    gin = m.block_values("grad_in")
+    ok = np.isfinite(gin) & (gin > 0)
+    if ok.sum() >= min_points:
+        unit, y = "block", np.log10(gin[ok])
+    else:
+        vals = m.values("grad_to_weight")[m.weight_layers()[:-1]]
+        vals = vals[np.isfinite(vals) & (vals > 0)]
+        if len(vals) < min_points:
+            return None
+        unit, y = "layer", np.log10(vals)
+    slope = float(np.polyfit(np.arange(len(y), dtype=np.float64), y, 1)[0])
+    return unit, slope, len(y)

@@ -1,0 +1,68 @@
+"""The base class of alert rules: :class:`Rule` (streaks, state that survives checkpoints, alert building)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from .._checks import check_int
+from .alert import Alert
+from .measurements import Measurements
+
+__all__ = ["Rule"]
+
+
+class Rule:
+    """Base class of alert rules.
+
+    Subclasses set :attr:`name` and implement :meth:`check`, returning the alerts raised at this step
+    (build them with :meth:`alert`). Keep every piece of state in :attr:`state` (a JSON-like dict): it is
+    saved in the monitor's ``state_dict``. :meth:`streak` counts consecutive logging steps a condition held.
+    """
+
+    name = "rule"
+
+    def __init__(self, patience: int = 3) -> None:
+        self.patience = check_int(patience, "patience", minimum=1, owner=type(self).__name__)
+        self.state: dict[str, Any] = {"streaks": {}}
+
+    def check(self, m: Measurements) -> list[Alert]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def streak(self, key: str, condition: bool) -> int:
+        """Count consecutive logging steps on which ``condition`` held for ``key`` (0 resets)."""
+        streaks = self.state["streaks"]
+        n = streaks.get(key, 0) + 1 if condition else 0
+        if n:
+            streaks[key] = n
+        else:
+            streaks.pop(key, None)
+        return n
+
+    def alert(self, m: Measurements, severity: str, name: str | None, value: float, threshold: float,
+              message: str, hint: str) -> Alert:
+        return Alert(self.name, severity, int(m.step), name, float(value), float(threshold), message, hint)
+
+    def state_dict(self) -> dict[str, Any]:
+        return _plain(self.state)
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.state = _plain(state)
+        self.state.setdefault("streaks", {})
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if k != "state")
+        return f"{type(self).__name__}({args})"
+
+
+def _plain(obj: Any) -> Any:
+    """A deep copy made of dicts, lists, str, int and float (what checkpoints store best)."""
+    if isinstance(obj, Mapping):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, (np.floating, np.integer)):
+        return obj.item()
+    return obj

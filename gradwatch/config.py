@@ -1,0 +1,182 @@
+"""Every option of :class:`~gradwatch.Monitor` (and of the framework callbacks), grouped by concern and checked
+in one place.
+
+The options are keyword arguments of ``Monitor(...)``; :meth:`Config.from_options` checks them all with one
+rule (TypeError for a wrong type, ValueError for a wrong value, never a silent coercion) before anything is
+hooked or opened. Integrations take the same options and call the same check at construction, then hand the
+:class:`Config` to each monitor they build (``Monitor(model, config=cfg)``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from ._checks import check_bool, check_choice, check_int, check_str
+from .alerts.alert import POLICIES
+from .alerts.rules import build_rules
+from .alerts.sinks import as_alert_sink
+from .layers import Pattern, check_patterns, check_types
+
+__all__ = ["Config", "MeasureConfig", "AlertConfig", "OutputConfig", "OPTIONS"]
+
+GRANULARITIES = ("layer", "parameter")
+
+
+@dataclass(frozen=True)
+class MeasureConfig:
+    """What to measure."""
+
+    granularity: str = "layer"  # "layer" (a module that owns parameters) or "parameter" (one unit per tensor)
+    include: tuple[Pattern, ...] = ()  # glob patterns or compiled regexes on layer names; empty: all layers
+    exclude: tuple[Pattern, ...] = ()  # same, layers to drop
+    include_types: tuple[type, ...] = ()  # module classes to keep (e.g. nn.Conv2d); empty: all
+    exclude_types: tuple[type, ...] = ()  # module classes to drop (e.g. nn.BatchNorm2d)
+    track_updates: bool = True  # update_to_weight across optimizer.step() (one weight copy on logging steps)
+    blocks: str | tuple[nn.Module, ...] | None = "auto"  # block flow: "auto", these modules, or None (off)
+    sync_ranks: bool | None = None  # average block-flow norms over ranks; None: when the model is DDP/DTensor
+
+
+@dataclass(frozen=True)
+class AlertConfig:
+    """Alerting."""
+
+    rules: Any = None  # None: all built-in rules; dict: tune/drop them; list: exactly these; False: alerting off
+    alert_sinks: tuple[Any, ...] = ()  # where alerts go besides the logger, TensorBoard and alerts.jsonl
+    on_critical: str = "warn"  # "warn", "stop" (Monitor.should_stop) or "raise" (GradientAlarm)
+    alerts_path: str | bool | None = None  # the JSONL record; None: <log_dir>/alerts.jsonl; False: none
+    alert_cooldown: int = 20  # logging steps before the same (rule, name) may alert again at the same severity
+
+    @property
+    def enabled(self) -> bool:
+        """False for ``rules=False`` or an empty list: no rule runs, nothing is evaluated."""
+        return self.rules is not False and not (isinstance(self.rules, list) and not self.rules)
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    """When and where values are written."""
+
+    every: int = 50  # log when step % every == 0
+    histograms: bool = True  # a TensorBoard histogram across layers per metric and logging step
+    prefix: str = ""  # prepended to every TensorBoard tag (e.g. "gradwatch/")
+    sinks: tuple[Any, ...] = ()  # more sinks for every record (objects with write(record))
+    strict: bool = False  # re-raise errors inside gradwatch's hooks and sinks (for tests)
+
+
+def _rules(value: Any, name: str) -> Any:
+    if isinstance(value, Mapping):
+        value = dict(value)
+    elif value not in (None, False) and not isinstance(value, (str, bytes)) and isinstance(value, Iterable):
+        value = list(value)
+    build_rules(value)  # raises for a bad spec; the rules are built again, fresh, for each monitor
+    return value
+
+
+def _alert_sinks(value: Any, name: str) -> tuple[Any, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable) or hasattr(value, "send") \
+            or hasattr(value, "write"):
+        raise TypeError(f"{name} must be a list of sinks or callables, e.g. {name}=[WebhookSink(url)]")
+    return tuple(as_alert_sink(s) for s in value)
+
+
+def _sinks(value: Any, name: str) -> tuple[Any, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable) or hasattr(value, "write"):
+        raise TypeError(f"{name} must be a list of sinks (objects with write(record))")
+    out = tuple(value)
+    for s in out:
+        if not callable(getattr(s, "write", None)):
+            raise TypeError(f"{name} entries must have a write(record) method, got {type(s).__name__}")
+    return out
+
+
+def _alerts_path(value: Any, name: str) -> str | bool | None:
+    if value is None or value is False:
+        return value
+    if value is True or not isinstance(value, (str, os.PathLike)):
+        raise TypeError(f"{name} must be a path, None (default location) or False (none), got {value!r}")
+    return os.fspath(value)
+
+
+def _blocks(value: Any, name: str) -> str | tuple[nn.Module, ...] | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        if value != "auto":
+            raise ValueError(f"{name} must be 'auto', None or a list of modules, got {value!r}")
+        return value
+    if isinstance(value, nn.Module):
+        raise TypeError(f"{name} must be 'auto', None or a list of modules; wrap a single module in a list")
+    if not isinstance(value, Iterable):
+        raise TypeError(f"{name} must be 'auto', None or a list of modules, got {type(value).__name__}")
+    mods = tuple(value)  # any iterable, read once
+    for m in mods:
+        if not isinstance(m, nn.Module):
+            raise TypeError(f"{name} must hold nn.Module instances, got {type(m).__name__}")
+    return mods
+
+
+#: Every option: name -> (group, check). A check returns the value to store or raises TypeError/ValueError.
+OPTIONS: dict[str, tuple[str, Callable[[Any, str], Any]]] = {
+    "granularity": ("measure", lambda v, n: check_choice(v, n, GRANULARITIES)),
+    "include": ("measure", lambda v, n: tuple(check_patterns(v, n))),
+    "exclude": ("measure", lambda v, n: tuple(check_patterns(v, n))),
+    "include_types": ("measure", check_types),
+    "exclude_types": ("measure", check_types),
+    "track_updates": ("measure", check_bool),
+    "blocks": ("measure", _blocks),
+    "sync_ranks": ("measure", lambda v, n: check_bool(v, n, allow_none=True)),
+    "rules": ("alerts", _rules),
+    "alert_sinks": ("alerts", _alert_sinks),
+    "on_critical": ("alerts", lambda v, n: check_choice(v, n, POLICIES)),
+    "alerts_path": ("alerts", _alerts_path),
+    "alert_cooldown": ("alerts", lambda v, n: check_int(v, n, minimum=0)),
+    "every": ("output", lambda v, n: check_int(v, n, minimum=1)),
+    "histograms": ("output", check_bool),
+    "prefix": ("output", check_str),
+    "sinks": ("output", _sinks),
+    "strict": ("output", check_bool),
+}
+
+
+@dataclass(frozen=True)
+class Config:
+    """All options, checked. Build with :meth:`from_options`; read as ``cfg.measure.granularity``,
+    ``cfg.alerts.on_critical``, ``cfg.output.every``; derive with :meth:`replace`."""
+
+    measure: MeasureConfig = field(default_factory=MeasureConfig)
+    alerts: AlertConfig = field(default_factory=AlertConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+    @classmethod
+    def from_options(cls, base: Config | None = None, *, owner: str = "Monitor", **options: Any) -> Config:
+        """Check ``options`` (any of :data:`OPTIONS`) and return them as a Config, on top of ``base``."""
+        if base is not None and not isinstance(base, Config):
+            raise TypeError(f"config must be a gradwatch.Config, got {type(base).__name__}")
+        cfg = base or cls()
+        changes: dict[str, dict[str, Any]] = {"measure": {}, "alerts": {}, "output": {}}
+        for name, value in options.items():
+            if name not in OPTIONS:
+                raise TypeError(f"{owner} got an unexpected option {name!r}; options are: {', '.join(OPTIONS)}")
+            group, check = OPTIONS[name]
+            changes[group][name] = check(value, name)
+        return dataclasses.replace(
+            cfg, **{group: dataclasses.replace(getattr(cfg, group), **kw) for group, kw in changes.items() if kw}
+        )
+
+    def replace(self, **options: Any) -> Config:
+        """A copy with ``options`` changed (checked like :meth:`from_options`)."""
+        return Config.from_options(self, **options)
+
+    def options(self) -> dict[str, Any]:
+        """The options as one flat dict (name -> value)."""
+        return {name: getattr(getattr(self, group), name) for name, (group, _) in OPTIONS.items()}

@@ -1,0 +1,172 @@
+"""From gradients on the device to one :class:`~gradwatch.StepRecord` on the host.
+
+:class:`Meter` does the arithmetic of a logging step in two halves, so that a monitor driven by an optimizer
+can snapshot weights before ``optimizer.step()`` and read the update after it:
+
+- :meth:`Meter.begin`: fused squared norms of the gradients and weights, on the device (no host sync);
+- :meth:`Meter.finish`: the update norms, block-flow norms and AMP overflow flag joined into ONE vector,
+  at most ONE ``all_reduce`` (sharded parameters, ranks' flow norms), ONE device-to-host transfer, then per
+  layer sums and ratios in numpy.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from ._compat import foreach_sub, scale_tensor, unscales_in_step
+from .flow import FlowBatch, flow_metrics
+from .layers import Selection
+from .metrics import is_sharded, local_tensor, reduce_squared, safe_ratio, segment_sum, squared_norms
+from .names import short_list
+from .record import StepRecord
+
+log = logging.getLogger("gradwatch")
+
+__all__ = ["Meter", "Pending", "amp_grad_scale"]
+
+
+def amp_grad_scale(optimizer: Any, scaler: Any) -> Any:
+    """What to divide ``optimizer``'s gradients by before its step under an AMP ``GradScaler``: the loss scale
+    (a device tensor: no host sync) when the optimizer unscales inside its own step (``fused=True``
+    optimizers), else None (``scaler.unscale_`` has run, or no scaler). For ``Monitor.begin_step(grad_scale=)``.
+    """
+    if scaler is None or not unscales_in_step(optimizer):
+        return None
+    return scale_tensor(scaler)
+
+
+@dataclass
+class Pending:
+    """On-device results of a measurement whose host transfer waits for the end of the optimizer step."""
+
+    step: int
+    kept: list[int]  # indices into Selection.params that had a gradient
+    parts: list[torch.Tensor]  # squared norms: grads, weights
+    snapshot: list[torch.Tensor] | None  # weights before the optimizer step (update_to_weight)
+    found_inf: torch.Tensor | None  # AMP overflow flag: the optimizer will skip this step
+    flow: FlowBatch | None = None  # block-flow norms: they join the same transfer
+
+
+class Meter:
+    """Measures the parameters of a :class:`~gradwatch.layers.Selection` (and carries block-flow norms along).
+
+    ``sync_ranks``: average the block-flow norms over ranks (root mean square) in the same ``all_reduce``.
+    """
+
+    def __init__(self, selection: Selection, sync_ranks: bool = False) -> None:
+        self.selection = selection
+        self.sync_ranks = sync_ranks
+        self._names: dict[tuple[int, ...], tuple[str, ...]] = {}
+        self._reported_missing: set[str] = set()
+
+    def begin(
+        self,
+        step: int,
+        flow: FlowBatch | None = None,
+        *,
+        grad_scale: torch.Tensor | float | None = None,
+        found_inf: torch.Tensor | None = None,
+        snapshot: bool = False,
+    ) -> Pending | None:
+        """Squared norms on the device; None when there is nothing to measure (no gradient, no flow)."""
+        sel = self.selection
+        kept = [i for i, p in enumerate(sel.params) if p.grad is not None]
+        self._report_missing(kept)
+        if not kept:
+            return None if flow is None else Pending(step, [], [], None, found_inf, flow)
+        grads = [sel.params[i].grad for i in kept]
+        weights = [sel.params[i].detach() for i in kept]
+        g_sq = squared_norms(grads)
+        if grad_scale is not None:
+            scale = torch.as_tensor(grad_scale, dtype=torch.float32).to(g_sq.device)
+            g_sq = g_sq / scale.square()
+        before = [local_tensor(w).clone() for w in weights] if snapshot else None
+        return Pending(step, kept, [g_sq, squared_norms(weights)], before, found_inf, flow)
+
+    def finish(self, pending: Pending) -> StepRecord | None:
+        """The record of ``pending``; None when the AMP scaler skipped the step (its gradients overflowed)."""
+        sel = self.selection
+        parts = list(pending.parts)
+        if pending.snapshot is not None:
+            after = [local_tensor(sel.params[i].detach()) for i in pending.kept]
+            parts.append(squared_norms(foreach_sub(after, pending.snapshot)))
+        flow = pending.flow.values if pending.flow is not None else None
+        stacked, n_flow = self._join(parts, flow, [is_sharded(sel.params[i]) for i in pending.kept])
+        if pending.found_inf is not None:
+            found = pending.found_inf.detach().reshape(1).to(device=stacked.device, dtype=stacked.dtype)
+            stacked = torch.cat([stacked, found])
+        host = stacked.cpu().numpy().astype(np.float64)  # the one device-to-host transfer
+        if pending.found_inf is not None:
+            if host[-1] > 0:
+                log.debug("gradwatch: step %d skipped by the AMP scaler; not recorded", pending.step)
+                return None
+            host = host[:-1]
+        flow_host = host[len(host) - n_flow:] if n_flow else None
+        host = host[: len(host) - n_flow]
+        layers, columns, whole = self._layer_metrics(pending.kept, host.reshape(len(parts), len(pending.kept)))
+        blocks, block_columns = (), None
+        if flow_host is not None:
+            blocks, block_columns = pending.flow.names, flow_metrics(flow_host)
+        return StepRecord.build(pending.step, layers, columns, whole, blocks, block_columns)
+
+    def _join(self, parts: list[torch.Tensor], flow: torch.Tensor | None,
+              sharded: list[bool]) -> tuple[torch.Tensor, int]:
+        """Parameter and flow norms in one vector, all-reduced once when something is sharded or synced."""
+        stacked = torch.cat(parts) if parts else torch.zeros(0, device=flow.device if flow is not None else None)
+        n_flow = 0 if flow is None else flow.numel()
+        sync = bool(n_flow) and self.sync_ranks and dist.is_available() and dist.is_initialized()
+        if n_flow:
+            dtype = torch.promote_types(stacked.dtype, flow.dtype)
+            flow = flow.to(device=stacked.device, dtype=dtype)
+            if sync:  # each rank saw its own activations: mean of the squared norms over ranks
+                flow = flow.square() / dist.get_world_size()
+            stacked = torch.cat([stacked.to(dtype), flow])
+        if any(sharded) or sync:
+            mask = torch.tensor(sharded * len(parts) + [sync] * n_flow, device=stacked.device)
+            stacked = reduce_squared(stacked, mask)
+            if sync:
+                stacked = torch.cat([stacked[:-n_flow], stacked[-n_flow:].sqrt()])
+        return stacked, n_flow
+
+    def _layer_metrics(self, kept: list[int], sq: np.ndarray):
+        """Per-unit norms and ratios from per-tensor squared norms (rows: grads, weights[, updates])."""
+        if not kept:
+            return (), {}, {}
+        sel = self.selection
+        n = len(sel.names)
+        seg = np.asarray([sel.segments[i] for i in kept], dtype=np.int64)
+        present = np.bincount(seg, minlength=n) > 0
+        key = tuple(np.flatnonzero(present).tolist())
+        layers = self._names.get(key)
+        if layers is None:
+            layers = self._names[key] = tuple(sel.names[j] for j in key)
+
+        def per_unit(row: np.ndarray) -> tuple[np.ndarray, float]:
+            return np.sqrt(segment_sum(row, seg, n))[present], float(np.sqrt(row.sum()))
+
+        (grad, g_all), (weight, w_all) = per_unit(sq[0]), per_unit(sq[1])
+        columns = {"grad_norm": grad, "weight_norm": weight, "grad_to_weight": safe_ratio(grad, weight)}
+        whole = {"grad_norm": g_all, "weight_norm": w_all, "grad_to_weight": float(safe_ratio(g_all, w_all))}
+        if sq.shape[0] > 2:
+            update, u_all = per_unit(sq[2])
+            columns["update_to_weight"] = safe_ratio(update, weight)
+            whole["update_to_weight"] = float(safe_ratio(u_all, w_all))
+        return layers, columns, whole
+
+    def _report_missing(self, kept: list[int]) -> None:
+        if len(kept) == len(self.selection.params):
+            return
+        have = set(kept)
+        new = [name for i, name in enumerate(self.selection.param_names)
+               if i not in have and name not in self._reported_missing]
+        if new:
+            self._reported_missing.update(new)
+            log.info("gradwatch: %d parameter(s) have no gradient (.grad is None) and are skipped: %s",
+                     len(new), short_list(new))
+

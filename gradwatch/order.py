@@ -1,0 +1,48 @@
+"""The order in which a model's modules first run: the one owner of "forward order" for layers.
+
+Definition order (``named_modules()``) is not always the order data flows in (a head defined before the
+trunk, a shared layer); rules that name "the first layer where a NaN appears" need the forward order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from torch import nn
+
+from ._compat import is_compiling
+from .names import ROOT_NAME, clean_name
+
+__all__ = ["ForwardOrder"]
+
+
+class ForwardOrder:
+    """Records the order in which ``model``'s modules first run (a forward-pre hook on every module) until
+    :meth:`finish` removes the hooks. Names are cleaned like the monitor's layer names (wrappers dropped, the
+    root is ``_root``). Nothing is recorded while ``torch.compile`` traces (definition order then stands)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.order: dict[str, int] = {}
+        self._handles: list[Any] = []
+        self._finished = False
+        for qualified, module in model.named_modules():
+            self._handles.append(module.register_forward_pre_hook(self._hook(clean_name(qualified) or ROOT_NAME)))
+
+    def _hook(self, name: str) -> Callable[..., None]:
+        def hook(module: Any, args: Any) -> None:
+            if name not in self.order and not is_compiling():
+                self.order[name] = len(self.order)
+        return hook
+
+    def finish(self) -> dict[str, int]:
+        """Stop recording (remove the hooks) and return module name -> position, first module 0."""
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self._finished = True
+        return dict(self.order)
+
+    @property
+    def finished(self) -> bool:
+        return self._finished
