@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .flow import Blocks, FlowBatch, FlowProbe, FlowStatus, check_blocks
+from .flow import Blocks, FlowBatch, FlowProbe, FlowStatus, check_blocks, flow_metrics
 from .history import History
 from .layers import GLOBAL_NAME, Pattern, Selection, select_parameters
 from .metrics import DTensor, is_sharded, local_tensor, reduce_squared, safe_ratio, segment_sum, squared_norms
@@ -534,7 +534,8 @@ class Monitor:
         if not kept:
             self._pending = None
             if flow is not None:
-                self._flow.record(step, flow, flow.values.cpu().numpy(), self._record)
+                for metric, values in flow_metrics(flow.values.cpu().numpy()).items():
+                    self._record(step, flow.names, metric, values, None)
             return
         grads = [sel.params[i].grad for i in kept]
         weights = [sel.params[i].detach() for i in kept]
@@ -584,7 +585,8 @@ class Monitor:
             host, flow_host = host[:-n_flow], host[-n_flow:]
         self._record_parameters(pending.step, pending.kept, host.reshape(len(parts), len(pending.kept)))
         if flow_host is not None and self._flow is not None:
-            self._flow.record(pending.step, pending.flow, flow_host, self._record)
+            for metric, values in flow_metrics(flow_host).items():
+                self._record(pending.step, pending.flow.names, metric, values, None)
 
     def _record_parameters(self, step: int, kept: list[int], sq: np.ndarray) -> None:
         sel = self._selection
