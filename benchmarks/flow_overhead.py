@@ -113,7 +113,7 @@ def main() -> None:
             module(x)
         per_call.append((clock() - t0) / reps)
     extra = (per_call[1] + per_call[3] - per_call[0] - per_call[2]) / 2
-    n_hooks = len(mon._flow._arm_handles)
+    n_hooks = len(mon._flow._tracker.arm_handles)
     est = 1 + n_hooks * extra / statistics.median(bare)
     print(f"steps that do not log, from the hook's own cost: {1e6 * extra:.2f} us x {n_hooks} block hooks "
           f"= {1e6 * n_hooks * extra:.0f} us per step -> ratio {est:.5f}")

@@ -1,0 +1,243 @@
+"""Which modules carry the probe's forward hooks, and the work a hooked forward does on the module's graph.
+
+Until a module has been examined it carries a discovery hook pair (pre: its input nodes, post: its output
+nodes); once it holds merges it carries one arming hook. :class:`ModuleTracker` places and removes these
+hooks, examines a module's part of the graph (:meth:`~ModuleTracker.discover`) and, on logging steps,
+resolves its merges on the new graph and hooks their autograd nodes (:meth:`~ModuleTracker.arm`). The hook
+functions themselves belong to :class:`~gradwatch.flow.FlowProbe`, which decides whether a forward counts.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from .._compat import OptimizedModule, in_backward
+from ..names import ROOT_NAME, clean_name
+from ._hooks import hook_merge
+from .discovery import Graph, Resolved, find_dead_merges, find_merges, resolve
+from .registry import BlockRegistry
+from .session import _Session
+
+log = logging.getLogger("gradwatch")
+
+__all__ = ["ModuleTracker"]
+
+_MAX_REDISCOVERIES = 10
+
+
+def _is_scripted(m: nn.Module) -> bool:
+    return isinstance(m, torch.jit.ScriptModule)
+
+
+def _is_compiled(m: nn.Module) -> bool:
+    return isinstance(m, OptimizedModule) or getattr(m, "_compiled_call_impl", None) is not None
+
+
+class ModuleTracker:
+    """The forward hooks on ``model``'s modules, and discovery and arming in a hooked forward.
+
+    Args:
+        model, auto: the probe's model and whether every module is examined (else only watched ones).
+        blocks: the registry where what is found goes.
+        disc_pre, disc_post, arm_hook: the probe's hook functions (a discovery pair, the arming hook).
+        warn_once: ``warn_once(key, message)`` logs ``message`` once per key.
+        on_error: receives exceptions raised inside autograd hooks.
+    """
+
+    def __init__(self, model: nn.Module, auto: bool, blocks: BlockRegistry, *, disc_pre: Callable,
+                 disc_post: Callable, arm_hook: Callable, warn_once: Callable[[str, str], None],
+                 on_error: Callable[[BaseException], None]) -> None:
+        self.model = model
+        self.auto = auto
+        self.blocks = blocks
+        self._disc_pre, self._disc_post, self._arm_hook = disc_pre, disc_post, arm_hook
+        self._warn_once = warn_once
+        self._on_error = on_error
+        self.disc_handles: dict[int, tuple[Any, Any]] = {}
+        self.arm_handles: dict[int, Any] = {}
+        self._mismatches: dict[int, int] = {}
+        self._scripted: list[str] = []  # TorchScript modules: forward hooks cannot be registered on them
+
+    # ------------------------------------------------------------------ module hooks
+    def refresh(self) -> None:
+        """(Re)scan the module tree: name modules, hook new ones for discovery, forget removed ones."""
+        named = list(self.model.named_modules(remove_duplicate=True))
+        present = self.blocks.scan(named)
+        for mid in [k for k in self.disc_handles if k not in present]:
+            for h in self.disc_handles.pop(mid):
+                h.remove()
+        for mid in [k for k in self.arm_handles if k not in present]:
+            self.arm_handles.pop(mid).remove()
+        inside_compiled: set[int] = set()
+        compiled_names = []
+        for name, m in named:
+            if id(m) in inside_compiled:
+                continue
+            if _is_compiled(m):
+                compiled_names.append(clean_name(name) or ROOT_NAME)
+                # hooks inside compiled code would be traced (or ignored): hook only an OptimizedModule wrapper
+                inside_compiled.update(id(c) for c in m.modules() if c is not m or not isinstance(m, OptimizedModule))
+        for cname in compiled_names:
+            self.blocks.note_compiled(cname)
+        scripted = [clean_name(name) or ROOT_NAME for name, m in named if _is_scripted(m)]
+        reg = self.blocks
+        watched = reg.modules if self.auto else {mid: reg.modules[mid] for mid in reg.explicit}
+        for mid, m in watched.items():
+            if mid in inside_compiled or mid in reg.exam or mid in reg.entries or _is_scripted(m):
+                continue
+            self.add_discovery(m)
+        self._note_scripted(scripted)
+
+    def _note_scripted(self, names: Sequence[str]) -> None:
+        """Say once which TorchScript submodules are not watched (they accept no forward hooks)."""
+        new = [n for n in names if n not in self._scripted and not any(n.startswith(s + ".") for s in names)]
+        if new:
+            self._scripted.extend(new)
+            self._warn_once(
+                "scripted-" + ",".join(new),
+                "gradwatch: TorchScript modules accept no forward hooks, so block flow does not watch them as "
+                f"blocks: {', '.join(new)} (a merge inside one may be found by the enclosing module and named after "
+                "it). Other blocks and all parameter metrics are measured.",
+            )
+
+    def add_discovery(self, module: nn.Module) -> None:
+        mid = id(module)
+        if mid in self.disc_handles:
+            return
+        if _is_scripted(module):
+            self._note_scripted([self.blocks.name(mid)])
+            return
+        pre = module.register_forward_pre_hook(self._disc_pre, with_kwargs=True)
+        post = module.register_forward_hook(self._disc_post, with_kwargs=True)
+        self.disc_handles[mid] = (pre, post)
+
+    def _drop_discovery(self, mid: int) -> None:
+        handles = self.disc_handles.pop(mid, None)
+        if handles:
+            for h in handles:
+                h.remove()
+
+    def add_arming(self, module: nn.Module) -> None:
+        if id(module) not in self.arm_handles:
+            self.arm_handles[id(module)] = module.register_forward_hook(self._arm_hook)
+
+    def _drop_arming(self, mid: int) -> None:
+        handle = self.arm_handles.pop(mid, None)
+        if handle is not None:
+            handle.remove()
+
+    def close(self) -> None:
+        """Remove every forward hook."""
+        for pre, post in self.disc_handles.values():
+            pre.remove()
+            post.remove()
+        self.disc_handles.clear()
+        for h in self.arm_handles.values():
+            h.remove()
+        self.arm_handles.clear()
+
+    def set_entries(self, module: nn.Module, *args: Any) -> None:
+        """:meth:`BlockRegistry.set_entries`; a module that has merges gets its arming hook."""
+        if self.blocks.set_entries(module, *args):
+            self.add_arming(module)
+
+    # ------------------------------------------------------------------ discovery and arming
+    def discover(self, module: nn.Module, outs: list[Any], boundary: list[Any], sess: _Session) -> None:
+        reg = self.blocks
+        mid = id(module)
+        self._drop_discovery(mid)
+        g = Graph(outs, boundary)
+        if g.truncated:
+            log.info("gradwatch: %s: autograd graph too large to walk; flow not measured there", reg.names.get(mid))
+        explicit = mid in reg.explicit
+        found = find_merges(g, sess.claimed, sess.rejected, relaxed=explicit)
+        if explicit and not found:
+            found = find_dead_merges(g, sess.claimed, [])
+        if g.compiled and not found:
+            reg.note_compiled_graph(mid)
+        reg.exam[mid] = (sess.number, sess.order.get(mid, len(sess.order)))
+        sess.examined.append(mid)
+        del g
+        old = [e.key for e in reg.entries.get(mid, ())]
+        if found:
+            how = "watch" if explicit else "auto"
+            keys = old if len(old) == len(found) else [reg.exam[mid] + (f[1],) for f in found]
+            self.set_entries(module, [f[0] for f in found], keys, [how] * len(found))
+            return
+        if old:  # rediscovered: no merge any more
+            self.set_entries(module, [], [], [])
+            self._drop_arming(mid)
+        if self._adopt_sibling(module, outs, sess):
+            return
+        if explicit:
+            self._warn_once(
+                f"nomerge-{mid}",
+                f"gradwatch: watched module {reg.names.get(mid)} has no residual merge in its forward "
+                "(an add of two tensors computed from one input); nothing is measured for it",
+            )
+        reg.plain[mid] = module
+
+    def _adopt_sibling(self, module: nn.Module, outs: list[Any], sess: _Session) -> bool:
+        """:meth:`BlockRegistry.adopt_sibling`, keyed like a module examined in ``sess``; arms an adopted one."""
+        key = self.blocks.exam.get(id(module), (sess.number, len(sess.order))) + (0,)
+        if not self.blocks.adopt_sibling(module, outs, key):
+            return False
+        self.add_arming(module)
+        return True
+
+    def arm(self, module: nn.Module, outs: list[Any], sess: _Session, keep: bool) -> None:
+        """Resolve ``module``'s merges on this forward's graph and hook them (``keep``: keep the vectors)."""
+        mid = id(module)
+        entries = self.blocks.entries.get(mid)
+        if entries is None:
+            if mid in self.blocks.plain and not sess.discovery_only:
+                if not self._adopt_sibling(module, outs, sess):
+                    self.blocks.plain.pop(mid, None)  # not a dead block: stop trying
+                    self._drop_arming(mid)
+                    return
+                entries = self.blocks.entries[mid]
+            else:
+                return
+        prev = sess.armed.get(mid)
+        if prev is not None:
+            if in_backward():
+                return  # activation-checkpoint recompute: the original forward's graph is measured
+            if prev and not module.training:
+                return  # an eval-mode forward does not replace a training one
+        results = [resolve(e.pattern, outs) for e in entries]
+        results = [None if e.block.found == "sibling" and isinstance(r, Resolved) and not r.dead else r
+                   for e, r in zip(entries, results)]  # a skip that came back is rediscovered as what it is
+        if any(r is None for r in results):
+            self._mismatch(module)
+        live = [(e, r) for e, r in zip(entries, results) if isinstance(r, Resolved)]
+        for _, r in live:
+            sess.claimed.add(id(r.merge))
+        if not live or sess.discovery_only:
+            return
+        sess.disarm(mid)
+        sess.armed[mid] = module.training
+        handles: list[Any] = []
+        pairs = []
+        for entry, r in live:
+            slot = hook_merge(r, sess.merges, handles, self._on_error, keep)
+            pairs.append((entry, slot))
+        sess.slots[mid] = pairs
+        sess.handles[mid] = handles
+
+    def _mismatch(self, module: nn.Module) -> None:
+        mid = id(module)
+        count = self._mismatches.get(mid, 0) + 1
+        self._mismatches[mid] = count
+        name = self.blocks.names.get(mid)
+        if count > _MAX_REDISCOVERIES:
+            self._warn_once(f"unstable-{mid}", f"gradwatch: {name}: the autograd graph keeps changing shape; "
+                            "its residual merges are no longer rediscovered")
+            return
+        log.debug("gradwatch: %s: graph changed; rediscovering its merges on the next logging step", name)
+        self.blocks.exam.pop(mid, None)
+        self.add_discovery(module)
