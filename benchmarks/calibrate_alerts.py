@@ -23,9 +23,10 @@ import torch
 
 import gradwatch
 from gradwatch.blocks import resnet
-from gradwatch.data import synthetic_images
-from gradwatch.demo import train as train_recipe
-from gradwatch.detectors import Measurements, depth_slope, early_ratio, layer_kinds
+from gradwatch.reference.data import synthetic_images
+from gradwatch.reference.demo import train as train_recipe
+from gradwatch.alerts import Measurements, depth_slope, early_ratio
+from gradwatch.layers import layer_kinds
 
 NETS = {
     "postact20": lambda: resnet(20),

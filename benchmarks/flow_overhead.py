@@ -103,7 +103,7 @@ def main() -> None:
     # step ratio. Time that call directly (an empty module, hooked vs bare) and scale by the number of blocks.
     mon = runs["all every=50"][2]
     assert not mon.is_logging_step()
-    probe_hook = mon._flow._arm_hook
+    probe_hook = mon.probe._arm_hook
     hooked, bare_mod = torch.nn.Identity(), torch.nn.Identity()
     hooked.register_forward_hook(probe_hook)
     reps, per_call = 20000, []
@@ -113,7 +113,7 @@ def main() -> None:
             module(x)
         per_call.append((clock() - t0) / reps)
     extra = (per_call[1] + per_call[3] - per_call[0] - per_call[2]) / 2
-    n_hooks = len(mon._flow._tracker.arm_handles)
+    n_hooks = len(mon.probe._tracker.arm_handles)
     est = 1 + n_hooks * extra / statistics.median(bare)
     print(f"steps that do not log, from the hook's own cost: {1e6 * extra:.2f} us x {n_hooks} block hooks "
           f"= {1e6 * n_hooks * extra:.0f} us per step -> ratio {est:.5f}")

@@ -84,7 +84,13 @@ def _alert_sinks(value: Any, name: str) -> tuple[Any, ...]:
     if isinstance(value, (str, bytes)) or not isinstance(value, Iterable) or hasattr(value, "send") \
             or hasattr(value, "write"):
         raise TypeError(f"{name} must be a list of sinks or callables, e.g. {name}=[WebhookSink(url)]")
-    return tuple(as_alert_sink(s) for s in value)
+    out = []
+    for s in value:
+        try:
+            out.append(as_alert_sink(s))
+        except TypeError as err:
+            raise TypeError(f"{name}: {err}") from None
+    return tuple(out)
 
 
 def _sinks(value: Any, name: str) -> tuple[Any, ...]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from torch import nn
 
 from ._compat import is_compiling
@@ -27,6 +28,8 @@ class ForwardOrder:
         self._handles: list[Any] = []
         self._finished = False
         for qualified, module in model.named_modules():
+            if isinstance(module, torch.jit.ScriptModule):  # takes no hooks; its layers keep definition order
+                continue
             self._handles.append(module.register_forward_pre_hook(self._hook(clean_name(qualified) or ROOT_NAME)))
 
     def _hook(self, name: str) -> Callable[..., None]:

@@ -264,7 +264,7 @@ class GradWatchCallback(*_BASES):  # type: ignore[misc]
         """One monitor per optimizer that holds parameters of the module, writing to the trainer's loggers."""
         optimizers = [o for o in map(_unwrap, getattr(trainer, "optimizers", [])) if isinstance(o, torch.optim.Optimizer)]
         ours = {id(p) for p in pl_module.parameters()}
-        base = self.config
+        base = self.config.replace(every=max(self._every, 1))
         if base.measure.sync_ranks is None:  # every rank runs these hooks: flow norms can be averaged over ranks
             base = base.replace(sync_ranks=True)
         writer, loggers = self._targets(trainer) if getattr(trainer, "is_global_zero", True) else (None, [])

@@ -6,10 +6,10 @@ import os
 import subprocess
 import sys
 
-from conftest import read_events
+from helpers import read_events
 
-from gradwatch.data import synthetic_images
-from gradwatch.demo import run_demo
+from gradwatch.reference.data import synthetic_images
+from gradwatch.reference.demo import run_demo
 
 
 def test_demo_trains_four_nets_and_logs_each(tmp_path, capsys):

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import read_events, reference_norms, small_batch
+from helpers import read_events, reference_norms, small_batch
 from torch import nn
 
 import gradwatch

@@ -377,8 +377,8 @@ def build_rules(spec: Any) -> list[Rule]:
                 raise TypeError(f"rules[{name!r}] must be a dict of options, True or False, got {opts!r}")
             try:
                 rules.append(cls(**opts))
-            except TypeError as err:
-                raise TypeError(f"rules[{name!r}]: {err}") from None
+            except (TypeError, ValueError) as err:
+                raise type(err)(f"rules[{name!r}]: {err}") from None
         return rules
     if isinstance(spec, (str, Rule)) or not isinstance(spec, Iterable):
         raise TypeError("rules must be None, False, a dict of rule options or a list of Rule instances, "

@@ -80,6 +80,8 @@ class WebhookSink(AlertSink):
         min_interval: seconds between posts (None: 1.0 for Slack, 0 for JSON).
         title: prefix of each message / the ``source`` field (e.g. the run name).
         queue_size: alerts waiting at most; beyond, new ones are recorded as failed, not sent.
+        wait: the longest :meth:`flush` and :meth:`close` wait for queued alerts when given no timeout (what a
+            monitor's ``close()`` waits for a sink it was given).
         headers: extra HTTP headers (e.g. an ``Authorization`` for a JSON endpoint).
 
     Raises:
@@ -105,6 +107,7 @@ class WebhookSink(AlertSink):
         title: str = "gradwatch",
         queue_size: int = 1000,
         headers: dict[str, str] | None = None,
+        wait: float = 5.0,
     ) -> None:
         if url is None:
             url = os.environ.get(WEBHOOK_ENV) or None
@@ -135,6 +138,7 @@ class WebhookSink(AlertSink):
         self._closing = threading.Event()
         self._deadline: float | None = None
         self._last_post = 0.0
+        self.wait = check_number(wait, "wait", positive=False, owner="WebhookSink")
         self._closed = False
         self._unfinished = 0  # queued or being delivered
         self._idle = threading.Condition()
@@ -165,9 +169,15 @@ class WebhookSink(AlertSink):
             self._done()
             self._fail(alert, f"queue full ({self._queue.maxsize} alerts waiting); dropped")
 
-    def flush(self, timeout: float = 5.0) -> bool:
+    @property
+    def closed(self) -> bool:
+        """True after :meth:`close`: alerts sent then are recorded as failed."""
+        return self._closed
+
+    def flush(self, timeout: float | None = None) -> bool:
         """Wait at most ``timeout`` seconds for what is queued to be delivered (or given up on); the sink stays
         open. What a monitor does with a sink it was given, at its close. Returns whether the queue emptied."""
+        timeout = self.wait if timeout is None else timeout
         end = time.monotonic() + max(0.0, timeout)
         with self._idle:
             while self._unfinished > 0:
@@ -183,13 +193,14 @@ class WebhookSink(AlertSink):
             if self._unfinished <= 0:
                 self._idle.notify_all()
 
-    def close(self, timeout: float = 5.0) -> None:
+    def close(self, timeout: float | None = None) -> None:
         """Send what is queued, waiting at most ``timeout`` seconds; record the rest as failed. Final: alerts
         sent after it are recorded as failed. A monitor never closes a sink it was given (it calls :meth:`flush`);
         gradwatch closes still-open webhook sinks at interpreter exit."""
         if self._closed:
             return
         self._closed = True
+        timeout = self.wait if timeout is None else timeout
         self._deadline = time.monotonic() + max(0.0, timeout)
         self._closing.set()
         try:

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
+import gradwatch
 from gradwatch.blocks import resnet
 
 NAMESPACES = [
@@ -196,7 +197,7 @@ def test_callback_is_a_callback_of_every_installed_namespace():
         ({"rules": {"vanishing": {"no_such_option": 1}}}, TypeError, "vanishing"),
         ({"rules": "nonfinite"}, TypeError, "rules"),
         ({"alert_cooldown": -3}, ValueError, "alert_cooldown"),
-        ({"alert_cooldown": 1.5}, ValueError, "alert_cooldown"),
+        ({"alert_cooldown": 1.5}, TypeError, "alert_cooldown"),  # a wrong type is a TypeError, never coerced
         ({"alert_sinks": "http://hook"}, TypeError, "alert_sinks"),
     ],
 )
@@ -429,7 +430,7 @@ def test_prog_bar_shows_early_layer_ratio(tmp_path):
     trainer = pl.Trainer(callbacks=[cb], logger=False, **trainer_kwargs(tmp_path, max_steps=2))
     trainer.fit(make_module(pl))
     hist = cb.monitor.history()
-    early = cb.monitor.layer_names[: len(cb.monitor.layer_names) // 4]
+    early = cb.monitor.layer_names[: gradwatch.early_count(len(cb.monitor.layer_names))]
     last = hist[(hist.step == 1) & (hist.metric == "grad_to_weight") & hist.name.isin(early)].value.max()
     assert float(trainer.progress_bar_metrics[PROG_BAR_KEY]) == pytest.approx(last, rel=1e-6)
     assert PROG_BAR_KEY not in trainer.logged_metrics
@@ -494,7 +495,7 @@ def test_fit_start_errors_other_than_empty_filters_are_not_reported_as_nothing_t
 
 def _alert_rules(**nonfinite):
     """Only the ``nonfinite`` rule (with the given options): the fault below fires nothing else."""
-    from gradwatch.detectors import RULES
+    from gradwatch.alerts import RULES
 
     return {name: (nonfinite if name == "nonfinite" else False) for name in RULES}
 
@@ -529,20 +530,38 @@ def test_csv_logger_only_still_writes_the_alert_record(tmp_path):
     assert [(a.rule, a.step) for a in read_alerts(path)] == [("nonfinite", 1)]
 
 
-def test_flat_logger_without_log_dir_falls_back_to_default_root_dir():
-    from gradwatch.integrations.lightning import _FanOut, _LoggerWriter
+def test_flat_logger_without_log_dir_gets_records_and_the_alert_record_falls_back_to_default_root_dir(tmp_path):
+    pl = ns("lightning.pytorch")
+    from lightning.pytorch.loggers import Logger
 
-    class NoDir:
-        def log_metrics(self, metrics, step):
-            pass
+    from gradwatch.alerts import read_alerts
+    from gradwatch.integrations.lightning import GradWatchCallback
 
-    class Raising(NoDir):
+    class NoDir(Logger):
+        """A logger whose log_dir needs a live experiment (raises), like some remote trackers."""
+
+        name, version = "nodir", 0
+        logged: list = []
+
         @property
         def log_dir(self):
             raise RuntimeError("experiment not started")
 
-    fallback = os.path.join("root", "gradwatch")
-    assert _FanOut([_LoggerWriter([NoDir(), Raising()], fallback)]).get_logdir() == fallback
+        def log_metrics(self, metrics, step):
+            self.logged.append((step, dict(metrics)))
+
+        def log_hyperparams(self, params, *args, **kwargs):
+            pass
+
+    logger = NoDir()
+    cb = GradWatchCallback(every=1, rules=_alert_rules())
+    trainer = pl.Trainer(callbacks=[cb], logger=logger, **trainer_kwargs(tmp_path, max_steps=3))
+    trainer.fit(_nan_from(pl, 1))
+    ours = [(step, m) for step, m in logger.logged if "grad_norm/_global" in m]
+    assert [step for step, _ in ours] == [0, 1, 2]  # one flat dict per logging step
+    assert ours[1][1]["alerts/count"] == 1.0 and "hist/grad_norm" not in ours[0][1]
+    path = os.path.join(tmp_path, "gradwatch", "alerts.jsonl")
+    assert [(a.rule, a.step) for a in read_alerts(path)] == [("nonfinite", 1)]
 
 
 # ---------------------------------------------------------------------------------------------- costs
@@ -578,11 +597,11 @@ def test_overflow_step_is_discarded_without_a_host_transfer(tmp_path, monkeypatc
     from lightning.pytorch.plugins import MixedPrecision
 
     from gradwatch.integrations.lightning import GradWatchCallback
-    from gradwatch.monitor import Monitor
+    from gradwatch.measure import Meter
 
     finished = []
-    real = Monitor._finish
-    monkeypatch.setattr(Monitor, "_finish", lambda self: finished.append(self._pending is not None) or real(self))
+    real = Meter.finish
+    monkeypatch.setattr(Meter, "finish", lambda self, pending: finished.append(pending) or real(self, pending))
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**30, backoff_factor=2.0**-10)  # steps 0 and 1 overflow
     cb = GradWatchCallback(every=1, strict=True)
     trainer = pl.Trainer(
@@ -592,7 +611,7 @@ def test_overflow_step_is_discarded_without_a_host_transfer(tmp_path, monkeypatc
     module = make_module(pl)
     module.configure_optimizers = lambda: torch.optim.Adam(module.parameters(), lr=1e-3)
     trainer.fit(module)
-    assert finished.count(True) == 2  # only the steps taken (2 and 3) were moved to the host
+    assert len(finished) == 2  # only the steps taken (2 and 3) were moved to the host
     assert set(cb.monitor.history().step) == {2, 3} and cb.monitor.measurements == 4
 
 
@@ -611,23 +630,15 @@ def test_monitor_discard_step_records_nothing():
     assert set(mon.history().step) == {1}
 
 
-def test_sync_ranks_is_passed_where_monitor_takes_it(tmp_path, monkeypatch):
+@pytest.mark.parametrize("given, expected", [({}, True), ({"sync_ranks": False}, False)])
+def test_monitors_sync_ranks_unless_told_otherwise(given, expected, tmp_path):
     """Every rank runs the callback, so per-rank block-flow norms can be all-reduced (Monitor(sync_ranks=...))."""
     pl = ns("lightning.pytorch")
-    import gradwatch.integrations.lightning as gl
-    from gradwatch.monitor import Monitor
+    from gradwatch.integrations.lightning import GradWatchCallback
 
-    got = []
-
-    class Syncing(Monitor):
-        def __init__(self, model, *, sync_ranks=False, **kw):
-            got.append(sync_ranks)
-            super().__init__(model, **kw)
-
-    cb = gl.GradWatchCallback(every=1)
-    monkeypatch.setattr(gl, "Monitor", Syncing)
+    cb = GradWatchCallback(every=1, **given)
     pl.Trainer(callbacks=[cb], logger=False, **trainer_kwargs(tmp_path, max_steps=1)).fit(make_module(pl))
-    assert got == [True]
+    assert cb.monitor.config.measure.sync_ranks is expected
 
 
 # ---------------------------------------------------------------------------------------------- resume

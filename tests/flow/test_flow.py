@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from flow_reference import block_parts, contributions
+from helpers.flow_reference import block_parts, contributions
 from torch import nn
 
 import gradwatch
-from conftest import small_batch
+from helpers import small_batch
 from gradwatch import flow
 from gradwatch.blocks import resnet, set_skip_fault
 
@@ -41,7 +41,7 @@ def assert_close(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor) -> None:
 
 def check_split(mon, name, ref_skip, ref_branch, ref_total, step=0):
     """Vectors kept by the probe and recorded norms equal the independent contributions."""
-    vec = mon._flow.vectors[name]
+    vec = mon.probe.vectors[name]
     assert_close(vec["skip"], ref_skip, ref_total)
     assert_close(vec["branch"], ref_branch, ref_total)
     assert_close(vec["in"], ref_total, ref_total)
@@ -77,7 +77,7 @@ def test_split_equals_independent_contributions_for_reference_blocks(variant):
     net = resnet(depth, width=4, **kw).double()
     blocks = net.residual_blocks()
     mon = gradwatch.Monitor(net, every=1, strict=True)
-    mon._flow.keep_vectors = True
+    mon.probe.keep_vectors = True
     x, y = batch()
     inputs = {}
     hooks = [b.register_forward_pre_hook(lambda m, a, i=i: inputs.__setitem__(i, a[0].detach()))
@@ -214,7 +214,7 @@ def test_hand_written_blocks_split_exactly(cls, kind):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 8), cls(8), nn.Tanh(), cls(8), nn.Linear(8, 3)).double()
     mon = gradwatch.Monitor(model, every=1, strict=True)
-    mon._flow.keep_vectors = True
+    mon.probe.keep_vectors = True
     x = torch.randn(5, 6, dtype=torch.float64)
     target = torch.randn(5, 3, dtype=torch.float64)
     h1 = model[0](x).detach()
@@ -231,7 +231,7 @@ def test_plus_equals_identity_with_inplace_relu_splits_exactly():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), PlusEquals(4), PlusEquals(4)).double()
     mon = gradwatch.Monitor(model, every=1, strict=True)
-    mon._flow.keep_vectors = True
+    mon.probe.keep_vectors = True
     x, _ = batch()
     h1 = model[0](x).detach()
     w = torch.randn(4, 4, 8, 8, dtype=torch.float64)
@@ -246,13 +246,13 @@ def test_block_fed_by_a_leaf_input_splits_at_its_accumulate_grad_node():
     torch.manual_seed(0)
     block = OutPlusX(8).double()
     mon = gradwatch.Monitor(block, every=1, strict=True)
-    mon._flow.keep_vectors = True
+    mon.probe.keep_vectors = True
     x = torch.randn(5, 8, dtype=torch.float64, requires_grad=True)
     block(x).square().sum().backward()
     mon.step()
     ref = contributions(block.parts, x.detach(), lambda out: out.square().sum())
     check_split(mon, "_root", *ref)
-    assert_close(mon._flow.vectors["_root"]["in"], x.grad, x.grad)
+    assert_close(mon.probe.vectors["_root"]["in"], x.grad, x.grad)
 
 
 # ---------------------------------------------------------------------------------------- transformer
@@ -309,7 +309,7 @@ def test_transformer_block_has_two_merges_named_apart_and_split_exactly():
     torch.manual_seed(0)
     gpt = TinyGPT().double()
     mon = gradwatch.Monitor(gpt, every=1, strict=True)
-    mon._flow.keep_vectors = True
+    mon.probe.keep_vectors = True
     idx = torch.randint(0, 11, (3, 6), generator=torch.Generator().manual_seed(0))
     block = gpt.blocks[0]
     x0 = (gpt.tok(idx) + gpt.pos[:6]).detach()
@@ -457,7 +457,7 @@ def test_highway_gate_shared_by_both_operands_splits_at_x():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 6), Highway(6), nn.Linear(6, 2)).double()
     mon = gradwatch.Monitor(model, every=1, strict=True)
-    mon._flow.keep_vectors = True
+    mon.probe.keep_vectors = True
     x = torch.randn(5, 4, dtype=torch.float64)
     model(x).square().sum().backward()
     mon.step()

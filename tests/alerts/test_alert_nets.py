@@ -10,13 +10,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from webhook_server import WebhookServer, free_port
+from helpers.webhook_server import WebhookServer, free_port
 
 import gradwatch
 from gradwatch.alerts import read_alerts
 from gradwatch.blocks import resnet
-from gradwatch.data import synthetic_images
-from gradwatch.demo import train
+from gradwatch.reference.data import synthetic_images
+from gradwatch.reference.demo import train
 
 
 def train_net(model, steps, every, batch=8, size=16, seed=0, **kw):
@@ -169,7 +169,7 @@ def test_ddp_two_processes_same_verdict_one_alert_sent(tmp_path):
 
 # ---------------------------------------------------------------------------------------------- demo
 def test_demo_prints_alerts_for_the_broken_net_only(tmp_path, capsys):
-    from gradwatch.demo import run_demo
+    from gradwatch.reference.demo import run_demo
 
     run_demo(out=str(tmp_path), steps=6, depth=20, every=1, batch_size=8, nets=["postact", "broken_skip"])
     text = capsys.readouterr().out.split("\nAlerts (")[1]

@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import read_events
+from helpers import read_events
 from torch import nn
 
 import gradwatch
-from gradwatch.alerts import AlertManager, read_alerts
-from gradwatch.detectors import (
+from gradwatch.alerts import AlertEngine, read_alerts
+from gradwatch.alerts import (
     DeadLayer,
     DepthTrend,
     Exploding,
@@ -26,9 +26,9 @@ from gradwatch.detectors import (
     SkipCollapse,
     Vanishing,
     build_rules,
-    layer_kinds,
     replay,
 )
+from gradwatch.layers import layer_kinds
 
 
 def mlp(depth: int = 4, width: int = 16, act: type[nn.Module] = nn.ReLU, seed: int = 0) -> nn.Sequential:
@@ -348,17 +348,18 @@ class Scripted(Rule):
         return [] if sev is None else [self.alert(m, sev, "conv1", 1.0, 0.5, f"step {m.step}", "none")]
 
 
-def run_manager(manager, steps):
+def run_engine(engine, steps):
+    got = []
     for s in range(steps):
-        manager.observe(s, ["conv1", "_global"], "grad_norm", np.array([1.0, 1.0]))
-        manager.evaluate(s)
+        record = gradwatch.StepRecord.build(s, ["conv1"], {"grad_norm": [1.0]}, {"grad_norm": 1.0})
+        got.extend(engine.evaluate(record))
+    return got
 
 
 def test_cooldown_deduplicates_and_lets_an_escalation_through(tmp_path):
     script = ["warning", "warning", "warning", "critical", "critical", "warning", "warning", "warning"]
-    got = []
-    mgr = AlertManager([Scripted(script)], [got.append], cooldown=4, path=str(tmp_path / "a.jsonl"))
-    run_manager(mgr, len(script))
+    mgr = AlertEngine([Scripted(script)], cooldown=4, path=str(tmp_path / "a.jsonl"))
+    got = run_engine(mgr, len(script))
     mgr.close()
     # warning@0; 1, 2 held; critical@3 escalates through; 4 held; warnings held until 4 steps after 3
     assert [(a.step, a.severity) for a in got] == [(0, "warning"), (3, "critical"), (7, "warning")]
@@ -383,7 +384,7 @@ def test_a_failing_sink_or_rule_never_reaches_training_and_the_record_keeps_the_
         assert train(model, mon, 3) == 3
     mon.close()
     assert [a.rule for a in read_alerts(tmp_path / "a.jsonl")] == ["dead_layer"]
-    assert any("rule bug" in e for e in mon._alerts.errors) and any("sink down" in e for e in mon._alerts.errors)
+    assert any("rule bug" in e for e in mon.errors) and any("sink down" in e for e in mon.errors)
 
 
 # ---------------------------------------------------------------------------------------------- rules, by hand

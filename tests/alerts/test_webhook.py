@@ -11,11 +11,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from webhook_server import WebhookServer, dead_url
+from helpers.webhook_server import WebhookServer, dead_url
 
 import gradwatch
 from gradwatch.alerts import read_alerts
-from gradwatch.detectors import Rule
+from gradwatch.alerts import Rule
 
 SECRET = "SECRETTOKEN"
 
@@ -144,16 +144,15 @@ def test_429_retry_after_is_honoured(tmp_path):
 
 def test_slow_server_never_blocks_training_and_close_waits_a_bounded_time(tmp_path):
     with WebhookServer(script=[("slow", 3.0)]) as srv:
-        sink = gradwatch.WebhookSink(srv.url, timeout=0.3, retries=0, min_interval=0)
+        sink = gradwatch.WebhookSink(srv.url, timeout=0.3, retries=0, min_interval=0, wait=1.0)
         mon, slowest = run(sink, tmp_path, steps=12)  # 12 x 0.3 s of timeouts > the 1 s + 1 s budgets
         t = time.perf_counter()
-        mon._alerts.close(timeout=1.0)  # the monitor only flushes a sink it was given: bounded, sink stays open
+        mon.close()  # the monitor only flushes a sink it was given: bounded by the sink's wait, sink stays open
         flushing = time.perf_counter() - t
-        assert not sink._closed
+        assert not sink.closed
         t = time.perf_counter()
-        sink.close(timeout=1.0)
+        sink.close()
         closing = time.perf_counter() - t
-        mon.close()
     assert slowest < 0.5 and flushing < 1.5 and closing < 2.0
     failed = failures(tmp_path)
     assert len(failed) == 12 and sink.sent == 0  # timed out, or left when the close time ran out
@@ -163,7 +162,7 @@ def test_slow_server_never_blocks_training_and_close_waits_a_bounded_time(tmp_pa
 
 
 def test_url_from_the_environment_and_validation(monkeypatch):
-    monkeypatch.delenv(gradwatch.alert_sinks.WEBHOOK_ENV, raising=False)
+    monkeypatch.delenv(gradwatch.alerts.WEBHOOK_ENV, raising=False)
     with pytest.raises(ValueError, match="GRADWATCH_WEBHOOK_URL"):
         gradwatch.WebhookSink()
     with pytest.raises(ValueError, match="http"):

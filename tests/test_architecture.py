@@ -1,0 +1,187 @@
+"""The shape of the package: one-way imports, every module importable alone, a thin Lightning adapter."""
+
+from __future__ import annotations
+
+import ast
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PACKAGE = os.path.join(ROOT, "gradwatch")
+ADAPTERS = os.path.join(ROOT, "integrations")
+
+
+def _modules() -> dict[str, str]:
+    """Every module of the core package: dotted name -> file."""
+    out = {}
+    for folder, _, files in os.walk(PACKAGE):
+        for f in files:
+            if f.endswith(".py"):
+                rel = os.path.relpath(os.path.join(folder, f), ROOT)[:-3].replace(os.sep, ".")
+                out[rel.removesuffix(".__init__")] = os.path.join(folder, f)
+    return out
+
+
+def _resolve(module: str, node: ast.ImportFrom) -> str:
+    if not node.level:
+        return node.module or ""
+    package = module if _is_package(module) else module.rsplit(".", 1)[0]
+    parts = package.split(".")
+    base = ".".join(parts[: len(parts) - node.level + 1])
+    return f"{base}.{node.module}" if node.module else base
+
+
+def _is_package(module: str) -> bool:
+    return os.path.basename(_modules()[module]) == "__init__.py"
+
+
+def _runtime_imports(module: str, path: str) -> tuple[set[str], list[str]]:
+    """gradwatch modules ``module`` imports at run time (``if TYPE_CHECKING:`` blocks left out), and the
+    gradwatch imports made inside functions."""
+    tree = ast.parse(open(path, encoding="utf-8").read())
+    known = _modules()
+    deps: set[str] = set()
+    inner: list[str] = []
+
+    def target(name: str) -> str | None:
+        while name and name not in known:
+            name = name.rpartition(".")[0]
+        return name or None
+
+    def visit(node: ast.AST, in_function: bool) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.If) and "TYPE_CHECKING" in ast.unparse(child.test):
+                continue
+            func = in_function or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))
+            names: list[str] = []
+            if isinstance(child, ast.Import):
+                names = [a.name for a in child.names]
+            elif isinstance(child, ast.ImportFrom):
+                base = _resolve(module, child)
+                names = [f"{base}.{a.name}" if f"{base}.{a.name}" in known else base for a in child.names]
+            for name in names:
+                t = target(name) if name.startswith("gradwatch") else None
+                if t is None or t == module:
+                    continue
+                (inner.append(t) if in_function else deps.add(t))
+            visit(child, func)
+
+    visit(tree, False)
+    return deps, inner
+
+
+def _graph() -> dict[str, set[str]]:
+    graph = {}
+    for module, path in _modules().items():
+        deps, _ = _runtime_imports(module, path)
+        # importing a.b.c runs a/__init__ and a/b/__init__ first: those edges are real too
+        graph[module] = {d for d in deps if not module.startswith(d + ".")}
+    return graph
+
+
+def test_the_import_graph_has_no_cycle():
+    graph = _graph()
+    # importing a submodule runs its parents' __init__: a parent package's edges belong to its children too,
+    # but a package re-exporting its children is not a cycle; check modules, with packages as their own nodes
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def walk(node: str) -> None:
+        state[node] = 1
+        stack.append(node)
+        for dep in sorted(graph.get(node, ())):
+            if state.get(dep) == 1:
+                if not (dep.startswith(node + ".") or node.startswith(dep + ".")):
+                    cycle = stack[stack.index(dep):] + [dep]
+                    pytest.fail("import cycle: " + " -> ".join(cycle))
+            elif dep not in state:
+                walk(dep)
+        stack.pop()
+        state[node] = 2
+
+    for node in sorted(graph):
+        if node not in state:
+            walk(node)
+
+
+def test_no_gradwatch_import_inside_a_function():
+    for module, path in _modules().items():
+        _, inner = _runtime_imports(module, path)
+        assert not inner, f"{module} imports {inner} inside a function (a hidden dependency or a dodged cycle)"
+
+
+@pytest.mark.parametrize("leaf", ["gradwatch.names", "gradwatch._compat", "gradwatch._checks",
+                                  "gradwatch.alerts.alert", "gradwatch.flow.discovery", "gradwatch.record",
+                                  "gradwatch.version"])
+def test_leaf_modules_import_no_other_gradwatch_module(leaf):
+    deps, _ = _runtime_imports(leaf, _modules()[leaf])
+    parents = {leaf.rsplit(".", i)[0] for i in range(1, leaf.count(".") + 1)}
+    allowed = {"gradwatch.names"} if leaf == "gradwatch.record" else set()
+    assert deps - parents <= allowed, f"{leaf} imports {sorted(deps - parents)}"
+
+
+def test_monitoring_code_never_imports_the_reference_nets_or_frameworks():
+    for module, path in _modules().items():
+        if module.startswith("gradwatch.reference") or module in ("gradwatch", "gradwatch.blocks", "gradwatch.cli",
+                                                                    "gradwatch.__main__"):
+            continue
+        deps, _ = _runtime_imports(module, path)
+        assert not {d for d in deps if d.startswith("gradwatch.reference") or d == "gradwatch.blocks"}, module
+        text = open(path, encoding="utf-8").read()
+        assert not re.search(r"^\s*(import|from)\s+(lightning|pytorch_lightning|transformers)\b", text, re.M), module
+
+
+def test_private_torch_apis_are_used_only_in_compat():
+    private = re.compile(r"torch\.(_dynamo|_C\b|utils\._pytree|_foreach_)|_NormBase|_get_file_writer|"
+                         r"_step_supports_amp_scaling|_get_scale_async")
+    for module, path in _modules().items():
+        if module == "gradwatch._compat":
+            continue
+        code = "\n".join(line for line in open(path, encoding="utf-8") if not line.lstrip().startswith("#"))
+        code = re.sub(r'"""[\s\S]*?"""', "", code)  # docstrings may name them
+        assert not private.search(code), f"{module} touches a private torch API outside gradwatch._compat"
+
+
+def test_every_module_imports_alone_in_a_fresh_interpreter():
+    """One fresh interpreter; before each module, every gradwatch module is forgotten (torch and Lightning stay
+    loaded: they are slow to import), so an import that only works after another one would fail here."""
+    names = sorted(m for m in _modules() if not m.endswith("__main__")) + ["gradwatch.integrations.lightning"]
+    script = (
+        "import importlib, sys, torch\n"
+        "for n in sys.argv[1:]:\n"
+        "    for k in [k for k in sys.modules if k == 'gradwatch' or k.startswith('gradwatch.')]:\n"
+        "        del sys.modules[k]\n"
+        "    try:\n"
+        "        importlib.import_module(n)\n"
+        "    except Exception as err:\n"
+        "        sys.exit(f'import {n} failed: {type(err).__name__}: {err}')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script, *names], capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_the_lightning_adapter_uses_only_public_gradwatch_api():
+    path = os.path.join(ADAPTERS, "lightning.py")
+    text = open(path, encoding="utf-8").read()
+    assert not re.search(r"gradwatch\.[a-z_.]*\._", text), "imports a private gradwatch module or name"
+    tree = ast.parse(text)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("gradwatch"):
+            assert all(not a.name.startswith("_") for a in node.names), ast.unparse(node)
+    # Private attributes read on anything but the adapter's own objects: only Lightning's, named here.
+    lightning_private = {"_batches_that_stepped", "_generate_state_key"}
+    reads = {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute) and n.attr.startswith("_")
+             and not n.attr.startswith("__") and not (isinstance(n.value, ast.Name) and n.value.id in ("self", "cls"))
+             and not (isinstance(n.value, ast.Name) and n.value.id == "slot")}
+    assert reads <= lightning_private, f"private attributes read: {sorted(reads - lightning_private)}"
+    assert "inspect.signature" not in text and "_RESERVED" not in text
+
+
+def test_the_lightning_adapter_is_thin():
+    with open(os.path.join(ADAPTERS, "lightning.py"), encoding="utf-8") as f:
+        lines = f.read().count("\n")
+    assert lines < 706 / 2 + 100, f"integrations/lightning.py has {lines} lines"

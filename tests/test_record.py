@@ -1,0 +1,163 @@
+"""The per-step record and the sinks that receive it: history, TensorBoard, user sinks."""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import small_batch
+from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+import gradwatch
+from gradwatch.blocks import resnet
+
+
+class Collect(gradwatch.Sink):
+    def __init__(self) -> None:
+        self.records: list[gradwatch.StepRecord] = []
+        self.flushed = self.closed = 0
+
+    def write(self, record):
+        self.records.append(record)
+
+    def flush(self):
+        self.flushed += 1
+
+    def close(self):
+        self.closed += 1
+
+
+def train(model, mon, steps, opt=None):
+    opt = opt or torch.optim.SGD(model.parameters(), lr=0.05)
+    for s in range(steps):
+        x, y = small_batch(seed=s)
+        F.cross_entropy(model(x), y).backward()
+        mon.step()
+        opt.step()
+        opt.zero_grad()
+
+
+def test_a_custom_sink_receives_exactly_the_records_the_history_holds():
+    model = resnet(8, width=4)
+    sink = Collect()
+    mon = gradwatch.Monitor(model, every=2, sinks=[sink], strict=True)
+    train(model, mon, 5)
+    mon.close()
+    assert [r.step for r in sink.records] == [0, 2, 4]
+    assert sink.records == mon.records and sink.records[-1] is mon.latest
+    rows = sum(len(r) for r in sink.records)
+    hist = mon.history()
+    assert rows == len(hist)
+    # Value for value: the long frame is the records, flattened.
+    for r in sink.records:
+        for metric, names, values in r.series():
+            got = hist[(hist.step == r.step) & (hist.metric == metric)].set_index("name").value
+            assert list(got.index) == list(names)
+            np.testing.assert_array_equal(got.to_numpy(), values)
+    assert sink.closed == 0 and sink.flushed == 1  # a sink passed in is flushed at close, not closed
+
+
+def test_a_record_is_immutable_and_reads_by_name():
+    model = resnet(8, width=4)
+    mon = gradwatch.Monitor(model, every=1, strict=True)
+    train(model, mon, 1)
+    r = mon.latest
+    with pytest.raises(ValueError):
+        r.layer_values[0, 0] = 1.0  # read-only
+    with pytest.raises(AttributeError):
+        r.step = 3  # frozen
+    assert r.layer_metrics == ("grad_norm", "weight_norm", "grad_to_weight")  # no optimizer: no update_to_weight
+    g = r.value("conv1", "grad_norm")
+    assert g == pytest.approx(r.value("conv1", "grad_to_weight") * r.value("conv1", "weight_norm"))
+    assert r.global_value("grad_norm") == pytest.approx(np.sqrt((r.layer("grad_norm") ** 2).sum()))
+    assert r.value(r.blocks[0], "skip_share") == r.block("skip_share")[0]
+    flat = r.scalars("gw/")
+    assert flat["gw/grad_norm/conv1"] == g and flat["gw/alerts/count"] == 0.0
+    assert len(flat) == len(r) + 1  # every value, plus the alert count
+    with pytest.raises(KeyError):
+        r.value("no.such.layer", "grad_norm")
+    mon.close()
+
+
+def test_a_broken_user_sink_is_contained_like_a_broken_hook(caplog):
+    class Broken(gradwatch.Sink):
+        def write(self, record):
+            raise OSError("disk full")
+
+    model = resnet(8, width=4)
+    good = Collect()
+    mon = gradwatch.Monitor(model, every=1, sinks=[Broken(), good])
+    with caplog.at_level(logging.ERROR, logger="gradwatch"):
+        train(model, mon, 3)
+    mon.close()
+    assert [r.step for r in good.records] == [0, 1, 2]  # the sinks after it still get every record
+    assert set(mon.history().step) == {0, 1, 2}  # nothing lost
+    assert len(mon.errors) == 3 and all("disk full" in e and "Broken" in e for e in mon.errors)
+    assert any("disk full" in r.getMessage() for r in caplog.records)
+    strict = gradwatch.Monitor(model, every=1, sinks=[Broken()], strict=True)
+    with pytest.raises(OSError, match="disk full"):
+        train(model, strict, 1)
+    strict.close()
+
+
+def test_sinks_must_have_a_write_method():
+    model = resnet(8, width=4)
+    with pytest.raises(TypeError, match="sinks"):
+        gradwatch.Monitor(model, sinks=[print])
+    with pytest.raises(TypeError, match="sinks"):
+        gradwatch.Monitor(model, sinks=Collect())  # a sink, not a list of them
+
+
+def _events_per_step(log_dir):
+    (path,) = glob.glob(os.path.join(log_dir, "events.out.tfevents.*"))
+    per_step: dict[int, list[int]] = {}
+    for event in EventFileLoader(path).Load():
+        if event.HasField("summary"):
+            per_step.setdefault(event.step, []).append(len(event.summary.value))
+    return per_step
+
+
+def test_tensorboard_gets_one_event_per_logging_step(tmp_path, events):
+    model = resnet(8, width=4)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    with gradwatch.Monitor(model, optimizer=opt, every=1, log_dir=tmp_path) as mon:
+        for s in range(3):
+            x, y = small_batch(seed=s)
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+            opt.zero_grad()
+    per_step = _events_per_step(tmp_path)
+    assert sorted(per_step) == [0, 1, 2]
+    n = len(mon.latest) + len(mon.latest.layer_metrics) + 6 + 1  # values, nonfinite/<metric>, alerts/count
+    for counts in per_step.values():
+        assert len(counts) == 1  # the whole step in one event: scalars and histograms together
+        assert counts[0] == n + len(mon.latest.layer_metrics) + 6  # + one histogram per metric
+    read = events(str(tmp_path))
+    assert read["scalars"]["grad_norm/conv1"][2] == pytest.approx(mon.latest.value("conv1", "grad_norm"), rel=1e-6)
+    assert "hist/skip_share" in read["histograms"]
+
+
+def test_a_writer_that_is_not_a_summary_writer_gets_one_call_per_value():
+    class Recorder:
+        def __init__(self):
+            self.calls = []
+
+        def add_scalar(self, tag, value, step):
+            self.calls.append((tag, value, step))
+
+        def flush(self):
+            pass
+
+    w = Recorder()
+    model = resnet(8, width=4)
+    mon = gradwatch.Monitor(model, every=1, writer=w, histograms=False, strict=True)
+    train(model, mon, 1)
+    mon.close()
+    tags = {t for t, _, _ in w.calls}
+    assert "grad_norm/_global" in tags and "skip_share/layer1.0" in tags and "alerts/count" in tags
+    assert len(w.calls) == len(mon.latest) + 1
