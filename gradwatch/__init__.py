@@ -24,7 +24,7 @@ from .measure import amp_grad_scale
 from .monitor import Monitor, NothingToMeasure
 from .names import EARLY_FRACTION, FLOW_METRICS, GLOBAL_NAME, METRICS, clean_name, early_count
 from .record import Sink, StepRecord
-from .sinks import TensorBoardSink
+from .sinks import ScalarsSink, TensorBoardSink
 from .version import __version__
 
 __all__ = [
@@ -37,6 +37,7 @@ __all__ = [
     "StepRecord",
     "Sink",
     "TensorBoardSink",
+    "ScalarsSink",
     "History",
     "METRICS",
     "FLOW_METRICS",

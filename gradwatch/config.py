@@ -30,7 +30,15 @@ GRANULARITIES = ("layer", "parameter")
 
 @dataclass(frozen=True)
 class MeasureConfig:
-    """What to measure."""
+    """What to measure.
+
+    ``blocks``: shortcut-path gradient flow per residual merge y = F(x) + S(x) (``docs/flow.md``). ``"auto"``
+    finds the merges in the autograd graph of the first logging step's forward; a list of modules watches
+    only those; ``None`` turns it off. ``sync_ranks``: under torch.distributed, average the block-flow norms
+    over ranks (root mean square, in the same ``all_reduce`` as sharded parameter norms) so block-based rules
+    give every rank the same verdict; every rank must then run the monitor on every logging step. ``None``:
+    on when the model is a ``DistributedDataParallel`` or has DTensor parameters.
+    """
 
     granularity: str = "layer"  # "layer" (a module that owns parameters) or "parameter" (one unit per tensor)
     include: tuple[Pattern, ...] = ()  # glob patterns or compiled regexes on layer names; empty: all layers
@@ -44,7 +52,15 @@ class MeasureConfig:
 
 @dataclass(frozen=True)
 class AlertConfig:
-    """Alerting."""
+    """Alerting (``docs/alerts.md``).
+
+    ``rules``: ``None``, all built-in rules (``skip_collapse``, ``vanishing``, ``exploding``, ``depth_trend``,
+    ``nonfinite``, ``dead_layer``) with defaults; a dict tunes or drops them (``{"vanishing": {"patience": 5},
+    "dead_layer": False}``); a list of ``Rule`` instances replaces them; ``False`` turns alerting off.
+    ``alert_sinks``: e.g. ``[gradwatch.WebhookSink(url)]``, or any callable taking an ``Alert``.
+    ``on_critical``: ``"stop"`` sets ``Monitor.should_stop``; ``"raise"`` raises ``GradientAlarm`` out of
+    ``step()`` / ``optimizer.step()``. An escalation to critical always passes the cooldown.
+    """
 
     rules: Any = None  # None: all built-in rules; dict: tune/drop them; list: exactly these; False: alerting off
     alert_sinks: tuple[Any, ...] = ()  # where alerts go besides the logger, TensorBoard and alerts.jsonl
@@ -60,7 +76,7 @@ class AlertConfig:
 
 @dataclass(frozen=True)
 class OutputConfig:
-    """When and where values are written."""
+    """When and where values are written. Sinks passed in are flushed at ``Monitor.close()``, not closed."""
 
     every: int = 50  # log when step % every == 0
     histograms: bool = True  # a TensorBoard histogram across layers per metric and logging step

@@ -94,35 +94,18 @@ class Monitor:
         config: a :class:`~gradwatch.Config` to start from (integrations build one at construction); the
             options below override it.
 
-    Options (keyword arguments; :class:`~gradwatch.Config` groups and checks them):
+    Options (keyword arguments, all documented field by field in :class:`~gradwatch.Config`, which checks them):
 
-    - *what to measure*: ``granularity`` (``"layer"``, default, or ``"parameter"``: one unit per tensor);
-      ``include``, ``exclude`` (glob patterns such as ``"layer1.*"`` or compiled regexes on layer names);
-      ``include_types``, ``exclude_types`` (module classes, e.g. ``nn.BatchNorm2d``); ``track_updates``
-      (``update_to_weight`` when an optimizer is attached, default True); ``blocks``: shortcut-path gradient
-      flow per residual merge y = F(x) + S(x) — ``"auto"`` (default) finds the merges in the autograd graph
-      of the first logging step's forward, a list of modules watches only those, ``None`` turns it off
-      (:meth:`describe` lists the blocks, :meth:`watch_block` adds one, :attr:`flow_status` says why flow is
-      unavailable); ``sync_ranks``: under torch.distributed, average the block-flow norms over ranks (root
-      mean square, in the same ``all_reduce`` as sharded parameter norms) so block-based rules give every
-      rank the same verdict — every rank must then run the monitor on every logging step; ``None`` (default):
-      on when ``model`` is a ``DistributedDataParallel`` or has DTensor parameters.
-    - *alerting*: ``rules`` (``None``, default: all built-in rules — ``skip_collapse``, ``vanishing``,
-      ``exploding``, ``depth_trend``, ``nonfinite``, ``dead_layer`` — with defaults; a dict tunes or drops
-      them, ``{"vanishing": {"patience": 5}, "dead_layer": False}``; a list of ``Rule`` instances replaces
-      them; ``False`` turns alerting off; ``docs/alerts.md``); ``alert_sinks``: where alerts go besides the
-      ``gradwatch`` logger, TensorBoard (text and an ``alerts/count`` scalar) and the JSONL record, e.g.
-      ``[gradwatch.WebhookSink(url)]`` or any callable taking an :class:`~gradwatch.Alert`;
-      ``on_critical``: ``"warn"`` (default), ``"stop"`` (set :attr:`should_stop`) or ``"raise"`` (raise
-      :class:`~gradwatch.GradientAlarm` out of ``step()`` / ``optimizer.step()``); ``alerts_path``: the JSONL
-      record of every alert, default ``<log_dir>/alerts.jsonl`` (or the writer's directory), ``False`` for
-      none; ``alert_cooldown`` (default 20): logging steps before the same rule may alert again about the same
-      layer or block at the same severity (an escalation to critical always passes).
-    - *output*: ``every`` (default 50): log when ``step % every == 0``; ``histograms`` (default True): a
-      TensorBoard histogram across layers per metric and step; ``prefix``: prepended to every TensorBoard tag;
-      ``sinks``: more :class:`~gradwatch.Sink` s, each receiving every record (flushed, not closed, at
-      :meth:`close`); ``strict``: re-raise errors inside gradwatch's own hooks and sinks (for tests) —
-      otherwise they are logged on the ``gradwatch`` logger, kept in :attr:`errors`, and training goes on.
+    - *what to measure*: ``granularity``, ``include``, ``exclude``, ``include_types``, ``exclude_types``,
+      ``track_updates``, ``blocks`` (block flow: ``"auto"``, a list of modules or ``None``; :meth:`describe`
+      lists the blocks, :meth:`watch_block` adds one, :attr:`flow_status` says why flow is unavailable),
+      ``sync_ranks``;
+    - *alerting*: ``rules``, ``alert_sinks``, ``on_critical`` (``"warn"``, ``"stop"``: :attr:`should_stop`,
+      ``"raise"``: :class:`~gradwatch.GradientAlarm` out of ``step()`` / ``optimizer.step()``),
+      ``alerts_path``, ``alert_cooldown`` (``docs/alerts.md``);
+    - *output*: ``every`` (default 50), ``histograms``, ``prefix``, ``sinks``, ``strict`` (re-raise errors
+      inside gradwatch's hooks and sinks; otherwise they are logged, kept in :attr:`errors`, and training
+      goes on).
 
     Raises:
         TypeError: ``model`` is not an ``nn.Module``, ``optimizer`` not an optimizer, an unknown option, an
@@ -189,11 +172,18 @@ class Monitor:
         self._handles: list[Any] = []
         # model hooks first (the likeliest to fail, e.g. on a module that takes none), then files and optimizer
         self._flow = self._new_probe(blocks) if blocks is not None else None
+        self._writer: Any = None
+        self._order: ForwardOrder | None = None
+        self._owns_writer = False
         try:
             self._open_outputs(cfg, model, rules, log_dir, writer)
-        except BaseException:
+        except BaseException:  # leave nothing behind: no hook, no writer thread
             if self._flow is not None:
                 self._flow.close()
+            if self._order is not None:
+                self._order.finish()
+            if self._owns_writer and self._writer is not None:
+                self._writer.close()
             raise
         if optimizer is not None:
             self._handles.append(optimizer.register_step_pre_hook(self._before_optimizer_step))
@@ -212,7 +202,6 @@ class Monitor:
         if self._writer is not None:
             owned.append(TensorBoardSink(self._writer, cfg.output.prefix, cfg.output.histograms))
         self._engine: AlertEngine | None = None
-        self._order: ForwardOrder | None = None
         self._forward: dict[str, int] = {}
         user: list[Any] = []
         if rules:
@@ -403,6 +392,11 @@ class Monitor:
     def alerts(self) -> list[Alert]:
         """Every alert sent so far, oldest first (``gradwatch.Alert``; the same on every rank)."""
         return [] if self._engine is None else list(self._engine.alerts)
+
+    @property
+    def can_stop(self) -> bool:
+        """Whether the alert policy can ever set :attr:`should_stop` (``on_critical`` "stop" or "raise")."""
+        return self._engine is not None and self.config.alerts.on_critical in ("stop", "raise")
 
     @property
     def should_stop(self) -> bool:

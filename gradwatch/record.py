@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .names import FLOW_METRICS, GLOBAL_NAME
+from .names import FLOW_METRICS, GLOBAL_NAME, early_count
 
 if TYPE_CHECKING:  # typing only: alerts depend on records, not the other way round
     from .alerts.alert import Alert
@@ -97,6 +97,11 @@ class StepRecord:
         if metric not in FLOW_METRICS:
             raise KeyError(f"{metric!r} is not a flow metric; flow metrics are {FLOW_METRICS}")
         return self.block_values[:, FLOW_METRICS.index(metric)]
+
+    def early(self, metric: str) -> np.ndarray:
+        """``metric`` of the early layers: the first :func:`~gradwatch.early_count` of :attr:`layers`
+        (definition order; the rules narrow this to weight layers in forward order)."""
+        return self.layer(metric)[: early_count(len(self.layers))] if self.layers else np.zeros(0)
 
     def global_value(self, metric: str) -> float:
         """``metric`` over the whole model (the ``_global`` entry); NaN when not measured."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -20,7 +21,7 @@ from torch.utils.tensorboard import summary as tb_summary
 from ._compat import event_file_writer
 from .record import Sink, StepRecord
 
-__all__ = ["TensorBoardSink", "open_writer", "alert_markdown"]
+__all__ = ["TensorBoardSink", "ScalarsSink", "open_writer", "alert_markdown"]
 
 
 def open_writer(log_dir: str | os.PathLike) -> SummaryWriter:
@@ -40,6 +41,20 @@ def alert_markdown(alert: Any) -> str:
     where = f" — `{alert.name}`" if alert.name else ""
     return (f"**{alert.severity}** {alert.rule}{where}\n\n{alert.message}\n\n"
             f"value {alert.value:.4g}, threshold {alert.threshold:.4g}\n\n*hint:* {alert.hint}")
+
+
+class ScalarsSink(Sink):
+    """Each record as one flat dict, ``fn({"<prefix><metric>/<name>": value, ...}, step)``: for loggers that
+    take dicts of scalars (Lightning's ``log_metrics``, W&B, MLflow). No histograms."""
+
+    def __init__(self, fn: Callable[[dict[str, float], int], Any], prefix: str = "") -> None:
+        if not callable(fn):
+            raise TypeError(f"ScalarsSink needs a callable, got {type(fn).__name__}")
+        self.fn = fn
+        self.prefix = prefix
+
+    def write(self, record: StepRecord) -> None:
+        self.fn(record.scalars(self.prefix), record.step)
 
 
 class TensorBoardSink(Sink):

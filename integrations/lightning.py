@@ -1,17 +1,15 @@
-"""Lightning adapter: :class:`GradWatchCallback`, for ``lightning.pytorch`` and ``pytorch_lightning`` alike.
-
-The two packages ship separate ``Callback`` class hierarchies. ``GradWatchCallback`` subclasses the ``Callback``
-of every one of them that is installed, so one class serves both ``lightning.pytorch.Trainer`` and
-``pytorch_lightning.Trainer``. It connects Lightning's hooks to public :class:`gradwatch.Monitor` calls and
-turns each :class:`gradwatch.StepRecord` into the trainer's loggers' calls; the measuring is the monitor's.
-"""
+"""Lightning adapter: :class:`GradWatchCallback` connects Lightning's hooks to public :class:`gradwatch.Monitor`
+calls and sends each record to the trainer's loggers. It subclasses the ``Callback`` of ``lightning.pytorch`` and
+of ``pytorch_lightning``, whichever are installed, so one class serves both packages' trainers."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import os
 import warnings
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -19,8 +17,7 @@ import pandas as pd
 import torch
 
 from gradwatch import (
-    Config, GradientAlarm, History, Monitor, NothingToMeasure, Sink, StepRecord, TensorBoardSink, amp_grad_scale,
-    early_count,
+    Config, GradientAlarm, History, Monitor, NothingToMeasure, ScalarsSink, TensorBoardSink, amp_grad_scale,
 )
 from gradwatch.sinks import open_writer
 
@@ -28,25 +25,19 @@ log = logging.getLogger("gradwatch")
 
 __all__ = ["GradWatchCallback", "NAMESPACES", "PROG_BAR_KEY"]
 
-
-def _import_namespaces() -> dict[str, Any]:
-    found = {}
-    for name in ("lightning.pytorch", "pytorch_lightning"):
-        try:
-            found[name] = importlib.import_module(name)
-        except ImportError:
-            continue
-    return found
-
-
-_MODULES = _import_namespaces()
+_MODULES: dict[str, Any] = {}
+for _name in ("lightning.pytorch", "pytorch_lightning"):
+    try:
+        _MODULES[_name] = importlib.import_module(_name)
+    except ImportError:
+        continue
 if not _MODULES:
     raise ImportError("gradwatch.integrations.lightning needs Lightning: pip install lightning (or pytorch-lightning)")
 
 #: The Lightning packages ``GradWatchCallback`` works with in this environment.
 NAMESPACES: tuple[str, ...] = tuple(_MODULES)
 _BASES = tuple(module.Callback for module in _MODULES.values())
-_TENSORBOARD_LOGGERS = tuple(m.loggers.TensorBoardLogger for m in _MODULES.values() if hasattr(m, "loggers"))
+_TENSORBOARD_LOGGERS = tuple(importlib.import_module(f"{n}.loggers").TensorBoardLogger for n in _MODULES)
 
 #: Key of the progress-bar figure (``prog_bar=True``).
 PROG_BAR_KEY = "g2w_early"
@@ -55,75 +46,40 @@ _STATE_VERSION = 1
 
 
 class GradWatchCallback(*_BASES):  # type: ignore[misc]
-    r"""Per-layer gradient diagnostics for a Lightning ``Trainer``, written next to your own ``self.log`` metrics.
+    r"""Per-layer gradient diagnostics and block flow for a Lightning ``Trainer``, next to your ``self.log`` metrics.
 
-    At every logging step the callback measures, per layer of the ``LightningModule`` (see
-    :class:`gradwatch.Monitor`): ``grad_norm``, ``weight_norm``, ``grad_to_weight`` and ``update_to_weight``
-    (across the optimizer step), plus the same over the whole model as ``_global``, and block flow.
+    Measures in ``on_before_optimizer_step``, once per optimizer step: gradients accumulated, synced across
+    ranks, unscaled by AMP (fused optimizers: divided by the loss scale, :func:`gradwatch.amp_grad_scale`), not
+    yet clipped. A step the AMP scaler skips is not recorded. ``update_to_weight`` spans the optimizer step.
+    Steps are those of ``self.log(on_step=True)``: step 0, then ``every - 1``, ``2 * every - 1``, ...
 
-    **When it measures.** In ``on_before_optimizer_step``, once per optimizer step. Gradients there are
-    accumulated over ``accumulate_grad_batches``, synchronised across DDP ranks, unscaled by the AMP
-    ``GradScaler`` and not yet clipped (``gradient_clip_val`` applies after). Optimizers that unscale inside
-    their own step (``Adam(fused=True)``) still hold scaled gradients there: the callback divides by the
-    scaler's loss scale (:func:`gradwatch.amp_grad_scale`: a device tensor, no host sync). A step the scaler
-    skips because the gradients overflowed is not recorded: for fused optimizers the scaler's ``found_inf``
-    flag is read inside the step; for the others the step never runs (the callback's step post-hook does not
-    fire) and the measurement is dropped at ``on_train_batch_end`` (``Monitor.discard_step``: nothing is moved
-    to the host). ``update_to_weight`` is measured across the step by a step post-hook on the torch optimizer,
-    so it includes clipping and the learning rate.
-
-    **Which steps.** The step axis is the one ``self.log(..., on_step=True)`` uses: batches after which the
-    optimizers stepped (equal to ``trainer.global_step`` with one optimizer, half of it with two). The callback
-    measures at step 0 (the state at initialisation) and at the steps where Lightning writes ``self.log``
-    values: ``every - 1``, ``2 * every - 1``, ... With several optimizers (manual optimization), each is
-    measured at its own step within a logging batch, the first time it steps in that batch.
-
-    **Where it writes** (rank 0 only; other ranks write nothing and open no files): every ``TensorBoardLogger``
-    (either package's) gets the record as TensorBoard scalars ``<metric>/<layer>`` and histograms
-    ``hist/<metric>``; every other logger (``CSVLogger``, W&B, ...) one flat ``{tag: value}`` dict per
-    logging step through ``logger.log_metrics`` (no histograms, no ``nonfinite/`` counters); with no logger, a
-    ``SummaryWriter`` in ``<trainer.default_root_dir>/gradwatch`` (announced once). ``alerts.jsonl`` goes to
-    the first TensorBoard logger's directory, else the first logger's ``log_dir``, else
-    ``<default_root_dir>/gradwatch``. With several optimizers each gets a monitor of its own, restricted to the
-    parameters it holds, and its tags start with ``optimizer_<i>/`` (``i`` = position in
-    ``configure_optimizers``).
-
-    **Block flow and alerts.** Block-flow hooks are armed on the callback's own logging batches
-    (``Monitor.flow_trigger``), in the first optimizer's monitor only. Monitors sync block flow across ranks
-    (``sync_ranks=True`` unless given). Where a monitor asks to stop (``on_critical="stop"``), the callback sets
-    ``trainer.should_stop`` at the end of that batch, decided with ``trainer.strategy.reduce_boolean_decision``
-    so that all ranks agree; that all-reduce runs only when a monitor's policy is ``"stop"`` or ``"raise"``.
-    ``GradientAlarm`` (policy ``"raise"``) is let through even when ``strict=False``.
+    Writes on rank 0 to every ``TensorBoardLogger`` (scalars ``<metric>/<layer>``, histograms), to every other
+    logger one flat dict per step (``log_metrics``), else to ``<default_root_dir>/gradwatch``;
+    ``alerts.jsonl`` beside them. One monitor per optimizer (tags ``optimizer_<i>/`` when there are several).
+    A monitor asking to stop (``on_critical="stop"``) sets ``trainer.should_stop``, agreed across ranks;
+    ``GradientAlarm`` (``"raise"``) propagates. Details: ``docs/lightning.md``.
 
     Args:
-        every: measure every ``every`` steps (see above). ``None`` (default): the trainer's
-            ``log_every_n_steps``.
-        prog_bar: show ``g2w_early`` in the progress bar: the largest ``grad_to_weight`` among the early layers
-            (the first :data:`gradwatch.EARLY_FRACTION` of the measured layers, in definition order) of the
-            latest measurement.
-        **options: any option of :class:`gradwatch.Monitor` (``granularity``, ``include``, ``rules``,
-            ``on_critical``, ``prefix``, ``histograms``, ``strict``, ...), checked here by
-            :meth:`gradwatch.Config.from_options` and passed to every monitor.
+        every: measure every ``every`` steps; ``None`` (default): the trainer's ``log_every_n_steps``.
+        prog_bar: show ``g2w_early`` in the progress bar: the largest ``grad_to_weight`` of the early layers
+            (:func:`gradwatch.early_count` of the measured layers, definition order) at the latest measurement.
+        **options: any option of :class:`gradwatch.Monitor` (``include``, ``rules``, ``on_critical``,
+            ``prefix``, ``strict``, ...), checked now by :meth:`gradwatch.Config.from_options`.
 
     Raises:
-        TypeError: an unknown option (``log_dir``, ``writer`` and ``params`` are the callback's to set), or one
-            of the wrong type (``every=2.5``, ``prog_bar="yes"``).
-        ValueError: an option with a wrong value (``every=0``, ``granularity="block"``); at ``fit`` start, when
-            the filters leave nothing to measure in any optimizer's parameters.
+        TypeError: an unknown option (``log_dir``, ``writer``, ``params`` are the callback's) or a wrong type.
+        ValueError: a wrong value (``every=0``); at ``fit`` start, filters that leave nothing to measure.
 
     Example::
 
         >>> from lightning.pytorch import Trainer                    # or: from pytorch_lightning import Trainer
-        >>> from lightning.pytorch.loggers import TensorBoardLogger
         >>> from gradwatch.integrations.lightning import GradWatchCallback
         >>> cb = GradWatchCallback()
-        >>> trainer = Trainer(callbacks=[cb], logger=TensorBoardLogger("runs"))   # doctest: +SKIP
-        >>> trainer.fit(model)                                                       # doctest: +SKIP
+        >>> Trainer(callbacks=[cb]).fit(model)                       # doctest: +SKIP
         >>> cb.monitor.history()        # columns step, name, metric, value      # doctest: +SKIP
 
-    ``cb.monitor`` is the first optimizer's :class:`gradwatch.Monitor` (``cb.monitors`` has them all), built at
-    the start of every ``fit``; ``None`` before. Its state (step counter, alert rule state) is saved in
-    checkpoints; a fit resumed with ``ckpt_path=`` continues the same step axis.
+    ``cb.monitor`` is the first optimizer's :class:`gradwatch.Monitor` (``cb.monitors``: all), rebuilt at each
+    ``fit``. Its state is saved in checkpoints: a fit resumed with ``ckpt_path=`` continues the step axis.
     """
 
     def __init__(self, every: int | None = None, *, prog_bar: bool = False, **options: Any) -> None:
@@ -222,12 +178,13 @@ class GradWatchCallback(*_BASES):  # type: ignore[misc]
                 if slot.pending:  # the optimizer never stepped after its measurement: GradScaler skipped it
                     slot.pending = False
                     slot.monitor.discard_step()
-            if self.is_logging_step(_log_step(trainer)) and any(_can_stop(s.monitor) for s in self._slots.values()):
+            if self.is_logging_step(_log_step(trainer)) and any(s.monitor.can_stop for s in self._slots.values()):
                 # Only under a stopping policy: reduce_boolean_decision is an all_reduce plus a host sync.
                 stop = any(s.monitor.should_stop for s in self._slots.values())
                 if trainer.strategy.reduce_boolean_decision(stop, all=False):
                     trainer.should_stop = True
-            health = [h for h in (_early_max(s.monitor.latest) for s in self._slots.values()) if h is not None]
+            latest = [s.monitor.latest for s in self._slots.values() if s.monitor.latest is not None]
+            health = [v for r in latest for v in r.early("grad_to_weight") if np.isfinite(v)]
             if self.prog_bar and health:
                 pl_module.log(PROG_BAR_KEY, max(health), prog_bar=True, logger=False, on_step=True, on_epoch=False,
                               rank_zero_only=True)
@@ -316,9 +273,9 @@ class GradWatchCallback(*_BASES):  # type: ignore[misc]
         return self._own_writer, []
 
     def _apply_state(self, state: dict[str, Any]) -> None:
-        for key, mon in self.monitors.items():
-            if key in state.get("monitors", {}):
-                mon.load_state_dict(state["monitors"][key])
+        for key, sub in state["monitors"].items():
+            if key in self.monitors:
+                self.monitors[key].load_state_dict(sub)
 
     def _teardown_hooks(self) -> None:
         for h in self._handles:
@@ -345,59 +302,31 @@ class GradWatchCallback(*_BASES):  # type: ignore[misc]
                       exc_info=err)
 
 
+@dataclass
 class _Slot:
     """One optimizer's monitor and the state of its current measurement."""
 
-    __slots__ = ("key", "monitor", "optimizer", "pending", "last_step")
-
-    def __init__(self, key: str, monitor: Monitor, optimizer: torch.optim.Optimizer) -> None:
-        self.key = key
-        self.monitor = monitor
-        self.optimizer = optimizer
-        self.pending = False
-        self.last_step: int | None = None
+    key: str
+    monitor: Monitor
+    optimizer: torch.optim.Optimizer
+    pending: bool = False
+    last_step: int | None = None
 
 
-class _LoggerSink(Sink):
-    """Each record as one flat ``{tag: value}`` dict through ``logger.log_metrics`` (CSV, W&B, MLflow, ...)."""
-
-    def __init__(self, loggers: list[Any], prefix: str) -> None:
-        self.loggers = loggers
-        self.prefix = prefix
-
-    def write(self, record: StepRecord) -> None:
-        metrics = record.scalars(self.prefix)
-        for logger in self.loggers:
-            logger.log_metrics(metrics, step=record.step)
-
-
-def _logger_sinks(loggers: list[Any], cfg: Config, prefix: str) -> list[Sink]:
-    """Sinks for the loggers besides the monitor's writer: more TensorBoard loggers, then the flat ones."""
-    out: list[Sink] = [TensorBoardSink(lg.experiment, prefix, cfg.output.histograms)
-                       for lg in loggers if isinstance(lg, _TENSORBOARD_LOGGERS)]
-    flat = [lg for lg in loggers if not isinstance(lg, _TENSORBOARD_LOGGERS)]
-    return out + ([_LoggerSink(flat, prefix)] if flat else [])
+def _logger_sinks(loggers: list[Any], cfg: Config, prefix: str) -> list[Any]:
+    """Sinks for the loggers besides the monitor's writer: more TensorBoard loggers, then the flat ones (CSV,
+    W&B, MLflow: one ``log_metrics`` dict per step)."""
+    return [TensorBoardSink(lg.experiment, prefix, cfg.output.histograms) if isinstance(lg, _TENSORBOARD_LOGGERS)
+            else ScalarsSink(lg.log_metrics, prefix) for lg in loggers]
 
 
 def _log_dir(loggers: list[Any], trainer: Any) -> str:
     """The first logger's ``log_dir`` (``CSVLogger`` has one), else ``<default_root_dir>/gradwatch``."""
     for logger in loggers:
-        try:
-            d = getattr(logger, "log_dir", None)
-        except Exception:  # a logger whose log_dir needs a live experiment
-            d = None
-        if d:
-            return str(d)
+        with contextlib.suppress(Exception):  # a logger whose log_dir needs a live experiment
+            if getattr(logger, "log_dir", None):
+                return str(logger.log_dir)
     return os.path.join(str(trainer.default_root_dir), "gradwatch")
-
-
-def _early_max(record: StepRecord | None) -> float | None:
-    """The progress-bar figure: the largest finite grad_to_weight among the early layers of ``record``."""
-    if record is None or not record.layers:
-        return None
-    early = record.layer("grad_to_weight")[: early_count(len(record.layers))]
-    early = early[np.isfinite(early)]
-    return float(early.max()) if early.size else None
 
 
 def _unwrap(optimizer: Any) -> Any:
@@ -413,25 +342,12 @@ def _log_step(trainer: Any) -> int:
     return int(step) if step is not None else int(trainer.global_step)
 
 
-def _can_stop(monitor: Monitor) -> bool:
-    """Whether ``monitor``'s alert policy can ever set ``should_stop``."""
-    return monitor.config.alerts.enabled and monitor.config.alerts.on_critical in ("stop", "raise")
-
-
 def _scaler(trainer: Any) -> Any:
     scaler = getattr(getattr(trainer, "precision_plugin", None), "scaler", None)
     return scaler if scaler is not None and scaler.is_enabled() else None
 
 
 def _rank_zero_info(trainer: Any, message: str) -> None:
-    """Say ``message`` once, on rank 0, through the trainer's own package (visible at Lightning's INFO level)."""
-    module = type(trainer).__module__
-    package = next((m for name, m in _MODULES.items() if module == name or module.startswith(name + ".")),
-                   next(iter(_MODULES.values())))
-    try:
-        info = importlib.import_module(package.__name__ + ".utilities.rank_zero").rank_zero_info
-    except (ImportError, AttributeError):
-        if getattr(trainer, "is_global_zero", True):
-            log.warning(message)
-        return
-    info(message)
+    """Say ``message`` on rank 0 through the trainer's own package (shown at Lightning's default INFO level)."""
+    package = next((n for n in _MODULES if type(trainer).__module__.startswith(n + ".")), next(iter(_MODULES)))
+    importlib.import_module(package + ".utilities.rank_zero").rank_zero_info(message)
