@@ -213,10 +213,13 @@ class Monitor:
             self._order = ForwardOrder(model)  # until the first measured step: nonfinite names layers in this order
             owned.append(LoggingSink())
             user.extend(cfg.alerts.alert_sinks)
-            for sink in user:
+            for sink in user:  # delivery failures go to alerts.jsonl
                 attach = getattr(sink, "attach", None)
                 if callable(attach):
                     attach(self._engine.report_failure)
+        elif cfg.alerts.alert_sinks:
+            log.warning("gradwatch: alert_sinks given but alerting is off (rules=%r): they receive no alert",
+                        cfg.alerts.rules)
         user.extend(cfg.output.sinks)
         self._owned = owned
         self._sinks = [*owned, *user] if self._rank_zero else []
@@ -392,6 +395,11 @@ class Monitor:
     def alerts(self) -> list[Alert]:
         """Every alert sent so far, oldest first (``gradwatch.Alert``; the same on every rank)."""
         return [] if self._engine is None else list(self._engine.alerts)
+
+    @property
+    def suppressed_alerts(self) -> int:
+        """How many alerts the cooldown held back so far."""
+        return 0 if self._engine is None else self._engine.suppressed
 
     @property
     def can_stop(self) -> bool:

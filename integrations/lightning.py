@@ -125,12 +125,9 @@ class GradWatchCallback(*_BASES):  # type: ignore[misc]
     def history(self) -> pd.DataFrame:
         """Every logged value of every monitor: columns ``step, name, metric, value``; with several optimizers,
         names carry the optimizer key: ``optimizer_1/disc.fc``."""
-        frames = []
-        for key, mon in self.monitors.items():
-            df = mon.history()
-            if len(self._slots) > 1:
-                df["name"] = key + "/" + df["name"].astype(str)
-            frames.append(df)
+        frames = [mon.history() for mon in self.monitors.values()]
+        if len(frames) > 1:
+            frames = [df.assign(name=key + "/" + df["name"].astype(str)) for key, df in zip(self.monitors, frames)]
         return pd.concat(frames, ignore_index=True) if frames else History().to_frame()
 
     # ------------------------------------------------------------------ Lightning hooks
@@ -145,8 +142,7 @@ class GradWatchCallback(*_BASES):  # type: ignore[misc]
             # Always hooked, even without track_updates: the end of the step is where an AMP overflow shows.
             self._handles.append(slot.optimizer.register_step_post_hook(self._after_optimizer_step))
         if self._loaded_state is not None:
-            self._apply_state(self._loaded_state)
-            self._loaded_state = None
+            self._apply_state()
 
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
         slot = self._slots.get(id(_unwrap(optimizer)))
@@ -208,10 +204,9 @@ class GradWatchCallback(*_BASES):  # type: ignore[misc]
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if not isinstance(state_dict, dict) or not isinstance(state_dict.get("monitors"), dict):
             raise ValueError("not a GradWatchCallback state_dict (missing 'monitors')")
+        self._loaded_state = state_dict  # Lightning restores callbacks before the optimizers exist: see on_fit_start
         if self._slots:
-            self._apply_state(state_dict)
-        else:  # Lightning restores callbacks before the optimizers exist: applied in on_fit_start
-            self._loaded_state = state_dict
+            self._apply_state()
 
     def __repr__(self) -> str:
         return f"GradWatchCallback(every={self.every}, monitors={list(self.monitors) or None})"
@@ -272,10 +267,11 @@ class GradWatchCallback(*_BASES):  # type: ignore[misc]
             self._own_writer, self.log_dir = open_writer(path), path
         return self._own_writer, []
 
-    def _apply_state(self, state: dict[str, Any]) -> None:
-        for key, sub in state["monitors"].items():
-            if key in self.monitors:
-                self.monitors[key].load_state_dict(sub)
+    def _apply_state(self) -> None:
+        state, self._loaded_state = self._loaded_state, None
+        for key, mon in self.monitors.items():
+            if key in state["monitors"]:
+                mon.load_state_dict(state["monitors"][key])
 
     def _teardown_hooks(self) -> None:
         for h in self._handles:
