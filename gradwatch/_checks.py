@@ -4,10 +4,21 @@ A leaf module."""
 
 from __future__ import annotations
 
-from collections.abc import Collection
+import re
+from collections.abc import Collection, Iterable
 from typing import Any
 
-__all__ = ["check_int", "check_number", "check_fraction", "check_bool", "check_choice", "check_str"]
+from torch import nn
+
+__all__ = [
+    "check_int", "check_number", "check_fraction", "check_bool", "check_choice", "check_str", "check_patterns",
+    "check_types", "check_modules", "Pattern", "GRANULARITIES",
+]
+
+#: A layer-name pattern: a glob string (``fnmatch``) or a compiled regex.
+Pattern = str | re.Pattern
+#: Values of ``granularity``.
+GRANULARITIES = ("layer", "parameter")
 
 
 def _who(name: str, owner: str) -> str:
@@ -69,3 +80,52 @@ def check_choice(value: Any, name: str, choices: Collection[str], *, owner: str 
     if value not in choices:
         raise ValueError(f"{_who(name, owner)} must be one of {tuple(choices)}, got {value!r}")
     return value
+
+
+def check_patterns(value: Any, name: str) -> tuple[Pattern, ...]:
+    """Glob strings or compiled regexes: one, or an iterable of them; None for none."""
+    if value is None:
+        return ()
+    if isinstance(value, (str, re.Pattern)):
+        return (value,)
+    if not isinstance(value, Iterable):
+        raise TypeError(f"{name} must be a glob string, a compiled regex or a list of them, got {type(value).__name__}")
+    out = tuple(value)
+    for v in out:
+        if not isinstance(v, (str, re.Pattern)):
+            raise TypeError(f"{name} entries must be glob strings or compiled regexes, got {type(v).__name__}")
+    return out
+
+
+def check_types(value: Any, name: str) -> tuple[type, ...]:
+    """``nn.Module`` subclasses: one, or an iterable of them; None for none."""
+    if value is None:
+        return ()
+    if isinstance(value, type):
+        value = (value,)
+    if not isinstance(value, Iterable):
+        raise TypeError(f"{name} must be an nn.Module subclass or a list of them, got {type(value).__name__}")
+    out = tuple(value)
+    for v in out:
+        if not (isinstance(v, type) and issubclass(v, nn.Module)):
+            raise TypeError(f"{name} entries must be nn.Module subclasses, got {v!r}")
+    return out
+
+
+def check_modules(value: Any, name: str) -> str | tuple[nn.Module, ...] | None:
+    """``"auto"``, None, or an iterable of modules (read once, kept as a tuple)."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        if value != "auto":
+            raise ValueError(f"{name} must be 'auto', None or a list of modules, got {value!r}")
+        return value
+    if isinstance(value, nn.Module):
+        raise TypeError(f"{name} must be 'auto', None or a list of modules; wrap a single module in a list")
+    if not isinstance(value, Iterable):
+        raise TypeError(f"{name} must be 'auto', None or a list of modules, got {type(value).__name__}")
+    mods = tuple(value)
+    for m in mods:
+        if not isinstance(m, nn.Module):
+            raise TypeError(f"{name} must hold nn.Module instances, got {type(m).__name__}")
+    return mods

@@ -1,10 +1,11 @@
 """Every option of :class:`~gradwatch.Monitor` (and of the framework callbacks), grouped by concern and checked
 in one place.
 
-The options are keyword arguments of ``Monitor(...)``; :meth:`Config.from_options` checks them all with one
-rule (TypeError for a wrong type, ValueError for a wrong value, never a silent coercion) before anything is
-hooked or opened. Integrations take the same options and call the same check at construction, then hand the
-:class:`Config` to each monitor they build (``Monitor(model, config=cfg)``).
+The options are keyword arguments of ``Monitor(...)``. Each group checks its fields when it is built, with one
+rule (TypeError for a wrong type, ValueError for a wrong value, never a silent coercion), so a :class:`Config`
+can only hold valid options, however it was made; :meth:`Config.from_options` also rejects unknown names.
+Integrations take the same options, check them at construction, then hand the :class:`Config` to each
+monitor they build (``Monitor(model, config=cfg)``).
 """
 
 from __future__ import annotations
@@ -17,72 +18,14 @@ from typing import Any
 
 from torch import nn
 
-from ._checks import check_bool, check_choice, check_int, check_str
+from ._checks import (
+    GRANULARITIES, Pattern, check_bool, check_choice, check_int, check_modules, check_patterns, check_str, check_types,
+)
 from .alerts.alert import POLICIES
 from .alerts.rules import build_rules
 from .alerts.sinks import as_alert_sink
-from .layers import Pattern, check_patterns, check_types
 
 __all__ = ["Config", "MeasureConfig", "AlertConfig", "OutputConfig", "OPTIONS"]
-
-GRANULARITIES = ("layer", "parameter")
-
-
-@dataclass(frozen=True)
-class MeasureConfig:
-    """What to measure.
-
-    ``blocks``: shortcut-path gradient flow per residual merge y = F(x) + S(x) (``docs/flow.md``). ``"auto"``
-    finds the merges in the autograd graph of the first logging step's forward; a list of modules watches
-    only those; ``None`` turns it off. ``sync_ranks``: under torch.distributed, average the block-flow norms
-    over ranks (root mean square, in the same ``all_reduce`` as sharded parameter norms) so block-based rules
-    give every rank the same verdict; every rank must then run the monitor on every logging step. ``None``:
-    on when the model is a ``DistributedDataParallel`` or has DTensor parameters.
-    """
-
-    granularity: str = "layer"  # "layer" (a module that owns parameters) or "parameter" (one unit per tensor)
-    include: tuple[Pattern, ...] = ()  # glob patterns or compiled regexes on layer names; empty: all layers
-    exclude: tuple[Pattern, ...] = ()  # same, layers to drop
-    include_types: tuple[type, ...] = ()  # module classes to keep (e.g. nn.Conv2d); empty: all
-    exclude_types: tuple[type, ...] = ()  # module classes to drop (e.g. nn.BatchNorm2d)
-    track_updates: bool = True  # update_to_weight across optimizer.step() (one weight copy on logging steps)
-    blocks: str | tuple[nn.Module, ...] | None = "auto"  # block flow: "auto", these modules, or None (off)
-    sync_ranks: bool | None = None  # average block-flow norms over ranks; None: when the model is DDP/DTensor
-
-
-@dataclass(frozen=True)
-class AlertConfig:
-    """Alerting (``docs/alerts.md``).
-
-    ``rules``: ``None``, all built-in rules (``skip_collapse``, ``vanishing``, ``exploding``, ``depth_trend``,
-    ``nonfinite``, ``dead_layer``) with defaults; a dict tunes or drops them (``{"vanishing": {"patience": 5},
-    "dead_layer": False}``); a list of ``Rule`` instances replaces them; ``False`` turns alerting off.
-    ``alert_sinks``: e.g. ``[gradwatch.WebhookSink(url)]``, or any callable taking an ``Alert``.
-    ``on_critical``: ``"stop"`` sets ``Monitor.should_stop``; ``"raise"`` raises ``GradientAlarm`` out of
-    ``step()`` / ``optimizer.step()``. An escalation to critical always passes the cooldown.
-    """
-
-    rules: Any = None  # None: all built-in rules; dict: tune/drop them; list: exactly these; False: alerting off
-    alert_sinks: tuple[Any, ...] = ()  # where alerts go besides the logger, TensorBoard and alerts.jsonl
-    on_critical: str = "warn"  # "warn", "stop" (Monitor.should_stop) or "raise" (GradientAlarm)
-    alerts_path: str | bool | None = None  # the JSONL record; None: <log_dir>/alerts.jsonl; False: none
-    alert_cooldown: int = 20  # logging steps before the same (rule, name) may alert again at the same severity
-
-    @property
-    def enabled(self) -> bool:
-        """False for ``rules=False`` or an empty list: no rule runs, nothing is evaluated."""
-        return self.rules is not False and not (isinstance(self.rules, list) and not self.rules)
-
-
-@dataclass(frozen=True)
-class OutputConfig:
-    """When and where values are written. Sinks passed in are flushed at ``Monitor.close()``, not closed."""
-
-    every: int = 50  # log when step % every == 0
-    histograms: bool = True  # a TensorBoard histogram across layers per metric and logging step
-    prefix: str = ""  # prepended to every TensorBoard tag (e.g. "gradwatch/")
-    sinks: tuple[Any, ...] = ()  # more sinks for every record (objects with write(record))
-    strict: bool = False  # re-raise errors inside gradwatch's hooks and sinks (for tests)
 
 
 def _rules(value: Any, name: str) -> Any:
@@ -129,33 +72,15 @@ def _alerts_path(value: Any, name: str) -> str | bool | None:
     return os.fspath(value)
 
 
-def _blocks(value: Any, name: str) -> str | tuple[nn.Module, ...] | None:
-    if value is None:
-        return None
-    if isinstance(value, str):
-        if value != "auto":
-            raise ValueError(f"{name} must be 'auto', None or a list of modules, got {value!r}")
-        return value
-    if isinstance(value, nn.Module):
-        raise TypeError(f"{name} must be 'auto', None or a list of modules; wrap a single module in a list")
-    if not isinstance(value, Iterable):
-        raise TypeError(f"{name} must be 'auto', None or a list of modules, got {type(value).__name__}")
-    mods = tuple(value)  # any iterable, read once
-    for m in mods:
-        if not isinstance(m, nn.Module):
-            raise TypeError(f"{name} must hold nn.Module instances, got {type(m).__name__}")
-    return mods
-
-
 #: Every option: name -> (group, check). A check returns the value to store or raises TypeError/ValueError.
 OPTIONS: dict[str, tuple[str, Callable[[Any, str], Any]]] = {
     "granularity": ("measure", lambda v, n: check_choice(v, n, GRANULARITIES)),
-    "include": ("measure", lambda v, n: tuple(check_patterns(v, n))),
-    "exclude": ("measure", lambda v, n: tuple(check_patterns(v, n))),
+    "include": ("measure", check_patterns),
+    "exclude": ("measure", check_patterns),
     "include_types": ("measure", check_types),
     "exclude_types": ("measure", check_types),
     "track_updates": ("measure", check_bool),
-    "blocks": ("measure", _blocks),
+    "blocks": ("measure", check_modules),
     "sync_ranks": ("measure", lambda v, n: check_bool(v, n, allow_none=True)),
     "rules": ("alerts", _rules),
     "alert_sinks": ("alerts", _alert_sinks),
@@ -170,6 +95,74 @@ OPTIONS: dict[str, tuple[str, Callable[[Any, str], Any]]] = {
 }
 
 
+class _Checked:
+    """Checks (and normalises, e.g. a pattern to a tuple of patterns) every field with :data:`OPTIONS`."""
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            object.__setattr__(self, f.name, OPTIONS[f.name][1](getattr(self, f.name), f.name))
+
+
+@dataclass(frozen=True)
+class MeasureConfig(_Checked):
+    """What to measure.
+
+    ``blocks``: shortcut-path gradient flow per residual merge y = F(x) + S(x) (``docs/flow.md``). ``"auto"``
+    finds the merges in the autograd graph of the first logging step's forward; a list of modules watches
+    only those; ``None`` turns it off. ``sync_ranks``: under torch.distributed, average the block-flow norms
+    over ranks (root mean square, in the same ``all_reduce`` as sharded parameter norms) so block-based rules
+    give every rank the same verdict; every rank must then run the monitor on every logging step. ``None``:
+    on when the model is a ``DistributedDataParallel`` or has DTensor parameters.
+    """
+
+    granularity: str = "layer"  # "layer" (a module that owns parameters) or "parameter" (one unit per tensor)
+    include: tuple[Pattern, ...] = ()  # glob patterns or compiled regexes on layer names; empty: all layers
+    exclude: tuple[Pattern, ...] = ()  # same, layers to drop
+    include_types: tuple[type, ...] = ()  # module classes to keep (e.g. nn.Conv2d); empty: all
+    exclude_types: tuple[type, ...] = ()  # module classes to drop (e.g. nn.BatchNorm2d)
+    track_updates: bool = True  # update_to_weight across optimizer.step() (one weight copy on logging steps)
+    blocks: str | tuple[nn.Module, ...] | None = "auto"  # block flow: "auto", these modules, or None (off)
+    sync_ranks: bool | None = None  # average block-flow norms over ranks; None: when the model is DDP/DTensor
+
+
+@dataclass(frozen=True)
+class AlertConfig(_Checked):
+    """Alerting (``docs/alerts.md``).
+
+    ``rules``: ``None``, all built-in rules (``skip_collapse``, ``vanishing``, ``exploding``, ``depth_trend``,
+    ``nonfinite``, ``dead_layer``) with defaults; a dict tunes or drops them (``{"vanishing": {"patience": 5},
+    "dead_layer": False}``); a list of ``Rule`` instances replaces them; ``False`` turns alerting off.
+    ``alert_sinks``: e.g. ``[gradwatch.WebhookSink(url)]``, or any callable taking an ``Alert``.
+    ``on_critical``: ``"stop"`` sets ``Monitor.should_stop``; ``"raise"`` raises ``GradientAlarm`` out of
+    ``step()`` / ``optimizer.step()``. An escalation to critical always passes the cooldown.
+    """
+
+    rules: Any = None  # None: all built-in rules; dict: tune/drop them; list: exactly these; False: alerting off
+    alert_sinks: tuple[Any, ...] = ()  # where alerts go besides the logger, TensorBoard and alerts.jsonl
+    on_critical: str = "warn"  # "warn", "stop" (Monitor.should_stop) or "raise" (GradientAlarm)
+    alerts_path: str | bool | None = None  # the JSONL record; None: <log_dir>/alerts.jsonl; False: none
+    alert_cooldown: int = 20  # logging steps before the same (rule, name) may alert again at the same severity
+
+    @property
+    def enabled(self) -> bool:
+        """False for ``rules=False`` or an empty list: no rule runs, nothing is evaluated."""
+        return self.rules is not False and not (isinstance(self.rules, list) and not self.rules)
+
+
+@dataclass(frozen=True)
+class OutputConfig(_Checked):
+    """When and where values are written. Sinks passed in are flushed at ``Monitor.close()``, not closed."""
+
+    every: int = 50  # log when step % every == 0
+    histograms: bool = True  # a TensorBoard histogram across layers per metric and logging step
+    prefix: str = ""  # prepended to every TensorBoard tag (e.g. "gradwatch/")
+    sinks: tuple[Any, ...] = ()  # more sinks for every record (objects with write(record))
+    strict: bool = False  # re-raise errors inside gradwatch's hooks and sinks (for tests)
+
+
+_GROUPS = {"measure": MeasureConfig, "alerts": AlertConfig, "output": OutputConfig}
+
+
 @dataclass(frozen=True)
 class Config:
     """All options, checked. Build with :meth:`from_options`; read as ``cfg.measure.granularity``,
@@ -179,18 +172,22 @@ class Config:
     alerts: AlertConfig = field(default_factory=AlertConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
 
+    def __post_init__(self) -> None:
+        for name, cls in _GROUPS.items():
+            if not isinstance(getattr(self, name), cls):
+                raise TypeError(f"Config.{name} must be a {cls.__name__}, got {type(getattr(self, name)).__name__}")
+
     @classmethod
-    def from_options(cls, base: Config | None = None, *, owner: str = "Monitor", **options: Any) -> Config:
-        """Check ``options`` (any of :data:`OPTIONS`) and return them as a Config, on top of ``base``."""
+    def from_options(cls, base: Config | None = None, owner: str = "Monitor", /, **options: Any) -> Config:
+        """``options`` (any of :data:`OPTIONS`), checked, on top of ``base`` (default: all defaults).
+        ``owner`` names the caller in the error for an unknown option."""
         if base is not None and not isinstance(base, Config):
             raise TypeError(f"config must be a gradwatch.Config, got {type(base).__name__}")
+        unknown = [name for name in options if name not in OPTIONS]
+        if unknown:
+            raise TypeError(f"{owner} got an unexpected option {unknown[0]!r}; options are: {', '.join(OPTIONS)}")
         cfg = base or cls()
-        changes: dict[str, dict[str, Any]] = {"measure": {}, "alerts": {}, "output": {}}
-        for name, value in options.items():
-            if name not in OPTIONS:
-                raise TypeError(f"{owner} got an unexpected option {name!r}; options are: {', '.join(OPTIONS)}")
-            group, check = OPTIONS[name]
-            changes[group][name] = check(value, name)
+        changes = {group: {n: v for n, v in options.items() if OPTIONS[n][0] == group} for group in _GROUPS}
         return dataclasses.replace(
             cfg, **{group: dataclasses.replace(getattr(cfg, group), **kw) for group, kw in changes.items() if kw}
         )

@@ -16,16 +16,14 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ._checks import GRANULARITIES, Pattern, check_choice, check_patterns, check_types
 from ._compat import NORM_TYPES
 from .names import GLOBAL_NAME, ROOT_NAME, WRAPPER_PREFIXES, clean_name
 
 log = logging.getLogger("gradwatch")
 
-__all__ = ["WRAPPER_PREFIXES", "clean_name", "Selection", "select_parameters", "layer_kinds", "check_patterns",
-           "check_types", "ROOT_NAME", "GLOBAL_NAME"]
-
-Pattern = str | re.Pattern
-
+__all__ = ["WRAPPER_PREFIXES", "clean_name", "Selection", "select_parameters", "layer_kinds", "Pattern", "ROOT_NAME",
+           "GLOBAL_NAME"]
 
 def _matches(name: str, patterns: Sequence[Pattern]) -> bool:
     for pat in patterns:
@@ -55,35 +53,6 @@ class Selection:
         return len(self.names)
 
 
-def check_patterns(value: Pattern | Iterable[Pattern] | None, arg: str) -> list[Pattern]:
-    if value is None:
-        return []
-    if isinstance(value, (str, re.Pattern)):
-        return [value]
-    try:
-        out = list(value)
-    except TypeError:
-        raise TypeError(f"{arg} must be a glob string, a compiled regex or a list of them, got {type(value).__name__}")
-    for v in out:
-        if not isinstance(v, (str, re.Pattern)):
-            raise TypeError(f"{arg} entries must be glob strings or compiled regexes, got {type(v).__name__}")
-    return out
-
-
-def check_types(value: type | Iterable[type] | None, arg: str) -> tuple[type, ...]:
-    if value is None:
-        return ()
-    if isinstance(value, type):
-        value = (value,)
-    if not isinstance(value, Iterable):
-        raise TypeError(f"{arg} must be an nn.Module subclass or a list of them, got {type(value).__name__}")
-    out = tuple(value)
-    for v in out:
-        if not (isinstance(v, type) and issubclass(v, nn.Module)):
-            raise TypeError(f"{arg} entries must be nn.Module subclasses, got {v!r}")
-    return out
-
-
 def select_parameters(
     model: nn.Module,
     *,
@@ -101,8 +70,7 @@ def select_parameters(
     to parameters whose ``id`` is in the set (the parameters an optimizer holds). Frozen parameters
     (``requires_grad=False``) are left out and listed in ``Selection.frozen``.
     """
-    if granularity not in ("layer", "parameter"):
-        raise ValueError(f"granularity must be 'layer' or 'parameter', got {granularity!r}")
+    check_choice(granularity, "granularity", GRANULARITIES)
     inc = check_patterns(include, "include")
     exc = check_patterns(exclude, "exclude")
     inc_t = check_types(include_types, "include_types")

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import numbers
 import operator
 import os
-import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -26,6 +26,7 @@ from .layers import Selection, layer_kinds, select_parameters
 from .measure import Meter, Pending
 from .metrics import DTensor
 from .names import METRICS, short_list
+from ._once import Once
 from .order import ForwardOrder
 from .record import StepRecord
 from .sinks import TensorBoardSink, open_writer
@@ -168,7 +169,7 @@ class Monitor:
         self._stride = 1  # the caller's step stride under step(step=...): predicts the step flow is armed for
         self._last_user_step: int | None = None
         self._closed = False
-        self._warned: set[str] = set()
+        self._once = Once()
         self._handles: list[Any] = []
         # model hooks first (the likeliest to fail, e.g. on a module that takes none), then files and optimizer
         self._flow = self._new_probe(blocks) if blocks is not None else None
@@ -217,7 +218,7 @@ class Monitor:
                 attach = getattr(sink, "attach", None)
                 if callable(attach):
                     attach(self._engine.report_failure)
-        elif cfg.alerts.alert_sinks:
+        elif cfg.alerts.alert_sinks and self._rank_zero:
             log.warning("gradwatch: alert_sinks given but alerting is off (rules=%r): they receive no alert",
                         cfg.alerts.rules)
         user.extend(cfg.output.sinks)
@@ -292,15 +293,17 @@ class Monitor:
         Not used when the monitor was given an ``optimizer`` (it measures at ``optimizer.step()`` then).
         """
         if self._closed:
-            self._warn_once("closed", "gradwatch: Monitor.step() called after close(); ignored")
+            self._once.warn("closed", "gradwatch: Monitor.step() called after close(); ignored")
             return
         if self._optimizer is not None:
-            self._warn_once("driven", "gradwatch: this Monitor measures at optimizer.step() (optimizer= was "
+            self._once.warn("driven", "gradwatch: this Monitor measures at optimizer.step() (optimizer= was "
                             "given); Monitor.step() is ignored")
             return
-        if step is not None:
-            step = _as_step(step)
-        s = self._step if step is None else step
+        try:
+            s = self._step if step is None else _as_step(step)
+        except TypeError as err:  # a bad step number must not break the user's loop either
+            self._contain(err)
+            return
         last, self._last_user_step = self._last_user_step, s
         self._stride = s - last if last is not None and s > last else 1
         try:
@@ -331,7 +334,11 @@ class Monitor:
         """
         if self._closed:
             return False
-        step = _as_step(step)
+        try:
+            step = _as_step(step)
+        except TypeError as err:
+            self._contain(err)
+            return False
         try:
             self._begin(step, grad_scale=grad_scale, snapshot=track_update)
         except Exception as err:
@@ -430,12 +437,18 @@ class Monitor:
         if self._flow is not None:
             self._flow.close()
         self._pending = None
+        first: BaseException | None = None  # under strict, raised once everything is closed
         for sink in self._sinks:
-            self._call(sink, "close" if any(sink is s for s in self._owned) else "flush")
+            try:
+                self._call(sink, "close" if any(sink is s for s in self._owned) else "flush")
+            except Exception as err:
+                first = first or err
         if self._engine is not None:
             self._engine.close()
         if self._owns_writer:
             self._writer.close()
+        if first is not None:
+            raise first
 
     def __enter__(self) -> Monitor:
         return self
@@ -540,18 +553,21 @@ class Monitor:
         if len(self.errors) <= 3:
             log.error("gradwatch: error inside gradwatch (%s); training goes on", text, exc_info=err)
 
-    def _warn_once(self, key: str, message: str) -> None:
-        if key not in self._warned:
-            self._warned.add(key)
-            warnings.warn(message, stacklevel=3)
 
 
 def _as_step(step: Any) -> int:
-    """An integer step (int, numpy integer, integer 0-d tensor); TypeError for anything else (floats, bools)."""
+    """An integer step: an int, a numpy integer, an integer 0-d tensor, or a float holding a whole number
+    (``8.0``, as some loops count); TypeError for anything else (``8.5``, a bool, a string)."""
     if isinstance(step, bool):
         raise TypeError("step must be an int, got bool")
+    if isinstance(step, numbers.Integral):
+        return int(step)
+    if isinstance(step, numbers.Real):
+        if float(step).is_integer():
+            return int(step)
+        raise TypeError(f"step must be a whole number, got {step!r}")
     try:
-        return operator.index(step)
+        return operator.index(step)  # integer 0-d tensors
     except TypeError:
         raise TypeError(f"step must be an int, got {type(step).__name__}") from None
 
@@ -573,9 +589,8 @@ def _select(model: nn.Module, cfg: Config, optimizer: Any, params: Any) -> Selec
             raise ValueError("params holds none of the model's parameters")
         only = wanted if only is None else only & wanted
     m = cfg.measure
-    selection = select_parameters(model, granularity=m.granularity, include=m.include or None,
-                                  exclude=m.exclude or None, include_types=m.include_types or None,
-                                  exclude_types=m.exclude_types or None, only=only)
+    selection = select_parameters(model, granularity=m.granularity, include=m.include, exclude=m.exclude,
+                                  include_types=m.include_types, exclude_types=m.exclude_types, only=only)
     if not selection.params:
         raise NothingToMeasure("include/exclude filters leave no trainable parameters to measure")
     return selection

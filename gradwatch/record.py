@@ -21,13 +21,13 @@ if TYPE_CHECKING:  # typing only: alerts depend on records, not the other way ro
 
 __all__ = ["StepRecord", "Sink"]
 
-def _frozen(values: np.ndarray, rows: int, cols: int) -> np.ndarray:
-    arr = np.array(values, dtype=np.float64).reshape(rows, cols)  # a copy: the caller's array stays theirs
+def _frozen(values: np.ndarray, *shape: int) -> np.ndarray:
+    arr = np.array(values, dtype=np.float64).reshape(shape)  # a copy: the caller's array stays theirs
     arr.setflags(write=False)
     return arr
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # compared by identity: its fields are arrays
 class StepRecord:
     """One logging step's measurements (and the alerts raised on them).
 
@@ -52,6 +52,15 @@ class StepRecord:
     blocks: tuple[str, ...] = ()
     block_values: np.ndarray = field(default_factory=lambda: np.zeros((0, len(FLOW_METRICS))))
     alerts: tuple[Alert, ...] | None = None
+
+    def __post_init__(self) -> None:
+        n, m, b = len(self.layers), len(self.layer_metrics), len(self.blocks)
+        for name, arr, shape in (("layer_values", self.layer_values, (n, m)), ("whole", self.whole, (m,)),
+                                 ("block_values", self.block_values, (b, len(FLOW_METRICS)))):
+            if np.shape(arr) != shape:
+                raise ValueError(f"StepRecord.{name} has shape {np.shape(arr)}, expected {shape}")
+            if not isinstance(arr, np.ndarray) or arr.flags.writeable:
+                object.__setattr__(self, name, _frozen(arr, *shape))
 
     @classmethod
     def build(
@@ -79,10 +88,10 @@ class StepRecord:
             step=int(step),
             layers=tuple(layers),
             layer_metrics=metrics,
-            layer_values=_frozen(table, n, len(metrics)),
-            whole=_frozen(np.asarray([whole.get(m, np.nan) for m in metrics]), 1, len(metrics))[0],
+            layer_values=table,
+            whole=np.asarray([whole.get(m, np.nan) for m in metrics], dtype=np.float64),
             blocks=tuple(blocks),
-            block_values=_frozen(btable, len(blocks), len(FLOW_METRICS)),
+            block_values=btable,
         )
 
     # ------------------------------------------------------------------ reading
@@ -99,8 +108,9 @@ class StepRecord:
         return self.block_values[:, FLOW_METRICS.index(metric)]
 
     def early(self, metric: str) -> np.ndarray:
-        """``metric`` of the early layers: the first :func:`~gradwatch.early_count` of :attr:`layers`
-        (definition order; the rules narrow this to weight layers in forward order)."""
+        """``metric`` of the early layers of the record: the first :func:`~gradwatch.early_count` of
+        :attr:`layers`, in definition order (the vanishing/exploding rules apply the same count to the weight
+        layers only)."""
         return self.layer(metric)[: early_count(len(self.layers))] if self.layers else np.zeros(0)
 
     def global_value(self, metric: str) -> float:
@@ -132,6 +142,13 @@ class StepRecord:
         if self.blocks:
             for j, metric in enumerate(FLOW_METRICS):
                 yield metric, self.blocks, self.block_values[:, j]
+
+    def nonfinite_counts(self) -> dict[str, int]:
+        """Per metric, how many layers (``_global`` left out) or blocks hold NaN or Inf."""
+        out = {m: int((~np.isfinite(self.layer_values[:, j])).sum()) for j, m in enumerate(self.layer_metrics)}
+        if self.blocks:
+            out.update({m: int((~np.isfinite(self.block_values[:, j])).sum()) for j, m in enumerate(FLOW_METRICS)})
+        return out
 
     def scalars(self, prefix: str = "") -> dict[str, float]:
         """Every value as one flat ``{"<prefix><metric>/<name>": value}`` dict (the TensorBoard tags), plus

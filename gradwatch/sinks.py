@@ -45,16 +45,21 @@ def alert_markdown(alert: Any) -> str:
 
 class ScalarsSink(Sink):
     """Each record as one flat dict, ``fn({"<prefix><metric>/<name>": value, ...}, step)``: for loggers that
-    take dicts of scalars (Lightning's ``log_metrics``, W&B, MLflow). No histograms."""
+    take dicts of scalars (Lightning's ``log_metrics``, W&B, MLflow). No histograms; with ``counts``, the
+    ``<prefix>nonfinite/<metric>`` counts that accompany them in TensorBoard."""
 
-    def __init__(self, fn: Callable[[dict[str, float], int], Any], prefix: str = "") -> None:
+    def __init__(self, fn: Callable[[dict[str, float], int], Any], prefix: str = "", counts: bool = False) -> None:
         if not callable(fn):
             raise TypeError(f"ScalarsSink needs a callable, got {type(fn).__name__}")
         self.fn = fn
         self.prefix = prefix
+        self.counts = counts
 
     def write(self, record: StepRecord) -> None:
-        self.fn(record.scalars(self.prefix), record.step)
+        values = record.scalars(self.prefix)
+        if self.counts:
+            values.update({f"{self.prefix}nonfinite/{m}": float(c) for m, c in record.nonfinite_counts().items()})
+        self.fn(values, record.step)
 
 
 class TensorBoardSink(Sink):
@@ -73,6 +78,10 @@ class TensorBoardSink(Sink):
         self.writer = writer
         self.prefix = prefix
         self.histograms = histograms
+        # One event per step only for a plain SummaryWriter: a subclass that overrides add_* gets its calls.
+        plain = isinstance(writer, SummaryWriter) and all(
+            getattr(type(writer), m) is getattr(SummaryWriter, m) for m in ("add_scalar", "add_histogram", "add_text"))
+        self._events = event_file_writer(writer) if plain else None
 
     def write(self, record: StepRecord) -> None:
         p = self.prefix
@@ -81,19 +90,18 @@ class TensorBoardSink(Sink):
         for metric, names, values in record.series():
             scalars.extend(zip((f"{p}{metric}/{n}" for n in names), values.tolist()))
             if self.histograms:
-                layer_metric = metric in record.layer_metrics
-                vals = values[:-1] if layer_metric else values  # the _global entry is not a layer
-                finite = np.isfinite(vals)
-                scalars.append((f"{p}nonfinite/{metric}", float((~finite).sum())))
-                if finite.any():  # add_histogram raises on empty input
-                    hists.append((f"{p}hist/{metric}", vals[finite]))
+                vals = values[:-1] if metric in record.layer_metrics else values  # _global is not a layer
+                finite = vals[np.isfinite(vals)]
+                if finite.size:  # add_histogram raises on empty input
+                    hists.append((f"{p}hist/{metric}", finite))
+        if self.histograms:  # what the histograms leave out
+            scalars.extend((f"{p}nonfinite/{m}", float(c)) for m, c in record.nonfinite_counts().items())
         texts: list[tuple[str, str]] = []
         if record.alerts is not None:
             scalars.append((f"{p}alerts/count", float(len(record.alerts))))
             texts = [(f"{p}alerts/{a.rule}", alert_markdown(a)) for a in record.alerts]
-        events = event_file_writer(self.writer) if isinstance(self.writer, SummaryWriter) else None
-        if events is not None:
-            self._write_event(events, record.step, scalars, hists, texts)
+        if self._events is not None:
+            self._write_event(self._events, record.step, scalars, hists, texts)
         else:
             self._write_calls(record.step, scalars, hists, texts)
         if record.alerts:
@@ -120,4 +128,6 @@ class TensorBoardSink(Sink):
             add_text(tag, text, step)
 
     def flush(self) -> None:
-        self.writer.flush()
+        flush = getattr(self.writer, "flush", None)
+        if flush is not None:
+            flush()

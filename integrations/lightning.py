@@ -89,7 +89,7 @@ class GradWatchCallback(*_BASES):  # type: ignore[misc]
         if every is not None:
             options["every"] = every
         #: The checked options every monitor is built from.
-        self.config = Config.from_options(owner="GradWatchCallback", **options)
+        self.config = Config.from_options(None, "GradWatchCallback", **options)
         self.every = every
         self.prog_bar = prog_bar
         #: Errors contained inside the callback's hooks, as "ExceptionType: message" strings.
@@ -180,8 +180,8 @@ class GradWatchCallback(*_BASES):  # type: ignore[misc]
                 if trainer.strategy.reduce_boolean_decision(stop, all=False):
                     trainer.should_stop = True
             latest = [s.monitor.latest for s in self._slots.values() if s.monitor.latest is not None]
-            health = [v for r in latest for v in r.early("grad_to_weight") if np.isfinite(v)]
-            if self.prog_bar and health:
+            health = [v for r in latest for v in r.early("grad_to_weight") if np.isfinite(v)] if self.prog_bar else []
+            if health:
                 pl_module.log(PROG_BAR_KEY, max(health), prog_bar=True, logger=False, on_step=True, on_epoch=False,
                               rank_zero_only=True)
         except Exception as err:
@@ -313,7 +313,7 @@ def _logger_sinks(loggers: list[Any], cfg: Config, prefix: str) -> list[Any]:
     """Sinks for the loggers besides the monitor's writer: more TensorBoard loggers, then the flat ones (CSV,
     W&B, MLflow: one ``log_metrics`` dict per step)."""
     return [TensorBoardSink(lg.experiment, prefix, cfg.output.histograms) if isinstance(lg, _TENSORBOARD_LOGGERS)
-            else ScalarsSink(lg.log_metrics, prefix) for lg in loggers]
+            else ScalarsSink(lg.log_metrics, prefix, counts=cfg.output.histograms) for lg in loggers]
 
 
 def _log_dir(loggers: list[Any], trainer: Any) -> str:
@@ -326,7 +326,10 @@ def _log_dir(loggers: list[Any], trainer: Any) -> str:
 
 
 def _unwrap(optimizer: Any) -> Any:
-    """The torch optimizer inside a ``LightningOptimizer`` (either package's)."""
+    """The torch optimizer inside a ``LightningOptimizer`` (either package's); a torch optimizer as it is (a
+    wrapping optimizer such as Lookahead is the one that steps)."""
+    if isinstance(optimizer, torch.optim.Optimizer):
+        return optimizer
     inner = getattr(optimizer, "optimizer", None)
     return inner if isinstance(inner, torch.optim.Optimizer) else optimizer
 

@@ -114,7 +114,7 @@ def test_no_gradwatch_import_inside_a_function():
         assert not inner, f"{module} imports {inner} inside a function (a hidden dependency or a dodged cycle)"
 
 
-@pytest.mark.parametrize("leaf", ["gradwatch.names", "gradwatch._compat", "gradwatch._checks",
+@pytest.mark.parametrize("leaf", ["gradwatch.names", "gradwatch._compat", "gradwatch._checks", "gradwatch._once",
                                   "gradwatch.alerts.alert", "gradwatch.flow.discovery", "gradwatch.record",
                                   "gradwatch.version"])
 def test_leaf_modules_import_no_other_gradwatch_module(leaf):

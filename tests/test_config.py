@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -102,13 +103,39 @@ def test_blocks_read_any_iterable_once_and_must_belong_to_the_model():
         gradwatch.Monitor(model, blocks=[nn.Linear(2, 2)])
 
 
-def test_step_takes_integers_only():
+def test_step_numbers_are_whole_numbers_and_a_bad_one_never_breaks_the_loop():
     model = nn.Linear(3, 2)
     mon = gradwatch.Monitor(model, every=1, rules=False, blocks=None)
     model(torch.randn(2, 3)).sum().backward()
     mon.step(step=torch.tensor(4))
     mon.step(step=5)
-    assert set(mon.history().step) == {4, 5}
-    with pytest.raises(TypeError, match="step"):
-        mon.step(step=6.0)
+    mon.step(step=6.0)  # some loops count in floats: a whole number is a step
+    mon.step(step=np.int64(7))
+    assert set(mon.history().step) == {4, 5, 6, 7}
+    mon.step(step=8.5)  # contained: logged, kept in errors, nothing recorded, the loop goes on
+    assert set(mon.history().step) == {4, 5, 6, 7} and "whole number" in mon.errors[-1]
+    assert mon.begin_step("9") is False and "step must be an int" in mon.errors[-1]
     mon.close()
+    strict = gradwatch.Monitor(model, every=1, rules=False, blocks=None, strict=True)
+    with pytest.raises(TypeError, match="step"):
+        strict.step(step=True)
+    strict.close()
+
+
+def test_config_groups_built_directly_are_checked_too():
+    with pytest.raises(TypeError, match="every"):
+        gradwatch.OutputConfig(every="3")
+    with pytest.raises(ValueError, match="every"):
+        gradwatch.Config(output=gradwatch.OutputConfig(every=0))
+    with pytest.raises(TypeError, match="sinks"):
+        gradwatch.OutputConfig(sinks=[object()])
+    wrapped = gradwatch.AlertConfig(alert_sinks=[print])
+    assert isinstance(wrapped.alert_sinks[0], gradwatch.CallableSink)  # normalised as from_options does
+    assert gradwatch.MeasureConfig(include="layer1.*").include == ("layer1.*",)
+    with pytest.raises(TypeError, match="MeasureConfig"):
+        gradwatch.Config(measure={"every": 3})
+
+
+def test_owner_is_not_an_option():
+    with pytest.raises(TypeError, match="owner"):
+        gradwatch.Monitor(resnet(8, width=4), owner="x")

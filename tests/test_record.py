@@ -161,3 +161,59 @@ def test_a_writer_that_is_not_a_summary_writer_gets_one_call_per_value():
     tags = {t for t, _, _ in w.calls}
     assert "grad_norm/_global" in tags and "skip_share/layer1.0" in tags and "alerts/count" in tags
     assert len(w.calls) == len(mon.latest) + 1
+
+
+def test_records_compare_by_identity_and_check_their_shapes():
+    r = gradwatch.StepRecord.build(3, ["a", "b"], {"grad_norm": [1.0, 2.0]}, {"grad_norm": 2.2})
+    twin = gradwatch.StepRecord.build(3, ["a", "b"], {"grad_norm": [1.0, 2.0]}, {"grad_norm": 2.2})
+    assert r == r and r != twin and r in [r] and len({r, twin}) == 2  # no ambiguous array comparisons
+    with pytest.raises(ValueError, match="layer_values"):
+        gradwatch.StepRecord(0, ("a",), ("grad_norm",), np.zeros((2, 3)), np.zeros(1))
+    direct = gradwatch.StepRecord(0, ("a",), ("grad_norm",), np.ones((1, 1)), np.ones(1))
+    assert not direct.layer_values.flags.writeable and not direct.block_values.flags.writeable
+    assert r.nonfinite_counts() == {"grad_norm": 0}
+
+
+def test_a_summary_writer_subclass_that_overrides_add_scalar_gets_its_calls(tmp_path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    class Counting(SummaryWriter):
+        calls = 0
+
+        def add_scalar(self, *args, **kwargs):
+            Counting.calls += 1
+            super().add_scalar(*args, **kwargs)
+
+    w = Counting(str(tmp_path))
+    model = resnet(8, width=4)
+    mon = gradwatch.Monitor(model, every=1, writer=w, histograms=False, strict=True)
+    train(model, mon, 1)
+    mon.close()
+    w.close()
+    assert Counting.calls == len(mon.latest) + 1
+
+
+def test_a_writer_without_flush_is_fine():
+    class Minimal:
+        def add_scalar(self, tag, value, step):
+            pass
+
+    model = resnet(8, width=4, skip_fault={1: "detached"})
+    mon = gradwatch.Monitor(model, every=1, writer=Minimal(), strict=True)
+    train(model, mon, 4)  # a skip_collapse alert flushes the writer: there is nothing to flush
+    mon.close()
+    assert mon.alerts and not mon.errors
+
+
+def test_under_strict_a_failing_sink_is_raised_at_close_after_everything_is_closed(tmp_path):
+    class FailsOnFlush(Collect):
+        def flush(self):
+            raise OSError("flush failed")
+
+    model = resnet(8, width=4)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    mon = gradwatch.Monitor(model, optimizer=opt, every=1, log_dir=tmp_path, sinks=[FailsOnFlush()], strict=True)
+    with pytest.raises(OSError, match="flush failed"):
+        mon.close()
+    assert not opt._optimizer_step_pre_hooks and not opt._optimizer_step_post_hooks  # hooks gone all the same
+    mon.close()  # closed once: nothing left to do

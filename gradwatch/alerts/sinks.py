@@ -15,6 +15,7 @@ failing sink can never lose an alert.
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -79,11 +80,21 @@ class CallableSink(AlertSink):
 
 
 class _SendOnly(AlertSink):
-    """An object with only ``send(alert)`` (and optionally ``flush``/``close``/``attach``) as an alert sink."""
+    """An object of the earlier alert-sink protocol as an alert sink: ``send(alert)``, and optionally
+    ``end_step(step, alerts)`` after every evaluated step, ``attach(report_failure)``, ``flush(timeout)`` and
+    ``close(timeout)`` (given :attr:`wait` seconds)."""
+
+    wait = 5.0
 
     def __init__(self, target: Any) -> None:
         super().__init__("info")
         self.target = target
+
+    def write(self, record: StepRecord) -> None:
+        super().write(record)
+        end_step = getattr(self.target, "end_step", None)
+        if callable(end_step):
+            end_step(record.step, list(record.alerts or ()))
 
     def send(self, alert: Alert) -> None:
         self.target.send(alert)
@@ -94,14 +105,23 @@ class _SendOnly(AlertSink):
             attach(report_failure)
 
     def flush(self) -> None:
-        flush = getattr(self.target, "flush", None)
-        if callable(flush):
-            flush()
+        self._finish("flush")
 
     def close(self) -> None:
-        close = getattr(self.target, "close", None)
-        if callable(close):
-            close()
+        self._finish("close")
+
+    def _finish(self, method: str) -> None:
+        fn = getattr(self.target, method, None)
+        if not callable(fn):
+            return
+        try:  # the earlier protocol passed a timeout; a plain flush() takes none
+            takes_timeout = bool(inspect.signature(fn).parameters)
+        except (TypeError, ValueError):  # a builtin without a signature: call it plainly
+            takes_timeout = False
+        if takes_timeout:
+            fn(self.wait)
+        else:
+            fn()
 
     def __repr__(self) -> str:
         return repr(self.target)

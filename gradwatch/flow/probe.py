@@ -15,7 +15,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._checks import check_modules
 from .._compat import is_compiling, tree_tensors
+from .._once import Once
 from ..names import ROOT_NAME
 from .discovery import boundary_node
 from .registry import BlockRegistry, Blocks, FlowStatus
@@ -36,19 +38,14 @@ def _check_member(model: nn.Module, module: Any, arg: str) -> None:
 
 def check_blocks(model: nn.Module, blocks: Any) -> list[nn.Module] | None:
     """Validate a ``blocks=`` argument: None for ``"auto"``, else the list of modules (all in ``model``)."""
-    if isinstance(blocks, str):
-        if blocks != "auto":
-            raise ValueError(f"blocks must be 'auto', None or a list of modules, got {blocks!r}")
+    mods = check_modules(blocks, "blocks")
+    if mods is None:
+        raise TypeError("blocks must be 'auto' or a list of modules here (None turns block flow off)")
+    if mods == "auto":
         return None
-    if isinstance(blocks, nn.Module):
-        raise TypeError("blocks must be 'auto', None or a list of modules; wrap a single module in a list")
-    try:
-        mods = list(blocks)
-    except TypeError:
-        raise TypeError(f"blocks must be 'auto', None or a list of modules, got {type(blocks).__name__}") from None
     for m in mods:
         _check_member(model, m, "blocks")
-    return mods
+    return list(mods)
 
 
 def _out_nodes(output: Any) -> list[Any]:
@@ -83,6 +80,7 @@ class FlowProbe:
         step: Callable[[], int],
         on_error: Callable[[BaseException], None] | None = None,
     ) -> None:
+        self._once = Once()
         self.model = model
         self._is_logging = is_logging
         self._step = step
@@ -107,7 +105,6 @@ class FlowProbe:
         self._silent_steps = 0
         self._seen = False  # a hook of ours ran (eagerly) since the last collect
         self._announced = False
-        self._warned: set[str] = set()
         self._closed = False
         self._constants: dict[tuple, torch.Tensor] = {}
         if self._root_compiled:
@@ -309,9 +306,7 @@ class FlowProbe:
         self._on_error(err)
 
     def _warn_once(self, key: str, message: str) -> None:
-        if key not in self._warned:
-            self._warned.add(key)
-            log.warning(message)
+        self._once.log(key, message)
 
     def _disc_pre(self, module: nn.Module, args: Any, kwargs: Any) -> None:
         if is_compiling():

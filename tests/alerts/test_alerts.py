@@ -435,3 +435,28 @@ def test_replay_runs_rules_over_a_saved_history():
     alerts = replay(mon.history(), {"exploding": False}, layer_kinds(model))
     assert "vanishing" in {a.rule for a in alerts}
     assert NonFinite().check(step_of(0, layers={"grad_norm": (["a", "b"], [1.0, 2.0])})) == []
+
+
+def test_an_alert_sink_of_the_earlier_protocol_still_works(tmp_path):
+    """send(alert), end_step(step, alerts) after every evaluated step, flush(timeout) at the monitor's close."""
+
+    class Legacy:
+        def __init__(self):
+            self.sent, self.ends, self.flushed = [], [], []
+
+        def send(self, alert):
+            self.sent.append(alert.step)
+
+        def end_step(self, step, alerts):
+            self.ends.append((step, len(alerts)))
+
+        def flush(self, timeout):
+            self.flushed.append(timeout)
+
+    sink = Legacy()
+    model = gated()
+    mon = gradwatch.Monitor(model, every=1, rules=[DeadLayer(patience=1)], alert_sinks=[sink], alerts_path=False)
+    train(model, mon, 3)
+    mon.close()
+    assert sink.sent == [0] and sink.ends == [(0, 1), (1, 0), (2, 0)]  # cooldown holds the repeats
+    assert sink.flushed == [5.0] and not mon.errors

@@ -560,6 +560,7 @@ def test_flat_logger_without_log_dir_gets_records_and_the_alert_record_falls_bac
     ours = [(step, m) for step, m in logger.logged if "grad_norm/_global" in m]
     assert [step for step, _ in ours] == [0, 1, 2]  # one flat dict per logging step
     assert ours[1][1]["alerts/count"] == 1.0 and "hist/grad_norm" not in ours[0][1]
+    assert ours[1][1]["nonfinite/grad_norm"] > 0 and ours[0][1]["nonfinite/grad_norm"] == 0  # as TensorBoard has
     path = os.path.join(tmp_path, "gradwatch", "alerts.jsonl")
     assert [(a.rule, a.step) for a in read_alerts(path)] == [("nonfinite", 1)]
 
