@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 __all__ = [
-    "DTensor", "Shard", "OptimizedModule", "NORM_TYPES", "is_compiling", "in_backward", "tree_tensors",
+    "DTensor", "Shard", "OptimizedModule", "NORM_TYPES", "is_compiling", "is_compiled", "in_backward", "tree_tensors",
     "foreach_norm_f32", "foreach_sub", "unscales_in_step", "scale_tensor", "event_file_writer",
 ]
 
@@ -46,6 +46,12 @@ def is_compiling() -> bool:
         return torch.compiler.is_compiling()
     except Exception:  # pragma: no cover - older torch
         return False
+
+
+def is_compiled(module: nn.Module) -> bool:
+    """Whether ``module`` is compiled: the wrapper ``torch.compile(module)`` returns, or compiled in place
+    (``module.compile()``)."""
+    return isinstance(module, OptimizedModule) or getattr(module, "_compiled_call_impl", None) is not None
 
 
 def in_backward() -> bool:

@@ -65,6 +65,10 @@ class Meter:
         self._names: dict[tuple[int, ...], tuple[str, ...]] = {}
         self._reported_missing: set[str] = set()
 
+    def has_gradients(self) -> bool:
+        """Whether any measured parameter has a ``.grad`` (a Python check: no device work)."""
+        return any(p.grad is not None for p in self.selection.params)
+
     def begin(
         self,
         step: int,

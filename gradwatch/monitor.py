@@ -182,7 +182,7 @@ class Monitor:
             if self._flow is not None:
                 self._flow.close()
             if self._order is not None:
-                self._order.finish()
+                self._order.close()
             if self._owns_writer and self._writer is not None:
                 self._writer.close()
             raise
@@ -433,7 +433,7 @@ class Monitor:
             h.remove()
         self._handles.clear()
         if self._order is not None:
-            self._order.finish()
+            self._order.close()
         if self._flow is not None:
             self._flow.close()
         self._pending = None
@@ -504,6 +504,12 @@ class Monitor:
             # armed for another step (the caller's step counter jumped): another batch's norms, not this one's
             log.debug("gradwatch: block flow armed for step %s, measured at %d: dropped", flow.step, step)
             flow = None
+        if (flow is None or not flow.backward) and not self._meter.has_gradients():
+            # no parameter has a gradient and no block hook saw one: called before backward
+            self._once.warn("early", "gradwatch: Monitor.step() ran before backward (no gradient yet); nothing is "
+                            "recorded for that step: call it after loss.backward()", stacklevel=4)
+            self._pending = None
+            return
         self._pending = self._meter.begin(step, flow, grad_scale=grad_scale, found_inf=found_inf,
                                           snapshot=snapshot)
 
@@ -518,8 +524,8 @@ class Monitor:
     def _publish(self, record: StepRecord) -> None:
         """Run the rules on ``record``, put their alerts in it, and hand it to every sink."""
         if self._engine is not None:
-            if self._order is not None:  # the forward order is known after the first measured step
-                self._forward, self._order = self._order.finish(), None
+            if self._order is not None and not self._order.finished:  # known after the first measured step
+                self._forward = self._order.finish()
             record = dataclasses.replace(record, alerts=self._engine.evaluate(record, self._forward))
         self._latest = record
         self._history.write(record)  # every rank keeps its history

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -457,3 +458,22 @@ def test_sparse_gradients_are_measured():
     hist = mon.history().set_index(["name", "metric"]).value
     assert hist[("0", "grad_norm")] == pytest.approx(expected, rel=1e-6)
     assert mon.errors == []
+
+
+def test_step_before_backward_is_skipped_with_one_warning():
+    torch.manual_seed(0)
+    model = resnet(8, width=4)
+    mon = gradwatch.Monitor(model, every=1)
+    x, y = small_batch()
+    for _ in range(2):
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        with pytest.warns(UserWarning, match="before backward") if _ == 0 else contextlib.nullcontext():
+            mon.step()  # too early: nothing to measure yet
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+    assert mon.history().empty and mon.latest is None and not mon.errors
+    loss = torch.nn.functional.cross_entropy(model(x), y)
+    loss.backward()
+    mon.step()
+    assert set(mon.history().step) == {2} and not np.isnan(mon.latest.block("grad_in")).any()
+    mon.close()

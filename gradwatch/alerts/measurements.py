@@ -13,7 +13,12 @@ import numpy as np
 from ..names import EARLY_FRACTION, FLOW_METRICS, GLOBAL_NAME, ROOT_NAME, early_count
 from ..record import StepRecord
 
-__all__ = ["Measurements", "EarlyRatio", "early_ratio", "depth_slope"]
+__all__ = ["Measurements", "EarlyRatio", "early_ratio", "depth_slope", "DORMANT_SHARE"]
+
+#: A block whose skip carries more than this share of the gradient energy at its input has a branch that is
+#: (nearly) off: healthy blocks measured stay below 0.8 (``docs/alerts.md``); a zero-initialised branch gives
+#: 1 - 1e-8 or closer while it wakes up.
+DORMANT_SHARE = 1 - 1e-4
 
 
 @dataclass
@@ -122,9 +127,23 @@ class Measurements:
         return self.block.get(metric, np.full(len(self.blocks), np.nan))
 
     def weight_layers(self) -> np.ndarray:
-        """Indices into :attr:`layers` of the ``"weight"`` layers (conv, linear, ...), in forward order."""
+        """Indices into :attr:`layers` of the ``"weight"`` layers (conv, linear, ...), in forward order (see
+        :meth:`forward_sorted`)."""
         kinds = self.kinds
-        return np.flatnonzero([kinds.get(n, "weight") == "weight" for n in self.layers])
+        idx = np.flatnonzero([kinds.get(n, "weight") == "weight" for n in self.layers])
+        return np.asarray(self.forward_sorted(idx), dtype=np.int64) if self.forward else idx
+
+    def dormant(self) -> np.ndarray:
+        """Mask over :attr:`layers`: inside a residual block whose branch is (nearly) switched off — skip_share
+        above :data:`DORMANT_SHARE`, as when the branch's last norm layer starts at zero (torchvision's
+        ``zero_init_residual``, timm's ``zero_init_last``). Such a branch learns from ~0 by design; its layers'
+        tiny ratios say nothing about the depth profile. All False without block flow."""
+        share = self.block_values("skip_share")
+        modules = {b.split("[")[0] for b, s in zip(self.blocks, share) if np.isfinite(s) and s > DORMANT_SHARE}
+        if not modules:
+            return np.zeros(len(self.layers), dtype=bool)
+        inside = tuple(f"{m}." for m in modules)
+        return np.fromiter((n.startswith(inside) for n in self.layers), dtype=bool, count=len(self.layers))
 
 
 def _early(idx: np.ndarray, fraction: float) -> np.ndarray:
@@ -143,10 +162,11 @@ class EarlyRatio:
 
 def early_ratio(m: Measurements, early: float = EARLY_FRACTION, min_layers: int = 4) -> EarlyRatio | None:
     """The statistic of :class:`Vanishing` and :class:`Exploding` (None with fewer than ``min_layers``
-    weight layers with a finite ratio)."""
+    weight layers with a finite ratio). Layers of dormant branches (:meth:`Measurements.dormant`) are left out
+    of both the early set and the typical value."""
     g2w = m.values("grad_to_weight")
     idx = m.weight_layers()
-    idx = idx[np.isfinite(g2w[idx])]
+    idx = idx[np.isfinite(g2w[idx]) & ~m.dormant()[idx]]
     if len(idx) < min_layers:
         return None
     first = _early(idx, early)
@@ -158,12 +178,16 @@ def early_ratio(m: Measurements, early: float = EARLY_FRACTION, min_layers: int 
 
 def depth_slope(m: Measurements, min_points: int = 6) -> tuple[str, float, int] | None:
     """The statistic of :class:`DepthTrend`: ``(unit, slope, points)`` with ``slope`` the least-squares slope
-    of log10(gradient) per ``unit`` of depth: ``"block"`` (``grad_in`` of the blocks, when block flow measured
-    at least ``min_points``) or ``"layer"`` (``grad_to_weight`` of the weight layers but the last). None when
-    there are too few points."""
+    of log10(gradient) per ``unit`` of depth: ``"block"`` (``grad_in`` of the blocks) when block flow measured
+    any block, else ``"layer"`` (``grad_to_weight`` of the weight layers but the last, for nets without
+    residual blocks). None when there are fewer than ``min_points`` points: a net with a few blocks (a 2-layer
+    transformer) has no block profile to fit, and its layers — attention projections, poolers — are of kinds
+    whose ratios do not line up with depth, so they are not used instead."""
     gin = m.block_values("grad_in")
-    ok = np.isfinite(gin) & (gin > 0)
-    if ok.sum() >= min_points:
+    if len(m.blocks):
+        ok = np.isfinite(gin) & (gin > 0)
+        if ok.sum() < min_points:
+            return None
         unit, y = "block", np.log10(gin[ok])
     else:
         vals = m.values("grad_to_weight")[m.weight_layers()[:-1]]

@@ -214,6 +214,14 @@ class DepthTrend(Rule):
     residual blocks found, e.g. a plain net) the proxy is ``grad_to_weight`` of the weight layers except the
     output layer (bound ``per_layer`` decades per layer). A positive slope (gradient larger at the output)
     means it decays toward the input; a negative one that it grows toward the input.
+
+    Severity follows what the profile means. Block input gradients that *decay* toward the input mean the
+    residual highway leaks (a skip scaled below 1 on every block, He et al. 2016's constant scaling): a
+    ``warning``. Growth toward the input is what a post-activation BN ResNet does at initialisation (torchvision's
+    resnet50: 143x over 16 blocks) and it trains fine, so it is ``info``; so is the per-layer profile of a net
+    without blocks (a 10-layer ReLU MLP at PyTorch's default init decays 2,000x and trains). Whether early
+    layers are actually starved or flooded is what :class:`Vanishing` and :class:`Exploding` judge, on the
+    layers' own ratios.
     """
 
     name = "depth_trend"
@@ -243,8 +251,9 @@ class DepthTrend(Rule):
             return []
         what = "block input gradient ‖dL/dx‖" if unit == "block" else "grad_to_weight of the weight layers"
         direction = "decays toward the input" if slope > 0 else "grows toward the input"
+        severity = "warning" if unit == "block" and slope > 0 else "info"
         return [self.alert(
-            m, "warning", None, slope, bound if slope > 0 else -bound,
+            m, severity, None, slope, bound if slope > 0 else -bound,
             f"depth trend: the {what} {direction} by {10 ** abs(slope):.3g}x per {unit} "
             f"(fitted over {points} {unit}s: {total:.3g}x end to end) for {n} logging steps",
             "an exponential profile over depth is the signature of a net that cannot pass gradient through "

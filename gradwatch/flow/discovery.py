@@ -53,6 +53,9 @@ IDENTITY_OPS = frozenset(
 #: Elementwise scalings: a skip with one of these (and no projection) is a scaled or gated skip.
 SCALE_OPS = frozenset({"Mul", "Div"})
 COMPILED = "CompiledFunctionBackward"
+#: Reentrant activation checkpointing: one node stands for the whole checkpointed call, whose inner graph
+#: exists only during backward (the recompute), where no forward hook of ours can see it.
+CHECKPOINTED = "CheckpointFunctionBackward"
 _ACCUMULATE = "AccumulateGrad"
 _WALK_LIMIT = 200_000
 
@@ -127,6 +130,7 @@ class Graph:
         self.parent: dict[int, tuple[int, int] | None] = {}  # id -> (parent id, edge); roots: None
         self.root_index: dict[int, int] = {}
         self.compiled = False
+        self.checkpointed = False  # holds a reentrant checkpoint: merges inside it cannot be seen
         self.truncated = False
         queue: deque[Any] = deque()
         for i, root in enumerate(roots):
@@ -144,6 +148,8 @@ class Graph:
             if name == COMPILED:
                 self.compiled = True
                 continue
+            if name == CHECKPOINTED:
+                self.checkpointed = True  # its inputs are walked on: what lies before it is visible
             if len(self.nodes) > limit:
                 self.truncated = True
                 break

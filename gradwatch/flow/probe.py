@@ -16,13 +16,13 @@ import torch
 from torch import nn
 
 from .._checks import check_modules
-from .._compat import is_compiling, tree_tensors
+from .._compat import is_compiled, is_compiling, tree_tensors
 from .._once import Once
 from ..names import ROOT_NAME
 from .discovery import boundary_node
 from .registry import BlockRegistry, Blocks, FlowStatus
 from .session import FlowBatch, _Session, stack_norms
-from .tracker import ModuleTracker, _is_compiled
+from .tracker import ModuleTracker
 
 log = logging.getLogger("gradwatch")
 
@@ -98,7 +98,7 @@ class FlowProbe:
             model, self.auto, self._blocks, disc_pre=self._disc_pre, disc_post=self._disc_post,
             arm_hook=self._arm_hook, warn_once=self._warn_once, on_error=self._error,
         )
-        self._root_compiled = _is_compiled(model)
+        self._root_compiled = is_compiled(model)
         self._session: _Session | None = None
         self._sessions = 0
         self._discovered_once = False
@@ -282,6 +282,9 @@ class FlowProbe:
                 f"({', '.join(reg.compiled)}): their backward is a CompiledFunctionBackward node that cannot be "
                 "walked. Other blocks and all parameter metrics are measured.",
             )
+        if reg.hidden_by_checkpoints():
+            self._warn_once("checkpointed", f"gradwatch: block flow is unavailable: {self.status.reason}. Other "
+                            "blocks and all parameter metrics are measured.")
         if not self._announced:
             self._announced = True
             status = self.status
@@ -294,7 +297,8 @@ class FlowProbe:
         values = stack_norms([slot for _, _, slot in rows], self._constants)
         if self.keep_vectors:
             self.vectors = {name: dict(slot.vectors or {}) for _, name, slot in rows}
-        return FlowBatch([name for _, name, _ in rows], values, sess.step)
+        fired = any(isinstance(v, torch.Tensor) for _, _, slot in rows for v in slot.norms)
+        return FlowBatch([name for _, name, _ in rows], values, sess.step, backward=fired)
 
     # ------------------------------------------------------------------ hooks (run inside the user's forward)
     def _live(self) -> bool:

@@ -21,6 +21,10 @@ from .discovery import MergePattern, Resolved, resolve
 
 log = logging.getLogger("gradwatch")
 
+#: What to do about reentrant checkpointing, said in the flow status and the one-time warning.
+CHECKPOINT_FIX = ("use non-reentrant checkpointing: model.gradient_checkpointing_enable(gradient_checkpointing_kwargs="
+                  "{'use_reentrant': False}) in transformers, torch.utils.checkpoint.checkpoint(..., use_reentrant=False)")
+
 __all__ = ["Block", "Blocks", "FlowStatus", "BlockRegistry"]
 
 
@@ -119,7 +123,8 @@ class BlockRegistry:
     - ``exam``: examined modules -> ``(session number, completion order)``, the depth key of their merges;
     - ``plain``: examined modules without a merge (candidates for sibling matching);
     - ``names`` / ``modules``: the model's tree as of the last :meth:`scan`;
-    - ``compiled``: names of compiled regions, in the order they were seen (flow cannot be measured there).
+    - ``compiled``: names of compiled regions, in the order they were seen (flow cannot be measured there);
+    - ``checkpointed``: names of the innermost modules whose graph holds a reentrant checkpoint and no merge.
     """
 
     def __init__(self) -> None:
@@ -131,6 +136,7 @@ class BlockRegistry:
         self.plain: dict[int, nn.Module] = {}  # examined, no merge: candidates for sibling matching
         self.compiled: list[str] = []
         self._compiled_seen: set[str] = set()
+        self.checkpointed: list[str] = []
         self.signature: tuple[int, ...] = ()  # module ids at the last scan: tells when the tree changed
         self.index: list[_Entry] = []
 
@@ -153,6 +159,14 @@ class BlockRegistry:
             if n:
                 return FlowStatus("partial", f"{n} blocks measured; not measurable: {why}", n, compiled)
             return FlowStatus("unavailable", why, 0, compiled)
+        hidden = self.hidden_by_checkpoints()
+        if hidden:
+            why = (f"reentrant activation checkpointing hides the blocks inside {', '.join(hidden)} "
+                   f"(CheckpointFunctionBackward: the graph exists only while it is recomputed in backward); "
+                   f"{CHECKPOINT_FIX}")
+            if n:
+                return FlowStatus("partial", f"{n} blocks measured; not measurable: {why}", n, hidden)
+            return FlowStatus("unavailable", why, 0, hidden)
         if n:
             # most common first, ties in depth order (what pandas' value_counts gave)
             kinds = Counter(e.block.kind for e in self.index).most_common()
@@ -185,6 +199,22 @@ class BlockRegistry:
         inner = name == ROOT_NAME or any(c.startswith(name + ".") for c in self.compiled)
         if not (inner and self.compiled):
             self.note_compiled(name)  # only the innermost module around a compiled region
+
+    def hidden_by_checkpoints(self) -> tuple[str, ...]:
+        """The noted checkpointed modules with no block found inside: when a checkpoint recomputes through the
+        modules' ``__call__`` (``torch.utils.checkpoint`` around a block), discovery sees the recompute and
+        finds them; when it recomputes a bare ``forward`` (transformers' layers), nothing inside is seen."""
+        def inside(region: str, module: str) -> bool:
+            return region == ROOT_NAME or module == region or module.startswith(region + ".")
+        return tuple(c for c in self.checkpointed if not any(inside(c, e.block.module) for e in self.index))
+
+    def note_checkpointed_graph(self, mid: int) -> None:
+        """Module ``mid``'s graph holds a reentrant checkpoint and no merge: note it, innermost modules only."""
+        name = self.name(mid)
+        if self.checkpointed and (name == ROOT_NAME or any(c == name or c.startswith(name + ".")
+                                                           for c in self.checkpointed)):
+            return  # an outer module of one noted already
+        self.checkpointed.append(name)
 
     # ------------------------------------------------------------------ entries
     def set_entries(self, module: nn.Module, patterns: Sequence[MergePattern], keys: Sequence[tuple],

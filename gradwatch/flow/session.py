@@ -23,6 +23,7 @@ class FlowBatch:
     names: list[str]
     values: torch.Tensor
     step: int | None = None  # the step the probe was armed for (``step()`` at the first hooked forward)
+    backward: bool = True  # whether any hook saw a gradient (False: the step was measured before backward)
 
 
 class _Session:

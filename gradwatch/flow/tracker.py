@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._compat import OptimizedModule, in_backward
+from .._compat import OptimizedModule, in_backward, is_compiled
 from ..names import ROOT_NAME, clean_name
 from ._hooks import hook_merge
 from .discovery import Graph, Resolved, find_dead_merges, find_merges, resolve
@@ -32,10 +32,6 @@ _MAX_REDISCOVERIES = 10
 
 def _is_scripted(m: nn.Module) -> bool:
     return isinstance(m, torch.jit.ScriptModule)
-
-
-def _is_compiled(m: nn.Module) -> bool:
-    return isinstance(m, OptimizedModule) or getattr(m, "_compiled_call_impl", None) is not None
 
 
 class ModuleTracker:
@@ -78,7 +74,7 @@ class ModuleTracker:
         for name, m in named:
             if id(m) in inside_compiled:
                 continue
-            if _is_compiled(m):
+            if is_compiled(m):
                 compiled_names.append(clean_name(name) or ROOT_NAME)
                 # hooks inside compiled code would be traced (or ignored): hook only an OptimizedModule wrapper
                 inside_compiled.update(id(c) for c in m.modules() if c is not m or not isinstance(m, OptimizedModule))
@@ -160,6 +156,8 @@ class ModuleTracker:
             found = find_dead_merges(g, sess.claimed, [])
         if g.compiled and not found:
             reg.note_compiled_graph(mid)
+        if g.checkpointed and not found:
+            reg.note_checkpointed_graph(mid)
         reg.exam[mid] = (sess.number, sess.order.get(mid, len(sess.order)))
         sess.examined.append(mid)
         del g

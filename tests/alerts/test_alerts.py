@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import read_events
+from helpers import read_events, small_batch
 from torch import nn
 
 import gradwatch
@@ -26,6 +26,8 @@ from gradwatch.alerts import (
     SkipCollapse,
     Vanishing,
     build_rules,
+    depth_slope,
+    early_ratio,
     replay,
 )
 from gradwatch.layers import layer_kinds
@@ -417,6 +419,9 @@ def test_depth_trend_on_block_inputs_and_exploding_spike():
     rule = DepthTrend(patience=2)
     got = [rule.check(step_of(s, blocks={"grad_in": (blocks, decaying)})) for s in range(2)]
     assert got[0] == [] and got[1][0].value == pytest.approx(0.3) and "decays toward the input" in got[1][0].message
+    assert got[1][0].severity == "warning"  # the residual highway leaks: a real problem
+    growing = DepthTrend(patience=1).check(step_of(0, blocks={"grad_in": (blocks, decaying[::-1])}))
+    assert growing[0].severity == "info" and "grows toward the input" in growing[0].message  # BN ResNets at init
     flat = DepthTrend(patience=1).check(step_of(0, blocks={"grad_in": (blocks, np.ones(10))}))
     assert flat == []
     # steep per block but only 10^(0.15*9) = 22x end to end (a shallow healthy net at init): not a trend
@@ -460,3 +465,50 @@ def test_an_alert_sink_of_the_earlier_protocol_still_works(tmp_path):
     mon.close()
     assert sink.sent == [0] and sink.ends == [(0, 1), (1, 0), (2, 0)]  # cooldown holds the repeats
     assert sink.flushed == [5.0] and not mon.errors
+
+
+def test_depth_trend_without_enough_blocks_does_not_fall_back_to_layers_of_mixed_kinds():
+    """A 2-layer post-LN BERT: 4 blocks (too few to fit), and layers whose ratios span 4 decades by kind
+    (query/key ~4e-5 next to a pooler at 0.33): no profile, no alert."""
+    layers = [f"l{i}" for i in range(12)]
+    g2w = 10.0 ** np.linspace(-4.4, -0.5, 12)
+    blocks = ["layer.0.attention", "layer.0", "layer.1.attention", "layer.1"]
+    m = step_of(0, blocks={"grad_in": (blocks, [1.0, 1.1, 0.9, 1.0])}, layers={"grad_to_weight": (layers, g2w)})
+    assert depth_slope(m) is None and DepthTrend(patience=1).check(m) == []
+    plain = step_of(0, layers={"grad_to_weight": (layers, g2w)})  # no blocks at all: the layer profile
+    unit, slope, points = depth_slope(plain)
+    assert unit == "layer" and slope > 0.3
+    assert DepthTrend(patience=1).check(plain)[0].severity == "info"  # vanishing/exploding judge the harm
+
+
+def test_layers_of_a_dormant_branch_are_left_out_of_the_early_and_typical_ratios():
+    """timm's zero_init_last / torchvision's zero_init_residual: a branch whose last norm starts at 0 gets
+    (almost) no gradient until training wakes it; its layers' tiny ratios are by design, not a depth profile."""
+    layers = ["stem", "b0.conv1", "b0.conv2", "b1.conv1", "b1.conv2", "b2.conv1", "b2.conv2", "fc"]
+    g2w = np.array([0.2, 4e-6, 4e-6, 4e-6, 4e-6, 5e-6, 5e-6, 0.1])
+    blocks = {"skip_share": (["b0", "b1", "b2"], [1 - 1e-9, 1 - 1e-9, 1 - 1e-8])}
+    m = step_of(1, blocks=blocks, layers={"grad_to_weight": (layers, g2w)})
+    assert list(np.flatnonzero(m.dormant())) == [1, 2, 3, 4, 5, 6]
+    assert early_ratio(m, min_layers=2).ratio == pytest.approx(0.2 / 0.15)  # stem against median(stem, fc)
+    assert Exploding(spike=None).check(m) == [] and Vanishing(patience=1, min_layers=2).check(m) == []
+    awake = step_of(1, blocks={"skip_share": (["b0", "b1", "b2"], [0.4, 0.5, 0.6])},
+                    layers={"grad_to_weight": (layers, g2w)})
+    assert not awake.dormant().any() and early_ratio(awake).ratio > 20  # the same ratios with live branches
+
+
+def test_zero_initialised_residual_branches_raise_no_alert():
+    """Our reference ResNet with the last BN of every block zeroed (what zero_init_residual does)."""
+    torch.manual_seed(0)
+    model = gradwatch.blocks.resnet(20)
+    for block in model.residual_blocks():
+        nn.init.zeros_(block.bn2.weight)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    mon = gradwatch.Monitor(model, optimizer=opt, every=1)
+    for s in range(12):
+        x, y = small_batch(n=8, seed=s)
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+    mon.close()
+    assert [a for a in mon.alerts if a.severity != "info"] == []
+    assert mon.records[1].block("skip_share").min() > 1 - 1e-4  # the branches were dormant, as planted

@@ -592,3 +592,74 @@ def test_a_model_without_residual_merges_is_reported_as_none_not_unavailable(cap
     assert mon.flow_status.state == "none"
     assert "unavailable" not in caplog.text
     assert set(mon.history().metric) == {"grad_norm", "weight_norm", "grad_to_weight"}
+
+
+class _ForwardCheckpointed(nn.Module):
+    """What transformers 5.x does under gradient_checkpointing_enable(use_reentrant=True): the layer's own
+    ``__call__`` checkpoints its bare ``forward``, so module hooks never see the recomputed graph."""
+
+    def __init__(self, block):
+        super().__init__()
+        self.block = block
+
+    def forward(self, x):
+        return self.block(x)
+
+    def __call__(self, x):
+        if self.training:
+            return checkpoint(self.block.forward, x, use_reentrant=True)
+        return super().__call__(x)
+
+
+def test_reentrant_checkpointing_that_hides_the_graph_says_so_once_and_how_to_fix_it(caplog):
+    torch.manual_seed(0)
+    net = resnet(8, width=4)
+    stages = [net.layer1, net.layer2, net.layer3]
+    for stage in stages:
+        for i in range(len(stage)):
+            stage[i] = _ForwardCheckpointed(stage[i])
+    mon = gradwatch.Monitor(net, every=1, strict=True)
+    with caplog.at_level(logging.WARNING, logger="gradwatch"):
+        for s in range(3):
+            x, y = batch(seed=s)
+            F.cross_entropy(net(x), y).backward()
+            mon.step()
+            net.zero_grad()
+    status = mon.flow_status
+    assert status.state == "unavailable" and "reentrant activation checkpointing" in status.reason
+    assert "use_reentrant': False" in status.reason
+    assert sum("reentrant" in r.getMessage() for r in caplog.records) == 1
+    assert set(mon.history().step) == {0, 1, 2}  # parameter metrics go on
+
+
+def _count_compiles(monitor: str | None) -> int:
+    compiles = []
+
+    def backend(gm, example_inputs):
+        compiles.append(1)
+        return gm.forward
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    net = resnet(8, width=4)
+    opt = torch.optim.SGD(net.parameters(), lr=0.01)
+    mon = gradwatch.Monitor(net, optimizer=opt, every=1) if monitor == "before compile" else None
+    compiled = torch.compile(net, backend=backend)
+    if monitor == "on the compiled model":
+        mon = gradwatch.Monitor(compiled, optimizer=opt, every=1)
+    for s in range(4):
+        x, y = batch(seed=s)
+        F.cross_entropy(compiled(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+    if mon is not None:
+        assert set(mon.history().step) == {0, 1, 2, 3} and not mon.errors
+        mon.close()
+    torch._dynamo.reset()
+    return len(compiles)
+
+
+@pytest.mark.parametrize("monitor", ["before compile", "on the compiled model"])
+def test_the_monitor_causes_no_recompile(monitor):
+    """dynamo guards on a module's hooks: a hook removed after the first compile would force a second one."""
+    assert _count_compiles(monitor) == _count_compiles(None)
