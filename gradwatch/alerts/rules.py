@@ -144,15 +144,18 @@ class Exploding(Rule):
     above ``relative`` for ``patience`` consecutive logging steps (with the same *early* as
     :class:`Vanishing`); (2) ``grad_norm`` of ``_global`` more than ``spike`` times its running baseline
     (a geometric moving average over logging steps, weight ``baseline_weight``, judged after ``warmup``
-    steps). ``critical`` when the spike exceeds ``critical_spike``.
+    steps). A spike is ``info`` when it lasts one logging step (healthy stock models spike 12-50x and recover:
+    ``docs/validation.md``), ``warning`` once it has lasted ``spike_patience`` consecutive logging steps,
+    ``critical`` when it exceeds ``critical_spike``.
     """
 
     name = "exploding"
 
     def __init__(self, relative: float = 20.0, spike: float | None = 10.0, critical_spike: float | None = 1e3,
                  early: float = EARLY_FRACTION, patience: int = 1, warmup: int = 5, baseline_weight: float = 0.1,
-                 min_layers: int = 4) -> None:
+                 min_layers: int = 4, spike_patience: int = 3) -> None:
         super().__init__(patience)
+        self.spike_patience = check_int(spike_patience, "spike_patience", minimum=1, owner=self.name)
         self.relative = check_number(relative, "relative", owner=self.name)
         self.spike = check_number(spike, "spike", owner=self.name, allow_none=True)
         self.critical_spike = check_number(critical_spike, "critical_spike", owner=self.name, allow_none=True)
@@ -182,13 +185,14 @@ class Exploding(Rule):
             seen = int(self.state["seen"])
             if base is not None and seen >= self.warmup:
                 factor = math.exp(math.log(g) - base)
-                if factor > self.spike:
+                held = self.streak("spike", factor > self.spike)
+                if held:
                     severity = "critical" if self.critical_spike is not None and factor > self.critical_spike \
-                        else "warning"
+                        else ("warning" if held >= self.spike_patience else "info")
                     out.append(self.alert(
                         m, severity, None, factor, self.spike,
                         f"gradient norm spike: the whole-model grad_norm {g:.3g} is {factor:.3g} times its running "
-                        f"baseline {math.exp(base):.3g}",
+                        f"baseline {math.exp(base):.3g}" + (f", for {held} logging steps" if held > 1 else ""),
                         "a bad batch, a too-high learning rate or an unstable layer: clip gradients "
                         "(torch.nn.utils.clip_grad_norm_), lower or warm up the learning rate, look at the "
                         "grad_norm curves of the layers to find where it starts",
@@ -215,13 +219,11 @@ class DepthTrend(Rule):
     output layer (bound ``per_layer`` decades per layer). A positive slope (gradient larger at the output)
     means it decays toward the input; a negative one that it grows toward the input.
 
-    Severity follows what the profile means. Block input gradients that *decay* toward the input mean the
-    residual highway leaks (a skip scaled below 1 on every block, He et al. 2016's constant scaling): a
-    ``warning``. Growth toward the input is what a post-activation BN ResNet does at initialisation (torchvision's
-    resnet50: 143x over 16 blocks) and it trains fine, so it is ``info``; so is the per-layer profile of a net
-    without blocks (a 10-layer ReLU MLP at PyTorch's default init decays 2,000x and trains). Whether early
-    layers are actually starved or flooded is what :class:`Vanishing` and :class:`Exploding` judge, on the
-    layers' own ratios.
+    Always ``info``: a profile is context, not a verdict. Healthy stock nets go far both ways — torchvision's
+    resnet50 grows 143x over 16 blocks toward the input at initialisation, then decays 133-447x toward it while
+    training, like its ResNeXt and Wide siblings; a 10-layer ReLU MLP at PyTorch's default init decays 2,000x
+    and trains. Whether the early layers are actually starved or flooded is what :class:`Vanishing` and
+    :class:`Exploding` judge, on the layers' own ratios.
     """
 
     name = "depth_trend"
@@ -251,7 +253,7 @@ class DepthTrend(Rule):
             return []
         what = "block input gradient ‖dL/dx‖" if unit == "block" else "grad_to_weight of the weight layers"
         direction = "decays toward the input" if slope > 0 else "grows toward the input"
-        severity = "warning" if unit == "block" and slope > 0 else "info"
+        severity = "info"
         return [self.alert(
             m, severity, None, slope, bound if slope > 0 else -bound,
             f"depth trend: the {what} {direction} by {10 ** abs(slope):.3g}x per {unit} "
