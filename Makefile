@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-fast bench clean
+.PHONY: demo test test-fast bench zoo clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -28,5 +28,21 @@ test-fast: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/overhead.py
 
+# The calibration zoo (docs/validation.md). Each torchvision release requires its own torch (0.29: torch >= 2.14)
+# and timm requires torchvision, so the full zoo runs in an environment of its own, ZOO_VENV: created when missing
+# (torch 2.14.1 + torchvision 0.29.1: the pair this project's machines keep on disk; elsewhere pip downloads a
+# multi-GB CUDA build) or a ready one (make zoo ZOO_VENV=path). Entries whose library
+# is not installed there are skipped.
+# Default 300 steps every 5; docs/validation.md says which command made it (e.g. ZOO_ARGS="--steps 100 --every 2").
+ZOO_VENV ?= .venv-zoo
+ZOO_ARGS ?=
+zoo:
+	@test -x $(ZOO_VENV)/bin/python || ($(PYTHON) -m venv $(ZOO_VENV) && \
+		$(ZOO_VENV)/bin/pip install -q torch==2.14.1 torchvision==0.29.1 timm transformers)
+	$(ZOO_VENV)/bin/pip install -q -e . --no-deps
+	$(ZOO_VENV)/bin/pip install -q "tensorboard>=2.12" "numpy>=1.23" "pandas>=1.5"
+	$(ZOO_VENV)/bin/python -m gradwatch.reference.zoo --threads 1 --out runs/zoo --json runs/zoo.json \
+		--out-md docs/validation.md $(ZOO_ARGS)
+
 clean:
-	rm -rf $(VENV) runs *.egg-info
+	rm -rf $(VENV) .venv-zoo runs *.egg-info

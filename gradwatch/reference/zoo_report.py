@@ -1,0 +1,255 @@
+"""The zoo's report and command line: a Markdown table per kind of entry (``docs/validation.md``), a JSON
+dump of every result, and :func:`main_with`, the body of ``python -m gradwatch.reference.zoo``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.metadata
+import json
+import logging
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..alerts import default_rules
+from ..version import __version__
+from .zoo_run import FULL, QUICK, ZooResult, alert_text, run_entry
+
+__all__ = ["report", "main_with"]
+
+
+# ---------------------------------------------------------------------------------------------- the report
+def _g(x: Any, digits: int = 3) -> str:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "inf" if x == math.inf else "–"
+    return f"{x:.{digits}g}"
+
+
+def _m(margin: float) -> str:
+    """A margin, bold when the statistic is past the threshold."""
+    if not isinstance(margin, float) or math.isnan(margin):
+        return ""
+    text = "∞" if margin == math.inf else f"{margin:.2g}"
+    return f" (**×{text}**)" if margin < 1 else f" (×{text})"
+
+
+def _row_stats(s: dict[str, dict[str, Any]]) -> list[str]:
+    van, exp, dep = s.get("vanishing", {}), s.get("exploding", {}), s.get("depth_trend", {})
+    skip, dead = s.get("skip_collapse", {}), s.get("dead_layer", {})
+    ratio = (f"{_g(van.get('worst'))}{_m(van.get('margin', math.nan))} / "
+             f"{_g(exp.get('worst'))}{_m(exp.get('margin', math.nan))}")
+    if dep.get("unit"):
+        unit = dep["unit"] + ("" if len(dep.get("units", [])) < 2 else "*")
+        slope = (f"{dep['worst']:+.3f}/{unit}, {_g(dep.get('end_to_end_at_worst'))}x"
+                 f"{_m(dep.get('margin', math.nan))}")
+    else:
+        slope = "–"
+    share = f"{_g(skip.get('worst'))}{_m(skip.get('margin', math.nan))}" if skip.get("block") else "–"
+    spike = (f"{_g(exp.get('spike_max'))}x; held {_g(exp.get('spike_worst_run'))}x"
+             f"{_m(exp.get('spike_margin', math.nan))}") if np.isfinite(exp.get("spike_max", math.nan)) else "–"
+    zero = f"{dead.get('worst', 0)} ({dead.get('at_first_step', 0)} at first)" if dead.get("worst") else "0"
+    return [ratio, slope, share, spike, zero]
+
+
+def report(results: Sequence[ZooResult], header: str = "") -> str:
+    """The Markdown report: ``header``, a table of the healthy models, a table of the faults, skipped entries
+    and the list of failures."""
+    lines = [header.rstrip(), ""] if header else []
+    healthy = [r for r in results if r.healthy and r.status != "skipped"]
+    faults = [r for r in results if not r.healthy and r.status != "skipped"]
+    lines += [
+        "## Healthy models (must raise no warning or critical alert)", "",
+        "| model | library | optimiser | merges found / expected | flow | alerts ≥ warning | info alerts | "
+        "early_ratio min / max | worst depth slope, fitted end to end | min skip_share | max grad-norm spike | "
+        "zero-grad layers (max) | loss | time | pass |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in healthy:
+        if r.status == "error":
+            lines.append(f"| {r.name} | {r.library} | {r.recipe} | | | | | | | | | | | | **error** |")
+            continue
+        info = [a for a in r.alerts if a["severity"] == "info"]
+        lines.append("| " + " | ".join([
+            r.name, r.library, r.recipe, f"{r.merges_found} / {r.merges_expected}", r.flow_status.split(":")[0],
+            ", ".join(alert_text(a) for a in r.loud()) or "none",
+            ", ".join(alert_text(a) for a in info) or "none", *_row_stats(r.stats),
+            f"{r.loss_first:.3g} → {r.loss_last:.3g}", f"{r.seconds:.0f} s ({r.steps_per_s:.1f}/s)",
+            "yes" if r.status == "pass" else "**no**",
+        ]) + " |")
+    lines += [
+        "", "## Planted faults (each expected rule must fire, warning or critical)", "",
+        "| fault | what | merges found / expected | expected | fired (≥ warning) | info alerts | time | pass |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in faults:
+        expect = ", ".join(k + (f" ({v})" if v else "") for k, v in r.expect.items())
+        if r.status == "error":
+            lines.append(f"| {r.name} | {r.about} | | {expect} | | | | **error** |")
+            continue
+        info = [a for a in r.alerts if a["severity"] == "info"]
+        lines.append("| " + " | ".join([
+            r.name, r.about, f"{r.merges_found} / {r.merges_expected}", expect,
+            ", ".join(alert_text(a) for a in r.loud()) or "none", ", ".join(alert_text(a) for a in info) or "none",
+            f"{r.seconds:.0f} s", "yes" if r.status == "pass" else "**no**",
+        ]) + " |")
+    skipped = [r for r in results if r.status == "skipped"]
+    if skipped:
+        lines += ["", "Skipped (library not installed): " + ", ".join(f"{r.name} ({r.library})" for r in skipped)
+                  + "."]
+    failed = [r for r in results if not r.passed]
+    lines += ["", "## Failures", ""]
+    lines += [f"- **{r.name}**: " + "; ".join(r.reasons) for r in failed] or ["None."]
+    return "\n".join(lines) + "\n"
+
+
+def _source() -> str:
+    """gradwatch's version and, in a git checkout, the commit and the files changed since (rules in flux)."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+    def run(*args: str) -> str:
+        return subprocess.run(["git", "-C", root, *args], capture_output=True, text=True, timeout=10,
+                              check=True).stdout
+
+    try:
+        commit = run("rev-parse", "--short", "HEAD").strip()
+        dirty = [line[3:] for line in run("status", "--porcelain", "--", "gradwatch", "integrations").splitlines()
+                 if line.strip()]
+    except (OSError, subprocess.SubprocessError):
+        return f"gradwatch {__version__}"
+    changed = f", with uncommitted changes to {', '.join(f'`{d}`' for d in dirty)}" if dirty else ""
+    return f"gradwatch {__version__} at commit {commit}{changed}"
+
+
+def _header(argv: Sequence[str], steps: int, every: int, threads: int, n: int, seconds: float | None,
+            source: str) -> str:
+    versions = []
+    for dist in ("torch", "torchvision", "timm", "transformers"):
+        try:
+            versions.append(f"{dist} {importlib.metadata.version(dist)}")
+        except importlib.metadata.PackageNotFoundError:
+            versions.append(f"{dist} not installed")
+    total = f", {seconds / 60:.1f} min in all" if seconds is not None else ""
+    rules = {r.name: r for r in default_rules()}
+    dep = rules.get("depth_trend")
+    return "\n".join([
+        "# Validation: the calibration zoo", "",
+        "Generated by `python -m gradwatch.reference.zoo " + " ".join(argv) + "` (do not edit by hand) on "
+        f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC: {', '.join(versions)}, "
+        f"Python {platform.python_version()}, {threads} CPU thread(s); {n} entries{total}. Source: {source}.",
+        "",
+        f"Each model is freshly initialised (seed 0) and trained {steps} steps (unless its row says otherwise) on "
+        f"generated data under `gradwatch.Monitor(model, optimizer=opt, every={every}, log_dir=...)` with the "
+        "default rules and block flow. Images are 32x32 (the reference nets' 16x16), batch 8; text is 32 tokens "
+        "from a vocabulary of 1000, batch 8. SGD has momentum 0.9. Loss: mean of the first 10 steps → mean of "
+        "the last 10. Code: `gradwatch/reference/zoo.py` (entries), `zoo_run.py` (training, statistics), "
+        "`zoo_report.py` (this report). CI runs a pinned part of the zoo with torch and transformers only "
+        "(`tests/reference/test_zoo.py`).",
+        "",
+        "Statistics are recomputed from `mon.records` with `gradwatch.alerts.early_ratio` / `depth_slope` "
+        "(thresholds from `gradwatch.alerts.default_rules()`), over every logging step. **(×m)** is the margin: "
+        "how many times the statistic held for the rule's patience would have to move to reach the threshold "
+        "(bold below 1: past it). early_ratio: min is judged by `vanishing`, max by `exploding`. Depth slope: "
+        "decades of the gradient per block (`grad_in`) or, for nets without blocks, per weight layer (`*`: both "
+        "units occurred; – : too few points) at the step with the steepest slope, positive when the gradient "
+        "decays toward the input, negative when it grows toward it; its margin counts either direction (the "
+        "alert columns show the severity the rule gave) and combines the slope bound "
+        f"({getattr(dep, 'per_block', '?')}/block, {getattr(dep, 'per_layer', '?')}/layer) and the end-to-end "
+        f"bound ({getattr(dep, 'min_total', '?'):g}x) as the rule does. Spike: whole-model grad norm over its "
+        "running baseline, the largest and the largest held for the rule's spike patience (its margin). "
+        "Zero-grad layers: most layers with an exactly zero gradient at one logging step (and at the first "
+        "logging step).",
+    ])
+
+
+def main_with(entries: Callable[..., list[Any]], argv: list[str] | None = None) -> int:
+    """The command line of :mod:`gradwatch.reference.zoo`, given its ``entries`` function."""
+    p = argparse.ArgumentParser(prog="python -m gradwatch.reference.zoo",
+                                description="Train the calibration zoo under a default monitor and report.")
+    p.add_argument("--quick", action="store_true", help=f"{QUICK[0]} steps, every {QUICK[1]}")
+    p.add_argument("--only", help="comma-separated entry names")
+    p.add_argument("--library", help="comma-separated: torchvision,timm,transformers,reference")
+    p.add_argument("--steps", type=int, help=f"steps per entry (default {FULL[0]}; --quick {QUICK[0]})")
+    p.add_argument("--every", type=int, help=f"logging interval (default {FULL[1]}; --quick {QUICK[1]})")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    p.add_argument("--out", default="runs/zoo", help="TensorBoard runs go to OUT/<entry>")
+    p.add_argument("--out-md", help="write the Markdown report here")
+    p.add_argument("--json", help="write the results as JSON here (rewritten after every entry)")
+    p.add_argument("--verbose", action="store_true", help="show gradwatch's alert log lines while training")
+    args = p.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    steps = args.steps or (QUICK if args.quick else FULL)[0]
+    every = args.every or (QUICK if args.quick else FULL)[1]
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    chosen = entries(args.library.split(",") if args.library else None)
+    if args.only:
+        names = args.only.split(",")
+        unknown = set(names) - {e.name for e in chosen}
+        if unknown:
+            p.error(f"unknown entries {sorted(unknown)}; choose from {[e.name for e in chosen]}")
+        chosen = [e for e in chosen if e.name in names]
+    log = logging.getLogger("gradwatch")
+    quiet = None if args.verbose else logging.NullHandler()
+    if quiet is not None:  # alerts are in the report; keep the console to one line per entry
+        log.addHandler(quiet)
+        log.propagate = False
+    results: list[ZooResult] = []
+    source = _source()  # as the run starts: the rules it ran with
+    start = time.perf_counter()
+    try:
+        for i, entry in enumerate(chosen, 1):
+            res = run_entry(entry, steps, every, args.out, args.seed)
+            results.append(res)
+            if args.json:
+                _write_json(args.json, argv, steps, every, source, results)
+            if res.status == "skipped":
+                print(f"[{i}/{len(chosen)}] {res.name:<26} skipped: {res.reasons[0]}", flush=True)
+                continue
+            fired = ", ".join(alert_text(a) for a in res.loud()) or "no alerts ≥ warning"
+            other = [r for r in res.reasons if not r.startswith("false alarm")]  # false alarms: in `fired`
+            print(f"[{i}/{len(chosen)}] {res.name:<26} {res.status:<7} {res.seconds:6.1f} s  "
+                  f"merges {res.merges_found}/{res.merges_expected}  {fired}"
+                  + (f"  -- {'; '.join(other)}" if other else ""), flush=True)
+    finally:
+        if quiet is not None:
+            log.removeHandler(quiet)
+            log.propagate = True
+    text = report(results, _header(argv, steps, every, torch.get_num_threads(), len(results),
+                                   time.perf_counter() - start, source))
+    if args.out_md:
+        with open(args.out_md, "w", encoding="utf-8") as f:
+            f.write(text)
+    else:
+        print(text)
+    failed = [r.name for r in results if not r.passed]
+    print(f"{len(results) - len(failed)}/{len(results)} passed" + (f"; failed: {', '.join(failed)}" if failed else ""))
+    return 1 if failed else 0
+
+
+def _write_json(path: str, argv: Sequence[str], steps: int, every: int, source: str,
+                results: Sequence[ZooResult]) -> None:
+    def clean(x: Any) -> Any:
+        if isinstance(x, float) and not math.isfinite(x):
+            return str(x)
+        if isinstance(x, dict):
+            return {k: clean(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [clean(v) for v in x]
+        return x
+
+    doc = {"command": "python -m gradwatch.reference.zoo " + " ".join(argv), "steps": steps, "every": every,
+           "torch": torch.__version__, "source": source, "results": [clean(asdict(r)) for r in results]}
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(doc, f, indent=1)
