@@ -16,7 +16,8 @@ import sys as _sys
 
 from . import alerts, blocks, flow, reference
 from .alerts import (
-    Alert, AlertSink, CallableSink, GradientAlarm, LoggingSink, Measurements, Rule, WebhookSink,
+    Alert, AlertSink, CallableSink, GradientAlarm, Incident, IncidentEvent, LoggingSink, Measurements, Rule,
+    RunSummary, WebhookSink,
 )
 from .config import AlertConfig, Config, MeasureConfig, OutputConfig
 from .history import History
@@ -47,6 +48,9 @@ __all__ = [
     "amp_grad_scale",
     "Alert",
     "GradientAlarm",
+    "Incident",
+    "IncidentEvent",
+    "RunSummary",
     "Rule",
     "Measurements",
     "AlertSink",

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,7 +20,8 @@ from typing import Any
 from torch import nn
 
 from ._checks import (
-    GRANULARITIES, Pattern, check_bool, check_choice, check_int, check_modules, check_patterns, check_str, check_types,
+    GRANULARITIES, Pattern, check_bool, check_choice, check_int, check_modules, check_number, check_patterns,
+    check_str, check_types,
 )
 from .alerts.alert import POLICIES
 from .alerts.rules import build_rules
@@ -72,6 +74,22 @@ def _alerts_path(value: Any, name: str) -> str | bool | None:
     return os.fspath(value)
 
 
+def _backoff(value: Any, name: str) -> float:
+    value = check_number(value, name)
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1 (each reminder waits at least as long as the one before), got {value!r}")
+    return value
+
+
+def _cooldown(value: Any, name: str) -> int | None:
+    value = check_int(value, name, minimum=0, allow_none=True)
+    if value is not None:
+        warnings.warn("alert_cooldown is deprecated: alerts are incidents now, reminded with back-off; use "
+                      "remind_steps (logging steps) or remind_after (seconds). alert_cooldown=N is read as "
+                      "remind_steps=N when remind_steps is not given", DeprecationWarning, stacklevel=4)
+    return value
+
+
 #: Every option: name -> (group, check). A check returns the value to store or raises TypeError/ValueError.
 OPTIONS: dict[str, tuple[str, Callable[[Any, str], Any]]] = {
     "granularity": ("measure", lambda v, n: check_choice(v, n, GRANULARITIES)),
@@ -86,7 +104,11 @@ OPTIONS: dict[str, tuple[str, Callable[[Any, str], Any]]] = {
     "alert_sinks": ("alerts", _alert_sinks),
     "on_critical": ("alerts", lambda v, n: check_choice(v, n, POLICIES)),
     "alerts_path": ("alerts", _alerts_path),
-    "alert_cooldown": ("alerts", lambda v, n: check_int(v, n, minimum=0)),
+    "remind_after": ("alerts", lambda v, n: check_number(v, n, allow_none=True)),
+    "remind_steps": ("alerts", lambda v, n: check_int(v, n, minimum=1, allow_none=True)),
+    "remind_backoff": ("alerts", _backoff),
+    "resolve_after": ("alerts", lambda v, n: check_int(v, n, minimum=1)),
+    "alert_cooldown": ("alerts", _cooldown),
     "every": ("output", lambda v, n: check_int(v, n, minimum=1)),
     "histograms": ("output", check_bool),
     "prefix": ("output", check_str),
@@ -134,14 +156,20 @@ class AlertConfig(_Checked):
     "dead_layer": False}``); a list of ``Rule`` instances replaces them; ``False`` turns alerting off.
     ``alert_sinks``: e.g. ``[gradwatch.WebhookSink(url)]``, or any callable taking an ``Alert``.
     ``on_critical``: ``"stop"`` sets ``Monitor.should_stop``; ``"raise"`` raises ``GradientAlarm`` out of
-    ``step()`` / ``optimizer.step()``. An escalation to critical always passes the cooldown.
+    ``step()`` / ``optimizer.step()``. Findings become incidents: told when opened, escalated (at once),
+    reminded with back-off (``remind_after`` seconds and/or ``remind_steps`` logging steps, then
+    ``remind_backoff`` times longer each time) and resolved after ``resolve_after`` clear logging steps.
     """
 
     rules: Any = None  # None: all built-in rules; dict: tune/drop them; list: exactly these; False: alerting off
     alert_sinks: tuple[Any, ...] = ()  # where alerts go besides the logger, TensorBoard and alerts.jsonl
     on_critical: str = "warn"  # "warn", "stop" (Monitor.should_stop) or "raise" (GradientAlarm)
     alerts_path: str | bool | None = None  # the JSONL record; None: <log_dir>/alerts.jsonl; False: none
-    alert_cooldown: int = 20  # logging steps before the same (rule, name) may alert again at the same severity
+    remind_after: float | None = 3600.0  # wall seconds before an open incident's first reminder; None: none
+    remind_steps: int | None = None  # logging steps before the first reminder; None: none (either due: remind)
+    remind_backoff: float = 4.0  # each later reminder waits this many times longer (1 h, 4 h, 16 h, 64 h)
+    resolve_after: int = 5  # consecutive clear logging steps before an incident is resolved
+    alert_cooldown: int | None = None  # deprecated: read as remind_steps when that is not given
 
     @property
     def enabled(self) -> bool:

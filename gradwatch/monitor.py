@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .alerts import Alert, AlertEngine, LoggingSink, build_rules
+from .alerts import Alert, AlertEngine, Incident, IncidentTracker, LoggingSink, build_rules
 from .alerts.engine import default_path
 from .config import Config
 from .flow import Blocks, FlowProbe, FlowStatus, check_blocks
@@ -103,7 +103,8 @@ class Monitor:
       ``sync_ranks``;
     - *alerting*: ``rules``, ``alert_sinks``, ``on_critical`` (``"warn"``, ``"stop"``: :attr:`should_stop`,
       ``"raise"``: :class:`~gradwatch.GradientAlarm` out of ``step()`` / ``optimizer.step()``),
-      ``alerts_path``, ``alert_cooldown`` (``docs/alerts.md``);
+      ``alerts_path``; incidents: ``remind_after``, ``remind_steps``, ``remind_backoff``, ``resolve_after``
+      (``docs/alerts.md``);
     - *output*: ``every`` (default 50), ``histograms``, ``prefix``, ``sinks``, ``strict`` (re-raise errors
       inside gradwatch's hooks and sinks; otherwise they are logged, kept in :attr:`errors`, and training
       goes on).
@@ -208,9 +209,12 @@ class Monitor:
         if rules:
             path = cfg.alerts.alerts_path
             path = default_path(log_dir, self._writer or writer) if path is None else (path or None)
-            self._engine = AlertEngine(rules, kinds=layer_kinds(model), on_critical=cfg.alerts.on_critical,
-                                       cooldown=cfg.alerts.alert_cooldown, path=path, rank_zero=self._rank_zero,
-                                       on_error=self._contain_in)
+            a = cfg.alerts
+            tracker = IncidentTracker(
+                remind_after=a.remind_after, backoff=a.remind_backoff, resolve_after=a.resolve_after,
+                remind_steps=a.remind_steps if a.remind_steps is not None else a.alert_cooldown or None)
+            self._engine = AlertEngine(rules, kinds=layer_kinds(model), on_critical=a.on_critical, tracker=tracker,
+                                       path=path, rank_zero=self._rank_zero, on_error=self._contain_in)
             self._order = ForwardOrder(model)  # until the first measured step: nonfinite names layers in this order
             owned.append(LoggingSink())
             user.extend(cfg.alerts.alert_sinks)
@@ -386,7 +390,7 @@ class Monitor:
         """The monitor's resumable state (step counter, alert rule state)."""
         state: dict[str, Any] = {"version": _STATE_VERSION, "step": self._step}
         if self._engine is not None:
-            state["alerts"] = self._engine.state_dict()  # rule streaks, baselines, cooldowns
+            state["alerts"] = self._engine.state_dict()  # rule streaks, baselines, incidents
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -400,12 +404,19 @@ class Monitor:
 
     @property
     def alerts(self) -> list[Alert]:
-        """Every alert sent so far, oldest first (``gradwatch.Alert``; the same on every rank)."""
+        """The findings told so far (incidents opened, escalated, reminded), oldest first (``gradwatch.Alert``;
+        the same on every rank; restored on resume)."""
         return [] if self._engine is None else list(self._engine.alerts)
 
     @property
+    def incidents(self) -> list[Incident]:
+        """Every incident of the run, open and resolved, oldest first (``gradwatch.Incident``: start, end,
+        worst value; restored on resume, so a resumed run does not announce open incidents again)."""
+        return [] if self._engine is None else self._engine.tracker.incidents
+
+    @property
     def suppressed_alerts(self) -> int:
-        """How many alerts the cooldown held back so far."""
+        """How many findings were not told: repeats of open incidents between reminders, inhibited ones."""
         return 0 if self._engine is None else self._engine.suppressed
 
     @property
@@ -438,6 +449,13 @@ class Monitor:
             self._flow.close()
         self._pending = None
         first: BaseException | None = None  # under strict, raised once everything is closed
+        if self._engine is not None and self._latest is not None:  # the run's incidents, once, to every sink
+            summary = self._engine.summary()
+            for sink in self._sinks:
+                try:
+                    self._call(sink, "summary", summary)
+                except Exception as err:
+                    first = first or err
         for sink in self._sinks:
             try:
                 self._call(sink, "close" if any(sink is s for s in self._owned) else "flush")
@@ -526,7 +544,9 @@ class Monitor:
         if self._engine is not None:
             if self._order is not None and not self._order.finished:  # known after the first measured step
                 self._forward = self._order.finish()
-            record = dataclasses.replace(record, alerts=self._engine.evaluate(record, self._forward))
+            events = self._engine.evaluate(record, self._forward)
+            record = dataclasses.replace(record, events=events, open_incidents=self._engine.open_counts(),
+                                         alerts=tuple(e.alert for e in events if e.kind != "resolved"))
         self._latest = record
         self._history.write(record)  # every rank keeps its history
         for sink in self._sinks:

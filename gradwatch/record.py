@@ -18,6 +18,7 @@ from .names import FLOW_METRICS, GLOBAL_NAME, early_count
 
 if TYPE_CHECKING:  # typing only: alerts depend on records, not the other way round
     from .alerts.alert import Alert
+    from .alerts.incident import IncidentEvent
 
 __all__ = ["StepRecord", "Sink"]
 
@@ -41,7 +42,12 @@ class StepRecord:
         whole: ``(len(layer_metrics),)``: the same metrics over the whole model (``_global``).
         blocks: the residual blocks measured at this step, in depth order (empty without block flow).
         block_values: ``(len(blocks), len(FLOW_METRICS))`` float64, read-only (:data:`gradwatch.flow.FLOW_METRICS`).
-        alerts: the alerts sent at this step (after cooldown), or None when alerting is off.
+        alerts: the findings told at this step (incidents opened, escalated, reminded), or None when
+            alerting is off.
+        events: the incident events told at this step (``opened``, ``escalated``, ``reminder``,
+            ``resolved``): what alert sinks send.
+        open_incidents: open incidents per severity (info, warning, critical) after this step, or None when
+            alerting is off.
     """
 
     step: int
@@ -52,6 +58,8 @@ class StepRecord:
     blocks: tuple[str, ...] = ()
     block_values: np.ndarray = field(default_factory=lambda: np.zeros((0, len(FLOW_METRICS))))
     alerts: tuple[Alert, ...] | None = None
+    events: tuple[IncidentEvent, ...] = ()
+    open_incidents: tuple[int, int, int] | None = None
 
     def __post_init__(self) -> None:
         n, m, b = len(self.layers), len(self.layer_metrics), len(self.blocks)
@@ -151,12 +159,23 @@ class StepRecord:
         return out
 
     def scalars(self, prefix: str = "") -> dict[str, float]:
-        """Every value as one flat ``{"<prefix><metric>/<name>": value}`` dict (the TensorBoard tags), plus
-        ``<prefix>alerts/count`` when alerting is on: what a logger that takes flat dicts receives."""
+        """Every value as one flat ``{"<prefix><metric>/<name>": value}`` dict (the TensorBoard tags), plus,
+        when alerting is on, ``<prefix>alerts/count`` (events told at this step) and
+        ``<prefix>alerts/open/<severity>`` (open incidents): what a logger that takes flat dicts receives."""
         out = {f"{prefix}{metric}/{name}": float(v)
                for metric, names, values in self.series() for name, v in zip(names, values.tolist())}
-        if self.alerts is not None:
-            out[f"{prefix}alerts/count"] = float(len(self.alerts))
+        out.update(self.alert_scalars(prefix))
+        return out
+
+    def alert_scalars(self, prefix: str = "") -> dict[str, float]:
+        """``<prefix>alerts/count`` and ``<prefix>alerts/open/{info,warning,critical}``; empty when alerting
+        is off."""
+        if self.alerts is None:
+            return {}
+        out = {f"{prefix}alerts/count": float(len(self.events))}
+        if self.open_incidents is not None:
+            out.update({f"{prefix}alerts/open/{sev}": float(n)
+                        for sev, n in zip(("info", "warning", "critical"), self.open_incidents)})
         return out
 
     def __len__(self) -> int:

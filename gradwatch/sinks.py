@@ -37,7 +37,10 @@ def open_writer(log_dir: str | os.PathLike) -> SummaryWriter:
 
 
 def alert_markdown(alert: Any) -> str:
-    """An alert as the Markdown of its TensorBoard text entry."""
+    """An alert or incident event as the Markdown of its TensorBoard text entry."""
+    markdown = getattr(alert, "markdown", None)
+    if callable(markdown):  # an IncidentEvent
+        return markdown().replace("\n", "\n\n")
     where = f" — `{alert.name}`" if alert.name else ""
     return (f"**{alert.severity}** {alert.rule}{where}\n\n{alert.message}\n\n"
             f"value {alert.value:.4g}, threshold {alert.threshold:.4g}\n\n*hint:* {alert.hint}")
@@ -69,8 +72,10 @@ class TensorBoardSink(Sink):
     ``/``) gives one section per metric. With ``histograms``, each metric also gets a histogram across names,
     ``<prefix>hist/<metric>``, of its finite values (layers only, ``_global`` left out), and a scalar
     ``<prefix>nonfinite/<metric>`` counting the NaN/Inf values left out of it. When alerting is on, every step
-    writes ``<prefix>alerts/count`` (alerts sent at that step) and each alert a text entry
-    ``<prefix>alerts/<rule>``; the writer is flushed on a step with alerts so they show at once.
+    writes ``<prefix>alerts/open/<severity>`` (open incidents: when trouble started and ended) and
+    ``<prefix>alerts/count`` (incident events told at that step), each event a text entry
+    ``<prefix>alerts/<rule>``, and the end of the run a text ``<prefix>alerts/summary``; the writer is flushed
+    on a step with events so they show at once.
     ``add_scalars`` is never used: it makes a run per key.
     """
 
@@ -96,16 +101,23 @@ class TensorBoardSink(Sink):
                     hists.append((f"{p}hist/{metric}", finite))
         if self.histograms:  # what the histograms leave out
             scalars.extend((f"{p}nonfinite/{m}", float(c)) for m, c in record.nonfinite_counts().items())
-        texts: list[tuple[str, str]] = []
-        if record.alerts is not None:
-            scalars.append((f"{p}alerts/count", float(len(record.alerts))))
-            texts = [(f"{p}alerts/{a.rule}", alert_markdown(a)) for a in record.alerts]
-        if self._events is not None:
-            self._write_event(self._events, record.step, scalars, hists, texts)
-        else:
-            self._write_calls(record.step, scalars, hists, texts)
-        if record.alerts:
+        scalars.extend(record.alert_scalars(p).items())
+        texts = [(f"{p}alerts/{e.rule}", alert_markdown(e)) for e in record.events]
+        self._write(record.step, scalars, hists, texts)
+        if record.events:
             self.flush()
+
+    def summary(self, summary: Any) -> None:
+        """The run's incidents (:class:`gradwatch.alerts.RunSummary`) as the text ``<prefix>alerts/summary``."""
+        text = "\n\n".join(line.strip() for line in summary.lines(limit=50))
+        self._write(summary.step or 0, [], [], [(f"{self.prefix}alerts/summary", text)])
+        self.flush()
+
+    def _write(self, step: int, scalars, hists, texts) -> None:
+        if self._events is not None:
+            self._write_event(self._events, step, scalars, hists, texts)
+        else:
+            self._write_calls(step, scalars, hists, texts)
 
     def _write_event(self, events: Any, step: int, scalars, hists, texts) -> None:
         values = [Summary.Value(tag=tag, simple_value=v) for tag, v in scalars]

@@ -23,7 +23,7 @@ from gradwatch.sinks import open_writer
 
 log = logging.getLogger("gradwatch")
 
-__all__ = ["GradWatchCallback", "NAMESPACES", "PROG_BAR_KEY"]
+__all__ = ["GradWatchCallback", "NAMESPACES", "PROG_BAR_KEY", "PROG_BAR_ALERTS_KEY"]
 
 _MODULES: dict[str, Any] = {}
 for _name in ("lightning.pytorch", "pytorch_lightning"):
@@ -39,8 +39,8 @@ NAMESPACES: tuple[str, ...] = tuple(_MODULES)
 _BASES = tuple(module.Callback for module in _MODULES.values())
 _TENSORBOARD_LOGGERS = tuple(importlib.import_module(f"{n}.loggers").TensorBoardLogger for n in _MODULES)
 
-#: Key of the progress-bar figure (``prog_bar=True``).
-PROG_BAR_KEY = "g2w_early"
+#: Keys of the progress-bar figures: early layers' ratio (``prog_bar=True``), open incidents (warning and above).
+PROG_BAR_KEY, PROG_BAR_ALERTS_KEY = "g2w_early", "gw_alerts"
 
 _STATE_VERSION = 1
 
@@ -61,8 +61,8 @@ class GradWatchCallback(*_BASES):  # type: ignore[misc]
 
     Args:
         every: measure every ``every`` steps; ``None`` (default): the trainer's ``log_every_n_steps``.
-        prog_bar: show ``g2w_early`` in the progress bar: the largest ``grad_to_weight`` of the early layers
-            (:func:`gradwatch.early_count` of the measured layers, definition order) at the latest measurement.
+        prog_bar: by default the bar shows ``gw_alerts`` (open incidents, warning and above); ``True`` adds
+            ``g2w_early`` (the early layers' largest ``grad_to_weight``); ``False`` shows nothing.
         **options: any option of :class:`gradwatch.Monitor` (``include``, ``rules``, ``on_critical``,
             ``prefix``, ``strict``, ...), checked now by :meth:`gradwatch.Config.from_options`.
 
@@ -82,10 +82,10 @@ class GradWatchCallback(*_BASES):  # type: ignore[misc]
     ``fit``. Its state is saved in checkpoints: a fit resumed with ``ckpt_path=`` continues the step axis.
     """
 
-    def __init__(self, every: int | None = None, *, prog_bar: bool = False, **options: Any) -> None:
+    def __init__(self, every: int | None = None, *, prog_bar: bool | None = None, **options: Any) -> None:
         super().__init__()
-        if not isinstance(prog_bar, bool):
-            raise TypeError(f"prog_bar must be a bool, got {type(prog_bar).__name__}")
+        if prog_bar is not None and not isinstance(prog_bar, bool):
+            raise TypeError(f"prog_bar must be a bool or None, got {type(prog_bar).__name__}")
         if every is not None:
             options["every"] = every
         #: The checked options every monitor is built from.
@@ -179,16 +179,22 @@ class GradWatchCallback(*_BASES):  # type: ignore[misc]
                 stop = any(s.monitor.should_stop for s in self._slots.values())
                 if trainer.strategy.reduce_boolean_decision(stop, all=False):
                     trainer.should_stop = True
-            latest = [s.monitor.latest for s in self._slots.values() if s.monitor.latest is not None]
-            health = [v for r in latest for v in r.early("grad_to_weight") if np.isfinite(v)] if self.prog_bar else []
-            if health:
-                pl_module.log(PROG_BAR_KEY, max(health), prog_bar=True, logger=False, on_step=True, on_epoch=False,
-                              rank_zero_only=True)
+            if self.prog_bar is not False and self.is_logging_step(_log_step(trainer)):
+                self._show_progress(pl_module)
         except Exception as err:
             self._contain(err)
 
+    def _show_progress(self, pl_module: Any) -> None:
+        latest = [s.monitor.latest for s in self._slots.values() if s.monitor.latest is not None]
+        counts = [r.open_incidents[1] + r.open_incidents[2] for r in latest if r.open_incidents is not None]
+        health = [v for r in latest for v in r.early("grad_to_weight") if np.isfinite(v)] if self.prog_bar else []
+        shown = {PROG_BAR_ALERTS_KEY: float(sum(counts))} if counts else {}
+        shown.update({PROG_BAR_KEY: max(health)} if health else {})
+        for key, value in shown.items():
+            pl_module.log(key, value, prog_bar=True, logger=False, on_step=True, on_epoch=False, rank_zero_only=True)
+
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
-        self._close()
+        self._close()  # the monitors' end-of-run summaries go out here
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
         self._close()

@@ -78,7 +78,8 @@ def test_a_record_is_immutable_and_reads_by_name():
     assert r.value(r.blocks[0], "skip_share") == r.block("skip_share")[0]
     flat = r.scalars("gw/")
     assert flat["gw/grad_norm/conv1"] == g and flat["gw/alerts/count"] == 0.0
-    assert len(flat) == len(r) + 1  # every value, plus the alert count
+    assert flat["gw/alerts/open/warning"] == 0.0 and r.open_incidents == (0, 0, 0)
+    assert len(flat) == len(r) + 4  # every value, the event count and the open incidents per severity
     with pytest.raises(KeyError):
         r.value("no.such.layer", "grad_norm")
     mon.close()
@@ -117,7 +118,7 @@ def _events_per_step(log_dir):
     (path,) = glob.glob(os.path.join(log_dir, "events.out.tfevents.*"))
     per_step: dict[int, list[int]] = {}
     for event in EventFileLoader(path).Load():
-        if event.HasField("summary"):
+        if event.HasField("summary") and not event.summary.value[0].tag.startswith("alerts/summary"):  # the run's, at close
             per_step.setdefault(event.step, []).append(len(event.summary.value))
     return per_step
 
@@ -133,7 +134,7 @@ def test_tensorboard_gets_one_event_per_logging_step(tmp_path, events):
             opt.zero_grad()
     per_step = _events_per_step(tmp_path)
     assert sorted(per_step) == [0, 1, 2]
-    n = len(mon.latest) + len(mon.latest.layer_metrics) + 6 + 1  # values, nonfinite/<metric>, alerts/count
+    n = len(mon.latest) + len(mon.latest.layer_metrics) + 6 + 4  # values, nonfinite/<metric>, alerts/*
     for counts in per_step.values():
         assert len(counts) == 1  # the whole step in one event: scalars and histograms together
         assert counts[0] == n + len(mon.latest.layer_metrics) + 6  # + one histogram per metric
@@ -160,7 +161,7 @@ def test_a_writer_that_is_not_a_summary_writer_gets_one_call_per_value():
     mon.close()
     tags = {t for t, _, _ in w.calls}
     assert "grad_norm/_global" in tags and "skip_share/layer1.0" in tags and "alerts/count" in tags
-    assert len(w.calls) == len(mon.latest) + 1
+    assert len(w.calls) == len(mon.latest) + 4
 
 
 def test_records_compare_by_identity_and_check_their_shapes():
@@ -190,7 +191,7 @@ def test_a_summary_writer_subclass_that_overrides_add_scalar_gets_its_calls(tmp_
     train(model, mon, 1)
     mon.close()
     w.close()
-    assert Counting.calls == len(mon.latest) + 1
+    assert Counting.calls == len(mon.latest) + 4
 
 
 def test_a_writer_without_flush_is_fine():

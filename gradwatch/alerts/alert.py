@@ -9,7 +9,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-__all__ = ["SEVERITIES", "POLICIES", "severity_rank", "Alert", "GradientAlarm", "read_alerts", "summarize"]
+__all__ = [
+    "SEVERITIES", "POLICIES", "severity_rank", "Alert", "GradientAlarm", "read_alerts", "read_events", "summarize",
+]
 
 #: Alert severities, mildest first.
 SEVERITIES = ("info", "warning", "critical")
@@ -41,6 +43,9 @@ class Alert:
         threshold: the threshold it crossed.
         message: what was seen, in words.
         hint: what to look at.
+        subject: what the condition is about, when ``name`` does not say it (``exploding`` reports a spike
+            and an early-layer ratio, both with ``name=None``; ``nonfinite`` names the first bad layer, which
+            may change while the condition is the same). None: ``name``.
     """
 
     rule: str
@@ -51,9 +56,16 @@ class Alert:
     threshold: float
     message: str
     hint: str
+    subject: str | None = None
 
     def __post_init__(self) -> None:
         severity_rank(self.severity)
+
+    @property
+    def key(self) -> str:
+        """The condition this alert is a finding of, ``"<rule>:<subject or name>"``: one open incident per key."""
+        about = self.subject if self.subject is not None else (self.name or "")
+        return f"{self.rule}:{about}"
 
     def to_dict(self) -> dict[str, Any]:
         """The alert as JSON-safe values (non-finite numbers become the strings ``"nan"``, ``"inf"``, ``"-inf"``)."""
@@ -70,6 +82,7 @@ class Alert:
             rule=str(d["rule"]), severity=str(d["severity"]), step=int(d["step"]),
             name=None if d.get("name") is None else str(d["name"]), value=float(d["value"]),
             threshold=float(d["threshold"]), message=str(d["message"]), hint=str(d["hint"]),
+            subject=None if d.get("subject") is None else str(d["subject"]),
         )
 
     def headline(self) -> str:
@@ -108,15 +121,29 @@ def summarize(alerts: Iterable[Alert], min_severity: str = "warning") -> str:
     return ", ".join(parts) if parts else "none"
 
 
-def read_alerts(path: str | os.PathLike) -> list[Alert]:
-    """The alerts recorded in an ``alerts.jsonl`` file (delivery-failure lines are skipped)."""
+#: The ``alerts.jsonl`` events that carry a finding told to the sinks.
+_TOLD = ("alert", "opened", "escalated", "reminder")
+
+
+def read_events(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """Every line of an ``alerts.jsonl`` file, as dicts: incident events (``event`` = ``opened``,
+    ``escalated``, ``reminder``, ``resolved``; ``told: false`` with ``why`` when inhibited), ``summary``,
+    ``delivery_failed``. A line cut short by a crash is skipped."""
     out = []
     with open(path, encoding="utf-8") as f:
         for line in f:
             line = line.strip()
             if not line:
                 continue
-            d = json.loads(line)
-            if d.get("event", "alert") == "alert":
-                out.append(Alert.from_dict(d))
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:  # the last line of a killed run
+                continue
     return out
+
+
+def read_alerts(path: str | os.PathLike) -> list[Alert]:
+    """The findings told, as recorded in an ``alerts.jsonl`` file: one per ``opened``, ``escalated`` and
+    ``reminder`` event (what the sinks received; :func:`read_events` has everything)."""
+    return [Alert.from_dict(d) for d in read_events(path)
+            if d.get("event", "alert") in _TOLD and d.get("told", True)]

@@ -1,17 +1,20 @@
-"""The alert engine: runs the rules on each step's record, drops repeats, keeps the record that is never lost,
-and applies the ``on_critical`` policy.
+"""The alert engine: runs the rules on each step's record, keeps incidents, writes the record that is never
+lost, and applies the ``on_critical`` policy.
 
 After each logging step the :class:`~gradwatch.Monitor` hands its :class:`~gradwatch.StepRecord` to
-:meth:`AlertEngine.evaluate`. The rules (:mod:`gradwatch.alerts.rules`) turn it into :class:`Alert` s; the engine
-drops repeats (cooldown per (rule, name); an escalation to ``critical`` always passes), writes every alert as
-one JSON line to ``alerts.jsonl`` and returns the alerts sent, which the monitor puts into the record for the
-sinks (logging, TensorBoard, webhooks, yours). The ``on_critical`` policy:
+:meth:`AlertEngine.evaluate`. The rules (:mod:`gradwatch.alerts.rules`) turn it into findings (:class:`Alert`);
+the :class:`~gradwatch.alerts.incidents.IncidentTracker` turns findings into incident events (opened,
+escalated, reminder, resolved); the engine writes every event as one JSON line to ``alerts.jsonl`` (those not
+told too, with why) and returns the events to tell, which the monitor puts into the record for the sinks
+(logging, TensorBoard, webhooks, yours). At the end, :meth:`AlertEngine.summary` lists the run's incidents.
+The ``on_critical`` policy:
 
 - ``"warn"`` (default): alert and carry on;
-- ``"stop"``: also set :attr:`Monitor.should_stop <gradwatch.Monitor.should_stop>` (the Lightning callback
-  turns it into ``trainer.should_stop``, agreed across ranks);
+- ``"stop"``: also set :attr:`Monitor.should_stop <gradwatch.Monitor.should_stop>` at any step with a
+  critical finding (the Lightning callback turns it into ``trainer.should_stop``, agreed across ranks);
 - ``"raise"``: also raise :class:`GradientAlarm` out of ``mon.step()`` (or ``optimizer.step()`` when the
-  monitor drives itself from the optimizer) — the one exception gradwatch raises into a training loop.
+  monitor drives itself from the optimizer) when a critical incident opens or a warning escalates to
+  critical — the one exception gradwatch raises into a training loop.
 
 Under torch.distributed every rank runs the rules and only rank 0 writes the record (and runs the sinks). The
 per-layer numbers are the same on every rank (gradients after DDP's all-reduce; FSDP/DTensor norms
@@ -33,7 +36,9 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from ..record import StepRecord
-from .alert import POLICIES, Alert, GradientAlarm, severity_rank
+from .alert import POLICIES, Alert, GradientAlarm
+from .incident import IncidentEvent, RunSummary
+from .incidents import IncidentTracker
 from .measurements import Measurements
 
 log = logging.getLogger("gradwatch")
@@ -91,17 +96,17 @@ def default_path(log_dir: str | os.PathLike | None, writer: Any) -> str | None:
 
 
 class AlertEngine:
-    """Runs the rules after each logging step and decides what is sent. Owned by :class:`~gradwatch.Monitor`.
+    """Runs the rules after each logging step and decides what is told. Owned by :class:`~gradwatch.Monitor`.
 
     Args:
         rules: the :class:`~gradwatch.alerts.Rule` s to run (see :func:`gradwatch.alerts.build_rules`).
         kinds: layer kinds (:func:`gradwatch.layers.layer_kinds`).
         on_critical: ``"warn"``, ``"stop"`` or ``"raise"``.
-        cooldown: logging steps during which a repeat of the same (rule, name) at the same or a lower
-            severity is not sent again (still counted in :attr:`suppressed`).
+        tracker: the :class:`~gradwatch.alerts.incidents.IncidentTracker` (back-off, hysteresis); None: defaults.
         path: the JSONL record, or None for none.
         rank_zero: whether this process writes the record.
         on_error: receives ``(where, exception)`` for an error inside a rule (the other rules still run).
+        keep_alerts: alerts kept in :attr:`alerts` (and checkpoints), the latest.
     """
 
     def __init__(
@@ -110,36 +115,35 @@ class AlertEngine:
         *,
         kinds: Mapping[str, str] | None = None,
         on_critical: str = "warn",
-        cooldown: int = 20,
+        tracker: IncidentTracker | None = None,
         path: str | None = None,
         rank_zero: bool = True,
         on_error: Callable[[str, BaseException], None] | None = None,
+        keep_alerts: int = 1000,
     ) -> None:
         if on_critical not in POLICIES:
             raise ValueError(f"on_critical must be one of {POLICIES}, got {on_critical!r}")
         self.rules = list(rules)
         self.on_critical = on_critical
-        self.cooldown = cooldown
+        self.tracker = tracker if tracker is not None else IncidentTracker()
         self.kinds = dict(kinds or {})
         self.path = path
         self._jsonl = _JsonLines(path) if (path and rank_zero) else None
         self._on_error = on_error
-        #: Every alert sent, oldest first (the same list on every rank).
+        self._keep = keep_alerts
+        #: The findings told (opened, escalated, reminded), oldest first (the same list on every rank).
         self.alerts: list[Alert] = []
-        #: Alerts held back by the cooldown.
+        #: Findings not told: repeats of open incidents between reminders, and inhibited ones.
         self.suppressed = 0
         self.should_stop = False
         self._pending_alarm: list[Alert] | None = None
-        self._evaluated = 0
-        self._last: dict[str, tuple[int, int]] = {}  # "rule\x00name" -> (evaluation number, severity rank)
         self._closed = False
 
-    def evaluate(self, record: StepRecord, forward: Mapping[str, int] | None = None) -> tuple[Alert, ...]:
-        """Run the rules on ``record`` (``forward``: module name -> position in the forward pass); record and
-        return the alerts that pass the cooldown."""
+    def evaluate(self, record: StepRecord, forward: Mapping[str, int] | None = None) -> tuple[IncidentEvent, ...]:
+        """Run the rules on ``record`` (``forward``: module name -> position in the forward pass), update the
+        incidents, record every event and return those to tell."""
         if self._closed:
             return ()
-        self._evaluated += 1
         m = Measurements.from_record(record, self.kinds, forward or {})
         found: list[Alert] = []
         for rule in self.rules:
@@ -147,17 +151,33 @@ class AlertEngine:
                 found.extend(rule.check(m))
             except Exception as err:  # a broken rule must not silence the others
                 self._error(f"rule {getattr(rule, 'name', rule)!r}", err)
-        sent = tuple(a for a in found if self._passes(a))
-        self.alerts.extend(sent)
+        told = self.tracker.update(found, record.step)
+        alerts = [e.alert for e in told.events if e.kind != "resolved"]
+        self.suppressed += len(found) - len(alerts)
+        self.alerts.extend(alerts)
+        del self.alerts[: max(0, len(self.alerts) - self._keep)]
         if self._jsonl is not None:
-            for alert in sent:
-                self._jsonl.write({"event": "alert", "time": time.time(), **alert.to_dict()})
-        critical = [a for a in sent if a.severity == "critical"]
-        if critical and self.on_critical in ("stop", "raise"):
+            for event in told.events:
+                self._jsonl.write(event.to_dict())
+            for event, why in told.quiet:
+                self._jsonl.write({**event.to_dict(), "told": False, "why": why})
+        if any(a.severity == "critical" for a in found) and self.on_critical in ("stop", "raise"):
             self.should_stop = True
-            if self.on_critical == "raise":
-                self._pending_alarm = critical
-        return sent
+        critical = [e.alert for e in told.events if e.kind in ("opened", "escalated") and e.severity == "critical"]
+        if critical and self.on_critical == "raise":
+            self._pending_alarm = critical
+        return told.events
+
+    def open_counts(self) -> tuple[int, int, int]:
+        """Open incidents per severity (info, warning, critical)."""
+        return self.tracker.open_counts()
+
+    def summary(self) -> RunSummary:
+        """The run's incidents (opened, resolved, still open); written to the record as a ``summary`` line."""
+        summary = self.tracker.summary()
+        if self._jsonl is not None and not self._closed:
+            self._jsonl.write(summary.to_dict())
+        return summary
 
     def raise_pending(self) -> None:
         """Raise the :class:`GradientAlarm` a critical alert left pending (``on_critical="raise"``)."""
@@ -165,13 +185,14 @@ class AlertEngine:
         if pending:
             raise GradientAlarm(pending)
 
-    def report_failure(self, sink: str, alert: Alert | None, error: str) -> None:
-        """Record that ``sink`` could not deliver ``alert`` (called by sinks, possibly from their threads)."""
-        log.warning("gradwatch: alert not delivered by %s: %s%s", sink, error,
-                    f" ({alert.headline()})" if alert is not None else "")
+    def report_failure(self, sink: str, alert: Any, error: str) -> None:
+        """Record that ``sink`` could not deliver ``alert`` (an event or an alert; called by sinks, possibly
+        from their threads)."""
+        what = getattr(alert, "headline", None)
+        log.warning("gradwatch: alert not delivered by %s: %s%s", sink, error, f" ({what()})" if what else "")
         if self._jsonl is not None:
             entry = {"event": "delivery_failed", "time": time.time(), "sink": sink, "error": error}
-            if alert is not None:
+            if alert is not None and hasattr(alert, "to_dict"):
                 entry["alert"] = alert.to_dict()
             self._jsonl.write(entry)
 
@@ -182,11 +203,12 @@ class AlertEngine:
             self._jsonl.close()
 
     def state_dict(self) -> dict[str, Any]:
-        """Rule state (streaks, baselines) and the cooldown table; JSON-like."""
+        """Rule state (streaks, baselines), the incidents and the alerts told; JSON-like."""
         return {
             "rules": {r.name: r.state_dict() for r in self.rules},
-            "evaluated": self._evaluated,
-            "last": {k: list(v) for k, v in self._last.items()},
+            "incidents": self.tracker.state_dict(),
+            "alerts": [a.to_dict() for a in self.alerts],
+            "suppressed": self.suppressed,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -194,18 +216,10 @@ class AlertEngine:
         for rule in self.rules:
             if rule.name in rules:
                 rule.load_state_dict(rules[rule.name])
-        self._evaluated = int(state.get("evaluated", 0))
-        self._last = {k: (int(v[0]), int(v[1])) for k, v in state.get("last", {}).items()}
-
-    def _passes(self, alert: Alert) -> bool:
-        key = f"{alert.rule}\x00{alert.name}"
-        rank = severity_rank(alert.severity)
-        last = self._last.get(key)
-        if last is not None and rank <= last[1] and self._evaluated - last[0] < max(self.cooldown, 1):
-            self.suppressed += 1
-            return False
-        self._last[key] = (self._evaluated, rank)
-        return True
+        if isinstance(state.get("incidents"), Mapping):
+            self.tracker.load_state_dict(state["incidents"])
+        self.alerts = [Alert.from_dict(d) for d in state.get("alerts", [])]
+        self.suppressed = int(state.get("suppressed", 0))
 
     def _error(self, where: str, err: BaseException) -> None:
         if self._on_error is not None:

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from .._checks import check_int
+from .._checks import check_int, check_number
 from .alert import Alert
 from .measurements import Measurements
 
@@ -19,13 +19,28 @@ class Rule:
 
     Subclasses set :attr:`name` and implement :meth:`check`, returning the alerts raised at this step
     (build them with :meth:`alert`). Keep every piece of state in :attr:`state` (a JSON-like dict): it is
-    saved in the monitor's ``state_dict``. :meth:`streak` counts consecutive logging steps a condition held.
+    saved in the monitor's ``state_dict``. :meth:`streak` counts consecutive logging steps a condition held;
+    :meth:`hold` does the same with hysteresis.
+
+    A rule returns a finding at every step its condition holds, not only the first: the monitor's incident
+    tracker (:mod:`gradwatch.alerts.incidents`) turns the findings into one incident per condition, opened,
+    reminded with back-off and resolved when the findings stop.
+
+    Args:
+        patience: consecutive logging steps a condition must hold before the rule fires.
+        clear_margin: once firing, a rule with a threshold keeps firing until its value is this many times
+            past the threshold on the safe side (a floor of 1e-3 clears above 2e-3 with the default 2), so a
+            value wobbling around the threshold stays one incident instead of flapping.
     """
 
     name = "rule"
 
-    def __init__(self, patience: int = 3) -> None:
-        self.patience = check_int(patience, "patience", minimum=1, owner=type(self).__name__)
+    def __init__(self, patience: int = 3, clear_margin: float = 2.0) -> None:
+        owner = type(self).__name__
+        self.patience = check_int(patience, "patience", minimum=1, owner=owner)
+        self.clear_margin = check_number(clear_margin, "clear_margin", owner=owner)
+        if self.clear_margin < 1:
+            raise ValueError(f"{owner}: clear_margin must be >= 1, got {clear_margin!r}")
         self.state: dict[str, Any] = {"streaks": {}}
 
     def check(self, m: Measurements) -> list[Alert]:  # pragma: no cover - abstract
@@ -41,9 +56,15 @@ class Rule:
             streaks.pop(key, None)
         return n
 
+    def hold(self, key: str, fire: bool, clear: bool) -> int:
+        """:meth:`streak` with hysteresis: a streak that reached :attr:`patience` goes on until ``clear``
+        (the value past the threshold by :attr:`clear_margin`), not merely until ``fire`` stops."""
+        firing = self.state["streaks"].get(key, 0) >= self.patience
+        return self.streak(key, fire or (firing and not clear))
+
     def alert(self, m: Measurements, severity: str, name: str | None, value: float, threshold: float,
-              message: str, hint: str) -> Alert:
-        return Alert(self.name, severity, int(m.step), name, float(value), float(threshold), message, hint)
+              message: str, hint: str, subject: str | None = None) -> Alert:
+        return Alert(self.name, severity, int(m.step), name, float(value), float(threshold), message, hint, subject)
 
     def state_dict(self) -> dict[str, Any]:
         return _plain(self.state)

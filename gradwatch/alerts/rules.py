@@ -62,8 +62,9 @@ class SkipCollapse(Rule):
 
     name = "skip_collapse"
 
-    def __init__(self, threshold: float = 1e-3, critical: float | None = None, patience: int = 3) -> None:
-        super().__init__(patience)
+    def __init__(self, threshold: float = 1e-3, critical: float | None = None, patience: int = 3,
+                 clear_margin: float = 2.0) -> None:
+        super().__init__(patience, clear_margin)
         self.threshold = check_number(threshold, "threshold", owner=self.name)
         self.critical = check_number(critical, "critical", owner=self.name, allow_none=True)
 
@@ -71,8 +72,8 @@ class SkipCollapse(Rule):
         share = m.block_values("skip_share")
         out = []
         for name, s in zip(m.blocks, share):
-            low = bool(np.isfinite(s) and s < self.threshold)
-            n = self.streak(name, low)
+            finite = bool(np.isfinite(s))
+            n = self.hold(name, finite and s < self.threshold, finite and s >= self.threshold * self.clear_margin)
             if n >= self.patience:
                 severity = "critical" if self.critical is not None and s < self.critical else "warning"
                 out.append(self.alert(
@@ -100,8 +101,9 @@ class Vanishing(Rule):
     name = "vanishing"
 
     def __init__(self, relative: float = 0.02, floor: float | None = 1e-7, critical: float | None = 1e-4,
-                 early: float = EARLY_FRACTION, patience: int = 3, min_layers: int = 4) -> None:
-        super().__init__(patience)
+                 early: float = EARLY_FRACTION, patience: int = 3, min_layers: int = 4,
+                 clear_margin: float = 2.0) -> None:
+        super().__init__(patience, clear_margin)
         self.relative = check_number(relative, "relative", owner=self.name)
         self.floor = check_number(floor, "floor", owner=self.name, allow_none=True)
         self.critical = check_number(critical, "critical", owner=self.name, allow_none=True)
@@ -116,12 +118,14 @@ class Vanishing(Rule):
         ratio, early_med, typical, names = stat.ratio, stat.early_median, stat.typical, stat.early
         rel_low = bool(np.isfinite(ratio) and ratio < self.relative)
         floor_low = self.floor is not None and early_med < self.floor
-        n = self.streak("early", rel_low or floor_low)
+        clear = bool(np.isfinite(ratio) and ratio >= self.relative * self.clear_margin) and \
+            (self.floor is None or early_med >= self.floor * self.clear_margin)
+        n = self.hold("early", rel_low or floor_low, clear)
         if n < self.patience:
             return []
         severity = "critical" if self.critical is not None and np.isfinite(ratio) and ratio < self.critical \
             else "warning"
-        if rel_low:
+        if rel_low or not floor_low:
             value, threshold = ratio, self.relative
             what = (f"early layers ({short_list(names, 3)}) have a median grad_to_weight {early_med:.3g}, "
                     f"{ratio:.3g} times the network's median {typical:.3g}")
@@ -153,8 +157,8 @@ class Exploding(Rule):
 
     def __init__(self, relative: float = 20.0, spike: float | None = 10.0, critical_spike: float | None = 1e3,
                  early: float = EARLY_FRACTION, patience: int = 1, warmup: int = 5, baseline_weight: float = 0.1,
-                 min_layers: int = 4, spike_patience: int = 3) -> None:
-        super().__init__(patience)
+                 min_layers: int = 4, spike_patience: int = 3, clear_margin: float = 2.0) -> None:
+        super().__init__(patience, clear_margin)
         self.spike_patience = check_int(spike_patience, "spike_patience", minimum=1, owner=self.name)
         self.relative = check_number(relative, "relative", owner=self.name)
         self.spike = check_number(spike, "spike", owner=self.name, allow_none=True)
@@ -169,7 +173,8 @@ class Exploding(Rule):
         out = []
         stat = early_ratio(m, self.early, self.min_layers)
         high = stat is not None and bool(np.isfinite(stat.ratio) and stat.ratio > self.relative)
-        n = self.streak("early", high)
+        low = stat is None or bool(np.isfinite(stat.ratio) and stat.ratio <= self.relative / self.clear_margin)
+        n = self.hold("early", high, low)
         if n >= self.patience and stat is not None:
             out.append(self.alert(
                 m, "warning", None, stat.ratio, self.relative,
@@ -178,6 +183,7 @@ class Exploding(Rule):
                 f"{stat.typical:.3g}" + (f", for {n} logging steps" if n > 1 else ""),
                 "typical of deep nets without skip connections (BatchNorm alone makes gradients grow toward the "
                 "input at init); add residual connections, lower the learning rate or warm it up, clip gradients",
+                subject="early layers",
             ))
         g = m.whole.get("grad_norm", math.nan)
         if self.spike is not None and np.isfinite(g) and g > 0:
@@ -196,6 +202,7 @@ class Exploding(Rule):
                         "a bad batch, a too-high learning rate or an unstable layer: clip gradients "
                         "(torch.nn.utils.clip_grad_norm_), lower or warm up the learning rate, look at the "
                         "grad_norm curves of the layers to find where it starts",
+                        subject="grad_norm spike",
                     ))
             # Update after judging; a spike moves the baseline by at most log(spike) so it cannot hide the next.
             x = math.log(g)
@@ -229,8 +236,8 @@ class DepthTrend(Rule):
     name = "depth_trend"
 
     def __init__(self, per_block: float = 0.1, per_layer: float = 0.05, min_total: float = 100.0,
-                 patience: int = 3, min_points: int = 6) -> None:
-        super().__init__(patience)
+                 patience: int = 3, min_points: int = 6, clear_margin: float = 2.0) -> None:
+        super().__init__(patience, clear_margin)
         self.per_block = check_number(per_block, "per_block", owner=self.name)
         self.per_layer = check_number(per_layer, "per_layer", owner=self.name)
         self.min_total = check_number(min_total, "min_total", owner=self.name)
@@ -246,8 +253,9 @@ class DepthTrend(Rule):
         bound = self.per_block if unit == "block" else self.per_layer
         total = 10 ** (abs(slope) * (points - 1))
         far = total > self.min_total
-        decay = self.streak("decay", far and slope > bound)
-        growth = self.streak("growth", far and slope < -bound)
+        near = total <= self.min_total / self.clear_margin
+        decay = self.hold("decay", far and slope > bound, near or slope <= bound / self.clear_margin)
+        growth = self.hold("growth", far and slope < -bound, near or slope >= -bound / self.clear_margin)
         n = max(decay, growth)
         if n < self.patience:
             return []
@@ -261,6 +269,7 @@ class DepthTrend(Rule):
             "an exponential profile over depth is the signature of a net that cannot pass gradient through "
             "its depth: add or repair skip connections, normalisation, or the init scale"
             + (" (look for blocks with low skip_share or transmission far from 1)" if unit == "block" else ""),
+            subject="decay" if slope > 0 else "growth",
         )]
 
 
@@ -271,8 +280,9 @@ class NonFinite(Rule):
     (:attr:`Measurements.forward`); layers it did not see, and all layers when it is unknown (:func:`replay`),
     follow in definition order.
 
-    Raised once per episode (the first non-finite step after finite ones): once a NaN reached the weights,
-    every later step is non-finite too.
+    One condition for the whole model (the layer named may change from step to step): one incident, open
+    while any gradient is non-finite; while it is open it inhibits every other rule's findings, since after
+    a NaN every statistic is garbage (:mod:`gradwatch.alerts.incidents`).
 
     A NaN born in the backward pass spreads to every layer *before* it in forward order, so the message also
     names the last non-finite layer (where a backward-born NaN starts). Steps an AMP ``GradScaler`` skipped for
@@ -290,7 +300,7 @@ class NonFinite(Rule):
         whole = m.whole.get("grad_norm", math.nan)
         present = bool(len(bad)) or ("grad_norm" in m.whole and not np.isfinite(whole))
         n = self.streak("any", present)
-        if n != self.patience:  # once per episode: after a NaN step the weights are usually NaN for good
+        if n < self.patience:
             return []
         if len(bad):
             bad = m.forward_sorted(bad)
@@ -310,6 +320,7 @@ class NonFinite(Rule):
             "NaN/Inf in the backward pass: look for log/sqrt/division at 0 or overflow in that layer or the loss "
             "(a NaN born in backward spreads to all earlier layers, so check the last one listed); lower the "
             "learning rate, clip gradients; under float16 use a GradScaler",
+            subject="model",
         )]
 
 

@@ -2,12 +2,14 @@
 an alert sink (the webhook sink is in :mod:`gradwatch.alerts.webhook`).
 
 An alert sink is a :class:`~gradwatch.Sink` like any other: it receives every :class:`~gradwatch.StepRecord`
-and sends the alerts in it (``record.alerts``: those that passed the cooldown). :class:`AlertSink` does the
-unpacking and the severity filter; a subclass implements ``send(alert)``, which must return quickly (anything
-slow belongs on a thread, like :class:`~gradwatch.WebhookSink`). Optionally ``attach(report_failure)``
-receives ``report_failure(sink_description, alert, error)`` to record a delivery that failed in
-``alerts.jsonl``. Errors a sink raises are contained by the monitor; they never reach the training loop.
-Sinks run on rank 0 only.
+and sends the incident events in it (``record.events``: opened, escalated, reminder, resolved — each an
+:class:`~gradwatch.IncidentEvent`, which reads like an :class:`~gradwatch.Alert`), and at the end of the run
+the :class:`~gradwatch.alerts.RunSummary` (``summary(summary)``). :class:`AlertSink` does the unpacking and
+the severity filter; a subclass implements ``send(event)`` (and ``send_summary(summary)``), which must return
+quickly (anything slow belongs on a thread, like :class:`~gradwatch.WebhookSink`). Optionally
+``attach(report_failure)`` receives ``report_failure(sink_description, event, error)`` to record a delivery
+that failed in ``alerts.jsonl``. Errors a sink raises are contained by the monitor; they never reach the
+training loop. Sinks run on rank 0 only.
 
 The JSONL record (``alerts.jsonl``) is not a sink: the alert engine writes it before any sink runs, so a
 failing sink can never lose an alert.
@@ -21,68 +23,89 @@ from collections.abc import Callable
 from typing import Any
 
 from ..record import Sink, StepRecord
-from .alert import Alert, severity_rank
+from .alert import severity_rank
+from .incident import IncidentEvent, RunSummary
 
 __all__ = ["AlertSink", "LoggingSink", "CallableSink", "as_alert_sink"]
 
 
 class AlertSink(Sink):
-    """Base of the alert sinks: :meth:`write` sends each alert of the record at least ``min_severity``."""
+    """Base of the alert sinks: :meth:`write` sends each incident event of the record at least
+    ``min_severity`` (a ``resolved`` event has the incident's peak severity); :meth:`summary` sends the run's
+    summary when it holds an incident at least that severe, or always with ``always_summarize``."""
+
+    always_summarize = False
 
     def __init__(self, min_severity: str = "info") -> None:
         severity_rank(min_severity)  # ValueError for an unknown severity
         self.min_severity = min_severity
 
     def write(self, record: StepRecord) -> None:
-        for alert in record.alerts or ():
-            if self._wants(alert):
-                self.send(alert)
+        for event in record.events:
+            if self._wants(event):
+                self.send(event)
 
-    def send(self, alert: Alert) -> None:  # pragma: no cover - interface
+    def summary(self, summary: RunSummary) -> None:
+        mine = summary.at_least(self.min_severity)
+        if mine.incidents or self.always_summarize:
+            self.send_summary(mine)
+
+    def send(self, event: IncidentEvent) -> None:  # pragma: no cover - interface
         raise NotImplementedError
 
-    def _wants(self, alert: Alert) -> bool:
-        return severity_rank(alert.severity) >= severity_rank(self.min_severity)
+    def send_summary(self, summary: RunSummary) -> None:
+        """Send the end-of-run summary (nothing by default)."""
+
+    def _wants(self, event: Any) -> bool:
+        return severity_rank(event.severity) >= severity_rank(self.min_severity)
 
 
 class LoggingSink(AlertSink):
-    """Log each alert on a Python logger (default ``gradwatch``): info → INFO, warning → WARNING,
-    critical → ERROR. On by default."""
+    """Log each incident event on a Python logger (default ``gradwatch``) as one line: info and resolved →
+    INFO, warning → WARNING, critical → ERROR; the hint once, when the incident opens. At the end of the run,
+    the summary (INFO; WARNING while incidents at warning or above are still open). On by default."""
 
     _LEVELS = {"info": logging.INFO, "warning": logging.WARNING, "critical": logging.ERROR}
+    always_summarize = True
 
     def __init__(self, logger: str | logging.Logger = "gradwatch", min_severity: str = "info") -> None:
         super().__init__(min_severity)
         self.logger = logger if isinstance(logger, logging.Logger) else logging.getLogger(logger)
 
-    def send(self, alert: Alert) -> None:
-        self.logger.log(self._LEVELS[alert.severity], "gradwatch %s", alert.format())
+    def send(self, event: IncidentEvent) -> None:
+        level = logging.INFO if getattr(event, "kind", None) == "resolved" else self._LEVELS[event.severity]
+        self.logger.log(level, "gradwatch %s", event.format())
+
+    def send_summary(self, summary: RunSummary) -> None:
+        loud = any(severity_rank(i.peak) >= 1 for i in summary.still_open)
+        self.logger.log(logging.WARNING if loud else logging.INFO, "%s", summary.format())
 
     def __repr__(self) -> str:
         return f"LoggingSink({self.logger.name!r})"
 
 
 class CallableSink(AlertSink):
-    """Call ``fn(alert)`` for each alert (in the training thread: keep it quick). A plain callable passed in
-    ``alert_sinks`` is wrapped in one."""
+    """Call ``fn(event)`` for each incident event (in the training thread: keep it quick); the event reads
+    like an :class:`~gradwatch.Alert` (``event.rule``, ``.severity``, ``.message``, ...) and says what
+    happened (``event.kind``). A plain callable passed in ``alert_sinks`` is wrapped in one."""
 
-    def __init__(self, fn: Callable[[Alert], Any], min_severity: str = "info") -> None:
+    def __init__(self, fn: Callable[[IncidentEvent], Any], min_severity: str = "info") -> None:
         if not callable(fn):
             raise TypeError(f"CallableSink needs a callable, got {type(fn).__name__}")
         super().__init__(min_severity)
         self.fn = fn
 
-    def send(self, alert: Alert) -> None:
-        self.fn(alert)
+    def send(self, event: IncidentEvent) -> None:
+        self.fn(event)
 
     def __repr__(self) -> str:
         return f"CallableSink({getattr(self.fn, '__qualname__', self.fn)!r})"
 
 
 class _SendOnly(AlertSink):
-    """An object of the earlier alert-sink protocol as an alert sink: ``send(alert)``, and optionally
-    ``end_step(step, alerts)`` after every evaluated step, ``attach(report_failure)``, ``flush(timeout)`` and
-    ``close(timeout)`` (given :attr:`wait` seconds)."""
+    """An object of the earlier alert-sink protocol as an alert sink: ``send(event)`` (the event reads like an
+    alert), and optionally ``end_step(step, events)`` after every evaluated step, ``send_summary(summary)``,
+    ``attach(report_failure)``, ``flush(timeout)`` and ``close(timeout)`` (given :attr:`wait` seconds)."""
 
     wait = 5.0
 
@@ -94,12 +117,17 @@ class _SendOnly(AlertSink):
         super().write(record)
         end_step = getattr(self.target, "end_step", None)
         if callable(end_step):
-            end_step(record.step, list(record.alerts or ()))
+            end_step(record.step, list(record.events))
 
-    def send(self, alert: Alert) -> None:
-        self.target.send(alert)
+    def send(self, event: IncidentEvent) -> None:
+        self.target.send(event)
 
-    def attach(self, report_failure: Callable[[str, Alert | None, str], None]) -> None:
+    def send_summary(self, summary: RunSummary) -> None:
+        fn = getattr(self.target, "send_summary", None)
+        if callable(fn):
+            fn(summary)
+
+    def attach(self, report_failure: Callable[[str, Any, str], None]) -> None:
         attach = getattr(self.target, "attach", None)
         if callable(attach):
             attach(report_failure)

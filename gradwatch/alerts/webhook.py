@@ -1,10 +1,10 @@
-"""A sink that posts alerts to a webhook (Slack or any JSON endpoint) from a background thread."""
+"""A sink that posts incident events to a webhook (Slack or any JSON endpoint) from a background thread, with a
+rate limit. The words are :mod:`gradwatch.alerts.messages`'s."""
 
 from __future__ import annotations
 
 import atexit
 import http.client
-import json
 import logging
 import os
 import queue
@@ -14,11 +14,14 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import weakref
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Sequence
+from typing import Any
 from email.utils import parsedate_to_datetime
 
-from .._checks import check_choice, check_int, check_number
-from .alert import Alert
+from .._checks import check_bool, check_choice, check_int, check_number
+from . import messages
+from .incident import RunSummary
 from .sinks import AlertSink
 
 log = logging.getLogger("gradwatch")
@@ -27,9 +30,6 @@ __all__ = ["WebhookSink", "redact_url", "WEBHOOK_ENV"]
 
 #: Environment variable :class:`WebhookSink` reads its URL from when none is passed.
 WEBHOOK_ENV = "GRADWATCH_WEBHOOK_URL"
-
-_ICONS = {"info": ":information_source:", "warning": ":warning:", "critical": ":rotating_light:"}
-
 
 def redact_url(url: str) -> str:
     """``https://hooks.slack.com/…``: scheme and host only, so a webhook's secret path never reaches a log."""
@@ -53,10 +53,18 @@ def _close_live_sinks() -> None:  # pragma: no cover - exercised at interpreter 
 
 
 class WebhookSink(AlertSink):
-    """POST each alert to an HTTP(S) webhook from a background thread: Slack or any JSON endpoint.
+    """POST incident events to an HTTP(S) webhook from a background thread: Slack or any JSON endpoint.
 
-    ``format="slack"`` posts ``{"text": "..."}`` (Slack / Mattermost / Discord-compatible incoming webhooks);
-    ``format="json"`` posts the alert's fields (:meth:`Alert.to_dict`) plus ``"source"``.
+    ``format="slack"`` posts ``{"text": "..."}`` (Slack / Mattermost / Discord-compatible incoming webhooks):
+    one message per logging step with that step's events (opened, escalated, reminder, resolved), and one
+    summary at the end of the run when it had an incident at ``min_severity`` or above. ``format="json"``
+    posts one object per event (:meth:`IncidentEvent.to_dict <gradwatch.IncidentEvent.to_dict>`: ``event``,
+    ``incident`` id, ``state``, ``severity``, values, message, hint) plus ``"source"`` and ``"held_back"``, so a
+    receiver can update the incident rather than append; the summary as ``{"event": "summary", ...}``.
+
+    **Rate limit**: at most ``max_per_hour`` posts in any hour; what goes over is held back, counted, and the
+    next post says how many were (every event stays in ``alerts.jsonl``). Critical openings and escalations
+    and the end-of-run summary are never held back.
 
     Delivery never blocks or raises into training: :meth:`send` only queues. The thread retries a failed
     POST (connection error, timeout, HTTP 5xx, 408, 429) up to ``retries`` times with exponential backoff
@@ -79,7 +87,9 @@ class WebhookSink(AlertSink):
         max_retry_after: longest wait honoured for a 429 ``Retry-After``.
         min_interval: seconds between posts (None: 1.0 for Slack, 0 for JSON).
         title: prefix of each message / the ``source`` field (e.g. the run name).
-        queue_size: alerts waiting at most; beyond, new ones are recorded as failed, not sent.
+        queue_size: posts waiting at most; beyond, new ones are recorded as failed, not sent.
+        max_per_hour: the rate limit (None: none).
+        summary: post the end-of-run summary (when the run had an incident at ``min_severity`` or above).
         wait: the longest :meth:`flush` and :meth:`close` wait for queued alerts when given no timeout (what a
             monitor's ``close()`` waits for a sink it was given).
         headers: extra HTTP headers (e.g. an ``Authorization`` for a JSON endpoint).
@@ -108,6 +118,8 @@ class WebhookSink(AlertSink):
         queue_size: int = 1000,
         headers: dict[str, str] | None = None,
         wait: float = 5.0,
+        max_per_hour: int | None = 20,
+        summary: bool = True,
     ) -> None:
         if url is None:
             url = os.environ.get(WEBHOOK_ENV) or None
@@ -130,10 +142,15 @@ class WebhookSink(AlertSink):
         self.title = title
         self.headers = {"Content-Type": "application/json", "User-Agent": "gradwatch-webhook"}
         self.headers.update(headers or {})
-        #: Alerts delivered / given up on.
+        self.post_summary = check_bool(summary, "summary", owner="WebhookSink")
+        self.max_per_hour = check_int(max_per_hour, "max_per_hour", minimum=1, allow_none=True, owner="WebhookSink")
+        #: Posts delivered / given up on; events held back by the rate limit.
         self.sent = 0
         self.failed = 0
-        self._report: Callable[[str, Alert | None, str], None] = self._log_failure
+        self.held = 0
+        self._held_unsaid = 0  # held since the last post: said in the next one
+        self._posted: deque[float] = deque()  # monotonic times of the posts of the last hour
+        self._report: Callable[[str, Any, str], None] = self._log_failure
         self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
         self._closing = threading.Event()
         self._deadline: float | None = None
@@ -152,22 +169,63 @@ class WebhookSink(AlertSink):
         """The URL, redacted (scheme and host only)."""
         return redact_url(self._url)
 
-    def attach(self, report_failure: Callable[[str, Alert | None, str], None]) -> None:
+    def attach(self, report_failure: Callable[[str, Any, str], None]) -> None:
         self._report = report_failure
 
-    def send(self, alert: Alert) -> None:
-        if not self._wants(alert):
+    def write(self, record: Any) -> None:
+        """Post the record's events: one Slack message for the step, or one JSON object per event."""
+        events = [e for e in record.events if self._wants(e)]
+        if events:
+            self._post_events(events)
+
+    def send(self, event: Any) -> None:
+        """Post one event (or a plain :class:`~gradwatch.Alert`) on its own."""
+        if self._wants(event):
+            self._post_events([event])
+
+    def send_summary(self, summary: RunSummary) -> None:
+        """Post the end-of-run summary (never held back by the rate limit)."""
+        if not self.post_summary:
             return
+        held, self._held_unsaid = self._held_unsaid, 0
+        body = (messages.json_summary if self.format == "json" else messages.slack_summary)(summary, self.title, held)
+        self._enqueue(body, summary, urgent=True)
+
+    def _post_events(self, events: Sequence[Any]) -> None:
+        groups = [[e] for e in events] if self.format == "json" else [list(events)]
+        for group in groups:
+            urgent = any(getattr(e, "kind", "opened") in ("opened", "escalated") and e.severity == "critical"
+                         for e in group)
+            if not urgent and not self._room():
+                self.held += len(group)
+                self._held_unsaid += len(group)
+                continue
+            held, self._held_unsaid = self._held_unsaid, 0
+            body = messages.json_body(group[0], self.title, held) if self.format == "json" \
+                else messages.slack_text(group, self.title, held)
+            self._enqueue(body, group[0], urgent)
+
+    def _room(self) -> bool:
+        """Whether the rate limit lets one more post through now."""
+        if self.max_per_hour is None:
+            return True
+        now = time.monotonic()
+        while self._posted and now - self._posted[0] >= 3600.0:
+            self._posted.popleft()
+        return len(self._posted) < self.max_per_hour
+
+    def _enqueue(self, body: bytes, about: Any, urgent: bool) -> None:
         if self._closed:
-            self._fail(alert, "the sink is closed")
+            self._fail(about, "the sink is closed")
             return
+        self._posted.append(time.monotonic())
         with self._idle:
             self._unfinished += 1
         try:
-            self._queue.put_nowait(alert)
+            self._queue.put_nowait((body, about))
         except queue.Full:
             self._done()
-            self._fail(alert, f"queue full ({self._queue.maxsize} alerts waiting); dropped")
+            self._fail(about, f"queue full ({self._queue.maxsize} posts waiting); dropped")
 
     @property
     def closed(self) -> bool:
@@ -215,21 +273,18 @@ class WebhookSink(AlertSink):
                 break
             if item is not _STOP:
                 self._done()
-                self._fail(item, "not sent before the close timeout")
+                self._fail(item[1], "not sent before the close timeout")
         _LIVE.discard(self)
 
     def __repr__(self) -> str:
         return f"WebhookSink({self.url!r}, format={self.format!r})"
 
     # ------------------------------------------------------------------ the thread
-    def payload(self, alert: Alert) -> bytes:
-        """The request body for ``alert``."""
+    def payload(self, event: Any) -> bytes:
+        """The request body for one event (or alert) posted on its own."""
         if self.format == "json":
-            return json.dumps({"source": self.title, **alert.to_dict()}).encode("utf-8")
-        where = f" in `{alert.name}`" if alert.name else ""
-        text = (f"{_ICONS.get(alert.severity, '')} *{self.title} {alert.severity}*: `{alert.rule}` at step "
-                f"{alert.step}{where}\n{alert.message}\n_hint:_ {alert.hint}")
-        return json.dumps({"text": text}).encode("utf-8")
+            return messages.json_body(event, self.title)
+        return messages.slack_text([event], self.title)
 
     def _run(self) -> None:
         while True:
@@ -237,14 +292,13 @@ class WebhookSink(AlertSink):
             if item is _STOP:
                 return
             try:
-                self._deliver(item)
+                self._deliver(*item)
             except Exception as err:  # never let the thread die
-                self._fail(item, f"{type(err).__name__}: {self._scrub(str(err))}")
+                self._fail(item[1], f"{type(err).__name__}: {self._scrub(str(err))}")
             finally:
                 self._done()
 
-    def _deliver(self, alert: Alert) -> None:
-        body = self.payload(alert)
+    def _deliver(self, body: bytes, alert: Any) -> None:
         attempt = 0
         while True:
             if not self._wait(self._last_post + self.min_interval - time.monotonic()):
@@ -299,14 +353,14 @@ class WebhookSink(AlertSink):
             else:
                 self._closing.wait(end - now)  # wakes early at close to re-check the deadline
 
-    def _fail(self, alert: Alert | None, error: str) -> None:
+    def _fail(self, alert: Any, error: str) -> None:
         self.failed += 1
         try:
             self._report(repr(self), alert, error)
         except Exception:  # the record itself failed: keep going
             log.exception("gradwatch: could not record a webhook delivery failure")
 
-    def _log_failure(self, sink: str, alert: Alert | None, error: str) -> None:
+    def _log_failure(self, sink: str, alert: Any, error: str) -> None:
         log.warning("gradwatch: alert not delivered by %s: %s", sink, error)
 
     def _scrub(self, text: str) -> str:

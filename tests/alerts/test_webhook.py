@@ -62,20 +62,24 @@ def test_alerts_arrive_in_slack_and_json_format(fmt, tmp_path):
         mon, _ = run(sink, tmp_path, steps=2)
         mon.close()  # flushes the queue
         got = srv.received
-    assert len(got) == 2 and sink.sent == 2 and sink.failed == 0
+    assert len(got) == 3 and sink.sent == 3 and sink.failed == 0  # two openings, then the run's summary
     assert all(r["path"] == "/services/T0/B0/SECRETTOKEN" for r in got)
     assert got[0]["headers"]["Content-Type"] == "application/json"
     if fmt == "slack":
         assert set(got[0]["json"]) == {"text"}
         text = got[1]["json"]["text"]
-        assert "exp-7 warning" in text and "`every_step` at step 1" in text and "`layer1`" in text
+        assert text.startswith(":warning: *exp-7 warning* — `every_step` in `layer1` opened at step 1")
         assert "test alert 1" in text and "none needed" in text
+        assert got[2]["json"]["text"].startswith(":clipboard: *exp-7* — run summary at step 1: 2 incidents")
     else:
         body = got[1]["json"]
         assert body["source"] == "exp-7"
-        assert {k: body[k] for k in ("rule", "severity", "step", "name", "value", "threshold")} == {
-            "rule": "every_step", "severity": "warning", "step": 1, "name": "layer1", "value": 1.0, "threshold": 0.5}
+        assert {k: body[k] for k in ("event", "state", "rule", "severity", "step", "name", "value", "threshold")} == {
+            "event": "opened", "state": "open", "rule": "every_step", "severity": "warning", "step": 1,
+            "name": "layer1", "value": 1.0, "threshold": 0.5}
         assert body["message"] == "test alert 1" and body["hint"] == "none needed"
+        assert body["incident"] != got[0]["json"]["incident"] and body["held_back"] == 0
+        assert got[2]["json"]["event"] == "summary" and len(got[2]["json"]["incidents"]) == 2
     assert failures(tmp_path) == []
 
 
@@ -98,7 +102,7 @@ def test_min_severity_keeps_info_local(tmp_path):
 
 def test_server_down_training_goes_on_failure_recorded_url_redacted(tmp_path, caplog):
     url = dead_url()
-    sink = gradwatch.WebhookSink(url, timeout=0.5, retries=1, backoff=0.05, min_interval=0)
+    sink = gradwatch.WebhookSink(url, timeout=0.5, retries=1, backoff=0.05, min_interval=0, summary=False)
     with caplog.at_level(logging.WARNING, logger="gradwatch"):
         mon, slowest = run(sink, tmp_path, steps=3)
         mon.close()
@@ -116,14 +120,14 @@ def test_server_down_training_goes_on_failure_recorded_url_redacted(tmp_path, ca
 
 def test_server_answering_500_is_retried_then_recorded(tmp_path):
     with WebhookServer(script=[500, 200]) as srv:
-        sink = gradwatch.WebhookSink(srv.url, timeout=1, retries=2, backoff=0.05, min_interval=0)
+        sink = gradwatch.WebhookSink(srv.url, timeout=1, retries=2, backoff=0.05, min_interval=0, summary=False)
         mon, _ = run(sink, tmp_path, steps=1)
         mon.close()
         assert len(srv.received) == 2  # one 500, then the retry succeeded
     assert sink.sent == 1 and failures(tmp_path) == []
 
     with WebhookServer(script=[500]) as srv:
-        sink = gradwatch.WebhookSink(srv.url, timeout=1, retries=2, backoff=0.05, min_interval=0)
+        sink = gradwatch.WebhookSink(srv.url, timeout=1, retries=2, backoff=0.05, min_interval=0, summary=False)
         mon, _ = run(sink, tmp_path, steps=1)
         mon.close()
         assert len(srv.received) == 3
@@ -133,7 +137,7 @@ def test_server_answering_500_is_retried_then_recorded(tmp_path):
 
 def test_429_retry_after_is_honoured(tmp_path):
     with WebhookServer(script=[(429, 1), 200]) as srv:
-        sink = gradwatch.WebhookSink(srv.url, timeout=1, retries=2, backoff=0.01, min_interval=0)
+        sink = gradwatch.WebhookSink(srv.url, timeout=1, retries=2, backoff=0.01, min_interval=0, summary=False)
         mon, slowest = run(sink, tmp_path, steps=1)
         mon.close()
         got = srv.received
@@ -144,7 +148,7 @@ def test_429_retry_after_is_honoured(tmp_path):
 
 def test_slow_server_never_blocks_training_and_close_waits_a_bounded_time(tmp_path):
     with WebhookServer(script=[("slow", 3.0)]) as srv:
-        sink = gradwatch.WebhookSink(srv.url, timeout=0.3, retries=0, min_interval=0, wait=1.0)
+        sink = gradwatch.WebhookSink(srv.url, timeout=0.3, retries=0, min_interval=0, wait=1.0, summary=False)
         mon, slowest = run(sink, tmp_path, steps=12)  # 12 x 0.3 s of timeouts > the 1 s + 1 s budgets
         t = time.perf_counter()
         mon.close()  # the monitor only flushes a sink it was given: bounded by the sink's wait, sink stays open
@@ -189,14 +193,15 @@ def test_nan_alert_reaches_the_webhook_once_with_the_layer(tmp_path):
                 F.cross_entropy(model(torch.randn(8, 4)), torch.randint(0, 2, (8,))).backward()
                 mon.step()
         texts = [r["json"]["text"] for r in srv.received]
-    assert len(texts) == 1 and "nonfinite" in texts[0] and "`2`" in texts[0] and "critical" in texts[0]
+    assert len(texts) == 2 and "nonfinite" in texts[0] and "`2`" in texts[0] and "critical" in texts[0]
+    assert "1 incident (1 still open" in texts[1]  # the summary at close
 
 
 def test_one_sink_shared_by_two_monitors_in_turn_delivers_both(tmp_path):
     # A sink passed in alert_sinks belongs to the caller: mon.close() flushes it, never closes it, so the
     # next monitor (or the next fit of a Lightning callback reusing it) still delivers.
     with WebhookServer() as srv:
-        sink = gradwatch.WebhookSink(srv.url, format="json", min_interval=0)
+        sink = gradwatch.WebhookSink(srv.url, format="json", min_interval=0, summary=False)
         (tmp_path / "a").mkdir()
         (tmp_path / "b").mkdir()
         first, _ = run(sink, tmp_path / "a", steps=2)

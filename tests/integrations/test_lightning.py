@@ -685,6 +685,32 @@ def test_alert_rule_streaks_survive_a_resume(tmp_path):
     assert [(a.rule, a.step) for a in cb2.monitor.alerts] == [("nonfinite", 4)]
 
 
+def test_an_open_incident_survives_a_resume_and_shows_in_the_progress_bar(tmp_path):
+    """NaN gradients from step 1: the incident opens at step 1 in the first fit; the resumed fit restores it
+    (no second "opened"), shows it as gw_alerts, and each fit's end sends its summary."""
+    pl = ns("lightning.pytorch")
+    from gradwatch.integrations.lightning import PROG_BAR_ALERTS_KEY, GradWatchCallback
+
+    got = []
+    kw = dict(log_every_n_steps=1, logger=False)
+    cb1 = GradWatchCallback(every=1, rules=_alert_rules(), alert_sinks=[got.append])
+    t1 = pl.Trainer(callbacks=[cb1], **kw, **trainer_kwargs(tmp_path, max_steps=3))
+    t1.fit(_nan_from(pl, 1))
+    assert float(t1.progress_bar_metrics[PROG_BAR_ALERTS_KEY]) == 1.0
+    ckpt = os.path.join(tmp_path, "mid.ckpt")
+    t1.save_checkpoint(ckpt)
+
+    cb2 = GradWatchCallback(every=1, rules=_alert_rules(), alert_sinks=[got.append])
+    t2 = pl.Trainer(callbacks=[cb2], **kw, **trainer_kwargs(tmp_path, max_steps=6))
+    t2.fit(_nan_from(pl, 1), ckpt_path=ckpt)
+    assert [(e.kind, e.rule, e.step) for e in got] == [("opened", "nonfinite", 1)]  # not again after resume
+    (incident,) = cb2.monitor.incidents
+    assert incident.open and incident.opened_step == 1 and incident.last_step == 5 and incident.held == 5
+    assert [a.step for a in cb2.monitor.alerts] == [1]  # restored from the checkpoint
+    assert float(t2.progress_bar_metrics[PROG_BAR_ALERTS_KEY]) == 1.0
+    assert PROG_BAR_ALERTS_KEY not in t2.logged_metrics
+
+
 # ---------------------------------------------------------------------------------------------- installs
 _BLOCKER = """
 import importlib.abc, sys
