@@ -1,96 +1,75 @@
-"""Step-time overhead of gradwatch on a CIFAR ResNet-56, writing to TensorBoard as users do (run by hand).
+"""Step-time overhead of gradwatch, writing to TensorBoard as users do (run by hand).
 
-Identical nets train side by side in one process: bare (twice: the second is a noise control); monitored with
-the defaults (parameter metrics, block flow, alert rules) at ``every=50`` and ``every=1``; and monitored with
-parameter metrics only (``blocks=None, rules=False``) at ``every=1``. Every monitor writes TensorBoard events
-(``Monitor(model, optimizer=opt, log_dir=...)``, the README's set-up) to a temporary folder. Steps are
-interleaved (the order rotates every round) so that machine noise hits all alike; the report gives the median
-step time of each, the median of per-round ratios against the bare step, and the monitor's work per logging
-step (median over rounds of the step time minus the bare step time; the noise control shows the spread).
+Identical models train side by side in one process, steps interleaved (the order rotates every round): bare,
+bare again (the noise control), and monitored as the README sets it up — ``Monitor(model, optimizer=opt,
+log_dir=...)`` — with the defaults (parameter metrics, block flow, alert rules) at every 1, 10 and 50, and
+with parameter metrics only (``blocks=None, rules=False``) at every 1. Reports the median step, the median
+per-round ratio to bare, the cost of a logging step (median of monitored minus bare over logging steps) and
+that cost in *floors*: one ``torch._foreach_norm`` over all gradients, one over all weights, one host
+transfer (what any per-layer monitor must do).
 
-    .venv/bin/python benchmarks/overhead.py --steps 200 --batch 32
+    .venv/bin/python benchmarks/overhead.py --model resnet56 --steps 100
+    .venv/bin/python benchmarks/overhead.py --model stack --tensors 1202 --steps 200
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import tempfile
-import time
 
 import torch
-import torch.nn.functional as F
+from _bench import build, floor, interleave, table, train_step
 
 import gradwatch
-from gradwatch.blocks import resnet
+
+CONFIGS = {
+    "bare": None,
+    "bare #2": None,
+    "defaults/50": {"every": 50},
+    "defaults/10": {"every": 10},
+    "defaults/1": {"every": 1},
+    "params/1": {"every": 1, "blocks": None, "rules": False},
+}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--model", default="resnet56", help="resnet56 (any resnetN) or stack")
+    parser.add_argument("--tensors", type=int, default=1202, help="parameter tensors of the stack")
+    parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--size", type=int, default=32, help="image side (CIFAR: 32)")
-    parser.add_argument("--depth", type=int, default=56)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave the default)")
     parser.add_argument("--warmup", type=int, default=5)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-
-    configs = {
-        "bare": None,
-        "bare #2": None,  # noise control: a second bare net
-        "every=50": {"every": 50},
-        "every=1": {"every": 1},
-        "params/1": {"every": 1, "blocks": None, "rules": False},
-    }
-    runs = {}
     out = tempfile.mkdtemp(prefix="gradwatch-overhead-")
-    for label, options in configs.items():
+    runs, monitors = {}, {}
+    x = y = None
+    for label, options in CONFIGS.items():
         torch.manual_seed(0)
-        model = resnet(args.depth)
+        model, batch = build(args.model, args.tensors)
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-        log_dir = os.path.join(out, label.replace("/", "_").replace("=", ""))
-        mon = gradwatch.Monitor(model, optimizer=opt, log_dir=log_dir, **options) if options else None
-        runs[label] = (model, opt, mon)
-
-    x = torch.randn(args.batch, 3, args.size, args.size)
-    y = torch.randint(0, 10, (args.batch,))
-    times: dict[str, list[float]] = {k: [] for k in configs}
-    labels = list(configs)
-    for step in range(args.warmup + args.steps):
-        k = step % len(labels)
-        order = labels[k:] + labels[:k]
-        for label in order:
-            model, opt, _ = runs[label]
-            t0 = time.perf_counter()
-            loss = F.cross_entropy(model(x), y)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            dt = time.perf_counter() - t0
-            if step >= args.warmup:
-                times[label].append(dt)
-
-    bare = times["bare"]
-    print(f"ResNet-{args.depth}, batch {args.batch}x3x{args.size}x{args.size}, {args.steps} interleaved steps, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print("every=50/every=1: defaults (parameter metrics + block flow + rules); params/1: blocks=None, rules=False")
-    print(f"{'config':<10} {'median ms':>10} {'median ratio':>13} {'extra ms/step':>14}")
-    for label in labels:
-        ratios = [t / b for t, b in zip(times[label], bare)]
-        extra = [t - b for t, b in zip(times[label], bare)]
-        print(f"{label:<10} {1e3 * statistics.median(times[label]):10.2f} {statistics.median(ratios):13.4f} "
-              f"{1e3 * statistics.median(extra):14.2f}")
-    # the logging steps alone, for every=50
-    logged = [t / b for i, (t, b) in enumerate(zip(times["every=50"], bare)) if (i + args.warmup) % 50 == 0]
-    if logged:
-        print(f"every=50, logging steps only: median ratio {statistics.median(logged):.4f} over {len(logged)} steps")
-    for label in labels[2:]:
-        mon = runs[label][2]
+        if options:
+            log_dir = os.path.join(out, label.replace("/", "_").replace(" ", ""))
+            monitors[label] = gradwatch.Monitor(model, optimizer=opt, log_dir=log_dir, **options)
+        if x is None:
+            x, y = batch(args.batch)
+        runs[label] = (lambda m=model, o=opt: train_step(m, o, x, y))
+    torch.manual_seed(0)
+    floor_s = floor(build(args.model, args.tensors)[0], x, y)
+    times = interleave(runs, args.steps, args.warmup)
+    n = sum(p.numel() > 0 for p in build(args.model, args.tensors)[0].parameters())
+    print(f"{args.model}: {n} parameter tensors, batch {args.batch}, {args.steps} interleaved steps, "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads; floor {1e3 * floor_s:.2f} ms")
+    cadence = {k: v["every"] for k, v in CONFIGS.items() if v}
+    for line in table(times, "bare", cadence, floor_s, offset=args.warmup):
+        print(line)
+    for label, mon in monitors.items():
         mon.close()
-        print(f"{label}: {mon.measurements} measurements, {len(mon.errors)} contained errors")
+        if mon.errors:
+            print(f"{label}: {len(mon.errors)} contained errors: {mon.errors[:2]}")
     print(f"TensorBoard events under {out}")
 
 

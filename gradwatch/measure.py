@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ._compat import foreach_sub, scale_tensor, unscales_in_step
+from ._compat import foreach_copy, foreach_sub, scale_tensor, unscales_in_step
 from .flow import FlowBatch, flow_metrics
 from .layers import Selection
 from .metrics import is_sharded, local_tensor, reduce_squared, safe_ratio, segment_sum, squared_norms
@@ -90,7 +90,7 @@ class Meter:
         if grad_scale is not None:
             scale = torch.as_tensor(grad_scale, dtype=torch.float32).to(g_sq.device)
             g_sq = g_sq / scale.square()
-        before = [local_tensor(w).clone() for w in weights] if snapshot else None
+        before = foreach_copy([local_tensor(w) for w in weights]) if snapshot else None
         return Pending(step, kept, [g_sq, squared_norms(weights)], before, found_inf, flow)
 
     def finish(self, pending: Pending) -> StepRecord | None:

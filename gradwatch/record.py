@@ -153,9 +153,9 @@ class StepRecord:
 
     def nonfinite_counts(self) -> dict[str, int]:
         """Per metric, how many layers (``_global`` left out) or blocks hold NaN or Inf."""
-        out = {m: int((~np.isfinite(self.layer_values[:, j])).sum()) for j, m in enumerate(self.layer_metrics)}
+        out = dict(zip(self.layer_metrics, (~np.isfinite(self.layer_values)).sum(axis=0).tolist()))
         if self.blocks:
-            out.update({m: int((~np.isfinite(self.block_values[:, j])).sum()) for j, m in enumerate(FLOW_METRICS)})
+            out.update(zip(FLOW_METRICS, (~np.isfinite(self.block_values)).sum(axis=0).tolist()))
         return out
 
     def scalars(self, prefix: str = "") -> dict[str, float]:

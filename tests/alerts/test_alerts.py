@@ -15,7 +15,7 @@ from helpers import read_events, small_batch
 from torch import nn
 
 import gradwatch
-from gradwatch.alerts import AlertEngine, read_alerts
+from gradwatch.alerts import read_alerts
 from gradwatch.alerts import (
     DeadLayer,
     DepthTrend,
@@ -338,28 +338,6 @@ def test_bad_alert_argument_leaves_no_events_file_or_writer(tmp_path, bad, error
 
 
 # ---------------------------------------------------------------------------------------------- manager
-class Scripted(Rule):
-    """Emits the severity scripted for each step (None: nothing) about one layer."""
-
-    name = "scripted"
-
-    def __init__(self, script):
-        super().__init__(patience=1)
-        self.script = script
-
-    def check(self, m):
-        sev = self.script[m.step]
-        return [] if sev is None else [self.alert(m, sev, "conv1", 1.0, 0.5, f"step {m.step}", "none")]
-
-
-def run_engine(engine, steps):
-    got = []
-    for s in range(steps):
-        record = gradwatch.StepRecord.build(s, ["conv1"], {"grad_norm": [1.0]}, {"grad_norm": 1.0})
-        got.extend(engine.evaluate(record))
-    return got
-
-
 def test_a_failing_sink_or_rule_never_reaches_training_and_the_record_keeps_the_alert(tmp_path, caplog):
     class Broken(Rule):
         name = "broken"

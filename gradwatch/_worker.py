@@ -1,0 +1,100 @@
+"""A background thread that runs a sink's slow work in order, off the training thread. A leaf module.
+
+Writing a logging step to TensorBoard is CPU work in Python (a protobuf per value, histograms) and a hand-off
+to the writer's own queue; done in the training thread it costs milliseconds per logging step. A
+:class:`Worker` takes it over: :meth:`submit` only queues (it blocks only when ``size`` jobs are waiting,
+which is back-pressure from a writer that cannot keep up, not data loss), :meth:`drain` waits for the queue
+to empty. The records it is given are immutable, so the training thread never waits on them. Errors are
+logged once and counted, never raised into training.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import queue
+import threading
+import time
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+log = logging.getLogger("gradwatch")
+
+__all__ = ["Worker"]
+
+_STOP = object()
+_LIVE: weakref.WeakSet = weakref.WeakSet()
+
+
+@atexit.register
+def _drain_live_workers() -> None:  # pragma: no cover - exercised at interpreter exit
+    for worker in list(_LIVE):
+        worker.close(5.0)
+
+
+class Worker:
+    """One daemon thread running submitted calls in order."""
+
+    def __init__(self, name: str, size: int = 256) -> None:
+        self.name = name
+        self.errors = 0
+        self._queue: queue.Queue = queue.Queue(maxsize=size)
+        self._unfinished = 0
+        self._idle = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+        _LIVE.add(self)
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Run ``fn(*args)`` on the thread, after what was submitted before; inline once closed."""
+        if self._closed:
+            self._call(fn, args)
+            return
+        with self._idle:
+            self._unfinished += 1
+        self._queue.put((fn, args))
+
+    def drain(self, timeout: float | None = None) -> bool:
+        """Wait until everything submitted has run (at most ``timeout`` seconds); whether it all ran."""
+        end = None if timeout is None else time.monotonic() + timeout
+        with self._idle:
+            while self._unfinished > 0:
+                left = None if end is None else end - time.monotonic()
+                if (left is not None and left <= 0) or not self._thread.is_alive():
+                    return False
+                self._idle.wait(left)
+        return True
+
+    def close(self, timeout: float | None = None) -> None:
+        """Drain, then stop the thread; later submissions run inline."""
+        if self._closed:
+            return
+        self.drain(timeout)
+        self._closed = True
+        self._queue.put((_STOP, ()))
+        self._thread.join(1.0)
+        _LIVE.discard(self)
+
+    def _run(self) -> None:
+        while True:
+            fn, args = self._queue.get()
+            if fn is _STOP:
+                return
+            try:
+                self._call(fn, args)
+            finally:
+                with self._idle:
+                    self._unfinished -= 1
+                    if self._unfinished <= 0:
+                        self._idle.notify_all()
+
+    def _call(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
+        try:
+            fn(*args)
+        except Exception as err:  # never let the thread die, never raise into training
+            self.errors += 1
+            if self.errors <= 3:
+                log.error("gradwatch: %s failed (%s: %s); training goes on", self.name, type(err).__name__, err,
+                          exc_info=err)

@@ -1,0 +1,83 @@
+"""The TensorBoard sink's fast path: scalars encoded once per tag, written off the training thread, with a C
+CRC-32C behind tensorboard's record writer — and event files that read back exactly as before."""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.compat.proto.summary_pb2 import Summary
+from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c as slow_crc
+from torch.utils.tensorboard import SummaryWriter
+
+import gradwatch
+from gradwatch import _fastcrc
+from gradwatch._worker import Worker
+from gradwatch.blocks import resnet
+from gradwatch.sinks import _ScalarBytes
+
+
+def test_encoded_scalars_are_byte_identical_to_summary_values():
+    names = tuple(f"layer{i}.conv" for i in range(200)) + ("_global", "é/ü" * 40, "")
+    values = np.random.default_rng(0).standard_normal(len(names))
+    values[3], values[4], values[5] = math.nan, math.inf, -math.inf
+    enc = _ScalarBytes()
+    got = Summary.FromString(enc.encode("gw/grad_norm/", names, values))
+    ref = Summary(value=[Summary.Value(tag=f"gw/grad_norm/{n}", simple_value=v) for n, v in zip(names, values.tolist())])
+    assert got.SerializeToString() == ref.SerializeToString()
+    again = Summary.FromString(enc.encode("gw/grad_norm/", names, values * 2))  # the cached tags, new values
+    assert [v.simple_value for v in again.value][:3] == pytest.approx((values[:3] * 2).tolist(), rel=1e-6)
+
+
+def test_the_c_crc_matches_tensorboards_and_is_installed_by_the_sink(tmp_path):
+    pytest.importorskip("google_crc32c")
+    gradwatch.TensorBoardSink(SummaryWriter(str(tmp_path)))
+    assert _fastcrc.installed()
+    from tensorboard.summary.writer import record_writer
+
+    for data in (b"", os.urandom(1), os.urandom(1000), os.urandom(123_457)):
+        assert record_writer.masked_crc32c(data) == slow_crc(data)
+
+
+def test_the_step_is_written_on_the_sinks_thread_and_reads_back_after_flush(tmp_path):
+    model = resnet(8, width=4)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    mon = gradwatch.Monitor(model, optimizer=opt, every=1, log_dir=tmp_path)
+    sink = mon._owned[0]  # the TensorBoard sink the monitor made for log_dir
+    threads = []
+    add = sink._events.add_summary
+    sink._events.add_summary = lambda *a, **k: (threads.append(threading.current_thread().name), add(*a, **k))
+    for s in range(3):
+        x, y = torch.randn(4, 3, 8, 8), torch.randint(0, 10, (4,))
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+    mon.flush()
+    assert threads == ["gradwatch-tensorboard"] * 3
+    acc = EventAccumulator(str(tmp_path))
+    acc.Reload()
+    got = {e.step: e.value for e in acc.Scalars("grad_norm/conv1")}
+    assert sorted(got) == [0, 1, 2]
+    assert got[2] == pytest.approx(mon.latest.value("conv1", "grad_norm"), rel=1e-6)
+    mon.close()
+    assert not any(t.name == "gradwatch-tensorboard" and t.is_alive() for t in threading.enumerate()
+                   if t is sink._worker._thread)
+
+
+def test_the_worker_runs_in_order_contains_errors_and_drains(caplog):
+    worker = Worker("test-worker")
+    seen = []
+    worker.submit(seen.append, 1)
+    worker.submit(lambda: 1 / 0)
+    worker.submit(seen.append, 2)
+    assert worker.drain(5.0) and seen == [1, 2] and worker.errors == 1
+    assert "test-worker failed (ZeroDivisionError" in caplog.text
+    worker.close()
+    worker.submit(seen.append, 3)  # closed: runs inline
+    assert seen == [1, 2, 3]
