@@ -3,8 +3,9 @@
 Identical models train side by side in one process, steps interleaved (the order rotates every round): bare,
 bare again (the noise control), and monitored as the README sets it up — ``Monitor(model, optimizer=opt,
 log_dir=...)`` — with the defaults (parameter metrics, block flow, alert rules) at every 1, 10 and 50, and
-with parameter metrics only (``blocks=None, rules=False``) at every 1. Reports the median step, the median
-per-round ratio to bare, the cost of a logging step (median of monitored minus bare over logging steps) and
+with parameter metrics only (``blocks=None, rules=False``) at every 1, with and without ``update_to_weight``
+(``track_updates=False``: the same work as the floor plus the record and TensorBoard). Reports the median
+step, the median per-round ratio to bare, the cost of a logging step (median of monitored minus bare over logging steps) and
 that cost in *floors*: one ``torch._foreach_norm`` over all gradients, one over all weights, one host
 transfer (what any per-layer monitor must do).
 
@@ -30,6 +31,7 @@ CONFIGS = {
     "defaults/10": {"every": 10},
     "defaults/1": {"every": 1},
     "params/1": {"every": 1, "blocks": None, "rules": False},
+    "grads+weights/1": {"every": 1, "blocks": None, "rules": False, "track_updates": False},
 }
 
 
@@ -41,6 +43,10 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave the default)")
     parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--drain", action="store_true",
+                        help="end each monitored step with mon.flush(): charge the TensorBoard thread's work to the "
+                             "step that made it (an upper bound; without it, that work overlaps the next steps of "
+                             "every config in the process, bare ones included)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -56,7 +62,11 @@ def main() -> None:
             monitors[label] = gradwatch.Monitor(model, optimizer=opt, log_dir=log_dir, **options)
         if x is None:
             x, y = batch(args.batch)
-        runs[label] = (lambda m=model, o=opt: train_step(m, o, x, y))
+        mon = monitors.get(label)
+        if args.drain and mon is not None:
+            runs[label] = (lambda m=model, o=opt, mon=mon: (train_step(m, o, x, y), mon.flush()))
+        else:
+            runs[label] = (lambda m=model, o=opt: train_step(m, o, x, y))
     torch.manual_seed(0)
     floor_s = floor(build(args.model, args.tensors)[0], x, y)
     times = interleave(runs, args.steps, args.warmup)

@@ -13,7 +13,7 @@ from torch import nn
 
 __all__ = [
     "DTensor", "Shard", "OptimizedModule", "NORM_TYPES", "is_compiling", "is_compiled", "in_backward", "tree_tensors",
-    "foreach_norm_f32", "foreach_sub", "unscales_in_step", "scale_tensor", "event_file_writer",
+    "foreach_norm_f32", "foreach_sub_", "foreach_copy", "unscales_in_step", "scale_tensor", "event_file_writer",
 ]
 
 try:  # DTensor moved out of _tensor in torch 2.4; FSDP2 needs it.
@@ -79,9 +79,11 @@ def foreach_norm_f32(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         return list(torch._foreach_norm([t.float() for t in tensors], 2))
 
 
-def foreach_sub(a: list[torch.Tensor], b: list[torch.Tensor]) -> list[torch.Tensor]:
-    """``[x - y for x, y in zip(a, b)]`` in one fused kernel per group."""
-    return list(torch._foreach_sub(a, b))
+def foreach_sub_(a: list[torch.Tensor], b: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``x -= y`` for each pair, in place, in one fused kernel per group; returns ``a``."""
+    if a:
+        torch._foreach_sub_(a, b)
+    return a
 
 
 def foreach_copy(a: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -114,6 +114,7 @@ OPTIONS: dict[str, tuple[str, Callable[[Any, str], Any]]] = {
     "prefix": ("output", check_str),
     "sinks": ("output", _sinks),
     "strict": ("output", check_bool),
+    "history": ("output", lambda v, n: check_int(v, n, minimum=1, allow_none=True)),
 }
 
 
@@ -186,6 +187,7 @@ class OutputConfig(_Checked):
     prefix: str = ""  # prepended to every TensorBoard tag (e.g. "gradwatch/")
     sinks: tuple[Any, ...] = ()  # more sinks for every record (objects with write(record))
     strict: bool = False  # re-raise errors inside gradwatch's hooks and sinks (for tests)
+    history: int | None = None  # logging steps kept in memory for mon.history() (the latest); None: all
 
 
 _GROUPS = {"measure": MeasureConfig, "alerts": AlertConfig, "output": OutputConfig}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections import deque
 
 import numpy as np
 import pandas as pd
@@ -21,10 +22,11 @@ class History(Sink):
 
     Measured ~6.9 KB per logging step for a ResNet-56 with block flow (115 layers x 4 metrics + 27 blocks x 6,
     tracemalloc over 40 steps): ~140 MB for 20,000 logging steps (every=50 over a million steps).
+    ``maxlen`` keeps only the latest logging steps (``Monitor(history=N)``; the event file keeps them all).
     """
 
-    def __init__(self) -> None:
-        self._records: list[StepRecord] = []
+    def __init__(self, maxlen: int | None = None) -> None:
+        self._records: deque[StepRecord] = deque(maxlen=maxlen)
 
     def write(self, record: StepRecord) -> None:
         self._records.append(record)

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ._compat import foreach_copy, foreach_sub, scale_tensor, unscales_in_step
+from ._compat import foreach_copy, foreach_sub_, scale_tensor, unscales_in_step
 from .flow import FlowBatch, flow_metrics
 from .layers import Selection
 from .metrics import is_sharded, local_tensor, reduce_squared, safe_ratio, segment_sum, squared_norms
@@ -97,9 +97,9 @@ class Meter:
         """The record of ``pending``; None when the AMP scaler skipped the step (its gradients overflowed)."""
         sel = self.selection
         parts = list(pending.parts)
-        if pending.snapshot is not None:
+        if pending.snapshot is not None:  # the snapshot is our copy: subtract in place (no new tensors)
             after = [local_tensor(sel.params[i].detach()) for i in pending.kept]
-            parts.append(squared_norms(foreach_sub(after, pending.snapshot)))
+            parts.append(squared_norms(foreach_sub_(pending.snapshot, after)))
         flow = pending.flow.values if pending.flow is not None else None
         stacked, n_flow = self._join(parts, flow, [is_sharded(sel.params[i]) for i in pending.kept])
         if pending.found_inf is not None:

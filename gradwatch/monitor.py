@@ -105,7 +105,8 @@ class Monitor:
       ``"raise"``: :class:`~gradwatch.GradientAlarm` out of ``step()`` / ``optimizer.step()``),
       ``alerts_path``; incidents: ``remind_after``, ``remind_steps``, ``remind_backoff``, ``resolve_after``
       (``docs/alerts.md``);
-    - *output*: ``every`` (default 50), ``histograms``, ``prefix``, ``sinks``, ``strict`` (re-raise errors
+    - *output*: ``every`` (default 50), ``histograms``, ``prefix``, ``sinks``, ``history`` (logging steps kept
+      in memory; default all), ``strict`` (re-raise errors
       inside gradwatch's hooks and sinks; otherwise they are logged, kept in :attr:`errors`, and training
       goes on).
 
@@ -163,7 +164,7 @@ class Monitor:
         self._selection: Selection = selection
         self._rank_zero = _is_rank_zero()
         self._meter = Meter(selection, _resolve_sync(model, cfg.measure.sync_ranks))
-        self._history = History()
+        self._history = History(cfg.output.history)
         self._latest: StepRecord | None = None
         self._pending: Pending | None = None
         self._step = 0

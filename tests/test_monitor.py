@@ -477,3 +477,19 @@ def test_step_before_backward_is_skipped_with_one_warning():
     mon.step()
     assert set(mon.history().step) == {2} and not np.isnan(mon.latest.block("grad_in")).any()
     mon.close()
+
+
+def test_history_can_be_bounded_while_tensorboard_keeps_every_step(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    mon = gradwatch.Monitor(model, optimizer=opt, every=1, log_dir=tmp_path, history=3, rules=False)
+    for _ in range(7):
+        F.cross_entropy(model(torch.randn(8, 4)), torch.randint(0, 2, (8,))).backward()
+        opt.step()
+        opt.zero_grad()
+    mon.close()
+    assert [r.step for r in mon.records] == [4, 5, 6] and set(mon.history().step) == {4, 5, 6}
+    assert sorted(read_events(str(tmp_path))["scalars"]["grad_norm/_global"]) == list(range(7))
+    with pytest.raises(ValueError, match="history"):
+        gradwatch.Monitor(model, history=0)
