@@ -36,7 +36,13 @@ def main() -> None:
     parser.add_argument("--tensors", type=int, default=1202)
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--only", default="", help="comma-separated peers to run (item,lightning,wandb,gradwatch); "
+                        "default all. Work a peer leaves running in the background (wandb's threads and service, "
+                        "gradwatch's TensorBoard thread) lands on the steps of whatever runs next: run wandb alone")
+    parser.add_argument("--drain", action="store_true", help="end each gradwatch step with mon.flush() (its "
+                        "TensorBoard thread's work charged to its own step: an upper bound)")
     args = parser.parse_args()
+    want = set(args.only.split(",")) if args.only else {"item", "lightning", "wandb", "gradwatch"}
     out = tempfile.mkdtemp(prefix="gradwatch-peers-")
     runs, closers = {}, []
     x = y = None
@@ -50,15 +56,17 @@ def main() -> None:
             x, y = batch(args.batch)
         return model, opt, os.path.join(out, label.replace(" ", "_").replace("/", "_"))
 
-    def plain(model, opt, after=None):
+    def plain(model, opt, after=None, end=None):
         state = {"step": 0}
 
         def step():
             F.cross_entropy(model(x), y).backward()
-            if after is not None:
+            if after is not None:  # a peer that reads gradients before the step
                 after(state["step"])
             opt.step()
             opt.zero_grad(set_to_none=True)
+            if end is not None:
+                end()
             state["step"] += 1
         return step
 
@@ -66,18 +74,21 @@ def main() -> None:
         model, opt, _ = make(label)
         runs[label] = plain(model, opt)
 
-    model, opt, d = make("item loop")
-    w = SummaryWriter(d)
-    closers.append(w.close)
-    named = [(n, p) for n, p in model.named_parameters()]
-    runs["item loop"] = plain(model, opt, lambda s, w=w, named=named: [
-        w.add_scalar(f"grad_norm/{n}", p.grad.norm().item(), s) for n, p in named if p.grad is not None])
+    if "item" in want:
+        model, opt, d = make("item loop")
+        w = SummaryWriter(d)
+        closers.append(w.close)
+        named = [(n, p) for n, p in model.named_parameters()]
+        runs["item loop"] = plain(model, opt, lambda s, w=w, named=named: [
+            w.add_scalar(f"grad_norm/{n}", p.grad.norm().item(), s) for n, p in named if p.grad is not None])
 
     try:
         from lightning.pytorch.utilities import grad_norm
     except ImportError:
-        print("lightning not installed: its grad_norm is skipped")
-    else:
+        grad_norm = None
+        if "lightning" in want:
+            print("lightning not installed: its grad_norm is skipped")
+    if grad_norm is not None and "lightning" in want:
         model, opt, d = make("lightning grad_norm")
         w = SummaryWriter(d)
         closers.append(w.close)
@@ -87,8 +98,10 @@ def main() -> None:
     try:
         import wandb
     except ImportError:
-        print("wandb not installed: wandb.watch is skipped (pip install wandb to include it)")
-    else:
+        wandb = None
+        if "wandb" in want:
+            print("wandb not installed: wandb.watch is skipped (pip install wandb to include it)")
+    if wandb is not None and "wandb" in want:
         os.environ.setdefault("WANDB_MODE", "offline")
         model, opt, d = make("wandb watch")
         run = wandb.init(project="gradwatch-peers", dir=d, mode="offline", reinit=True)
@@ -98,10 +111,12 @@ def main() -> None:
         runs["wandb watch"] = lambda step=step, run=run: (step(), run.log({}, commit=True))
 
     for label, options in (("gradwatch params", {"blocks": None, "rules": False}), ("gradwatch defaults", {})):
+        if "gradwatch" not in want:
+            break
         model, opt, d = make(label)
         mon = gradwatch.Monitor(model, optimizer=opt, log_dir=d, every=1, **options)
         closers.append(mon.close)
-        runs[label] = plain(model, opt)
+        runs[label] = plain(model, opt, end=mon.flush if args.drain else None)
 
     times = interleave(runs, args.steps)
     n = sum(1 for _ in build(args.model, args.tensors)[0].parameters())
