@@ -21,7 +21,7 @@ from .alerts import (
 )
 from .config import AlertConfig, Config, MeasureConfig, OutputConfig
 from .history import History
-from .measure import amp_grad_scale
+from .measure import amp_grad_scale, loss_scale
 from .monitor import Monitor, NothingToMeasure
 from .names import EARLY_FRACTION, FLOW_METRICS, GLOBAL_NAME, METRICS, clean_name, early_count
 from .record import Sink, StepRecord
@@ -46,6 +46,7 @@ __all__ = [
     "EARLY_FRACTION",
     "early_count",
     "amp_grad_scale",
+    "loss_scale",
     "Alert",
     "GradientAlarm",
     "Incident",

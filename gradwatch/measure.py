@@ -28,7 +28,7 @@ from .record import StepRecord
 
 log = logging.getLogger("gradwatch")
 
-__all__ = ["Meter", "Pending", "amp_grad_scale"]
+__all__ = ["Meter", "Pending", "amp_grad_scale", "loss_scale"]
 
 
 def amp_grad_scale(optimizer: Any, scaler: Any) -> Any:
@@ -37,6 +37,15 @@ def amp_grad_scale(optimizer: Any, scaler: Any) -> Any:
     optimizers), else None (``scaler.unscale_`` has run, or no scaler). For ``Monitor.begin_step(grad_scale=)``.
     """
     if scaler is None or not unscales_in_step(optimizer):
+        return None
+    return scale_tensor(scaler)
+
+
+def loss_scale(scaler: Any) -> Any:
+    """An AMP ``GradScaler``'s current loss scale as a device tensor when it offers one (no host sync), else a
+    float; None when there is no scaler or it is disabled. For integrations that must relate gradients seen
+    before ``unscale_`` to gradients seen after it."""
+    if scaler is None or not getattr(scaler, "is_enabled", lambda: True)():
         return None
     return scale_tensor(scaler)
 

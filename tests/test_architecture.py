@@ -149,7 +149,8 @@ def test_private_torch_apis_are_used_only_in_compat():
 def test_every_module_imports_alone_in_a_fresh_interpreter():
     """One fresh interpreter; before each module, every gradwatch module is forgotten (torch and Lightning stay
     loaded: they are slow to import), so an import that only works after another one would fail here."""
-    names = sorted(m for m in _modules() if not m.endswith("__main__")) + ["gradwatch.integrations.lightning"]
+    names = sorted(m for m in _modules() if not m.endswith("__main__")) + [
+        "gradwatch.integrations.lightning", "gradwatch.integrations.transformers", "gradwatch.integrations.accelerate"]
     script = (
         "import importlib, sys, torch\n"
         "for n in sys.argv[1:]:\n"
@@ -186,3 +187,23 @@ def test_the_lightning_adapter_is_thin():
         lines = f.read().count("\n")
     # 706 lines before it was made thin, 349 after; +11 for the open-incident count in the progress bar.
     assert lines <= 360, f"integrations/lightning.py has {lines} lines (706 before it was made thin)"
+
+
+@pytest.mark.parametrize("adapter", ["transformers.py", "accelerate.py"])
+def test_the_hugging_face_adapters_use_only_public_api(adapter):
+    text = open(os.path.join(ADAPTERS, adapter), encoding="utf-8").read()
+    assert not re.search(r"gradwatch\.[a-z_.]*\._", text), "imports a private gradwatch module or name"
+    tree = ast.parse(text)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("gradwatch"):
+            assert all(not a.name.startswith("_") for a in node.names), ast.unparse(node)
+    reads = {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute) and n.attr.startswith("_")
+             and not n.attr.startswith("__") and not (isinstance(n.value, ast.Name) and n.value.id == "self")}
+    assert reads == set(), f"private attributes read: {sorted(reads)}"
+
+
+def test_importing_gradwatch_imports_no_framework():
+    code = ("import sys, gradwatch; bad = [m for m in ('lightning', 'pytorch_lightning', 'transformers', 'accelerate') "
+            "if m in sys.modules]; sys.exit(f'imported {bad}' if bad else 0)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-2000:] + done.stdout[-2000:]

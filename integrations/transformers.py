@@ -1,0 +1,173 @@
+"""Hugging Face ``transformers.Trainer`` adapter: :class:`GradWatchTrainerCallback` connects the Trainer's callback
+events to public :class:`gradwatch.Monitor` calls. Importing ``gradwatch`` never imports transformers; this module
+does (``pip install gradwatch[transformers]``)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any
+
+import torch
+
+from gradwatch import Config, Monitor, loss_scale
+
+try:
+    from transformers import TrainerCallback
+except ImportError as err:  # pragma: no cover - exercised by the import test
+    raise ImportError("gradwatch.integrations.transformers needs transformers: pip install 'gradwatch[transformers]'") \
+        from err
+
+log = logging.getLogger("gradwatch")
+
+__all__ = ["GradWatchTrainerCallback", "STATE_FILE"]
+
+#: The monitor's state, saved in each checkpoint folder and read back on resume.
+STATE_FILE = "gradwatch_state.json"
+
+
+class GradWatchTrainerCallback(TrainerCallback):
+    """Per-layer gradient diagnostics, block flow and alerts for a ``transformers.Trainer``, in one line:
+    ``Trainer(..., callbacks=[GradWatchTrainerCallback()])`` or ``trainer.add_callback(...)``.
+
+    **When.** Once per optimizer step, after gradient accumulation, at the steps the Trainer logs
+    (``logging_steps``; ``every=`` to choose), plus the first step. Values are recorded at the Trainer's step
+    (``state.global_step`` after the step), the same axis as its own ``loss`` curve.
+
+    **Before clipping.** The Trainer clips (``max_grad_norm``, default 1.0) before its first callback event
+    after the backward. Clipping scales every gradient by one factor, so the callback reads one parameter's
+    gradient norm right after its last accumulation (a ``post_accumulate_grad`` hook, armed on logging steps
+    only), compares it with the same norm at ``on_pre_optimizer_step`` and divides the factor back out, on
+    the device: values are the gradients before clipping, unscaled under fp16 (the optimizer's ``GradScaler``
+    scale is taken into account) and bf16. A step the fp16 scaler skips is not recorded.
+
+    **Where.** TensorBoard events go to ``log_dir``: by default ``$TENSORBOARD_LOGGING_DIR`` when set (the
+    Trainer's own TensorBoard run), else ``<output_dir>/runs/gradwatch`` (a run next to the Trainer's);
+    ``alerts.jsonl`` beside them. Rank 0 writes; under ``torchrun``/``accelerate launch`` every rank measures
+    (one collective per logging step) and block-flow norms are averaged over ranks.
+
+    **Alerts.** ``on_critical="stop"`` sets ``control.should_training_stop``; ``"raise"`` lets
+    :class:`gradwatch.GradientAlarm` out of ``trainer.train()``.
+
+    **Resume.** The monitor's state (step axis, rule streaks, incidents) is saved as ``gradwatch_state.json``
+    in each checkpoint folder and read back when training resumes from ``<output_dir>/checkpoint-<step>``.
+
+    Args:
+        every: measure every ``every`` optimizer steps; None: the Trainer's logging cadence.
+        log_dir: where the TensorBoard events go (see above).
+        **options: any option of :class:`gradwatch.Monitor` (``rules``, ``on_critical``, ``alert_sinks``,
+            ``blocks``, ``prefix``, ...), checked now.
+    """
+
+    def __init__(self, every: int | None = None, *, log_dir: str | os.PathLike | None = None, **options: Any) -> None:
+        if every is not None:
+            options["every"] = every
+        #: The checked options the monitor is built from.
+        self.config = Config.from_options(None, "GradWatchTrainerCallback", **options)
+        self.every = every
+        self.log_dir = None if log_dir is None else os.fspath(log_dir)
+        #: The monitor of the current ``train()``; None before it starts.
+        self.monitor: Monitor | None = None
+        self._every = 1
+        self._armed = False  # the coming optimizer step is a logging step: hooks record
+        self._pre: torch.Tensor | None = None  # squared grad norm of the reference parameter before clipping
+        self._ref: torch.nn.Parameter | None = None
+        self._handle: Any = None
+        self._pending = False
+
+    # ------------------------------------------------------------------ Trainer events
+    def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, optimizer: Any = None,
+                       **kwargs: Any) -> None:
+        self._close()
+        self._every = self.every or int(getattr(state, "logging_steps", 0) or args.logging_steps or 50)
+        params = [p for p in model.parameters() if p.requires_grad]
+        log_dir = self.log_dir or os.environ.get("TENSORBOARD_LOGGING_DIR") or \
+            os.path.join(args.output_dir, "runs", "gradwatch")
+        cfg = self.config.replace(every=max(self._every, 1))
+        if cfg.measure.sync_ranks is None and torch.distributed.is_available() and torch.distributed.is_initialized():
+            cfg = cfg.replace(sync_ranks=True)  # every rank runs these events: flow norms averaged over ranks
+        self.monitor = Monitor(model, params=params, log_dir=log_dir, config=cfg)
+        self.monitor.flow_trigger = lambda: self._armed
+        self._ref = max(params, key=lambda p: p.numel())  # clipping scales every gradient alike: one is enough
+        self._handle = self._ref.register_post_accumulate_grad_hook(self._after_accumulation)
+        self._resume(args, state)
+        self._arm(state)
+
+    def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._arm(state)
+
+    def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, optimizer: Any = None,
+                              **kwargs: Any) -> None:
+        mon = self.monitor
+        if mon is None or not self._armed:
+            return
+        self._armed = False
+        self._pending = mon.begin_step(state.global_step + 1, grad_scale=self._clip_factor(optimizer),
+                                       track_update=self.config.measure.track_updates)
+
+    def on_optimizer_step(self, args: Any, state: Any, control: Any, optimizer: Any = None, **kwargs: Any) -> None:
+        if not self._pending:
+            return
+        self._pending = False
+        if getattr(optimizer, "step_was_skipped", False):  # the fp16 scaler found inf/NaN: the step did not happen
+            self.monitor.discard_step()
+        else:
+            self.monitor.end_step()
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.monitor is not None and self.monitor.should_stop:
+            control.should_training_stop = True
+
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.monitor is None or not getattr(state, "is_world_process_zero", True):
+            return
+        folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        if os.path.isdir(folder):
+            with open(os.path.join(folder, STATE_FILE), "w", encoding="utf-8") as f:
+                json.dump(self.monitor.state_dict(), f)
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._close()  # sends the run summary, flushes TensorBoard; cb.monitor stays readable
+
+    # ------------------------------------------------------------------ internals
+    def _arm(self, state: Any) -> None:
+        """Arm the hooks when the coming optimizer step is one that logs (the first, and every ``every``)."""
+        step = state.global_step + 1
+        self._armed = self.monitor is not None and (step == 1 or step % self._every == 0)
+        self._pre = None
+
+    def _after_accumulation(self, p: torch.Tensor) -> None:
+        # Every micro-batch of an armed step lands here; the last one, the sync step's, is what gets clipped.
+        if self._armed and p.grad is not None:
+            self._pre = torch.linalg.vector_norm(p.grad.detach(), dtype=torch.float32).square()
+
+    def _clip_factor(self, optimizer: Any) -> torch.Tensor | None:
+        """What the gradients were multiplied by since :meth:`_after_accumulation`: the clip factor over the fp16
+        loss scale (a device tensor, no host sync); None when unknown (then values are as found)."""
+        pre, ref = self._pre, self._ref
+        if pre is None or ref is None or ref.grad is None:
+            return None
+        post = torch.linalg.vector_norm(ref.grad.detach(), dtype=torch.float32).square()
+        scale = loss_scale(getattr(optimizer, "scaler", None))
+        if scale is not None:  # the hook saw the gradient still multiplied by the loss scale
+            pre = pre / torch.as_tensor(scale, dtype=torch.float32, device=pre.device).square()
+        factor = (post / pre).sqrt()
+        return torch.where(torch.isfinite(factor) & (factor > 0), factor, torch.ones_like(factor))
+
+    def _resume(self, args: Any, state: Any) -> None:
+        if not state.global_step:
+            return
+        path = os.path.join(args.output_dir, f"checkpoint-{state.global_step}", STATE_FILE)
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8") as f:
+                self.monitor.load_state_dict(json.load(f))
+        else:
+            log.info("gradwatch: resumed at step %d without %s; the monitor starts afresh", state.global_step, path)
+
+    def _close(self) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+        if self.monitor is not None:
+            self.monitor.close()
