@@ -47,6 +47,12 @@ class GradWatchTrainerCallback(TrainerCallback):
     ``alerts.jsonl`` beside them. Rank 0 writes; under ``torchrun``/``accelerate launch`` every rank measures
     (one collective per logging step) and block-flow norms are averaged over ranks.
 
+    **Other reporters.** On the Trainer's logging steps the callback adds the whole-model values to the logs
+    (``gradwatch/grad_norm``, ``gradwatch/weight_norm``, ``gradwatch/grad_to_weight``,
+    ``gradwatch/update_to_weight``, ``gradwatch/alerts_open``: incidents open at warning and above) for the reporters that come after it
+    (wandb, MLflow, ...). The Trainer runs user callbacks after its reporters: add the callback with
+    :meth:`attach` to put it first. Per-layer values stay in gradwatch's own TensorBoard run.
+
     **Alerts.** ``on_critical="stop"`` sets ``control.should_training_stop``; ``"raise"`` lets
     :class:`gradwatch.GradientAlarm` out of ``trainer.train()``.
 
@@ -75,6 +81,14 @@ class GradWatchTrainerCallback(TrainerCallback):
         self._ref: torch.nn.Parameter | None = None
         self._handle: Any = None
         self._pending = False
+
+    @classmethod
+    def attach(cls, trainer: Any, every: int | None = None, **options: Any) -> GradWatchTrainerCallback:
+        """Build the callback and put it before the Trainer's reporters (``trainer.callback_handler``), so they
+        receive its scalars in ``on_log``; returns it."""
+        cb = cls(every, **options)
+        trainer.callback_handler.callbacks.insert(0, cb)
+        return cb
 
     # ------------------------------------------------------------------ Trainer events
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, optimizer: Any = None,
@@ -118,6 +132,14 @@ class GradWatchTrainerCallback(TrainerCallback):
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.monitor is not None and self.monitor.should_stop:
             control.should_training_stop = True
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
+        rec = self.monitor.latest if self.monitor is not None else None
+        if logs is None or rec is None or rec.step != state.global_step:
+            return
+        logs.update({f"gradwatch/{m}": rec.global_value(m) for m in rec.layer_metrics})
+        if rec.open_incidents is not None:
+            logs["gradwatch/alerts_open"] = float(rec.open_incidents[1] + rec.open_incidents[2])
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.monitor is None or not getattr(state, "is_world_process_zero", True):

@@ -163,3 +163,59 @@ def test_gradient_checkpointing(tmp_path, reentrant, caplog):
         assert not blocks and "reentrant" in caplog.text  # said once, with the fix
     else:
         assert len(blocks) == 6  # two merges in each of the 3 GPT-2 blocks
+
+
+@pytest.mark.slow
+def test_torch_compile(tmp_path):
+    """``torch_compile=True`` (dynamo with the ``eager`` backend, to keep CI fast): parameter metrics exact, no
+    error; block flow behaves as ``docs/flow.md`` says for compiled models."""
+    cb, ref = GradWatchTrainerCallback(every=2), Reference({1, 2, 4})
+    trainer(tmp_path, tiny_gpt2(), [ref, cb], max_steps=4, max_grad_norm=0.0, torch_compile=True,
+            torch_compile_backend="eager").train()
+    for step in (1, 2, 4):
+        assert grad_norms(cb, step)["_global"] == pytest.approx(ref.got[step]["_global"], rel=1e-4)
+    assert cb.monitor.errors == []
+
+
+def _ddp_worker(rank: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE="2")
+    cb, ref = GradWatchTrainerCallback(every=2), Reference({1, 2, 4})
+    trainer(out, tiny_gpt2(), [ref, cb], max_steps=4, max_grad_norm=1.0, ddp_backend="gloo").train()
+    got = {r.step: r.global_value("grad_norm") for r in cb.monitor.records}
+    with open(os.path.join(out, f"result{rank}.json"), "w") as f:
+        json.dump({"got": got, "blocks": len(cb.monitor.latest.blocks)}, f)
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_agree_and_rank0_writes(tmp_path):
+    """Two real processes (gloo) as ``torchrun`` would start them: the same values on both ranks (gradients
+    all-reduced; block flow averaged over ranks), one event file, by rank 0."""
+    import torch.multiprocessing as mp
+    from helpers.webhook_server import free_port
+
+    mp.spawn(_ddp_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
+    res = [json.load(open(tmp_path / f"result{r}.json")) for r in (0, 1)]
+    assert sorted(res[0]["got"]) == ["1", "2", "4"] and res[0]["blocks"] == res[1]["blocks"] == 6
+    for step in res[0]["got"]:
+        assert res[0]["got"][step] == pytest.approx(res[1]["got"][step], rel=1e-6)
+    assert len(list((tmp_path / "runs" / "gradwatch").glob("events.out.tfevents.*"))) == 1
+
+
+def test_attached_first_the_reporters_receive_the_whole_model_values(tmp_path):
+    class Reporter(transformers.TrainerCallback):  # what wandb's or MLflow's callback sees in on_log
+        def __init__(self):
+            self.logs = []
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            self.logs.append((state.global_step, dict(logs)))
+
+    reporter = Reporter()
+    t = trainer(tmp_path, tiny_gpt2(), [reporter], max_grad_norm=0.0)
+    cb = GradWatchTrainerCallback.attach(t)
+    t.train()
+    seen = {step: logs for step, logs in reporter.logs if "gradwatch/grad_norm" in logs}
+    assert sorted(seen) == [4, 8]  # the Trainer's logging steps
+    rec = next(r for r in cb.monitor.records if r.step == 8)
+    assert seen[8]["gradwatch/grad_norm"] == rec.global_value("grad_norm")
+    assert seen[8]["gradwatch/alerts_open"] == 0.0 and "gradwatch/update_to_weight" in seen[8]
