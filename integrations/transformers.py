@@ -161,8 +161,12 @@ class GradWatchTrainerCallback(TrainerCallback):
 
     def _after_accumulation(self, p: torch.Tensor) -> None:
         # Every micro-batch of an armed step lands here; the last one, the sync step's, is what gets clipped.
-        if self._armed and p.grad is not None:
-            self._pre = torch.linalg.vector_norm(p.grad.detach(), dtype=torch.float32).square()
+        try:
+            if self._armed and p.grad is not None:
+                self._pre = torch.linalg.vector_norm(p.grad.detach(), dtype=torch.float32).square()
+        except Exception as err:  # never raise into autograd
+            self._pre = None
+            log.warning("gradwatch: could not read the gradient before clipping (%s); values are as found", err)
 
     def _clip_factor(self, optimizer: Any) -> torch.Tensor | None:
         """What the gradients were multiplied by since :meth:`_after_accumulation`: the clip factor over the fp16
@@ -170,12 +174,16 @@ class GradWatchTrainerCallback(TrainerCallback):
         pre, ref = self._pre, self._ref
         if pre is None or ref is None or ref.grad is None:
             return None
-        post = torch.linalg.vector_norm(ref.grad.detach(), dtype=torch.float32).square()
-        scale = loss_scale(getattr(optimizer, "scaler", None))
-        if scale is not None:  # the hook saw the gradient still multiplied by the loss scale
-            pre = pre / torch.as_tensor(scale, dtype=torch.float32, device=pre.device).square()
-        factor = (post / pre).sqrt()
-        return torch.where(torch.isfinite(factor) & (factor > 0), factor, torch.ones_like(factor))
+        try:
+            post = torch.linalg.vector_norm(ref.grad.detach(), dtype=torch.float32).square()
+            scale = loss_scale(getattr(optimizer, "scaler", None))
+            if scale is not None:  # the hook saw the gradient still multiplied by the loss scale
+                pre = pre / torch.as_tensor(scale, dtype=torch.float32, device=pre.device).square()
+            factor = (post / pre).sqrt()
+            return torch.where(torch.isfinite(factor) & (factor > 0), factor, torch.ones_like(factor))
+        except Exception as err:  # contained: the measurement goes on with the values as found
+            log.warning("gradwatch: could not undo the Trainer's clipping (%s); values are after it", err)
+            return None
 
     def _resume(self, args: Any, state: Any) -> None:
         if not state.global_step:
