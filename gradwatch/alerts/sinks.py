@@ -61,9 +61,10 @@ class AlertSink(Sink):
 
 
 class LoggingSink(AlertSink):
-    """Log each incident event on a Python logger (default ``gradwatch``) as one line: info and resolved →
-    INFO, warning → WARNING, critical → ERROR; the hint once, when the incident opens. At the end of the run,
-    the summary (INFO; WARNING while incidents at warning or above are still open). On by default."""
+    """Log each incident event on a Python logger (default ``gradwatch``) as one line, at the incident's level:
+    info → INFO, warning → WARNING, critical → ERROR (a ``resolved`` line at its peak's level, so a console that
+    showed the opening shows the end); the hint once, when the incident opens. At the end of the run, the
+    summary (WARNING when the run had an incident at warning or above, else INFO). On by default."""
 
     _LEVELS = {"info": logging.INFO, "warning": logging.WARNING, "critical": logging.ERROR}
     always_summarize = True
@@ -73,11 +74,10 @@ class LoggingSink(AlertSink):
         self.logger = logger if isinstance(logger, logging.Logger) else logging.getLogger(logger)
 
     def send(self, event: IncidentEvent) -> None:
-        level = logging.INFO if getattr(event, "kind", None) == "resolved" else self._LEVELS[event.severity]
-        self.logger.log(level, "gradwatch %s", event.format())
+        self.logger.log(self._LEVELS[event.severity], "gradwatch %s", event.format())
 
     def send_summary(self, summary: RunSummary) -> None:
-        loud = any(severity_rank(i.peak) >= 1 for i in summary.still_open)
+        loud = any(severity_rank(i.peak) >= 1 for i in summary.incidents)
         self.logger.log(logging.WARNING if loud else logging.INFO, "%s", summary.format())
 
     def __repr__(self) -> str:

@@ -128,7 +128,10 @@ def test_a_detached_skip_repaired_mid_run_opens_then_resolves_its_incident(tmp_p
     assert [(p["event"], p["state"]) for p in posts if p["rule"] == "skip_collapse"] == [
         ("opened", "open"), ("resolved", "resolved")]
     assert len({p["incident"] for p in posts if p["rule"] == "skip_collapse"}) == 1
-    assert any("skip_collapse resolved at step 16 (layer2.1)" in m for m in run.console(caplog))
+    (resolved_line,) = [r for r in caplog.records if "skip_collapse resolved at step 16 (layer2.1)" in r.getMessage()]
+    assert resolved_line.levelno == logging.WARNING  # at the incident's level: a console that showed it opening
+    summary_line = next(r for r in caplog.records if r.getMessage().startswith("gradwatch run summary"))
+    assert summary_line.levelno == logging.WARNING and "1 resolved" in summary_line.getMessage()
     _, scalars = run.texts()
     warning = scalars["alerts/open/warning"]
     assert warning[1] == 0 and warning[2] == 1 and warning[15] == 1 and warning[16] == 0  # when it started, ended
