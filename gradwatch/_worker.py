@@ -21,16 +21,26 @@ from typing import Any
 
 log = logging.getLogger("gradwatch")
 
-__all__ = ["Worker"]
+__all__ = ["Worker", "close_at_exit", "forget_at_exit"]
 
 _STOP = object()
-_LIVE: weakref.WeakSet = weakref.WeakSet()
+_LIVE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # object -> seconds its close(timeout) gets
+
+
+def close_at_exit(obj: Any, timeout: float) -> None:
+    """Call ``obj.close(timeout)`` at interpreter exit unless :func:`forget_at_exit` ran first (a background
+    thread's queue would otherwise die with the daemon thread). Holds ``obj`` weakly."""
+    _LIVE[obj] = timeout
+
+
+def forget_at_exit(obj: Any) -> None:
+    _LIVE.pop(obj, None)
 
 
 @atexit.register
-def _drain_live_workers() -> None:  # pragma: no cover - exercised at interpreter exit
-    for worker in list(_LIVE):
-        worker.close(5.0)
+def _close_live() -> None:  # pragma: no cover - exercised at interpreter exit
+    for obj, timeout in list(_LIVE.items()):
+        obj.close(timeout)
 
 
 class Worker:
@@ -45,7 +55,7 @@ class Worker:
         self._closed = False
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
-        _LIVE.add(self)
+        close_at_exit(self, 5.0)
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> None:
         """Run ``fn(*args)`` on the thread, after what was submitted before; inline once closed."""
@@ -75,7 +85,7 @@ class Worker:
         self._closed = True
         self._queue.put((_STOP, ()))
         self._thread.join(1.0)
-        _LIVE.discard(self)
+        forget_at_exit(self)
 
     def _run(self) -> None:
         while True:

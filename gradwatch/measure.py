@@ -36,9 +36,7 @@ def amp_grad_scale(optimizer: Any, scaler: Any) -> Any:
     (a device tensor: no host sync) when the optimizer unscales inside its own step (``fused=True``
     optimizers), else None (``scaler.unscale_`` has run, or no scaler). For ``Monitor.begin_step(grad_scale=)``.
     """
-    if scaler is None or not unscales_in_step(optimizer):
-        return None
-    return scale_tensor(scaler)
+    return loss_scale(scaler) if unscales_in_step(optimizer) else None
 
 
 def loss_scale(scaler: Any) -> Any:

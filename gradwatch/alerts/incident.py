@@ -10,7 +10,6 @@ incident is resolved. Everything here is plain data plus formatting: a leaf next
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -184,9 +183,13 @@ class IncidentEvent:
         """``[warning] skip_collapse opened at step 120 (layer2.4)``."""
         inc = self.incident
         where = f" ({inc.name})" if inc.name else ""
-        what = {"opened": "opened", "escalated": f"escalated from {self.previous}", "reminder": "still open",
+        return f"[{self.severity}] {inc.rule} {self.what} at step {self.step}{where}"
+
+    @property
+    def what(self) -> str:
+        """What happened, in words: ``opened``, ``escalated from warning``, ``still open``, ``resolved``."""
+        return {"opened": "opened", "escalated": f"escalated from {self.previous}", "reminder": "still open",
                 "resolved": "resolved"}[self.kind]
-        return f"[{self.severity}] {inc.rule} {what} at step {self.step}{where}"
 
     def progress(self) -> str:
         """How long it has lasted and how the value moved (empty for an opening)."""
@@ -297,8 +300,3 @@ def worse(value: float, than: float, threshold: float, first: float) -> bool:
         return value > than
     return abs(value) > abs(than)
 
-
-def incident_events(events: Sequence[IncidentEvent], floor: str) -> list[IncidentEvent]:
-    """The events at least as severe as ``floor``."""
-    rank = severity_rank(floor)
-    return [e for e in events if severity_rank(e.severity) >= rank]

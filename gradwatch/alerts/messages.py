@@ -40,9 +40,7 @@ def _slack_event(e: Any, title: str) -> str:
                 f"{e.step}{where}\n{e.message}\n_hint:_ {e.hint}")
     where = f" in `{e.name}`" if e.name else ""
     icon = _ICONS[kind].get(e.severity, "")
-    what = {"opened": "opened", "escalated": f"escalated from {e.previous}", "reminder": "still open",
-            "resolved": "resolved"}[kind]
-    head = f"{icon} *{title} {e.severity}* — `{e.rule}`{where} {what} at step {e.step}" if kind != "resolved" \
+    head = f"{icon} *{title} {e.severity}* — `{e.rule}`{where} {e.what} at step {e.step}" if kind != "resolved" \
         else f"{icon} *{title} resolved* — `{e.rule}`{where} ({e.severity}) at step {e.step}"
     if kind == "opened":
         return f"{head}\n{e.message}\n_hint:_ {e.hint}"

@@ -3,7 +3,6 @@ rate limit. The words are :mod:`gradwatch.alerts.messages`'s."""
 
 from __future__ import annotations
 
-import atexit
 import http.client
 import logging
 import os
@@ -13,13 +12,13 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-import weakref
 from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
 from email.utils import parsedate_to_datetime
 
 from .._checks import check_bool, check_choice, check_int, check_number
+from .._worker import close_at_exit, forget_at_exit
 from . import messages
 from .incident import RunSummary
 from .sinks import AlertSink
@@ -43,13 +42,6 @@ def redact_url(url: str) -> str:
 
 
 _STOP = object()
-_LIVE: weakref.WeakSet = weakref.WeakSet()
-
-
-@atexit.register
-def _close_live_sinks() -> None:  # pragma: no cover - exercised at interpreter exit
-    for sink in list(_LIVE):
-        sink.close(2.0)
 
 
 class WebhookSink(AlertSink):
@@ -161,7 +153,7 @@ class WebhookSink(AlertSink):
         self._idle = threading.Condition()
         self._thread = threading.Thread(target=self._run, name="gradwatch-webhook", daemon=True)
         self._thread.start()
-        _LIVE.add(self)
+        close_at_exit(self, 2.0)
 
     # ------------------------------------------------------------------ sink protocol
     @property
@@ -274,7 +266,7 @@ class WebhookSink(AlertSink):
             if item is not _STOP:
                 self._done()
                 self._fail(item[1], "not sent before the close timeout")
-        _LIVE.discard(self)
+        forget_at_exit(self)
 
     def __repr__(self) -> str:
         return f"WebhookSink({self.url!r}, format={self.format!r})"
