@@ -20,12 +20,14 @@ from .alerts import (
     RunSummary, WebhookSink,
 )
 from .config import AlertConfig, Config, MeasureConfig, OutputConfig
+from .health import HEALTH
 from .history import History
 from .measure import amp_grad_scale, loss_scale
 from .monitor import Monitor, NothingToMeasure
 from .names import EARLY_FRACTION, FLOW_METRICS, GLOBAL_NAME, METRICS, clean_name, early_count
 from .record import Sink, StepRecord
 from .sinks import ScalarsSink, TensorBoardSink
+from .tags import Tags
 from .version import __version__
 
 __all__ = [
@@ -39,9 +41,11 @@ __all__ = [
     "Sink",
     "TensorBoardSink",
     "ScalarsSink",
+    "Tags",
     "History",
     "METRICS",
     "FLOW_METRICS",
+    "HEALTH",
     "GLOBAL_NAME",
     "EARLY_FRACTION",
     "early_count",

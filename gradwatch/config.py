@@ -112,6 +112,7 @@ OPTIONS: dict[str, tuple[str, Callable[[Any, str], Any]]] = {
     "every": ("output", lambda v, n: check_int(v, n, minimum=1)),
     "histograms": ("output", check_bool),
     "prefix": ("output", check_str),
+    "pictures": ("output", lambda v, n: check_int(v, n, minimum=0)),
     "sinks": ("output", _sinks),
     "strict": ("output", check_bool),
     "history": ("output", lambda v, n: check_int(v, n, minimum=1, allow_none=True)),
@@ -184,7 +185,8 @@ class OutputConfig(_Checked):
 
     every: int = 50  # log when step % every == 0
     histograms: bool = True  # a TensorBoard histogram across layers per metric and logging step
-    prefix: str = ""  # prepended to every TensorBoard tag (e.g. "gradwatch/")
+    prefix: str = "gradwatch"  # namespace of the tags: sections gradwatch/ (health), gradwatch.layers/, ...
+    pictures: int = 20  # TensorBoard pictures (depth x time maps, profile) every N logging steps; 0: none
     sinks: tuple[Any, ...] = ()  # more sinks for every record (objects with write(record))
     strict: bool = False  # re-raise errors inside gradwatch's hooks and sinks (for tests)
     history: int | None = None  # logging steps kept in memory for mon.history() (the latest); None: all

@@ -8,12 +8,19 @@ from collections import deque
 import numpy as np
 import pandas as pd
 
+from .names import GLOBAL_NAME
 from .record import Sink, StepRecord
 
 __all__ = ["History", "COLUMNS"]
 
 #: Columns of :meth:`History.to_frame`, one row per (step, name, metric).
 COLUMNS = ("step", "name", "metric", "value")
+
+
+def _chunks(r: StepRecord) -> list[tuple[int, str, tuple[str, ...], np.ndarray]]:
+    out = [(r.step, metric, names, values) for metric, names, values in r.series()]
+    out.extend((r.step, metric, (GLOBAL_NAME,), np.array([v])) for metric, v in r.health.items())
+    return out
 
 
 class History(Sink):
@@ -46,8 +53,9 @@ class History(Sink):
 
     def to_frame(self) -> pd.DataFrame:
         """All records as a DataFrame with columns ``step, name, metric, value`` (per step: each layer metric
-        over the layers and ``_global``, then each block metric over the blocks)."""
-        chunks = [(r.step, metric, names, values) for r in self._records for metric, names, values in r.series()]
+        over the layers and ``_global``, then each block metric over the blocks, then the health figures
+        (:data:`gradwatch.health.HEALTH`) as metrics of ``_global``)."""
+        chunks = [chunk for r in self._records for chunk in _chunks(r)]
         if not chunks:
             return pd.DataFrame(
                 {"step": pd.Series(dtype="int64"), "name": pd.Series(dtype="object"),

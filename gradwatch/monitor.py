@@ -28,6 +28,7 @@ from .metrics import DTensor
 from .names import METRICS, short_list
 from ._once import Once
 from .order import ForwardOrder
+from .health import health
 from .record import StepRecord
 from .sinks import TensorBoardSink, open_writer
 
@@ -105,8 +106,9 @@ class Monitor:
       ``"raise"``: :class:`~gradwatch.GradientAlarm` out of ``step()`` / ``optimizer.step()``),
       ``alerts_path``; incidents: ``remind_after``, ``remind_steps``, ``remind_backoff``, ``resolve_after``
       (``docs/alerts.md``);
-    - *output*: ``every`` (default 50), ``histograms``, ``prefix``, ``sinks``, ``history`` (logging steps kept
-      in memory; default all), ``strict`` (re-raise errors
+    - *output*: ``every`` (default 50), ``histograms``, ``prefix`` (the tags' namespace, default
+      ``"gradwatch"``: ``docs/dashboard.md``), ``pictures`` (TensorBoard pictures every N logging steps),
+      ``sinks``, ``history`` (logging steps kept in memory; default all), ``strict`` (re-raise errors
       inside gradwatch's hooks and sinks; otherwise they are logged, kept in :attr:`errors`, and training
       goes on).
 
@@ -203,9 +205,12 @@ class Monitor:
         self._writer = open_writer(log_dir) if self._owns_writer else (writer if self._rank_zero else None)
         owned: list[Any] = []  # closed at close(); the user's sinks are only flushed
         if self._writer is not None:
-            owned.append(TensorBoardSink(self._writer, cfg.output.prefix, cfg.output.histograms))
+            owned.append(TensorBoardSink(self._writer, cfg.output.prefix, cfg.output.histograms,
+                                         pictures=cfg.output.pictures))
         self._engine: AlertEngine | None = None
         self._forward: dict[str, int] = {}
+        self._kinds = layer_kinds(model)
+        self._kinds_of: tuple[tuple[str, ...], tuple[str, ...]] | None = None
         user: list[Any] = []
         if rules:
             path = cfg.alerts.alerts_path
@@ -214,7 +219,7 @@ class Monitor:
             tracker = IncidentTracker(
                 remind_after=a.remind_after, backoff=a.remind_backoff, resolve_after=a.resolve_after,
                 remind_steps=a.remind_steps if a.remind_steps is not None else a.alert_cooldown or None)
-            self._engine = AlertEngine(rules, kinds=layer_kinds(model), on_critical=a.on_critical, tracker=tracker,
+            self._engine = AlertEngine(rules, kinds=self._kinds, on_critical=a.on_critical, tracker=tracker,
                                        path=path, rank_zero=self._rank_zero, on_error=self._contain_in)
             self._order = ForwardOrder(model)  # until the first measured step: nonfinite names layers in this order
             owned.append(LoggingSink())
@@ -548,10 +553,18 @@ class Monitor:
             events = self._engine.evaluate(record, self._forward)
             record = dataclasses.replace(record, events=events, open_incidents=self._engine.open_counts(),
                                          alerts=tuple(e.alert for e in events if e.kind != "resolved"))
+        record = dataclasses.replace(record, kinds=self._record_kinds(record.layers),
+                                     health=health(record, self._kinds, self._forward))
         self._latest = record
         self._history.write(record)  # every rank keeps its history
         for sink in self._sinks:
             self._call(sink, "write", record)
+
+    def _record_kinds(self, layers: tuple[str, ...]) -> tuple[str, ...]:
+        cached = self._kinds_of
+        if cached is None or cached[0] != layers:  # the layers measured rarely change: one tuple per set
+            cached = self._kinds_of = (layers, tuple(self._kinds.get(n, "other") for n in layers))
+        return cached[1]
 
     def _raise_alarm(self) -> None:
         if self._engine is not None:

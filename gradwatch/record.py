@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -48,6 +49,10 @@ class StepRecord:
             ``resolved``): what alert sinks send.
         open_incidents: open incidents per severity (info, warning, critical) after this step, or None when
             alerting is off.
+        health: the whole-model health figures of this step (:data:`gradwatch.health.HEALTH`, NaN where they
+            cannot be computed), read-only; empty in a record built by hand.
+        kinds: the kind of each layer (:func:`gradwatch.layers.layer_kinds`: ``"weight"``, ``"norm"``,
+            ``"embedding"``, ``"other"``), aligned with :attr:`layers`; empty when unknown.
     """
 
     step: int
@@ -60,9 +65,15 @@ class StepRecord:
     alerts: tuple[Alert, ...] | None = None
     events: tuple[IncidentEvent, ...] = ()
     open_incidents: tuple[int, int, int] | None = None
+    health: Mapping[str, float] = field(default_factory=dict)
+    kinds: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        if not isinstance(self.health, MappingProxyType):
+            object.__setattr__(self, "health", MappingProxyType({k: float(v) for k, v in self.health.items()}))
         n, m, b = len(self.layers), len(self.layer_metrics), len(self.blocks)
+        if self.kinds and len(self.kinds) != n:
+            raise ValueError(f"StepRecord.kinds has {len(self.kinds)} entries for {n} layers")
         for name, arr, shape in (("layer_values", self.layer_values, (n, m)), ("whole", self.whole, (m,)),
                                  ("block_values", self.block_values, (b, len(FLOW_METRICS)))):
             if np.shape(arr) != shape:
@@ -130,6 +141,8 @@ class StepRecord:
     def value(self, name: str, metric: str) -> float:
         """One value: ``metric`` of the layer or block ``name`` (or ``_global``); KeyError when absent."""
         if name == GLOBAL_NAME:
+            if metric in self.health:
+                return self.health[metric]
             if metric not in self.layer_metrics:
                 raise KeyError((name, metric))
             return self.global_value(metric)
@@ -158,29 +171,9 @@ class StepRecord:
             out.update(zip(FLOW_METRICS, (~np.isfinite(self.block_values)).sum(axis=0).tolist()))
         return out
 
-    def scalars(self, prefix: str = "") -> dict[str, float]:
-        """Every value as one flat ``{"<prefix><metric>/<name>": value}`` dict (the TensorBoard tags), plus,
-        when alerting is on, ``<prefix>alerts/count`` (events told at this step) and
-        ``<prefix>alerts/open/<severity>`` (open incidents): what a logger that takes flat dicts receives."""
-        out = {f"{prefix}{metric}/{name}": float(v)
-               for metric, names, values in self.series() for name, v in zip(names, values.tolist())}
-        out.update(self.alert_scalars(prefix))
-        return out
-
-    def alert_scalars(self, prefix: str = "") -> dict[str, float]:
-        """``<prefix>alerts/count`` and ``<prefix>alerts/open/{info,warning,critical}``; empty when alerting
-        is off."""
-        if self.alerts is None:
-            return {}
-        out = {f"{prefix}alerts/count": float(len(self.events))}
-        if self.open_incidents is not None:
-            out.update({f"{prefix}alerts/open/{sev}": float(n)
-                        for sev, n in zip(("info", "warning", "critical"), self.open_incidents)})
-        return out
-
     def __len__(self) -> int:
-        """How many values the record holds (layers and ``_global`` × metrics, blocks × flow metrics)."""
-        return (len(self.layers) + 1) * len(self.layer_metrics) + self.block_values.size
+        """How many values the record holds (layers and ``_global`` × metrics, blocks × flow metrics, health)."""
+        return (len(self.layers) + 1) * len(self.layer_metrics) + self.block_values.size + len(self.health)
 
     def __repr__(self) -> str:
         alerts = "off" if self.alerts is None else len(self.alerts)

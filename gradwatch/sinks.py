@@ -14,18 +14,24 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import time
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-from tensorboard.compat.proto.summary_pb2 import Summary
+from tensorboard.compat.proto.summary_pb2 import Summary, SummaryMetadata
+from tensorboard.compat.proto.tensor_pb2 import TensorProto
+from tensorboard.compat.proto.tensor_shape_pb2 import TensorShapeProto
 from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard import summary as tb_summary
 
 from . import _fastcrc
 from ._compat import event_file_writer
 from ._worker import Worker
+from .layout import build_layout
+from .pictures import Timeline, render_all
 from .record import Sink, StepRecord
+from .tags import DEFAULT_NAMESPACE, Tags
 
 __all__ = ["TensorBoardSink", "ScalarsSink", "open_writer", "alert_markdown"]
 
@@ -56,22 +62,72 @@ def alert_markdown(alert: Any) -> str:
 
 
 class ScalarsSink(Sink):
-    """Each record as one flat dict, ``fn({"<prefix><metric>/<name>": value, ...}, step)``: for loggers that
-    take dicts of scalars (Lightning's ``log_metrics``, W&B, MLflow). No histograms; with ``counts``, the
-    ``<prefix>nonfinite/<metric>`` counts that accompany them in TensorBoard."""
+    """Each record as one flat dict, ``fn({tag: value, ...}, step)``, with the tags TensorBoard gets
+    (:class:`gradwatch.tags.Tags`: the health section, per layer, per block, alerts): for loggers that take
+    dicts of scalars (Lightning's ``log_metrics``, W&B, MLflow). No histograms or pictures; with ``counts``,
+    the ``nonfinite/<metric>`` counts that accompany the histograms in TensorBoard."""
 
-    def __init__(self, fn: Callable[[dict[str, float], int], Any], prefix: str = "", counts: bool = False) -> None:
+    def __init__(self, fn: Callable[[dict[str, float], int], Any], prefix: str = DEFAULT_NAMESPACE,
+                 counts: bool = False) -> None:
         if not callable(fn):
             raise TypeError(f"ScalarsSink needs a callable, got {type(fn).__name__}")
         self.fn = fn
-        self.prefix = prefix
+        self.tags = Tags(prefix)
         self.counts = counts
 
     def write(self, record: StepRecord) -> None:
-        values = record.scalars(self.prefix)
-        if self.counts:
-            values.update({f"{self.prefix}nonfinite/{m}": float(c) for m, c in record.nonfinite_counts().items()})
-        self.fn(values, record.step)
+        self.fn(self.tags.scalars(record, counts=self.counts), record.step)
+
+
+def _layout_summary(layout: Any) -> Summary:
+    """The Custom Scalars layout as the summary TensorBoard's plugin reads (what ``add_custom_scalars``
+    writes, from our own ``Layout`` proto)."""
+    meta = SummaryMetadata(plugin_data=SummaryMetadata.PluginData(plugin_name="custom_scalars"))
+    tensor = TensorProto(dtype="DT_STRING", string_val=[layout.SerializeToString()], tensor_shape=TensorShapeProto())
+    return Summary(value=[Summary.Value(tag="custom_scalars__config__", tensor=tensor, metadata=meta)])
+
+
+class _PictureSchedule:
+    """When to draw (every ``every`` records, within the time budget) and what: the :class:`Timeline`
+    the pictures are drawn from, fed on the sink's thread."""
+
+    def __init__(self, every: int, budget: float | None) -> None:
+        self.every, self.budget = every, budget
+        self.timeline = Timeline()
+        self._since = 0  # records since the last drawing
+        self._start: float | None = None
+        self._spent = 0.0
+
+    def add(self, record: StepRecord, tags: Tags) -> list[Summary.Value]:
+        self.timeline.add(record)
+        now = time.perf_counter()
+        self._start = now if self._start is None else self._start
+        self._since += 1
+        if self._since < self.every:
+            return []
+        if self.budget is not None and self._spent > self.budget * (now - self._start):
+            return []  # drawing has had its share of the run's time: wait (the final pictures still come)
+        return self._draw(tags)
+
+    def final(self, tags: Tags) -> tuple[int, list[Summary.Value]]:
+        latest = self.timeline.latest
+        if latest is None or not self._since:
+            return 0, []
+        return latest.step, self._draw(tags)
+
+    def _draw(self, tags: Tags) -> list[Summary.Value]:
+        t0 = time.perf_counter()
+        self._since = 0
+        try:
+            pictures = render_all(self.timeline)
+        except Exception as err:  # a picture must never cost the scalars of the step
+            log.warning("gradwatch: drawing the pictures failed (%s: %s); the scalars are written",
+                        type(err).__name__, err)
+            return []
+        finally:
+            self._spent += time.perf_counter() - t0
+        return [Summary.Value(tag=tags.picture(p.name), image=Summary.Image(
+            height=p.height, width=p.width, colorspace=4, encoded_image_string=p.png)) for p in pictures]
 
 
 def _varint(n: int) -> bytes:
@@ -109,26 +165,31 @@ class _ScalarBytes:
 
 
 class TensorBoardSink(Sink):
-    """Write each :class:`~gradwatch.StepRecord` to a ``SummaryWriter``.
+    """Write each :class:`~gradwatch.StepRecord` to a ``SummaryWriter``: gradwatch's dashboard.
 
-    Scalars are tagged ``<prefix><metric>/<name>`` so that TensorBoard's grouping (text before the first
-    ``/``) gives one section per metric. With ``histograms``, each metric also gets a histogram across names,
-    ``<prefix>hist/<metric>``, of its finite values (layers only, ``_global`` left out), and a scalar
-    ``<prefix>nonfinite/<metric>`` counting the NaN/Inf values left out of it. When alerting is on, every step
-    writes ``<prefix>alerts/open/<severity>`` (open incidents: when trouble started and ended) and
-    ``<prefix>alerts/count`` (incident events told at that step), each event a text entry
-    ``<prefix>alerts/<rule>``, and the end of the run a text ``<prefix>alerts/summary``; the writer is flushed
-    on a step with events so they show at once.
+    The tags are :class:`gradwatch.tags.Tags` of ``prefix`` (default ``gradwatch``; ``docs/dashboard.md``):
+    the health section ``gradwatch/`` first, then ``gradwatch.layers/<metric>/<layer>``,
+    ``gradwatch.blocks/<metric>/<block>``, ``gradwatch.alerts/`` and ``gradwatch.pictures/``. With
+    ``histograms``, each metric also gets a histogram across layers (or blocks) of its finite values and a
+    ``nonfinite/<metric>`` count of the values left out. When alerting is on, each incident event is a text
+    ``gradwatch.alerts/<rule>`` (the writer is flushed at once), the end of the run ``gradwatch.alerts/summary``.
     ``add_scalars`` is never used: it makes a run per key.
+
+    A plain ``SummaryWriter`` also gets the Custom Scalars layout (:func:`gradwatch.layout.build_layout`,
+    written again when the layers or blocks measured change) and, every ``pictures`` logging steps and at
+    close, the pictures (:mod:`gradwatch.pictures`; ``pictures=0``: none). Drawing takes ~0.5 s of CPU per
+    picture, so it also waits until the time spent drawing is at most ``picture_budget`` (1%) of the time
+    since the run's first record (``None``: no limit).
 
     With ``background`` (default), a plain ``SummaryWriter``'s events are built and handed to it on a thread
     of the sink's own; :meth:`flush` and :meth:`close` wait for it (``Monitor.close()`` and ``flush()`` call
     them), so the event file is complete when they return.
     """
 
-    def __init__(self, writer: Any, prefix: str = "", histograms: bool = True, background: bool = True) -> None:
+    def __init__(self, writer: Any, prefix: str = DEFAULT_NAMESPACE, histograms: bool = True,
+                 background: bool = True, pictures: int = 20, picture_budget: float | None = 0.01) -> None:
         self.writer = writer
-        self.prefix = prefix
+        self.tags = Tags(prefix)
         self.histograms = histograms
         # One event per step only for a plain SummaryWriter: a subclass that overrides add_* gets its calls.
         plain = isinstance(writer, SummaryWriter) and all(
@@ -138,6 +199,13 @@ class TensorBoardSink(Sink):
         _fastcrc.install()  # tensorboard's pure-Python checksum was the largest cost of writing an event
         self._scalar_bytes = _ScalarBytes()
         self._bins: np.ndarray | None = None
+        self._layout_key: tuple[Any, ...] | None = None
+        self._pictures = _PictureSchedule(pictures, picture_budget) if self._events is not None and pictures \
+            else None
+
+    @property
+    def prefix(self) -> str:
+        return self.tags.namespace
 
     def write(self, record: StepRecord) -> None:
         if self._worker is not None:
@@ -146,44 +214,59 @@ class TensorBoardSink(Sink):
             self._write_record(record)
 
     def _write_record(self, record: StepRecord) -> None:
-        p = self.prefix
-        scalars: list[tuple[str, float]] = []
+        t = self.tags
+        scalars = list(t.health_scalars(record).items())
         encoded: list[bytes] = []  # the event path: per-layer scalars as ready-made Summary.Value bytes
         hists: list[tuple[str, np.ndarray]] = []
         for metric, names, values in record.series():
+            block = metric not in record.layer_metrics
             if self._events is not None:
-                encoded.append(self._scalar_bytes.encode(f"{p}{metric}/", names, values))
+                encoded.append(self._scalar_bytes.encode(t.series_head(metric, block), names, values))
             else:
-                scalars.extend(zip((f"{p}{metric}/{n}" for n in names), values.tolist()))
+                scalars.extend(zip((t.series_head(metric, block) + n for n in names), values.tolist()))
             if self.histograms:
-                vals = values[:-1] if metric in record.layer_metrics else values  # _global is not a layer
+                vals = values if block else values[:-1]  # _global is not a layer
                 finite = vals[np.isfinite(vals)]
                 if finite.size:  # add_histogram raises on empty input
-                    hists.append((f"{p}hist/{metric}", finite))
+                    hists.append((t.histogram(metric, block), finite))
         if self.histograms:  # what the histograms leave out
-            scalars.extend((f"{p}nonfinite/{m}", float(c)) for m, c in record.nonfinite_counts().items())
-        scalars.extend(record.alert_scalars(p).items())
-        texts = [(f"{p}alerts/{e.rule}", alert_markdown(e)) for e in record.events]
-        self._write(record.step, scalars, hists, texts, b"".join(encoded))
+            scalars.extend(t.nonfinite_scalars(record).items())
+        scalars.extend(t.alert_scalars(record).items())
+        texts = [(t.alert_text(e.rule), alert_markdown(e)) for e in record.events]
+        extra: list[Summary.Value] = []
+        if self._events is not None:
+            extra.extend(self._layout(record))
+            if self._pictures is not None:
+                extra.extend(self._pictures.add(record, t))
+        self._write(record.step, scalars, hists, texts, b"".join(encoded), extra)
         if record.events:
             self._flush_writer()
 
+    def _layout(self, record: StepRecord) -> list[Summary.Value]:
+        key = (record.layers, record.layer_metrics, record.blocks, record.alerts is not None)
+        if key == self._layout_key:
+            return []
+        self._layout_key = key
+        layout = build_layout(self.tags, record.layers, record.layer_metrics, record.blocks, record.alerts is not None)
+        return list(_layout_summary(layout).value)
+
     def summary(self, summary: Any) -> None:
-        """The run's incidents (:class:`gradwatch.alerts.RunSummary`) as the text ``<prefix>alerts/summary``."""
+        """The run's incidents (:class:`gradwatch.alerts.RunSummary`) as the text ``gradwatch.alerts/summary``."""
         text = "\n\n".join(line.strip() for line in summary.lines(limit=50))
         if self._worker is not None:
-            self._worker.submit(self._write, summary.step or 0, [], [], [(f"{self.prefix}alerts/summary", text)])
+            self._worker.submit(self._write, summary.step or 0, [], [], [(self.tags.summary, text)])
         else:
-            self._write(summary.step or 0, [], [], [(f"{self.prefix}alerts/summary", text)])
+            self._write(summary.step or 0, [], [], [(self.tags.summary, text)])
 
-    def _write(self, step: int, scalars, hists, texts, encoded: bytes = b"") -> None:
+    def _write(self, step: int, scalars, hists, texts, encoded: bytes = b"", extra=()) -> None:
         if self._events is not None:
-            self._write_event(self._events, step, scalars, hists, texts, encoded)
+            self._write_event(self._events, step, scalars, hists, texts, encoded, extra)
         else:
             self._write_calls(step, scalars, hists, texts)
 
-    def _write_event(self, events: Any, step: int, scalars, hists, texts, encoded: bytes) -> None:
+    def _write_event(self, events: Any, step: int, scalars, hists, texts, encoded: bytes, extra=()) -> None:
         summary = Summary.FromString(encoded)  # parsing is C; building ~1,000s of Value objects in Python is not
+        summary.value.extend(extra)
         summary.value.extend(Summary.Value(tag=tag, simple_value=v) for tag, v in scalars)
         if self._bins is None:  # what add_histogram(bins="tensorflow") uses, as an array once, not per call
             self._bins = np.asarray(self.writer.default_bins, dtype=np.float64)
@@ -211,10 +294,20 @@ class TensorBoardSink(Sink):
         self._flush_writer()
 
     def close(self) -> None:
-        """Write what is queued, flush, stop the thread (the writer stays open: it is not the sink's)."""
+        """Draw the final pictures, write what is queued, flush, stop the thread (the writer stays open: it is
+        not the sink's)."""
+        if self._pictures is not None and self._worker is not None:
+            self._worker.submit(self._final_pictures)
+        elif self._pictures is not None:
+            self._final_pictures()
         if self._worker is not None:
             self._worker.close(_WAIT)
         self._flush_writer()
+
+    def _final_pictures(self) -> None:
+        step, values = self._pictures.final(self.tags)
+        if values:
+            self._write(step, [], [], [], b"", values)
 
     def _flush_writer(self) -> None:
         flush = getattr(self.writer, "flush", None)

@@ -237,7 +237,8 @@ class GradWatchCallback(*_BASES):  # type: ignore[misc]
             if not params:
                 skipped.append(f"{key}: holds none of the LightningModule's parameters")
                 continue
-            prefix = base.output.prefix + (f"{key}/" if len(optimizers) > 1 else "")
+            ns = base.output.prefix.rstrip("/")  # one namespace per optimizer: gradwatch.optimizer_1/, ...
+            prefix = (f"{ns}.{key}" if ns else key) if len(optimizers) > 1 else ns
             cfg = base.replace(prefix=prefix, sinks=(*base.output.sinks, *_logger_sinks(loggers, base, prefix)))
             try:
                 mon = Monitor(pl_module, writer=writer, params=params, config=cfg)
@@ -318,7 +319,8 @@ class _Slot:
 def _logger_sinks(loggers: list[Any], cfg: Config, prefix: str) -> list[Any]:
     """Sinks for the loggers besides the monitor's writer: more TensorBoard loggers, then the flat ones (CSV,
     W&B, MLflow: one ``log_metrics`` dict per step)."""
-    return [TensorBoardSink(lg.experiment, prefix, cfg.output.histograms) if isinstance(lg, _TENSORBOARD_LOGGERS)
+    return [TensorBoardSink(lg.experiment, prefix, cfg.output.histograms, pictures=cfg.output.pictures)
+            if isinstance(lg, _TENSORBOARD_LOGGERS)
             else ScalarsSink(lg.log_metrics, prefix, counts=cfg.output.histograms) for lg in loggers]
 
 

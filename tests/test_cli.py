@@ -20,8 +20,8 @@ def test_demo_trains_four_nets_and_logs_each(tmp_path, capsys):
     for net in histories:
         assert net in text
         scalars = read_events(str(out / net))["scalars"]
-        assert set(scalars["grad_to_weight/conv1"]) == {0, 2}
-        assert "update_to_weight/fc" in scalars
+        assert set(scalars["gradwatch.layers/grad_to_weight/conv1"]) == {0, 2}
+        assert "gradwatch.layers/update_to_weight/fc" in scalars
     assert f"tensorboard --logdir {out}" in text
     assert "first/last" in text
 

@@ -22,6 +22,8 @@ import pytest
 import torch
 from torch import nn
 
+import gradwatch
+
 pytestmark = pytest.mark.slow
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -149,7 +151,7 @@ def test_lightning_multiprocess_equals_one_process_over_the_global_batch(strateg
 
     multi = events(str(tmp_path / "multi" / "rank0" / "tb" / "version_0"))["scalars"]
     ref = events(os.path.join(single, "tb", "version_0"))["scalars"]
-    tags = [t for t in ref if t.split("/")[0] in ("grad_norm", "weight_norm", "grad_to_weight", "update_to_weight")]
+    tags = [t for t in ref if t.split("/")[0] == "gradwatch.layers" and t.split("/")[1] in gradwatch.METRICS]
     assert len(tags) == 4 * 4  # 3 layers + _global
     for tag in tags:
         assert set(multi[tag]) == set(ref[tag]) == {0, 1, 2}
@@ -159,7 +161,7 @@ def test_lightning_multiprocess_equals_one_process_over_the_global_batch(strateg
 
     # Rank 0 wrote one event file per run; rank 1 created nothing at all.
     assert len(glob.glob(str(tmp_path / "multi" / "rank0" / "tb" / "version_0" / "events.*"))) == 1
-    assert set(events(str(tmp_path / "multi" / "rank0" / "gradwatch"))["scalars"]["grad_norm/_global"]) == {0, 1, 2}
+    assert set(events(str(tmp_path / "multi" / "rank0" / "gradwatch"))["scalars"]["gradwatch.layers/grad_norm/_global"]) == {0, 1, 2}
     assert not (tmp_path / "multi" / "rank1").exists()
 
 
@@ -222,12 +224,12 @@ def _fsdp_worker(rank: int, port: int, out: str) -> None:
 
         want = ref_mon.history().set_index(["step", "name", "metric"]).value
         got = mon.history().set_index(["step", "name", "metric"]).value
-        assert set(got.index) == set(want.index) and len(want) == 3 * 4 * 4
+        assert set(got.index) == set(want.index) and len(want) == 3 * (4 * 4 + len(gradwatch.HEALTH))
         diff = ((got - want.reindex(got.index)).abs() / want.reindex(got.index).abs().clip(lower=1e-12)).max()
         assert diff < RTOL, f"FSDP2 values differ from unsharded ones by {diff:.2e}"
         got_plain = plain.history().set_index(["step", "name", "metric"]).value
         common = want.reindex(got_plain.index)
-        assert len(got_plain) == 3 * 4 * 3 and ((got_plain - common).abs() / common.abs()).max() < RTOL
+        assert len(got_plain) == 3 * (4 * 3 + len(gradwatch.HEALTH)) and ((got_plain - common).abs() / common.abs()).max() < RTOL
         assert mon.layer_names == ["0", "2", "4"]
         dist.barrier()
     finally:
@@ -246,5 +248,5 @@ def test_fsdp2_monitor_equals_unsharded_with_one_all_reduce(tmp_path, events):
     if not hasattr(fsdp, "fully_shard"):
         pytest.skip("this torch has no FSDP2 fully_shard")
     mp.spawn(_fsdp_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
-    assert set(events(str(tmp_path / "rank0"))["scalars"]["grad_norm/_global"]) == {0, 1, 2}
+    assert set(events(str(tmp_path / "rank0"))["scalars"]["gradwatch.layers/grad_norm/_global"]) == {0, 1, 2}
     assert not (tmp_path / "rank1").exists()  # the raw Monitor logs on rank 0 only

@@ -46,7 +46,7 @@ def test_values_equal_an_independent_computation_at_logged_steps_only(tmp_path):
     hist = mon.history()
     assert list(hist.columns) == ["step", "name", "metric", "value"]
     assert sorted(hist.step.unique()) == [0, 3, 6]
-    layer_metrics = set(hist.metric) - set(gradwatch.flow.FLOW_METRICS)  # block flow is tested in test_flow*.py
+    layer_metrics = set(hist.metric) - set(gradwatch.flow.FLOW_METRICS) - set(gradwatch.HEALTH)  # flow: test_flow*
     assert layer_metrics == {"grad_norm", "weight_norm", "grad_to_weight"}  # no optimizer: no updates
     scalars = read_events(str(tmp_path))["scalars"]
     for step, layers in expected.items():
@@ -55,9 +55,9 @@ def test_values_equal_an_independent_computation_at_logged_steps_only(tmp_path):
                 row = hist[(hist.step == step) & (hist.name == layer) & (hist.metric == metric)]
                 assert len(row) == 1
                 assert row.value.iloc[0] == pytest.approx(value, rel=1e-6)
-                assert scalars[f"{metric}/{layer}"][step] == pytest.approx(value, rel=1e-6)
+                assert scalars[f"gradwatch.layers/{metric}/{layer}"][step] == pytest.approx(value, rel=1e-6)
     for metric in ("grad_norm", "weight_norm", "grad_to_weight"):
-        assert set(scalars[f"{metric}/conv1"]) == {0, 3, 6}
+        assert set(scalars[f"gradwatch.layers/{metric}/conv1"]) == {0, 3, 6}
     # the whole-model entry
     g_global = math.sqrt(sum(v["grad_norm"] ** 2 for v in expected[6].values()))
     row = hist[(hist.step == 6) & (hist.name == "_global") & (hist.metric == "grad_norm")]
@@ -187,18 +187,20 @@ def test_user_step_counter_decides_and_labels(tmp_path):
     assert mon.global_step == 21
 
 
-def test_tensorboard_tags_group_by_metric_and_write_one_run(tmp_path):
+def test_tensorboard_tags_live_in_the_prefix_namespace_and_write_one_run(tmp_path):
     model = tiny_resnet()
-    with gradwatch.Monitor(model, log_dir=tmp_path, every=1, prefix="gw/") as mon:
+    with gradwatch.Monitor(model, log_dir=tmp_path, every=1, prefix="gw/") as mon:  # the old spelling of "gw"
         train_step(model, None, 0)
         mon.step()
     ev = read_events(str(tmp_path))
-    assert "gw/grad_to_weight/layer1.0.conv1" in ev["scalars"]
-    assert "gw/grad_norm/_global" in ev["scalars"]
+    assert "gw.layers/grad_to_weight/layer1.0.conv1" in ev["scalars"]
+    assert "gw.layers/grad_norm/_global" in ev["scalars"] and "gw/grad_norm" in ev["scalars"]
     for metric in ("grad_norm", "weight_norm", "grad_to_weight"):
-        hist = ev["histograms"][f"gw/hist/{metric}"][0]
+        hist = ev["histograms"][f"gw.layers/{metric}"][0]
         assert hist.num == len(mon.layer_names)  # layers only, not _global
-        assert ev["scalars"][f"gw/nonfinite/{metric}"][0] == 0
+        assert ev["scalars"][f"gw.layers/nonfinite/{metric}"][0] == 0
+    groups = {tag.split("/")[0] for kind in ("scalars", "histograms") for tag in ev[kind]}
+    assert groups == {"gw", "gw.layers", "gw.blocks", "gw.alerts"}  # nothing outside the namespace
     assert [d for d in os.listdir(tmp_path) if os.path.isdir(tmp_path / d)] == []  # no add_scalars runs
 
 
@@ -212,7 +214,7 @@ def test_user_writer_is_flushed_not_closed(tmp_path):
         mon.step()
     writer.add_scalar("mine", 1.0, 0)  # still usable
     writer.close()
-    assert "grad_norm/conv1" in read_events(str(tmp_path))["scalars"]
+    assert "gradwatch.layers/grad_norm/conv1" in read_events(str(tmp_path))["scalars"]
 
 
 def test_parameter_granularity_and_filters():
@@ -283,8 +285,8 @@ def test_nan_gradients_are_recorded_and_training_goes_on(tmp_path):
     assert np.isinf(hist[("fc", "grad_norm")])
     assert np.isfinite(hist[("layer1.0.conv1", "grad_norm")])
     ev = read_events(str(tmp_path))
-    assert ev["scalars"]["nonfinite/grad_norm"][0] == 2
-    assert ev["histograms"]["hist/grad_norm"][0].num == len(mon.layer_names) - 2
+    assert ev["scalars"]["gradwatch.layers/nonfinite/grad_norm"][0] == 2
+    assert ev["histograms"]["gradwatch.layers/grad_norm"][0].num == len(mon.layer_names) - 2
 
 
 def test_errors_inside_gradwatch_are_contained_unless_strict(caplog):
@@ -490,6 +492,6 @@ def test_history_can_be_bounded_while_tensorboard_keeps_every_step(tmp_path):
         opt.zero_grad()
     mon.close()
     assert [r.step for r in mon.records] == [4, 5, 6] and set(mon.history().step) == {4, 5, 6}
-    assert sorted(read_events(str(tmp_path))["scalars"]["grad_norm/_global"]) == list(range(7))
+    assert sorted(read_events(str(tmp_path))["scalars"]["gradwatch.layers/grad_norm/_global"]) == list(range(7))
     with pytest.raises(ValueError, match="history"):
         gradwatch.Monitor(model, history=0)

@@ -76,10 +76,13 @@ def test_a_record_is_immutable_and_reads_by_name():
     assert g == pytest.approx(r.value("conv1", "grad_to_weight") * r.value("conv1", "weight_norm"))
     assert r.global_value("grad_norm") == pytest.approx(np.sqrt((r.layer("grad_norm") ** 2).sum()))
     assert r.value(r.blocks[0], "skip_share") == r.block("skip_share")[0]
-    flat = r.scalars("gw/")
-    assert flat["gw/grad_norm/conv1"] == g and flat["gw/alerts/count"] == 0.0
-    assert flat["gw/alerts/open/warning"] == 0.0 and r.open_incidents == (0, 0, 0)
-    assert len(flat) == len(r) + 4  # every value, the event count and the open incidents per severity
+    flat = gradwatch.Tags("gw").scalars(r)
+    assert flat["gw.layers/grad_norm/conv1"] == g and flat["gw.alerts/count"] == 0.0
+    assert flat["gw/alerts/warning"] == 0.0 and r.open_incidents == (0, 0, 0)
+    assert flat["gw/grad_norm"] == r.global_value("grad_norm")
+    assert flat["gw/skip_share_min"] == r.block("skip_share").min() == r.value("_global", "skip_share_min")
+    # every value (the health figures once), grad_norm in the health section, the event count, open per severity
+    assert len(flat) == len(r) + 1 + 1 + 3
     with pytest.raises(KeyError):
         r.value("no.such.layer", "grad_norm")
     mon.close()
@@ -118,7 +121,8 @@ def _events_per_step(log_dir):
     (path,) = glob.glob(os.path.join(log_dir, "events.out.tfevents.*"))
     per_step: dict[int, list[int]] = {}
     for event in EventFileLoader(path).Load():
-        if event.HasField("summary") and not event.summary.value[0].tag.startswith("alerts/summary"):  # the run's, at close
+        if event.HasField("summary") and not event.summary.value[0].tag.startswith(("gradwatch.alerts/summary",
+                                                                                    "gradwatch.pictures/")):
             per_step.setdefault(event.step, []).append(len(event.summary.value))
     return per_step
 
@@ -126,7 +130,7 @@ def _events_per_step(log_dir):
 def test_tensorboard_gets_one_event_per_logging_step(tmp_path, events):
     model = resnet(8, width=4)
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    with gradwatch.Monitor(model, optimizer=opt, every=1, log_dir=tmp_path) as mon:
+    with gradwatch.Monitor(model, optimizer=opt, every=1, log_dir=tmp_path, pictures=0) as mon:
         for s in range(3):
             x, y = small_batch(seed=s)
             F.cross_entropy(model(x), y).backward()
@@ -134,13 +138,16 @@ def test_tensorboard_gets_one_event_per_logging_step(tmp_path, events):
             opt.zero_grad()
     per_step = _events_per_step(tmp_path)
     assert sorted(per_step) == [0, 1, 2]
-    n = len(mon.latest) + len(mon.latest.layer_metrics) + 6 + 4  # values, nonfinite/<metric>, alerts/*
-    for counts in per_step.values():
+    # values, health grad_norm, nonfinite/<metric>, alerts: count and open per severity
+    n = len(mon.latest) + 1 + len(mon.latest.layer_metrics) + 6 + 4
+    for step, counts in per_step.items():
         assert len(counts) == 1  # the whole step in one event: scalars and histograms together
-        assert counts[0] == n + len(mon.latest.layer_metrics) + 6  # + one histogram per metric
+        layout = 1 if step == 0 else 0  # the Custom Scalars layout, with the first step
+        assert counts[0] == n + len(mon.latest.layer_metrics) + 6 + layout  # + one histogram per metric
     read = events(str(tmp_path))
-    assert read["scalars"]["grad_norm/conv1"][2] == pytest.approx(mon.latest.value("conv1", "grad_norm"), rel=1e-6)
-    assert "hist/skip_share" in read["histograms"]
+    got = read["scalars"]["gradwatch.layers/grad_norm/conv1"][2]
+    assert got == pytest.approx(mon.latest.value("conv1", "grad_norm"), rel=1e-6)
+    assert "gradwatch.blocks/skip_share" in read["histograms"]
 
 
 def test_a_writer_that_is_not_a_summary_writer_gets_one_call_per_value():
@@ -160,8 +167,9 @@ def test_a_writer_that_is_not_a_summary_writer_gets_one_call_per_value():
     train(model, mon, 1)
     mon.close()
     tags = {t for t, _, _ in w.calls}
-    assert "grad_norm/_global" in tags and "skip_share/layer1.0" in tags and "alerts/count" in tags
-    assert len(w.calls) == len(mon.latest) + 4
+    assert "gradwatch.layers/grad_norm/_global" in tags and "gradwatch.blocks/skip_share/layer1.0" in tags
+    assert "gradwatch.alerts/count" in tags and "gradwatch/grad_norm" in tags
+    assert len(w.calls) == len(mon.latest) + 1 + 4
 
 
 def test_records_compare_by_identity_and_check_their_shapes():
@@ -191,7 +199,7 @@ def test_a_summary_writer_subclass_that_overrides_add_scalar_gets_its_calls(tmp_
     train(model, mon, 1)
     mon.close()
     w.close()
-    assert Counting.calls == len(mon.latest) + 4
+    assert Counting.calls == len(mon.latest) + 1 + 4
 
 
 def test_a_writer_without_flush_is_fine():

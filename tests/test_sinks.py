@@ -62,7 +62,7 @@ def test_the_step_is_written_on_the_sinks_thread_and_reads_back_after_flush(tmp_
     assert threads == ["gradwatch-tensorboard"] * 3
     acc = EventAccumulator(str(tmp_path))
     acc.Reload()
-    got = {e.step: e.value for e in acc.Scalars("grad_norm/conv1")}
+    got = {e.step: e.value for e in acc.Scalars("gradwatch.layers/grad_norm/conv1")}
     assert sorted(got) == [0, 1, 2]
     assert got[2] == pytest.approx(mon.latest.value("conv1", "grad_norm"), rel=1e-6)
     mon.close()

@@ -204,11 +204,11 @@ def test_tensorboard_tags_are_grouped_like_layer_metrics(tmp_path, events):
     hist = mon.history()
     for metric in flow.FLOW_METRICS:
         for name in ("layer1.0", "layer2.0", "layer3.0"):
-            tag = f"gw/{metric}/{name}"
+            tag = f"gw.blocks/{metric}/{name}"
             assert set(ev["scalars"][tag]) == {0, 2}
             value = hist[(hist.step == 2) & (hist.name == name) & (hist.metric == metric)].value.iloc[0]
             assert ev["scalars"][tag][2] == pytest.approx(value, rel=1e-6)
-        assert ev["histograms"][f"gw/hist/{metric}"][0].num == 3
+        assert ev["histograms"][f"gw.blocks/{metric}"][0].num == 3
 
 
 def test_explicit_blocks_watch_block_and_names():
@@ -344,7 +344,7 @@ def test_torch_compile_reports_flow_unavailable_once_and_parameter_metrics_conti
     assert sum("block flow is unavailable" in r.getMessage() for r in caplog.records) == 1
     assert mon.flow_status.state == "unavailable" and "torch.compile" in mon.flow_status.reason
     hist = mon.history()
-    assert set(hist.step) == {0, 1, 2} and set(hist.metric) == set(gradwatch.METRICS)
+    assert set(hist.step) == {0, 1, 2} and set(hist.metric) == set(gradwatch.METRICS) | set(gradwatch.HEALTH)
     assert not mon.errors
 
     caplog.clear()
@@ -591,7 +591,7 @@ def test_a_model_without_residual_merges_is_reported_as_none_not_unavailable(cap
             model.zero_grad()
     assert mon.flow_status.state == "none"
     assert "unavailable" not in caplog.text
-    assert set(mon.history().metric) == {"grad_norm", "weight_norm", "grad_to_weight"}
+    assert set(mon.history().metric) == {"grad_norm", "weight_norm", "grad_to_weight", *gradwatch.HEALTH}
 
 
 class _ForwardCheckpointed(nn.Module):

@@ -149,14 +149,14 @@ def tb_logger(pl, tmp_path, name="tb"):
     return importlib.import_module(pl.__name__ + ".loggers").TensorBoardLogger(str(tmp_path), name=name, version=0)
 
 
-def check_against(recorder, scalars, k=0, tag_prefix="", steps=None):
+def check_against(recorder, scalars, k=0, namespace="gradwatch", steps=None):
     """Every gradwatch scalar at every recorded step equals the recorder's value."""
     steps = recorder.steps(k) if steps is None else steps
     checked = 0
     for (kk, step, name, metric), ref in recorder.values.items():
         if kk != k or step not in steps:
             continue
-        tag = f"{tag_prefix}{metric}/{name}"
+        tag = gradwatch.Tags(namespace).layer(metric, name)
         assert tag in scalars, f"missing {tag}"
         got = scalars[tag][step]
         assert got == pytest.approx(ref, rel=RTOL, abs=1e-12), (tag, step, got, ref)
@@ -224,13 +224,13 @@ def test_fit_writes_reference_values_to_tensorboard(name, tmp_path, events):
     # every=None follows log_every_n_steps=2: step 0, then the steps self.log writes at (1, 3, 5).
     loss_steps = set(scalars["loss"])
     assert loss_steps == {1, 3, 5}
-    assert set(scalars["grad_norm/_global"]) == {0} | loss_steps
+    assert set(scalars["gradwatch.layers/grad_norm/_global"]) == {0} | loss_steps
     assert cb.every is None and cb.monitor.every == 2
     n = check_against(rec, scalars, steps={0, 1, 3, 5})
     assert n == 4 * 4 * len(cb.monitor.layer_names + ["_global"])
-    assert "hist/grad_to_weight" in events(os.path.join(tmp_path, "tb", "version_0"))["histograms"]
+    assert "gradwatch.layers/grad_to_weight" in events(os.path.join(tmp_path, "tb", "version_0"))["histograms"]
     # Block flow (forward-side hooks) is armed on the callback's logging batches, not the Monitor's own cadence.
-    flow = [t for t in scalars if t.startswith("skip_share/")]
+    flow = [t for t in scalars if t.startswith("gradwatch.blocks/skip_share/")]
     assert len(flow) == 9 and all(set(scalars[t]) == {0, 1, 3, 5} for t in flow)
     # The in-memory history holds the same values.
     hist = cb.monitor.history()
@@ -253,7 +253,7 @@ def test_accumulated_gradients_are_measured_once_per_optimizer_step(tmp_path, ev
     )
     trainer.fit(make_module(pl))
     scalars = events(os.path.join(tmp_path, "tb", "version_0"))["scalars"]
-    assert set(scalars["grad_norm/_global"]) == {0, 1, 2} == set(scalars["loss"])
+    assert set(scalars["gradwatch.layers/grad_norm/_global"]) == {0, 1, 2} == set(scalars["loss"])
     check_against(rec, scalars)
 
     # Independent of Lightning: step 0 sees (grad(batch 0) + grad(batch 1)) / 2 at the initial weights.
@@ -263,7 +263,7 @@ def test_accumulated_gradients_are_measured_once_per_optimizer_step(tmp_path, ev
         x, y = next(loader)
         (F.cross_entropy(ref.net(x), y) / 2).backward()
     g = math.sqrt(sum(float(p.grad.double().pow(2).sum()) for p in ref.parameters()))
-    assert scalars["grad_norm/_global"][0] == pytest.approx(g, rel=RTOL)
+    assert scalars["gradwatch.layers/grad_norm/_global"][0] == pytest.approx(g, rel=RTOL)
 
 
 def test_gradients_are_measured_before_clipping(tmp_path, events):
@@ -281,10 +281,10 @@ def test_gradients_are_measured_before_clipping(tmp_path, events):
     F.cross_entropy(ref.net(x), y).backward()
     g = math.sqrt(sum(float(p.grad.double().pow(2).sum()) for p in ref.parameters()))
     assert g > 100 * 1e-3
-    assert scalars["grad_norm/_global"][0] == pytest.approx(g, rel=RTOL)  # not clipped
+    assert scalars["gradwatch.layers/grad_norm/_global"][0] == pytest.approx(g, rel=RTOL)  # not clipped
     # The update across the step is the clipped one: SGD(lr=0.05), no momentum buffer yet -> ||dw|| <= 0.05 * 1e-3.
-    w = scalars["weight_norm/_global"][0]
-    assert scalars["update_to_weight/_global"][0] * w == pytest.approx(0.05 * 1e-3, rel=1e-3)
+    w = scalars["gradwatch.layers/weight_norm/_global"][0]
+    assert scalars["gradwatch.layers/update_to_weight/_global"][0] * w == pytest.approx(0.05 * 1e-3, rel=1e-3)
 
 
 def test_bf16_mixed(tmp_path, events):
@@ -297,7 +297,7 @@ def test_bf16_mixed(tmp_path, events):
     )
     trainer.fit(make_module(pl))
     scalars = events(os.path.join(tmp_path, "tb", "version_0"))["scalars"]
-    assert set(scalars["grad_norm/_global"]) == {0, 1, 2, 3}
+    assert set(scalars["gradwatch.layers/grad_norm/_global"]) == {0, 1, 2, 3}
     check_against(rec, scalars)
 
 
@@ -329,12 +329,12 @@ def test_grad_scaler_values_are_unscaled_and_overflow_steps_are_not_recorded(fus
     scalars = events(os.path.join(tmp_path, "tb", "version_0"))["scalars"]
 
     assert not math.isfinite(rec.values[(0, 0, "_global", "grad_norm")])  # the overflow really happened
-    assert set(scalars["grad_norm/_global"]) == {2, 3}  # skipped steps are not reported
+    assert set(scalars["gradwatch.layers/grad_norm/_global"]) == {2, 3}  # skipped steps are not reported
     assert all(math.isfinite(v) for tag, d in scalars.items() if "/" in tag for v in d.values())
     if track_updates:
         check_against(rec, scalars, steps={2, 3})
     else:
-        assert "update_to_weight/_global" not in scalars
+        assert "gradwatch.layers/update_to_weight/_global" not in scalars
         rec.values = {k: v for k, v in rec.values.items() if k[3] != "update_to_weight"}
         check_against(rec, scalars, steps={2, 3})
 
@@ -344,7 +344,7 @@ def test_grad_scaler_values_are_unscaled_and_overflow_steps_are_not_recorded(fus
     x, y = dataset()[16:24]
     F.cross_entropy(ref.net(x), y).backward()
     g = math.sqrt(sum(float(p.grad.double().pow(2).sum()) for p in ref.parameters()))
-    assert scalars["grad_norm/_global"][2] == pytest.approx(g, rel=2e-2)
+    assert scalars["gradwatch.layers/grad_norm/_global"][2] == pytest.approx(g, rel=2e-2)
     assert scaler.get_scale() == 2.0**10
 
 
@@ -362,14 +362,14 @@ def test_two_optimizers_each_measured_at_its_own_step_with_distinct_names(tmp_pa
     assert set(cb.monitors) == {"optimizer_0", "optimizer_1"}
     # Two optimizer steps per batch: global_step is 6, the self.log axis counts 3 batches.
     assert trainer.global_step == 6 and set(scalars["loss"]) == {0, 1, 2}
-    assert set(scalars["optimizer_0/grad_norm/_global"]) == {0, 1, 2} == set(scalars["optimizer_1/grad_norm/_global"])
-    assert "optimizer_0/grad_norm/net.conv1" in scalars and "optimizer_1/grad_norm/net.fc" in scalars
-    assert "optimizer_1/grad_norm/net.conv1" not in scalars and "grad_norm/_global" not in scalars
+    assert set(scalars["gradwatch.optimizer_0.layers/grad_norm/_global"]) == {0, 1, 2} == set(scalars["gradwatch.optimizer_1.layers/grad_norm/_global"])
+    assert "gradwatch.optimizer_0.layers/grad_norm/net.conv1" in scalars and "gradwatch.optimizer_1.layers/grad_norm/net.fc" in scalars
+    assert "gradwatch.optimizer_1.layers/grad_norm/net.conv1" not in scalars and "gradwatch.layers/grad_norm/_global" not in scalars
     # Block flow is measured once, with the first optimizer's monitor.
-    assert any(t.startswith("optimizer_0/skip_share/") for t in scalars)
-    assert not any(t.startswith("optimizer_1/skip_share/") for t in scalars)
-    check_against(rec, scalars, k=0, tag_prefix="optimizer_0/")
-    check_against(rec, scalars, k=1, tag_prefix="optimizer_1/")
+    assert any(t.startswith("gradwatch.optimizer_0.blocks/skip_share/") for t in scalars)
+    assert not any(t.startswith("gradwatch.optimizer_1.blocks/skip_share/") for t in scalars)
+    check_against(rec, scalars, k=0, namespace="gradwatch.optimizer_0")
+    check_against(rec, scalars, k=1, namespace="gradwatch.optimizer_1")
     names = set(cb.history().name)
     assert {"optimizer_0/_global", "optimizer_1/_global", "optimizer_1/net.fc"} <= names
 
@@ -383,7 +383,7 @@ def test_manual_optimization(name, tmp_path, events):
     trainer = pl.Trainer(callbacks=[cb, rec], logger=tb_logger(pl, tmp_path), **trainer_kwargs(tmp_path))
     trainer.fit(make_module(pl, manual=True))
     scalars = events(os.path.join(tmp_path, "tb", "version_0"))["scalars"]
-    assert set(scalars["grad_norm/_global"]) == {0, 1, 3}
+    assert set(scalars["gradwatch.layers/grad_norm/_global"]) == {0, 1, 3}
     check_against(rec, scalars, steps={0, 1, 3})
 
 
@@ -400,7 +400,7 @@ def test_csv_logger_gets_flat_scalar_dicts(tmp_path):
     trainer = pl.Trainer(callbacks=[cb, rec], logger=logger, log_every_n_steps=1, **trainer_kwargs(tmp_path))
     trainer.fit(make_module(pl))
     df = pd.read_csv(os.path.join(tmp_path, "csv", "version_0", "metrics.csv"))
-    col = "grad_to_weight/net.layer1.0.conv1"
+    col = "gradwatch.layers/grad_to_weight/net.layer1.0.conv1"
     rows = df.dropna(subset=[col])
     assert sorted(rows.step) == [0, 1, 2, 3]
     for step, value in zip(rows.step, rows[col]):
@@ -418,7 +418,7 @@ def test_without_logger_writes_under_default_root_dir_and_says_so_once(tmp_path,
         pl.Trainer(callbacks=[cb], logger=False, **trainer_kwargs(tmp_path, max_steps=2)).fit(make_module(pl))
     path = os.path.join(tmp_path, "gradwatch")
     assert cb.log_dir == path
-    assert set(events(path)["scalars"]["grad_norm/_global"]) == {0, 1}
+    assert set(events(path)["scalars"]["gradwatch.layers/grad_norm/_global"]) == {0, 1}
     assert sum("has no logger" in r.getMessage() for r in caplog.records) == 1
 
 
@@ -557,10 +557,10 @@ def test_flat_logger_without_log_dir_gets_records_and_the_alert_record_falls_bac
     cb = GradWatchCallback(every=1, rules=_alert_rules())
     trainer = pl.Trainer(callbacks=[cb], logger=logger, **trainer_kwargs(tmp_path, max_steps=3))
     trainer.fit(_nan_from(pl, 1))
-    ours = [(step, m) for step, m in logger.logged if "grad_norm/_global" in m]
+    ours = [(step, m) for step, m in logger.logged if "gradwatch.layers/grad_norm/_global" in m]
     assert [step for step, _ in ours] == [0, 1, 2]  # one flat dict per logging step
-    assert ours[1][1]["alerts/count"] == 1.0 and "hist/grad_norm" not in ours[0][1]
-    assert ours[1][1]["nonfinite/grad_norm"] > 0 and ours[0][1]["nonfinite/grad_norm"] == 0  # as TensorBoard has
+    assert ours[1][1]["gradwatch.alerts/count"] == 1.0 and "gradwatch.layers/grad_norm" not in ours[0][1]
+    assert ours[1][1]["gradwatch.layers/nonfinite/grad_norm"] > 0 and ours[0][1]["gradwatch.layers/nonfinite/grad_norm"] == 0  # as TensorBoard has
     path = os.path.join(tmp_path, "gradwatch", "alerts.jsonl")
     assert [(a.rule, a.step) for a in read_alerts(path)] == [("nonfinite", 1)]
 
@@ -660,7 +660,7 @@ def test_resume_from_checkpoint_continues_the_step_axis(tmp_path, events):
     t2 = pl.Trainer(callbacks=[cb2], logger=tb_logger(pl, tmp_path), **kw, **trainer_kwargs(tmp_path, max_steps=6))
     t2.fit(make_module(pl), ckpt_path=ckpt)
     scalars = events(os.path.join(tmp_path, "tb", "version_0"))["scalars"]
-    assert set(scalars["grad_norm/_global"]) == set(range(6)) == set(scalars["loss"])
+    assert set(scalars["gradwatch.layers/grad_norm/_global"]) == set(range(6)) == set(scalars["loss"])
     assert set(cb2.monitor.history().step) == {3, 4, 5}
     assert cb2.monitor.global_step == 6 and cb2.state_dict()["monitors"]["optimizer_0"]["step"] == 6
 

@@ -76,8 +76,8 @@ def test_values_equal_an_independent_reference_at_the_trainers_logging_steps(tmp
         for name in want:
             assert got[name] == pytest.approx(want[name], rel=1e-4), (step, name)
     scalars = read_events(os.path.join(tmp_path, "runs", "gradwatch"))["scalars"]
-    assert sorted(scalars["grad_norm/_global"]) == [1, 4, 8]
-    assert any(tag.startswith("skip_share/transformer.h.") for tag in scalars)  # block flow found GPT-2's merges
+    assert sorted(scalars["gradwatch.layers/grad_norm/_global"]) == [1, 4, 8]
+    assert any(tag.startswith("gradwatch.blocks/skip_share/transformer.h.") for tag in scalars)  # block flow found GPT-2's merges
 
 
 def test_values_are_before_clipping(tmp_path):

@@ -1,0 +1,227 @@
+"""The pictures: depth × time maps and the latest gradient profile, as PNGs for TensorBoard and reports.
+
+- ``grad_to_weight`` map: every layer (input at the top) against the logging steps, log colour scale: a
+  vanishing gradient is a dark band at the top, an explosion a bright one, a dead layer a black row;
+- ``skip_share`` map: the same for the residual blocks, 0 (skip carries nothing, collapsed) to 1 (branch off);
+- ``profile``: the latest step along the depth, input on the left: each layer's gradient norm (bars, the
+  "gradient flow" chart of forum posts) and gradient-to-weight ratio, stages marked, and each block's
+  skip_share below.
+
+Alert steps are marked (dashed lines, coloured by severity). Rendered with matplotlib's object API (no pyplot
+state, so safe on the TensorBoard sink's thread), imported on first use: it costs ~0.5 s to import and a
+run that never draws should not pay it. :class:`Timeline` keeps what the maps need, bounded: past
+``max_steps`` columns it drops every other one (the event file keeps every value).
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .record import StepRecord
+
+__all__ = ["Timeline", "Picture", "render_all", "heatmap", "profile"]
+
+_SEVERITY_COLOURS = {"critical": "#d62728", "warning": "#ff7f0e", "info": "#7f7f7f"}
+_MAX_TICKS = 28  # depth-axis labels past this are thinned: names must stay legible
+
+
+@dataclass
+class Picture:
+    """One rendered picture: its name (``grad_to_weight``, ``skip_share``, ``profile``) and PNG bytes."""
+
+    name: str
+    png: bytes
+    width: int
+    height: int
+
+
+@dataclass
+class Timeline:
+    """The per-step values the maps draw, kept for at most ``max_steps`` columns (halved when full)."""
+
+    max_steps: int = 256
+    steps: list[int] = field(default_factory=list)
+    layers: list[tuple[tuple[str, ...], np.ndarray]] = field(default_factory=list)
+    blocks: list[tuple[tuple[str, ...], np.ndarray]] = field(default_factory=list)
+    alerts: list[tuple[int, str]] = field(default_factory=list)  # (step, severity) of openings, escalations
+    latest: StepRecord | None = None
+
+    def add(self, record: StepRecord) -> None:
+        self.latest = record
+        self.steps.append(record.step)
+        self.layers.append(_weight_layers(record))
+        self.blocks.append((record.blocks, record.block("skip_share") if record.blocks else np.zeros(0)))
+        self.alerts.extend((record.step, e.severity) for e in record.events if e.kind in ("opened", "escalated"))
+        if len(self.steps) > self.max_steps:  # keep every other column (the newest always)
+            keep = slice((len(self.steps) - 1) % 2, None, 2)
+            self.steps, self.layers, self.blocks = self.steps[keep], self.layers[keep], self.blocks[keep]
+            self.alerts = self.alerts[-4 * self.max_steps:]
+
+    def matrix(self, which: str) -> tuple[list[str], np.ndarray]:
+        """``(names, values)``: names in the latest step's order (earlier names not in it appended), values
+        ``(len(names), len(steps))`` with NaN where a name was not measured."""
+        series = self.layers if which == "layers" else self.blocks
+        names: list[str] = list(series[-1][0]) if series else []
+        index = {n: i for i, n in enumerate(names)}
+        for ns, _ in series:
+            for n in ns:
+                if n not in index:
+                    index[n] = len(names)
+                    names.append(n)
+        out = np.full((len(names), len(series)), np.nan)
+        for j, (ns, vals) in enumerate(series):
+            if ns:
+                out[[index[n] for n in ns], j] = vals
+        return names, out
+
+
+def _weight_layers(record: StepRecord) -> tuple[tuple[str, ...], np.ndarray]:
+    """The weight layers' (conv, linear) gradient-to-weight ratios: the ones comparable across depth. Norm
+    layers in between would stripe the map with their own, systematically different, level."""
+    g2w = record.layer("grad_to_weight")
+    if not record.kinds or "weight" not in record.kinds:
+        return record.layers, g2w
+    keep = [i for i, k in enumerate(record.kinds) if k == "weight"]
+    return tuple(record.layers[i] for i in keep), g2w[keep]
+
+
+def render_all(timeline: Timeline, title: str = "") -> list[Picture]:
+    """Every picture ``timeline`` can draw (the skip_share map and the block panel only with blocks)."""
+    out: list[Picture] = []
+    if timeline.latest is None:
+        return out
+    names, g2w = timeline.matrix("layers")
+    if names:
+        out.append(heatmap("grad_to_weight", names, timeline.steps, g2w, log=True, alerts=timeline.alerts,
+                           title=f"{title}gradient-to-weight ratio per {'weight ' if timeline.latest.kinds else ''}layer"
+                           " (log scale)", unit="layer"))
+    bnames, share = timeline.matrix("blocks")
+    if bnames:
+        out.append(heatmap("skip_share", bnames, timeline.steps, share, log=False, alerts=timeline.alerts,
+                           title=f"{title}skip_share per residual block (0: skip collapsed, 1: branch off)",
+                           unit="block", vmin=0.0, vmax=1.0))
+    r = timeline.latest
+    out.append(profile(r.layers, r.layer("grad_norm"), r.layer("grad_to_weight"), r.blocks,
+                       r.block("skip_share") if r.blocks else np.zeros(0), r.step, title=title))
+    return out
+
+
+def _figure(width: float, height: float, left: float = 1.6, bottom: float = 0.6, top: float = 0.4,
+            right: float = 1.0):  # noqa: ANN202 - a matplotlib Figure, imported lazily
+    """Margins in inches, fixed: matplotlib's constrained layout measures every label and took ~40% of the
+    drawing time."""
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(width, height), dpi=100)
+    fig.subplots_adjust(left=left / width, right=1 - right / width, bottom=bottom / height, top=1 - top / height)
+    return fig
+
+
+def _png(fig, name: str) -> Picture:  # noqa: ANN001
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    w, h = (int(round(v)) for v in fig.get_size_inches() * fig.dpi)
+    return Picture(name, buf.getvalue(), w, h)
+
+
+def _thin(n: int) -> list[int]:
+    stride = max(1, math.ceil(n / _MAX_TICKS))
+    return list(range(0, n, stride))
+
+
+def heatmap(name: str, names: Sequence[str], steps: Sequence[int], values: np.ndarray, *, log: bool,
+            alerts: Sequence[tuple[int, str]] = (), title: str = "", unit: str = "layer",
+            vmin: float | None = None, vmax: float | None = None) -> Picture:
+    """A depth × time map: one row per name (the first at the top), one column per step."""
+    from matplotlib.colors import LogNorm, Normalize
+
+    rows = len(names)
+    fig = _figure(10, min(3 + 0.12 * rows, 14), left=1.8, right=1.3)
+    ax = fig.add_subplot()
+    data = np.array(values, dtype=np.float64)
+    if log:
+        data[~(data > 0)] = np.nan  # zeros (dead layers) and NaN show as the "bad" colour
+        finite = data[np.isfinite(data)]
+        lo, hi = (np.percentile(finite, 1), np.percentile(finite, 99)) if finite.size else (1e-6, 1.0)
+        norm = LogNorm(vmin=lo if lo < hi else lo / 10, vmax=hi if lo < hi else hi * 10)
+    else:
+        norm = Normalize(vmin=0.0 if vmin is None else vmin, vmax=1.0 if vmax is None else vmax)
+    import matplotlib
+    cmap = matplotlib.colormaps["viridis"].with_extremes(bad="black")
+    x0, x1 = (steps[0], steps[-1]) if len(steps) > 1 else (steps[0] - 0.5, steps[0] + 0.5)
+    image = ax.imshow(np.ma.masked_invalid(data), aspect="auto", interpolation="nearest", cmap=cmap, norm=norm,
+                      extent=(x0, x1, rows - 0.5, -0.5))
+    ticks = _thin(rows)
+    ax.set_yticks(ticks, [names[i] for i in ticks], fontsize=7 if rows > 40 else 8)
+    ax.set_ylabel(f"{unit} (input at the top; black: zero or not finite)")
+    ax.set_xlabel("step")
+    for step, severity in alerts:
+        ax.axvline(step, color=_SEVERITY_COLOURS.get(severity, "white"), linestyle="--", linewidth=1)
+    ax.set_title(title, fontsize=10)
+    cax = fig.add_axes((1 - 1.1 / 10, ax.get_position().y0, 0.15 / 10, ax.get_position().height))
+    fig.colorbar(image, cax=cax, label=name)
+    return _png(fig, name)
+
+
+def _stages(names: Sequence[str]) -> list[tuple[int, str]]:
+    """Where each stage (first dotted part of the names) starts: ``[(index, stage), ...]``."""
+    out: list[tuple[int, str]] = []
+    for i, n in enumerate(names):
+        stage = n.split(".")[0]
+        if not out or out[-1][1] != stage:
+            out.append((i, stage))
+    return out
+
+
+def profile(layers: Sequence[str], grad_norm: np.ndarray, g2w: np.ndarray, blocks: Sequence[str],
+            skip_share: np.ndarray, step: int, title: str = "") -> Picture:
+    """The latest step along the depth: gradient norm (bars) and gradient-to-weight ratio (dots) per layer,
+    input on the left, stages marked; skip_share per block underneath when there are blocks."""
+    n = len(layers)
+    fig = _figure(12, 8 if len(blocks) else 4.8, left=0.9, right=0.9, bottom=1.4, top=0.6)
+    axes = fig.subplots(2 if len(blocks) else 1, 1, squeeze=False, height_ratios=[2, 1] if len(blocks) else [1],
+                        gridspec_kw={"hspace": 0.9})[:, 0]
+    ax = axes[0]
+    x = np.arange(n)
+    gn = np.where(np.asarray(grad_norm) > 0, grad_norm, np.nan)
+    ax.bar(x, gn, color="#9ecae1", width=0.9, label="gradient norm")
+    ax.set_yscale("log")
+    ax.set_ylabel("gradient norm")
+    ax2 = ax.twinx()
+    ratio = np.where(np.asarray(g2w) > 0, g2w, np.nan)
+    ax2.plot(x, ratio, "o", color="#08519c", markersize=3, label="gradient-to-weight")
+    ax2.set_yscale("log")
+    ax2.set_ylabel("gradient-to-weight ratio")
+    zero = [i for i in range(n) if not np.asarray(grad_norm)[i] > 0]
+    for i in zero:  # a dead or non-finite layer must not just be a missing bar
+        ax.axvline(i, color="#d62728", alpha=0.4, linewidth=2)
+    stages = _stages(layers)
+    if 1 < len(stages) <= 16:
+        for k, (i, stage) in enumerate(stages):
+            ax.axvline(i - 0.5, color="grey", linewidth=0.8)
+            end = stages[k + 1][0] if k + 1 < len(stages) else n
+            if end - i >= n / 20:  # a label only where it fits: conv1, bn1 before layer1 would overlap
+                ax.annotate(stage, (i - 0.5, 1.0), xycoords=("data", "axes fraction"), fontsize=8,
+                            va="bottom", ha="left", color="dimgrey")
+    ticks = _thin(n)
+    ax.set_xticks(ticks, [layers[i] for i in ticks], rotation=60, ha="right", fontsize=7)
+    ax.set_xlim(-0.5, n - 0.5)
+    ax.set_title(f"{title}gradient profile at step {step} (input on the left)", fontsize=10, pad=14)
+    handles = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
+    ax.legend(handles, [h.get_label() for h in handles], loc="upper right", fontsize=8)
+    if len(blocks):
+        bx = axes[1]
+        b = np.arange(len(blocks))
+        share = np.asarray(skip_share, dtype=np.float64)
+        bx.bar(b, np.nan_to_num(share, nan=0.0), color=np.where(share < 0.02, "#d62728", "#74c476"), width=0.8)
+        bx.set_ylim(0, 1)
+        bx.set_ylabel("skip_share")
+        bticks = _thin(len(blocks))
+        bx.set_xticks(bticks, [blocks[i] for i in bticks], rotation=60, ha="right", fontsize=7)
+        bx.set_xlim(-0.5, len(blocks) - 0.5)
+        bx.set_title("share of the gradient energy through each block's skip (input on the left)", fontsize=9)
+    return _png(fig, "profile")

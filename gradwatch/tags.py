@@ -1,0 +1,128 @@
+"""Where each value goes on the dashboard: the one owner of gradwatch's TensorBoard tag names.
+
+TensorBoard groups cards by the text before the first ``/`` and sorts the groups (it opens the first two).
+gradwatch keeps its tags in its own namespace, ``gradwatch`` by default (``Monitor(prefix=...)``), so the
+user's own metrics keep their places and gradwatch's sections sit together:
+
+=============================  ============================================================================
+``gradwatch/...``               the health section: one card per question (``grad_norm``,
+                                ``grad_to_weight_early``, ``skip_share_min``, ``transmission_end_to_end``,
+                                ``alerts/{critical,warning,info}``)
+``gradwatch.layers/...``        per layer: ``<metric>/<layer>``, a histogram across layers ``<metric>``, and
+                                ``nonfinite/<metric>`` (values the histogram left out)
+``gradwatch.blocks/...``        per residual block: ``<metric>/<block>``, histograms, ``nonfinite/<metric>``
+``gradwatch.alerts/...``        ``count`` (events told per step), one text per event ``<rule>``, ``summary``
+``gradwatch.pictures/...``      the images: depth × time maps and the latest gradient profile
+=============================  ============================================================================
+
+With ``prefix=""`` the sections are ``health``, ``layers``, ``blocks``, ``alerts`` and ``pictures``.
+"""
+
+from __future__ import annotations
+
+from .names import GLOBAL_NAME
+from .record import StepRecord
+
+__all__ = ["Tags", "DEFAULT_NAMESPACE", "SEVERITIES"]
+
+#: The namespace of gradwatch's tags unless ``prefix`` says otherwise.
+DEFAULT_NAMESPACE = "gradwatch"
+#: Severities of the open-incident counts, in the order :attr:`StepRecord.open_incidents` holds them.
+SEVERITIES = ("info", "warning", "critical")
+
+
+class Tags:
+    """The tag names for one namespace (``Tags("gradwatch").layer("grad_norm", "conv1")`` is
+    ``"gradwatch.layers/grad_norm/conv1"``). A trailing ``/`` of the namespace is ignored (the old
+    ``prefix="gradwatch/"`` spelling)."""
+
+    def __init__(self, namespace: str = DEFAULT_NAMESPACE) -> None:
+        self.namespace = namespace.rstrip("/")
+        ns = self.namespace
+        self.health_group = ns or "health"
+        self.layers_group, self.blocks_group, self.alerts_group, self.pictures_group = (
+            f"{ns}.{family}" if ns else family for family in ("layers", "blocks", "alerts", "pictures"))
+
+    # ------------------------------------------------------------------ single tags
+    def health(self, key: str) -> str:
+        """A card of the health section (``grad_norm``, a :data:`~gradwatch.health.HEALTH` figure,
+        ``alerts/<severity>``)."""
+        return f"{self.health_group}/{key}"
+
+    def layer(self, metric: str, name: str) -> str:
+        return f"{self.layers_group}/{metric}/{name}"
+
+    def block(self, metric: str, name: str) -> str:
+        return f"{self.blocks_group}/{metric}/{name}"
+
+    def series_head(self, metric: str, block: bool) -> str:
+        """What precedes the name in :meth:`layer` / :meth:`block` tags."""
+        return f"{self.blocks_group if block else self.layers_group}/{metric}/"
+
+    def histogram(self, metric: str, block: bool) -> str:
+        """The histogram across layers (or blocks) of ``metric``: sorts first among that metric's cards."""
+        return f"{self.blocks_group if block else self.layers_group}/{metric}"
+
+    def nonfinite(self, metric: str, block: bool) -> str:
+        return f"{self.blocks_group if block else self.layers_group}/nonfinite/{metric}"
+
+    def alert_text(self, rule: str) -> str:
+        return f"{self.alerts_group}/{rule}"
+
+    @property
+    def alert_count(self) -> str:
+        return f"{self.alerts_group}/count"
+
+    @property
+    def summary(self) -> str:
+        return f"{self.alerts_group}/summary"
+
+    def picture(self, name: str) -> str:
+        return f"{self.pictures_group}/{name}"
+
+    # ------------------------------------------------------------------ whole records
+    def health_scalars(self, record: StepRecord) -> dict[str, float]:
+        """The health section of ``record``: whole-model ``grad_norm``, the health figures, and the open
+        incidents per severity when alerting is on."""
+        out = {self.health("grad_norm"): record.global_value("grad_norm")} if "grad_norm" in record.layer_metrics \
+            else {}
+        out.update({self.health(k): float(v) for k, v in record.health.items()})
+        if record.open_incidents is not None:
+            out.update({self.health(f"alerts/{sev}"): float(n) for sev, n in zip(SEVERITIES, record.open_incidents)})
+        return out
+
+    def alert_scalars(self, record: StepRecord) -> dict[str, float]:
+        """``alerts/count`` (events told at this step) when alerting is on."""
+        return {} if record.alerts is None else {self.alert_count: float(len(record.events))}
+
+    def scalars(self, record: StepRecord, counts: bool = False) -> dict[str, float]:
+        """Every scalar of ``record`` as one flat ``{tag: value}`` dict (health, per layer with ``_global``,
+        per block, alerts; with ``counts`` the ``nonfinite/<metric>`` counts): what a logger that takes flat
+        dicts receives."""
+        out = self.health_scalars(record)
+        for metric, names, values in record.series():
+            head = self.series_head(metric, block=metric not in record.layer_metrics)
+            out.update(zip((head + n for n in names), values.tolist()))
+        out.update(self.alert_scalars(record))
+        if counts:
+            out.update(self.nonfinite_scalars(record))
+        return out
+
+    def nonfinite_scalars(self, record: StepRecord) -> dict[str, float]:
+        return {self.nonfinite(m, block=m not in record.layer_metrics): float(c)
+                for m, c in record.nonfinite_counts().items()}
+
+    def parse(self, tag: str) -> tuple[str, str] | None:
+        """``(name, metric)`` of a per-layer or per-block tag of this namespace (health figures as
+        ``("_global", figure)``), or None for any other tag: how ``gradwatch report`` reads event files back."""
+        for group in (self.layers_group, self.blocks_group):
+            if tag.startswith(group + "/"):
+                metric, sep, name = tag[len(group) + 1:].partition("/")
+                if sep and metric != "nonfinite":
+                    return name, metric
+                return None
+        if tag.startswith(self.health_group + "/"):
+            key = tag[len(self.health_group) + 1:]
+            if "/" not in key and key != "grad_norm":  # grad_norm is _global's, already read from the layers
+                return GLOBAL_NAME, key
+        return None
