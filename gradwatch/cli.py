@@ -9,6 +9,8 @@ import json
 import sys
 from collections.abc import Sequence
 
+from . import report
+from ._html import render_html
 from .flow import inspect
 from .reference.demo import run_demo
 from .version import __version__
@@ -67,6 +69,29 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    try:
+        table, reports = report.read(args.logdir, top=args.top)
+    except ValueError as err:
+        print(f"gradwatch report: {err}", file=sys.stderr)
+        return 1
+    print(report.to_json(reports) if args.json else report.render_text(reports))
+    try:
+        for path in (args.csv, args.parquet):
+            if path:
+                report.write_table(table, path)
+                print(f"wrote {len(table):,} rows to {path}", file=sys.stderr)
+        if args.html:
+            frames = {run: rows for run, rows in table.groupby("run", sort=False)}
+            with open(args.html, "w", encoding="utf-8") as f:
+                f.write(render_html(reports, frames, f"gradwatch report: {args.logdir}"))
+            print(f"wrote {args.html}", file=sys.stderr)
+    except (ValueError, ImportError, OSError) as err:
+        print(f"gradwatch report: {err}", file=sys.stderr)
+        return 1
+    return 0 if reports else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gradwatch", description="Gradient diagnostics for deep networks."
@@ -98,6 +123,16 @@ def build_parser() -> argparse.ArgumentParser:
     insp.add_argument("--kwargs", nargs="+", metavar="KEY=VALUE", help="factory arguments, e.g. depth=56")
     insp.add_argument("--json", action="store_true", help="print JSON instead of a table")
     insp.set_defaults(func=_cmd_inspect)
+
+    rep = sub.add_parser("report", help="summarise the runs under LOGDIR from their event files: health, the "
+                                        "layers and blocks to look at, incidents; export the table or one HTML page")
+    rep.add_argument("logdir", help="a folder of TensorBoard runs (searched recursively)")
+    rep.add_argument("--csv", metavar="FILE", help="write the long table (run, step, name, metric, value)")
+    rep.add_argument("--parquet", metavar="FILE", help="the same as Parquet (needs pyarrow)")
+    rep.add_argument("--html", metavar="FILE", help="write one self-contained page with pictures and tables")
+    rep.add_argument("--json", action="store_true", help="print JSON instead of text")
+    rep.add_argument("--top", type=_positive, default=5, help="rows per ranking (default: 5)")
+    rep.set_defaults(func=_cmd_report)
     return parser
 
 

@@ -11,6 +11,7 @@ thread only queues the immutable record. Writers that are not a torch ``SummaryW
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import tempfile
@@ -248,7 +249,10 @@ class TensorBoardSink(Sink):
             return []
         self._layout_key = key
         layout = build_layout(self.tags, record.layers, record.layer_metrics, record.blocks, record.alerts is not None)
-        return list(_layout_summary(layout).value)
+        out = list(_layout_summary(layout).value)
+        if record.kinds:
+            out.extend(tb_summary.text(self.tags.kinds, json.dumps(dict(zip(record.layers, record.kinds)))).value)
+        return out
 
     def summary(self, summary: Any) -> None:
         """The run's incidents (:class:`gradwatch.alerts.RunSummary`) as the text ``gradwatch.alerts/summary``."""

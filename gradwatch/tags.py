@@ -74,6 +74,11 @@ class Tags:
         return f"{self.alerts_group}/count"
 
     @property
+    def kinds(self) -> str:
+        """A text, written with the layout: the layers' kinds as JSON (``gradwatch report`` ranks weight layers)."""
+        return f"{self.layers_group}/kinds"
+
+    @property
     def summary(self) -> str:
         return f"{self.alerts_group}/summary"
 
@@ -118,7 +123,7 @@ class Tags:
         for group in (self.layers_group, self.blocks_group):
             if tag.startswith(group + "/"):
                 metric, sep, name = tag[len(group) + 1:].partition("/")
-                if sep and metric != "nonfinite":
+                if sep and metric not in ("nonfinite", "kinds"):
                     return name, metric
                 return None
         if tag.startswith(self.health_group + "/"):

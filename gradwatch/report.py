@@ -1,0 +1,249 @@
+"""``gradwatch report LOGDIR``: what a run's gradients did, read back from its event files.
+
+:func:`load` reads every run under a folder with TensorBoard's own reader into one long table (the columns of
+``Monitor.history()`` with ``run`` in front); :func:`summarize` turns one run into the answers (the health
+figures, the layers with the lowest and highest gradient-to-weight ratio, the blocks with the lowest
+skip_share, the incidents); :func:`render_text` and :mod:`gradwatch._html` print and share them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from .alerts import read_events
+from .health import HEALTH
+from .names import GLOBAL_NAME
+from .tags import Tags
+
+__all__ = ["RunReport", "find_runs", "load", "summarize", "read", "render_text", "write_table", "to_json", "COLUMNS"]
+
+#: The long table's columns: ``Monitor.history()``'s, with the run first.
+COLUMNS = ("run", "step", "name", "metric", "value")
+_MARK = "layers/grad_norm/_global"  # every gradwatch namespace writes this tag: how a namespace is recognised
+_TOP = 5  # rows per ranking
+
+
+@dataclass
+class RunReport:
+    """One run (one namespace of one event folder), summarised."""
+
+    run: str
+    path: str
+    steps: tuple[int, int, int]  # first, last, how many logging steps
+    health: pd.DataFrame  # index: figure; columns last, min, max
+    low_layers: pd.DataFrame  # index: layer; columns min, median, last (of grad_to_weight)
+    high_layers: pd.DataFrame
+    low_blocks: pd.DataFrame  # index: block; columns min, median, last (of skip_share)
+    incidents: list[dict] = field(default_factory=list)  # from alerts.jsonl: opened, with how they ended
+    pictures: dict[str, bytes] = field(default_factory=dict)  # the run's latest TensorBoard pictures (PNG)
+
+
+def find_runs(logdir: str | os.PathLike) -> list[str]:
+    """Folders under ``logdir`` (itself included) that hold TensorBoard event files, sorted."""
+    root = os.fspath(logdir)
+    if not os.path.isdir(root):
+        raise ValueError(f"{root!r} is not a folder")
+    return sorted(folder for folder, _, files in os.walk(root)
+                  if any(f.startswith("events.out.tfevents.") for f in files))
+
+
+def _accumulator(path: str) -> EventAccumulator:
+    acc = EventAccumulator(path, size_guidance={"scalars": 0, "images": 4, "tensors": 0, "histograms": 1})
+    acc.Reload()
+    return acc
+
+
+def _namespaces(tags: Sequence[str]) -> list[str]:
+    return sorted({t[: -len(_MARK)].rstrip(".") for t in tags if t.endswith(_MARK)})
+
+
+def load(logdir: str | os.PathLike) -> pd.DataFrame:
+    """Every gradwatch value of every run under ``logdir`` as one long table (:data:`COLUMNS`). A run is a
+    folder of event files (several gradwatch namespaces in it, e.g. one per optimizer, are runs of their own:
+    ``"<folder> [<namespace>]"``). Health figures are metrics of ``_global``, as in ``Monitor.history()``."""
+    frames = [frame for _, _, frame, _ in _read(logdir)]
+    return pd.concat(frames, ignore_index=True) if frames else _empty()
+
+
+def _empty() -> pd.DataFrame:
+    return pd.DataFrame({c: pd.Series(dtype=t) for c, t in zip(COLUMNS, ("object", "int64", "object", "object",
+                                                                           "float64"))})
+
+
+def _read(logdir: str | os.PathLike):  # noqa: ANN202 - yields (run, path, frame, accumulator)
+    root = os.fspath(logdir)
+    for path in find_runs(root):
+        acc = _accumulator(path)
+        scalar_tags = acc.Tags()["scalars"]
+        spaces = _namespaces(scalar_tags)
+        rel = os.path.relpath(path, root)
+        for ns in spaces:
+            run = rel if rel != "." else os.path.basename(os.path.abspath(root))
+            run = run if len(spaces) == 1 else f"{run} [{ns or 'no prefix'}]"
+            tags = Tags(ns)
+            cols: dict[str, list] = {c: [] for c in COLUMNS}
+            for tag in scalar_tags:
+                parsed = tags.parse(tag)
+                if parsed is None:
+                    continue
+                events = acc.Scalars(tag)
+                cols["step"].extend(e.step for e in events)
+                cols["value"].extend(e.value for e in events)
+                cols["name"].extend([parsed[0]] * len(events))
+                cols["metric"].extend([parsed[1]] * len(events))
+            cols["run"] = [run] * len(cols["step"])
+            frame = pd.DataFrame(cols, columns=list(COLUMNS))
+            frame["step"] = frame["step"].astype("int64")
+            frame["value"] = frame["value"].astype("float64")
+            yield run, path, frame.sort_values(["step"], kind="stable", ignore_index=True), (acc, tags)
+
+
+def _stats(frame: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """Per name: min, median and last of ``metric`` (names in order of first appearance)."""
+    rows = frame[(frame.metric == metric) & (frame.name != GLOBAL_NAME)]
+    if rows.empty:
+        return pd.DataFrame(columns=["min", "median", "last"])
+    g = rows.groupby("name", sort=False).value
+    out = pd.DataFrame({"min": g.min(), "median": g.median(), "last": g.last()})
+    return out
+
+
+def _incidents(path: str) -> list[dict]:
+    file = os.path.join(path, "alerts.jsonl")
+    if not os.path.isfile(file):
+        return []
+    ends = {}
+    opened = []
+    for e in read_events(file):
+        if e.get("told") is False:
+            continue
+        if e.get("event") == "opened":
+            opened.append(e)
+        elif e.get("event") == "resolved":
+            ends[e.get("incident")] = e.get("step")
+    return [{**e, "resolved_at": ends.get(e.get("incident"))} for e in opened]
+
+
+def _kinds(acc: EventAccumulator, tags: Tags) -> dict[str, str]:
+    tag = tags.kinds + "/text_summary"
+    if tag not in acc.Tags().get("tensors", []):
+        return {}
+    try:
+        return json.loads(acc.Tensors(tag)[-1].tensor_proto.string_val[0].decode())
+    except (ValueError, IndexError):
+        return {}
+
+
+def _pictures(acc: EventAccumulator, tags: Tags) -> dict[str, bytes]:
+    out = {}
+    for tag in acc.Tags().get("images", []):
+        if tag.startswith(tags.pictures_group + "/"):
+            images = acc.Images(tag)
+            if images:
+                out[tag.rsplit("/", 1)[1]] = images[-1].encoded_image_string
+    return out
+
+
+def summarize(logdir: str | os.PathLike, top: int = _TOP) -> list[RunReport]:
+    """One :class:`RunReport` per run under ``logdir``."""
+    return read(logdir, top)[1]
+
+
+def read(logdir: str | os.PathLike, top: int = _TOP) -> tuple[pd.DataFrame, list[RunReport]]:
+    """:func:`load` and :func:`summarize` in one pass over the event files."""
+    reports, frames = [], []
+    for run, path, frame, (acc, tags) in _read(logdir):
+        frames.append(frame)
+        steps = sorted(frame.step.unique().tolist())
+        glob = frame[frame.name == GLOBAL_NAME]
+        health = {}
+        for figure in ("grad_norm", *HEALTH):
+            v = glob[glob.metric == figure].value
+            if len(v):
+                health[figure] = {"last": v.iloc[-1], "min": v.min(), "max": v.max()}
+        g2w = _stats(frame, "grad_to_weight")
+        kinds = _kinds(acc, tags)
+        if kinds and any(k == "weight" for k in kinds.values()):  # norm layers' ratios sit apart by design
+            g2w = g2w[[kinds.get(n) == "weight" for n in g2w.index]]
+        g2w = g2w.sort_values("median")
+        share = _stats(frame, "skip_share").sort_values("median")
+        reports.append(RunReport(
+            run=run, path=path, steps=(steps[0], steps[-1], len(steps)) if steps else (0, 0, 0),
+            health=pd.DataFrame.from_dict(health, orient="index", columns=["last", "min", "max"]),
+            low_layers=g2w.head(top), high_layers=g2w.iloc[::-1].head(top), low_blocks=share.head(top),
+            incidents=_incidents(path), pictures=_pictures(acc, tags)))
+    table = pd.concat(frames, ignore_index=True) if frames else _empty()
+    return table, reports
+
+
+def _table(df: pd.DataFrame, indent: str = "  ") -> str:
+    if df.empty:
+        return f"{indent}(none)"
+    text = df.to_string(float_format=lambda v: f"{v:.4g}")
+    return "\n".join(indent + line for line in text.splitlines())
+
+
+def render_text(reports: Sequence[RunReport]) -> str:
+    """The reports as the console text of ``gradwatch report``."""
+    out = []
+    for r in reports:
+        first, last, n = r.steps
+        out.append(f"== {r.run}  ({r.path}): steps {first}–{last}, {n} logging steps")
+        out.append("health (last / min / max):")
+        out.append(_table(r.health))
+        out.append("weight layers with the lowest grad_to_weight (by median):")
+        out.append(_table(r.low_layers))
+        out.append("weight layers with the highest grad_to_weight (by median):")
+        out.append(_table(r.high_layers))
+        if not r.low_blocks.empty:
+            out.append("blocks with the lowest skip_share (by median):")
+            out.append(_table(r.low_blocks))
+        out.append(_incident_lines(r.incidents))
+        out.append("")
+    if not reports:
+        out.append("no gradwatch values found (no event file with a '<namespace>.layers/grad_norm/_global' tag)")
+    return "\n".join(out)
+
+
+def _incident_lines(incidents: list[dict]) -> str:
+    if not incidents:
+        return "incidents: none"
+    lines = [f"incidents: {len(incidents)}"]
+    for e in incidents:
+        end = f"resolved at {e['resolved_at']}" if e.get("resolved_at") is not None else "still open at the end"
+        where = f" ({e['name']})" if e.get("name") else ""
+        lines.append(f"  [{e.get('severity')}] {e.get('rule')}{where} from step {e.get('step')}, {end}: "
+                     f"{e.get('message', '')}")
+    return "\n".join(lines)
+
+
+def write_table(frame: pd.DataFrame, path: str) -> str:
+    """The long table to ``.csv`` (``.csv.gz``) or ``.parquet`` (needs pyarrow)."""
+    lower = path.lower()
+    if lower.endswith(".parquet"):
+        try:
+            frame.to_parquet(path, index=False)
+        except ImportError as err:
+            raise ImportError("writing Parquet needs pyarrow (pip install pyarrow); or use --csv") from err
+    elif lower.endswith((".csv", ".csv.gz")):
+        frame.to_csv(path, index=False)
+    else:
+        raise ValueError(f"the table path must end in .csv, .csv.gz or .parquet, got {path!r}")
+    return path
+
+
+def to_json(reports: Sequence[RunReport]) -> str:
+    """The reports as JSON (no pictures): for scripts and CI checks."""
+    def table(df: pd.DataFrame) -> dict:
+        return {str(k): {c: (None if not np.isfinite(v) else float(v)) for c, v in row.items()}
+                for k, row in df.to_dict(orient="index").items()}
+    return json.dumps([{"run": r.run, "path": r.path, "steps": list(r.steps), "health": table(r.health),
+                        "low_layers": table(r.low_layers), "high_layers": table(r.high_layers),
+                        "low_blocks": table(r.low_blocks), "incidents": r.incidents} for r in reports], indent=1)
