@@ -114,7 +114,7 @@ def build_layout(tags: Tags, layers: Sequence[str], layer_metrics: Sequence[str]
         _chart(health, "end-to-end transmission: gradient into the first block / out of the last",
                [tags.health("transmission_end_to_end")])
     if alerts:
-        _chart(health, "open incidents per severity", [tags.health(f"alerts/{s}") for s in SEVERITIES])
+        _chart(health, "open incidents per severity", [tags.open_incidents(s) for s in SEVERITIES])
     groups = group_names([n for n in layers if n != GLOBAL_NAME])
     for metric in [m for m in _LAYER_ORDER if m in layer_metrics]:
         cat = layout.category.add(title=f"{ns}: {metric} by layer", closed=True)

@@ -218,6 +218,10 @@ def profile(layers: Sequence[str], grad_norm: np.ndarray, g2w: np.ndarray, block
         b = np.arange(len(blocks))
         share = np.asarray(skip_share, dtype=np.float64)
         bx.bar(b, np.nan_to_num(share, nan=0.0), color=np.where(share < 0.02, "#d62728", "#74c476"), width=0.8)
+        low = np.flatnonzero(~(share >= 0.02))  # a collapsed skip is no bar at all: mark it
+        bx.plot(low, np.full(len(low), 0.04), "x", color="#d62728", markersize=8, label="skip_share < 0.02")
+        if len(low):
+            bx.legend(loc="upper right", fontsize=8)
         bx.set_ylim(0, 1)
         bx.set_ylabel("skip_share")
         bticks = _thin(len(blocks))

@@ -6,12 +6,13 @@ user's own metrics keep their places and gradwatch's sections sit together:
 
 =============================  ============================================================================
 ``gradwatch/...``               the health section: one card per question (``grad_norm``,
-                                ``grad_to_weight_early``, ``skip_share_min``, ``transmission_end_to_end``,
-                                ``alerts/{critical,warning,info}``)
+                                ``grad_to_weight_early``, ``open_incidents``, ``skip_share_min``,
+                                ``transmission_end_to_end``)
 ``gradwatch.layers/...``        per layer: ``<metric>/<layer>``, a histogram across layers ``<metric>``, and
                                 ``nonfinite/<metric>`` (values the histogram left out)
 ``gradwatch.blocks/...``        per residual block: ``<metric>/<block>``, histograms, ``nonfinite/<metric>``
-``gradwatch.alerts/...``        ``count`` (events told per step), one text per event ``<rule>``, ``summary``
+``gradwatch.alerts/...``        ``open/{info,warning,critical}`` (open incidents per severity), ``count``
+                                (events told per step), one text per event ``<rule>``, ``summary``
 ``gradwatch.pictures/...``      the images: depth × time maps and the latest gradient profile
 =============================  ============================================================================
 
@@ -46,7 +47,7 @@ class Tags:
     # ------------------------------------------------------------------ single tags
     def health(self, key: str) -> str:
         """A card of the health section (``grad_norm``, a :data:`~gradwatch.health.HEALTH` figure,
-        ``alerts/<severity>``)."""
+        ``open_incidents``)."""
         return f"{self.health_group}/{key}"
 
     def layer(self, metric: str, name: str) -> str:
@@ -86,19 +87,28 @@ class Tags:
         return f"{self.pictures_group}/{name}"
 
     # ------------------------------------------------------------------ whole records
+    def open_incidents(self, severity: str) -> str:
+        return f"{self.alerts_group}/open/{severity}"
+
     def health_scalars(self, record: StepRecord) -> dict[str, float]:
-        """The health section of ``record``: whole-model ``grad_norm``, the health figures, and the open
-        incidents per severity when alerting is on."""
+        """The health section of ``record``: whole-model ``grad_norm``, the health figures, and, when alerting
+        is on, ``open_incidents`` (open at warning or critical: what needs a look; the split per severity is
+        in the alerts section). Alphabetical, as TensorBoard shows them."""
         out = {self.health("grad_norm"): record.global_value("grad_norm")} if "grad_norm" in record.layer_metrics \
             else {}
         out.update({self.health(k): float(v) for k, v in record.health.items()})
         if record.open_incidents is not None:
-            out.update({self.health(f"alerts/{sev}"): float(n) for sev, n in zip(SEVERITIES, record.open_incidents)})
+            out[self.health("open_incidents")] = float(sum(record.open_incidents[1:]))
         return out
 
     def alert_scalars(self, record: StepRecord) -> dict[str, float]:
-        """``alerts/count`` (events told at this step) when alerting is on."""
-        return {} if record.alerts is None else {self.alert_count: float(len(record.events))}
+        """``alerts/count`` (events told at this step) and ``alerts/open/<severity>`` when alerting is on."""
+        if record.alerts is None:
+            return {}
+        out = {self.alert_count: float(len(record.events))}
+        if record.open_incidents is not None:
+            out.update({self.open_incidents(s): float(n) for s, n in zip(SEVERITIES, record.open_incidents)})
+        return out
 
     def scalars(self, record: StepRecord, counts: bool = False) -> dict[str, float]:
         """Every scalar of ``record`` as one flat ``{tag: value}`` dict (health, per layer with ``_global``,
@@ -128,6 +138,6 @@ class Tags:
                 return None
         if tag.startswith(self.health_group + "/"):
             key = tag[len(self.health_group) + 1:]
-            if "/" not in key and key != "grad_norm":  # grad_norm is _global's, already read from the layers
+            if "/" not in key and key not in ("grad_norm", "open_incidents"):  # grad_norm: read from the layers
                 return GLOBAL_NAME, key
         return None

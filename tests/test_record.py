@@ -78,11 +78,12 @@ def test_a_record_is_immutable_and_reads_by_name():
     assert r.value(r.blocks[0], "skip_share") == r.block("skip_share")[0]
     flat = gradwatch.Tags("gw").scalars(r)
     assert flat["gw.layers/grad_norm/conv1"] == g and flat["gw.alerts/count"] == 0.0
-    assert flat["gw/alerts/warning"] == 0.0 and r.open_incidents == (0, 0, 0)
+    assert flat["gw.alerts/open/warning"] == 0.0 and flat["gw/open_incidents"] == 0 and r.open_incidents == (0, 0, 0)
     assert flat["gw/grad_norm"] == r.global_value("grad_norm")
     assert flat["gw/skip_share_min"] == r.block("skip_share").min() == r.value("_global", "skip_share_min")
-    # every value (the health figures once), grad_norm in the health section, the event count, open per severity
-    assert len(flat) == len(r) + 1 + 1 + 3
+    # every value (the health figures once), grad_norm and open_incidents in the health section, the event
+    # count, open per severity
+    assert len(flat) == len(r) + 2 + 1 + 3
     with pytest.raises(KeyError):
         r.value("no.such.layer", "grad_norm")
     mon.close()
@@ -138,11 +139,11 @@ def test_tensorboard_gets_one_event_per_logging_step(tmp_path, events):
             opt.zero_grad()
     per_step = _events_per_step(tmp_path)
     assert sorted(per_step) == [0, 1, 2]
-    # values, health grad_norm, nonfinite/<metric>, alerts: count and open per severity
-    n = len(mon.latest) + 1 + len(mon.latest.layer_metrics) + 6 + 4
+    # values, health grad_norm and open_incidents, nonfinite/<metric>, alerts: count and open per severity
+    n = len(mon.latest) + 2 + len(mon.latest.layer_metrics) + 6 + 4
     for step, counts in per_step.items():
         assert len(counts) == 1  # the whole step in one event: scalars and histograms together
-        layout = 1 if step == 0 else 0  # the Custom Scalars layout, with the first step
+        layout = 2 if step == 0 else 0  # the Custom Scalars layout and the layers' kinds, with the first step
         assert counts[0] == n + len(mon.latest.layer_metrics) + 6 + layout  # + one histogram per metric
     read = events(str(tmp_path))
     got = read["scalars"]["gradwatch.layers/grad_norm/conv1"][2]
@@ -169,7 +170,7 @@ def test_a_writer_that_is_not_a_summary_writer_gets_one_call_per_value():
     tags = {t for t, _, _ in w.calls}
     assert "gradwatch.layers/grad_norm/_global" in tags and "gradwatch.blocks/skip_share/layer1.0" in tags
     assert "gradwatch.alerts/count" in tags and "gradwatch/grad_norm" in tags
-    assert len(w.calls) == len(mon.latest) + 1 + 4
+    assert len(w.calls) == len(mon.latest) + 2 + 4
 
 
 def test_records_compare_by_identity_and_check_their_shapes():
@@ -199,7 +200,7 @@ def test_a_summary_writer_subclass_that_overrides_add_scalar_gets_its_calls(tmp_
     train(model, mon, 1)
     mon.close()
     w.close()
-    assert Counting.calls == len(mon.latest) + 1 + 4
+    assert Counting.calls == len(mon.latest) + 2 + 4
 
 
 def test_a_writer_without_flush_is_fine():

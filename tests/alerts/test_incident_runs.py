@@ -47,8 +47,8 @@ class Run:
         acc = EventAccumulator(str(self.path), size_guidance={"tensors": 0, "scalars": 0})
         acc.Reload()
         out = {t.removesuffix("/text_summary"): [(e.step, e.tensor_proto.string_val[0].decode()) for e in acc.Tensors(t)]
-               for t in acc.Tags()["tensors"] if t.startswith(("gradwatch.alerts/", "gradwatch/alerts/"))}
-        scalars = {t: {e.step: e.value for e in acc.Scalars(t)} for t in acc.Tags()["scalars"] if t.startswith(("gradwatch.alerts/", "gradwatch/alerts/"))}
+               for t in acc.Tags()["tensors"] if t.startswith("gradwatch.alerts/")}
+        scalars = {t: {e.step: e.value for e in acc.Scalars(t)} for t in acc.Tags()["scalars"] if t.startswith("gradwatch.alerts/")}
         return out, scalars
 
 
@@ -89,7 +89,7 @@ def test_a_condition_held_for_10000_steps_is_one_incident_and_a_few_reminders_on
     assert count(d["event"] for d in events) == expected
     texts, scalars = run.texts()
     assert len(texts["gradwatch.alerts/depth_trend"]) == 6
-    open_info = scalars["gradwatch/alerts/info"]
+    open_info = scalars["gradwatch.alerts/open/info"]
     assert len(open_info) == 10_000 and open_info[0] == 0 and open_info[9_999] == 1
     # the end-of-run summary, once per sink
     (summary,) = [p for p in posts if p["event"] == "summary"]
@@ -133,7 +133,7 @@ def test_a_detached_skip_repaired_mid_run_opens_then_resolves_its_incident(tmp_p
     summary_line = next(r for r in caplog.records if r.getMessage().startswith("gradwatch run summary"))
     assert summary_line.levelno == logging.WARNING and "1 resolved" in summary_line.getMessage()
     _, scalars = run.texts()
-    warning = scalars["gradwatch/alerts/warning"]
+    warning = scalars["gradwatch.alerts/open/warning"]
     assert warning[1] == 0 and warning[2] == 1 and warning[15] == 1 and warning[16] == 0  # when it started, ended
     assert [i.open for i in run.mon.incidents if i.rule == "skip_collapse"] == [False]
 

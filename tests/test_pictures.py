@@ -1,0 +1,109 @@
+"""The pictures: drawn from real records, bounded in memory, off the scalars' path when they fail."""
+
+from __future__ import annotations
+
+import logging
+import struct
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+import gradwatch
+from gradwatch import pictures
+from gradwatch.blocks import resnet
+from gradwatch.pictures import Timeline, render_all
+
+
+def _png_size(png: bytes) -> tuple[int, int]:
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    return struct.unpack(">II", png[16:24])
+
+
+def _train(log_dir=None, steps=6, **kw):
+    torch.manual_seed(0)
+    model = resnet(8, width=4)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    mon = gradwatch.Monitor(model, optimizer=opt, every=1, log_dir=log_dir, strict=True, **kw)
+    for s in range(steps):
+        g = torch.Generator().manual_seed(s)
+        F.cross_entropy(model(torch.randn(4, 3, 8, 8, generator=g)), torch.randint(0, 10, (4,), generator=g)).backward()
+        opt.step()
+        opt.zero_grad()
+    return mon
+
+
+def test_maps_hold_the_weight_layers_and_blocks_over_the_steps():
+    mon = _train(steps=5)
+    mon.close()
+    tl = Timeline()
+    for r in mon.records:
+        tl.add(r)
+    names, values = tl.matrix("layers")
+    weights = [n for n, k in zip(mon.latest.layers, mon.latest.kinds) if k == "weight"]
+    assert names == weights and values.shape == (len(weights), 5)  # norm layers would stripe the map
+    np.testing.assert_array_equal(values[:, -1], mon.latest.layer("grad_to_weight")[
+        [i for i, k in enumerate(mon.latest.kinds) if k == "weight"]])
+    bnames, share = tl.matrix("blocks")
+    assert bnames == list(mon.latest.blocks) and share.shape == (len(bnames), 5)
+    drawn = {p.name: p for p in render_all(tl)}
+    assert set(drawn) == {"grad_to_weight", "skip_share", "profile"}
+    for p in drawn.values():
+        assert _png_size(p.png) == (p.width, p.height)
+
+
+def test_the_timeline_is_bounded_and_keeps_the_newest_step():
+    mon = _train(steps=1)
+    mon.close()
+    tl = Timeline(max_steps=8)
+    r = mon.latest
+    for step in range(100):
+        tl.add(type(r)(**{**r.__dict__, "step": step}))
+    assert len(tl.steps) <= 8 and tl.steps[-1] == 99 and tl.steps == sorted(tl.steps)
+
+
+def test_pictures_reach_tensorboard_every_k_steps_and_at_close(tmp_path):
+    mon = _train(tmp_path, steps=7, pictures=3)
+    mon._owned[0]._pictures.budget = None  # this test pins the cadence, not the time budget
+    mon.close()
+    acc = EventAccumulator(str(tmp_path), size_guidance={"images": 0})
+    acc.Reload()
+    assert set(acc.Tags()["images"]) == {f"gradwatch.pictures/{n}" for n in ("grad_to_weight", "skip_share", "profile")}
+    steps = [e.step for e in acc.Images("gradwatch.pictures/profile")]
+    assert steps == [2, 5, 6]  # every 3 records, then the last at close
+    image = acc.Images("gradwatch.pictures/grad_to_weight")[-1]
+    assert _png_size(image.encoded_image_string) == (image.width, image.height)
+
+
+def test_a_failing_drawing_costs_only_the_pictures(tmp_path, monkeypatch, caplog):
+    def broken(timeline, title=""):
+        raise RuntimeError("no fonts")
+
+    monkeypatch.setattr("gradwatch.sinks.render_all", broken)
+    with caplog.at_level(logging.WARNING, logger="gradwatch"):
+        mon = _train(tmp_path, steps=3, pictures=1)
+        mon.close()
+    assert "drawing the pictures failed (RuntimeError: no fonts)" in caplog.text
+    acc = EventAccumulator(str(tmp_path), size_guidance={"scalars": 0})
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("gradwatch/grad_norm")] == [0, 1, 2] and not acc.Tags()["images"]
+
+
+def test_pictures_zero_draws_nothing_and_a_time_budget_defers_drawing(tmp_path):
+    mon = _train(tmp_path / "off", steps=3, pictures=0)
+    mon.close()
+    acc = EventAccumulator(str(tmp_path / "off"))
+    acc.Reload()
+    assert not acc.Tags()["images"]
+    mon = _train(tmp_path / "budget", steps=6, pictures=1)  # 1% of a sub-second run: one drawing, then the last
+    mon.close()
+    acc = EventAccumulator(str(tmp_path / "budget"), size_guidance={"images": 0})
+    acc.Reload()
+    assert [e.step for e in acc.Images("gradwatch.pictures/profile")] == [0, 5]
+
+
+def test_heatmap_marks_alert_steps_and_survives_nan_and_zero():
+    values = np.array([[1e-3, 0.0, np.nan], [1e-2, 1e-1, np.inf]])
+    p = pictures.heatmap("grad_to_weight", ["a", "b"], [0, 5, 10], values, log=True, alerts=[(5, "warning")])
+    assert _png_size(p.png) == (p.width, p.height)

@@ -1,0 +1,99 @@
+"""gradwatch report: event files read back equal the monitor's own history; rankings, incidents, exports."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+
+import gradwatch
+from gradwatch import report
+from gradwatch.blocks import resnet
+from gradwatch.cli import main
+
+
+def _run(log_dir, broken=False, steps=8, **kw):
+    torch.manual_seed(0)
+    model = resnet(8, width=4, skip_fault={0: "detached"} if broken else None)  # the first block's skip cut
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    mon = gradwatch.Monitor(model, optimizer=opt, every=1, log_dir=log_dir, pictures=0, **kw)
+    for s in range(steps):
+        g = torch.Generator().manual_seed(s)
+        F.cross_entropy(model(torch.randn(8, 3, 8, 8, generator=g)), torch.randint(0, 10, (8,), generator=g)).backward()
+        opt.step()
+        opt.zero_grad()
+    mon.close()
+    return mon
+
+
+def test_the_table_read_back_is_the_monitors_history(tmp_path):
+    mon = _run(tmp_path / "a")
+    table = report.load(tmp_path)
+    assert list(table.columns) == list(report.COLUMNS) and set(table.run) == {"a"}
+    got = table.set_index(["step", "name", "metric"]).value.sort_index()
+    want = mon.history().set_index(["step", "name", "metric"]).value.sort_index()
+    assert got.index.equals(want.index)
+    np.testing.assert_allclose(got.to_numpy(), want.to_numpy().astype(np.float32), rtol=1e-6)  # stored as float32
+
+
+def test_a_cut_skip_tops_the_ranking_and_its_incident_is_listed(tmp_path, capsys):
+    _run(tmp_path / "healthy")
+    _run(tmp_path / "broken", broken=True)
+    reports = {r.run: r for r in report.summarize(tmp_path)}
+    assert set(reports) == {"healthy", "broken"}
+    broken = reports["broken"]
+    assert broken.low_blocks.index[0] == "layer1.0" and broken.low_blocks["median"].iloc[0] < 1e-3
+    assert broken.health.loc["skip_share_min", "last"] < 1e-3 < reports["healthy"].health.loc["skip_share_min", "min"]
+    assert [(e["rule"], e["name"]) for e in broken.incidents] == [("skip_collapse", "layer1.0")]
+    assert not reports["healthy"].incidents
+    kinds = {n: k for n, k in zip(*_names_kinds())}
+    assert all(kinds[n] == "weight" for n in broken.low_layers.index)  # norm layers' ratios are not ranked
+    assert main(["report", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "== broken" in out and "[warning] skip_collapse (layer1.0) from step" in out and "== healthy" in out
+
+
+def _names_kinds():
+    model = resnet(8, width=4)
+    kinds = gradwatch.layers.layer_kinds(model)
+    return list(kinds), list(kinds.values())
+
+
+def test_exports_csv_json_and_one_self_contained_html_page(tmp_path, capsys):
+    _run(tmp_path / "runs" / "a", steps=4)
+    csv, page = tmp_path / "t.csv", tmp_path / "r.html"
+    assert main(["report", str(tmp_path / "runs"), "--csv", str(csv), "--html", str(page)]) == 0
+    frame = pd.read_csv(csv)
+    assert list(frame.columns) == list(report.COLUMNS) and len(frame) == len(report.load(tmp_path / "runs"))
+    text = page.read_text()
+    assert text.count("data:image/png;base64,") == 3  # drawn from the table: this run wrote no pictures
+    assert "src=\"http" not in text and "<script" not in text
+    capsys.readouterr()
+    assert main(["report", str(tmp_path / "runs"), "--json"]) == 0
+    (run,) = json.loads(capsys.readouterr().out)
+    assert run["run"] == "a" and run["steps"] == [0, 3, 4] and "grad_to_weight_early" in run["health"]
+
+
+def test_bad_input_gets_a_clear_message_and_a_non_zero_exit(tmp_path, capsys):
+    assert main(["report", str(tmp_path / "missing")]) == 1
+    assert "is not a folder" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(["report", str(tmp_path / "empty")]) == 1
+    assert "no gradwatch values found" in capsys.readouterr().out
+    _run(tmp_path / "r", steps=2)
+    assert main(["report", str(tmp_path / "r"), "--csv", str(tmp_path / "x.txt")]) == 1
+    assert "must end in .csv" in capsys.readouterr().err
+
+
+def test_several_namespaces_in_one_folder_are_runs_of_their_own(tmp_path):
+    _run(tmp_path, steps=2, prefix="gradwatch")
+    _run(tmp_path, steps=3, prefix="other")
+    table = report.load(tmp_path)
+    assert sorted(table.run.unique()) == [f"{os.path.basename(tmp_path)} [gradwatch]",
+                                          f"{os.path.basename(tmp_path)} [other]"]
+    assert table.groupby("run").step.max().tolist() == [1, 2]
