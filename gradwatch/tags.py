@@ -21,6 +21,8 @@ With ``prefix=""`` the sections are ``health``, ``layers``, ``blocks``, ``alerts
 
 from __future__ import annotations
 
+import math
+
 from .names import GLOBAL_NAME
 from .record import StepRecord
 
@@ -91,12 +93,14 @@ class Tags:
         return f"{self.alerts_group}/open/{severity}"
 
     def health_scalars(self, record: StepRecord) -> dict[str, float]:
-        """The health section of ``record``: whole-model ``grad_norm``, the health figures, and, when alerting
+        """The health section of ``record``: whole-model ``grad_norm``, the health figures (those that are not
+        NaN), and, when alerting
         is on, ``open_incidents`` (open at warning or critical: what needs a look; the split per severity is
         in the alerts section). Alphabetical, as TensorBoard shows them."""
         out = {self.health("grad_norm"): record.global_value("grad_norm")} if "grad_norm" in record.layer_metrics \
             else {}
-        out.update({self.health(k): float(v) for k, v in record.health.items()})
+        # a figure the model cannot have (no blocks: no skip_share_min) is left out, not drawn as NaN markers
+        out.update({self.health(k): float(v) for k, v in record.health.items() if not math.isnan(v)})
         if record.open_incidents is not None:
             out[self.health("open_incidents")] = float(sum(record.open_incidents[1:]))
         return out

@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import types
 
 import pytest
 import torch
@@ -758,3 +759,40 @@ def test_import_without_any_lightning_says_what_to_install():
         """,
     )
     assert "pip install lightning" in out.stdout, out.stderr[-2000:]
+
+
+def test_the_users_metrics_keep_their_place_on_the_trainers_tensorboard(tmp_path):
+    """gradwatch's tags sit in their own sections; the trainer's TensorBoardLogger also gets the layout and the
+    pictures; a CSV logger gets the same scalar tags."""
+    pl = ns("lightning.pytorch")
+    from gradwatch.integrations.lightning import GradWatchCallback
+
+    def training_step(self, b, i):
+        x, y = b
+        out = self.net(x)
+        loss = F.cross_entropy(out, y)
+        self.log("train_loss", loss)
+        self.log("train_acc", (out.argmax(1) == y).float().mean())
+        return loss
+
+    module = make_module(pl)
+    module.training_step = types.MethodType(training_step, module)
+
+    csv = importlib.import_module(pl.__name__ + ".loggers").CSVLogger(str(tmp_path), name="csv", version=0)
+    trainer = pl.Trainer(callbacks=[GradWatchCallback(every=2, pictures=2)], logger=[tb_logger(pl, tmp_path), csv],
+                         log_every_n_steps=2, **trainer_kwargs(tmp_path, max_steps=6))
+    trainer.fit(module)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(os.path.join(tmp_path, "tb", "version_0"), size_guidance={"images": 0, "tensors": 0})
+    acc.Reload()
+    tags = acc.Tags()
+    groups = sorted({t.split("/")[0] for t in tags["scalars"] + tags["histograms"] + tags["images"]})
+    ours = [g for g in groups if g.startswith("gradwatch")]
+    assert ours == ["gradwatch", "gradwatch.alerts", "gradwatch.blocks", "gradwatch.layers", "gradwatch.pictures"]
+    assert set(groups) - set(ours) == {"epoch", "train_acc", "train_loss"}  # the user's own, where they were
+    i = groups.index("gradwatch")
+    assert groups[i:i + len(ours)] == ours  # one contiguous block, the health section first
+    assert "custom_scalars__config__" in tags["tensors"] and "gradwatch.pictures/profile" in tags["images"]
+    header = open(os.path.join(tmp_path, "csv", "version_0", "metrics.csv")).readline().strip().split(",")
+    assert "gradwatch/grad_norm" in header and "gradwatch.layers/grad_to_weight/net.conv1" in header

@@ -1,0 +1,87 @@
+"""Take the screenshots of docs/dashboard.md: a real TensorBoard on 127.0.0.1, a real headless Chromium.
+
+    python docs/screenshots.py LOGDIR [--out docs/img] [--prefix demo]
+
+LOGDIR is a gradwatch run folder (``make demo`` writes runs/demo). Needs ``playwright`` (``pip install
+playwright``; not a gradwatch dependency) and a Chromium on the machine (``apt-get install chromium``;
+playwright's own download is not used). TensorBoard draws its line charts with WebGL in a worker, which a
+GPU-less headless browser leaves blank, so the pages are opened with TensorBoard's ``forceSVG=true``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _serve(logdir: str) -> tuple[subprocess.Popen, str]:
+    port = _free_port()
+    exe = os.path.join(os.path.dirname(sys.executable), "tensorboard")
+    proc = subprocess.Popen([exe, "--logdir", logdir, "--host", "127.0.0.1", "--port", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(120):
+        try:
+            urllib.request.urlopen(url + "/data/plugins_listing", timeout=2).read()
+            return proc, url
+        except OSError:
+            time.sleep(0.5)
+    proc.kill()
+    raise SystemExit("tensorboard did not start")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("logdir")
+    ap.add_argument("--out", default="docs/img")
+    ap.add_argument("--prefix", default="demo")
+    ap.add_argument("--filter", default="grad_to_weight/layer1\\.0", help="regex for the filtered-tags shot")
+    args = ap.parse_args()
+    from playwright.sync_api import sync_playwright
+
+    os.makedirs(args.out, exist_ok=True)
+    proc, url = _serve(args.logdir)
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    try:
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+            page = browser.new_page(viewport={"width": 1500, "height": 1000})
+
+            def shot(name: str, path: str, wait: float = 6.0, full: bool = False, tags: str = "") -> None:
+                page.goto(f"{url}/?forceSVG=true{path}")
+                page.wait_for_load_state("networkidle")
+                time.sleep(wait)
+                close = page.locator("button[aria-label='Close side pane']")
+                if close.count():
+                    close.first.click()
+                    time.sleep(1)
+                if tags:  # what a user types in the tag filter
+                    page.locator("input[placeholder='Filter tags (regex)']").first.fill(tags)
+                    time.sleep(wait)
+                page.screenshot(path=os.path.join(args.out, f"{args.prefix}-{name}.png"), full_page=full)
+                print("wrote", os.path.join(args.out, f"{args.prefix}-{name}.png"))
+
+            shot("timeseries", "#timeseries")
+            if args.filter:
+                shot("filtered", "#timeseries", tags=args.filter)
+            shot("custom-scalars", "#custom_scalars", wait=8)
+            shot("images", "#images", wait=8)
+            browser.close()
+    finally:
+        proc.terminate()
+
+
+if __name__ == "__main__":
+    main()
