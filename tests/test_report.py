@@ -7,7 +7,6 @@ import os
 
 import numpy as np
 import pandas as pd
-import pytest
 import torch
 import torch.nn.functional as F
 
