@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from gradwatch import Config, Monitor, loss_scale
+from gradwatch import Config, Monitor, Tags, loss_scale
 
 try:
     from transformers import TrainerCallback
@@ -48,8 +48,9 @@ class GradWatchTrainerCallback(TrainerCallback):
     (one collective per logging step) and block-flow norms are averaged over ranks.
 
     **Other reporters.** On the Trainer's logging steps the callback adds the whole-model values to the logs
-    (``gradwatch/grad_norm``, ``gradwatch/weight_norm``, ``gradwatch/grad_to_weight``,
-    ``gradwatch/update_to_weight``, ``gradwatch/alerts_open``: incidents open at warning and above) for the reporters that come after it
+    (the dashboard's health section: ``gradwatch/grad_norm``, ``gradwatch/grad_to_weight_early``,
+    ``gradwatch/open_incidents``, ``gradwatch/skip_share_min``, ``gradwatch/transmission_end_to_end``;
+    ``docs/dashboard.md``) for the reporters that come after it
     (wandb, MLflow, ...). The Trainer runs user callbacks after its reporters: add the callback with
     :meth:`attach` to put it first. Per-layer values stay in gradwatch's own TensorBoard run.
 
@@ -71,6 +72,7 @@ class GradWatchTrainerCallback(TrainerCallback):
             options["every"] = every
         #: The checked options the monitor is built from.
         self.config = Config.from_options(None, "GradWatchTrainerCallback", **options)
+        self._tags = Tags(self.config.output.prefix)
         self.every = every
         self.log_dir = None if log_dir is None else os.fspath(log_dir)
         #: The monitor of the current ``train()``; None before it starts.
@@ -137,9 +139,7 @@ class GradWatchTrainerCallback(TrainerCallback):
         rec = self.monitor.latest if self.monitor is not None else None
         if logs is None or rec is None or rec.step != state.global_step:
             return
-        logs.update({f"gradwatch/{m}": rec.global_value(m) for m in rec.layer_metrics})
-        if rec.open_incidents is not None:
-            logs["gradwatch/alerts_open"] = float(rec.open_incidents[1] + rec.open_incidents[2])
+        logs.update(self._tags.health_scalars(rec))
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.monitor is None or not getattr(state, "is_world_process_zero", True):

@@ -218,4 +218,5 @@ def test_attached_first_the_reporters_receive_the_whole_model_values(tmp_path):
     assert sorted(seen) == [4, 8]  # the Trainer's logging steps
     rec = next(r for r in cb.monitor.records if r.step == 8)
     assert seen[8]["gradwatch/grad_norm"] == rec.global_value("grad_norm")
-    assert seen[8]["gradwatch/alerts_open"] == 0.0 and "gradwatch/update_to_weight" in seen[8]
+    assert seen[8]["gradwatch/open_incidents"] == 0.0
+    assert seen[8]["gradwatch/skip_share_min"] == rec.health["skip_share_min"]  # the dashboard's health section
