@@ -68,7 +68,10 @@ def main() -> None:
                     close.first.click()
                     time.sleep(1)
                 if tags:  # what a user types in the tag filter
-                    page.locator("input[placeholder='Filter tags (regex)']").first.fill(tags)
+                    box = page.locator("input[placeholder='Filter tags (regex)']").first
+                    box.fill(tags)
+                    box.press("Escape")  # close the autocomplete list over the cards
+                    page.mouse.click(700, 140)
                     time.sleep(wait)
                 page.screenshot(path=os.path.join(args.out, f"{args.prefix}-{name}.png"), full_page=full)
                 print("wrote", os.path.join(args.out, f"{args.prefix}-{name}.png"))

@@ -105,7 +105,8 @@ class GradWatchCallback(*_BASES):  # type: ignore[misc]
     # ------------------------------------------------------------------ public API
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(prefix=self.config.output.prefix)
+        prefix = self.config.output.prefix  # the default namespace keeps the key checkpoints had before it existed
+        return self._generate_state_key(prefix="" if prefix == Config().output.prefix else prefix)
 
     @property
     def monitor(self) -> Monitor | None:
