@@ -105,7 +105,7 @@ class GradWatchCallback(*_BASES):  # type: ignore[misc]
     # ------------------------------------------------------------------ public API
     @property
     def state_key(self) -> str:
-        prefix = self.config.output.prefix  # the default namespace keeps the key checkpoints had before it existed
+        prefix = self.config.output.prefix  # the default namespace keeps the checkpoint key it had as ""
         return self._generate_state_key(prefix="" if prefix == Config().output.prefix else prefix)
 
     @property
@@ -238,7 +238,7 @@ class GradWatchCallback(*_BASES):  # type: ignore[misc]
             if not params:
                 skipped.append(f"{key}: holds none of the LightningModule's parameters")
                 continue
-            ns = base.output.prefix.rstrip("/")  # one namespace per optimizer: gradwatch.optimizer_1/, ...
+            ns = base.output.prefix.rstrip("/")  # one namespace per optimizer: gradwatch.optimizer_1, ...
             prefix = (f"{ns}.{key}" if ns else key) if len(optimizers) > 1 else ns
             cfg = base.replace(prefix=prefix, sinks=(*base.output.sinks, *_logger_sinks(loggers, base, prefix)))
             try:
@@ -318,11 +318,10 @@ class _Slot:
 
 
 def _logger_sinks(loggers: list[Any], cfg: Config, prefix: str) -> list[Any]:
-    """Sinks for the loggers besides the monitor's writer: more TensorBoard loggers, then the flat ones (CSV,
-    W&B, MLflow: one ``log_metrics`` dict per step)."""
-    return [TensorBoardSink(lg.experiment, prefix, cfg.output.histograms, pictures=cfg.output.pictures)
-            if isinstance(lg, _TENSORBOARD_LOGGERS)
-            else ScalarsSink(lg.log_metrics, prefix, counts=cfg.output.histograms) for lg in loggers]
+    """Sinks for the other loggers: TensorBoard ones, then flat ones (CSV, W&B, MLflow: ``log_metrics`` dicts)."""
+    out, tensorboard = cfg.output, _TENSORBOARD_LOGGERS
+    return [TensorBoardSink(lg.experiment, prefix, out.histograms, pictures=out.pictures) if isinstance(lg, tensorboard)
+            else ScalarsSink(lg.log_metrics, prefix, counts=out.histograms) for lg in loggers]
 
 
 def _log_dir(loggers: list[Any], trainer: Any) -> str:
