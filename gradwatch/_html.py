@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 
 from .names import GLOBAL_NAME
-from .pictures import heatmap, profile
+from .pictures import depth_distribution, heatmap, profile
 from .report import RunReport
 
 __all__ = ["render_html"]
@@ -59,6 +59,11 @@ def _drawn(frame: pd.DataFrame) -> dict[str, bytes]:
         share = blocks[blocks.step == frame.step.max()].value.to_numpy()
         out["profile"] = profile(names, col("grad_norm"), col("grad_to_weight"), bnames, share,
                                  int(frame.step.max())).png
+        last_blocks = frame[(frame.step == frame.step.max()) & frame.name.isin(bnames)]
+        flow = last_blocks.pivot_table(index="name", columns="metric", values="value", sort=False).reindex(bnames)
+        if bnames and {"skip_grad", "branch_grad"} <= set(flow.columns):
+            out["effective_depth"] = depth_distribution(bnames, flow["skip_grad"].to_numpy(),
+                                                        flow["branch_grad"].to_numpy(), int(frame.step.max())).png
     return out
 
 
@@ -82,7 +87,7 @@ def render_html(reports: Sequence[RunReport], frames: dict[str, pd.DataFrame], t
         else:
             parts.append("<p>none</p>")
         pictures = r.pictures or _drawn(frames.get(r.run, pd.DataFrame(columns=["step", "name", "metric", "value"])))
-        for name in ("profile", "grad_to_weight", "skip_share"):
+        for name in ("profile", "effective_depth", "grad_to_weight", "skip_share"):
             if name in pictures:
                 parts.append(_img(pictures[name], f"{r.run}: {name}"))
         parts.append("<h3>Layers with the lowest gradient-to-weight ratio (by median)</h3>" + _table(r.low_layers))

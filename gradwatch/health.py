@@ -12,6 +12,10 @@ Each answers "is the gradient flowing, and where not?" for the whole model in on
   output (``grad_in`` of the first block / ``grad_out`` of the last, in depth order): how much of the gradient
   arriving at the top of the residual chain reaches its bottom.
 
+- ``effective_depth`` (and ``_p10``, ``_p50``, ``_p90``, ``_n``): how many residual blocks deep the gradient
+  travels, the mean and percentiles of its path-length distribution over the ``_n`` blocks of the main chain
+  (:mod:`gradwatch.depth`).
+
 The whole-model gradient norm (``grad_norm`` of ``_global``) and the open incidents per severity complete
 the health section; they are in the record already. A figure that cannot be computed (no blocks, too few
 layers) is NaN.
@@ -25,12 +29,13 @@ from collections.abc import Mapping
 import numpy as np
 
 from .alerts.measurements import Measurements, early_ratio
+from .depth import DEPTH, effective_depth
 from .record import StepRecord
 
 __all__ = ["HEALTH", "health"]
 
 #: The derived health figures, in the order the record holds them.
-HEALTH = ("grad_to_weight_early", "skip_share_min", "transmission_end_to_end")
+HEALTH = ("grad_to_weight_early", "skip_share_min", "transmission_end_to_end", *DEPTH)
 
 
 def health(record: StepRecord, kinds: Mapping[str, str] | None = None,
@@ -39,11 +44,16 @@ def health(record: StepRecord, kinds: Mapping[str, str] | None = None,
     rules receive them)."""
     m = Measurements.from_record(record, kinds or {}, forward or {})
     er = early_ratio(m)
-    return {
+    out = {
         "grad_to_weight_early": er.ratio if er is not None else math.nan,
         "skip_share_min": _nanmin(record.block("skip_share")) if record.blocks else math.nan,
         "transmission_end_to_end": _end_to_end(record),
     }
+    if record.blocks:
+        out.update(effective_depth(record.blocks, record.block("skip_grad"), record.block("branch_grad")))
+    else:
+        out.update(dict.fromkeys(DEPTH, math.nan))
+    return out
 
 
 def _nanmin(values: np.ndarray) -> float:

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 from tensorboard.plugins.custom_scalar import layout_pb2
 
+from .depth import DEPTH
 from .names import FLOW_METRICS, GLOBAL_NAME
 from .tags import SEVERITIES, Tags
 
@@ -113,6 +114,8 @@ def build_layout(tags: Tags, layers: Sequence[str], layer_metrics: Sequence[str]
         _chart(health, "lowest skip_share over blocks (→0: a skip collapsed)", [tags.health("skip_share_min")])
         _chart(health, "end-to-end transmission: gradient into the first block / out of the last",
                [tags.health("transmission_end_to_end")])
+        _chart(health, "effective depth: mean, 10/50/90th percentile path length, blocks in the chain (n)",
+               [tags.health_tag(f) for f in DEPTH])
     if alerts:
         _chart(health, "open incidents per severity", [tags.open_incidents(s) for s in SEVERITIES])
     groups = group_names([n for n in layers if n != GLOBAL_NAME])

@@ -3,6 +3,7 @@
 - ``grad_to_weight`` map: every layer (input at the top) against the logging steps, log colour scale: a
   vanishing gradient is a dark band at the top, an explosion a bright one, a dead layer a black row;
 - ``skip_share`` map: the same for the residual blocks, 0 (skip carries nothing, collapsed) to 1 (branch off);
+- ``effective_depth``: the path-length distribution of the latest step (:mod:`gradwatch.depth`);
 - ``profile``: the latest step along the depth, input on the left: each layer's gradient norm (bars, the
   "gradient flow" chart of forum posts) and gradient-to-weight ratio, stages marked, and each block's
   skip_share below.
@@ -24,7 +25,7 @@ import numpy as np
 
 from .record import StepRecord
 
-__all__ = ["Timeline", "Picture", "render_all", "heatmap", "profile"]
+__all__ = ["Timeline", "Picture", "render_all", "heatmap", "profile", "depth_distribution"]
 
 _SEVERITY_COLOURS = {"critical": "#d62728", "warning": "#ff7f0e", "info": "#7f7f7f"}
 _MAX_TICKS = 28  # depth-axis labels past this are thinned: names must stay legible
@@ -106,6 +107,8 @@ def render_all(timeline: Timeline, title: str = "") -> list[Picture]:
                            title=f"{title}skip_share per residual block (0: skip collapsed, 1: branch off)",
                            unit="block", vmin=0.0, vmax=1.0))
     r = timeline.latest
+    if r.blocks:
+        out.append(depth_distribution(r.blocks, r.block("skip_grad"), r.block("branch_grad"), r.step, title=title))
     out.append(profile(r.layers, r.layer("grad_norm"), r.layer("grad_to_weight"), r.blocks,
                        r.block("skip_share") if r.blocks else np.zeros(0), r.step, title=title))
     return out
@@ -165,6 +168,31 @@ def heatmap(name: str, names: Sequence[str], steps: Sequence[int], values: np.nd
     cax = fig.add_axes((1 - 1.1 / 10, ax.get_position().y0, 0.15 / 10, ax.get_position().height))
     fig.colorbar(image, cax=cax, label=name)
     return _png(fig, name)
+
+
+def depth_distribution(blocks: Sequence[str], skip_grad: np.ndarray, branch_grad: np.ndarray, step: int,
+                       title: str = "") -> Picture:
+    """The path-length distribution of the latest step (:mod:`gradwatch.depth`): the share of the gradient
+    magnitude carried by paths through k residual branches, k = 0..n, with the mean and the 10–90% range."""
+    from .depth import chain, effective_depth, path_length_distribution
+
+    idx = chain(blocks)
+    skip, branch = np.asarray(skip_grad, np.float64)[idx], np.asarray(branch_grad, np.float64)[idx]
+    ok = np.isfinite(skip) & np.isfinite(branch) & (skip > 0)
+    dist = path_length_distribution(branch[ok] / skip[ok])
+    fig = _figure(8, 3.6, left=0.9, right=0.3, bottom=0.7, top=0.5)
+    ax = fig.add_subplot()
+    ax.bar(np.arange(len(dist)), dist, color="#6baed6", width=0.85)
+    figures = effective_depth(blocks, skip_grad, branch_grad)
+    lo, hi, mean = figures["effective_depth_p10"], figures["effective_depth_p90"], figures["effective_depth"]
+    ax.axvspan(lo - 0.5, hi + 0.5, color="#fdae6b", alpha=0.25, label=f"10–90%: {lo:.0f}–{hi:.0f} blocks")
+    ax.axvline(mean, color="#d94801", linewidth=1.5, label=f"mean {mean:.1f} of {len(dist) - 1} blocks")
+    ax.set_xlim(-0.5, len(dist) - 0.5)
+    ax.set_xlabel("path length: residual branches the gradient passes through")
+    ax.set_ylabel("share of gradient magnitude")
+    ax.set_title(f"{title}effective depth at step {step}", fontsize=10)
+    ax.legend(fontsize=8, loc="upper right")
+    return _png(fig, "effective_depth")
 
 
 def _stages(names: Sequence[str]) -> list[tuple[int, str]]:

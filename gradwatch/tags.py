@@ -6,11 +6,12 @@ user's own metrics keep their places and gradwatch's sections sit together:
 
 =============================  ============================================================================
 ``gradwatch/...``               the health section: one card per question (``grad_norm``,
-                                ``grad_to_weight_early``, ``open_incidents``, ``skip_share_min``,
-                                ``transmission_end_to_end``)
+                                ``effective_depth``, ``grad_to_weight_early``, ``open_incidents``,
+                                ``skip_share_min``, ``transmission_end_to_end``)
 ``gradwatch.layers/...``        per layer: ``<metric>/<layer>``, a histogram across layers ``<metric>``, and
                                 ``nonfinite/<metric>`` (values the histogram left out)
-``gradwatch.blocks/...``        per residual block: ``<metric>/<block>``, histograms, ``nonfinite/<metric>``
+``gradwatch.blocks/...``        per residual block: ``<metric>/<block>``, histograms, ``nonfinite/<metric>``;
+                                ``effective_depth/{p10,p50,p90,n}``
 ``gradwatch.alerts/...``        ``open/{info,warning,critical}`` (open incidents per severity), ``count``
                                 (events told per step), one text per event ``<rule>``, ``summary``
 ``gradwatch.pictures/...``      the images: depth × time maps and the latest gradient profile
@@ -30,6 +31,7 @@ __all__ = ["Tags", "DEFAULT_NAMESPACE", "SEVERITIES"]
 
 #: The namespace of gradwatch's tags unless ``prefix`` says otherwise.
 DEFAULT_NAMESPACE = "gradwatch"
+_DEPTH_DETAIL = "effective_depth_"
 #: Severities of the open-incident counts, in the order :attr:`StepRecord.open_incidents` holds them.
 SEVERITIES = ("info", "warning", "critical")
 
@@ -51,6 +53,14 @@ class Tags:
         """A card of the health section (``grad_norm``, a :data:`~gradwatch.health.HEALTH` figure,
         ``open_incidents``)."""
         return f"{self.health_group}/{key}"
+
+    def health_tag(self, figure: str) -> str:
+        """Where a health figure goes: its card in the health section, except the effective depth's
+        percentiles and block count, which go with the blocks (``gradwatch.blocks/effective_depth/p10``) so
+        the health section keeps one card per question."""
+        if figure.startswith(_DEPTH_DETAIL):
+            return f"{self.blocks_group}/effective_depth/{figure[len(_DEPTH_DETAIL):]}"
+        return self.health(figure)
 
     def layer(self, metric: str, name: str) -> str:
         return f"{self.layers_group}/{metric}/{name}"
@@ -100,7 +110,7 @@ class Tags:
         out = {self.health("grad_norm"): record.global_value("grad_norm")} if "grad_norm" in record.layer_metrics \
             else {}
         # a figure the model cannot have (no blocks: no skip_share_min) is left out, not drawn as NaN markers
-        out.update({self.health(k): float(v) for k, v in record.health.items() if not math.isnan(v)})
+        out.update({self.health_tag(k): float(v) for k, v in record.health.items() if not math.isnan(v)})
         if record.open_incidents is not None:
             out[self.health("open_incidents")] = float(sum(record.open_incidents[1:]))
         return out
@@ -137,6 +147,8 @@ class Tags:
         for group in (self.layers_group, self.blocks_group):
             if tag.startswith(group + "/"):
                 metric, sep, name = tag[len(group) + 1:].partition("/")
+                if group == self.blocks_group and metric == "effective_depth":
+                    return GLOBAL_NAME, _DEPTH_DETAIL + name
                 if sep and metric not in ("nonfinite", "kinds"):
                     return name, metric
                 return None

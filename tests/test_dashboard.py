@@ -68,8 +68,8 @@ def test_tensorboard_serves_the_health_section_layout_and_pictures(served):
     mon, get = served
     tags = get("/data/plugin/scalars/tags")["run"]
     health = sorted(t for t in tags if t.split("/")[0] == "gradwatch")
-    assert health == ["gradwatch/grad_norm", "gradwatch/grad_to_weight_early", "gradwatch/open_incidents",
-                      "gradwatch/skip_share_min", "gradwatch/transmission_end_to_end"]
+    assert health == ["gradwatch/effective_depth", "gradwatch/grad_norm", "gradwatch/grad_to_weight_early",
+                      "gradwatch/open_incidents", "gradwatch/skip_share_min", "gradwatch/transmission_end_to_end"]
     assert len([t for t in tags if t.startswith("gradwatch.layers/grad_to_weight/")]) == len(mon.layer_names) + 1
     layout = get("/data/plugin/custom_scalars/layout")
     titles = [c["title"] for c in layout["category"]]
@@ -77,7 +77,7 @@ def test_tensorboard_serves_the_health_section_layout_and_pictures(served):
     assert all(len(c["chart"]) >= 1 for c in layout["category"])
     images = get("/data/plugin/images/tags")["run"]
     assert set(images) == {"gradwatch.pictures/grad_to_weight", "gradwatch.pictures/skip_share",
-                           "gradwatch.pictures/profile"}
+                           "gradwatch.pictures/profile", "gradwatch.pictures/effective_depth"}
     points = get("/data/plugin/scalars/scalars?run=run&tag=gradwatch%2Fskip_share_min")
     assert [p[1] for p in points] == [0, 1, 2, 3]
     assert points[-1][2] == pytest.approx(mon.latest.health["skip_share_min"], rel=1e-6)

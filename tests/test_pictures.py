@@ -48,7 +48,7 @@ def test_maps_hold_the_weight_layers_and_blocks_over_the_steps():
     bnames, share = tl.matrix("blocks")
     assert bnames == list(mon.latest.blocks) and share.shape == (len(bnames), 5)
     drawn = {p.name: p for p in render_all(tl)}
-    assert set(drawn) == {"grad_to_weight", "skip_share", "profile"}
+    assert set(drawn) == {"grad_to_weight", "skip_share", "profile", "effective_depth"}
     for p in drawn.values():
         assert _png_size(p.png) == (p.width, p.height)
 
@@ -69,7 +69,8 @@ def test_pictures_reach_tensorboard_every_k_steps_and_at_close(tmp_path):
     mon.close()
     acc = EventAccumulator(str(tmp_path), size_guidance={"images": 0})
     acc.Reload()
-    assert set(acc.Tags()["images"]) == {f"gradwatch.pictures/{n}" for n in ("grad_to_weight", "skip_share", "profile")}
+    assert set(acc.Tags()["images"]) == {f"gradwatch.pictures/{n}" for n in ("grad_to_weight", "skip_share", "profile",
+                                                                                "effective_depth")}
     steps = [e.step for e in acc.Images("gradwatch.pictures/profile")]
     assert steps == [2, 5, 6]  # every 3 records, then the last at close
     image = acc.Images("gradwatch.pictures/grad_to_weight")[-1]

@@ -70,7 +70,7 @@ def test_exports_csv_json_and_one_self_contained_html_page(tmp_path, capsys):
     frame = pd.read_csv(csv)
     assert list(frame.columns) == list(report.COLUMNS) and len(frame) == len(report.load(tmp_path / "runs"))
     text = page.read_text()
-    assert text.count("data:image/png;base64,") == 3  # drawn from the table: this run wrote no pictures
+    assert text.count("data:image/png;base64,") == 4  # drawn from the table (no picture in this run's events)
     assert "src=\"http" not in text and "<script" not in text
     capsys.readouterr()
     assert main(["report", str(tmp_path / "runs"), "--json"]) == 0

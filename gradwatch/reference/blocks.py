@@ -141,6 +141,9 @@ class _ResidualBlock(nn.Module):
         if not self.has_skip:
             return out
         s = self._skip(x, pre)
+        route = getattr(self, "route", None)
+        if route is not None:  # Veit et al.'s routed backward (gradwatch.reference.paths): forward unchanged
+            return out + s.detach() if route == "branch" else out.detach() + s
         if self.inplace:
             out += s
             return out
