@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .depth import chain, effective_depth, path_length_distribution
 from .record import StepRecord
 
 __all__ = ["Timeline", "Picture", "render_all", "heatmap", "profile", "depth_distribution"]
@@ -174,8 +175,6 @@ def depth_distribution(blocks: Sequence[str], skip_grad: np.ndarray, branch_grad
                        title: str = "") -> Picture:
     """The path-length distribution of the latest step (:mod:`gradwatch.depth`): the share of the gradient
     magnitude carried by paths through k residual branches, k = 0..n, with the mean and the 10–90% range."""
-    from .depth import chain, effective_depth, path_length_distribution
-
     idx = chain(blocks)
     skip, branch = np.asarray(skip_grad, np.float64)[idx], np.asarray(branch_grad, np.float64)[idx]
     ok = np.isfinite(skip) & np.isfinite(branch) & (skip > 0)
