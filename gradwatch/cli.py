@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from . import report
 from ._html import render_html
 from .flow import inspect
+from .reference import validate
 from .reference.demo import run_demo
 from .version import __version__
 
@@ -92,6 +93,16 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0 if reports else 1
 
 
+def _cmd_validate(args: argparse.Namespace) -> int:
+    try:
+        outcomes = validate.run(quick=args.quick, out=args.out, steps=args.steps, every=args.every,
+                                jobs=args.jobs, only=args.only or ())
+    except ValueError as err:
+        print(f"gradwatch validate: {err}", file=sys.stderr)
+        return 2
+    return 0 if all(o.passed for o in outcomes) else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gradwatch", description="Gradient diagnostics for deep networks."
@@ -133,6 +144,18 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--json", action="store_true", help="print JSON instead of text")
     rep.add_argument("--top", type=_positive, default=5, help="rows per ranking (default: 5)")
     rep.set_defaults(func=_cmd_report)
+
+    val = sub.add_parser("validate", help="prove the diagnostics on reference nets where the truth is known "
+                                          "(healthy, plain controls, planted faults, He 2016 shortcut variants)")
+    val.add_argument("--quick", action="store_true", help="depths 20 and 56 only (a few minutes on 2 cores)")
+    val.add_argument("--out", default="runs/validate", help="TensorBoard logs and validate.json (default: "
+                                                            "runs/validate)")
+    val.add_argument("--steps", type=_positive, help="training steps per case (default: 120 quick, 300 full)")
+    val.add_argument("--every", type=_positive, default=5, help="log every N steps (default: 5)")
+    val.add_argument("--jobs", type=_positive, default=1, help="cases trained in parallel processes")
+    val.add_argument("--only", nargs="+", metavar="CASE", help="only these cases or groups (healthy, control, "
+                                                                "fault, variant)")
+    val.set_defaults(func=_cmd_validate)
     return parser
 
 

@@ -325,11 +325,14 @@ class NonFinite(Rule):
 
 
 class DeadLayer(Rule):
-    """A trainable layer whose gradient is exactly zero for ``patience`` consecutive logging steps.
+    """A trainable layer that does not learn: its gradient is exactly zero, or its update across the
+    optimizer step is exactly zero while its gradient is not, for ``patience`` consecutive logging steps.
 
     Layers whose ``.grad`` is ``None`` are not measured at all (the monitor logs them once); this catches a
     layer that is in the graph but receives nothing (dead ReLUs, a zero gate, an output multiplied by 0, an
-    unused layer under ``zero_grad(set_to_none=False)``). When more than ``max_named`` layers die at once
+    unused layer under ``zero_grad(set_to_none=False)``), and, with an optimizer watched
+    (``update_to_weight`` measured), a layer the optimizer does not move: a learning rate of 0 in its param
+    group, or a parameter missing from the optimizer. When more than ``max_named`` layers are dead at once
     they are reported as one alert.
     """
 
@@ -341,22 +344,31 @@ class DeadLayer(Rule):
 
     def check(self, m: Measurements) -> list[Alert]:
         before = self.state["streaks"]
-        zero = [m.layers[i] for i in np.flatnonzero(m.values("grad_norm") == 0.0)]
-        self.state["streaks"] = streaks = {name: before.get(name, 0) + 1 for name in zero}  # others reset
-        firing = [name for name in zero if streaks[name] >= self.patience]
+        grad, update = m.values("grad_norm"), m.values("update_to_weight")
+        zero = [m.layers[i] for i in np.flatnonzero(grad == 0.0)]
+        still = [m.layers[i] for i in np.flatnonzero((update == 0.0) & (grad > 0))]
+        self.state["streaks"] = streaks = {name: before.get(name, 0) + 1 for name in zero + still}  # others reset
         hint = ("the layer is in the graph but gets no gradient: dead ReLUs (lower the learning rate, "
                 "LeakyReLU), a gate or multiplier stuck at 0, or an unused layer; if intended, freeze it "
                 "(requires_grad=False) or exclude it from the monitor")
-        if len(firing) > self.max_named:
-            return [self.alert(
-                m, "warning", None, 0.0, 0.0,
-                f"{len(firing)} layers have had exactly zero gradient for {self.patience}+ logging steps: "
-                f"{short_list(firing, self.max_named)}", hint,
-            )]
-        return [self.alert(
-            m, "warning", name, 0.0, 0.0,
-            f"layer {name} has had exactly zero gradient for {streaks[name]} logging steps", hint,
-        ) for name in firing]
+        still_hint = ("it has a gradient but the optimizer does not move it: a learning rate of 0 in its param "
+                      "group, or the parameter is missing from the optimizer; if intended, freeze it "
+                      "(requires_grad=False) or exclude it from the monitor")
+        out = []
+        for names, what, hint_ in ((zero, "exactly zero gradient", hint),
+                                   (still, "a gradient but exactly zero update", still_hint)):
+            firing = [name for name in names if streaks[name] >= self.patience]
+            if len(firing) > self.max_named:
+                out.append(self.alert(
+                    m, "warning", None, 0.0, 0.0,
+                    f"{len(firing)} layers have had {what} for {self.patience}+ logging steps: "
+                    f"{short_list(firing, self.max_named)}", hint_,
+                ))
+                continue
+            out.extend(self.alert(m, "warning", name, 0.0, 0.0,
+                                  f"layer {name} has had {what} for {streaks[name]} logging steps", hint_)
+                       for name in firing)
+        return out
 
 
 #: The built-in rules by name, in the order they are evaluated.

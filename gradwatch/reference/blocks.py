@@ -30,6 +30,8 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
+    "VARIANTS",
+    "set_shortcut_variant",
     "SkipFault",
     "ZeroPadShortcut",
     "BasicBlock",
@@ -144,6 +146,9 @@ class _ResidualBlock(nn.Module):
         route = getattr(self, "route", None)
         if route is not None:  # Veit et al.'s routed backward (gradwatch.reference.paths): forward unchanged
             return out + s.detach() if route == "branch" else out.detach() + s
+        variant = getattr(self, "variant", None)
+        if variant is not None:
+            return _variant_merge(self, variant, out, s, x)
         if self.inplace:
             out += s
             return out
@@ -357,6 +362,46 @@ def resnet(
     net = ResNet(cls, (depth - 2) // per, width, num_classes, shortcut, inplace, in_channels)
     if skip_fault:
         set_skip_fault(net, skip_fault)
+    return net
+
+
+#: He, Zhang, Ren and Sun, "Identity Mappings in Deep Residual Networks" (2016), Table 1 / Figure 2: shortcut
+#: variants that all train worse than the identity because they hamper signal propagation.
+VARIANTS = ("constant_scaling", "exclusive_gating", "shortcut_only_gating", "conv_shortcut", "dropout_shortcut")
+
+
+def _variant_merge(block: _ResidualBlock, variant: str, out: torch.Tensor, s: torch.Tensor,
+                   x: torch.Tensor) -> torch.Tensor:
+    if variant == "constant_scaling":  # lambda = 0.5 on both paths
+        return 0.5 * out + 0.5 * s
+    if variant in ("exclusive_gating", "shortcut_only_gating"):  # g(x) = sigmoid(1x1 conv of x)
+        g = torch.sigmoid(block.gate(x))
+        return (g * out if variant == "exclusive_gating" else out) + (1 - g) * s
+    if variant == "dropout_shortcut":  # the shortcut kept with probability 0.5, not rescaled (expectation 0.5)
+        if block.training:
+            return out + s * (torch.rand_like(s) < 0.5).to(s.dtype)
+        return out + 0.5 * s
+    return out + s  # conv_shortcut: the 1x1 projection itself is the variant (see set_shortcut_variant)
+
+
+def set_shortcut_variant(net: ResNet, variant: str, gate_bias: float = 0.0) -> ResNet:
+    """Turn every residual block of a post-activation basic ``net`` into one of He et al.'s 2016 shortcut
+    variants (:data:`VARIANTS`). Gates are 1x1 convolutions of the block input with bias ``gate_bias``
+    (0: g = 0.5 at initialisation); ``conv_shortcut`` replaces every shortcut with a 1x1 convolution and
+    BatchNorm. Returns ``net``."""
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    for b in net.residual_blocks():
+        if not b.has_skip or b.preact or b.expansion != 1:
+            raise ValueError("shortcut variants apply to post-activation basic blocks with skips (He 2016, Fig. 2)")
+        in_planes, out_planes, stride, _ = b._shortcut_args
+        if variant == "conv_shortcut":
+            b.shortcut = nn.Sequential(nn.Conv2d(in_planes, out_planes, 1, stride=stride, bias=False),
+                                       nn.BatchNorm2d(out_planes))
+        elif variant.endswith("gating"):
+            b.gate = nn.Conv2d(in_planes, out_planes, 1, stride=stride)
+            nn.init.constant_(b.gate.bias, gate_bias)
+        b.variant = variant
     return net
 
 

@@ -231,6 +231,22 @@ def test_dead_layer_fires_after_patience_naming_the_layer():
     assert [(a.step, a.name) for a in dead] == [(3, "0.inner")]
 
 
+def test_a_layer_the_optimizer_does_not_move_is_dead_too():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
+    opt = torch.optim.SGD([{"params": model[0].parameters(), "lr": 0.0},  # a zero learning rate in one group
+                           {"params": model[2].parameters(), "lr": 0.1}], momentum=0.9)
+    mon = gradwatch.Monitor(model, optimizer=opt, every=1, strict=True)
+    for _ in range(4):
+        F.cross_entropy(model(torch.randn(16, 8)), torch.randint(0, 3, (16,))).backward()
+        opt.step()
+        opt.zero_grad()
+    mon.close()
+    dead = [a for a in mon.alerts if a.rule == "dead_layer"]
+    assert [(a.step, a.name) for a in dead] == [(2, "0")] and "learning rate of 0" in dead[0].hint
+    assert "exactly zero update" in dead[0].message
+
+
 def test_resume_from_a_checkpoint_keeps_the_streak(tmp_path):
     rules = {"dead_layer": {"patience": 4}}
     model = gated()

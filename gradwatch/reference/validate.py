@@ -1,0 +1,282 @@
+"""``gradwatch validate``: every diagnostic proven on networks where the truth is known, on this machine.
+
+A scorecard over reference networks trained on the embedded data with the default monitor:
+
+- **healthy** ResNets (post-activation, pre-activation, bottleneck): no warning or critical may fire;
+- **controls**: plain nets of the same depth; the depth rules (``vanishing``, ``exploding``, ``depth_trend``)
+  may fire, nothing else;
+- **faults**, each with the rule and the layer or block that must be named: a detached skip, a skip scaled
+  by 1e-4, a deep sigmoid MLP, a NaN injected into one layer's gradient at a chosen step, a learning rate of
+  0 in one layer's param group;
+- **variants**: He et al. 2016's shortcut variants on a 110-layer net (:data:`gradwatch.blocks.VARIANTS`),
+  which the paper found train worse than the identity; what gradwatch flags and what it only shows is
+  recorded, never counted as a miss or a false alarm.
+
+Each case is trained with momentum SGD (lr 0.1, momentum 0.9, weight decay 1e-4; nets of 56 layers and more
+warm up at lr 0.01 for the first quarter of the steps, as He et al. did for deep nets), logs to TensorBoard
+under ``<out>/<case>``, and ends with a verdict; ``<out>/validate.json`` holds them all. The exit status is
+1 on any miss or false alarm.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..monitor import Monitor
+from .blocks import VARIANTS, resnet, set_shortcut_variant
+from .data import synthetic_images
+
+__all__ = ["Case", "Outcome", "cases", "run_case", "run", "DEPTH_RULES"]
+
+#: Rules a plain (no-skip) control may fire: what they show is the reason the controls are there.
+DEPTH_RULES = ("vanishing", "exploding", "depth_trend")
+
+
+@dataclass(frozen=True)
+class Case:
+    """One network of the scorecard, what it must show and how it is trained."""
+
+    name: str
+    group: str  # "healthy", "control", "fault", "variant"
+    about: str
+    build: Callable[[], nn.Module]
+    expect: tuple[tuple[str, str | None], ...] = ()  # (rule, name that must be in the alert, or None)
+    allowed: tuple[str, ...] = ()  # rules that may fire besides the expected ones
+    depth: int = 20
+    zero_lr: str | None = None  # a layer whose param group gets lr 0
+    nan_at: tuple[str, int] | None = None  # (layer, step): its weight gradient set to NaN at that step
+    flatten: bool = False  # an MLP: images flattened
+
+
+@dataclass
+class Outcome:
+    """What one case showed."""
+
+    case: str
+    group: str
+    about: str
+    expected: list[str]
+    observed: list[str]  # "rule@step (name) [severity]" of every incident told, in order
+    missed: list[str]
+    false_alarms: list[str]
+    health: dict[str, float] = field(default_factory=dict)  # last values of the health figures
+    loss: float = math.nan  # mean loss over the last 10 steps
+    seconds: float = 0.0
+    errors: list[str] = field(default_factory=list)  # errors contained inside gradwatch (must be none)
+
+    @property
+    def passed(self) -> bool:
+        return not self.missed and not self.false_alarms and not self.errors
+
+
+def _mlp() -> nn.Module:
+    layers: list[nn.Module] = [nn.Linear(3 * 16 * 16, 64), nn.Sigmoid()]
+    for _ in range(18):
+        layers += [nn.Linear(64, 64), nn.Sigmoid()]
+    return nn.Sequential(*layers, nn.Linear(64, 10))
+
+
+def cases(quick: bool = False) -> list[Case]:
+    """The scorecard's cases (``quick``: depths 20 and 56 and no 110-layer variants; ≤ 3 minutes on 2 cores)."""
+    depths = (20, 56) if quick else (20, 56, 110)
+    out: list[Case] = []
+    for d in depths:
+        out.append(Case(f"postact-{d}", "healthy", f"ResNet-{d}, post-activation (He 2015)",
+                        lambda d=d: resnet(d), depth=d))
+        out.append(Case(f"preact-{d}", "healthy", f"ResNet-{d}, pre-activation (He 2016)",
+                        lambda d=d: resnet(d, "preact"), depth=d))
+    for d in ((20,) if quick else (20, 56, 164)):  # 9n+2
+        out.append(Case(f"bottleneck-{d}", "healthy", f"ResNet-{d}, pre-activation bottleneck",
+                        lambda d=d: resnet(d, "preact", bottleneck=True), depth=d))
+    for d in depths:
+        out.append(Case(f"plain-{d}", "control", f"plain {d}-layer BN net (no skips)",
+                        lambda d=d: resnet(d, "plain"), allowed=DEPTH_RULES, depth=d))
+    out += [
+        Case("detached-skip", "fault", "ResNet-20, block 4 (layer2.1) skip detached",
+             lambda: resnet(20, skip_fault={4: "detached"}), expect=(("skip_collapse", "layer2.1"),)),
+        Case("scaled-skip", "fault", "ResNet-20, block 4 (layer2.1) skip scaled by 1e-4",
+             lambda: resnet(20, skip_fault={4: ("scaled", 1e-4)}), expect=(("skip_collapse", "layer2.1"),)),
+        Case("sigmoid-mlp", "fault", "20-layer sigmoid MLP (vanishing by construction)", _mlp,
+             expect=(("vanishing", None),), allowed=("depth_trend",), flatten=True),
+        Case("nan-gradient", "fault", "ResNet-20, NaN in layer2.0.conv1's weight gradient at step 50",
+             lambda: resnet(20), expect=(("nonfinite", "layer2.0.conv1"),), nan_at=("layer2.0.conv1", 50)),
+        Case("zero-lr", "fault", "ResNet-20, layer1.1.conv1 in a param group with lr 0",
+             lambda: resnet(20), expect=(("dead_layer", "layer1.1.conv1"),), zero_lr="layer1.1.conv1"),
+    ]
+    vdepth = 20 if quick else 110
+    out.append(Case(f"identity-{vdepth}", "variant", f"ResNet-{vdepth} post-activation, identity shortcut (the "
+                    "reference for the variants)", lambda: resnet(vdepth), depth=vdepth))
+    for v in VARIANTS:
+        out.append(Case(f"{v.replace('_', '-')}-{vdepth}", "variant", f"ResNet-{vdepth}, {v.replace('_', ' ')}",
+                        lambda v=v: set_shortcut_variant(resnet(vdepth), v), depth=vdepth,
+                        allowed=("skip_collapse", *DEPTH_RULES, "dead_layer")))
+    return out
+
+
+def _optimizer(model: nn.Module, zero_lr: str | None) -> torch.optim.Optimizer:
+    kw = dict(lr=0.1, momentum=0.9, weight_decay=1e-4)
+    if zero_lr is None:
+        return torch.optim.SGD(model.parameters(), **kw)
+    frozen = list(model.get_submodule(zero_lr).parameters())
+    ids = {id(p) for p in frozen}
+    rest = [p for p in model.parameters() if id(p) not in ids]
+    return torch.optim.SGD([{"params": rest}, {"params": frozen, "lr": 0.0}], **kw)
+
+
+def run_case(case: Case, out: str, steps: int, every: int = 5, seed: int = 0, batch: int = 32,
+             threads: int = 1, progress: Callable[[int, float], None] | None = None) -> Outcome:
+    """Train ``case`` for ``steps`` and judge what the monitor told (the ``gradwatch`` logger is quiet
+    meanwhile: the verdict line says what fired)."""
+    log = logging.getLogger("gradwatch")
+    level = log.level
+    log.setLevel(logging.CRITICAL + 1)  # errors inside gradwatch still reach the outcome (errors)
+    try:
+        return _run_case(case, out, steps, every, seed, batch, threads, progress)
+    finally:
+        log.setLevel(level)
+
+
+def _run_case(case: Case, out: str, steps: int, every: int, seed: int, batch: int, threads: int,
+              progress: Callable[[int, float], None] | None) -> Outcome:
+    torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    model = case.build()
+    x, y = synthetic_images(1024, seed=seed)
+    if case.flatten:
+        x = x.flatten(1)
+    opt = _optimizer(model, case.zero_lr)
+    warm = steps // 4 if case.depth >= 56 else 0
+    gen = torch.Generator().manual_seed(seed)
+    hook = None
+    start = time.perf_counter()
+    losses: list[float] = []
+    with Monitor(model, optimizer=opt, log_dir=os.path.join(out, case.name), every=every,
+                 remind_after=None) as mon:
+        for i in range(steps):
+            for g in opt.param_groups:
+                if g["lr"] != 0.0:
+                    g["lr"] = 0.01 if i < warm else 0.1
+            if case.nan_at is not None and i == case.nan_at[1]:
+                w = model.get_submodule(case.nan_at[0]).weight
+                hook = w.register_hook(lambda g: torch.full_like(g, math.nan))
+            idx = torch.randint(0, len(x), (batch,), generator=gen)
+            loss = F.cross_entropy(model(x[idx]), y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if hook is not None:
+                hook.remove()
+                hook = None
+            losses.append(float(loss))
+            if progress is not None:
+                progress(i + 1, losses[-1])
+    return _judge(case, mon, losses, time.perf_counter() - start)
+
+
+def _judge(case: Case, mon: Monitor, losses: Sequence[float], seconds: float) -> Outcome:
+    told, seen = [], set()
+    for a in mon.alerts:  # the findings told (opened, escalated, reminded), first per condition
+        if (a.rule, a.name, a.severity) not in seen:
+            seen.add((a.rule, a.name, a.severity))
+            told.append(a)
+    observed = [f"{a.rule}@{a.step} ({a.name or '-'}) [{a.severity}]" for a in told]
+    missed = [f"{rule} ({name or 'any'})" for rule, name in case.expect
+              if not any(a.rule == rule and (name is None or name == a.name) for a in told)]
+    expected_rules = {rule for rule, _ in case.expect}
+    false = [f"{a.rule}@{a.step} ({a.name or '-'}) [{a.severity}]" for a in told
+             if a.severity != "info" and a.rule not in expected_rules and a.rule not in case.allowed]
+    if case.group == "variant":  # shown, not judged: the paper's finding is about training, not alerts
+        false = []
+    last = mon.latest
+    health = {k: float(v) for k, v in (last.health.items() if last is not None else ())}
+    if last is not None:
+        health["grad_norm"] = last.global_value("grad_norm")
+    tail = [v for v in losses[-10:] if math.isfinite(v)]
+    return Outcome(case.name, case.group, case.about, [f"{r} ({n or 'any'})" for r, n in case.expect], observed,
+                   missed, false, health, sum(tail) / len(tail) if tail else math.nan, seconds, list(mon.errors))
+
+
+def _worker(args: tuple[str, bool, str, int, int]) -> Outcome:
+    name, quick, out, steps, every = args  # cases hold lambdas: each process rebuilds the list and picks by name
+    (case,) = [c for c in cases(quick) if c.name == name]
+    return run_case(case, out, steps, every)
+
+
+def run(quick: bool = False, out: str = "runs/validate", steps: int | None = None, every: int = 5,
+        jobs: int = 1, only: Sequence[str] = (), stream=None) -> list[Outcome]:  # noqa: ANN001
+    """Run the scorecard; print a line per case and the table; write ``<out>/validate.json``."""
+    stream = stream or sys.stdout
+    steps = steps or (120 if quick else 300)
+    chosen = [c for c in cases(quick) if not only or c.name in only or c.group in only]
+    if not chosen:
+        raise ValueError(f"no case matches {list(only)}; cases: {', '.join(c.name for c in cases(quick))}")
+    os.makedirs(out, exist_ok=True)
+    print(f"gradwatch validate: {len(chosen)} cases, {steps} steps each, logging every {every}, "
+          f"{jobs} process(es), TensorBoard logs in {out}/", file=stream, flush=True)
+    start = time.perf_counter()
+    outcomes: list[Outcome] = []
+
+    def report(i: int, o: Outcome) -> None:
+        verdict = "ok" if o.passed else "MISS" if o.missed else "FALSE ALARM" if o.false_alarms else "ERROR"
+        print(f"[{i:>2}/{len(chosen)}] {o.case:<26} {verdict:<11} {o.seconds:6.1f} s  "
+              f"{', '.join(o.observed) or 'no incident'}", file=stream, flush=True)
+
+    if jobs > 1:
+        with ProcessPoolExecutor(max_workers=jobs) as pool:
+            for i, o in enumerate(pool.map(_worker, [(c.name, quick, out, steps, every) for c in chosen]), 1):
+                outcomes.append(o)
+                report(i, o)
+    else:
+        for i, c in enumerate(chosen, 1):
+            def bar(k: int, loss: float, c: Case = c, i: int = i) -> None:
+                if k % 10 == 0 or k == steps:
+                    done = int(24 * k / steps)
+                    stream.write(f"\r[{i:>2}/{len(chosen)}] {c.name:<26} [{'#' * done}{'.' * (24 - done)}] "
+                                 f"{k}/{steps} loss {loss:.3f}")
+                    stream.flush()
+            o = run_case(c, out, steps, every, progress=bar if stream.isatty() else None)
+            if stream.isatty():
+                stream.write("\r" + " " * 90 + "\r")
+            outcomes.append(o)
+            report(i, o)
+    print("\n" + table(outcomes), file=stream)
+    bad = [o.case for o in outcomes if not o.passed]
+    print(f"\n{len(outcomes) - len(bad)}/{len(outcomes)} passed in {time.perf_counter() - start:.0f} s"
+          + (f"; failed: {', '.join(bad)}" if bad else ""), file=stream)
+    with open(os.path.join(out, "validate.json"), "w", encoding="utf-8") as f:
+        json.dump({"quick": quick, "steps": steps, "every": every, "torch": torch.__version__,
+                   "cases": [asdict(o) | {"passed": o.passed} for o in outcomes]}, f, indent=1)
+    return outcomes
+
+
+def table(outcomes: Sequence[Outcome]) -> str:
+    """The scorecard as a Markdown table."""
+    rows = ["| case | group | expected | observed | verdict | skip_share_min | transmission | effective depth "
+            "| g2w early | loss (last 10) | s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+
+    def f(v: float | None) -> str:
+        return "–" if v is None or not math.isfinite(v) else f"{v:.3g}"
+
+    for o in outcomes:
+        verdict = "ok" if o.passed else ("miss: " + ", ".join(o.missed) if o.missed else
+                                         "false alarm: " + ", ".join(o.false_alarms) if o.false_alarms else
+                                         "error: " + "; ".join(o.errors))
+        h = o.health
+        depth = f"{f(h.get('effective_depth'))} / {f(h.get('effective_depth_n'))}"
+        rows.append(f"| {o.case} | {o.group} | {', '.join(o.expected) or 'none'} | "
+                    f"{'; '.join(o.observed) or 'none'} | {verdict} | {f(h.get('skip_share_min'))} | "
+                    f"{f(h.get('transmission_end_to_end'))} | {depth} | {f(h.get('grad_to_weight_early'))} | "
+                    f"{f(o.loss)} | {o.seconds:.0f} |")
+    return "\n".join(rows)
