@@ -96,7 +96,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 def _cmd_validate(args: argparse.Namespace) -> int:
     try:
         outcomes = validate.run(quick=args.quick, out=args.out, steps=args.steps, every=args.every,
-                                jobs=args.jobs, only=args.only or ())
+                                jobs=args.jobs, only=args.only or (), out_md=args.out_md)
     except ValueError as err:
         print(f"gradwatch validate: {err}", file=sys.stderr)
         return 2
@@ -155,6 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     val.add_argument("--jobs", type=_positive, default=1, help="cases trained in parallel processes")
     val.add_argument("--only", nargs="+", metavar="CASE", help="only these cases or groups (healthy, control, "
                                                                 "fault, variant)")
+    val.add_argument("--out-md", metavar="FILE", help="write the scorecard into this page's section "
+                                                       "(docs/validation.md)")
     val.set_defaults(func=_cmd_validate)
     return parser
 

@@ -24,7 +24,7 @@ import torch
 
 from ..alerts import default_rules
 from ..version import __version__
-from .paths import MARKER
+from ._sections import write_head
 from .zoo_run import FULL, QUICK, ZooResult, alert_text, run_entry
 
 __all__ = ["report", "main_with"]
@@ -230,13 +230,7 @@ def main_with(entries: Callable[..., list[Any]], argv: list[str] | None = None) 
     text = report(results, _header(argv, steps, every, torch.get_num_threads(), len(results),
                                    time.perf_counter() - start, source))
     if args.out_md:
-        kept = ""  # the effective-depth section another script generates below the marker stays
-        if os.path.exists(args.out_md):
-            with open(args.out_md, encoding="utf-8") as f:
-                old = f.read()
-            kept = "\n" + old[old.index(MARKER):] if MARKER in old else ""
-        with open(args.out_md, "w", encoding="utf-8") as f:
-            f.write(text.rstrip() + "\n" + kept)
+        write_head(args.out_md, text)  # the sections other scripts generate below it stay
     else:
         print(text)
     failed = [r.name for r in results if not r.passed]
