@@ -6,6 +6,7 @@ import argparse
 import ast
 import dataclasses
 import json
+import os
 import sys
 from collections.abc import Sequence
 
@@ -152,7 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                             "runs/validate)")
     val.add_argument("--steps", type=_positive, help="training steps per case (default: 120 quick, 300 full)")
     val.add_argument("--every", type=_positive, default=5, help="log every N steps (default: 5)")
-    val.add_argument("--jobs", type=_positive, default=1, help="cases trained in parallel processes")
+    val.add_argument("--jobs", type=_positive, default=min(4, os.cpu_count() or 1),
+                     help="cases trained in parallel processes, one thread each (default: cores, at most 4)")
     val.add_argument("--only", nargs="+", metavar="CASE", help="only these cases or groups (healthy, control, "
                                                                 "fault, variant)")
     val.add_argument("--out-md", metavar="FILE", help="write the scorecard into this page's section "
