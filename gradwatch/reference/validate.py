@@ -183,7 +183,7 @@ def _run_case(case: Case, out: str, steps: int, every: int, seed: int, batch: in
             if hook is not None:
                 hook.remove()
                 hook = None
-            losses.append(float(loss))
+            losses.append(loss.item())
             if progress is not None:
                 progress(i + 1, losses[-1])
     return _judge(case, mon, losses, time.perf_counter() - start)
