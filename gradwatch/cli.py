@@ -97,7 +97,8 @@ def _cmd_report(args: argparse.Namespace) -> int:
 def _cmd_validate(args: argparse.Namespace) -> int:
     try:
         outcomes = validate.run(quick=args.quick, out=args.out, steps=args.steps, every=args.every,
-                                jobs=args.jobs, only=args.only or (), out_md=args.out_md)
+                                jobs=args.jobs, only=args.only or (), out_md=args.out_md, seeds=args.seeds,
+                                device=args.device)
     except ValueError as err:
         print(f"gradwatch validate: {err}", file=sys.stderr)
         return 2
@@ -157,6 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="cases trained in parallel processes, one thread each (default: cores, at most 4)")
     val.add_argument("--only", nargs="+", metavar="CASE", help="only these cases or groups (healthy, control, "
                                                                 "fault, variant)")
+    val.add_argument("--seeds", type=_positive, default=1, help="run every case with seeds 0..N-1 (default: 1)")
+    val.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     val.add_argument("--out-md", metavar="FILE", help="write the scorecard into this page's section "
                                                        "(docs/validation.md)")
     val.set_defaults(func=_cmd_validate)

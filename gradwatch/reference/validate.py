@@ -140,24 +140,25 @@ def _optimizer(model: nn.Module, zero_lr: str | None) -> torch.optim.Optimizer:
 
 
 def run_case(case: Case, out: str, steps: int, every: int = 5, seed: int = 0, batch: int = 32,
-             threads: int = 1, progress: Callable[[int, float], None] | None = None) -> Outcome:
+             threads: int = 1, progress: Callable[[int, float], None] | None = None, device: str = "cpu",
+             label: str | None = None) -> Outcome:
     """Train ``case`` for ``steps`` and judge what the monitor told (the ``gradwatch`` logger is quiet
     meanwhile: the verdict line says what fired)."""
     log = logging.getLogger("gradwatch")
     level = log.level
     log.setLevel(logging.CRITICAL + 1)  # errors inside gradwatch still reach the outcome (errors)
     try:
-        return _run_case(case, out, steps, every, seed, batch, threads, progress)
+        return _run_case(case, out, steps, every, seed, batch, threads, progress, device, label or case.name)
     finally:
         log.setLevel(level)
 
 
 def _run_case(case: Case, out: str, steps: int, every: int, seed: int, batch: int, threads: int,
-              progress: Callable[[int, float], None] | None) -> Outcome:
+              progress: Callable[[int, float], None] | None, device: str, label: str) -> Outcome:
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
-    model = case.build()
-    x, y = synthetic_images(1024, seed=seed)
+    model = case.build().to(device)
+    x, y = (t.to(device) for t in synthetic_images(1024, seed=seed))
     if case.flatten:
         x = x.flatten(1)
     opt = _optimizer(model, case.zero_lr)
@@ -166,7 +167,7 @@ def _run_case(case: Case, out: str, steps: int, every: int, seed: int, batch: in
     hook = None
     start = time.perf_counter()
     losses: list[float] = []
-    with Monitor(model, optimizer=opt, log_dir=os.path.join(out, case.name), every=every,
+    with Monitor(model, optimizer=opt, log_dir=os.path.join(out, label), every=every,
                  remind_after=None) as mon:
         for i in range(steps):
             for g in opt.param_groups:
@@ -175,7 +176,7 @@ def _run_case(case: Case, out: str, steps: int, every: int, seed: int, batch: in
             if case.nan_at is not None and i == case.nan_at[1]:
                 w = model.get_submodule(case.nan_at[0]).weight
                 hook = w.register_hook(lambda g: torch.full_like(g, math.nan))
-            idx = torch.randint(0, len(x), (batch,), generator=gen)
+            idx = torch.randint(0, len(x), (batch,), generator=gen).to(device)
             loss = F.cross_entropy(model(x[idx]), y[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -186,10 +187,10 @@ def _run_case(case: Case, out: str, steps: int, every: int, seed: int, batch: in
             losses.append(loss.item())
             if progress is not None:
                 progress(i + 1, losses[-1])
-    return _judge(case, mon, losses, time.perf_counter() - start)
+    return _judge(case, mon, losses, time.perf_counter() - start, label)
 
 
-def _judge(case: Case, mon: Monitor, losses: Sequence[float], seconds: float) -> Outcome:
+def _judge(case: Case, mon: Monitor, losses: Sequence[float], seconds: float, label: str) -> Outcome:
     told, seen = [], set()
     for a in mon.alerts:  # the findings told (opened, escalated, reminded), first per condition
         if (a.rule, a.name, a.severity) not in seen:
@@ -212,26 +213,30 @@ def _judge(case: Case, mon: Monitor, losses: Sequence[float], seconds: float) ->
     curves["loss"] = [losses[r.step] if r.step < len(losses) else math.nan for r in mon.records]
     for key in ("grad_to_weight_early", "skip_share_min", "effective_depth", "transmission_end_to_end"):
         curves[key] = [float(r.health.get(key, math.nan)) for r in mon.records]
-    return Outcome(case.name, case.group, case.about, [f"{r} ({n or 'any'})" for r, n in case.expect], observed,
+    return Outcome(label, case.group, case.about, [f"{r} ({n or 'any'})" for r, n in case.expect], observed,
                    missed, false, health, sum(tail) / len(tail) if tail else math.nan, seconds, list(mon.errors),
                    curves)
 
 
-def _worker(args: tuple[str, bool, str, int, int]) -> Outcome:
-    name, quick, out, steps, every = args  # cases hold lambdas: each process rebuilds the list and picks by name
+def _worker(args: tuple[str, bool, str, int, int, int, str, str]) -> Outcome:
+    name, quick, out, steps, every, seed, device, label = args  # cases hold lambdas: rebuilt here, found by name
     (case,) = [c for c in cases(quick) if c.name == name]
-    return run_case(case, out, steps, every)
+    return run_case(case, out, steps, every, seed=seed, device=device, label=label)
 
 
 def run(quick: bool = False, out: str = "runs/validate", steps: int | None = None, every: int = 5,
-        jobs: int = 1, only: Sequence[str] = (), stream=None, out_md: str | None = None) -> list[Outcome]:  # noqa: ANN001
-    """Run the scorecard; print a line per case and the table; write ``<out>/validate.json`` and, with
-    ``out_md``, the scorecard section of that page (``docs/validation.md``)."""
+        jobs: int = 1, only: Sequence[str] = (), stream=None, out_md: str | None = None,  # noqa: ANN001
+        seeds: int = 1, device: str = "cpu") -> list[Outcome]:
+    """Run the scorecard (each case with ``seeds`` seeds, on ``device``); print a line per case and the
+    table; write ``<out>/validate.json`` and, with ``out_md``, the scorecard section of that page."""
     stream = stream or sys.stdout
     steps = steps or (120 if quick else 300)
-    chosen = [c for c in cases(quick) if not only or c.name in only or c.group in only]
-    if not chosen:
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available to torch here")
+    picked = [c for c in cases(quick) if not only or c.name in only or c.group in only]
+    if not picked:
         raise ValueError(f"no case matches {list(only)}; cases: {', '.join(c.name for c in cases(quick))}")
+    chosen = [(c, seed, c.name if seeds == 1 else f"{c.name}-s{seed}") for c in picked for seed in range(seeds)]
     os.makedirs(out, exist_ok=True)
     print(f"gradwatch validate: {len(chosen)} cases, {steps} steps each, logging every {every}, "
           f"{jobs} process(es), TensorBoard logs in {out}/", file=stream, flush=True)
@@ -245,18 +250,20 @@ def run(quick: bool = False, out: str = "runs/validate", steps: int | None = Non
 
     if jobs > 1:
         with ProcessPoolExecutor(max_workers=jobs) as pool:
-            for i, o in enumerate(pool.map(_worker, [(c.name, quick, out, steps, every) for c in chosen]), 1):
+            work = [(c.name, quick, out, steps, every, seed, device, label) for c, seed, label in chosen]
+            for i, o in enumerate(pool.map(_worker, work), 1):
                 outcomes.append(o)
                 report(i, o)
     else:
-        for i, c in enumerate(chosen, 1):
-            def bar(k: int, loss: float, c: Case = c, i: int = i) -> None:
+        for i, (c, seed, label) in enumerate(chosen, 1):
+            def bar(k: int, loss: float, label: str = label, i: int = i) -> None:
                 if k % 10 == 0 or k == steps:
                     done = int(24 * k / steps)
-                    stream.write(f"\r[{i:>2}/{len(chosen)}] {c.name:<26} [{'#' * done}{'.' * (24 - done)}] "
+                    stream.write(f"\r[{i:>2}/{len(chosen)}] {label:<26} [{'#' * done}{'.' * (24 - done)}] "
                                  f"{k}/{steps} loss {loss:.3f}")
                     stream.flush()
-            o = run_case(c, out, steps, every, progress=bar if stream.isatty() else None)
+            o = run_case(c, out, steps, every, seed=seed, progress=bar if stream.isatty() else None,
+                         device=device, label=label)
             if stream.isatty():
                 stream.write("\r" + " " * 90 + "\r")
             outcomes.append(o)
@@ -267,6 +274,7 @@ def run(quick: bool = False, out: str = "runs/validate", steps: int | None = Non
           + (f"; failed: {', '.join(bad)}" if bad else ""), file=stream)
     if out_md:
         command = "gradwatch validate" + (" --quick" if quick else "") + f" --steps {steps} --jobs {jobs}" + (
+            f" --seeds {seeds}" if seeds > 1 else "") + (f" --device {device}" if device != "cpu" else "") + (
             f" --only {' '.join(only)}" if only else "")
         picture = figure(outcomes, os.path.join(os.path.dirname(out_md) or ".", "img", "validate-curves.png"))
         shown = [f"![loss, early gradient-to-weight ratio and lowest skip_share]({os.path.relpath(picture, os.path.dirname(out_md) or '.')})", ""] if picture else []
@@ -279,7 +287,8 @@ def run(quick: bool = False, out: str = "runs/validate", steps: int | None = Non
             "fire the depth rules; each fault must be found and named; the shortcut variants are shown, not "
             "judged. Health columns are the last logging step's.", "", table(outcomes), "", *shown]))
     with open(os.path.join(out, "validate.json"), "w", encoding="utf-8") as f:
-        json.dump({"quick": quick, "steps": steps, "every": every, "torch": torch.__version__,
+        json.dump({"quick": quick, "steps": steps, "every": every, "seeds": seeds, "device": device,
+                   "torch": torch.__version__,
                    "cases": [asdict(o) | {"passed": o.passed} for o in outcomes]}, f, indent=1)
     return outcomes
 
@@ -291,7 +300,7 @@ def figure(outcomes: Sequence[Outcome], path: str) -> str | None:
 
     picked = [o for o in outcomes if o.group in ("healthy", "control") and o.curves.get("step")
               and not o.case.startswith("bottleneck")]
-    depths = sorted({int(o.case.rsplit("-", 1)[1]) for o in picked})
+    depths = sorted({int(o.case.split("-s")[0].rsplit("-", 1)[1]) for o in picked})
     if not depths:
         return None
     fig = Figure(figsize=(13, 3.2 * len(depths)), dpi=90)
@@ -299,7 +308,7 @@ def figure(outcomes: Sequence[Outcome], path: str) -> str | None:
     colours = {"postact": "#1f77b4", "preact": "#d62728", "plain": "#7f7f7f"}
     for row, d in enumerate(depths):
         for o in picked:
-            kind, depth = o.case.rsplit("-", 1)
+            kind, depth = o.case.split("-s")[0].rsplit("-", 1) if "-s" in o.case else o.case.rsplit("-", 1)
             if int(depth) != d:
                 continue
             c = o.curves
