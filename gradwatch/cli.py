@@ -106,6 +106,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``gradwatch`` argument parser: one sub-command per command (``docs/cli.md``)."""
     parser = argparse.ArgumentParser(
         prog="gradwatch", description="Gradient diagnostics for deep networks."
     )

@@ -36,6 +36,7 @@ class History(Sink):
         self._records: deque[StepRecord] = deque(maxlen=maxlen)
 
     def write(self, record: StepRecord) -> None:
+        """Keep ``record`` (the oldest is dropped once ``maxlen`` are kept)."""
         self._records.append(record)
 
     @property

@@ -61,4 +61,5 @@ class ForwardOrder:
 
     @property
     def finished(self) -> bool:
+        """Whether :meth:`finish` has been called: recording is over."""
         return self._finished

@@ -54,6 +54,7 @@ class Timeline:
     latest: StepRecord | None = None
 
     def add(self, record: StepRecord) -> None:
+        """Append ``record``'s column (every other column is dropped past ``max_steps``)."""
         self.latest = record
         self.steps.append(record.step)
         self.layers.append(_weight_layers(record))

@@ -202,6 +202,7 @@ class Sink:
     """
 
     def write(self, record: StepRecord) -> None:  # pragma: no cover - interface
+        """Take one record; subclasses implement it (quick: it runs in the training thread)."""
         raise NotImplementedError
 
     def flush(self) -> None:

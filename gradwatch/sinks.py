@@ -77,6 +77,7 @@ class ScalarsSink(Sink):
         self.counts = counts
 
     def write(self, record: StepRecord) -> None:
+        """Call ``fn`` with ``record``'s scalars as one ``{tag: value}`` dict, and its step."""
         self.fn(self.tags.scalars(record, counts=self.counts), record.step)
 
 
@@ -206,9 +207,11 @@ class TensorBoardSink(Sink):
 
     @property
     def prefix(self) -> str:
+        """The tag namespace (``prefix`` without a trailing ``/``)."""
         return self.tags.namespace
 
     def write(self, record: StepRecord) -> None:
+        """Write ``record``'s events (handed to the sink's thread with ``background``)."""
         if self._worker is not None:
             self._worker.submit(self._write_record, record)
         else:

@@ -63,9 +63,11 @@ class Tags:
         return self.health(figure)
 
     def layer(self, metric: str, name: str) -> str:
+        """The tag of ``metric`` for layer ``name``."""
         return f"{self.layers_group}/{metric}/{name}"
 
     def block(self, metric: str, name: str) -> str:
+        """The tag of ``metric`` for block ``name``."""
         return f"{self.blocks_group}/{metric}/{name}"
 
     def series_head(self, metric: str, block: bool) -> str:
@@ -77,13 +79,16 @@ class Tags:
         return f"{self.blocks_group if block else self.layers_group}/{metric}"
 
     def nonfinite(self, metric: str, block: bool) -> str:
+        """The tag counting ``metric``'s NaN/Inf values across layers (or blocks): what its histogram left out."""
         return f"{self.blocks_group if block else self.layers_group}/nonfinite/{metric}"
 
     def alert_text(self, rule: str) -> str:
+        """The text tag of ``rule``'s incident events."""
         return f"{self.alerts_group}/{rule}"
 
     @property
     def alert_count(self) -> str:
+        """The tag of the number of incident events told per logging step."""
         return f"{self.alerts_group}/count"
 
     @property
@@ -93,13 +98,16 @@ class Tags:
 
     @property
     def summary(self) -> str:
+        """The text tag of the end-of-run summary."""
         return f"{self.alerts_group}/summary"
 
     def picture(self, name: str) -> str:
+        """The image tag of picture ``name`` (``grad_to_weight``, ``skip_share``, ``profile``)."""
         return f"{self.pictures_group}/{name}"
 
     # ------------------------------------------------------------------ whole records
     def open_incidents(self, severity: str) -> str:
+        """The tag of the number of incidents open at ``severity``."""
         return f"{self.alerts_group}/open/{severity}"
 
     def health_scalars(self, record: StepRecord) -> dict[str, float]:
@@ -138,6 +146,7 @@ class Tags:
         return out
 
     def nonfinite_scalars(self, record: StepRecord) -> dict[str, float]:
+        """``{tag: count}``: per metric, the layers (``_global`` left out) or blocks holding NaN or Inf."""
         return {self.nonfinite(m, block=m not in record.layer_metrics): float(c)
                 for m, c in record.nonfinite_counts().items()}
 

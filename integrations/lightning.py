@@ -105,6 +105,7 @@ class GradWatchCallback(*_BASES):  # type: ignore[misc]
     # ------------------------------------------------------------------ public API
     @property
     def state_key(self) -> str:
+        """The callback's key in checkpoints, one per ``prefix`` (the default namespace keeps its earlier key)."""
         prefix = self.config.output.prefix  # the default namespace keeps the checkpoint key it had as ""
         return self._generate_state_key(prefix="" if prefix == Config().output.prefix else prefix)
 
@@ -133,6 +134,7 @@ class GradWatchCallback(*_BASES):  # type: ignore[misc]
 
     # ------------------------------------------------------------------ Lightning hooks
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        """Build one monitor per optimizer, hook the optimizers' steps and apply a state loaded from a checkpoint."""
         self._teardown_hooks()
         self._every = self.every if self.every is not None else int(getattr(trainer, "log_every_n_steps", 50) or 0)
         if self._every < 1:
@@ -146,6 +148,7 @@ class GradWatchCallback(*_BASES):  # type: ignore[misc]
             self._apply_state()
 
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
+        """On a logging step, start measuring ``optimizer``'s gradients (unscaled under AMP)."""
         slot = self._slots.get(id(_unwrap(optimizer)))
         step = _log_step(trainer)
         if slot is None or not self.is_logging_step(step) or slot.last_step == step:
@@ -170,6 +173,7 @@ class GradWatchCallback(*_BASES):  # type: ignore[misc]
             self._contain(err, slot)
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """Drop steps the AMP scaler skipped, stop training when the monitors say so, update the progress bar."""
         try:
             for slot in self._slots.values():
                 if slot.pending:  # the optimizer never stepped after its measurement: GradScaler skipped it
@@ -195,20 +199,25 @@ class GradWatchCallback(*_BASES):  # type: ignore[misc]
             pl_module.log(key, value, prog_bar=True, logger=False, on_step=True, on_epoch=False, rank_zero_only=True)
 
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
+        """Close the monitors (their run summaries go out) and remove every hook."""
         self._close()  # the monitors' end-of-run summaries go out here
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        """Close the monitors and remove every hook, if :meth:`on_fit_end` has not."""
         self._close()
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        """Close the monitors and remove every hook when the fit fails."""
         self._close()
 
     def state_dict(self) -> dict[str, Any]:
+        """The monitors' states by optimizer key (a loaded state not yet applied, as it is)."""
         if not self._slots and self._loaded_state is not None:
             return dict(self._loaded_state)
         return {"version": _STATE_VERSION, "monitors": {k: m.state_dict() for k, m in self.monitors.items()}}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Take a checkpoint's state: applied to the monitors once they exist (Lightning restores callbacks first)."""
         if not isinstance(state_dict, dict) or not isinstance(state_dict.get("monitors"), dict):
             raise ValueError("not a GradWatchCallback state_dict (missing 'monitors')")
         self._loaded_state = state_dict  # Lightning restores callbacks before the optimizers exist: see on_fit_start

@@ -95,6 +95,8 @@ class GradWatchTrainerCallback(TrainerCallback):
     # ------------------------------------------------------------------ Trainer events
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, optimizer: Any = None,
                        **kwargs: Any) -> None:
+        """Build the monitor on ``model``'s trainable parameters, hook the clip-factor reference and resume from the
+        checkpoint's state."""
         self._close()
         self._every = self.every or int(getattr(state, "logging_steps", 0) or args.logging_steps or 50)
         params = [p for p in model.parameters() if p.requires_grad]
@@ -111,10 +113,12 @@ class GradWatchTrainerCallback(TrainerCallback):
         self._arm(state)
 
     def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """Arm the hooks when the coming optimizer step logs."""
         self._arm(state)
 
     def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, optimizer: Any = None,
                               **kwargs: Any) -> None:
+        """On an armed step, start the measurement, with clipping and the fp16 loss scale divided back out."""
         mon = self.monitor
         if mon is None or not self._armed:
             return
@@ -123,6 +127,7 @@ class GradWatchTrainerCallback(TrainerCallback):
                                        track_update=self.config.measure.track_updates)
 
     def on_optimizer_step(self, args: Any, state: Any, control: Any, optimizer: Any = None, **kwargs: Any) -> None:
+        """Finish the measurement, or drop it when the fp16 scaler skipped the step."""
         if not self._pending:
             return
         self._pending = False
@@ -132,16 +137,19 @@ class GradWatchTrainerCallback(TrainerCallback):
             self.monitor.end_step()
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """Ask the Trainer to stop when the monitor says so (``on_critical="stop"``)."""
         if self.monitor is not None and self.monitor.should_stop:
             control.should_training_stop = True
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
+        """Add the health section's scalars to ``logs`` on a measured step, for the reporters after the callback."""
         rec = self.monitor.latest if self.monitor is not None else None
         if logs is None or rec is None or rec.step != state.global_step:
             return
         logs.update(self._tags.health_scalars(rec))
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """Write the monitor's state as :data:`STATE_FILE` in the checkpoint folder (rank 0)."""
         if self.monitor is None or not getattr(state, "is_world_process_zero", True):
             return
         folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
@@ -150,6 +158,7 @@ class GradWatchTrainerCallback(TrainerCallback):
                 json.dump(self.monitor.state_dict(), f)
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """Close the monitor: the run summary goes out, TensorBoard is flushed; :attr:`monitor` stays readable."""
         self._close()  # sends the run summary, flushes TensorBoard; cb.monitor stays readable
 
     # ------------------------------------------------------------------ internals

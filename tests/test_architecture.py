@@ -185,8 +185,9 @@ def test_the_lightning_adapter_uses_only_public_gradwatch_api():
 def test_the_lightning_adapter_is_thin():
     with open(os.path.join(ADAPTERS, "lightning.py"), encoding="utf-8") as f:
         lines = f.read().count("\n")
-    # 706 lines before it was made thin, 349 after; +11 for the open-incident count in the progress bar.
-    assert lines <= 360, f"integrations/lightning.py has {lines} lines (706 before it was made thin)"
+    # 706 lines before it was made thin, 349 after; +11 for the open-incident count in the progress bar; +9 for
+    # the docstrings of its public hooks (tests/test_docstrings.py).
+    assert lines <= 369, f"integrations/lightning.py has {lines} lines (706 before it was made thin)"
 
 
 @pytest.mark.parametrize("adapter", ["transformers.py", "accelerate.py"])

@@ -212,6 +212,7 @@ class AlertEngine:
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state_dict` saved; a rule absent from ``state`` keeps its fresh state."""
         rules = state.get("rules", {})
         for rule in self.rules:
             if rule.name in rules:

@@ -81,6 +81,7 @@ class Incident:
 
     @property
     def open(self) -> bool:
+        """Whether the incident is still open (not resolved yet)."""
         return self.resolved_step is None
 
     def duration(self, now: float | None = None) -> float:
@@ -94,6 +95,8 @@ class Incident:
         return max(0, end - self.opened_step)
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON-safe (a non-finite value as its string): what checkpoints and summaries hold; :meth:`from_dict` reads
+        it back."""
         d = asdict(self)
         d["alert"] = self.alert.to_dict()
         for k in ("first_value", "last_value", "worst_value", "threshold"):
@@ -102,6 +105,7 @@ class Incident:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Incident:
+        """The incident :meth:`to_dict` wrote (read back from a checkpoint)."""
         fields = dict(d)
         fields["alert"] = Alert.from_dict(d["alert"])
         for k in ("first_value", "last_value", "worst_value", "threshold"):
@@ -145,38 +149,47 @@ class IncidentEvent:
     # --- reads like an Alert
     @property
     def alert(self) -> Alert:
+        """The incident's latest finding."""
         return self.incident.alert
 
     @property
     def rule(self) -> str:
+        """The name of the rule that found the condition."""
         return self.incident.rule
 
     @property
     def severity(self) -> str:
+        """The incident's current severity; its peak for a ``resolved`` event."""
         return self.incident.peak if self.kind == "resolved" else self.incident.severity
 
     @property
     def name(self) -> str | None:
+        """The layer or block named by the latest finding (None: a group or the whole model)."""
         return self.incident.name
 
     @property
     def value(self) -> float:
+        """The rule's statistic at the latest step the condition held."""
         return self.incident.last_value
 
     @property
     def threshold(self) -> float:
+        """The rule's threshold."""
         return self.incident.threshold
 
     @property
     def message(self) -> str:
+        """The latest finding's message."""
         return self.alert.message
 
     @property
     def hint(self) -> str:
+        """The latest finding's hint: what to look at or change."""
         return self.alert.hint
 
     @property
     def id(self) -> str:
+        """The incident's id (``<run>-<n>``): what a webhook receiver updates by."""
         return self.incident.id
 
     def headline(self) -> str:
@@ -251,15 +264,18 @@ class RunSummary:
     time: float
 
     def at_least(self, severity: str) -> RunSummary:
+        """The same summary with only the incidents whose peak is at least ``severity``."""
         floor = severity_rank(severity)
         return RunSummary(tuple(i for i in self.incidents if severity_rank(i.peak) >= floor), self.step, self.time)
 
     @property
     def still_open(self) -> list[Incident]:
+        """The incidents still open at the end, oldest first."""
         return [i for i in self.incidents if i.open]
 
     @property
     def resolved(self) -> list[Incident]:
+        """The incidents resolved by the end, oldest first."""
         return [i for i in self.incidents if not i.open]
 
     def headline(self) -> str:
@@ -280,9 +296,11 @@ class RunSummary:
         return out
 
     def format(self) -> str:
+        """The :meth:`lines` as one text, a line each (what the log shows)."""
         return "\n".join(self.lines())
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON-safe (``"event": "summary"``): what ``alerts.jsonl`` and a JSON webhook receive."""
         return {"event": "summary", "time": self.time, "step": self.step,
                 "incidents": [i.to_dict() for i in self.incidents]}
 

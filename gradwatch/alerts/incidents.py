@@ -122,6 +122,7 @@ class IncidentTracker:
         return counts[0], counts[1], counts[2]
 
     def summary(self) -> RunSummary:
+        """The run's incidents so far, as of the latest step: a :class:`RunSummary`."""
         return RunSummary(tuple(self.incidents), self._step, self.clock())
 
     # ------------------------------------------------------------------ one step
@@ -234,6 +235,7 @@ class IncidentTracker:
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
+        """The run id, counters, open incidents with their reminder schedules and the resolved ones kept; JSON-like."""
         return {
             "run": self.run, "seq": self._seq, "evaluated": self._evals, "step": self._step,
             "open": [{"incident": i.to_dict(), "schedule": dataclasses.asdict(self._sched[k])}
@@ -242,6 +244,7 @@ class IncidentTracker:
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state_dict` saved (on resume): open incidents stay open, ids keep counting."""
         self.run = str(state.get("run", self.run))
         self._seq = int(state.get("seq", 0))
         self._evals = int(state.get("evaluated", 0))

@@ -59,6 +59,7 @@ def slack_text(events: Sequence[Any], title: str, held: int = 0) -> bytes:
 
 
 def slack_summary(summary: RunSummary, title: str, held: int = 0) -> bytes:
+    """The end-of-run summary as one Slack message (plus the held-back note)."""
     lines = summary.lines()
     text = f":clipboard: *{title}* — {lines[0].removeprefix('gradwatch ')}"
     if len(lines) > 1:
@@ -76,4 +77,5 @@ def json_body(event: Any, title: str, held: int = 0) -> bytes:
 
 
 def json_summary(summary: RunSummary, title: str, held: int = 0) -> bytes:
+    """The end-of-run summary as a JSON object with ``source`` and ``held_back``."""
     return json.dumps({"source": title, **summary.to_dict(), "held_back": held}).encode("utf-8")

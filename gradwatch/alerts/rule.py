@@ -44,6 +44,7 @@ class Rule:
         self.state: dict[str, Any] = {"streaks": {}}
 
     def check(self, m: Measurements) -> list[Alert]:  # pragma: no cover - abstract
+        """The findings at this logging step (empty: all clear); subclasses implement it."""
         raise NotImplementedError
 
     def streak(self, key: str, condition: bool) -> int:
@@ -64,12 +65,15 @@ class Rule:
 
     def alert(self, m: Measurements, severity: str, name: str | None, value: float, threshold: float,
               message: str, hint: str, subject: str | None = None) -> Alert:
+        """A finding of this rule at ``m``'s step (``subject``: what it is about when ``name`` is None)."""
         return Alert(self.name, severity, int(m.step), name, float(value), float(threshold), message, hint, subject)
 
     def state_dict(self) -> dict[str, Any]:
+        """:attr:`state` as a deep copy of plain JSON-like data (numpy scalars as Python numbers)."""
         return _plain(self.state)
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Replace :attr:`state` with a plain copy of ``state`` (saved by :meth:`state_dict`)."""
         self.state = _plain(state)
         self.state.setdefault("streaks", {})
 

@@ -69,6 +69,7 @@ class SkipCollapse(Rule):
         self.critical = check_number(critical, "critical", owner=self.name, allow_none=True)
 
     def check(self, m: Measurements) -> list[Alert]:
+        """One finding per block whose ``skip_share`` has stayed below ``threshold`` for ``patience`` logging steps."""
         share = m.block_values("skip_share")
         out = []
         for name, s in zip(m.blocks, share):
@@ -111,6 +112,8 @@ class Vanishing(Rule):
         self.min_layers = check_int(min_layers, "min_layers", minimum=1, owner=self.name)
 
     def check(self, m: Measurements) -> list[Alert]:
+        """One finding while the early layers' ``grad_to_weight`` stays low, relative to the network or below
+        ``floor``."""
         stat = early_ratio(m, self.early, self.min_layers)
         if stat is None:
             self.streak("early", False)
@@ -170,6 +173,8 @@ class Exploding(Rule):
         self.state.update({"log_baseline": None, "seen": 0})
 
     def check(self, m: Measurements) -> list[Alert]:
+        """Up to two findings: early layers far above the network's typical ``grad_to_weight``, and a ``grad_norm``
+        spike."""
         out = []
         stat = early_ratio(m, self.early, self.min_layers)
         high = stat is not None and bool(np.isfinite(stat.ratio) and stat.ratio > self.relative)
@@ -244,6 +249,7 @@ class DepthTrend(Rule):
         self.min_points = check_int(min_points, "min_points", minimum=2, owner=self.name)
 
     def check(self, m: Measurements) -> list[Alert]:
+        """One ``info`` finding while the gradient's depth profile decays or grows too fast and too far."""
         stat = depth_slope(m, self.min_points)
         if stat is None:
             self.streak("decay", False)
@@ -295,6 +301,7 @@ class NonFinite(Rule):
         super().__init__(patience)
 
     def check(self, m: Measurements) -> list[Alert]:
+        """One ``critical`` finding while any gradient is NaN or Inf, naming the first such layer in forward order."""
         g = m.values("grad_norm")
         bad = np.flatnonzero(~np.isfinite(g))
         whole = m.whole.get("grad_norm", math.nan)
@@ -343,6 +350,8 @@ class DeadLayer(Rule):
         self.max_named = check_int(max_named, "max_named", minimum=1, owner=self.name)
 
     def check(self, m: Measurements) -> list[Alert]:
+        """One finding per layer with an exactly zero gradient (or update) for ``patience`` logging steps; one in all
+        past ``max_named``."""
         before = self.state["streaks"]
         grad, update = m.values("grad_norm"), m.values("update_to_weight")
         zero = [m.layers[i] for i in np.flatnonzero(grad == 0.0)]

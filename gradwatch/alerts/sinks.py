@@ -41,16 +41,20 @@ class AlertSink(Sink):
         self.min_severity = min_severity
 
     def write(self, record: StepRecord) -> None:
+        """Send (:meth:`send`) each incident event of ``record`` at least ``min_severity``."""
         for event in record.events:
             if self._wants(event):
                 self.send(event)
 
     def summary(self, summary: RunSummary) -> None:
+        """Send (:meth:`send_summary`) the run's summary, cut to ``min_severity``, when it holds an incident (always
+        with ``always_summarize``)."""
         mine = summary.at_least(self.min_severity)
         if mine.incidents or self.always_summarize:
             self.send_summary(mine)
 
     def send(self, event: IncidentEvent) -> None:  # pragma: no cover - interface
+        """Send one incident event; subclasses implement it (quick: it runs in the training thread)."""
         raise NotImplementedError
 
     def send_summary(self, summary: RunSummary) -> None:
@@ -74,9 +78,11 @@ class LoggingSink(AlertSink):
         self.logger = logger if isinstance(logger, logging.Logger) else logging.getLogger(logger)
 
     def send(self, event: IncidentEvent) -> None:
+        """Log ``event`` as one line at its severity's level."""
         self.logger.log(self._LEVELS[event.severity], "gradwatch %s", event.format())
 
     def send_summary(self, summary: RunSummary) -> None:
+        """Log the summary: WARNING when an incident reached warning or above, else INFO."""
         loud = any(severity_rank(i.peak) >= 1 for i in summary.incidents)
         self.logger.log(logging.WARNING if loud else logging.INFO, "%s", summary.format())
 
@@ -96,6 +102,7 @@ class CallableSink(AlertSink):
         self.fn = fn
 
     def send(self, event: IncidentEvent) -> None:
+        """Call ``fn(event)``."""
         self.fn(event)
 
     def __repr__(self) -> str:

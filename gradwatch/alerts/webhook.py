@@ -162,6 +162,8 @@ class WebhookSink(AlertSink):
         return redact_url(self._url)
 
     def attach(self, report_failure: Callable[[str, Any, str], None]) -> None:
+        """Record failed deliveries with ``report_failure(sink, event, error)`` (the monitor's: into ``alerts.jsonl``)
+        instead of only logging them."""
         self._report = report_failure
 
     def write(self, record: Any) -> None:

@@ -127,6 +127,7 @@ class FlowProbe:
 
     @property
     def status(self) -> FlowStatus:
+        """Whether block flow is being measured and, if not, why."""
         if self._closed and not self._blocks:
             return FlowStatus("off", "the monitor is closed")
         if self._root_compiled:

@@ -97,6 +97,7 @@ class FlowStatus:
 
     @property
     def available(self) -> bool:
+        """Whether block flow is measured, at least in part (``ok`` or ``partial``)."""
         return self.state in ("ok", "partial")
 
     def __str__(self) -> str:
@@ -144,6 +145,7 @@ class BlockRegistry:
         return len(self.index)
 
     def name(self, mid: int) -> str:
+        """Module ``mid``'s name as of the last :meth:`scan` (the root's name when unknown)."""
         return self.names.get(mid, ROOT_NAME)
 
     def blocks(self) -> Blocks:
@@ -189,6 +191,7 @@ class BlockRegistry:
         return present
 
     def note_compiled(self, name: str) -> None:
+        """Note the compiled region ``name`` in :attr:`compiled`, once."""
         if name not in self._compiled_seen:
             self._compiled_seen.add(name)
             self.compiled.append(name)

@@ -102,6 +102,8 @@ class ModuleTracker:
             )
 
     def add_discovery(self, module: nn.Module) -> None:
+        """Hook ``module`` for discovery (a forward pre/post pair), once; a TorchScript module takes no hooks and is
+        only noted."""
         mid = id(module)
         if mid in self.disc_handles:
             return
@@ -119,6 +121,7 @@ class ModuleTracker:
                 h.remove()
 
     def add_arming(self, module: nn.Module) -> None:
+        """Give ``module`` its arming hook, once."""
         if id(module) not in self.arm_handles:
             self.arm_handles[id(module)] = module.register_forward_hook(self._arm_hook)
 
@@ -144,6 +147,8 @@ class ModuleTracker:
 
     # ------------------------------------------------------------------ discovery and arming
     def discover(self, module: nn.Module, outs: list[Any], boundary: list[Any], sess: _Session) -> None:
+        """Examine ``module``'s graph (``outs`` back to ``boundary``) for residual merges: record and arm those found,
+        else try it as a sibling block whose skip is dead, else note it as plain."""
         reg = self.blocks
         mid = id(module)
         self._drop_discovery(mid)

@@ -75,6 +75,7 @@ class ZeroPadShortcut(nn.Module):
         self.extra = out_channels - in_channels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` subsampled by ``stride``, with the new channels zero-padded (half before, half after)."""
         if self.stride > 1:
             x = x[:, :, :: self.stride, :: self.stride]
         if self.extra:
@@ -171,6 +172,7 @@ class BasicBlock(_ResidualBlock):
         self._add_shortcut()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Two 3x3 conv-BN stages (ReLU between them), plus the shortcut of ``x``, then ReLU."""
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
         return self.relu(self._merge(out, x, x))
@@ -192,6 +194,7 @@ class Bottleneck(_ResidualBlock):
         self._add_shortcut()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The 1x1, 3x3 and 1x1 conv-BN stages (ReLU between them), plus the shortcut of ``x``, then ReLU."""
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(out))
@@ -212,6 +215,7 @@ class PreActBasicBlock(_ResidualBlock):
         self._add_shortcut()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Two BN-ReLU-conv3x3 stages plus the shortcut (of the pre-activated input when it projects)."""
         pre = self.relu(self.bn1(x))
         out = self.conv1(pre)
         out = self.conv2(self.relu(self.bn2(out)))
@@ -235,6 +239,7 @@ class PreActBottleneck(_ResidualBlock):
         self._add_shortcut()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The three BN-ReLU-conv stages plus the shortcut (of the pre-activated input when it projects)."""
         pre = self.relu(self.bn1(x))
         out = self.conv1(pre)
         out = self.conv2(self.relu(self.bn2(out)))
@@ -301,6 +306,7 @@ class ResNet(nn.Module):
         return [b for stage in (self.layer1, self.layer2, self.layer3) for b in stage]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits ``(batch, num_classes)`` for images ``(batch, in_channels, H, W)``."""
         out = self.conv1(x)
         if self.bn1 is not None:
             out = self.relu(self.bn1(out))

@@ -47,13 +47,16 @@ class PathLengths:
 
     @property
     def n(self) -> int:
+        """The number of blocks (the longest path)."""
         return len(self.dist) - 1
 
     @property
     def mean(self) -> float:
+        """The mean path length, in blocks."""
         return float((np.arange(len(self.dist)) * self.dist).sum())
 
     def quantile(self, q: float) -> int:
+        """The smallest length k whose cumulative share reaches ``q``."""
         return int(np.searchsorted(np.cumsum(self.dist), q - 1e-12))
 
 
@@ -135,6 +138,7 @@ def _row(name: str, state: str, est: PathLengths, got: PathLengths, seconds: flo
 
 
 def main(argv: list[str] | None = None) -> None:
+    """``python -m gradwatch.reference.paths``: the comparison table, printed and (``--out-md``) written."""
     ap = argparse.ArgumentParser(description="Effective depth: gradwatch's live estimate against Veit's routed "
                                              "backward passes on the reference ResNets")
     ap.add_argument("--depths", type=int, nargs="+", default=[20, 56, 110])

@@ -64,6 +64,7 @@ class Recipe:
     weight_decay: float
 
     def make(self, model: nn.Module) -> torch.optim.Optimizer:
+        """The optimiser over ``model``'s trainable parameters."""
         params = [p for p in model.parameters() if p.requires_grad]
         if self.kind == "SGD":
             return torch.optim.SGD(params, lr=self.lr, momentum=0.9, weight_decay=self.weight_decay)
@@ -92,10 +93,12 @@ class ImageTask:
     hf: bool = False
 
     def sampler(self, seed: int) -> Callable[[torch.Generator], tuple]:
+        """``g -> batch``: images and labels drawn by ``g`` from 256 generated from ``seed``."""
         x, y = synthetic_images(256, num_classes=self.classes, size=self.size, seed=seed)
         return lambda g: _pick(g, self.batch, x, y)
 
     def loss(self, model: nn.Module, batch: tuple) -> torch.Tensor:
+        """Cross-entropy on ``batch`` (the model's own loss when ``hf``)."""
         x, y = batch
         if self.hf:
             return model(pixel_values=x, labels=y).loss
@@ -113,6 +116,7 @@ class TokenTask:
     batch: int = 8
 
     def sampler(self, seed: int) -> Callable[[torch.Generator], tuple]:
+        """``g -> batch``: token ids and labels drawn by ``g`` from 256 sequences of the chain of ``seed``."""
         g = torch.Generator().manual_seed(seed)
         succ = torch.randint(3, self.vocab, (self.vocab, 4), generator=g)  # ids 0-2 stay special
         toks = torch.empty(256, self.seq, dtype=torch.long)
@@ -122,6 +126,7 @@ class TokenTask:
         return lambda gen: _pick(gen, self.batch, toks, toks[:, 0] % 2)
 
     def loss(self, model: nn.Module, batch: tuple) -> torch.Tensor:
+        """The transformers model's own loss on ``batch`` (labels as :attr:`kind` says)."""
         ids, label = batch
         if self.kind == "classify":
             return model(input_ids=ids, labels=label).loss
@@ -137,11 +142,13 @@ class VectorTask:
     batch: int = 16
 
     def sampler(self, seed: int) -> Callable[[torch.Generator], tuple]:
+        """``g -> batch``: vectors and labels drawn by ``g`` from 256 made from ``seed``."""
         g = torch.Generator().manual_seed(seed)
         x, y = torch.randn(256, self.features, generator=g), torch.randint(0, self.classes, (256,), generator=g)
         return lambda gen: _pick(gen, self.batch, x, y)
 
     def loss(self, model: nn.Module, batch: tuple) -> torch.Tensor:
+        """Cross-entropy of the model's logits on ``batch``."""
         return F.cross_entropy(model(batch[0]), batch[1])
 
 

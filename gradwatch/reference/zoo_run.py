@@ -66,6 +66,7 @@ class ZooResult:
 
     @property
     def passed(self) -> bool:
+        """Whether the entry passed (a skipped one counts: its library is not installed)."""
         return self.status in ("pass", "skipped")
 
     def loud(self) -> list[dict[str, Any]]:
