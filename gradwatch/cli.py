@@ -98,7 +98,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     try:
         outcomes = validate.run(quick=args.quick, out=args.out, steps=args.steps, every=args.every,
                                 jobs=args.jobs, only=args.only or (), out_md=args.out_md, seeds=args.seeds,
-                                device=args.device)
+                                device=args.device, threads=args.threads)
     except ValueError as err:
         print(f"gradwatch validate: {err}", file=sys.stderr)
         return 2
@@ -161,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                                 "fault, variant)")
     val.add_argument("--seeds", type=_positive, default=1, help="run every case with seeds 0..N-1 (default: 1)")
     val.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    val.add_argument("--threads", type=_positive, default=1, help="torch threads per process (default: 1)")
     val.add_argument("--out-md", metavar="FILE", help="write the scorecard into this page's section "
                                                        "(docs/validation.md)")
     val.set_defaults(func=_cmd_validate)

@@ -103,7 +103,7 @@ def cases(quick: bool = False) -> list[Case]:
                         lambda d=d: resnet(d), depth=d))
         out.append(Case(f"preact-{d}", "healthy", f"ResNet-{d}, pre-activation (He 2016)",
                         lambda d=d: resnet(d, "preact"), depth=d))
-    for d in ((20,) if quick else (20, 56, 164)):  # 9n+2
+    for d in ((20,) if quick else (20, 56, 110, 164)):  # 9n+2
         out.append(Case(f"bottleneck-{d}", "healthy", f"ResNet-{d}, pre-activation bottleneck",
                         lambda d=d: resnet(d, "preact", bottleneck=True), depth=d))
     for d in depths:
@@ -220,15 +220,15 @@ def _judge(case: Case, mon: Monitor, losses: Sequence[float], seconds: float, la
                    curves)
 
 
-def _worker(args: tuple[str, bool, str, int, int, int, str, str]) -> Outcome:
-    name, quick, out, steps, every, seed, device, label = args  # cases hold lambdas: rebuilt here, found by name
+def _worker(args: tuple[str, bool, str, int, int, int, str, str, int]) -> Outcome:
+    name, quick, out, steps, every, seed, device, label, threads = args  # cases hold lambdas: rebuilt by name
     (case,) = [c for c in cases(quick) if c.name == name]
-    return run_case(case, out, steps, every, seed=seed, device=device, label=label)
+    return run_case(case, out, steps, every, seed=seed, device=device, label=label, threads=threads)
 
 
 def run(quick: bool = False, out: str = "runs/validate", steps: int | None = None, every: int = 5,
         jobs: int = 1, only: Sequence[str] = (), stream=None, out_md: str | None = None,  # noqa: ANN001
-        seeds: int = 1, device: str = "cpu") -> list[Outcome]:
+        seeds: int = 1, device: str = "cpu", threads: int = 1) -> list[Outcome]:
     """Run the scorecard (each case with ``seeds`` seeds, on ``device``); print a line per case and the
     table; write ``<out>/validate.json`` and, with ``out_md``, the scorecard section of that page."""
     stream = stream or sys.stdout
@@ -252,7 +252,7 @@ def run(quick: bool = False, out: str = "runs/validate", steps: int | None = Non
 
     if jobs > 1:
         with ProcessPoolExecutor(max_workers=jobs) as pool:
-            work = [(c.name, quick, out, steps, every, seed, device, label) for c, seed, label in chosen]
+            work = [(c.name, quick, out, steps, every, seed, device, label, threads) for c, seed, label in chosen]
             for i, o in enumerate(pool.map(_worker, work), 1):
                 outcomes.append(o)
                 report(i, o)
@@ -265,7 +265,7 @@ def run(quick: bool = False, out: str = "runs/validate", steps: int | None = Non
                                  f"{k}/{steps} loss {loss:.3f}")
                     stream.flush()
             o = run_case(c, out, steps, every, seed=seed, progress=bar if stream.isatty() else None,
-                         device=device, label=label)
+                         device=device, label=label, threads=threads)
             if stream.isatty():
                 stream.write("\r" + " " * 90 + "\r")
             outcomes.append(o)
@@ -276,12 +276,14 @@ def run(quick: bool = False, out: str = "runs/validate", steps: int | None = Non
           + (f"; failed: {', '.join(bad)}" if bad else ""), file=stream)
     command = "gradwatch validate" + (" --quick" if quick else "") + f" --steps {steps} --jobs {jobs}" + (
         f" --seeds {seeds}" if seeds > 1 else "") + (f" --device {device}" if device != "cpu" else "") + (
+        f" --threads {threads}" if threads != 1 else "") + (
         f" --only {' '.join(only)}" if only else "")
     if out_md:
         command += f" --out-md {out_md}"
         write_markdown(outcomes, out_md, command, steps, every, time.strftime("%Y-%m-%d"), device)
     with open(os.path.join(out, "validate.json"), "w", encoding="utf-8") as f:
         json.dump({"quick": quick, "steps": steps, "every": every, "seeds": seeds, "device": device,
+                   "threads": threads,
                    "torch": torch.__version__, "command": command, "date": time.strftime("%Y-%m-%d"),
                    "cases": [asdict(o) | {"passed": o.passed} for o in outcomes]}, f, indent=1)
     return outcomes
