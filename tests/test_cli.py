@@ -22,7 +22,7 @@ def test_demo_trains_four_nets_and_logs_each(tmp_path, capsys):
         scalars = read_events(str(out / net))["scalars"]
         assert set(scalars["gradwatch.layers/grad_to_weight/conv1"]) == {0, 2}
         assert "gradwatch.layers/update_to_weight/fc" in scalars
-    assert f"tensorboard --logdir {out}" in text
+    assert f"tensorboard --logdir {out}" in text and f"gradwatch report {out}" in text
     assert "first/last" in text
 
 

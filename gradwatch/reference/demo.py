@@ -219,5 +219,6 @@ def run_demo(
     print(f"\nAlerts (warning or critical, rule@step; each run's full record: {out}/<net>/alerts.jsonl):", file=stream)
     for name, text in fired.items():
         print(f"  {name:<12} {text}", file=stream)
-    print(f"\nSee it in TensorBoard:\n  tensorboard --logdir {out}", file=stream)
+    print(f"\nSee it in TensorBoard:\n  tensorboard --logdir {out}\nor in the terminal:\n  gradwatch report {out}",
+          file=stream)
     return histories
