@@ -215,6 +215,8 @@ def _judge(case: Case, mon: Monitor, losses: Sequence[float], seconds: float, la
     curves["loss"] = [losses[r.step] if r.step < len(losses) else math.nan for r in mon.records]
     for key in ("grad_to_weight_early", "skip_share_min", "effective_depth", "transmission_end_to_end"):
         curves[key] = [float(r.health.get(key, math.nan)) for r in mon.records]
+    if last is not None and last.blocks:  # the seed's "skip_share per block", at the last logging step
+        curves["skip_share_per_block"] = [float(v) for v in last.block("skip_share")]
     return Outcome(label, case.group, case.about, [f"{r} ({n or 'any'})" for r, n in case.expect], observed,
                    missed, false, health, sum(tail) / len(tail) if tail else math.nan, seconds, list(mon.errors),
                    curves)
@@ -348,8 +350,8 @@ def figure(outcomes: Sequence[Outcome], path: str) -> str | None:
     depths = sorted({int(o.case.split("-s")[0].rsplit("-", 1)[1]) for o in picked})
     if not depths:
         return None
-    fig = Figure(figsize=(13, 3.2 * len(depths)), dpi=90)
-    axes = fig.subplots(len(depths), 3, squeeze=False)
+    fig = Figure(figsize=(17, 3.2 * len(depths)), dpi=90)
+    axes = fig.subplots(len(depths), 4, squeeze=False)
     colours = {"postact": "#1f77b4", "preact": "#d62728", "plain": "#7f7f7f"}
     for row, d in enumerate(depths):
         for o in picked:
@@ -359,6 +361,9 @@ def figure(outcomes: Sequence[Outcome], path: str) -> str | None:
             c = o.curves
             for col, key in enumerate(("loss", "grad_to_weight_early", "skip_share_min")):
                 axes[row][col].plot(c["step"], c[key], label=kind, color=colours.get(kind))
+            if c.get("skip_share_per_block"):
+                share = c["skip_share_per_block"]
+                axes[row][3].plot(range(len(share)), share, "o-", markersize=3, label=kind, color=colours.get(kind))
         for col, (key, log) in enumerate((("loss", False), ("grad_to_weight_early", True), ("skip_share_min", False))):
             ax = axes[row][col]
             ax.set_title(f"{d} layers: {key}", fontsize=9)
@@ -366,6 +371,11 @@ def figure(outcomes: Sequence[Outcome], path: str) -> str | None:
                 ax.set_yscale("log")
             ax.set_xlabel("step")
             ax.legend(fontsize=7)
+        ax = axes[row][3]
+        ax.set_title(f"{d} layers: skip_share per block, last step", fontsize=9)
+        ax.set_xlabel("block (input first)")
+        ax.set_ylim(0, 1)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     fig.savefig(path)
