@@ -30,7 +30,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["DEPTH", "chain", "path_length_distribution", "effective_depth"]
+__all__ = ["DEPTH", "chain", "path_length_distribution", "distribution", "effective_depth"]
 
 #: The effective-depth figures: mean path length, its 10th/50th/90th percentiles, blocks in the chain.
 DEPTH = ("effective_depth", "effective_depth_p10", "effective_depth_p50", "effective_depth_p90",
@@ -66,19 +66,27 @@ def _quantile(dist: np.ndarray, q: float) -> float:
     return float(np.searchsorted(np.cumsum(dist), q - 1e-12))
 
 
-def effective_depth(blocks: Sequence[str], skip_grad: np.ndarray, branch_grad: np.ndarray) -> dict[str, float]:
-    """The :data:`DEPTH` figures for blocks with these gradients at their inputs (NaN without a chain)."""
+def distribution(blocks: Sequence[str], skip_grad: np.ndarray, branch_grad: np.ndarray) -> np.ndarray | None:
+    """The path-length distribution over the main chain of ``blocks`` with these gradients at their inputs
+    (blocks without a finite ratio left out); None when no block is usable."""
     idx = chain(blocks)
     if not len(idx):
-        return dict.fromkeys(DEPTH, math.nan)
+        return None
     skip, branch = np.asarray(skip_grad, np.float64)[idx], np.asarray(branch_grad, np.float64)[idx]
     ok = np.isfinite(skip) & np.isfinite(branch) & (skip >= 0) & (branch >= 0) & ((skip > 0) | (branch > 0))
     if not ok.any():
-        return dict.fromkeys(DEPTH, math.nan)
+        return None
     with np.errstate(divide="ignore"):
         r = np.where(skip[ok] > 0, branch[ok] / np.where(skip[ok] > 0, skip[ok], 1.0), np.inf)
-    dist = path_length_distribution(r)
+    return path_length_distribution(r)
+
+
+def effective_depth(blocks: Sequence[str], skip_grad: np.ndarray, branch_grad: np.ndarray) -> dict[str, float]:
+    """The :data:`DEPTH` figures for blocks with these gradients at their inputs (NaN without a chain)."""
+    dist = distribution(blocks, skip_grad, branch_grad)
+    if dist is None:
+        return dict.fromkeys(DEPTH, math.nan)
     k = np.arange(len(dist))
     return {"effective_depth": float((k * dist).sum()), "effective_depth_p10": _quantile(dist, 0.1),
             "effective_depth_p50": _quantile(dist, 0.5), "effective_depth_p90": _quantile(dist, 0.9),
-            "effective_depth_n": float(ok.sum())}
+            "effective_depth_n": float(len(dist) - 1)}

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .depth import chain, effective_depth, path_length_distribution
+from .depth import distribution, effective_depth
 from .record import StepRecord
 
 __all__ = ["Timeline", "Picture", "render_all", "heatmap", "profile", "depth_distribution"]
@@ -176,10 +176,9 @@ def depth_distribution(blocks: Sequence[str], skip_grad: np.ndarray, branch_grad
                        title: str = "") -> Picture:
     """The path-length distribution of the latest step (:mod:`gradwatch.depth`): the share of the gradient
     magnitude carried by paths through k residual branches, k = 0..n, with the mean and the 10–90% range."""
-    idx = chain(blocks)
-    skip, branch = np.asarray(skip_grad, np.float64)[idx], np.asarray(branch_grad, np.float64)[idx]
-    ok = np.isfinite(skip) & np.isfinite(branch) & (skip > 0)
-    dist = path_length_distribution(branch[ok] / skip[ok])
+    dist = distribution(blocks, skip_grad, branch_grad)
+    if dist is None:
+        dist = np.ones(1)
     fig = _figure(8, 3.6, left=0.9, right=0.3, bottom=0.7, top=0.5)
     ax = fig.add_subplot()
     ax.bar(np.arange(len(dist)), dist, color="#6baed6", width=0.85)

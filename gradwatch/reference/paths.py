@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..depth import chain, effective_depth, path_length_distribution
+from ..depth import distribution
 from ..monitor import Monitor
 from ._sections import marker, write_section
 from .blocks import ResNet, resnet
@@ -109,12 +109,7 @@ def estimated(net: ResNet, x: torch.Tensor, y: torch.Tensor) -> PathLengths:
         mon.close()
         net.zero_grad(set_to_none=True)
     r = mon.latest
-    idx = chain(r.blocks)
-    skip, branch = r.block("skip_grad")[idx], r.block("branch_grad")[idx]
-    figures = effective_depth(r.blocks, r.block("skip_grad"), r.block("branch_grad"))
-    dist = path_length_distribution(branch / skip)
-    assert abs(float((np.arange(len(dist)) * dist).sum()) - figures["effective_depth"]) < 1e-9
-    return PathLengths(dist, 1)
+    return PathLengths(distribution(r.blocks, r.block("skip_grad"), r.block("branch_grad")), 1)
 
 
 def train(net: ResNet, steps: int, lr: float = 0.05, batch: int = 32, seed: int = 0) -> None:
