@@ -13,7 +13,7 @@ from torch import nn
 
 __all__ = [
     "DTensor", "Shard", "OptimizedModule", "NORM_TYPES", "is_compiling", "is_compiled", "in_backward", "tree_tensors",
-    "foreach_norm_f32", "foreach_sub_", "foreach_copy", "unscales_in_step", "scale_tensor", "event_file_writer",
+    "foreach_norm_f32", "foreach_sub_", "foreach_copy", "foreach_copy_", "unscales_in_step", "scale_tensor", "event_file_writer",
 ]
 
 try:  # DTensor moved out of _tensor in torch 2.4; FSDP2 needs it.
@@ -90,6 +90,17 @@ def foreach_copy(a: list[torch.Tensor]) -> list[torch.Tensor]:
     """``[x.clone() for x in a]`` in one fused kernel per group (new tensors: nothing is kept between
     logging steps, so the copy costs memory only while a logging step is in flight)."""
     return list(torch._foreach_mul(a, 1.0)) if a else []
+
+
+def foreach_copy_(dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
+    """``x.copy_(y)`` for each pair, fused where torch has ``_foreach_copy_`` (2.1+)."""
+    if not dst:
+        return
+    if hasattr(torch, "_foreach_copy_"):
+        torch._foreach_copy_(dst, src)
+    else:  # pragma: no cover - older torch
+        for d, s in zip(dst, src):
+            d.copy_(s)
 
 
 def unscales_in_step(optimizer: Any) -> bool:

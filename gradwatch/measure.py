@@ -19,10 +19,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ._compat import foreach_copy, foreach_sub_, scale_tensor, unscales_in_step
+from ._compat import scale_tensor, unscales_in_step
 from .flow import FlowBatch, flow_metrics
 from .layers import Selection
-from .metrics import is_sharded, local_tensor, reduce_squared, safe_ratio, segment_sum, squared_norms
+from .metrics import NormPlan, is_sharded, local_tensor, reduce_squared, safe_ratio, segment_sum, squared_norms
 from .names import short_list
 from .record import StepRecord
 
@@ -55,9 +55,29 @@ class Pending:
     step: int
     kept: list[int]  # indices into Selection.params that had a gradient
     parts: list[torch.Tensor]  # squared norms: grads, weights
-    snapshot: list[torch.Tensor] | None  # weights before the optimizer step (update_to_weight)
+    snapshot: bool  # the layout's plan holds the weights from before the optimizer step (update_to_weight)
     found_inf: torch.Tensor | None  # AMP overflow flag: the optimizer will skip this step
     flow: FlowBatch | None = None  # block-flow norms: they join the same transfer
+    layout: _Layout | None = None  # what is known about the measured tensors (kept)
+
+
+class _Layout:
+    """Everything about one set of measured parameters that does not change between logging steps, worked out
+    once: per-tensor Python work (grouping, shard checks, segment ids) is what a logging step must not repeat
+    on a 1,000-tensor model."""
+
+    def __init__(self, selection: Selection, kept: list[int]) -> None:
+        params = [selection.params[i] for i in kept]
+        self.sharded = [is_sharded(p) for p in params]
+        self.local = any(local_tensor(p) is not p for p in params)  # DTensors: measure their local shards
+        self.plan = NormPlan([local_tensor(p) for p in params])
+        n = len(selection.names)
+        self.seg = np.asarray([selection.segments[i] for i in kept], dtype=np.int64)
+        self.present = np.bincount(self.seg, minlength=n) > 0
+        self.layers = tuple(selection.names[j] for j in np.flatnonzero(self.present))
+
+    def tensors(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [local_tensor(t) for t in tensors] if self.local else tensors
 
 
 class Meter:
@@ -69,7 +89,7 @@ class Meter:
     def __init__(self, selection: Selection, sync_ranks: bool = False) -> None:
         self.selection = selection
         self.sync_ranks = sync_ranks
-        self._names: dict[tuple[int, ...], tuple[str, ...]] = {}
+        self._layouts: dict[tuple[int, ...], _Layout] = {}
         self._reported_missing: set[str] = set()
 
     def has_gradients(self) -> bool:
@@ -90,25 +110,51 @@ class Meter:
         kept = [i for i, p in enumerate(sel.params) if p.grad is not None]
         self._report_missing(kept)
         if not kept:
-            return None if flow is None else Pending(step, [], [], None, found_inf, flow)
-        grads = [sel.params[i].grad for i in kept]
-        weights = [sel.params[i].detach() for i in kept]
-        g_sq = squared_norms(grads)
+            return None if flow is None else Pending(step, [], [], False, found_inf, flow)
+        try:
+            return self._measure(step, kept, flow, grad_scale, found_inf, snapshot)
+        except RuntimeError:  # the plan no longer fits (the model was moved or resized): make new ones, once
+            self._layouts.clear()
+            return self._measure(step, kept, flow, grad_scale, found_inf, snapshot)
+
+    def _measure(self, step: int, kept: list[int], flow: FlowBatch | None, grad_scale: Any, found_inf: Any,
+                 snapshot: bool) -> Pending:
+        sel = self.selection
+        layout = self._layout(kept)
+        params = sel.params if len(kept) == len(sel.params) else [sel.params[i] for i in kept]
+        grads = [p.grad for p in params]
+        weights = layout.tensors(params)
+        if all(g.layout == torch.strided for g in grads):
+            g_sq = layout.plan.squared(layout.tensors(grads))
+        else:  # sparse gradients (nn.Embedding(sparse=True)): the general path
+            g_sq = squared_norms(grads)
         if grad_scale is not None:
             scale = torch.as_tensor(grad_scale, dtype=torch.float32).to(g_sq.device)
             g_sq = g_sq / scale.square()
-        before = foreach_copy([local_tensor(w) for w in weights]) if snapshot else None
-        return Pending(step, kept, [g_sq, squared_norms(weights)], before, found_inf, flow)
+        w_sq = layout.plan.squared(weights)
+        if snapshot:
+            layout.plan.snapshot(weights)
+        return Pending(step, kept, [g_sq, w_sq], snapshot, found_inf, flow, layout)
+
+    def _layout(self, kept: list[int]) -> _Layout:
+        key = tuple(kept)
+        layout = self._layouts.get(key)
+        if layout is None:
+            if len(self._layouts) > 8:  # parameters keep changing which have gradients: do not grow without bound
+                self._layouts.clear()
+            layout = self._layouts[key] = _Layout(self.selection, kept)
+        return layout
 
     def finish(self, pending: Pending) -> StepRecord | None:
         """The record of ``pending``; None when the AMP scaler skipped the step (its gradients overflowed)."""
         sel = self.selection
         parts = list(pending.parts)
-        if pending.snapshot is not None:  # the snapshot is our copy: subtract in place (no new tensors)
-            after = [local_tensor(sel.params[i].detach()) for i in pending.kept]
-            parts.append(squared_norms(foreach_sub_(pending.snapshot, after)))
+        layout = pending.layout
+        if pending.snapshot:
+            params = sel.params if len(pending.kept) == len(sel.params) else [sel.params[i] for i in pending.kept]
+            parts.append(layout.plan.squared_change(layout.tensors(params)))
         flow = pending.flow.values if pending.flow is not None else None
-        stacked, n_flow = self._join(parts, flow, [is_sharded(sel.params[i]) for i in pending.kept])
+        stacked, n_flow = self._join(parts, flow, layout.sharded if layout is not None else [])
         if pending.found_inf is not None:
             found = pending.found_inf.detach().reshape(1).to(device=stacked.device, dtype=stacked.dtype)
             stacked = torch.cat([stacked, found])
@@ -120,7 +166,7 @@ class Meter:
             host = host[:-1]
         flow_host = host[len(host) - n_flow:] if n_flow else None
         host = host[: len(host) - n_flow]
-        layers, columns, whole = self._layer_metrics(pending.kept, host.reshape(len(parts), len(pending.kept)))
+        layers, columns, whole = self._layer_metrics(layout, host.reshape(len(parts), len(pending.kept)))
         blocks, block_columns = (), None
         if flow_host is not None:
             blocks, block_columns = pending.flow.names, flow_metrics(flow_host)
@@ -145,21 +191,14 @@ class Meter:
                 stacked = torch.cat([stacked[:-n_flow], stacked[-n_flow:].sqrt()])
         return stacked, n_flow
 
-    def _layer_metrics(self, kept: list[int], sq: np.ndarray):
+    def _layer_metrics(self, layout: _Layout | None, sq: np.ndarray):
         """Per-unit norms and ratios from per-tensor squared norms (rows: grads, weights[, updates])."""
-        if not kept:
+        if layout is None:
             return (), {}, {}
-        sel = self.selection
-        n = len(sel.names)
-        seg = np.asarray([sel.segments[i] for i in kept], dtype=np.int64)
-        present = np.bincount(seg, minlength=n) > 0
-        key = tuple(np.flatnonzero(present).tolist())
-        layers = self._names.get(key)
-        if layers is None:
-            layers = self._names[key] = tuple(sel.names[j] for j in key)
+        n = len(self.selection.names)
 
         def per_unit(row: np.ndarray) -> tuple[np.ndarray, float]:
-            return np.sqrt(segment_sum(row, seg, n))[present], float(np.sqrt(row.sum()))
+            return np.sqrt(segment_sum(row, layout.seg, n))[layout.present], float(np.sqrt(row.sum()))
 
         (grad, g_all), (weight, w_all) = per_unit(sq[0]), per_unit(sq[1])
         columns = {"grad_norm": grad, "weight_norm": weight, "grad_to_weight": safe_ratio(grad, weight)}
@@ -168,7 +207,7 @@ class Meter:
             update, u_all = per_unit(sq[2])
             columns["update_to_weight"] = safe_ratio(update, weight)
             whole["update_to_weight"] = float(safe_ratio(u_all, w_all))
-        return layers, columns, whole
+        return layout.layers, columns, whole
 
     def _report_missing(self, kept: list[int]) -> None:
         if len(kept) == len(self.selection.params):

@@ -495,3 +495,39 @@ def test_history_can_be_bounded_while_tensorboard_keeps_every_step(tmp_path):
     assert sorted(read_events(str(tmp_path))["scalars"]["gradwatch.layers/grad_norm/_global"]) == list(range(7))
     with pytest.raises(ValueError, match="history"):
         gradwatch.Monitor(model, history=0)
+
+
+def test_values_stay_right_when_the_model_changes_dtype_and_shape_after_the_first_steps():
+    """The norms are planned once per parameter set (many same-shaped CPU tensors are stacked); a model cast to
+    float64 or resized afterwards must still be measured exactly, update included."""
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Linear(4, 4) for _ in range(6)])
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    mon = gradwatch.Monitor(model, optimizer=opt, every=1, blocks=None, rules=False, strict=True)
+    expected = {}
+    for step in range(6):
+        if step == 2:
+            model.double()
+        if step == 4:  # the last layer now maps to 2 outputs: its tensors leave their stacks
+            with torch.no_grad():
+                model[5].weight.data = torch.randn(2, 4, dtype=torch.float64)
+                model[5].bias.data = torch.zeros(2, dtype=torch.float64)
+            opt.state.clear()
+        x = torch.randn(3, 4, dtype=next(model.parameters()).dtype)
+        model(x).pow(2).sum().backward()
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+        opt.step()
+        opt.zero_grad()
+        for layer in ("0", "5"):
+            names = [f"{layer}.weight", f"{layer}.bias"]
+            g = math.sqrt(sum(float(grads[n].double().pow(2).sum()) for n in names))
+            w = math.sqrt(sum(float(before[n].double().pow(2).sum()) for n in names))
+            d = math.sqrt(sum(float((dict(model.named_parameters())[n].detach() - before[n]).double().pow(2).sum())
+                              for n in names))
+            expected[(step, layer)] = (g, d / w)
+    mon.close()
+    hist = mon.history().set_index(["step", "name", "metric"]).value
+    for (step, layer), (g, u) in expected.items():
+        assert hist[(step, layer, "grad_norm")] == pytest.approx(g, rel=1e-5)
+        assert hist[(step, layer, "update_to_weight")] == pytest.approx(u, rel=1e-4)
