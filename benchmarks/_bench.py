@@ -84,7 +84,10 @@ def table(times: dict[str, list[float]], bare: str, logging: dict[str, int], flo
         cost = ""
         if every:
             extra = [t - b for i, (t, b) in enumerate(zip(ts, base)) if (i + offset) % every == 0]
-            c = statistics.median(extra)
-            cost = f"{1e3 * c:13.2f} {c / floor_s:8.1f}"
+            if extra:  # a cadence longer than the timed steps logs none of them
+                c = statistics.median(extra)
+                cost = f"{1e3 * c:13.2f} {c / floor_s:8.1f}"
+            else:
+                cost = f"{'(none timed)':>13}"
         rows.append(f"{label:<16} {1e3 * statistics.median(ts):10.2f} {statistics.median(ratios):8.4f} {cost}")
     return rows

@@ -61,6 +61,9 @@ class Pending:
     layout: _Layout | None = None  # what is known about the measured tensors (kept)
 
 
+_STRIDED = {torch.strided}
+
+
 class _Layout:
     """Everything about one set of measured parameters that does not change between logging steps, worked out
     once: per-tensor Python work (grouping, shard checks, segment ids) is what a logging step must not repeat
@@ -124,16 +127,14 @@ class Meter:
         params = sel.params if len(kept) == len(sel.params) else [sel.params[i] for i in kept]
         grads = [p.grad for p in params]
         weights = layout.tensors(params)
-        if all(g.layout == torch.strided for g in grads):
+        if {g.layout for g in grads} == _STRIDED:
             g_sq = layout.plan.squared(layout.tensors(grads))
         else:  # sparse gradients (nn.Embedding(sparse=True)): the general path
             g_sq = squared_norms(grads)
         if grad_scale is not None:
             scale = torch.as_tensor(grad_scale, dtype=torch.float32).to(g_sq.device)
             g_sq = g_sq / scale.square()
-        w_sq = layout.plan.squared(weights)
-        if snapshot:
-            layout.plan.snapshot(weights)
+        w_sq = layout.plan.squared(weights, snapshot=snapshot)
         return Pending(step, kept, [g_sq, w_sq], snapshot, found_inf, flow, layout)
 
     def _layout(self, kept: list[int]) -> _Layout:

@@ -115,22 +115,23 @@ class NormPlan:
             inverse[torch.tensor(order, dtype=torch.long)] = torch.arange(self.size)
             self._inverse = inverse.to(self.device)
 
-    def squared(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-        """Squared L2 norm of each of ``tensors``, float32, in input order, on the plan's device."""
+    def squared(self, tensors: Sequence[torch.Tensor], snapshot: bool = False) -> torch.Tensor:
+        """Squared L2 norm of each of ``tensors``, float32, in input order, on the plan's device. ``snapshot``:
+        also copy them (weights before an optimizer step) for :meth:`squared_change`, one at a time; the norms
+        are then read from the copy, so a stack is built once for both."""
         with torch.no_grad():
-            parts = [_rows_squared(g.stack(tensors)) for g in self.stacks]
-            parts += [_each_squared(g.pick(tensors)) for g in self.loose]
+            if snapshot:
+                parts = [_rows_squared(g.save(tensors)) for g in self.stacks]
+                parts += [_each_squared(g.save(tensors)) for g in self.loose]
+            else:
+                parts = [_rows_squared(g.stack(tensors)) for g in self.stacks]
+                parts += [_each_squared(g.pick(tensors)) for g in self.loose]
             return self._ordered(parts)
 
-    def snapshot(self, tensors: Sequence[torch.Tensor]) -> None:
-        """Copy ``tensors`` (weights before an optimizer step) for :meth:`squared_change`; one at a time."""
-        with torch.no_grad():
-            for g in self.stacks + self.loose:
-                g.save(tensors)
-
     def squared_change(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-        """Squared L2 norm of ``tensors`` minus the :meth:`snapshot` per tensor. The snapshot is overwritten with
-        the negated change in place (no second set of tensors) and released where it is not kept."""
+        """Squared L2 norm of ``tensors`` minus their snapshot (``squared(snapshot=True)``) per tensor. The
+        snapshot is overwritten with the negated change in place (no second set of tensors) and released where it
+        is not kept."""
         with torch.no_grad():
             parts = [_rows_squared(g.change(tensors)) for g in self.stacks]
             parts += [_each_squared(g.change(tensors)) for g in self.loose]
@@ -170,7 +171,8 @@ class _Group:
             self._buf = buf
         return buf
 
-    def save(self, tensors: Sequence[torch.Tensor]) -> None:
+    def save(self, tensors: Sequence[torch.Tensor]) -> Any:
+        """Copy the group's tensors into the snapshot, and return it."""
         picked, saved = self.pick(tensors), self._saved
         if self.stacked:
             self._saved = torch.stack(picked, out=saved) if _fits(saved, picked[0]) else torch.stack(picked)
@@ -178,6 +180,7 @@ class _Group:
             foreach_copy_(saved, picked)
         else:
             self._saved = foreach_copy(picked)
+        return self._saved
 
     def change(self, tensors: Sequence[torch.Tensor]) -> Any:
         saved = self._saved

@@ -48,8 +48,9 @@ def test_squared_change_is_the_norm_of_the_update_and_leaves_tensors_alone():
     tensors = _mixed()
     plan = NormPlan(tensors)
     for round_ in range(2):  # the second round reuses the kept snapshot buffers
-        plan.snapshot(tensors)
         before = [t.clone() for t in tensors]
+        torch.testing.assert_close(plan.squared(tensors, snapshot=True).double(), _reference(before), rtol=1e-5,
+                                   atol=1e-6)
         steps = [torch.full_like(t, 0.5 + round_) if t.numel() else t.clone() for t in tensors]
         for t, d in zip(tensors, steps):
             t.add_(d)
