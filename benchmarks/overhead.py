@@ -47,13 +47,23 @@ def main() -> None:
                         help="end each monitored step with mon.flush(): charge the TensorBoard thread's work to the "
                              "step that made it (an upper bound; without it, that work overlaps the next steps of "
                              "every config in the process, bare ones included)")
+    parser.add_argument("--configs", default="",
+                        help="comma-separated labels to run (bare and bare #2 always run): more steps for the ones "
+                             "a question is about, e.g. 'defaults/1,defaults/50'")
     args = parser.parse_args()
+    configs = CONFIGS
+    if args.configs:
+        wanted = {c.strip() for c in args.configs.split(",")}
+        unknown = wanted - set(CONFIGS)
+        if unknown:
+            parser.error(f"unknown config(s) {sorted(unknown)}; choose from {list(CONFIGS)}")
+        configs = {k: v for k, v in CONFIGS.items() if v is None or k in wanted}
     if args.threads:
         torch.set_num_threads(args.threads)
     out = tempfile.mkdtemp(prefix="gradwatch-overhead-")
     runs, monitors = {}, {}
     x = y = None
-    for label, options in CONFIGS.items():
+    for label, options in configs.items():
         torch.manual_seed(0)
         model, batch = build(args.model, args.tensors)
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
@@ -73,7 +83,7 @@ def main() -> None:
     n = sum(p.numel() > 0 for p in build(args.model, args.tensors)[0].parameters())
     print(f"{args.model}: {n} parameter tensors, batch {args.batch}, {args.steps} interleaved steps, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads; floor {1e3 * floor_s:.2f} ms")
-    cadence = {k: v["every"] for k, v in CONFIGS.items() if v}
+    cadence = {k: v["every"] for k, v in configs.items() if v}
     for line in table(times, "bare", cadence, floor_s, offset=args.warmup):
         print(line)
     for label, mon in monitors.items():
