@@ -77,6 +77,8 @@ def squared_norms(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
 # (the loop costs ~3-4 us a tensor; copying 64K floats costs about as much), and only for several at once.
 _STACK_MAX_NUMEL = 1 << 16
 _STACK_MIN_COUNT = 4
+# CPU buffers kept between logging steps, per group; above this, page faults are small beside the copy itself.
+_KEEP_MAX_BYTES = 1 << 28
 
 
 class NormPlan:
@@ -90,24 +92,17 @@ class NormPlan:
 
     CPU groups keep their buffers (the stacks, the snapshot) between calls: a fresh multi-megabyte CPU tensor
     is fresh pages from the OS, and faulting them in cost more than the norms (4 ms instead of 1 ms for the
-    1,202-tensor stack). GPU groups allocate per call: the caching allocator reuses the memory, and a copy of
-    the weights is held only while a logging step is in flight.
+    1,202-tensor stack). That holds up to ~2x their size in host memory, so groups over 256 MB (CPU-offloaded
+    shards of a large model) allocate per call, as GPU groups do: there the caching allocator reuses the
+    memory, and a copy of the weights is held only while a logging step is in flight.
     """
 
     def __init__(self, tensors: Sequence[torch.Tensor]) -> None:
         self.size = len(tensors)
         self.device = tensors[0].device if tensors else torch.device("cpu")
-        stacks: dict[tuple, list[int]] = defaultdict(list)
-        loose: dict[tuple, list[int]] = defaultdict(list)
-        for i, t in enumerate(tensors):
-            if t.device.type == "cpu" and 0 < t.numel() <= _STACK_MAX_NUMEL:
-                stacks[(t.shape, t.dtype)].append(i)
-            else:
-                loose[(t.device, t.dtype)].append(i)
-        for key in [k for k, idx in stacks.items() if len(idx) < _STACK_MIN_COUNT]:
-            loose[(torch.device("cpu"), key[1])].extend(stacks.pop(key))
-        self.stacks = [_Group(idx, stacked=True) for idx in stacks.values()]
-        self.loose = [_Group(sorted(idx), stacked=False, keep=dev.type == "cpu") for (dev, _), idx in loose.items()]
+        stacks, loose = _grouped(tensors)
+        self.stacks = [_Group(idx, stacked=True, keep=_keeps(tensors, idx)) for idx in stacks]
+        self.loose = [_Group(idx, stacked=False, keep=_keeps(tensors, idx)) for idx in loose]
         order = [i for g in self.stacks + self.loose for i in g.idx]
         self._inverse = None
         if order != list(range(self.size)):
@@ -147,13 +142,34 @@ class NormPlan:
         return flat if self._inverse is None else flat[self._inverse]
 
 
+def _grouped(tensors: Sequence[torch.Tensor]) -> tuple[list[list[int]], list[list[int]]]:
+    """Indices of the stacks (several small CPU tensors of one shape and dtype) and of the loose groups (the
+    rest, by device and dtype)."""
+    stacks: dict[tuple, list[int]] = defaultdict(list)
+    loose: dict[tuple, list[int]] = defaultdict(list)
+    for i, t in enumerate(tensors):
+        if t.device.type == "cpu" and 0 < t.numel() <= _STACK_MAX_NUMEL:
+            stacks[(t.shape, t.dtype)].append(i)
+        else:
+            loose[(t.device, t.dtype)].append(i)
+    for key in [k for k, idx in stacks.items() if len(idx) < _STACK_MIN_COUNT]:
+        loose[(torch.device("cpu"), key[1])].extend(stacks.pop(key))
+    return list(stacks.values()), [sorted(idx) for idx in loose.values()]
+
+
+def _keeps(tensors: Sequence[torch.Tensor], idx: list[int]) -> bool:
+    """Whether a group holds its buffers between calls: CPU groups up to _KEEP_MAX_BYTES."""
+    first = tensors[idx[0]]
+    return first.device.type == "cpu" and sum(tensors[i].numel() for i in idx) * first.element_size() <= _KEEP_MAX_BYTES
+
+
 class _Group:
     """Tensors of one plan that take one op together: a stack (one CPU shape and dtype, reduced along the stack)
     or a loose group (one device and dtype, ``_foreach`` ops). ``keep``: hold buffers between calls."""
 
     __slots__ = ("idx", "stacked", "keep", "_buf", "_saved")
 
-    def __init__(self, idx: list[int], stacked: bool, keep: bool = True) -> None:
+    def __init__(self, idx: list[int], stacked: bool, keep: bool) -> None:
         self.idx, self.stacked, self.keep = idx, stacked, keep
         self._buf: torch.Tensor | None = None  # a stack's scratch (the stacked gradients or weights)
         self._saved: Any = None  # the snapshot: a stacked tensor, or a list of copies

@@ -83,3 +83,18 @@ def test_plan_works_on_parameters_without_touching_autograd():
 def test_segment_sum_propagates_nan_and_inf_to_its_bin():
     out = segment_sum([1.0, float("nan"), 2.0, float("inf"), 3.0], [0, 1, 1, 2, 0], 4)
     assert out[0] == 4.0 and out[1] != out[1] and out[2] == float("inf") and out[3] == 0.0
+
+
+def test_groups_over_the_memory_cap_keep_no_buffers_and_give_the_same_values(monkeypatch):
+    from gradwatch import metrics
+
+    tensors = _mixed()
+    kept = NormPlan(tensors)
+    monkeypatch.setattr(metrics, "_KEEP_MAX_BYTES", 0)
+    fresh = NormPlan(tensors)
+    assert all(g.keep for g in kept.stacks + kept.loose) and not any(g.keep for g in fresh.stacks + fresh.loose)
+    for _ in range(2):
+        torch.testing.assert_close(fresh.squared(tensors, snapshot=True), kept.squared(tensors, snapshot=True))
+        for t in tensors:
+            t.mul_(1.5)
+        torch.testing.assert_close(fresh.squared_change(tensors), kept.squared_change(tensors))
