@@ -13,7 +13,7 @@ from torch import nn
 
 __all__ = [
     "DTensor", "Shard", "OptimizedModule", "NORM_TYPES", "is_compiling", "is_compiled", "in_backward", "tree_tensors",
-    "foreach_norm_f32", "foreach_sub_", "foreach_copy", "foreach_copy_", "unscales_in_step", "scale_tensor", "event_file_writer",
+    "foreach_norm_f32", "vector_norm_f32", "foreach_sub_", "foreach_copy", "foreach_copy_", "unscales_in_step", "scale_tensor", "event_file_writer",
 ]
 
 try:  # DTensor moved out of _tensor in torch 2.4; FSDP2 needs it.
@@ -77,6 +77,13 @@ def foreach_norm_f32(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         return list(torch._foreach_norm(tensors, 2, dtype=torch.float32))
     except TypeError:  # torch < 2.2 has no dtype argument: upcast first
         return list(torch._foreach_norm([t.float() for t in tensors], 2))
+
+
+def vector_norm_f32(t: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """L2 norm (along ``dim``, else of all of ``t``) in float32 whatever ``t``'s dtype."""
+    if t.dtype == torch.float64:  # a float64 norm cannot narrow to float32 inside the op
+        return torch.linalg.vector_norm(t, dim=dim).float()
+    return torch.linalg.vector_norm(t, dim=dim, dtype=torch.float32)
 
 
 def foreach_sub_(a: list[torch.Tensor], b: list[torch.Tensor]) -> list[torch.Tensor]:

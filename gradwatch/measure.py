@@ -70,7 +70,9 @@ class _Layout:
     on a 1,000-tensor model."""
 
     def __init__(self, selection: Selection, kept: list[int]) -> None:
-        params = [selection.params[i] for i in kept]
+        self.whole = len(kept) == len(selection.params)
+        self.kept = kept
+        params = self.params(selection)
         self.sharded = [is_sharded(p) for p in params]
         self.local = any(local_tensor(p) is not p for p in params)  # DTensors: measure their local shards
         self.plan = NormPlan([local_tensor(p) for p in params])
@@ -78,6 +80,10 @@ class _Layout:
         self.seg = np.asarray([selection.segments[i] for i in kept], dtype=np.int64)
         self.present = np.bincount(self.seg, minlength=n) > 0
         self.layers = tuple(selection.names[j] for j in np.flatnonzero(self.present))
+
+    def params(self, selection: Selection) -> list[torch.Tensor]:
+        """The measured parameters (the selection's own list when every one is measured: no copy)."""
+        return selection.params if self.whole else [selection.params[i] for i in self.kept]
 
     def tensors(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         return [local_tensor(t) for t in tensors] if self.local else tensors
@@ -124,7 +130,7 @@ class Meter:
                  snapshot: bool) -> Pending:
         sel = self.selection
         layout = self._layout(kept)
-        params = sel.params if len(kept) == len(sel.params) else [sel.params[i] for i in kept]
+        params = layout.params(sel)
         grads = [p.grad for p in params]
         weights = layout.tensors(params)
         if {g.layout for g in grads} == _STRIDED:
@@ -152,8 +158,7 @@ class Meter:
         parts = list(pending.parts)
         layout = pending.layout
         if pending.snapshot:
-            params = sel.params if len(pending.kept) == len(sel.params) else [sel.params[i] for i in pending.kept]
-            parts.append(layout.plan.squared_change(layout.tensors(params)))
+            parts.append(layout.plan.squared_change(layout.tensors(layout.params(sel))))
         flow = pending.flow.values if pending.flow is not None else None
         stacked, n_flow = self._join(parts, flow, layout.sharded if layout is not None else [])
         if pending.found_inf is not None:

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ._compat import DTensor, Shard, foreach_copy, foreach_copy_, foreach_norm_f32, foreach_sub_
+from ._compat import DTensor, Shard, foreach_copy, foreach_copy_, foreach_norm_f32, foreach_sub_, vector_norm_f32
 
 __all__ = [
     "NormPlan",
@@ -223,10 +223,7 @@ def _each_squared(tensors: list[torch.Tensor]) -> torch.Tensor:
 
 def _rows_squared(stacked: torch.Tensor) -> torch.Tensor:
     """Squared L2 norm of each row of a stack of equal tensors, float32 (one reduction for the whole stack)."""
-    rows = stacked.reshape(stacked.shape[0], -1)
-    if rows.dtype == torch.float64:  # a float64 norm cannot narrow to float32 inside the op
-        return torch.linalg.vector_norm(rows, dim=1).float().square()
-    return torch.linalg.vector_norm(rows, dim=1, dtype=torch.float32).square()
+    return vector_norm_f32(stacked.reshape(stacked.shape[0], -1), dim=1).square()
 
 
 def reduce_squared(values: torch.Tensor, sharded: torch.Tensor | None) -> torch.Tensor:
