@@ -86,6 +86,15 @@ class Outcome:
         """No expected finding missed, no false alarm, no error contained inside gradwatch."""
         return not self.missed and not self.false_alarms and not self.errors
 
+    @property
+    def verdict(self) -> tuple[str, list[str]]:
+        """``("ok" | "miss" | "false alarm" | "error", the findings behind it)``: one reading for every report."""
+        if self.passed:
+            return "ok", []
+        if self.missed:
+            return "miss", self.missed
+        return ("false alarm", self.false_alarms) if self.false_alarms else ("error", self.errors)
+
 
 def _mlp() -> nn.Module:
     layers: list[nn.Module] = [nn.Linear(3 * 16 * 16, 64), nn.Sigmoid()]
@@ -142,7 +151,7 @@ def _optimizer(model: nn.Module, zero_lr: str | None) -> torch.optim.Optimizer:
 
 
 def run_case(case: Case, out: str, steps: int, every: int = 5, seed: int = 0, batch: int = 32,
-             threads: int = 1, progress: Callable[[int, float], None] | None = None, device: str = "cpu",
+             threads: int = 1, progress: Callable[[int, torch.Tensor], None] | None = None, device: str = "cpu",
              label: str | None = None) -> Outcome:
     """Train ``case`` for ``steps`` and judge what the monitor told (the ``gradwatch`` logger is quiet
     meanwhile: the verdict line says what fired)."""
@@ -156,7 +165,7 @@ def run_case(case: Case, out: str, steps: int, every: int = 5, seed: int = 0, ba
 
 
 def _run_case(case: Case, out: str, steps: int, every: int, seed: int, batch: int, threads: int,
-              progress: Callable[[int, float], None] | None, device: str, label: str) -> Outcome:
+              progress: Callable[[int, torch.Tensor], None] | None, device: str, label: str) -> Outcome:
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     model = case.build().to(device)
@@ -168,7 +177,7 @@ def _run_case(case: Case, out: str, steps: int, every: int, seed: int, batch: in
     gen = torch.Generator().manual_seed(seed)
     hook = None
     start = time.perf_counter()
-    losses: list[float] = []
+    losses: list[torch.Tensor] = []  # read back once at the end: .item() per step would sync a GPU every step
     with Monitor(model, optimizer=opt, log_dir=os.path.join(out, label), every=every,
                  remind_after=None) as mon:
         for i in range(steps):
@@ -186,10 +195,11 @@ def _run_case(case: Case, out: str, steps: int, every: int, seed: int, batch: in
             if hook is not None:
                 hook.remove()
                 hook = None
-            losses.append(loss.item())
+            losses.append(loss.detach())
             if progress is not None:
                 progress(i + 1, losses[-1])
-    return _judge(case, mon, losses, time.perf_counter() - start, label)
+    values = torch.stack(losses).tolist() if losses else []
+    return _judge(case, mon, values, time.perf_counter() - start, label)
 
 
 def _judge(case: Case, mon: Monitor, losses: Sequence[float], seconds: float, label: str) -> Outcome:
@@ -202,7 +212,7 @@ def _judge(case: Case, mon: Monitor, losses: Sequence[float], seconds: float, la
     missed = [f"{rule} ({name or 'any'})" for rule, name in case.expect
               if not any(a.rule == rule and (name is None or name == a.name) for a in told)]
     expected_rules = {rule for rule, _ in case.expect}
-    false = [f"{a.rule}@{a.step} ({a.name or '-'}) [{a.severity}]" for a in told
+    false = [text for a, text in zip(told, observed)
              if a.severity != "info" and a.rule not in expected_rules and a.rule not in case.allowed]
     if case.group == "variant":  # shown, not judged: the paper's finding is about training, not alerts
         false = []
@@ -248,7 +258,7 @@ def run(quick: bool = False, out: str = "runs/validate", steps: int | None = Non
     outcomes: list[Outcome] = []
 
     def report(i: int, o: Outcome) -> None:
-        verdict = "ok" if o.passed else "MISS" if o.missed else "FALSE ALARM" if o.false_alarms else "ERROR"
+        verdict = o.verdict[0] if o.passed else o.verdict[0].upper()
         print(f"[{i:>2}/{len(chosen)}] {o.case:<26} {verdict:<11} {o.seconds:6.1f} s  "
               f"{', '.join(o.observed) or 'no incident'}", file=stream, flush=True)
 
@@ -260,11 +270,11 @@ def run(quick: bool = False, out: str = "runs/validate", steps: int | None = Non
                 report(i, o)
     else:
         for i, (c, seed, label) in enumerate(chosen, 1):
-            def bar(k: int, loss: float, label: str = label, i: int = i) -> None:
-                if k % 10 == 0 or k == steps:
+            def bar(k: int, loss: torch.Tensor, label: str = label, i: int = i) -> None:
+                if k % 10 == 0 or k == steps:  # the one host read of the loss, every 10 steps
                     done = int(24 * k / steps)
                     stream.write(f"\r[{i:>2}/{len(chosen)}] {label:<26} [{'#' * done}{'.' * (24 - done)}] "
-                                 f"{k}/{steps} loss {loss:.3f}")
+                                 f"{k}/{steps} loss {loss.item():.3f}")
                     stream.flush()
             o = run_case(c, out, steps, every, seed=seed, progress=bar if stream.isatty() else None,
                          device=device, label=label, threads=threads)
@@ -391,9 +401,8 @@ def table(outcomes: Sequence[Outcome]) -> str:
         return "–" if v is None or not math.isfinite(v) else f"{v:.3g}"
 
     for o in outcomes:
-        verdict = "ok" if o.passed else ("miss: " + ", ".join(o.missed) if o.missed else
-                                         "false alarm: " + ", ".join(o.false_alarms) if o.false_alarms else
-                                         "error: " + "; ".join(o.errors))
+        kind, why = o.verdict
+        verdict = kind if o.passed else f"{kind}: " + ("; " if kind == "error" else ", ").join(why)
         h = o.health
         depth = f"{f(h.get('effective_depth'))} / {f(h.get('effective_depth_n'))}"
         rows.append(f"| {o.case} | {o.group} | {', '.join(o.expected) or 'none'} | "
