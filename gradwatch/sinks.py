@@ -28,6 +28,7 @@ from torch.utils.tensorboard import summary as tb_summary
 
 from . import _fastcrc
 from ._compat import event_file_writer
+from ._histogram import Bins
 from ._worker import Worker
 from .layout import build_layout
 from .pictures import Timeline, render_all
@@ -200,7 +201,7 @@ class TensorBoardSink(Sink):
         self._worker = Worker("gradwatch-tensorboard") if (self._events is not None and background) else None
         _fastcrc.install()  # tensorboard's pure-Python checksum was the largest cost of writing an event
         self._scalar_bytes = _ScalarBytes()
-        self._bins: np.ndarray | None = None
+        self._bins: Bins | None = None
         self._layout_key: tuple[Any, ...] | None = None
         self._pictures = _PictureSchedule(pictures, picture_budget) if self._events is not None and pictures \
             else None
@@ -275,10 +276,12 @@ class TensorBoardSink(Sink):
         summary = Summary.FromString(encoded)  # parsing is C; building ~1,000s of Value objects in Python is not
         summary.value.extend(extra)
         summary.value.extend(Summary.Value(tag=tag, simple_value=v) for tag, v in scalars)
-        if self._bins is None:  # what add_histogram(bins="tensorflow") uses, as an array once, not per call
-            self._bins = np.asarray(self.writer.default_bins, dtype=np.float64)
+        if self._bins is None:  # what add_histogram(bins="tensorflow") uses, checked once, not per call
+            self._bins = Bins(self.writer.default_bins)
         for tag, vals in hists:
-            summary.value.add(tag=tag, histo=tb_summary.make_histogram(vals, self._bins))
+            histo = self._bins.proto(vals)
+            if histo is not None:  # every value beyond the bins (norms over ~1e20): the scalars say it
+                summary.value.add(tag=tag, histo=histo)
         for tag, text in texts:
             summary.value.extend(tb_summary.text(tag, text).value)
         events.add_summary(summary, step)
@@ -289,7 +292,10 @@ class TensorBoardSink(Sink):
             w.add_scalar(tag, v, step)
         add_histogram = getattr(w, "add_histogram", None)
         for tag, vals in hists if add_histogram is not None else ():
-            add_histogram(tag, vals, step)
+            try:
+                add_histogram(tag, vals, step)
+            except ValueError as err:  # e.g. every value beyond the bins (norms over ~1e20): the scalars say it
+                log.debug("gradwatch: histogram %s at step %d not written: %s", tag, step, err)
         add_text = getattr(w, "add_text", None)
         for tag, text in texts if add_text is not None else ():
             add_text(tag, text, step)

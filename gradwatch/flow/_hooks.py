@@ -64,6 +64,14 @@ class _Slot:
         self.sums[role] = None
         self.left[role] = 0
 
+    def retire(self) -> None:
+        """Make every hook of this slot a no-op (its step is collected). Cheaper than removing the hooks: a
+        graph that is not retained frees them with its nodes; a retained one keeps only inert hooks."""
+        self.left = [0, 0]
+        self.norms = [0.0] * 4
+        self.sums = [None, None]
+        self.keep, self.vectors = False, None
+
     def finish(self) -> None:
         """Every consumer that will fire has fired (the fork ran, or the step is over)."""
         for role in (0, 1):

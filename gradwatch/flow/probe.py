@@ -28,6 +28,8 @@ log = logging.getLogger("gradwatch")
 
 __all__ = ["FlowProbe", "check_blocks"]
 
+_TREE_CHECK_EVERY = 8
+
 
 def _check_member(model: nn.Module, module: Any, arg: str) -> None:
     if not isinstance(module, nn.Module):
@@ -204,7 +206,7 @@ class FlowProbe:
             self._end_of_session(sess)
             return self._gather(sess)
         finally:
-            sess.close()
+            sess.end()
 
     @torch.no_grad()
     def _restore(self, saved: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
@@ -262,7 +264,10 @@ class FlowProbe:
             sess.close()  # a logging step whose measurement never came: drop it
         self._sessions += 1
         sess = self._session = _Session(step, self._sessions)
-        if self.auto and tuple(id(m) for m in self.model.modules()) != self._blocks.signature:
+        # Walking the module tree costs ~0.2-0.4 ms on ResNet-56 (200 modules) in the middle of a forward: a
+        # module added or replaced mid-run is looked for on every 8th logging step, not on each.
+        if self.auto and self._sessions % _TREE_CHECK_EVERY == 1 and \
+                tuple(id(m) for m in self.model.modules()) != self._blocks.signature:
             self._tracker.refresh()
         return sess
 

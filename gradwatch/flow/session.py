@@ -49,8 +49,18 @@ class _Session:
         self.slots.pop(mid, None)
 
     def close(self) -> None:
+        """Remove every hook of the session (the probe closes, or a step is dropped)."""
         for mid in list(self.handles):
             self.disarm(mid)
+        self.end()
+
+    def end(self) -> None:
+        """The step is collected: its hooks become no-ops (removing ~80 handles one by one cost ~0.3 ms per
+        ResNet-56 logging step) and the session lets go of them."""
+        for pairs in self.slots.values():
+            for _, slot in pairs:
+                slot.retire()
+        self.handles.clear()
         self.slots.clear()
         self.inputs.clear()
         self.claimed.clear()

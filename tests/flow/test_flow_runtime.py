@@ -664,3 +664,49 @@ def _count_compiles(monitor: str | None) -> int:
 def test_the_monitor_causes_no_recompile(monitor):
     """dynamo guards on a module's hooks: a hook removed after the first compile would force a second one."""
     assert _count_compiles(monitor) == _count_compiles(None)
+
+
+def test_a_second_backward_through_a_collected_step_changes_nothing(monkeypatch):
+    # collected steps leave their hooks in place as no-ops (cheaper than removing them one by one)
+    torch.manual_seed(0)
+    net = resnet(8, width=4)
+    mon = gradwatch.Monitor(net, every=1, strict=True)  # stepped by hand: no weight changes in between
+    mon.probe.keep_vectors = True
+    x, y = batch()
+    loss = F.cross_entropy(net(x), y)
+    loss.backward(retain_graph=True)
+    mon.step()
+    before = flow_rows(mon).sort_values(["step", "name", "metric"]).value.to_numpy()
+    vectors = {k: {n: v.clone() for n, v in d.items()} for k, d in mon.probe.vectors.items()}
+    net.zero_grad()
+    norms = []
+    norm = _hooks._norm
+    monkeypatch.setattr(_hooks, "_norm", lambda g: norms.append(1) or norm(g))
+    loss.backward()  # the retained graph: every hook of step 0 fires again, and must do nothing
+    assert not norms
+    after = flow_rows(mon).sort_values(["step", "name", "metric"]).value.to_numpy()
+    np.testing.assert_array_equal(before, after)
+    for k, d in vectors.items():
+        assert all(torch.equal(v, mon.probe.vectors[k][n]) for n, v in d.items())
+    assert not mon.errors
+
+
+def test_a_block_added_mid_run_is_measured_within_eight_logging_steps():
+    torch.manual_seed(0)
+    net = resnet(8, width=4)
+    seen = {}
+
+    def grow(model, step):
+        if step == 3:
+            model.layer3.append(BasicBlock(16, 16))
+
+    def names(step):
+        rows = flow_rows(mon)
+        return set(rows[rows.step == step].name)
+
+    _, mon = train(net, 14, dict(every=1, strict=True), extra=grow)
+    for step in range(14):
+        seen[step] = names(step)
+    assert "layer3.1" not in seen[2]
+    assert "layer3.1" in seen[13] and seen[13] > seen[2]
+    assert not mon.errors
