@@ -39,10 +39,11 @@ HEALTH = ("grad_to_weight_early", "skip_share_min", "transmission_end_to_end", *
 
 
 def health(record: StepRecord, kinds: Mapping[str, str] | None = None,
-           forward: Mapping[str, int] | None = None) -> dict[str, float]:
+           forward: Mapping[str, int] | None = None, measurements: Measurements | None = None) -> dict[str, float]:
     """The :data:`HEALTH` figures of ``record`` (``kinds``: layer kinds, ``forward``: forward order, as the
-    rules receive them)."""
-    m = Measurements.from_record(record, kinds or {}, forward or {})
+    rules receive them; ``measurements``: the rules' own :class:`Measurements` of ``record``, made with the
+    same ``kinds`` and ``forward``, whose statistics are then reused)."""
+    m = measurements if measurements is not None else Measurements.from_record(record, kinds or {}, forward or {})
     er = early_ratio(m)
     out = {
         "grad_to_weight_early": er.ratio if er is not None else math.nan,

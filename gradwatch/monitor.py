@@ -553,8 +553,10 @@ class Monitor:
             events = self._engine.evaluate(record, self._forward)
             record = dataclasses.replace(record, events=events, open_incidents=self._engine.open_counts(),
                                          alerts=tuple(e.alert for e in events if e.kind != "resolved"))
+        seen = self._engine.measurements if self._engine is not None else None  # the rules' view of record
+        seen = seen if seen is not None and seen.step == record.step else None
         record = dataclasses.replace(record, kinds=self._record_kinds(record.layers),
-                                     health=health(record, self._kinds, self._forward))
+                                     health=health(record, self._kinds, self._forward, seen))
         self._latest = record
         self._history.write(record)  # every rank keeps its history
         for sink in self._sinks:

@@ -138,13 +138,16 @@ class AlertEngine:
         self.should_stop = False
         self._pending_alarm: list[Alert] | None = None
         self._closed = False
+        #: The :class:`Measurements` of the record evaluated last (what the rules saw).
+        self.measurements: Measurements | None = None
 
     def evaluate(self, record: StepRecord, forward: Mapping[str, int] | None = None) -> tuple[IncidentEvent, ...]:
         """Run the rules on ``record`` (``forward``: module name -> position in the forward pass), update the
         incidents, record every event and return those to tell."""
+        self.measurements = None
         if self._closed:
             return ()
-        m = Measurements.from_record(record, self.kinds, forward or {})
+        m = self.measurements = Measurements.from_record(record, self.kinds, forward or {})
         found: list[Alert] = []
         for rule in self.rules:
             try:

@@ -49,6 +49,8 @@ class Measurements:
     blocks: list[str] = field(default_factory=list)
     block: dict[str, np.ndarray] = field(default_factory=dict)
     forward: Mapping[str, int] = field(default_factory=dict)
+    # what several rules (and the health figures) derive alike, computed once per step; add() clears it
+    _memo: dict[Any, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def forward_sorted(self, indices: Iterable[int]) -> list[int]:
         """Layer ``indices`` sorted in the order their modules ran in the forward pass (:attr:`forward`: module
@@ -65,6 +67,7 @@ class Measurements:
     def add(self, names: Sequence[str], metric: str, values: np.ndarray | Sequence[float]) -> None:
         """Add ``values[i]`` as ``metric`` of ``names[i]`` (a block metric if ``metric`` is one of
         :data:`~gradwatch.names.FLOW_METRICS`, else a layer metric; ``_global`` goes to :attr:`whole`)."""
+        self._memo.clear()
         values = np.asarray(values, dtype=np.float64).reshape(-1)
         names = list(names)
         if GLOBAL_NAME in names:
@@ -131,15 +134,22 @@ class Measurements:
     def weight_layers(self) -> np.ndarray:
         """Indices into :attr:`layers` of the ``"weight"`` layers (conv, linear, ...), in forward order (see
         :meth:`forward_sorted`)."""
-        kinds = self.kinds
-        idx = np.flatnonzero([kinds.get(n, "weight") == "weight" for n in self.layers])
-        return np.asarray(self.forward_sorted(idx), dtype=np.int64) if self.forward else idx
+        if "weight_layers" not in self._memo:
+            kinds = self.kinds
+            idx = np.flatnonzero([kinds.get(n, "weight") == "weight" for n in self.layers])
+            self._memo["weight_layers"] = np.asarray(self.forward_sorted(idx), dtype=np.int64) if self.forward else idx
+        return self._memo["weight_layers"].copy()
 
     def dormant(self) -> np.ndarray:
         """Mask over :attr:`layers`: inside a residual block whose branch is (nearly) switched off — skip_share
         above :data:`DORMANT_SHARE`, as when the branch's last norm layer starts at zero (torchvision's
         ``zero_init_residual``, timm's ``zero_init_last``). Such a branch learns from ~0 by design; its layers'
         tiny ratios say nothing about the depth profile. All False without block flow."""
+        if "dormant" not in self._memo:
+            self._memo["dormant"] = self._dormant()
+        return self._memo["dormant"].copy()
+
+    def _dormant(self) -> np.ndarray:
         share = self.block_values("skip_share")
         modules = {b.split("[")[0] for b, s in zip(self.blocks, share) if np.isfinite(s) and s > DORMANT_SHARE}
         if not modules:
@@ -167,6 +177,13 @@ def early_ratio(m: Measurements, early: float = EARLY_FRACTION, min_layers: int 
     weight layers with a finite ratio). Layers of dormant branches (:meth:`Measurements.dormant`) are left out
     of both the early set and the typical value; while they are most of the weight layers (a zero-initialised
     resnet50's 48 of 53 for its first steps), there is no typical value and the statistic is None."""
+    key = ("early_ratio", early, min_layers)
+    if key not in m._memo:  # Vanishing, Exploding and the health figures all ask, on the same step
+        m._memo[key] = _early_ratio(m, early, min_layers)
+    return m._memo[key]
+
+
+def _early_ratio(m: Measurements, early: float, min_layers: int) -> EarlyRatio | None:
     g2w = m.values("grad_to_weight")
     idx = m.weight_layers()
     asleep = m.dormant()[idx]

@@ -487,6 +487,9 @@ def test_layers_of_a_dormant_branch_are_left_out_of_the_early_and_typical_ratios
     # most of the net asleep (a zero-initialised resnet50's first steps): no typical value, no verdict
     most = step_of(1, blocks={"skip_share": (names, [1 - 1e-9] * 4 + [0.5])}, layers={"grad_to_weight": (layers, g2w)})
     assert early_ratio(most) is None and Exploding(spike=None).check(most) == []
+    # the statistic is worked out once per step for every rule that asks, and again once the step changes
+    most.add(names, "skip_share", [0.3, 0.4, 0.5, 0.6, 0.7])
+    assert early_ratio(most).ratio < 1e-4 and not most.dormant().any()
 
 
 def test_zero_initialised_residual_branches_raise_no_alert():
