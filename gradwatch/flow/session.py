@@ -42,6 +42,7 @@ class _Session:
         self.examined: list[int] = []
         self.order: dict[int, int] = {}  # module id -> position of its first completed call (depth order)
         self.merges: dict[int, _Slot] = {}  # id of an armed merge node -> its slot
+        self.open = True  # False once collected or dropped
 
     def disarm(self, mid: int) -> None:
         for h in self.handles.pop(mid, ()):
@@ -57,6 +58,7 @@ class _Session:
     def end(self) -> None:
         """The step is collected: its hooks become no-ops (removing ~80 handles one by one cost ~0.3 ms per
         ResNet-56 logging step) and the session lets go of them."""
+        self.open = False
         for pairs in self.slots.values():
             for _, slot in pairs:
                 slot.retire()

@@ -65,7 +65,8 @@ def test_only_logging_steps_arm_and_discovery_is_paid_once():
     opt = torch.optim.SGD(net.parameters(), lr=0.05)
     mon = gradwatch.Monitor(net, optimizer=opt, every=3, strict=True)
     hooked_before = sum(len(m._forward_hooks) for m in net.modules())
-    assert hooked_before == len(list(net.modules()))  # discovery hooks, until the first logging step
+    # discovery hooks until the first logging step, and the model's own pair (arming waits for its forward's end)
+    assert hooked_before == len(list(net.modules())) + 1
     for step in range(7):
         x, y = batch(seed=step)
         loss = F.cross_entropy(net(x), y)
@@ -75,9 +76,9 @@ def test_only_logging_steps_arm_and_discovery_is_paid_once():
         opt.step()
         opt.zero_grad()
         assert not mon.probe.armed  # collected, hooks removed
-        # after discovery: one forward hook per block, no pre-hooks
-        assert sum(len(m._forward_hooks) for m in net.modules()) == 3
-        assert sum(len(m._forward_pre_hooks) for m in net.modules()) == 0
+        # after discovery: one forward hook per block, and the model's pair
+        assert sum(len(m._forward_hooks) for m in net.modules()) == 3 + 1
+        assert sum(len(m._forward_pre_hooks) for m in net.modules()) == 1
     assert sorted(flow_rows(mon).step.unique()) == [0, 3, 6]
     assert mon.probe.sessions == 3
 
@@ -710,3 +711,42 @@ def test_a_block_added_mid_run_is_measured_within_eight_logging_steps():
     assert "layer3.1" not in seen[2]
     assert "layer3.1" in seen[13] and seen[13] > seen[2]
     assert not mon.errors
+
+
+def test_a_forward_that_raises_midway_leaves_the_next_steps_measured():
+    # arming waits for the end of the model's forward; a forward that never ends must not hold it forever
+    torch.manual_seed(0)
+    net = resnet(8, width=4)
+    opt = torch.optim.SGD(net.parameters(), lr=0.05)
+    mon = gradwatch.Monitor(net, optimizer=opt, every=1)
+    boom = net.layer3.register_forward_pre_hook(lambda m, a: 1 / 0)
+    with pytest.raises(ZeroDivisionError):  # layer1 and layer2 have run and armed (deferred)
+        net(batch()[0])
+    boom.remove()
+    for step in range(3):
+        x, y = batch(seed=step)
+        F.cross_entropy(net(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+    rows = flow_rows(mon)
+    assert sorted(rows.step.unique()) == [0, 1, 2] and np.isfinite(rows.value).all()
+    assert set(rows[rows.step == 2].name) == {"layer1.0", "layer2.0", "layer3.0"}
+    assert not mon.errors
+
+
+def test_blocks_called_without_the_models_forward_are_measured():
+    # e.g. a LightningModule whose training_step calls its backbone: the model's own forward never runs
+    torch.manual_seed(0)
+    net = resnet(8, width=4)
+    opt = torch.optim.SGD(net.parameters(), lr=0.05)
+    mon = gradwatch.Monitor(net, optimizer=opt, every=1, strict=True)
+    for step in range(3):
+        x, y = batch(seed=step)
+        h = net.relu(net.bn1(net.conv1(x)))
+        h = net.layer3(net.layer2(net.layer1(h)))
+        F.cross_entropy(net.fc(h.mean((2, 3))), y).backward()
+        opt.step()
+        opt.zero_grad()
+    rows = flow_rows(mon)
+    assert sorted(rows.step.unique()) == [0, 1, 2] and np.isfinite(rows.value).all()
+    assert set(rows[rows.step == 2].name) == {"layer1.0", "layer2.0", "layer3.0"}
