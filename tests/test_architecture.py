@@ -115,7 +115,7 @@ def test_no_gradwatch_import_inside_a_function():
 
 
 @pytest.mark.parametrize("leaf", ["gradwatch.names", "gradwatch._compat", "gradwatch._checks", "gradwatch._once",
-                                  "gradwatch._worker", "gradwatch._fastcrc", "gradwatch.alerts.alert", "gradwatch.flow.discovery", "gradwatch.record",
+                                  "gradwatch._worker", "gradwatch._fastcrc", "gradwatch._histogram", "gradwatch.alerts.alert", "gradwatch.flow.discovery", "gradwatch.record",
                                   "gradwatch.version"])
 def test_leaf_modules_import_no_other_gradwatch_module(leaf):
     deps, _ = _runtime_imports(leaf, _modules()[leaf])
