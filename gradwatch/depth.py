@@ -30,7 +30,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["DEPTH", "chain", "path_length_distribution", "distribution", "effective_depth"]
+__all__ = ["DEPTH", "chain", "path_length_distribution", "distribution", "effective_depth", "figures"]
 
 #: The effective-depth figures: mean path length, its 10th/50th/90th percentiles, blocks in the chain.
 DEPTH = ("effective_depth", "effective_depth_p10", "effective_depth_p50", "effective_depth_p90",
@@ -83,7 +83,11 @@ def distribution(blocks: Sequence[str], skip_grad: np.ndarray, branch_grad: np.n
 
 def effective_depth(blocks: Sequence[str], skip_grad: np.ndarray, branch_grad: np.ndarray) -> dict[str, float]:
     """The :data:`DEPTH` figures for blocks with these gradients at their inputs (NaN without a chain)."""
-    dist = distribution(blocks, skip_grad, branch_grad)
+    return figures(distribution(blocks, skip_grad, branch_grad))
+
+
+def figures(dist: np.ndarray | None) -> dict[str, float]:
+    """The :data:`DEPTH` figures of a path-length distribution (:func:`distribution`; NaN for None)."""
     if dist is None:
         return dict.fromkeys(DEPTH, math.nan)
     k = np.arange(len(dist))

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .depth import distribution, effective_depth
+from .depth import distribution, figures
 from .record import StepRecord
 
 __all__ = ["Timeline", "Picture", "render_all", "heatmap", "profile", "depth_distribution"]
@@ -176,14 +176,13 @@ def depth_distribution(blocks: Sequence[str], skip_grad: np.ndarray, branch_grad
                        title: str = "") -> Picture:
     """The path-length distribution of the latest step (:mod:`gradwatch.depth`): the share of the gradient
     magnitude carried by paths through k residual branches, k = 0..n, with the mean and the 10–90% range."""
-    dist = distribution(blocks, skip_grad, branch_grad)
-    if dist is None:
-        dist = np.ones(1)
+    found = distribution(blocks, skip_grad, branch_grad)
+    dist = np.ones(1) if found is None else found
     fig = _figure(8, 3.6, left=0.9, right=0.3, bottom=0.7, top=0.5)
     ax = fig.add_subplot()
     ax.bar(np.arange(len(dist)), dist, color="#6baed6", width=0.85)
-    figures = effective_depth(blocks, skip_grad, branch_grad)
-    lo, hi, mean = figures["effective_depth_p10"], figures["effective_depth_p90"], figures["effective_depth"]
+    stats = figures(found)
+    lo, hi, mean = stats["effective_depth_p10"], stats["effective_depth_p90"], stats["effective_depth"]
     ax.axvspan(lo - 0.5, hi + 0.5, color="#fdae6b", alpha=0.25, label=f"10–90%: {lo:.0f}–{hi:.0f} blocks")
     ax.axvline(mean, color="#d94801", linewidth=1.5, label=f"mean {mean:.1f} of {len(dist) - 1} blocks")
     ax.set_xlim(-0.5, len(dist) - 0.5)

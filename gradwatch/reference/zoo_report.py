@@ -7,7 +7,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import importlib.metadata
-import json
 import logging
 import math
 import os
@@ -24,6 +23,7 @@ import torch
 
 from ..alerts import default_rules
 from ..version import __version__
+from ._json import dump_json
 from ._sections import write_head
 from .zoo_run import FULL, QUICK, ZooResult, alert_text, run_entry
 
@@ -240,16 +240,6 @@ def main_with(entries: Callable[..., list[Any]], argv: list[str] | None = None) 
 
 def _write_json(path: str, argv: Sequence[str], steps: int, every: int, source: str,
                 results: Sequence[ZooResult]) -> None:
-    def clean(x: Any) -> Any:
-        if isinstance(x, float) and not math.isfinite(x):
-            return str(x)
-        if isinstance(x, dict):
-            return {k: clean(v) for k, v in x.items()}
-        if isinstance(x, (list, tuple)):
-            return [clean(v) for v in x]
-        return x
-
     doc = {"command": "python -m gradwatch.reference.zoo " + " ".join(argv), "steps": steps, "every": every,
-           "torch": torch.__version__, "source": source, "results": [clean(asdict(r)) for r in results]}
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(doc, f, indent=1)
+           "torch": torch.__version__, "source": source, "results": [asdict(r) for r in results]}
+    dump_json(path, doc)

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import json
+import math
+
+import pytest
 
 from gradwatch.cli import main
 from gradwatch.reference import validate
+from gradwatch.reference._json import dump_json
 from gradwatch.reference.blocks import resnet
 
 
@@ -14,7 +18,10 @@ def test_faults_are_found_naming_the_layer_or_block_and_the_summary_is_written(t
                  "--out", str(tmp_path)])
     out = capsys.readouterr().out
     assert code == 0, out
-    summary = json.loads((tmp_path / "validate.json").read_text())
+    def refuse(token):  # what JavaScript or jq would do with a bare NaN / Infinity
+        raise ValueError(f"not strict JSON: {token}")
+
+    summary = json.loads((tmp_path / "validate.json").read_text(), parse_constant=refuse)
     got = {c["case"]: c for c in summary["cases"]}
     assert set(got) == {"detached-skip", "zero-lr", "nan-gradient"} and all(c["passed"] for c in got.values())
     assert got["detached-skip"]["observed"][0].startswith("skip_collapse@10 (layer2.1)")
@@ -38,3 +45,11 @@ def test_a_miss_or_a_false_alarm_fails_the_verdict(tmp_path):
 def test_unknown_cases_get_a_clear_message(capsys, tmp_path):
     assert main(["validate", "--only", "no-such-case", "--out", str(tmp_path)]) == 2
     assert "no case matches ['no-such-case']" in capsys.readouterr().err
+
+
+def test_summaries_are_strict_json(tmp_path):
+    doc = {"a": math.nan, "b": [1.5, math.inf, (-math.inf, 2)], "c": {"d": 0.0}}
+    dump_json(str(tmp_path / "s.json"), doc)
+    text = (tmp_path / "s.json").read_text()
+    assert json.loads(text, parse_constant=lambda t: pytest.fail(f"bare {t}")) == {
+        "a": "nan", "b": [1.5, "inf", ["-inf", 2]], "c": {"d": 0.0}}
