@@ -18,7 +18,7 @@ _OUT, _IN, _SKIP, _BRANCH = range(4)
 
 
 def _norm(g: torch.Tensor) -> torch.Tensor:
-    if g.dtype == torch.float32 and g.device.type == "cpu" and g.is_contiguous():
+    if g.dtype == torch.float32 and g.is_cpu and g.is_contiguous():
         # BLAS dot: half the time of vector_norm on a CPU (ResNet-56 activation gradients: 0.05 vs 0.11 ms for
         # 32x16x32x32), and as precise; over- and underflow alike. GPUs keep vector_norm (one kernel either way).
         flat = g.view(-1)
