@@ -30,22 +30,37 @@ class Bins:
         """The histogram of ``values`` (finite, non-empty), as ``make_histogram(values, edges)`` makes it; None
         when no value lies inside the edges (``make_histogram`` raises there, e.g. on norms over 1e20, and the
         step's scalars would be lost with it)."""
-        values = np.asarray(values).reshape(-1)
-        if values.size == 0:
+        return self.protos([values])[0]
+
+    def protos(self, arrays: Sequence[np.ndarray]) -> list[HistogramProto | None]:
+        """:meth:`proto` of each of ``arrays``, binned together: one ``searchsorted`` and one ``bincount`` for
+        a step's ten histograms instead of ten of each."""
+        arrays = [np.asarray(a, dtype=np.float64).reshape(-1) for a in arrays]
+        if not arrays:
+            return []
+        if any(a.size == 0 for a in arrays):
             raise ValueError("a histogram needs at least one value")
+        n, k = self._n, len(arrays)
+        values = np.concatenate(arrays)
         # np.histogram's bins: [e_i, e_i+1) each, the last one closed; values outside the edges are not counted
         idx = np.searchsorted(self.edges, values, side="right") - 1
-        idx[values == self.edges[-1]] = self._n - 1
-        idx = idx[(idx >= 0) & (idx < self._n)]
-        counts = np.bincount(idx, minlength=self._n)
-        nonzero = np.flatnonzero(counts)
-        if nonzero.size == 0:
-            return None
-        start, end = int(nonzero[0]), int(nonzero[-1]) + 1
-        # TensorBoard reads right limits only: one empty bin on the left keeps the leftmost limit
-        counts = counts[start - 1:end] if start > 0 else np.concatenate([[0], counts[:end]])
-        return HistogramProto(
-            min=values.min(), max=values.max(), num=len(values), sum=values.sum(),
-            sum_squares=values.dot(values), bucket_limit=self.edges[start:end + 1].tolist(),
-            bucket=counts.tolist(),
-        )
+        idx[values == self.edges[-1]] = n - 1
+        row = np.repeat(np.arange(k), [a.size for a in arrays])
+        inside = (idx >= 0) & (idx < n)
+        counts = np.bincount(row[inside] * n + idx[inside], minlength=k * n).reshape(k, n)
+        occupied = counts > 0
+        first = occupied.argmax(axis=1)
+        last = n - 1 - occupied[:, ::-1].argmax(axis=1)
+        out: list[HistogramProto | None] = []
+        for r, a in enumerate(arrays):
+            if not occupied[r, first[r]]:
+                out.append(None)
+                continue
+            start, end = int(first[r]), int(last[r]) + 1
+            # TensorBoard reads right limits only: one empty bin on the left keeps the leftmost limit
+            bucket = counts[r, start - 1:end] if start > 0 else np.concatenate([[0], counts[r, :end]])
+            # the moments per array, as make_histogram takes them (a segmented sum would round differently)
+            out.append(HistogramProto(
+                min=a.min(), max=a.max(), num=a.size, sum=a.sum(), sum_squares=a.dot(a),
+                bucket_limit=self.edges[start:end + 1].tolist(), bucket=bucket.tolist()))
+        return out

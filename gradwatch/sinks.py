@@ -145,21 +145,31 @@ def _varint(n: int) -> bytes:
 
 class _ScalarBytes:
     """Scalars as serialized ``Summary.Value`` entries (``tag = 1``, ``simple_value = 2``), the tag part encoded
-    once per tag and kept: per step only the 4 bytes of each float are new. ~10x cheaper than building a
-    ``Summary.Value`` object per scalar (thousands per step on a deep model)."""
+    once per tag and kept: per step only the 4 bytes of each float are new, written into a copy of the kept
+    bytes by one numpy assignment. ~10x cheaper than building a ``Summary.Value`` object per scalar (thousands
+    per step on a deep model), and than joining the pieces in Python."""
 
     def __init__(self) -> None:
-        self._prefixes: dict[tuple[str, tuple[str, ...]], list[bytes]] = {}
+        self._templates: dict[tuple[str, tuple[str, ...]], tuple[np.ndarray, np.ndarray]] = {}
 
     def encode(self, head: str, names: tuple[str, ...], values: np.ndarray) -> bytes:
         key = (head, names)
-        prefixes = self._prefixes.get(key)
-        if prefixes is None:
-            if len(self._prefixes) > 256:  # the layers measured changed many times: start over
-                self._prefixes.clear()
-            prefixes = self._prefixes[key] = [self._prefix((head + n).encode("utf-8")) for n in names]
-        raw = np.asarray(values, dtype="<f4").tobytes()
-        return b"".join([p + raw[4 * i: 4 * i + 4] for i, p in enumerate(prefixes)])
+        cached = self._templates.get(key)
+        if cached is None:
+            if len(self._templates) > 256:  # the layers measured changed many times: start over
+                self._templates.clear()
+            cached = self._templates[key] = self._template([self._prefix((head + n).encode("utf-8")) for n in names])
+        template, slots = cached
+        out = template.copy()
+        out[slots] = np.frombuffer(np.asarray(values, dtype="<f4").tobytes(), dtype=np.uint8)
+        return out.tobytes()
+
+    @staticmethod
+    def _template(prefixes: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
+        """The entries with zeros for the floats, and the byte positions of the floats in it."""
+        ends = np.cumsum([len(p) + 4 for p in prefixes])
+        slots = (ends[:, None] - 4 + np.arange(4)).reshape(-1)
+        return np.frombuffer(b"".join(p + bytes(4) for p in prefixes), dtype=np.uint8).copy(), slots
 
     @staticmethod
     def _prefix(tag: bytes) -> bytes:
@@ -278,8 +288,7 @@ class TensorBoardSink(Sink):
         summary.value.extend(Summary.Value(tag=tag, simple_value=v) for tag, v in scalars)
         if self._bins is None:  # what add_histogram(bins="tensorflow") uses, checked once, not per call
             self._bins = Bins(self.writer.default_bins)
-        for tag, vals in hists:
-            histo = self._bins.proto(vals)
+        for (tag, _), histo in zip(hists, self._bins.protos([vals for _, vals in hists])):
             if histo is not None:  # every value beyond the bins (norms over ~1e20): the scalars say it
                 summary.value.add(tag=tag, histo=histo)
         for tag, text in texts:

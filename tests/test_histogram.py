@@ -31,6 +31,8 @@ def test_protos_equal_tensorboards_field_for_field(edges):
     bins = Bins(edges)
     for values in cases:
         assert bins.proto(values) == make_histogram(values, e), values
+    together = bins.protos([*cases, np.array([2e25])])  # one pass for a step's histograms
+    assert together[:-1] == [make_histogram(values, e) for values in cases] and together[-1] is None
 
 
 def test_every_value_beyond_the_bins_gives_none_and_bad_edges_are_refused(edges):

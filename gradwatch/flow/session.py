@@ -86,23 +86,22 @@ def stack_norms(slots: Sequence[_Slot], constants: dict[tuple, torch.Tensor]) ->
     ``constants`` caches the 0-d tensors that stand for plain values, kept by the caller across steps.
     """
     flat = [v for slot in slots for v in slot.norms]
-    tensors = [v for v in flat if isinstance(v, torch.Tensor)]
-    dtype = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
-    device = tensors[0].device if tensors else torch.device("cpu")
-    parts = []
-    for v in flat:
-        if isinstance(v, torch.Tensor):
-            parts.append(v.to(device=device, dtype=dtype))
-        else:  # a hook that never fired (NaN) or a dead path (0.0): cached constants, no copy per value
-            parts.append(_constant(constants, float("nan") if v is None else float(v), device, dtype))
-    return torch.stack(parts)
+    first = next((v for v in flat if isinstance(v, torch.Tensor)), None)
+    device = first.device if first is not None else torch.device("cpu")
+    # a hook that never fired (None: NaN) or a dead path (0.0): cached constants, no copy per value
+    parts = [v if isinstance(v, torch.Tensor) else _constant(constants, v, device, torch.float32) for v in flat]
+    try:
+        return torch.stack(parts)  # float64 norms promote the rest (0.0 and NaN are exact in both)
+    except RuntimeError:  # norms on several devices (a model split across them): one device, one dtype
+        dtype = torch.float64 if any(v.dtype == torch.float64 for v in parts) else torch.float32
+        return torch.stack([v.to(device=device, dtype=dtype) for v in parts])
 
 
-def _constant(cache: dict[tuple, torch.Tensor], value: float, device: torch.device, dtype: torch.dtype
+def _constant(cache: dict[tuple, torch.Tensor], value: float | None, device: torch.device, dtype: torch.dtype
               ) -> torch.Tensor:
-    """A 0-d tensor holding ``value`` on ``device``, built (one host-to-device copy) once per value."""
-    key = (repr(value), device, dtype)
+    """A 0-d tensor holding ``value`` (None: NaN) on ``device``, built (one host-to-device copy) once per value."""
+    key = (value, device, dtype)
     t = cache.get(key)
     if t is None:
-        t = cache[key] = torch.tensor(value, dtype=dtype).to(device)
+        t = cache[key] = torch.tensor(float("nan") if value is None else float(value), dtype=dtype).to(device)
     return t
