@@ -128,9 +128,35 @@ def _figure(width: float, height: float, left: float = 1.6, bottom: float = 0.6,
 
 def _png(fig, name: str) -> Picture:  # noqa: ANN001
     buf = io.BytesIO()
-    fig.savefig(buf, format="png")
+    # zlib level 1: a third of level 6's time for ~1.3x the bytes (the PNG encoder was ~10% of a drawing)
+    fig.savefig(buf, format="png", pil_kwargs={"compress_level": 1})
     w, h = (int(round(v)) for v in fig.get_size_inches() * fig.dpi)
     return Picture(name, buf.getvalue(), w, h)
+
+
+def _bars(ax, x: np.ndarray, heights: np.ndarray, *, color: str, width: float, label: str) -> None:  # noqa: ANN001
+    """Bars from the bottom of a log axis, as one collection: ``ax.bar`` adds a patch per bar and updates the
+    data limits for each, a quarter of the profile's drawing time at 57 layers. NaN heights draw no bar."""
+    from matplotlib.collections import PolyCollection
+
+    ok = np.isfinite(heights) & (heights > 0)
+    if not ok.any():
+        return
+    low, high = float(heights[ok].min()), float(heights[ok].max())
+    base = low / 2  # below the shortest bar, so it still shows (a log axis has no zero)
+    left, right = x[ok] - width / 2, x[ok] + width / 2
+    top = heights[ok]
+    verts = np.stack([np.stack([left, np.full_like(top, base)], 1), np.stack([left, top], 1),
+                      np.stack([right, top], 1), np.stack([right, np.full_like(top, base)], 1)], 1)
+    ax.add_collection(PolyCollection(verts, facecolors=color, edgecolors="none", label=label))
+    ax.set_ylim(base, high * 1.5)
+
+
+def _few_ticks(ax, lo: float, hi: float) -> None:  # noqa: ANN001
+    """No minor ticks on a log axis spanning two decades or more: they carry no label there and were ~20% of a
+    map's drawing. Over a narrower range the minor ticks are the labelled ones, so they stay."""
+    if lo > 0 and hi / lo >= 100:
+        ax.minorticks_off()
 
 
 def _thin(n: int) -> list[int]:
@@ -168,7 +194,9 @@ def heatmap(name: str, names: Sequence[str], steps: Sequence[int], values: np.nd
         ax.axvline(step, color=_SEVERITY_COLOURS.get(severity, "white"), linestyle="--", linewidth=1)
     ax.set_title(title, fontsize=10)
     cax = fig.add_axes((1 - 1.1 / 10, ax.get_position().y0, 0.15 / 10, ax.get_position().height))
-    fig.colorbar(image, cax=cax, label=name)
+    bar = fig.colorbar(image, cax=cax, label=name)
+    if log:
+        _few_ticks(bar.ax, norm.vmin, norm.vmax)
     return _png(fig, name)
 
 
@@ -214,13 +242,15 @@ def profile(layers: Sequence[str], grad_norm: np.ndarray, g2w: np.ndarray, block
     ax = axes[0]
     x = np.arange(n)
     gn = np.where(np.asarray(grad_norm) > 0, grad_norm, np.nan)
-    ax.bar(x, gn, color="#9ecae1", width=0.9, label="gradient norm")
+    _bars(ax, x, gn, color="#9ecae1", width=0.9, label="gradient norm")
     ax.set_yscale("log")
+    _few_ticks(ax, *ax.get_ylim())
     ax.set_ylabel("gradient norm")
     ax2 = ax.twinx()
     ratio = np.where(np.asarray(g2w) > 0, g2w, np.nan)
     ax2.plot(x, ratio, "o", color="#08519c", markersize=3, label="gradient-to-weight")
     ax2.set_yscale("log")
+    _few_ticks(ax2, *ax2.get_ylim())
     ax2.set_ylabel("gradient-to-weight ratio")
     zero = [i for i in range(n) if not np.asarray(grad_norm)[i] > 0]
     for i in zero:  # a dead or non-finite layer must not just be a missing bar

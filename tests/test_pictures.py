@@ -6,6 +6,7 @@ import logging
 import struct
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -108,3 +109,11 @@ def test_heatmap_marks_alert_steps_and_survives_nan_and_zero():
     values = np.array([[1e-3, 0.0, np.nan], [1e-2, 1e-1, np.inf]])
     p = pictures.heatmap("grad_to_weight", ["a", "b"], [0, 5, 10], values, log=True, alerts=[(5, "warning")])
     assert _png_size(p.png) == (p.width, p.height)
+
+
+@pytest.mark.parametrize("grad_norm", [np.full(4, np.nan), np.zeros(4), np.array([1e-30, 1e30, np.inf, 1.0]),
+                                       np.array([0.02, 0.03, 0.05, 0.07])])
+def test_profile_draws_any_gradient_norms(grad_norm):
+    # the bars are one collection from the bottom of the log axis; nothing to draw must still give a picture
+    p = pictures.profile([f"l{i}.w" for i in range(4)], grad_norm, grad_norm, ["b0"], np.array([0.5]), 5)
+    assert _png_size(p.png) == (p.width, p.height) == (1200, 800)
