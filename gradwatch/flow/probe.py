@@ -202,6 +202,7 @@ class FlowProbe:
                 self._warn_once("silent", "gradwatch: block flow is unavailable: " + self.status.reason)
             return None
         self._silent_steps = 0
+        self._tracker.reset()
         try:
             self._end_of_session(sess)
             return self._gather(sess)

@@ -10,6 +10,7 @@ functions themselves belong to :class:`~gradwatch.flow.FlowProbe`, which decides
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -58,7 +59,7 @@ class ModuleTracker:
         self.arm_handles: dict[int, Any] = {}
         # Arming waits for the end of the model's own forward when it runs inside one: done between two convs,
         # its Python runs on cold caches and cost twice as much (ResNet-56: 2.9 against 1.5 ms per step).
-        self._depth = 0  # nesting of the model's forward
+        self._local = threading.local()  # .depth: nesting of the model's forward, per thread
         self._deferred: list[tuple[nn.Module, list[Any], _Session, bool]] = []
         self._root_handles = [model.register_forward_pre_hook(self._enter)] + _post_hook(model, self._leave)
         self._mismatches: dict[int, int] = {}
@@ -135,20 +136,23 @@ class ModuleTracker:
         if handle is not None:
             handle.remove()
 
+    def _depth(self) -> int:
+        return getattr(self._local, "depth", 0)
+
     def _enter(self, module: nn.Module, args: Any) -> None:
         if not is_compiling():
-            self._depth += 1
+            self._local.depth = self._depth() + 1
 
     def _leave(self, module: nn.Module, args: Any, output: Any) -> None:
         if is_compiling():
             return
-        self._depth = max(0, self._depth - 1)
-        if not self._depth:
-            self.flush()
+        self._local.depth = depth = max(0, self._depth() - 1)
+        if not depth:
+            self.arm_pending()
 
-    def flush(self) -> None:
-        """Arm what waited for the end of the model's forward (sessions dropped meanwhile are skipped)."""
-        self._depth = 0  # also where a forward that raised (no post-hook on torch < 2.1) is forgotten
+    def arm_pending(self) -> None:
+        """Arm what waited for the end of the model's forward (sessions collected or dropped meanwhile are
+        skipped). A forward that raises arms what it ran, as it did before arming waited (``always_call``)."""
         deferred, self._deferred = self._deferred, []
         for module, outs, sess, keep in deferred:
             if sess.open:
@@ -156,6 +160,12 @@ class ModuleTracker:
                     self._arm(module, outs, sess, keep)
                 except Exception as err:  # never raise into the user's forward
                     self._on_error(err)
+
+    def reset(self) -> None:
+        """The step is collected: nothing waits any more, and a forward that raised without running the post-hook
+        (torch < 2.1 has no ``always_call``) no longer counts as running."""
+        self._local.depth = 0
+        self._deferred.clear()
 
     def close(self) -> None:
         """Remove every forward hook."""
@@ -183,6 +193,7 @@ class ModuleTracker:
         reg = self.blocks
         mid = id(module)
         self._drop_discovery(mid)
+        self.arm_pending()  # the blocks that ran inside this module claim their merges before it is examined
         g = Graph(outs, boundary)
         if g.truncated:
             log.info("gradwatch: %s: autograd graph too large to walk; flow not measured there", reg.names.get(mid))
@@ -227,7 +238,7 @@ class ModuleTracker:
     def arm(self, module: nn.Module, outs: list[Any], sess: _Session, keep: bool) -> None:
         """Resolve ``module``'s merges on this forward's graph and hook them (``keep``: keep the vectors); at the
         end of the model's forward when called inside it (an activation-checkpoint recompute: at once)."""
-        if self._depth and not in_backward():
+        if self._depth() and not in_backward():
             self._deferred.append((module, outs, sess, keep))
             return
         self._arm(module, outs, sess, keep)

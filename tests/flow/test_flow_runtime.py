@@ -750,3 +750,72 @@ def test_blocks_called_without_the_models_forward_are_measured():
     rows = flow_rows(mon)
     assert sorted(rows.step.unique()) == [0, 1, 2] and np.isfinite(rows.value).all()
     assert set(rows[rows.step == 2].name) == {"layer1.0", "layer2.0", "layer3.0"}
+
+
+class _TiedRes(nn.Module):
+    def __init__(self, width):
+        super().__init__()
+        self.fc = nn.Linear(width, width)
+
+    def forward(self, x):
+        return x + self.fc(torch.relu(x))
+
+
+class _Tied(nn.Module):  # one block applied three times (ALBERT, universal transformers)
+    def __init__(self, width):
+        super().__init__()
+        self.b = _TiedRes(width)
+
+    def forward(self, x):
+        return self.b(self.b(self.b(x)))
+
+
+class _TiedNet(nn.Module):
+    def __init__(self, width=8):
+        super().__init__()
+        self.inp, self.enc, self.out = nn.Linear(4, width), _Tied(width), nn.Linear(width, 3)
+
+    def forward(self, x):
+        return self.out(self.enc(self.inp(x)))
+
+
+def test_a_module_around_blocks_does_not_claim_their_merges_while_their_arming_waits():
+    # blocks are armed at the end of the model's forward, but an enclosing module examined before then must
+    # still see their merges as taken: one block here, not the block and two more for its container
+    torch.manual_seed(0)
+    net = _TiedNet()
+    opt = torch.optim.SGD(net.parameters(), lr=0.05)
+    mon = gradwatch.Monitor(net, optimizer=opt, every=1, strict=True)
+    for step in range(3):
+        x, y = torch.randn(6, 4), torch.randint(0, 3, (6,))
+        F.cross_entropy(net(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+    assert [b.name for b in mon.describe()] == ["enc.b"]
+    rows = flow_rows(mon)
+    assert set(rows.name) == {"enc.b"} and np.isfinite(rows.value).all()
+    assert not mon.errors
+
+
+def test_watching_a_stage_after_the_first_step_adds_no_duplicate_blocks():
+    torch.manual_seed(0)
+    net = resnet(14, width=4)
+    opt = torch.optim.SGD(net.parameters(), lr=0.05)
+    mon = gradwatch.Monitor(net, optimizer=opt, every=1)
+    train_steps = 3
+
+    def step(seed):
+        x, y = batch(seed=seed)
+        F.cross_entropy(net(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+
+    step(0)
+    before = [b.name for b in mon.describe()]
+    mon.watch_block(net.layer2, name="stage2")  # a container of blocks, not a block: its merges are theirs
+    for s in range(1, train_steps):
+        step(s)
+    after = [b.name for b in mon.describe()]
+    assert after == before and len(set(after)) == len(after)
+    rows = flow_rows(mon)
+    assert set(rows[rows.step == train_steps - 1].name) == set(before)
