@@ -3,7 +3,7 @@
 ``torch.utils.tensorboard.summary.make_histogram`` calls ``np.histogram``, which checks the bin edges and
 sorts the values on every call: ~0.15 ms of Python and numpy overhead for a histogram of a few dozen values,
 two thirds of the TensorBoard thread's work per ResNet-56 logging step (10 histograms). The edges here are
-checked once (:class:`Bins`) and each value is placed with one ``searchsorted``; the proto is the same, field
+checked once (:class:`Bins`) and a step's values are placed with one ``searchsorted``; the proto is the same, field
 for field (``tests/test_histogram.py`` compares them).
 """
 
@@ -26,15 +26,11 @@ class Bins:
             raise ValueError("histogram bin edges must be a 1-D increasing sequence of at least 2 values")
         self._n = self.edges.size - 1
 
-    def proto(self, values: np.ndarray) -> HistogramProto | None:
-        """The histogram of ``values`` (finite, non-empty), as ``make_histogram(values, edges)`` makes it; None
-        when no value lies inside the edges (``make_histogram`` raises there, e.g. on norms over 1e20, and the
-        step's scalars would be lost with it)."""
-        return self.protos([values])[0]
-
     def protos(self, arrays: Sequence[np.ndarray]) -> list[HistogramProto | None]:
-        """:meth:`proto` of each of ``arrays``, binned together: one ``searchsorted`` and one ``bincount`` for
-        a step's ten histograms instead of ten of each."""
+        """The histogram of each of ``arrays`` (finite, non-empty), as ``make_histogram(array, edges)`` makes it,
+        binned together: one ``searchsorted`` and one ``bincount`` for a step's ten histograms instead of ten of
+        each. None for an array with no value inside the edges (``make_histogram`` raises there, e.g. on norms
+        over 1e20, and the step's scalars would be lost with it)."""
         arrays = [np.asarray(a, dtype=np.float64).reshape(-1) for a in arrays]
         if not arrays:
             return []

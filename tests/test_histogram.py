@@ -30,15 +30,15 @@ def test_protos_equal_tensorboards_field_for_field(edges):
     ]
     bins = Bins(edges)
     for values in cases:
-        assert bins.proto(values) == make_histogram(values, e), values
+        assert bins.protos([values])[0] == make_histogram(values, e), values
     together = bins.protos([*cases, np.array([2e25])])  # one pass for a step's histograms
     assert together[:-1] == [make_histogram(values, e) for values in cases] and together[-1] is None
 
 
 def test_every_value_beyond_the_bins_gives_none_and_bad_edges_are_refused(edges):
-    assert Bins(edges).proto(np.array([1e25, 2e30])) is None
+    assert Bins(edges).protos([np.array([1e25, 2e30])])[0] is None
     with pytest.raises(ValueError, match="at least one value"):
-        Bins(edges).proto(np.zeros(0))
+        Bins(edges).protos([np.zeros(0)])
     with pytest.raises(ValueError, match="increasing"):
         Bins([1.0, 0.5, 2.0])
 

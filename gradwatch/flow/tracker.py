@@ -61,7 +61,7 @@ class ModuleTracker:
         # its Python runs on cold caches and cost twice as much (ResNet-56: 2.9 against 1.5 ms per step).
         self._local = threading.local()  # .depth: nesting of the model's forward, per thread
         self._deferred: list[tuple[nn.Module, list[Any], _Session, bool]] = []
-        self._root_handles = [model.register_forward_pre_hook(self._enter)] + _post_hook(model, self._leave)
+        self._root_handles = [model.register_forward_pre_hook(self._enter), _post_hook(model, self._leave)]
         self._mismatches: dict[int, int] = {}
         self._scripted: list[str] = []  # TorchScript modules: forward hooks cannot be registered on them
 
@@ -295,10 +295,10 @@ class ModuleTracker:
         self.add_discovery(module)
 
 
-def _post_hook(model: nn.Module, hook: Callable) -> list[Any]:
+def _post_hook(model: nn.Module, hook: Callable) -> Any:
     """A forward hook that runs even when the forward raises (``always_call``, torch >= 2.1; before that a
-    forward that raised is forgotten at the next :meth:`ModuleTracker.flush`)."""
+    forward that raised is forgotten at the step's collection, :meth:`ModuleTracker.reset`)."""
     try:
-        return [model.register_forward_hook(hook, always_call=True)]
+        return model.register_forward_hook(hook, always_call=True)
     except TypeError:  # pragma: no cover - older torch
-        return [model.register_forward_hook(hook)]
+        return model.register_forward_hook(hook)
