@@ -20,13 +20,14 @@ import io
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 
 from .depth import distribution, figures
 from .record import StepRecord
 
-__all__ = ["Timeline", "Picture", "render_all", "heatmap", "profile", "depth_distribution"]
+__all__ = ["Timeline", "Picture", "Scene", "scene", "draw", "render_all", "heatmap", "profile", "depth_distribution"]
 
 _SEVERITY_COLOURS = {"critical": "#d62728", "warning": "#ff7f0e", "info": "#7f7f7f"}
 _MAX_TICKS = 28  # depth-axis labels past this are thinned: names must stay legible
@@ -93,27 +94,65 @@ def _weight_layers(record: StepRecord) -> tuple[tuple[str, ...], np.ndarray]:
     return tuple(record.layers[i] for i in keep), g2w[keep]
 
 
-def render_all(timeline: Timeline, title: str = "") -> list[Picture]:
-    """Every picture ``timeline`` can draw (the skip_share map and the block panel only with blocks)."""
-    out: list[Picture] = []
-    if timeline.latest is None:
-        return out
+class Scene(NamedTuple):
+    """What one drawing of :func:`render_all` needs, as plain values (names, numpy arrays, numbers): picklable, so
+    a child process can draw it (:mod:`gradwatch._drawer`)."""
+
+    title: str
+    steps: list[int]
+    alerts: list[tuple[int, str]]
+    layer_names: list[str]
+    g2w: np.ndarray  # (layers, steps): the weight layers' gradient-to-weight ratios
+    weight_only: bool  # the map holds weight layers only (the record knows layer kinds)
+    block_names: list[str]
+    share: np.ndarray  # (blocks, steps): skip_share
+    step: int  # the latest step's, for the profile and the depth distribution
+    layers: tuple[str, ...]
+    grad_norm: np.ndarray
+    grad_to_weight: np.ndarray
+    blocks: tuple[str, ...]
+    skip_grad: np.ndarray
+    branch_grad: np.ndarray
+    skip_share: np.ndarray
+
+
+def scene(timeline: Timeline, title: str = "") -> Scene | None:
+    """What :func:`draw` needs from ``timeline`` (None before its first step)."""
+    r = timeline.latest
+    if r is None:
+        return None
     names, g2w = timeline.matrix("layers")
-    if names:
-        out.append(heatmap("grad_to_weight", names, timeline.steps, g2w, log=True, alerts=timeline.alerts,
-                           title=f"{title}gradient-to-weight ratio per {'weight ' if timeline.latest.kinds else ''}layer"
-                           " (log scale)", unit="layer"))
     bnames, share = timeline.matrix("blocks")
-    if bnames:
-        out.append(heatmap("skip_share", bnames, timeline.steps, share, log=False, alerts=timeline.alerts,
+    empty = np.zeros(0)
+    return Scene(title, list(timeline.steps), list(timeline.alerts), names, g2w, bool(r.kinds), bnames, share,
+                 r.step, r.layers, r.layer("grad_norm"), r.layer("grad_to_weight"), r.blocks,
+                 r.block("skip_grad") if r.blocks else empty, r.block("branch_grad") if r.blocks else empty,
+                 r.block("skip_share") if r.blocks else empty)
+
+
+def draw(sc: Scene | None) -> list[Picture]:
+    """Every picture ``sc`` can draw (the skip_share map and the block panels only with blocks)."""
+    out: list[Picture] = []
+    if sc is None:
+        return out
+    title = sc.title
+    if sc.layer_names:
+        out.append(heatmap("grad_to_weight", sc.layer_names, sc.steps, sc.g2w, log=True, alerts=sc.alerts,
+                           title=f"{title}gradient-to-weight ratio per {'weight ' if sc.weight_only else ''}layer"
+                           " (log scale)", unit="layer"))
+    if sc.block_names:
+        out.append(heatmap("skip_share", sc.block_names, sc.steps, sc.share, log=False, alerts=sc.alerts,
                            title=f"{title}skip_share per residual block (0: skip collapsed, 1: branch off)",
                            unit="block", vmin=0.0, vmax=1.0))
-    r = timeline.latest
-    if r.blocks:
-        out.append(depth_distribution(r.blocks, r.block("skip_grad"), r.block("branch_grad"), r.step, title=title))
-    out.append(profile(r.layers, r.layer("grad_norm"), r.layer("grad_to_weight"), r.blocks,
-                       r.block("skip_share") if r.blocks else np.zeros(0), r.step, title=title))
+    if sc.blocks:
+        out.append(depth_distribution(sc.blocks, sc.skip_grad, sc.branch_grad, sc.step, title=title))
+    out.append(profile(sc.layers, sc.grad_norm, sc.grad_to_weight, sc.blocks, sc.skip_share, sc.step, title=title))
     return out
+
+
+def render_all(timeline: Timeline, title: str = "") -> list[Picture]:
+    """Every picture ``timeline`` can draw, drawn here (the TensorBoard sink draws in a child process)."""
+    return draw(scene(timeline, title))
 
 
 def _figure(width: float, height: float, left: float = 1.6, bottom: float = 0.6, top: float = 0.4,

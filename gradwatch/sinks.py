@@ -31,7 +31,8 @@ from ._compat import event_file_writer
 from ._histogram import Bins
 from ._worker import Worker
 from .layout import build_layout
-from .pictures import Timeline, render_all
+from ._drawer import draw_pictures
+from .pictures import Timeline, scene
 from .record import Sink, StepRecord
 from .tags import DEFAULT_NAMESPACE, Tags
 
@@ -122,7 +123,7 @@ class _PictureSchedule:
         t0 = time.perf_counter()
         self._since = 0
         try:
-            pictures = render_all(self.timeline)
+            pictures = draw_pictures(scene(self.timeline))
         except Exception as err:  # a picture must never cost the scalars of the step
             log.warning("gradwatch: drawing the pictures failed (%s: %s); the scalars are written",
                         type(err).__name__, err)
@@ -190,7 +191,8 @@ class TensorBoardSink(Sink):
 
     A plain ``SummaryWriter`` also gets the Custom Scalars layout (:func:`gradwatch.layout.build_layout`,
     written again when the layers or blocks measured change) and, every ``pictures`` logging steps and at
-    close, the pictures (:mod:`gradwatch.pictures`; ``pictures=0``: none). Drawing takes ~0.5 s of CPU per
+    close, the pictures (:mod:`gradwatch.pictures`; ``pictures=0``: none), drawn in a child process so that
+    matplotlib never holds this process's GIL (:mod:`gradwatch._drawer`). Drawing takes ~0.2 s of CPU per
     picture, so it also waits until the time spent drawing is at most ``picture_budget`` (1%) of the time
     since the run's first record (``None``: no limit).
 

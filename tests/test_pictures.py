@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import gradwatch
-from gradwatch import pictures
+from gradwatch import _drawer, pictures
 from gradwatch.blocks import resnet
 from gradwatch.pictures import Timeline, render_all
 
@@ -74,15 +74,16 @@ def test_pictures_reach_tensorboard_every_k_steps_and_at_close(tmp_path):
                                                                                 "effective_depth")}
     steps = [e.step for e in acc.Images("gradwatch.pictures/profile")]
     assert steps == [2, 5, 6]  # every 3 records, then the last at close
+    assert _drawer._DRAWER._child.proc.poll() is None  # drawn in the process's drawing child
     image = acc.Images("gradwatch.pictures/grad_to_weight")[-1]
     assert _png_size(image.encoded_image_string) == (image.width, image.height)
 
 
 def test_a_failing_drawing_costs_only_the_pictures(tmp_path, monkeypatch, caplog):
-    def broken(timeline, title=""):
+    def broken(scene):
         raise RuntimeError("no fonts")
 
-    monkeypatch.setattr("gradwatch.sinks.render_all", broken)
+    monkeypatch.setattr("gradwatch.sinks.draw_pictures", broken)
     with caplog.at_level(logging.WARNING, logger="gradwatch"):
         mon = _train(tmp_path, steps=3, pictures=1)
         mon.close()
