@@ -8,8 +8,9 @@ first drawing and shared by every sink. The child imports the drawing modules on
 torch nor the rest of gradwatch), reads :class:`~gradwatch.pictures.Scene` values on its stdin and answers with
 the PNGs. The sink's thread waits for the answer without the GIL.
 
-Where a child cannot run (a frozen executable, a sandbox without subprocesses, ``GRADWATCH_DRAW_IN_PROCESS=1``)
-or stops answering, the pictures are drawn in the process as before, and that is logged once.
+Where a child cannot run (a frozen executable, a sandbox without subprocesses) or stops answering, the pictures
+are drawn in the process as before, and a warning says so once; ``GRADWATCH_DRAW_IN_PROCESS=1`` asks for that
+without a warning. The child takes ~90 MB of memory (matplotlib) for the life of the training process.
 """
 
 from __future__ import annotations
@@ -34,10 +35,13 @@ _TIMEOUT = 300.0  # seconds for one drawing, the child's start included (a first
 _HEADER = struct.Struct("<Q")
 _PACKAGE = os.path.dirname(os.path.abspath(__file__))
 _HELLO = b"gradwatch-drawer 1\n"  # the child's first words: it started, and it is ours
-# The child's program: this process's import path, then ``gradwatch`` as a bare namespace for this package's
-# folder (its __init__, which imports torch, does not run), then serve. argv[1]: the folder; argv[2]: the path.
-_BOOT = ("import os, sys, types; sys.path[:0] = sys.argv[2].split(os.pathsep); "
-         "p = types.ModuleType('gradwatch'); p.__path__ = [sys.argv[1]]; sys.modules['gradwatch'] = p; "
+# The child's program. Ctrl-C is for the training process (the child exits when its input ends); the first
+# message on stdin is this process's import path (pickled: any entry, any length); ``gradwatch`` becomes a bare
+# namespace for this package's folder, argv[1], so its __init__, which imports torch, does not run.
+_BOOT = ("import signal; signal.signal(signal.SIGINT, signal.SIG_IGN)\n"
+         "import pickle, struct, sys, types\n"
+         "n = struct.unpack('<Q', sys.stdin.buffer.read(8))[0]; sys.path[:0] = pickle.loads(sys.stdin.buffer.read(n))\n"
+         "p = types.ModuleType('gradwatch'); p.__path__ = [sys.argv[1]]; sys.modules['gradwatch'] = p\n"
          "from gradwatch._drawer import serve; serve()")
 
 
@@ -62,23 +66,37 @@ def _receive(stream: BinaryIO) -> Any:
     return pickle.loads(data)  # noqa: S301 - our own child's answer
 
 
+def _import_path() -> list[str]:
+    return [os.fspath(p) for p in sys.path if isinstance(p, (str, os.PathLike))]
+
+
 class _Child:
     """The drawing process and its pipes."""
 
     def __init__(self) -> None:
         if getattr(sys, "frozen", False) or not sys.executable:
             raise _Unavailable("no Python interpreter to start (a frozen executable)")
+        flags = getattr(subprocess, "CREATE_NO_WINDOW", 0)  # Windows: no console window for it
         try:
-            self.proc = subprocess.Popen([sys.executable, "-c", _BOOT, _PACKAGE, os.pathsep.join(sys.path)],
-                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, close_fds=True)
-        except OSError as err:
+            self.proc = subprocess.Popen([sys.executable, "-c", _BOOT, _PACKAGE], stdin=subprocess.PIPE,
+                                         stdout=subprocess.PIPE, close_fds=True, creationflags=flags)
+            _send(self.proc.stdin, _import_path())
+        except Exception as err:  # noqa: BLE001 - whatever stops the start, drawing goes on in the process
+            proc = getattr(self, "proc", None)
+            if proc is not None:
+                _end(proc)
             raise _Unavailable(f"{type(err).__name__}: {err}") from err
         self._hello = False
+        self._expired = False
+
+    def _expire(self) -> None:
+        self._expired = True
+        self.proc.kill()
 
     def ask(self, request: Any) -> Any:
         # A watchdog, not a read timeout: reads on pipes cannot time out on every platform; killing the child
         # ends the read.
-        timer = threading.Timer(_TIMEOUT, self.proc.kill)
+        timer = threading.Timer(_TIMEOUT, self._expire)
         timer.daemon = True
         timer.start()
         try:
@@ -90,7 +108,7 @@ class _Child:
             return _receive(self.proc.stdout)
         except (OSError, EOFError, pickle.UnpicklingError) as err:
             code = self.proc.poll()
-            why = f"no answer in {_TIMEOUT:.0f} s" if not timer.is_alive() else f"{type(err).__name__}: {err}"
+            why = f"no answer in {_TIMEOUT:.0f} s" if self._expired else f"{type(err).__name__}: {err}"
             raise _Unavailable(why + ("" if code is None else f" (exit status {code})")) from err
         finally:
             timer.cancel()
@@ -98,10 +116,24 @@ class _Child:
     def close(self) -> None:
         try:
             self.proc.stdin.close()  # the child exits at the end of its input
-            self.proc.wait(timeout=5)
-        except Exception:  # noqa: BLE001 - closing must not raise; make sure it is gone
-            self.proc.kill()
-            self.proc.wait()
+        except OSError:
+            pass
+        _end(self.proc)
+
+
+def _end(proc: subprocess.Popen, wait: float = 5.0) -> None:
+    """Wait ``wait`` seconds for ``proc`` to exit, then kill it; close its pipes. Never raises."""
+    try:
+        proc.wait(timeout=wait)
+    except Exception:  # noqa: BLE001 - make sure it is gone
+        proc.kill()
+        proc.wait()
+    for stream in (proc.stdin, proc.stdout):
+        try:
+            if stream is not None:
+                stream.close()
+        except OSError:
+            pass
 
 
 class _Drawer:
@@ -110,35 +142,48 @@ class _Drawer:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._child: _Child | None = None
-        self._off = os.environ.get("GRADWATCH_DRAW_IN_PROCESS", "") not in ("", "0")
+        self._off = False
+        self._stale: list[_Child] = []  # a forked process's copies of the parent's child: kept, never used
 
     def draw(self, sc: Scene | None) -> list[Picture]:
         if sc is None:
             return []
         with self._lock:
+            if not self._off and os.environ.get("GRADWATCH_DRAW_IN_PROCESS", "") not in ("", "0"):
+                self._off = True
+                self._stop()
             if not self._off:
                 try:
                     return self._remote(sc)
                 except _Unavailable as err:
                     self._off = True
                     self._stop()
-                    log.info("gradwatch: drawing the pictures in a child process failed (%s); drawing them in "
-                             "this process from now on", err)
+                    log.warning("gradwatch: drawing the pictures in a child process failed (%s); drawing them in "
+                                "this process from now on (GRADWATCH_DRAW_IN_PROCESS=1 skips the child)", err)
             return draw(sc)
 
     def _remote(self, sc: Scene) -> list[Picture]:
         if self._child is None:
             self._child = _Child()
-        kind, value = self._child.ask(sc)
+        try:
+            kind, value = self._child.ask(sc)
+        except _Unavailable:
+            raise
+        except BaseException:
+            # interrupted (Ctrl-C) between question and answer: the answer would be read for the next question
+            self._stop(kill=True)
+            raise
         if kind == "error" and isinstance(value, ImportError):  # the child's environment, not the drawing
             raise _Unavailable(f"{type(value).__name__}: {value}")
         if kind == "error":  # the drawing itself failed: raised as it would have been here
             raise value
         return value
 
-    def _stop(self) -> None:
+    def _stop(self, kill: bool = False) -> None:
         child, self._child = self._child, None
         if child is not None:
+            if kill:
+                child.proc.kill()
             child.close()
 
     def close(self) -> None:
@@ -147,15 +192,37 @@ class _Drawer:
 
     def shutdown(self) -> None:
         """At interpreter exit: end the child. Sinks closed after this (their own exit handlers run later) draw
-        their last pictures here rather than start a child while the interpreter goes down."""
-        with self._lock:
+        their last pictures here rather than start a child while the interpreter goes down. A drawing still in
+        flight is not waited for: its child is killed (the drawing then falls back here)."""
+        self._off = True
+        if not self._lock.acquire(blocking=False):
+            child = self._child
+            if child is not None:
+                child.proc.kill()
+            if not self._lock.acquire(timeout=5):
+                return
+        try:
             self._stop()
-            self._off = True
+        finally:
+            self._lock.release()
 
     def _forget(self) -> None:
-        """In a forked child: the pipes are the parent's; start afresh if this process draws."""
+        """In a forked process: the pipes are the parent's. They are pointed at the null device and closed (a
+        buffered write flushed here must not reach the parent's child), the Popen kept (it is not this process's
+        child to wait for), and this process starts its own child if it draws."""
         self._lock = threading.Lock()
-        self._child = None
+        child, self._child = self._child, None
+        if child is not None:
+            null = os.open(os.devnull, os.O_RDWR)
+            try:
+                for stream in (child.proc.stdin, child.proc.stdout):
+                    os.dup2(null, stream.fileno())
+                    stream.close()
+            except (OSError, ValueError):
+                pass
+            finally:
+                os.close(null)
+            self._stale.append(child)
 
 
 _DRAWER = _Drawer()
@@ -170,27 +237,32 @@ def draw_pictures(sc: Scene | None) -> list[Picture]:
 
 
 def serve(stdin: BinaryIO | None = None, stdout: BinaryIO | None = None) -> None:
-    """The child's loop: a Scene in, ``("ok", pictures)`` or ``("error", message)`` out, until its input ends."""
-    import signal
-
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the training process; it closes our input
+    """The child's loop: a Scene in, ``("ok", pictures)`` or ``("error", exception)`` out, until its input ends
+    (or the parent is gone: then it exits quietly)."""
     if stdout is None:
         # the answers get their own descriptor; anything printed goes to stderr, not into the answers
         stdout = os.fdopen(os.dup(1), "wb")
         os.dup2(2, 1)
     stdin = stdin if stdin is not None else sys.stdin.buffer
-    stdout.write(_HELLO)
-    stdout.flush()
-    while True:
+    try:
+        stdout.write(_HELLO)
+        stdout.flush()
+        while True:
+            try:
+                request = _receive(stdin)
+            except EOFError:
+                return
+            _send(stdout, _answer(request))
+    except (OSError, ValueError):  # the parent closed the pipes (killed, or gone): nobody to tell
+        os._exit(0)
+
+
+def _answer(request: Any) -> tuple[str, Any]:
+    try:
+        return "ok", draw(request)
+    except Exception as err:  # noqa: BLE001 - raised in the parent, which logs it
         try:
-            request = _receive(stdin)
-        except EOFError:
-            return
-        try:
-            answer: tuple[str, Any] = ("ok", draw(request))
-        except Exception as err:  # noqa: BLE001 - raised in the parent, which logs it
-            answer = ("error", err)
-        try:
-            _send(stdout, answer)
-        except (pickle.PicklingError, TypeError, AttributeError):  # an exception that does not pickle
-            _send(stdout, ("error", RuntimeError(f"{type(answer[1]).__name__}: {answer[1]}")))
+            pickle.loads(pickle.dumps(err))  # the parent must be able to read it back
+            return "error", err
+        except Exception:  # noqa: BLE001
+            return "error", RuntimeError(f"{type(err).__name__}: {err}")
