@@ -128,19 +128,23 @@ class Vanishing(Rule):
             return []
         severity = "critical" if self.critical is not None and np.isfinite(ratio) and ratio < self.critical \
             else "warning"
+        hint = ("typical of deep nets without skips or normalisation, saturating activations (sigmoid/tanh) or a "
+                "bad init: add residual connections or BatchNorm/LayerNorm, use ReLU-family activations and "
+                "He/Kaiming init; check the layers listed")
         if rel_low or not floor_low:
             value, threshold = ratio, self.relative
             what = (f"early layers ({short_list(names, 3)}) have a median grad_to_weight {early_med:.3g}, "
                     f"{ratio:.3g} times the network's median {typical:.3g}")
-        else:
+        else:  # the whole network is this low, not the early layers against the rest: not a depth problem
             value, threshold = early_med, float(self.floor)
-            what = f"early layers ({short_list(names, 3)}) have a median grad_to_weight {early_med:.3g} < {self.floor:g}"
+            what = (f"early layers ({short_list(names, 3)}) have a median grad_to_weight {early_med:.3g} < "
+                    f"{self.floor:g}, and so has the network as a whole (median {typical:.3g})")
+            hint = ("every layer's gradient is this small, not only the early ones': the loss is (near) zero (a "
+                    "memorised batch, a solved task), the loss or the learning signal is scaled to ~0, or the "
+                    "output saturates; if the loss is still high, check the output layer and the loss")
         return [self.alert(
             m, severity, None, value, threshold,
-            f"vanishing gradients: {what} for {n} logging steps; they have (almost) stopped learning",
-            "typical of deep nets without skips or normalisation, saturating activations (sigmoid/tanh) or a "
-            "bad init: add residual connections or BatchNorm/LayerNorm, use ReLU-family activations and "
-            "He/Kaiming init; check the layers listed",
+            f"vanishing gradients: {what} for {n} logging steps; they have (almost) stopped learning", hint,
         )]
 
 

@@ -199,6 +199,18 @@ def test_deep_sigmoid_mlp_fires_vanishing():
     assert van[0].name is None and "early layers (0, 2, … 8 (5 in all))" in van[0].message
 
 
+def test_a_whole_network_with_tiny_gradients_is_told_apart_from_early_layers_that_vanish():
+    layers = [f"l{i}" for i in range(8)]
+    uniform = step_of(1, layers={"grad_to_weight": (layers, np.full(8, 1e-12))})  # a memorised batch: all ~0
+    [a] = Vanishing(patience=1).check(uniform)
+    assert a.value == pytest.approx(1e-12) and a.threshold == pytest.approx(1e-7)
+    assert "so has the network as a whole" in a.message and "loss is (near) zero" in a.hint
+    assert "residual connections" not in a.hint
+    deep = step_of(1, layers={"grad_to_weight": (layers, np.array([1e-9] * 2 + [1e-3] * 6))})  # a depth profile
+    [b] = Vanishing(patience=1).check(deep)
+    assert b.value < 0.02 and "residual connections" in b.hint and "as a whole" not in b.message
+
+
 def test_healthy_small_relu_mlp_fires_nothing():
     model = mlp(depth=4)
     mon = gradwatch.Monitor(model, every=1, strict=True)
