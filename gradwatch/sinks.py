@@ -28,10 +28,10 @@ from torch.utils.tensorboard import summary as tb_summary
 
 from . import _fastcrc
 from ._compat import event_file_writer
+from ._drawer import draw_pictures
 from ._histogram import Bins
 from ._worker import Worker
 from .layout import build_layout
-from ._drawer import draw_pictures
 from .pictures import Timeline, scene
 from .record import Sink, StepRecord
 from .tags import DEFAULT_NAMESPACE, Tags

@@ -3,11 +3,11 @@ to drawing here when the child cannot start or stops answering."""
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import pathlib
 import pickle
-import struct
 import subprocess
 import sys
 import signal
@@ -59,8 +59,9 @@ def test_the_child_draws_the_same_pngs_as_this_process(sc, drawer):
 
 
 def _path_message() -> bytes:
-    data = pickle.dumps(_drawer._import_path())
-    return struct.pack("<Q", len(data)) + data
+    buf = io.BytesIO()
+    _drawer._send(buf, _drawer._import_path())  # the parent's first message, framed as every other
+    return buf.getvalue()
 
 
 def test_the_child_imports_the_drawing_modules_without_torch():
