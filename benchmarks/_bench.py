@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gradwatch.blocks import resnet
+from gradwatch.reference.blocks import resnet
 
 
 def stack(tensors: int, width: int = 64) -> nn.Module:

@@ -22,11 +22,11 @@ import numpy as np
 import torch
 
 import gradwatch
-from gradwatch.blocks import resnet
+from gradwatch.reference.blocks import resnet
 from gradwatch.reference.data import synthetic_images
 from gradwatch.reference.demo import train as train_recipe
 from gradwatch.alerts import Measurements, depth_slope, early_ratio
-from gradwatch.layers import layer_kinds
+from gradwatch.measure.layers import layer_kinds
 
 NETS = {
     "postact20": lambda: resnet(20),

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 import gradwatch
 from gradwatch import flow
-from gradwatch.blocks import resnet
+from gradwatch.reference.blocks import resnet
 
 
 def main() -> None:

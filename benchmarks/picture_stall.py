@@ -38,7 +38,7 @@ def _run(mode: str, seconds: float, every: int) -> dict:
     from torch.utils.tensorboard import SummaryWriter
 
     import gradwatch
-    from gradwatch.blocks import resnet
+    from gradwatch.reference.blocks import resnet
 
     torch.set_num_threads(1)
     torch.manual_seed(0)

@@ -3,9 +3,11 @@
 >>> import gradwatch
 >>> mon = gradwatch.Monitor(model, log_dir="runs/exp", every=50)   # doctest: +SKIP
 
-The data path (``docs/architecture.md``): hooks → fused norms (:mod:`gradwatch.measure`) → one
-:class:`StepRecord` per logging step → alert rules (:mod:`gradwatch.alerts`) → every :class:`Sink` (history,
-TensorBoard, alert sinks, yours).
+The data path (``docs/architecture.md``): hooks → fused norms (:mod:`gradwatch.measure.meter`, block flow
+:mod:`gradwatch.flow`) → one :class:`StepRecord` per logging step → alert rules (:mod:`gradwatch.alerts`)
+→ every sink (:mod:`gradwatch.sinks.tensorboard.sink`: history, TensorBoard, logging, webhooks, yours); after the run,
+:mod:`gradwatch.report.events`. The reference networks and the validation harness are in
+:mod:`gradwatch.reference`, which ``import gradwatch`` does not import.
 """
 
 from __future__ import annotations
@@ -14,60 +16,16 @@ import importlib.util as _ilu
 import os as _os
 import sys as _sys
 
-from . import alerts, blocks, flow, reference
-from .alerts import (
-    Alert, AlertSink, CallableSink, GradientAlarm, Incident, IncidentEvent, LoggingSink, Measurements, Rule,
-    RunSummary, WebhookSink,
-)
-from .config import AlertConfig, Config, MeasureConfig, OutputConfig
-from .health import HEALTH
-from .history import History
-from .measure import amp_grad_scale, loss_scale
+from .alerts import Alert, GradientAlarm, Incident, Rule
+from .config import Config
 from .monitor import Monitor, NothingToMeasure
-from .names import EARLY_FRACTION, FLOW_METRICS, GLOBAL_NAME, METRICS, clean_name, early_count
 from .record import Sink, StepRecord
-from .sinks import ScalarsSink, TensorBoardSink
-from .tags import Tags
+from .sinks import TensorBoardSink, WebhookSink
 from .version import __version__
 
 __all__ = [
-    "Monitor",
-    "NothingToMeasure",
-    "Config",
-    "MeasureConfig",
-    "AlertConfig",
-    "OutputConfig",
-    "StepRecord",
-    "Sink",
-    "TensorBoardSink",
-    "ScalarsSink",
-    "Tags",
-    "History",
-    "METRICS",
-    "FLOW_METRICS",
-    "HEALTH",
-    "GLOBAL_NAME",
-    "EARLY_FRACTION",
-    "early_count",
-    "amp_grad_scale",
-    "loss_scale",
-    "Alert",
-    "GradientAlarm",
-    "Incident",
-    "IncidentEvent",
-    "RunSummary",
-    "Rule",
-    "Measurements",
-    "AlertSink",
-    "WebhookSink",
-    "LoggingSink",
-    "CallableSink",
-    "alerts",
-    "blocks",
-    "flow",
-    "reference",
-    "clean_name",
-    "__version__",
+    "Monitor", "Config", "NothingToMeasure", "StepRecord", "Sink", "TensorBoardSink", "WebhookSink", "Alert",
+    "Incident", "GradientAlarm", "Rule", "__version__",
 ]
 
 

@@ -11,7 +11,7 @@ import sys
 from collections.abc import Sequence
 
 from . import report
-from ._html import render_html
+from .report._html import render_html
 from .flow import inspect
 from .reference import validate
 from .reference.demo import run_demo
@@ -132,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
         "inspect", help="list the residual blocks gradwatch finds in a model (name, skip kind, depth index)"
     )
     insp.add_argument("factory", help="MODULE:FACTORY or path/file.py:FACTORY returning a model "
-                                      "(or (model, example_input)), e.g. gradwatch.blocks:resnet")
+                                      "(or (model, example_input)), e.g. gradwatch.reference.blocks:resnet")
     insp.add_argument("--input-shape", help="example input shape, e.g. 2,3,32,32 (filled with randn)")
     insp.add_argument("--kwargs", nargs="+", metavar="KEY=VALUE", help="factory arguments, e.g. depth=56")
     insp.add_argument("--json", action="store_true", help="print JSON instead of a table")

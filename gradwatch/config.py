@@ -25,7 +25,7 @@ from ._checks import (
 )
 from .alerts.alert import POLICIES
 from .alerts.rules import build_rules
-from .alerts.sinks import as_alert_sink
+from .sinks.alerting import as_alert_sink
 
 __all__ = ["Config", "MeasureConfig", "AlertConfig", "OutputConfig", "OPTIONS"]
 

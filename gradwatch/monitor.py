@@ -1,5 +1,5 @@
 """The raw-PyTorch entry point: :class:`Monitor`. It decides *when* to measure and routes each step's record;
-the measuring is :mod:`gradwatch.measure`'s, block flow :mod:`gradwatch.flow`'s, alerting
+the measuring is :mod:`gradwatch.measure.meter`'s, block flow :mod:`gradwatch.flow`'s, alerting
 :mod:`gradwatch.alerts`'s, writing the sinks'."""
 
 from __future__ import annotations
@@ -17,20 +17,21 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .alerts import Alert, AlertEngine, Incident, IncidentTracker, LoggingSink, build_rules
+from .alerts import Alert, AlertEngine, Incident, IncidentTracker, build_rules
+from .sinks.logging import LoggingSink
 from .alerts.engine import default_path
 from .config import Config
 from .flow import Blocks, FlowProbe, FlowStatus, check_blocks
-from .history import History
-from .layers import Selection, layer_kinds, select_parameters
-from .measure import Meter, Pending
-from .metrics import DTensor
+from .sinks.history import History
+from .measure.layers import Selection, layer_kinds, select_parameters
+from .measure.meter import Meter, Pending
+from .measure.norms import DTensor
 from .names import METRICS, short_list
 from ._once import Once
-from .order import ForwardOrder
+from .measure.order import ForwardOrder
 from .health import health
 from .record import StepRecord
-from .sinks import TensorBoardSink, open_writer
+from .sinks.tensorboard.sink import TensorBoardSink, open_writer
 
 log = logging.getLogger("gradwatch")
 

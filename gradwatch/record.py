@@ -51,7 +51,7 @@ class StepRecord:
             alerting is off.
         health: the whole-model health figures of this step (:data:`gradwatch.health.HEALTH`, NaN where they
             cannot be computed), read-only; empty in a record built by hand.
-        kinds: the kind of each layer (:func:`gradwatch.layers.layer_kinds`: ``"weight"``, ``"norm"``,
+        kinds: the kind of each layer (:func:`gradwatch.measure.layers.layer_kinds`: ``"weight"``, ``"norm"``,
             ``"embedding"``, ``"other"``), aligned with :attr:`layers`; empty when unknown.
     """
 

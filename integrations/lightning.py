@@ -16,10 +16,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from gradwatch import (
-    Config, GradientAlarm, History, Monitor, NothingToMeasure, ScalarsSink, TensorBoardSink, amp_grad_scale,
-)
-from gradwatch.sinks import open_writer
+from gradwatch import Config, GradientAlarm, Monitor, NothingToMeasure, TensorBoardSink
+from gradwatch.measure.meter import amp_grad_scale
+from gradwatch.sinks import ScalarsSink, history
+from gradwatch.sinks.tensorboard import open_writer
 
 log = logging.getLogger("gradwatch")
 
@@ -49,7 +49,7 @@ class GradWatchCallback(*_BASES):  # type: ignore[misc]
     r"""Per-layer gradient diagnostics and block flow for a Lightning ``Trainer``, next to your ``self.log`` metrics.
 
     Measures in ``on_before_optimizer_step``, once per optimizer step: gradients accumulated, synced across
-    ranks, unscaled by AMP (fused optimizers: divided by the loss scale, :func:`gradwatch.amp_grad_scale`), not
+    ranks, unscaled by AMP (fused optimizers: divided by the loss scale, :func:`gradwatch.measure.meter.amp_grad_scale`), not
     yet clipped. A step the AMP scaler skips is not recorded. ``update_to_weight`` spans the optimizer step.
     Steps are those of ``self.log(on_step=True)``: step 0, then ``every - 1``, ``2 * every - 1``, ...
 
@@ -130,7 +130,7 @@ class GradWatchCallback(*_BASES):  # type: ignore[misc]
         frames = [mon.history() for mon in self.monitors.values()]
         if len(frames) > 1:
             frames = [df.assign(name=key + "/" + df["name"].astype(str)) for key, df in zip(self.monitors, frames)]
-        return pd.concat(frames, ignore_index=True) if frames else History().to_frame()
+        return pd.concat(frames, ignore_index=True) if frames else history.History().to_frame()
 
     # ------------------------------------------------------------------ Lightning hooks
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:

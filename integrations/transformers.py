@@ -11,7 +11,9 @@ from typing import Any
 
 import torch
 
-from gradwatch import Config, Monitor, Tags, loss_scale
+from gradwatch import Config, Monitor
+from gradwatch.measure.meter import loss_scale
+from gradwatch.sinks import Tags
 
 try:
     from transformers import TrainerCallback

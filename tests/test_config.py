@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import gradwatch
-from gradwatch.blocks import resnet
+from gradwatch.reference.blocks import resnet
 
 BAD = [
     ({"every": "3"}, TypeError),
@@ -124,14 +124,14 @@ def test_step_numbers_are_whole_numbers_and_a_bad_one_never_breaks_the_loop():
 
 def test_config_groups_built_directly_are_checked_too():
     with pytest.raises(TypeError, match="every"):
-        gradwatch.OutputConfig(every="3")
+        gradwatch.config.OutputConfig(every="3")
     with pytest.raises(ValueError, match="every"):
-        gradwatch.Config(output=gradwatch.OutputConfig(every=0))
+        gradwatch.Config(output=gradwatch.config.OutputConfig(every=0))
     with pytest.raises(TypeError, match="sinks"):
-        gradwatch.OutputConfig(sinks=[object()])
-    wrapped = gradwatch.AlertConfig(alert_sinks=[print])
-    assert isinstance(wrapped.alert_sinks[0], gradwatch.CallableSink)  # normalised as from_options does
-    assert gradwatch.MeasureConfig(include="layer1.*").include == ("layer1.*",)
+        gradwatch.config.OutputConfig(sinks=[object()])
+    wrapped = gradwatch.config.AlertConfig(alert_sinks=[print])
+    assert isinstance(wrapped.alert_sinks[0], gradwatch.sinks.CallableSink)  # normalised as from_options does
+    assert gradwatch.config.MeasureConfig(include="layer1.*").include == ("layer1.*",)
     with pytest.raises(TypeError, match="MeasureConfig"):
         gradwatch.Config(measure={"every": 3})
 

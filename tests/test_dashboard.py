@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import gradwatch
-from gradwatch.blocks import resnet
+from gradwatch.reference.blocks import resnet
 
 pytestmark = pytest.mark.slow
 

@@ -151,7 +151,7 @@ def test_lightning_multiprocess_equals_one_process_over_the_global_batch(strateg
 
     multi = events(str(tmp_path / "multi" / "rank0" / "tb" / "version_0"))["scalars"]
     ref = events(os.path.join(single, "tb", "version_0"))["scalars"]
-    tags = [t for t in ref if t.split("/")[0] == "gradwatch.layers" and t.split("/")[1] in gradwatch.METRICS]
+    tags = [t for t in ref if t.split("/")[0] == "gradwatch.layers" and t.split("/")[1] in gradwatch.names.METRICS]
     assert len(tags) == 4 * 4  # 3 layers + _global
     for tag in tags:
         assert set(multi[tag]) == set(ref[tag]) == {0, 1, 2}
@@ -224,12 +224,12 @@ def _fsdp_worker(rank: int, port: int, out: str) -> None:
 
         want = ref_mon.history().set_index(["step", "name", "metric"]).value
         got = mon.history().set_index(["step", "name", "metric"]).value
-        assert set(got.index) == set(want.index) and len(want) == 3 * (4 * 4 + len(gradwatch.HEALTH))
+        assert set(got.index) == set(want.index) and len(want) == 3 * (4 * 4 + len(gradwatch.health.HEALTH))
         diff = ((got - want.reindex(got.index)).abs() / want.reindex(got.index).abs().clip(lower=1e-12)).max()
         assert diff < RTOL, f"FSDP2 values differ from unsharded ones by {diff:.2e}"
         got_plain = plain.history().set_index(["step", "name", "metric"]).value
         common = want.reindex(got_plain.index)
-        assert len(got_plain) == 3 * (4 * 3 + len(gradwatch.HEALTH)) and ((got_plain - common).abs() / common.abs()).max() < RTOL
+        assert len(got_plain) == 3 * (4 * 3 + len(gradwatch.health.HEALTH)) and ((got_plain - common).abs() / common.abs()).max() < RTOL
         assert mon.layer_names == ["0", "2", "4"]
         dist.barrier()
     finally:

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 import gradwatch
-from gradwatch.blocks import resnet
+from gradwatch.reference.blocks import resnet
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -19,9 +19,9 @@ import torch
 import torch.nn.functional as F
 
 import gradwatch
-from gradwatch import _drawer
-from gradwatch.blocks import resnet
-from gradwatch.pictures import Timeline, draw, scene
+from gradwatch.sinks.tensorboard import _drawer
+from gradwatch.reference.blocks import resnet
+from gradwatch.sinks.tensorboard.pictures import Timeline, draw, scene
 
 
 @pytest.fixture(scope="module")
@@ -66,8 +66,8 @@ def _path_message() -> bytes:
 
 def test_the_child_imports_the_drawing_modules_without_torch():
     probe = _drawer._BOOT.replace(
-        "from gradwatch._drawer import serve; serve()",
-        "import gradwatch._drawer; print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'matplotlib'}))")
+        "from gradwatch.sinks.tensorboard._drawer import serve; serve()",
+        "import gradwatch.sinks.tensorboard._drawer; print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'matplotlib'}))")
     out = subprocess.run([sys.executable, "-c", probe, _drawer._PACKAGE], input=_path_message(), capture_output=True,
                          check=True)
     assert out.stdout.decode().strip() == "[]"  # matplotlib is imported at the first drawing, torch never
@@ -126,7 +126,7 @@ def test_a_child_that_does_not_answer_in_time_is_killed(sc, drawer, monkeypatch,
 
 
 def test_a_child_without_matplotlib_hands_drawing_back(sc, drawer, monkeypatch, caplog):
-    monkeypatch.setattr(_drawer, "_BOOT", _drawer._BOOT.replace("from gradwatch._drawer", "sys.modules['matplotlib'] = None\nfrom gradwatch._drawer"))
+    monkeypatch.setattr(_drawer, "_BOOT", _drawer._BOOT.replace("from gradwatch.sinks.tensorboard._drawer", "sys.modules['matplotlib'] = None\nfrom gradwatch.sinks.tensorboard._drawer"))
     with caplog.at_level(logging.INFO, logger="gradwatch"):
         pictures = drawer.draw(sc)
     assert [p.png for p in pictures] == [p.png for p in draw(sc)] and "ModuleNotFoundError" in caplog.text

@@ -10,7 +10,7 @@ from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import make_histogram
 
 import gradwatch
-from gradwatch._histogram import Bins
+from gradwatch.sinks.tensorboard._histogram import Bins
 
 
 @pytest.fixture(scope="module")

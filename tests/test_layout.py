@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import re
 
-from gradwatch.blocks import resnet
-from gradwatch.layout import MAX_LINES, build_layout, group_names
-from gradwatch.tags import Tags
+from gradwatch.reference.blocks import resnet
+from gradwatch.sinks.tensorboard.layout import MAX_LINES, build_layout, group_names
+from gradwatch.sinks.tags import Tags
 
 
 def _layers(model):

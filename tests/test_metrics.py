@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from gradwatch.metrics import NormPlan, segment_sum, squared_norms
+from gradwatch.measure.norms import NormPlan, segment_sum, squared_norms
 
 
 def _reference(tensors):
@@ -86,7 +86,7 @@ def test_segment_sum_propagates_nan_and_inf_to_its_bin():
 
 
 def test_groups_over_the_memory_cap_keep_no_buffers_and_give_the_same_values(monkeypatch):
-    from gradwatch import metrics
+    from gradwatch.measure import norms as metrics
 
     tensors = _mixed()
     kept = NormPlan(tensors)

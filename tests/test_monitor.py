@@ -16,7 +16,7 @@ from helpers import read_events, reference_norms, small_batch
 from torch import nn
 
 import gradwatch
-from gradwatch.blocks import resnet
+from gradwatch.reference.blocks import resnet
 
 
 def tiny_resnet(**kwargs) -> nn.Module:
@@ -46,7 +46,7 @@ def test_values_equal_an_independent_computation_at_logged_steps_only(tmp_path):
     hist = mon.history()
     assert list(hist.columns) == ["step", "name", "metric", "value"]
     assert sorted(hist.step.unique()) == [0, 3, 6]
-    layer_metrics = set(hist.metric) - set(gradwatch.flow.FLOW_METRICS) - set(gradwatch.HEALTH)  # flow: test_flow*
+    layer_metrics = set(hist.metric) - set(gradwatch.flow.FLOW_METRICS) - set(gradwatch.health.HEALTH)  # flow: test_flow*
     assert layer_metrics == {"grad_norm", "weight_norm", "grad_to_weight"}  # no optimizer: no updates
     scalars = read_events(str(tmp_path))["scalars"]
     for step, layers in expected.items():

@@ -12,9 +12,9 @@ import torch.nn.functional as F
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import gradwatch
-from gradwatch import _drawer, pictures
-from gradwatch.blocks import resnet
-from gradwatch.pictures import Timeline, render_all
+from gradwatch.sinks.tensorboard import _drawer, pictures
+from gradwatch.reference.blocks import resnet
+from gradwatch.sinks.tensorboard.pictures import Timeline, render_all
 
 
 def _png_size(png: bytes) -> tuple[int, int]:
@@ -83,7 +83,7 @@ def test_a_failing_drawing_costs_only_the_pictures(tmp_path, monkeypatch, caplog
     def broken(scene):
         raise RuntimeError("no fonts")
 
-    monkeypatch.setattr("gradwatch.sinks.draw_pictures", broken)
+    monkeypatch.setattr("gradwatch.sinks.tensorboard.sink.draw_pictures", broken)
     with caplog.at_level(logging.WARNING, logger="gradwatch"):
         mon = _train(tmp_path, steps=3, pictures=1)
         mon.close()

@@ -14,7 +14,7 @@ from helpers import small_batch
 from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 
 import gradwatch
-from gradwatch.blocks import resnet
+from gradwatch.reference.blocks import resnet
 
 
 class Collect(gradwatch.Sink):
@@ -76,7 +76,7 @@ def test_a_record_is_immutable_and_reads_by_name():
     assert g == pytest.approx(r.value("conv1", "grad_to_weight") * r.value("conv1", "weight_norm"))
     assert r.global_value("grad_norm") == pytest.approx(np.sqrt((r.layer("grad_norm") ** 2).sum()))
     assert r.value(r.blocks[0], "skip_share") == r.block("skip_share")[0]
-    flat = gradwatch.Tags("gw").scalars(r)
+    flat = gradwatch.sinks.tags.Tags("gw").scalars(r)
     assert flat["gw.layers/grad_norm/conv1"] == g and flat["gw.alerts/count"] == 0.0
     assert flat["gw.alerts/open/warning"] == 0.0 and flat["gw/open_incidents"] == 0 and r.open_incidents == (0, 0, 0)
     assert flat["gw/grad_norm"] == r.global_value("grad_norm")

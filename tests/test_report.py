@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 
 import gradwatch
-from gradwatch import report
-from gradwatch.blocks import resnet
+from gradwatch.report import events as report
+from gradwatch.reference.blocks import resnet
 from gradwatch.cli import main
 
 
@@ -59,7 +59,7 @@ def test_a_cut_skip_tops_the_ranking_and_its_incident_is_listed(tmp_path, capsys
 
 def _names_kinds():
     model = resnet(8, width=4)
-    kinds = gradwatch.layers.layer_kinds(model)
+    kinds = gradwatch.measure.layers.layer_kinds(model)
     return list(kinds), list(kinds.values())
 
 

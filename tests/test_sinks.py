@@ -17,10 +17,10 @@ from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c a
 from torch.utils.tensorboard import SummaryWriter
 
 import gradwatch
-from gradwatch import _fastcrc
-from gradwatch._worker import Worker
-from gradwatch.blocks import resnet
-from gradwatch.sinks import _ScalarBytes
+from gradwatch.sinks.tensorboard import _fastcrc
+from gradwatch.sinks._worker import Worker
+from gradwatch.reference.blocks import resnet
+from gradwatch.sinks.tensorboard.sink import _ScalarBytes
 
 
 def test_encoded_scalars_are_byte_identical_to_summary_values():

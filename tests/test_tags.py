@@ -1,4 +1,4 @@
-"""The tag layout (gradwatch.tags): one namespace, health first, every tag readable back."""
+"""The tag layout (gradwatch.sinks.tags): one namespace, health first, every tag readable back."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 import gradwatch
-from gradwatch.blocks import resnet
-from gradwatch.tags import Tags
+from gradwatch.reference.blocks import resnet
+from gradwatch.sinks.tags import Tags
 
 
 def _record():

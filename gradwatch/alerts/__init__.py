@@ -1,29 +1,25 @@
-"""Alerts: rules that turn each step's record into findings, incidents that turn findings into what is worth
-telling (opened, escalated, reminded with back-off, resolved), and the sinks that tell it. Open
-:mod:`gradwatch.alerts.rules` to add a rule, :mod:`gradwatch.alerts.sinks` to add a sink.
+"""Alerts: rules that turn each step's record into findings, and incidents that turn findings into what is
+worth telling (opened, escalated, reminded with back-off, resolved). Open :mod:`gradwatch.alerts.rules` to add
+a rule; the sinks that tell incidents (logging, webhook, your callable) are in :mod:`gradwatch.sinks.tensorboard.sink`.
 
 Modules, leaf first: ``alert`` (the :class:`Alert` type, severities, :class:`GradientAlarm`), ``incident``
 (:class:`Incident`, :class:`IncidentEvent`, :class:`RunSummary`), ``measurements`` (what rules see), ``rule``
-(the :class:`Rule` base), ``rules`` (the built-in rules), ``incidents`` (the :class:`IncidentTracker`: back-off,
-hysteresis, inhibition), ``engine`` (the ``alerts.jsonl`` record, the ``on_critical`` policy), ``sinks``,
-``messages`` (what webhooks post) and ``webhook``.
+(the :class:`Rule` base), ``rules`` (the built-in rules), ``tracker`` (the :class:`IncidentTracker`: back-off,
+hysteresis, inhibition) and ``engine`` (the ``alerts.jsonl`` record, the ``on_critical`` policy).
 """
 
 from .alert import POLICIES, SEVERITIES, Alert, GradientAlarm, read_alerts, read_events, severity_rank, summarize
 from .engine import AlertEngine
 from .incident import EVENT_KINDS, Incident, IncidentEvent, RunSummary
-from .incidents import IncidentTracker
+from .tracker import IncidentTracker
 from .measurements import EarlyRatio, Measurements, depth_slope, early_ratio
 from .rule import Rule
 from .rules import (
     RULES, DeadLayer, DepthTrend, Exploding, NonFinite, SkipCollapse, Vanishing, build_rules, default_rules, replay,
 )
-from .sinks import AlertSink, CallableSink, LoggingSink, as_alert_sink
-from .webhook import WEBHOOK_ENV, WebhookSink, redact_url
 
 __all__ = [
     "SEVERITIES", "POLICIES", "severity_rank", "Alert", "GradientAlarm", "read_alerts", "read_events", "summarize",
     "EVENT_KINDS", "Incident", "IncidentEvent", "RunSummary", "IncidentTracker", "AlertEngine", "Measurements", "EarlyRatio", "early_ratio", "depth_slope", "Rule", "RULES", "SkipCollapse",
     "Vanishing", "Exploding", "DepthTrend", "NonFinite", "DeadLayer", "default_rules", "build_rules", "replay",
-    "AlertSink", "LoggingSink", "CallableSink", "as_alert_sink", "WebhookSink", "redact_url", "WEBHOOK_ENV",
 ]

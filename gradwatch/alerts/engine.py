@@ -3,7 +3,7 @@ lost, and applies the ``on_critical`` policy.
 
 After each logging step the :class:`~gradwatch.Monitor` hands its :class:`~gradwatch.StepRecord` to
 :meth:`AlertEngine.evaluate`. The rules (:mod:`gradwatch.alerts.rules`) turn it into findings (:class:`Alert`);
-the :class:`~gradwatch.alerts.incidents.IncidentTracker` turns findings into incident events (opened,
+the :class:`~gradwatch.alerts.tracker.IncidentTracker` turns findings into incident events (opened,
 escalated, reminder, resolved); the engine writes every event as one JSON line to ``alerts.jsonl`` (those not
 told too, with why) and returns the events to tell, which the monitor puts into the record for the sinks
 (logging, TensorBoard, webhooks, yours). At the end, :meth:`AlertEngine.summary` lists the run's incidents.
@@ -38,7 +38,7 @@ from typing import Any
 from ..record import StepRecord
 from .alert import POLICIES, Alert, GradientAlarm
 from .incident import IncidentEvent, RunSummary
-from .incidents import IncidentTracker
+from .tracker import IncidentTracker
 from .measurements import Measurements
 
 log = logging.getLogger("gradwatch")
@@ -100,9 +100,9 @@ class AlertEngine:
 
     Args:
         rules: the :class:`~gradwatch.alerts.Rule` s to run (see :func:`gradwatch.alerts.build_rules`).
-        kinds: layer kinds (:func:`gradwatch.layers.layer_kinds`).
+        kinds: layer kinds (:func:`gradwatch.measure.layers.layer_kinds`).
         on_critical: ``"warn"``, ``"stop"`` or ``"raise"``.
-        tracker: the :class:`~gradwatch.alerts.incidents.IncidentTracker` (back-off, hysteresis); None: defaults.
+        tracker: the :class:`~gradwatch.alerts.tracker.IncidentTracker` (back-off, hysteresis); None: defaults.
         path: the JSONL record, or None for none.
         rank_zero: whether this process writes the record.
         on_error: receives ``(where, exception)`` for an error inside a rule (the other rules still run).

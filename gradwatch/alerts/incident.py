@@ -3,7 +3,7 @@ is told about it) and :class:`RunSummary` (the run's incidents at its end), with
 
 A *condition* is a rule firing about one subject (a layer, a block, or the whole model): its key is
 :attr:`Alert.key`. The first finding opens an incident; while the condition holds, the incident stays open and
-the tracker (:mod:`gradwatch.alerts.incidents`) decides when to remind; when it has been clear for a while the
+the tracker (:mod:`gradwatch.alerts.tracker`) decides when to remind; when it has been clear for a while the
 incident is resolved. Everything here is plain data plus formatting: a leaf next to :mod:`.alert`.
 """
 

@@ -30,7 +30,7 @@ class Measurements:
     ``layers`` are the measured layer names in definition order (``named_modules()``); ``layer[metric]`` is an
     array aligned with it (NaN where a layer lacked that metric). ``whole`` holds the ``_global`` entry.
     ``blocks`` and ``block[metric]`` are the same for the residual blocks of block flow (empty without it).
-    ``kinds`` maps layer names to :func:`gradwatch.layers.layer_kinds` kinds. ``forward`` maps module names to the position in
+    ``kinds`` maps layer names to :func:`gradwatch.measure.layers.layer_kinds` kinds. ``forward`` maps module names to the position in
     which they first ran in a forward pass, as the monitor recorded it on its first measured step (empty when
     unknown, e.g. in :func:`replay`); :meth:`forward_sorted` orders layers by it.
 

@@ -23,7 +23,7 @@ class Rule:
     :meth:`hold` does the same with hysteresis.
 
     A rule returns a finding at every step its condition holds, not only the first: the monitor's incident
-    tracker (:mod:`gradwatch.alerts.incidents`) turns the findings into one incident per condition, opened,
+    tracker (:mod:`gradwatch.alerts.tracker`) turns the findings into one incident per condition, opened,
     reminded with back-off and resolved when the findings stop.
 
     Args:

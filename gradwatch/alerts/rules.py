@@ -292,7 +292,7 @@ class NonFinite(Rule):
 
     One condition for the whole model (the layer named may change from step to step): one incident, open
     while any gradient is non-finite; while it is open it inhibits every other rule's findings, since after
-    a NaN every statistic is garbage (:mod:`gradwatch.alerts.incidents`).
+    a NaN every statistic is garbage (:mod:`gradwatch.alerts.tracker`).
 
     A NaN born in the backward pass spreads to every layer *before* it in forward order, so the message also
     names the last non-finite layer (where a backward-born NaN starts). Steps an AMP ``GradScaler`` skipped for

@@ -31,7 +31,7 @@ One concern per module; each imports only those above it in this list:
 - :mod:`~gradwatch.flow.session`: one logging step's armed hooks and its :class:`FlowBatch` of norms;
 - :mod:`~gradwatch.flow.tracker`: the forward hooks on the model's modules, discovery and arming in them;
 - :mod:`~gradwatch.flow.probe`: :class:`FlowProbe` (public surface, sessions, hook entry points);
-- :mod:`~gradwatch.flow.report`: the flow metrics and per-block tables (the only pandas user);
+- :mod:`~gradwatch.flow.tables`: the flow metrics and per-block tables (the only pandas user);
 - :mod:`~gradwatch.flow.inspection`: the ``gradwatch inspect`` model loader.
 """
 
@@ -41,7 +41,7 @@ from ..names import FLOW_METRICS
 from .inspection import inspect, load_factory
 from .probe import FlowProbe, check_blocks
 from .registry import Block, Blocks, FlowStatus
-from .report import flow_metrics, share_table, summary
+from .tables import flow_metrics, share_table, summary
 from .session import FlowBatch
 
 __all__ = [

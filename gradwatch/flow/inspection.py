@@ -30,7 +30,7 @@ def load_factory(spec: str, kwargs: dict[str, Any] | None = None) -> tuple[nn.Mo
     """
     where, sep, attr = spec.partition(":")
     if not sep or not where or not attr:
-        raise ValueError(f"expected MODULE:FACTORY (e.g. gradwatch.blocks:resnet), got {spec!r}")
+        raise ValueError(f"expected MODULE:FACTORY (e.g. gradwatch.reference.blocks:resnet), got {spec!r}")
     if where.endswith(".py") or os.sep in where:
         path = os.path.abspath(where)
         if not os.path.isfile(path):

@@ -23,7 +23,7 @@ from torch import nn
 
 from ..alerts import summarize
 from ..flow import share_table
-from ..layers import layer_kinds
+from ..measure.layers import layer_kinds
 from ..monitor import Monitor
 from .blocks import ResNet, resnet
 from .data import synthetic_images
@@ -57,7 +57,7 @@ def demo_nets(depth: int = 56) -> list[DemoNet]:
 
 
 def weight_layers(model: nn.Module, names: list[str]) -> list[str]:
-    """The measured names that are weight layers (convolutions, linear maps: :func:`gradwatch.layers.layer_kinds`),
+    """The measured names that are weight layers (convolutions, linear maps: :func:`gradwatch.measure.layers.layer_kinds`),
     in definition order."""
     kinds = layer_kinds(model)
     return [n for n in names if kinds.get(n) == "weight"]

@@ -8,7 +8,7 @@ A scorecard over reference networks trained on the embedded data with the defaul
 - **faults**, each with the rule and the layer or block that must be named: a detached skip, a skip scaled
   by 1e-4, a deep sigmoid MLP, a NaN injected into one layer's gradient at a chosen step, a learning rate of
   0 in one layer's param group;
-- **variants**: He et al. 2016's shortcut variants on a 110-layer net (:data:`gradwatch.blocks.VARIANTS`),
+- **variants**: He et al. 2016's shortcut variants on a 110-layer net (:data:`gradwatch.reference.blocks.VARIANTS`),
   which the paper found train worse than the identity; what gradwatch flags and what it only shows is
   recorded, never counted as a miss or a false alarm.
 

@@ -23,9 +23,9 @@ import numpy as np
 import torch
 
 from ..alerts import Measurements, default_rules, depth_slope, early_ratio
-from ..layers import layer_kinds
+from ..measure.layers import layer_kinds
 from ..monitor import Monitor
-from ..order import ForwardOrder
+from ..measure.order import ForwardOrder
 
 if TYPE_CHECKING:  # typing only: the entries module imports this one
     from .zoo import ZooEntry
@@ -159,8 +159,8 @@ def statistics(records: Sequence[Any], kinds: dict[str, str],
                forward: dict[str, int] | None = None) -> dict[str, dict[str, Any]]:
     """Per rule, the statistic it judged over ``records`` (``mon.records``): its worst value, the worst value
     held for the rule's ``patience`` logging steps (``worst_run``), the threshold (from
-    :func:`~gradwatch.alerts.default_rules`) and the margin. ``kinds``: :func:`~gradwatch.layers.layer_kinds`;
-    ``forward``: module name -> position in the forward pass (:class:`~gradwatch.order.ForwardOrder`), as the
+    :func:`~gradwatch.alerts.default_rules`) and the margin. ``kinds``: :func:`~gradwatch.measure.layers.layer_kinds`;
+    ``forward``: module name -> position in the forward pass (:class:`~gradwatch.measure.order.ForwardOrder`), as the
     monitor gives its rules. Reproduces the current rules' arithmetic; a threshold a rule lacks gives NaN."""
     rules = {r.name: r for r in default_rules()}
     pat = {name: getattr(r, "patience", 1) for name, r in rules.items()}

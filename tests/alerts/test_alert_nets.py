@@ -14,7 +14,7 @@ from helpers.webhook_server import WebhookServer, free_port
 
 import gradwatch
 from gradwatch.alerts import read_alerts
-from gradwatch.blocks import resnet
+from gradwatch.reference.blocks import resnet
 from gradwatch.reference.data import synthetic_images
 from gradwatch.reference.demo import train
 

@@ -30,7 +30,8 @@ from gradwatch.alerts import (
     early_ratio,
     replay,
 )
-from gradwatch.layers import layer_kinds
+from gradwatch.measure.layers import layer_kinds
+from gradwatch.reference.blocks import resnet
 
 
 def mlp(depth: int = 4, width: int = 16, act: type[nn.Module] = nn.ReLU, seed: int = 0) -> nn.Sequential:
@@ -507,7 +508,7 @@ def test_layers_of_a_dormant_branch_are_left_out_of_the_early_and_typical_ratios
 def test_zero_initialised_residual_branches_raise_no_alert():
     """Our reference ResNet with the last BN of every block zeroed (what zero_init_residual does)."""
     torch.manual_seed(0)
-    model = gradwatch.blocks.resnet(20)
+    model = resnet(20)
     for block in model.residual_blocks():
         nn.init.zeros_(block.bn2.weight)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)

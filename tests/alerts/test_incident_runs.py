@@ -19,7 +19,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 import gradwatch
 from gradwatch.alerts import read_events
-from gradwatch.blocks import resnet, set_skip_fault
+from gradwatch.reference.blocks import resnet, set_skip_fault
 from gradwatch.reference.data import synthetic_images
 
 

@@ -166,7 +166,7 @@ def test_slow_server_never_blocks_training_and_close_waits_a_bounded_time(tmp_pa
 
 
 def test_url_from_the_environment_and_validation(monkeypatch):
-    monkeypatch.delenv(gradwatch.alerts.WEBHOOK_ENV, raising=False)
+    monkeypatch.delenv(gradwatch.sinks.webhook.WEBHOOK_ENV, raising=False)
     with pytest.raises(ValueError, match="GRADWATCH_WEBHOOK_URL"):
         gradwatch.WebhookSink()
     with pytest.raises(ValueError, match="http"):

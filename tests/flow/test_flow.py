@@ -14,7 +14,7 @@ from torch import nn
 import gradwatch
 from helpers import small_batch
 from gradwatch import flow
-from gradwatch.blocks import resnet, set_skip_fault
+from gradwatch.reference.blocks import resnet, set_skip_fault
 
 TOL = 1e-8
 

@@ -17,7 +17,7 @@ import gradwatch
 from helpers import small_batch
 from gradwatch import flow
 from gradwatch.flow import _hooks
-from gradwatch.blocks import BasicBlock, resnet
+from gradwatch.reference.blocks import BasicBlock, resnet
 
 
 def batch(n=4, size=8, seed=1, dtype=torch.float32):
@@ -355,7 +355,7 @@ def test_torch_compile_reports_flow_unavailable_once_and_parameter_metrics_conti
     assert sum("block flow is unavailable" in r.getMessage() for r in caplog.records) == 1
     assert mon.flow_status.state == "unavailable" and "torch.compile" in mon.flow_status.reason
     hist = mon.history()
-    assert set(hist.step) == {0, 1, 2} and set(hist.metric) == set(gradwatch.METRICS) | set(gradwatch.HEALTH)
+    assert set(hist.step) == {0, 1, 2} and set(hist.metric) == set(gradwatch.names.METRICS) | set(gradwatch.health.HEALTH)
     assert not mon.errors
 
     caplog.clear()
@@ -389,7 +389,7 @@ def test_cli_inspect_lists_the_blocks_of_a_factory(tmp_path, capsys):
 
     from gradwatch.cli import main
 
-    args = ["inspect", "gradwatch.blocks:resnet", "--kwargs", "depth=8", "shortcut=A", "--input-shape", "2,3,8,8"]
+    args = ["inspect", "gradwatch.reference.blocks:resnet", "--kwargs", "depth=8", "shortcut=A", "--input-shape", "2,3,8,8"]
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "layer2.0" in out and "Slice>Slice>ConstantPadNd" in out and "block flow: ok: 3 residual merges" in out
@@ -408,7 +408,7 @@ def test_cli_inspect_lists_the_blocks_of_a_factory(tmp_path, capsys):
     found = [(b["name"], b["kind"], b["index"]) for b in report["blocks"]]
     assert found == [("1", "identity", 0), ("2", "identity", 1)]
 
-    assert main(["inspect", "gradwatch.blocks:resnet", "--kwargs", "depth=8"]) == 1
+    assert main(["inspect", "gradwatch.reference.blocks:resnet", "--kwargs", "depth=8"]) == 1
     assert "--input-shape" in capsys.readouterr().err
 
 
@@ -602,7 +602,7 @@ def test_a_model_without_residual_merges_is_reported_as_none_not_unavailable(cap
             model.zero_grad()
     assert mon.flow_status.state == "none"
     assert "unavailable" not in caplog.text
-    assert set(mon.history().metric) == {"grad_norm", "weight_norm", "grad_to_weight", *gradwatch.HEALTH}
+    assert set(mon.history().metric) == {"grad_norm", "weight_norm", "grad_to_weight", *gradwatch.health.HEALTH}
 
 
 class _ForwardCheckpointed(nn.Module):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from gradwatch import blocks as B
+from gradwatch.reference import blocks as B
 
 
 def block_parts(block: nn.Module, x: torch.Tensor):

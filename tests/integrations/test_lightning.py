@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 import gradwatch
-from gradwatch.blocks import resnet
+from gradwatch.reference.blocks import resnet
 
 NAMESPACES = [
     pytest.param("lightning.pytorch", id="lightning"),
@@ -157,7 +157,7 @@ def check_against(recorder, scalars, k=0, namespace="gradwatch", steps=None):
     for (kk, step, name, metric), ref in recorder.values.items():
         if kk != k or step not in steps:
             continue
-        tag = gradwatch.Tags(namespace).layer(metric, name)
+        tag = gradwatch.sinks.tags.Tags(namespace).layer(metric, name)
         assert tag in scalars, f"missing {tag}"
         got = scalars[tag][step]
         assert got == pytest.approx(ref, rel=RTOL, abs=1e-12), (tag, step, got, ref)
@@ -431,7 +431,7 @@ def test_prog_bar_shows_early_layer_ratio(tmp_path):
     trainer = pl.Trainer(callbacks=[cb], logger=False, **trainer_kwargs(tmp_path, max_steps=2))
     trainer.fit(make_module(pl))
     hist = cb.monitor.history()
-    early = cb.monitor.layer_names[: gradwatch.early_count(len(cb.monitor.layer_names))]
+    early = cb.monitor.layer_names[: gradwatch.names.early_count(len(cb.monitor.layer_names))]
     last = hist[(hist.step == 1) & (hist.metric == "grad_to_weight") & hist.name.isin(early)].value.max()
     assert float(trainer.progress_bar_metrics[PROG_BAR_KEY]) == pytest.approx(last, rel=1e-6)
     assert PROG_BAR_KEY not in trainer.logged_metrics
@@ -599,7 +599,7 @@ def test_overflow_step_is_discarded_without_a_host_transfer(tmp_path, monkeypatc
     from lightning.pytorch.plugins import MixedPrecision
 
     from gradwatch.integrations.lightning import GradWatchCallback
-    from gradwatch.measure import Meter
+    from gradwatch.measure.meter import Meter
 
     finished = []
     real = Meter.finish

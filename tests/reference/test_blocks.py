@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from gradwatch import blocks
-from gradwatch.blocks import resnet, set_skip_fault
+from gradwatch.reference import blocks
+from gradwatch.reference.blocks import resnet, set_skip_fault
 
 
 def n_params(model: nn.Module) -> int:

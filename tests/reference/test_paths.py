@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gradwatch.blocks import resnet
+from gradwatch.reference.blocks import resnet
 from gradwatch.reference.data import synthetic_images
 from gradwatch.reference.paths import estimated, sampled, train
 

@@ -3,7 +3,7 @@
 :func:`load` reads every run under a folder with TensorBoard's own reader into one long table (the columns of
 ``Monitor.history()`` with ``run`` in front); :func:`summarize` turns one run into the answers (the health
 figures, the layers with the lowest and highest gradient-to-weight ratio, the blocks with the lowest
-skip_share, the incidents); :func:`render_text` and :mod:`gradwatch._html` print and share them.
+skip_share, the incidents); :func:`render_text` and :mod:`gradwatch.report._html` print and share them.
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ import numpy as np
 import pandas as pd
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from .alerts import read_events
-from .health import HEALTH
-from .names import GLOBAL_NAME
-from .tags import Tags
+from ..alerts import read_events
+from ..health import HEALTH
+from ..names import GLOBAL_NAME
+from ..sinks.tags import Tags
 
 __all__ = ["RunReport", "find_runs", "load", "summarize", "read", "render_text", "write_table", "to_json", "COLUMNS"]
 

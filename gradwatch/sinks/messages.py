@@ -12,7 +12,7 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-from .incident import IncidentEvent, RunSummary
+from ..alerts.incident import IncidentEvent, RunSummary
 
 __all__ = ["slack_text", "slack_summary", "json_body", "json_summary", "held_note"]
 

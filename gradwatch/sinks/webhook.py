@@ -1,5 +1,5 @@
 """A sink that posts incident events to a webhook (Slack or any JSON endpoint) from a background thread, with a
-rate limit. The words are :mod:`gradwatch.alerts.messages`'s."""
+rate limit. The words are :mod:`gradwatch.sinks.messages`'s."""
 
 from __future__ import annotations
 
@@ -18,10 +18,10 @@ from typing import Any
 from email.utils import parsedate_to_datetime
 
 from .._checks import check_bool, check_choice, check_int, check_number
-from .._worker import close_at_exit, forget_at_exit
+from ._worker import close_at_exit, forget_at_exit
 from . import messages
-from .incident import RunSummary
-from .sinks import AlertSink
+from ..alerts.incident import RunSummary
+from .alerting import AlertSink
 
 log = logging.getLogger("gradwatch")
 

@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import math
 
-from .names import GLOBAL_NAME
-from .record import StepRecord
+from ..names import GLOBAL_NAME
+from ..record import StepRecord
 
 __all__ = ["Tags", "DEFAULT_NAMESPACE", "SEVERITIES"]
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from ..metrics import safe_ratio
+from ..measure.norms import safe_ratio
 from ..names import FLOW_METRICS
 
 __all__ = ["flow_metrics", "summary", "share_table"]

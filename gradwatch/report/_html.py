@@ -10,9 +10,9 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
-from .names import GLOBAL_NAME
-from .pictures import depth_distribution, heatmap, profile
-from .report import RunReport
+from ..names import GLOBAL_NAME
+from ..sinks.tensorboard.pictures import depth_distribution, heatmap, profile
+from .events import RunReport
 
 __all__ = ["render_html"]
 

@@ -24,8 +24,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .depth import distribution, figures
-from .record import StepRecord
+from ...depth import distribution, figures
+from ...record import StepRecord
 
 __all__ = ["Timeline", "Picture", "Scene", "scene", "draw", "render_all", "heatmap", "profile", "depth_distribution"]
 
@@ -96,7 +96,7 @@ def _weight_layers(record: StepRecord) -> tuple[tuple[str, ...], np.ndarray]:
 
 class Scene(NamedTuple):
     """What one drawing of :func:`render_all` needs, as plain values (names, numpy arrays, numbers): picklable, so
-    a child process can draw it (:mod:`gradwatch._drawer`)."""
+    a child process can draw it (:mod:`gradwatch.sinks.tensorboard._drawer`)."""
 
     title: str
     steps: list[int]

@@ -4,7 +4,7 @@
 the writer's 10-entry queue; a ResNet-56 step holds ~640 values. One ``Summary`` proto can hold them all, so
 the sink builds one per step and hands it to the writer's event file at once (one queue entry per step).
 Building it (a protobuf per value, a histogram per metric) still costs milliseconds of Python, so for a plain
-``SummaryWriter`` it happens on a background thread (:class:`~gradwatch._worker.Worker`): the training
+``SummaryWriter`` it happens on a background thread (:class:`~gradwatch.sinks._worker.Worker`): the training
 thread only queues the immutable record. Writers that are not a torch ``SummaryWriter`` (any object with
 ``add_scalar``, or a subclass that overrides it) get one call per value, in the training thread.
 """
@@ -27,16 +27,16 @@ from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard import summary as tb_summary
 
 from . import _fastcrc
-from ._compat import event_file_writer
+from ..._compat import event_file_writer
 from ._drawer import draw_pictures
 from ._histogram import Bins
-from ._worker import Worker
+from .._worker import Worker
 from .layout import build_layout
 from .pictures import Timeline, scene
-from .record import Sink, StepRecord
-from .tags import DEFAULT_NAMESPACE, Tags
+from ...record import Sink, StepRecord
+from ..tags import DEFAULT_NAMESPACE, Tags
 
-__all__ = ["TensorBoardSink", "ScalarsSink", "open_writer", "alert_markdown"]
+__all__ = ["TensorBoardSink", "open_writer", "alert_markdown"]
 
 log = logging.getLogger("gradwatch")
 _WAIT = 60.0  # longest flush()/close() wait for queued steps: a stuck disk must not hang the end of a run
@@ -62,25 +62,6 @@ def alert_markdown(alert: Any) -> str:
     where = f" — `{alert.name}`" if alert.name else ""
     return (f"**{alert.severity}** {alert.rule}{where}\n\n{alert.message}\n\n"
             f"value {alert.value:.4g}, threshold {alert.threshold:.4g}\n\n*hint:* {alert.hint}")
-
-
-class ScalarsSink(Sink):
-    """Each record as one flat dict, ``fn({tag: value, ...}, step)``, with the tags TensorBoard gets
-    (:class:`gradwatch.tags.Tags`: the health section, per layer, per block, alerts): for loggers that take
-    dicts of scalars (Lightning's ``log_metrics``, W&B, MLflow). No histograms or pictures; with ``counts``,
-    the ``nonfinite/<metric>`` counts that accompany the histograms in TensorBoard."""
-
-    def __init__(self, fn: Callable[[dict[str, float], int], Any], prefix: str = DEFAULT_NAMESPACE,
-                 counts: bool = False) -> None:
-        if not callable(fn):
-            raise TypeError(f"ScalarsSink needs a callable, got {type(fn).__name__}")
-        self.fn = fn
-        self.tags = Tags(prefix)
-        self.counts = counts
-
-    def write(self, record: StepRecord) -> None:
-        """Call ``fn`` with ``record``'s scalars as one ``{tag: value}`` dict, and its step."""
-        self.fn(self.tags.scalars(record, counts=self.counts), record.step)
 
 
 def _layout_summary(layout: Any) -> Summary:
@@ -181,7 +162,7 @@ class _ScalarBytes:
 class TensorBoardSink(Sink):
     """Write each :class:`~gradwatch.StepRecord` to a ``SummaryWriter``: gradwatch's dashboard.
 
-    The tags are :class:`gradwatch.tags.Tags` of ``prefix`` (default ``gradwatch``; ``docs/dashboard.md``):
+    The tags are :class:`gradwatch.sinks.tags.Tags` of ``prefix`` (default ``gradwatch``; ``docs/dashboard.md``):
     the health section ``gradwatch/`` first, then ``gradwatch.layers/<metric>/<layer>``,
     ``gradwatch.blocks/<metric>/<block>``, ``gradwatch.alerts/`` and ``gradwatch.pictures/``. With
     ``histograms``, each metric also gets a histogram across layers (or blocks) of its finite values and a
@@ -189,10 +170,10 @@ class TensorBoardSink(Sink):
     ``gradwatch.alerts/<rule>`` (the writer is flushed at once), the end of the run ``gradwatch.alerts/summary``.
     ``add_scalars`` is never used: it makes a run per key.
 
-    A plain ``SummaryWriter`` also gets the Custom Scalars layout (:func:`gradwatch.layout.build_layout`,
+    A plain ``SummaryWriter`` also gets the Custom Scalars layout (:func:`gradwatch.sinks.tensorboard.layout.build_layout`,
     written again when the layers or blocks measured change) and, every ``pictures`` logging steps and at
-    close, the pictures (:mod:`gradwatch.pictures`; ``pictures=0``: none), drawn in a child process so that
-    matplotlib never holds this process's GIL (:mod:`gradwatch._drawer`). Drawing takes ~0.2 s of CPU per
+    close, the pictures (:mod:`gradwatch.sinks.tensorboard.pictures`; ``pictures=0``: none), drawn in a child process so that
+    matplotlib never holds this process's GIL (:mod:`gradwatch.sinks.tensorboard._drawer`). Drawing takes ~0.2 s of CPU per
     picture, so it also waits until the time spent drawing is at most ``picture_budget`` (1%) of the time
     since the run's first record (``None``: no limit).
 

@@ -12,8 +12,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._compat import is_compiled, is_compiling
-from .names import ROOT_NAME, clean_name
+from .._compat import is_compiled, is_compiling
+from ..names import ROOT_NAME, clean_name
 
 __all__ = ["ForwardOrder"]
 

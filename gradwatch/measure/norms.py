@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ._compat import DTensor, Shard, foreach_copy, foreach_copy_, foreach_norm_f32, foreach_sub_, vector_norm_f32
+from .._compat import DTensor, Shard, foreach_copy, foreach_copy_, foreach_norm_f32, foreach_sub_, vector_norm_f32
 
 __all__ = [
     "NormPlan",

@@ -1,5 +1,6 @@
 """Where alerts go: Python logging, your own callable, any object with ``send(alert)``. Open this file to add
-an alert sink (the webhook sink is in :mod:`gradwatch.alerts.webhook`).
+an alert sink (the logging sink is in :mod:`gradwatch.sinks.logging`, the webhook sink in
+:mod:`gradwatch.sinks.webhook`).
 
 An alert sink is a :class:`~gradwatch.Sink` like any other: it receives every :class:`~gradwatch.StepRecord`
 and sends the incident events in it (``record.events``: opened, escalated, reminder, resolved — each an
@@ -18,15 +19,14 @@ failing sink can never lose an alert.
 from __future__ import annotations
 
 import inspect
-import logging
 from collections.abc import Callable
 from typing import Any
 
 from ..record import Sink, StepRecord
-from .alert import severity_rank
-from .incident import IncidentEvent, RunSummary
+from ..alerts.alert import severity_rank
+from ..alerts.incident import IncidentEvent, RunSummary
 
-__all__ = ["AlertSink", "LoggingSink", "CallableSink", "as_alert_sink"]
+__all__ = ["AlertSink", "CallableSink", "as_alert_sink"]
 
 
 class AlertSink(Sink):
@@ -62,32 +62,6 @@ class AlertSink(Sink):
 
     def _wants(self, event: Any) -> bool:
         return severity_rank(event.severity) >= severity_rank(self.min_severity)
-
-
-class LoggingSink(AlertSink):
-    """Log each incident event on a Python logger (default ``gradwatch``) as one line, at the incident's level:
-    info → INFO, warning → WARNING, critical → ERROR (a ``resolved`` line at its peak's level, so a console that
-    showed the opening shows the end); the hint once, when the incident opens. At the end of the run, the
-    summary (WARNING when the run had an incident at warning or above, else INFO). On by default."""
-
-    _LEVELS = {"info": logging.INFO, "warning": logging.WARNING, "critical": logging.ERROR}
-    always_summarize = True
-
-    def __init__(self, logger: str | logging.Logger = "gradwatch", min_severity: str = "info") -> None:
-        super().__init__(min_severity)
-        self.logger = logger if isinstance(logger, logging.Logger) else logging.getLogger(logger)
-
-    def send(self, event: IncidentEvent) -> None:
-        """Log ``event`` as one line at its severity's level."""
-        self.logger.log(self._LEVELS[event.severity], "gradwatch %s", event.format())
-
-    def send_summary(self, summary: RunSummary) -> None:
-        """Log the summary: WARNING when an incident reached warning or above, else INFO."""
-        loud = any(severity_rank(i.peak) >= 1 for i in summary.incidents)
-        self.logger.log(logging.WARNING if loud else logging.INFO, "%s", summary.format())
-
-    def __repr__(self) -> str:
-        return f"LoggingSink({self.logger.name!r})"
 
 
 class CallableSink(AlertSink):

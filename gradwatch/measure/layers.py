@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ._checks import GRANULARITIES, Pattern, check_choice, check_patterns, check_types
-from ._compat import NORM_TYPES
-from .names import GLOBAL_NAME, ROOT_NAME, WRAPPER_PREFIXES, clean_name
+from .._checks import GRANULARITIES, Pattern, check_choice, check_patterns, check_types
+from .._compat import NORM_TYPES
+from ..names import GLOBAL_NAME, ROOT_NAME, WRAPPER_PREFIXES, clean_name
 
 log = logging.getLogger("gradwatch")
 

@@ -19,12 +19,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ._compat import scale_tensor, unscales_in_step
-from .flow import FlowBatch, flow_metrics
+from .._compat import scale_tensor, unscales_in_step
+from ..flow import FlowBatch, flow_metrics
 from .layers import Selection
-from .metrics import NormPlan, is_sharded, local_tensor, reduce_squared, safe_ratio, segment_sum, squared_norms
-from .names import short_list
-from .record import StepRecord
+from .norms import NormPlan, is_sharded, local_tensor, reduce_squared, safe_ratio, segment_sum, squared_norms
+from ..names import short_list
+from ..record import StepRecord
 
 log = logging.getLogger("gradwatch")
 
@@ -90,7 +90,7 @@ class _Layout:
 
 
 class Meter:
-    """Measures the parameters of a :class:`~gradwatch.layers.Selection` (and carries block-flow norms along).
+    """Measures the parameters of a :class:`~gradwatch.measure.layers.Selection` (and carries block-flow norms along).
 
     ``sync_ranks``: average the block-flow norms over ranks (root mean square) in the same ``all_reduce``.
     """

@@ -8,8 +8,8 @@ from collections import deque
 import numpy as np
 import pandas as pd
 
-from .names import GLOBAL_NAME
-from .record import Sink, StepRecord
+from ..names import GLOBAL_NAME
+from ..record import Sink, StepRecord
 
 __all__ = ["History", "COLUMNS"]
 

@@ -5,7 +5,7 @@ for ResNet-56) and its allocations set off full garbage collections over the tra
 Python-bound training loop ran ~5x slower while a drawing lasted, with stalls of up to 460 ms
 (``benchmarks/picture_stall.py``). A child process draws instead: one per training process, started at the
 first drawing and shared by every sink. The child imports the drawing modules only (numpy and matplotlib, not
-torch nor the rest of gradwatch), reads :class:`~gradwatch.pictures.Scene` values on its stdin and answers with
+torch nor the rest of gradwatch), reads :class:`~gradwatch.sinks.tensorboard.pictures.Scene` values on its stdin and answers with
 the PNGs. The sink's thread waits for the answer without the GIL.
 
 Where a child cannot run (a frozen executable, a sandbox without subprocesses) or stops answering, the pictures
@@ -33,16 +33,19 @@ __all__ = ["draw_pictures"]
 
 _TIMEOUT = 300.0  # seconds for one drawing, the child's start included (a first matplotlib import builds caches)
 _HEADER = struct.Struct("<Q")
-_PACKAGE = os.path.dirname(os.path.abspath(__file__))
+_PACKAGE = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # gradwatch/
 _HELLO = b"gradwatch-drawer 1\n"  # the child's first words: it started, and it is ours
 # The child's program. Ctrl-C is for the training process (the child exits when its input ends); the first
-# message on stdin is this process's import path (pickled: any entry, any length); ``gradwatch`` becomes a bare
-# namespace for this package's folder, argv[1], so its __init__, which imports torch, does not run.
+# message on stdin is this process's import path (pickled: any entry, any length); ``gradwatch`` and the
+# packages down to this one become bare namespaces for their folders (argv[1] is gradwatch's), so no
+# ``__init__`` runs: gradwatch's imports torch.
 _BOOT = ("import signal; signal.signal(signal.SIGINT, signal.SIG_IGN)\n"
-         "import pickle, struct, sys, types\n"
+         "import os, pickle, struct, sys, types\n"
          "n = struct.unpack('<Q', sys.stdin.buffer.read(8))[0]; sys.path[:0] = pickle.loads(sys.stdin.buffer.read(n))\n"
-         "p = types.ModuleType('gradwatch'); p.__path__ = [sys.argv[1]]; sys.modules['gradwatch'] = p\n"
-         "from gradwatch._drawer import serve; serve()")
+         "for name, path in (('gradwatch', sys.argv[1]), ('gradwatch.sinks', 'sinks'), "
+         "('gradwatch.sinks.tensorboard', 'sinks/tensorboard')):\n"
+         "    p = types.ModuleType(name); p.__path__ = [os.path.join(sys.argv[1], path)]; sys.modules[name] = p\n"
+         "from gradwatch.sinks.tensorboard._drawer import serve; serve()")
 
 
 class _Unavailable(Exception):

@@ -13,9 +13,9 @@ from collections.abc import Sequence
 
 from tensorboard.plugins.custom_scalar import layout_pb2
 
-from .depth import DEPTH
-from .names import FLOW_METRICS, GLOBAL_NAME
-from .tags import SEVERITIES, Tags
+from ...depth import DEPTH
+from ...names import FLOW_METRICS, GLOBAL_NAME
+from ..tags import SEVERITIES, Tags
 
 __all__ = ["MAX_LINES", "group_names", "build_layout"]
 

@@ -1,0 +1,31 @@
+"""The flat-dict sink: each record as ``{tag: value}`` for loggers that take dicts of scalars (Lightning's
+``log_metrics``, W&B, MLflow), with the tag names TensorBoard gets."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from ..record import Sink, StepRecord
+from .tags import DEFAULT_NAMESPACE, Tags
+
+__all__ = ["ScalarsSink"]
+
+
+class ScalarsSink(Sink):
+    """Each record as one flat dict, ``fn({tag: value, ...}, step)``, with the tags TensorBoard gets
+    (:class:`gradwatch.tags.Tags`: the health section, per layer, per block, alerts): for loggers that take
+    dicts of scalars (Lightning's ``log_metrics``, W&B, MLflow). No histograms or pictures; with ``counts``,
+    the ``nonfinite/<metric>`` counts that accompany the histograms in TensorBoard."""
+
+    def __init__(self, fn: Callable[[dict[str, float], int], Any], prefix: str = DEFAULT_NAMESPACE,
+                 counts: bool = False) -> None:
+        if not callable(fn):
+            raise TypeError(f"ScalarsSink needs a callable, got {type(fn).__name__}")
+        self.fn = fn
+        self.tags = Tags(prefix)
+        self.counts = counts
+
+    def write(self, record: StepRecord) -> None:
+        """Call ``fn`` with ``record``'s scalars as one ``{tag: value}`` dict, and its step."""
+        self.fn(self.tags.scalars(record, counts=self.counts), record.step)
