@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
@@ -27,7 +27,7 @@ from ._json import dump_json
 from ._sections import write_head
 from .zoo_run import FULL, QUICK, ZooResult, alert_text, run_entry
 
-__all__ = ["report", "main_with"]
+__all__ = ["report", "main_with", "Source", "source"]
 
 
 # ---------------------------------------------------------------------------------------------- the report
@@ -114,9 +114,32 @@ def report(results: Sequence[ZooResult], header: str = "") -> str:
     return "\n".join(lines) + "\n"
 
 
-def _source() -> str:
-    """gradwatch's version and, in a git checkout, the commit and the files changed since (rules in flux)."""
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@dataclass(frozen=True)
+class Source:
+    """Which code a zoo run measured: gradwatch's version and, in a git checkout, the commit and the files under
+    ``gradwatch/`` and ``integrations/`` that differed from it when the run started."""
+
+    version: str
+    commit: str | None = None
+    changed: tuple[str, ...] = ()
+
+    def text(self) -> str:
+        """What the published page says: the version and the commit. Nothing about the working tree: a run
+        from a changed tree is refused or explicitly allowed before it starts (:func:`main_with`), and the
+        JSON keeps the list of changed files."""
+        return f"gradwatch {self.version}" + (f" at commit {self.commit}" if self.commit else "")
+
+    def to_dict(self) -> dict[str, Any]:
+        """For the JSON: the version, the commit, ``dirty`` (a flag) and the ``changed`` files."""
+        return {"version": self.version, "commit": self.commit, "dirty": bool(self.changed),
+                "changed": list(self.changed)}
+
+
+def source(root: str = _ROOT) -> Source:
+    """The :class:`Source` of the checkout at ``root``; only the version outside a git checkout."""
 
     def run(*args: str) -> str:
         return subprocess.run(["git", "-C", root, *args], capture_output=True, text=True, timeout=10,
@@ -124,12 +147,11 @@ def _source() -> str:
 
     try:
         commit = run("rev-parse", "--short", "HEAD").strip()
-        dirty = [line[3:] for line in run("status", "--porcelain", "--", "gradwatch", "integrations").splitlines()
-                 if line.strip()]
+        changed = tuple(line[3:] for line in run("status", "--porcelain", "--", "gradwatch", "integrations")
+                        .splitlines() if line.strip())
     except (OSError, subprocess.SubprocessError):
-        return f"gradwatch {__version__}"
-    changed = f", with uncommitted changes to {', '.join(f'`{d}`' for d in dirty)}" if dirty else ""
-    return f"gradwatch {__version__} at commit {commit}{changed}"
+        return Source(__version__)
+    return Source(__version__, commit, changed)
 
 
 def _header(argv: Sequence[str], steps: int, every: int, threads: int, n: int, seconds: float | None,
@@ -173,8 +195,9 @@ def _header(argv: Sequence[str], steps: int, every: int, threads: int, n: int, s
     ])
 
 
-def main_with(entries: Callable[..., list[Any]], argv: list[str] | None = None) -> int:
-    """The command line of :mod:`gradwatch.reference.zoo`, given its ``entries`` function."""
+def main_with(entries: Callable[..., list[Any]], argv: list[str] | None = None, root: str = _ROOT) -> int:
+    """The command line of :mod:`gradwatch.reference.zoo`, given its ``entries`` function; ``root``: the
+    checkout whose commit the report names (the one this package lives in)."""
     p = argparse.ArgumentParser(prog="python -m gradwatch.reference.zoo",
                                 description="Train the calibration zoo under a default monitor and report.")
     p.add_argument("--quick", action="store_true", help=f"{QUICK[0]} steps, every {QUICK[1]}")
@@ -188,7 +211,19 @@ def main_with(entries: Callable[..., list[Any]], argv: list[str] | None = None) 
     p.add_argument("--out-md", help="write the Markdown report here")
     p.add_argument("--json", help="write the results as JSON here (rewritten after every entry)")
     p.add_argument("--verbose", action="store_true", help="show gradwatch's alert log lines while training")
+    p.add_argument("--allow-dirty", action="store_true",
+                   help="write --out-md although gradwatch/ or integrations/ differ from the commit it names")
     args = p.parse_args(argv)
+    # The page names the commit a reader checks out to reproduce it, and says nothing about the working tree.
+    # A run from a tree whose code differs from that commit cannot be reproduced from what the page says, so
+    # --out-md refuses it, before hours of training rather than after. --allow-dirty is for the usual
+    # exception, rules tuned on the zoo's evidence and committed together with the page they produced; the
+    # JSON lists the changed files either way, for whoever audits the run, and the page's command line shows
+    # the --allow-dirty.
+    src = source(root)  # as the run starts: the rules it ran with
+    if args.out_md and src.changed and not args.allow_dirty:
+        p.error(f"uncommitted changes to {', '.join(src.changed)}: the page would name commit {src.commit}, "
+                "which is not the code that ran; commit them first, or pass --allow-dirty to write it anyway")
     argv = list(sys.argv[1:] if argv is None else argv)
     steps = args.steps or (QUICK if args.quick else FULL)[0]
     every = args.every or (QUICK if args.quick else FULL)[1]
@@ -207,14 +242,13 @@ def main_with(entries: Callable[..., list[Any]], argv: list[str] | None = None) 
         log.addHandler(quiet)
         log.propagate = False
     results: list[ZooResult] = []
-    source = _source()  # as the run starts: the rules it ran with
     start = time.perf_counter()
     try:
         for i, entry in enumerate(chosen, 1):
             res = run_entry(entry, steps, every, args.out, args.seed)
             results.append(res)
             if args.json:
-                _write_json(args.json, argv, steps, every, source, results)
+                _write_json(args.json, argv, steps, every, src, results)
             if res.status == "skipped":
                 print(f"[{i}/{len(chosen)}] {res.name:<26} skipped: {res.reasons[0]}", flush=True)
                 continue
@@ -228,7 +262,7 @@ def main_with(entries: Callable[..., list[Any]], argv: list[str] | None = None) 
             log.removeHandler(quiet)
             log.propagate = True
     text = report(results, _header(argv, steps, every, torch.get_num_threads(), len(results),
-                                   time.perf_counter() - start, source))
+                                   time.perf_counter() - start, src.text()))
     if args.out_md:
         write_head(args.out_md, text)  # the sections other scripts generate below it stay
     else:
@@ -238,8 +272,8 @@ def main_with(entries: Callable[..., list[Any]], argv: list[str] | None = None) 
     return 1 if failed else 0
 
 
-def _write_json(path: str, argv: Sequence[str], steps: int, every: int, source: str,
+def _write_json(path: str, argv: Sequence[str], steps: int, every: int, src: Source,
                 results: Sequence[ZooResult]) -> None:
     doc = {"command": "python -m gradwatch.reference.zoo " + " ".join(argv), "steps": steps, "every": every,
-           "torch": torch.__version__, "source": source, "results": [asdict(r) for r in results]}
+           "torch": torch.__version__, "source": src.to_dict(), "results": [asdict(r) for r in results]}
     dump_json(path, doc)
