@@ -6,9 +6,9 @@ noise control), every monitor writing TensorBoard as users do:
     git worktree add /tmp/base <commit> && mkdir -p /tmp/basepkg && cp -r /tmp/base/gradwatch /tmp/basepkg/gradwatch_base
     PYTHONPATH=/tmp/basepkg .venv/bin/python benchmarks/ab.py --model resnet56 --steps 60
 
-The C CRC-32C (``gradwatch/_fastcrc.py``) is process-wide once installed, so it would speed up the older
-version too: ``GRADWATCH_FAST_CRC=0`` compares the rest of the changes; the CRC's own share shows in a run
-without that variable (``overhead.py``).
+The C CRC-32C (``gradwatch/sinks/tensorboard/_fastcrc.py``) is process-wide once installed, so it would speed
+up the older version too: ``GRADWATCH_FAST_CRC=0`` compares the rest of the changes; the CRC's own share shows in
+a run without that variable (``overhead.py``).
 """
 
 from __future__ import annotations

@@ -8,8 +8,8 @@ log_freq=1)`` in offline mode when wandb is installed (skipped with a message ot
 parameter metrics only and with all defaults. All at every step (the costliest cadence).
 
 Note: once a gradwatch TensorBoard sink exists, every ``SummaryWriter`` in the process uses the C CRC-32C
-(``gradwatch/_fastcrc.py``), the peers' included; ``GRADWATCH_FAST_CRC=0`` measures everyone with
-tensorboard's own pure-Python checksum.
+(``gradwatch/sinks/tensorboard/_fastcrc.py``), the peers' included; ``GRADWATCH_FAST_CRC=0`` measures everyone
+with tensorboard's own pure-Python checksum.
 
     .venv/bin/python benchmarks/peers.py --model stack --steps 40
     .venv/bin/python benchmarks/peers.py --model resnet56 --steps 30

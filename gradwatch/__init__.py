@@ -5,7 +5,7 @@
 
 The data path (``docs/architecture.md``): hooks → fused norms (:mod:`gradwatch.measure.meter`, block flow
 :mod:`gradwatch.flow`) → one :class:`StepRecord` per logging step → alert rules (:mod:`gradwatch.alerts`)
-→ every sink (:mod:`gradwatch.sinks.tensorboard.sink`: history, TensorBoard, logging, webhooks, yours); after the run,
+→ every sink (:mod:`gradwatch.sinks`: history, TensorBoard, logging, webhooks, yours); after the run,
 :mod:`gradwatch.report.events`. The reference networks and the validation harness are in
 :mod:`gradwatch.reference`, which ``import gradwatch`` does not import.
 """

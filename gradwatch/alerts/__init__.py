@@ -1,6 +1,7 @@
 """Alerts: rules that turn each step's record into findings, and incidents that turn findings into what is
 worth telling (opened, escalated, reminded with back-off, resolved). Open :mod:`gradwatch.alerts.rules` to add
-a rule; the sinks that tell incidents (logging, webhook, your callable) are in :mod:`gradwatch.sinks.tensorboard.sink`.
+a rule; the sinks that tell incidents (logging, webhook, your callable) are in :mod:`gradwatch.sinks`
+(:mod:`gradwatch.sinks.alerting` to add one).
 
 Modules, leaf first: ``alert`` (the :class:`Alert` type, severities, :class:`GradientAlarm`), ``incident``
 (:class:`Incident`, :class:`IncidentEvent`, :class:`RunSummary`), ``measurements`` (what rules see), ``rule``

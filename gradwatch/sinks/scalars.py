@@ -14,7 +14,7 @@ __all__ = ["ScalarsSink"]
 
 class ScalarsSink(Sink):
     """Each record as one flat dict, ``fn({tag: value, ...}, step)``, with the tags TensorBoard gets
-    (:class:`gradwatch.tags.Tags`: the health section, per layer, per block, alerts): for loggers that take
+    (:class:`gradwatch.sinks.tags.Tags`: the health section, per layer, per block, alerts): for loggers that take
     dicts of scalars (Lightning's ``log_metrics``, W&B, MLflow). No histograms or pictures; with ``counts``,
     the ``nonfinite/<metric>`` counts that accompany the histograms in TensorBoard."""
 
