@@ -20,7 +20,7 @@ try:  # DTensor moved out of _tensor in torch 2.4; FSDP2 needs it.
     from torch.distributed.tensor import DTensor, Shard
 except ImportError:  # pragma: no cover - older torch or a build without distributed
     try:
-        from torch.distributed._tensor import DTensor, Shard  # type: ignore[no-redef]
+        from torch.distributed._tensor import DTensor, Shard
     except ImportError:
         DTensor = None  # type: ignore[assignment,misc]
         Shard = None  # type: ignore[assignment,misc]

@@ -314,9 +314,9 @@ class NonFinite(Rule):
         if n < self.patience:
             return []
         if len(bad):
-            bad = m.forward_sorted(bad)
-            first, last = m.layers[bad[0]], m.layers[bad[-1]]
-            value = g[bad[0]]
+            ordered = m.forward_sorted(bad)
+            first, last = m.layers[ordered[0]], m.layers[ordered[-1]]
+            value = g[ordered[0]]
             where = f"first in forward order: {first}"
             if len(bad) > 1:
                 where += f"; {len(bad)} of {len(m.layers)} layers non-finite, the last is {last}"

@@ -31,7 +31,7 @@ def _norm(g: torch.Tensor) -> torch.Tensor:
 class _Slot:
     """The four norms of one merge on one step, filled by autograd hooks (first backward wins)."""
 
-    __slots__ = ("norms", "sums", "left", "fork_nr", "on_error", "keep", "vectors")
+    __slots__ = ("norms", "sums", "left", "fork_nr", "on_error", "vectors")
 
     def __init__(self, n_skip: int, n_branch: int, dead: bool, fork_nr: int, on_error, keep: bool) -> None:
         self.norms: list[Any] = [None, None, 0.0 if dead else None, None]
@@ -39,13 +39,13 @@ class _Slot:
         self.left = [n_skip, n_branch]
         self.fork_nr = fork_nr
         self.on_error = on_error
-        self.keep = keep
+        # the gradient vectors themselves, only when asked for (None: keep norms only)
         self.vectors: dict[str, torch.Tensor] | None = {} if keep else None
 
     def _add(self, role: int, g: torch.Tensor | None, known: torch.Tensor | None) -> None:
         if self.left[role] <= 0:
             return  # complete already (a second backward through a retained graph)
-        if self.keep and g is not None:
+        if self.vectors is not None and g is not None:
             key = ("skip", "branch")[role]
             self.vectors[key] = g.detach().clone() if key not in self.vectors else self.vectors[key] + g
         if self.left[role] == 1 and self.sums[role] is None:
@@ -70,7 +70,7 @@ class _Slot:
         self.left = [0, 0]
         self.norms = [0.0] * 4
         self.sums = [None, None]
-        self.keep, self.vectors = False, None
+        self.vectors = None
 
     def finish(self) -> None:
         """Every consumer that will fire has fired (the fork ran, or the step is over)."""
@@ -86,7 +86,7 @@ def _on_node(slot: _Slot, edges: tuple[tuple[int, int], ...], want_out: bool, gr
             g0 = grad_outputs[0]
             if slot.norms[_OUT] is None:
                 slot.norms[_OUT] = 0.0 if g0 is None else _norm(g0)
-                if slot.keep and g0 is not None:
+                if slot.vectors is not None and g0 is not None:
                     slot.vectors["out"] = g0.detach().clone()
             known = slot.norms[_OUT]
         for edge, role in edges:
@@ -104,12 +104,12 @@ def _on_fork(slot: _Slot, also: tuple[_Slot, ...], grad_outputs) -> None:
         if slot.norms[_IN] is None:
             g = grad_outputs[slot.fork_nr] if slot.fork_nr < len(grad_outputs) else None
             slot.norms[_IN] = 0.0 if g is None else _norm(g)
-            if slot.keep and g is not None:
+            if slot.vectors is not None and g is not None:
                 slot.vectors["in"] = g.detach().clone()
             for other in also:
                 if other.norms[_OUT] is None:
                     other.norms[_OUT] = slot.norms[_IN]
-                    if other.keep and g is not None:
+                    if other.vectors is not None and slot.vectors is not None and g is not None:
                         other.vectors["out"] = slot.vectors["in"]
         slot.finish()
     except Exception as err:

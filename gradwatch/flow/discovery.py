@@ -184,15 +184,15 @@ class Graph:
     def path_from_root(self, nid: int) -> tuple[int, tuple[int, ...]]:
         """(output index, edges) leading from a root to ``nid`` along the walk's shortest path."""
         edges = []
-        while self.parent[nid] is not None:
-            pid, edge = self.parent[nid]
+        while (link := self.parent[nid]) is not None:
+            pid, edge = link
             edges.append(edge)
             nid = pid
         return self.root_index[nid], tuple(reversed(edges))
 
     def paths_within(self, start: int, allowed: set[int]) -> dict[int, tuple[int, ...]]:
         """Shortest edge paths from ``start`` to every node of ``allowed`` reachable inside ``allowed``."""
-        paths = {start: ()}
+        paths: dict[int, tuple[int, ...]] = {start: ()}
         queue = deque([start])
         while queue:
             nid = queue.popleft()
@@ -398,7 +398,8 @@ def resolve(p: MergePattern, outs: list[Any]) -> Resolved | object | None:
     if p.skip_edge >= len(mf):
         return None
     dead = mf[p.skip_edge][0] is None
-    fork = fork_nr = None
+    fork: Any = None
+    fork_nr = 0  # read only once fork is set
     consumers = []
     for path, edge, is_skip in p.consumers:
         if dead and is_skip:

@@ -43,7 +43,7 @@ def check_blocks(model: nn.Module, blocks: Any) -> list[nn.Module] | None:
     mods = check_modules(blocks, "blocks")
     if mods is None:
         raise TypeError("blocks must be 'auto' or a list of modules here (None turns block flow off)")
-    if mods == "auto":
+    if isinstance(mods, str):  # "auto", the only string check_modules lets through
         return None
     for m in mods:
         _check_member(model, m, "blocks")

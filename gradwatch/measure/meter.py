@@ -12,8 +12,9 @@ can snapshot weights before ``optimizer.step()`` and read the update after it:
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -81,11 +82,11 @@ class _Layout:
         self.present = np.bincount(self.seg, minlength=n) > 0
         self.layers = tuple(selection.names[j] for j in np.flatnonzero(self.present))
 
-    def params(self, selection: Selection) -> list[torch.Tensor]:
+    def params(self, selection: Selection) -> Sequence[torch.Tensor]:
         """The measured parameters (the selection's own list when every one is measured: no copy)."""
         return selection.params if self.whole else [selection.params[i] for i in self.kept]
 
-    def tensors(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    def tensors(self, tensors: Sequence[torch.Tensor]) -> Sequence[torch.Tensor]:
         return [local_tensor(t) for t in tensors] if self.local else tensors
 
 
@@ -131,7 +132,7 @@ class Meter:
         sel = self.selection
         layout = self._layout(kept)
         params = layout.params(sel)
-        grads = [p.grad for p in params]
+        grads = cast("list[torch.Tensor]", [p.grad for p in params])  # kept: every one has a gradient
         weights = layout.tensors(params)
         if {g.layout for g in grads} == _STRIDED:
             g_sq = layout.plan.squared(layout.tensors(grads))
@@ -157,7 +158,7 @@ class Meter:
         sel = self.selection
         parts = list(pending.parts)
         layout = pending.layout
-        if pending.snapshot:
+        if pending.snapshot and layout is not None:  # a snapshot implies a layout (something was measured)
             parts.append(layout.plan.squared_change(layout.tensors(layout.params(sel))))
         flow = pending.flow.values if pending.flow is not None else None
         stacked, n_flow = self._join(parts, flow, layout.sharded if layout is not None else [])
@@ -173,8 +174,9 @@ class Meter:
         flow_host = host[len(host) - n_flow:] if n_flow else None
         host = host[: len(host) - n_flow]
         layers, columns, whole = self._layer_metrics(layout, host.reshape(len(parts), len(pending.kept)))
-        blocks, block_columns = (), None
-        if flow_host is not None:
+        blocks: Sequence[str] = ()
+        block_columns = None
+        if flow_host is not None and pending.flow is not None:  # flow norms were transferred only with a flow
             blocks, block_columns = pending.flow.names, flow_metrics(flow_host)
         return StepRecord.build(pending.step, layers, columns, whole, blocks, block_columns)
 
@@ -184,7 +186,7 @@ class Meter:
         stacked = torch.cat(parts) if parts else torch.zeros(0, device=flow.device if flow is not None else None)
         n_flow = 0 if flow is None else flow.numel()
         sync = bool(n_flow) and self.sync_ranks and dist.is_available() and dist.is_initialized()
-        if n_flow:
+        if flow is not None and n_flow:
             dtype = torch.promote_types(stacked.dtype, flow.dtype)
             flow = flow.to(device=stacked.device, dtype=dtype)
             if sync:  # each rank saw its own activations: mean of the squared norms over ranks

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from numpy.typing import ArrayLike
 import torch
 import torch.distributed as dist
 
@@ -241,12 +242,12 @@ def reduce_squared(values: torch.Tensor, sharded: torch.Tensor | None) -> torch.
     return values
 
 
-def safe_ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+def safe_ratio(num: ArrayLike, den: ArrayLike) -> np.ndarray:
     """``num / den`` elementwise; NaN where ``den == 0`` (the ratio is undefined there), with no warning."""
-    num = np.asarray(num, dtype=np.float64)
-    den = np.asarray(den, dtype=np.float64)
-    out = np.full(np.broadcast(num, den).shape, np.nan)
-    np.divide(num, den, out=out, where=den != 0)
+    n = np.asarray(num, dtype=np.float64)
+    d = np.asarray(den, dtype=np.float64)
+    out = np.full(np.broadcast(n, d).shape, np.nan)
+    np.divide(n, d, out=out, where=d != 0)
     return out
 
 

@@ -15,7 +15,7 @@ gradient: ``s.detach()``) or ``("scaled", c)`` (the skip is multiplied by ``c``)
 with ``resnet(..., skip_fault={3: "detached", 7: ("scaled", 1e-4)})`` or later with :func:`set_skip_fault`;
 block indices count residual blocks in depth order from 0.
 
->>> from gradwatch.blocks import resnet
+>>> from gradwatch.reference.blocks import resnet
 >>> net = resnet(56, block="preact")                  # CIFAR ResNet-56, 0.85M parameters
 >>> broken = resnet(20, skip_fault={3: "detached"})   # block 3's skip passes no gradient
 """
@@ -23,7 +23,7 @@ block indices count residual blocks in depth order from 0.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Literal, Union
+from typing import Literal, Union, cast
 
 import torch
 import torch.nn.functional as F
@@ -90,6 +90,11 @@ class _ResidualBlock(nn.Module):
     expansion = 1
     preact = False
     plain = False
+    # Set only on blocks that are rewired after construction (absent otherwise: read with getattr): the He 2016
+    # shortcut variant and its gate (set_shortcut_variant), the routed backward (gradwatch.reference.paths).
+    variant: str
+    gate: nn.Conv2d
+    route: str | None
 
     def __init__(
         self,
@@ -133,6 +138,7 @@ class _ResidualBlock(nn.Module):
 
     def _skip(self, x: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
         # He 2016: a pre-activation projection sees the pre-activated input; identity and zero-pad see x.
+        assert self.shortcut is not None  # _merge calls _skip only on blocks with a skip
         s = self.shortcut(pre if self.projects else x)
         if self.skip_fault == "detached":
             s = s.detach()
@@ -303,7 +309,8 @@ class ResNet(nn.Module):
 
     def residual_blocks(self) -> list[_ResidualBlock]:
         """The blocks in depth order (indices used by ``skip_fault``)."""
-        return [b for stage in (self.layer1, self.layer2, self.layer3) for b in stage]
+        # a stage is an nn.Sequential of the blocks ResNet built: every item is a _ResidualBlock
+        return cast("list[_ResidualBlock]", [b for stage in (self.layer1, self.layer2, self.layer3) for b in stage])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits ``(batch, num_classes)`` for images ``(batch, in_channels, H, W)``."""
@@ -317,7 +324,7 @@ class ResNet(nn.Module):
         return self.fc(out)
 
 
-_BLOCKS = {
+_BLOCKS: dict[tuple[str, bool], type[_ResidualBlock]] = {
     ("postact", False): BasicBlock,
     ("postact", True): Bottleneck,
     ("preact", False): PreActBasicBlock,
@@ -406,6 +413,7 @@ def set_shortcut_variant(net: ResNet, variant: str, gate_bias: float = 0.0) -> R
                                        nn.BatchNorm2d(out_planes))
         elif variant.endswith("gating"):
             b.gate = nn.Conv2d(in_planes, out_planes, 1, stride=stride)
+            assert b.gate.bias is not None  # a Conv2d has a bias unless built with bias=False
             nn.init.constant_(b.gate.bias, gate_bias)
         b.variant = variant
     return net

@@ -109,7 +109,10 @@ def estimated(net: ResNet, x: torch.Tensor, y: torch.Tensor) -> PathLengths:
         mon.close()
         net.zero_grad(set_to_none=True)
     r = mon.latest
-    return PathLengths(distribution(r.blocks, r.block("skip_grad"), r.block("branch_grad")), 1)
+    dist = None if r is None else distribution(r.blocks, r.block("skip_grad"), r.block("branch_grad"))
+    if dist is None:
+        raise RuntimeError("gradwatch measured no usable block flow on this net: no path-length distribution")
+    return PathLengths(dist, 1)
 
 
 def train(net: ResNet, steps: int, lr: float = 0.05, batch: int = 32, seed: int = 0) -> None:

@@ -28,6 +28,8 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
+from functools import partial
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -107,15 +109,15 @@ def cases(quick: bool = False) -> list[Case]:
     out: list[Case] = []
     for d in depths:
         out.append(Case(f"postact-{d}", "healthy", f"ResNet-{d}, post-activation (He 2015)",
-                        lambda d=d: resnet(d), depth=d))
+                        partial(resnet, d), depth=d))
         out.append(Case(f"preact-{d}", "healthy", f"ResNet-{d}, pre-activation (He 2016)",
-                        lambda d=d: resnet(d, "preact"), depth=d))
+                        partial(resnet, d, "preact"), depth=d))
     for d in ((20,) if quick else (20, 56, 110, 164)):  # 9n+2
         out.append(Case(f"bottleneck-{d}", "healthy", f"ResNet-{d}, pre-activation bottleneck",
-                        lambda d=d: resnet(d, "preact", bottleneck=True), depth=d))
+                        partial(resnet, d, "preact", bottleneck=True), depth=d))
     for d in depths:
         out.append(Case(f"plain-{d}", "control", f"plain {d}-layer BN net (no skips)",
-                        lambda d=d: resnet(d, "plain"), allowed=DEPTH_RULES, depth=d))
+                        partial(resnet, d, "plain"), allowed=DEPTH_RULES, depth=d))
     out += [
         Case("detached-skip", "fault", "ResNet-20, block 4 (layer2.1) skip detached",
              lambda: resnet(20, skip_fault={4: "detached"}), expect=(("skip_collapse", "layer2.1"),)),
@@ -133,19 +135,24 @@ def cases(quick: bool = False) -> list[Case]:
                     "reference for the variants)", lambda: resnet(vdepth), depth=vdepth))
     for v in VARIANTS:
         out.append(Case(f"{v.replace('_', '-')}-{vdepth}", "variant", f"ResNet-{vdepth}, {v.replace('_', ' ')}",
-                        lambda v=v: set_shortcut_variant(resnet(vdepth), v), depth=vdepth,
+                        partial(_variant, vdepth, v), depth=vdepth,
                         allowed=("skip_collapse", *DEPTH_RULES, "dead_layer")))
     return out
 
 
+def _variant(depth: int, variant: str) -> nn.Module:
+    return set_shortcut_variant(resnet(depth), variant)
+
+
 def _optimizer(model: nn.Module, zero_lr: str | None) -> torch.optim.Optimizer:
-    kw = dict(lr=0.1, momentum=0.9, weight_decay=1e-4)
+    kw: dict[str, Any] = dict(lr=0.1, momentum=0.9, weight_decay=1e-4)
     if zero_lr is None:
         return torch.optim.SGD(model.parameters(), **kw)
     frozen = list(model.get_submodule(zero_lr).parameters())
     ids = {id(p) for p in frozen}
     rest = [p for p in model.parameters() if id(p) not in ids]
-    return torch.optim.SGD([{"params": rest}, {"params": frozen, "lr": 0.0}], **kw)
+    groups: list[dict[str, Any]] = [{"params": rest}, {"params": frozen, "lr": 0.0}]
+    return torch.optim.SGD(groups, **kw)
 
 
 def run_case(case: Case, out: str, steps: int, every: int = 5, seed: int = 0, batch: int = 32,
@@ -183,7 +190,7 @@ def _run_case(case: Case, out: str, steps: int, every: int, seed: int, batch: in
                 if g["lr"] != 0.0:
                     g["lr"] = 0.01 if i < warm else 0.1
             if case.nan_at is not None and i == case.nan_at[1]:
-                w = model.get_submodule(case.nan_at[0]).weight
+                w = model.get_parameter(f"{case.nan_at[0]}.weight")
                 hook = w.register_hook(lambda g: torch.full_like(g, math.nan))
             idx = torch.randint(0, len(x), (batch,), generator=gen).to(device)
             loss = F.cross_entropy(model(x[idx]), y[idx])

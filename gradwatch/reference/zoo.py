@@ -44,7 +44,7 @@ except ImportError:  # pragma: no cover
 try:
     import transformers
 except ImportError:  # pragma: no cover
-    transformers = None
+    transformers = None  # type: ignore[assignment]  # the usual optional-import idiom: None marks it missing
 
 __all__ = ["ZooEntry", "Recipe", "ImageTask", "TokenTask", "VectorTask", "LIBRARIES", "entries", "run_entry",
            "report", "ZooResult", "main"]
@@ -213,7 +213,7 @@ def _nan_from(step: int, layer: str) -> Callable[[], nn.Module]:
         net = resnet(20)
         calls = {"n": -1}
         net.register_forward_pre_hook(lambda *_: calls.__setitem__("n", calls["n"] + 1))
-        weight = net.get_submodule(layer).weight
+        weight = net.get_parameter(f"{layer}.weight")
         weight.register_hook(lambda g: g * math.nan if calls["n"] >= step else g)
         return net
     return build

@@ -23,7 +23,7 @@ import struct
 import subprocess
 import sys
 import threading
-from typing import Any, BinaryIO
+from typing import IO, Any, BinaryIO
 
 from .pictures import Picture, Scene, draw
 
@@ -52,13 +52,13 @@ class _Unavailable(Exception):
     """The child could not be started or stopped answering."""
 
 
-def _send(stream: BinaryIO, obj: Any) -> None:
+def _send(stream: IO[bytes], obj: Any) -> None:
     data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
     stream.write(_HEADER.pack(len(data)) + data)
     stream.flush()
 
 
-def _receive(stream: BinaryIO) -> Any:
+def _receive(stream: IO[bytes]) -> Any:
     head = stream.read(_HEADER.size)
     if len(head) < _HEADER.size:
         raise EOFError("the drawing process closed its output")
@@ -83,7 +83,10 @@ class _Child:
         try:
             self.proc = subprocess.Popen([sys.executable, "-c", _BOOT, _PACKAGE], stdin=subprocess.PIPE,
                                          stdout=subprocess.PIPE, close_fds=True, creationflags=flags)
-            _send(self.proc.stdin, _import_path())
+            stdin, stdout = self.proc.stdin, self.proc.stdout
+            assert stdin is not None and stdout is not None  # both were asked for as pipes
+            self.stdin, self.stdout = stdin, stdout
+            _send(self.stdin, _import_path())
         except Exception as err:  # noqa: BLE001 - whatever stops the start, drawing goes on in the process
             proc = getattr(self, "proc", None)
             if proc is not None:
@@ -104,11 +107,11 @@ class _Child:
         timer.start()
         try:
             if not self._hello:
-                if self.proc.stdout.read(len(_HELLO)) != _HELLO:
+                if self.stdout.read(len(_HELLO)) != _HELLO:
                     raise EOFError("the child did not start as a drawing process")
                 self._hello = True
-            _send(self.proc.stdin, request)
-            return _receive(self.proc.stdout)
+            _send(self.stdin, request)
+            return _receive(self.stdout)
         except (OSError, EOFError, pickle.UnpicklingError) as err:
             code = self.proc.poll()
             why = f"no answer in {_TIMEOUT:.0f} s" if self._expired else f"{type(err).__name__}: {err}"
@@ -118,7 +121,7 @@ class _Child:
 
     def close(self) -> None:
         try:
-            self.proc.stdin.close()  # the child exits at the end of its input
+            self.stdin.close()  # the child exits at the end of its input
         except OSError:
             pass
         _end(self.proc)
@@ -218,7 +221,7 @@ class _Drawer:
         if child is not None:
             null = os.open(os.devnull, os.O_RDWR)
             try:
-                for stream in (child.proc.stdin, child.proc.stdout):
+                for stream in (child.stdin, child.stdout):
                     os.dup2(null, stream.fileno())
                     stream.close()
             except (OSError, ValueError):

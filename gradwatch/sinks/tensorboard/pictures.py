@@ -187,14 +187,16 @@ def _bars(ax, x: np.ndarray, heights: np.ndarray, *, color: str, width: float, l
     top = heights[ok]
     verts = np.stack([np.stack([left, np.full_like(top, base)], 1), np.stack([left, top], 1),
                       np.stack([right, top], 1), np.stack([right, np.full_like(top, base)], 1)], 1)
-    ax.add_collection(PolyCollection(verts, facecolors=color, edgecolors="none", label=label))
+    # matplotlib's stub types verts as a Sequence of arrays, but set_verts takes one (n, 4, 2) array on a fast
+    # path (no per-polygon conversion); a list would work and lose it
+    ax.add_collection(PolyCollection(verts, facecolors=color, edgecolors="none", label=label))  # type: ignore[arg-type]
     ax.set_ylim(base, high * 1.5)
 
 
-def _few_ticks(ax, lo: float, hi: float) -> None:  # noqa: ANN001
+def _few_ticks(ax, lo: float | None, hi: float | None) -> None:  # noqa: ANN001
     """No minor ticks on a log axis spanning two decades or more: they carry no label there and were ~20% of a
     map's drawing. Over a narrower range the minor ticks are the labelled ones, so they stay."""
-    if lo > 0 and hi / lo >= 100:
+    if lo is not None and hi is not None and lo > 0 and hi / lo >= 100:
         ax.minorticks_off()
 
 
@@ -213,6 +215,7 @@ def heatmap(name: str, names: Sequence[str], steps: Sequence[int], values: np.nd
     fig = _figure(10, min(3 + 0.12 * rows, 14), left=1.8, right=1.3)
     ax = fig.add_subplot()
     data = np.array(values, dtype=np.float64)
+    norm: Normalize
     if log:
         data[~(data > 0)] = np.nan  # zeros (dead layers) and NaN show as the "bad" colour
         finite = data[np.isfinite(data)]
