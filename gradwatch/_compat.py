@@ -14,6 +14,7 @@ from torch import nn
 __all__ = [
     "DTensor", "Shard", "OptimizedModule", "NORM_TYPES", "is_compiling", "is_compiled", "in_backward", "tree_tensors",
     "foreach_norm_f32", "vector_norm_f32", "foreach_sub_", "foreach_copy", "foreach_copy_", "unscales_in_step", "scale_tensor", "event_file_writer",
+    "event_file_path", "detach_event_files", "reopen_event_file",
 ]
 
 try:  # DTensor moved out of _tensor in torch 2.4; FSDP2 needs it.
@@ -131,3 +132,34 @@ def event_file_writer(writer: Any) -> Any:
     whole ``Summary`` proto at once), or None when the writer has none."""
     get = getattr(writer, "_get_file_writer", None)
     return get() if callable(get) else None
+
+
+def event_file_path(events: Any) -> str | None:
+    """The path of the file an event-file writer (:func:`event_file_writer`) appends to, when it says."""
+    path = getattr(getattr(events, "event_writer", None), "_file_name", None)
+    return path if isinstance(path, str) else None
+
+
+def detach_event_files(writer: Any) -> None:
+    """Close a ``SummaryWriter``'s event-file writers, ignoring their errors, and forget them (its next
+    ``add_*`` opens a new event file; its ``flush``/``close`` do nothing until then). A writer whose thread died
+    on a vanished directory re-raises that error from every later call; this is how it stops."""
+    writers = getattr(writer, "all_writers", None)
+    if not isinstance(writers, dict) or not hasattr(writer, "file_writer"):
+        return
+    for old in list(writers.values()):
+        try:
+            old.close()
+        except Exception:  # the error its thread died of: it is why we are here
+            pass
+    writer.file_writer = writer.all_writers = None
+
+
+def reopen_event_file(writer: Any) -> Any:
+    """Give a ``SummaryWriter`` a new event file in its log directory, re-creating the directory (the old
+    event-file writers are closed and dropped: :func:`detach_event_files`); the new event-file writer, or None
+    when ``writer`` is not a ``SummaryWriter``. Raises ``OSError`` when the directory cannot be created."""
+    if not callable(getattr(writer, "_get_file_writer", None)) or not isinstance(getattr(writer, "all_writers", None), dict):
+        return None
+    detach_event_files(writer)
+    return writer._get_file_writer()

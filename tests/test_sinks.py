@@ -3,8 +3,10 @@ CRC-32C behind tensorboard's record writer — and event files that read back ex
 
 from __future__ import annotations
 
+import logging
 import math
 import os
+import shutil
 import threading
 
 import numpy as np
@@ -14,6 +16,7 @@ import torch.nn.functional as F
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.compat.proto.summary_pb2 import Summary
 from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c as slow_crc
+from helpers import read_events
 from torch.utils.tensorboard import SummaryWriter
 
 import gradwatch
@@ -81,3 +84,53 @@ def test_the_worker_runs_in_order_contains_errors_and_drains(caplog):
     worker.close()
     worker.submit(seen.append, 3)  # closed: runs inline
     assert seen == [1, 2, 3]
+
+
+def _train(model, mon, opt, steps, start):
+    for step in range(start, start + steps):
+        F.cross_entropy(model(torch.randn(4, 8)), torch.randint(0, 3, (4,))).backward()
+        mon.step(step)
+        opt.step()
+        opt.zero_grad()
+
+
+def test_deleting_log_dir_mid_run_warns_once_recreates_it_and_keeps_the_later_steps(tmp_path, caplog):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    run = tmp_path / "run"
+    with caplog.at_level(logging.DEBUG, logger="gradwatch"):
+        with gradwatch.Monitor(model, log_dir=run, every=1) as mon:  # the block's exit closes it: nothing raised
+            _train(model, mon, opt, 3, start=0)
+            mon.flush()
+            shutil.rmtree(run)
+            _train(model, mon, opt, 4, start=3)
+    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and warnings[0].levelno == logging.WARNING, [r.getMessage() for r in warnings]
+    assert str(run) in warnings[0].getMessage() and "re-created" in warnings[0].getMessage()
+    assert not mon.errors
+    # the steps after the deletion are in a new event file in the re-created directory, the layout with them
+    grad = read_events(str(run))["scalars"]["gradwatch.layers/grad_norm/0"]
+    assert sorted(grad) == [3, 4, 5, 6]
+    assert grad[6] == pytest.approx(mon.latest.value("0", "grad_norm"), rel=1e-6)
+    acc = EventAccumulator(str(run), size_guidance={"tensors": 0})
+    acc.Reload()
+    assert "custom_scalars__config__" in acc.Tags()["tensors"]
+
+
+def test_a_log_dir_that_cannot_be_recreated_stops_the_events_with_one_warning_and_close_does_not_raise(tmp_path, caplog):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    parent = tmp_path / "parent"
+    run = parent / "run"
+    mon = gradwatch.Monitor(model, log_dir=run, every=1, alerts_path=False)
+    _train(model, mon, opt, 2, start=0)
+    mon.flush()
+    shutil.rmtree(parent)
+    parent.write_text("a file where the directory was")  # makedirs cannot put the run back
+    with caplog.at_level(logging.WARNING, logger="gradwatch"):
+        _train(model, mon, opt, 3, start=2)
+        mon.close()
+    assert [r.levelno for r in caplog.records] == [logging.WARNING]
+    assert str(run) in caplog.records[0].getMessage() and "no longer written" in caplog.records[0].getMessage()

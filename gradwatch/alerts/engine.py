@@ -35,6 +35,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from .._once import recreate_folder
 from ..record import StepRecord
 from .alert import POLICIES, Alert, GradientAlarm
 from .incident import IncidentEvent, RunSummary
@@ -47,12 +48,19 @@ __all__ = ["AlertEngine", "default_path"]
 
 
 class _JsonLines:
-    """Append-only JSONL file: one line per alert or delivery failure, written and flushed at once."""
+    """Append-only JSONL file: one line per alert or delivery failure, written and flushed at once.
+
+    A file deleted during the run, or its directory (an ``rm -rf`` of the run), is noticed at the next line
+    (one ``fstat``: no links left; or the directory that was there is gone) and opened again, directory and
+    all, with one warning: the lines from then on are kept."""
 
     def __init__(self, path: str) -> None:
         self.path = path
         self._lock = threading.Lock()  # webhook threads report delivery failures here too
-        self._file = None
+        self._parent = os.path.dirname(path) or "."
+        self._file: Any = None
+        # when the directory was last known to be there (time.monotonic()); None: not yet, it is made at first
+        self._there: float | None = time.monotonic() if os.path.isdir(self._parent) else None
         self._broken = False
 
     def write(self, entry: dict[str, Any]) -> None:
@@ -61,17 +69,33 @@ class _JsonLines:
             if self._broken:
                 return
             try:
+                deleted = self._file is not None and os.fstat(self._file.fileno()).st_nlink == 0
+                if deleted:
+                    self._file.close()
+                    self._file = None
                 if self._file is None:
-                    parent = os.path.dirname(self.path)
-                    if parent:
-                        os.makedirs(parent, exist_ok=True)
-                    self._file = open(self.path, "a", encoding="utf-8")
+                    self._open(deleted)
                 self._file.write(line + "\n")
                 self._file.flush()
             except OSError as err:
                 self._broken = True
                 log.error("gradwatch: cannot write the alert record %s (%s); alerts stay in mon.alerts and "
                           "the other sinks", self.path, err)
+
+    def _open(self, deleted: bool) -> None:
+        if self._there is None:  # a directory of its own, new
+            os.makedirs(self._parent, exist_ok=True)
+            recreated = None
+        else:  # it was there: gone now means deleted during the run
+            recreated = recreate_folder(self._parent, self._there)
+        self._file = open(self.path, "a", encoding="utf-8")
+        self._there = time.monotonic()
+        if recreated is None and deleted:  # only the file went
+            log.warning("gradwatch: the alert record %s was deleted during the run; writing it again from this "
+                        "alert on", self.path)
+        elif recreated is not None:  # its directory went: the first part of gradwatch to notice it warns
+            log.log(logging.WARNING if recreated else logging.INFO, "gradwatch: the directory of the alert record "
+                    "%s was deleted during the run; re-created it, and the record goes on from this alert on", self.path)
 
     def close(self) -> None:
         with self._lock:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shutil
 import threading
 
 import numpy as np
@@ -117,6 +118,34 @@ def test_injected_nan_fires_nonfinite_naming_the_layer_with_record_log_and_tenso
     ((step, text),) = texts["gradwatch.alerts/nonfinite"]
     assert step == 3 and text.startswith("**critical** `nonfinite` in `4` — opened at step 3")
     assert a.message in text and a.hint in text
+
+
+def test_the_alert_record_deleted_with_log_dir_mid_run_is_written_again_with_one_warning(tmp_path, caplog):
+    model = mlp()
+    nan_at = {1, 8}  # an incident before the deletion, resolved and opened again after it
+    run = tmp_path / "run"
+    mon = gradwatch.Monitor(model, log_dir=run, every=1, strict=True)
+    for i in range(12):
+        if i == 4:
+            mon.flush()
+            shutil.rmtree(run)
+            caplog.clear()
+        x, y = batch(i)
+        model.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        if i in nan_at:
+            model[4].weight.grad.fill_(math.nan)
+        with caplog.at_level(logging.INFO, logger="gradwatch"):
+            mon.step(i)  # no optimizer: the NaN stays in the gradient it was put in
+    with caplog.at_level(logging.INFO, logger="gradwatch"):
+        mon.close()
+
+    lines = [json.loads(s) for s in (run / "alerts.jsonl").read_text().splitlines()]
+    assert [(ln["event"], ln.get("step")) for ln in lines] == [("resolved", 6), ("opened", 8), ("summary", 11)]
+    deleted = [r for r in caplog.records if "deleted" in r.getMessage()]
+    assert [r.levelno for r in deleted if r.levelno >= logging.WARNING] == [logging.WARNING]
+    assert all(str(run) in r.getMessage() for r in deleted)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR and "nonfinite" not in r.getMessage()]
 
 
 class DefinedBackwards(nn.Module):

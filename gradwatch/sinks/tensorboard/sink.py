@@ -27,9 +27,9 @@ from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard import summary as tb_summary
 
 from . import _fastcrc
-from ..._compat import event_file_writer
 from ._drawer import draw_pictures
 from ._histogram import Bins
+from ._logdir import LogDir
 from .._worker import Worker
 from .layout import build_layout
 from .pictures import Timeline, scene
@@ -179,7 +179,9 @@ class TensorBoardSink(Sink):
 
     With ``background`` (default), a plain ``SummaryWriter``'s events are built and handed to it on a thread
     of the sink's own; :meth:`flush` and :meth:`close` wait for it (``Monitor.close()`` and ``flush()`` call
-    them), so the event file is complete when they return.
+    them), so the event file is complete when they return. A log directory deleted during the run is re-created,
+    with a new event file for the events from then on and one warning on the ``gradwatch`` logger
+    (:class:`~gradwatch.sinks.tensorboard._logdir.LogDir`); nothing is raised into training or out of ``close``.
     """
 
     def __init__(self, writer: Any, prefix: str = DEFAULT_NAMESPACE, histograms: bool = True,
@@ -190,7 +192,7 @@ class TensorBoardSink(Sink):
         # One event per step only for a plain SummaryWriter: a subclass that overrides add_* gets its calls.
         plain = isinstance(writer, SummaryWriter) and all(
             getattr(type(writer), m) is getattr(SummaryWriter, m) for m in ("add_scalar", "add_histogram", "add_text"))
-        self._events = event_file_writer(writer) if plain else None
+        self._dir = LogDir(writer, plain)  # re-created, with a new event file, if it is deleted mid-run
         self._worker = Worker("gradwatch-tensorboard") if (self._events is not None and background) else None
         _fastcrc.install()  # tensorboard's pure-Python checksum was the largest cost of writing an event
         self._scalar_bytes = _ScalarBytes()
@@ -198,6 +200,11 @@ class TensorBoardSink(Sink):
         self._layout_key: tuple[Any, ...] | None = None
         self._pictures = _PictureSchedule(pictures, picture_budget) if self._events is not None and pictures \
             else None
+
+    @property
+    def _events(self) -> Any:
+        """The writer's event-file writer (one ``add_summary`` per step), or None for a writer of calls."""
+        return self._dir.events
 
     @property
     def prefix(self) -> str:
@@ -212,6 +219,8 @@ class TensorBoardSink(Sink):
             self._write_record(record)
 
     def _write_record(self, record: StepRecord) -> None:
+        if not self._dir.ready(record.step):
+            return
         t = self.tags
         scalars = list(t.health_scalars(record).items())
         encoded: list[bytes] = []  # the event path: per-layer scalars as ready-made Summary.Value bytes
@@ -241,7 +250,7 @@ class TensorBoardSink(Sink):
             self._flush_writer()
 
     def _layout(self, record: StepRecord) -> list[Summary.Value]:
-        key = (record.layers, record.layer_metrics, record.blocks, record.alerts is not None)
+        key = (record.layers, record.layer_metrics, record.blocks, record.alerts is not None, self._dir.generation)
         if key == self._layout_key:
             return []
         self._layout_key = key
@@ -260,10 +269,12 @@ class TensorBoardSink(Sink):
             self._write(summary.step or 0, [], [], [(self.tags.summary, text)])
 
     def _write(self, step: int, scalars, hists, texts, encoded: bytes = b"", extra=()) -> None:
+        if not self._dir.ready(step):
+            return
         if self._events is not None:
-            self._write_event(self._events, step, scalars, hists, texts, encoded, extra)
+            self._dir.call(lambda: self._write_event(self._events, step, scalars, hists, texts, encoded, extra), step)
         else:
-            self._write_calls(step, scalars, hists, texts)
+            self._dir.call(lambda: self._write_calls(step, scalars, hists, texts), step)
 
     def _write_event(self, events: Any, step: int, scalars, hists, texts, encoded: bytes, extra=()) -> None:
         summary = Summary.FromString(encoded)  # parsing is C; building ~1,000s of Value objects in Python is not
@@ -317,4 +328,4 @@ class TensorBoardSink(Sink):
     def _flush_writer(self) -> None:
         flush = getattr(self.writer, "flush", None)
         if flush is not None:
-            flush()
+            self._dir.call(flush)
