@@ -27,6 +27,16 @@ def _positive(text: str) -> int:
     return value
 
 
+def _shape(text: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        shape = ()
+    if not shape or min(shape) < 1:
+        raise argparse.ArgumentTypeError(f"expected sizes >= 1 separated by commas, e.g. 2,3,32,32, got {text!r}")
+    return shape
+
+
 def _depth(text: str) -> int:
     value = int(text)
     if value < 8 or (value - 2) % 6:
@@ -57,9 +67,8 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
             kwargs[key] = ast.literal_eval(text)
         except (ValueError, SyntaxError):
             kwargs[key] = text
-    shape = [int(v) for v in args.input_shape.split(",")] if args.input_shape else None
     try:
-        blocks, status = inspect(args.factory, shape, kwargs)
+        blocks, status = inspect(args.factory, args.input_shape, kwargs)
     except (ValueError, ImportError) as err:
         print(f"gradwatch inspect: {err}", file=sys.stderr)
         return 1
@@ -72,9 +81,12 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    try:
+    try:  # the outputs first: a path that cannot be written fails before the report is read and printed
+        for path, table in ((args.csv, True), (args.parquet, True), (args.html, False)):
+            if path:
+                report.check_output(path, table=table)
         table, reports = report.read(args.logdir, top=args.top)
-    except ValueError as err:
+    except (ValueError, ImportError) as err:
         print(f"gradwatch report: {err}", file=sys.stderr)
         return 1
     print(report.to_json(reports) if args.json else report.render_text(reports))
@@ -133,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     insp.add_argument("factory", help="MODULE:FACTORY or path/file.py:FACTORY returning a model "
                                       "(or (model, example_input)), e.g. gradwatch.reference.blocks:resnet")
-    insp.add_argument("--input-shape", help="example input shape, e.g. 2,3,32,32 (filled with randn)")
+    insp.add_argument("--input-shape", type=_shape, help="example input shape, e.g. 2,3,32,32 (filled with randn)")
     insp.add_argument("--kwargs", nargs="+", metavar="KEY=VALUE", help="factory arguments, e.g. depth=56")
     insp.add_argument("--json", action="store_true", help="print JSON instead of a table")
     insp.set_defaults(func=_cmd_inspect)

@@ -47,3 +47,22 @@ def test_generated_data_is_deterministic_and_labelled():
     assert x1.equal(x2) and y1.equal(y2)
     assert y1.min() >= 0 and y1.max() < 10
     assert not synthetic_images(32, seed=4)[0].equal(x1)
+
+
+def test_inspect_with_a_wrong_input_shape_says_so_in_one_line_and_exits_non_zero(capsys):
+    from gradwatch.cli import main
+
+    net = ["inspect", "gradwatch.reference.blocks:resnet", "--kwargs", "depth=8"]
+    assert main([*net, "--input-shape", "2,5,32,32"]) == 1  # the net takes 3 channels
+    out, err = capsys.readouterr()
+    assert not out and err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith("gradwatch inspect: the model's forward failed on an input of shape 2,5,32,32: RuntimeError:")
+    assert "expected input[2, 5, 32, 32] to have 3 channels" in err  # the model's own message
+    assert main(["inspect", "gradwatch.reference.blocks:resnet", "--kwargs", "dpth=8", "--input-shape", "2,3,8,8"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "resnet(dpth=8) failed: TypeError:" in err and "dpth" in err
+    # a shape that is not one: argparse's usage and one error line, exit 2 (the console script, as a user runs it)
+    bad = subprocess.run([sys.executable, "-m", "gradwatch", *net, "--input-shape", "2,x"], capture_output=True,
+                         text=True)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert "argument --input-shape: expected sizes >= 1 separated by commas, e.g. 2,3,32,32, got '2,x'" in bad.stderr

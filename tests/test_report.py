@@ -89,6 +89,23 @@ def test_bad_input_gets_a_clear_message_and_a_non_zero_exit(tmp_path, capsys):
     assert "must end in .csv" in capsys.readouterr().err
 
 
+def test_an_output_path_that_cannot_be_written_fails_before_the_report_is_printed(tmp_path, capsys):
+    _run(tmp_path / "r", steps=2)
+    (tmp_path / "a_file").write_text("")
+    for option, path, why in [("--csv", "/unwritable/x.csv", "No such file or directory"),
+                              ("--html", str(tmp_path / "a_file" / "r.html"), "Not a directory"),
+                              ("--html", str(tmp_path), "it is a folder"),
+                              ("--csv", str(tmp_path / "x.txt"), "must end in .csv")]:
+        assert main(["report", str(tmp_path / "r"), option, path]) == 1
+        out, err = capsys.readouterr()
+        assert not out, f"{option} {path}: the report was printed before failing"
+        assert err.count("\n") == 1 and err.startswith("gradwatch report: ") and why in err
+    csv = tmp_path / "t.csv"
+    csv.write_text("kept")  # an existing file checked by opening it for appending: left as it was
+    assert main(["report", str(tmp_path / "r"), "--csv", str(csv), "--html", str(tmp_path / "r.html")]) == 0
+    assert capsys.readouterr().out.startswith("== r") and len(pd.read_csv(csv)) > 0 and (tmp_path / "r.html").exists()
+
+
 def test_several_namespaces_in_one_folder_are_runs_of_their_own(tmp_path):
     _run(tmp_path, steps=2, prefix="gradwatch")
     _run(tmp_path, steps=3, prefix="other")

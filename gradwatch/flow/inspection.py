@@ -50,7 +50,11 @@ def load_factory(spec: str, kwargs: dict[str, Any] | None = None) -> tuple[nn.Mo
     if not isinstance(obj, nn.Module):
         if not callable(obj):
             raise ValueError(f"{spec} is neither a model nor a callable that builds one")
-        obj = obj(**(kwargs or {}))
+        try:
+            obj = obj(**(kwargs or {}))
+        except Exception as err:  # the factory's own error, in one line (a bad --kwargs, most often)
+            args = ", ".join(f"{k}={v!r}" for k, v in (kwargs or {}).items())
+            raise ValueError(f"{spec}({args}) failed: {_one_line(err)}") from err
     elif kwargs:
         raise ValueError(f"{spec} is a model instance: it takes no arguments")
     example: tuple = ()
@@ -69,6 +73,10 @@ def inspect(
 
     The example input is, in order: ``input_shape`` (``torch.randn``), what the factory returned beside the
     model, or the model's ``example_input_array`` (Lightning's convention).
+
+    Raises:
+        ValueError: no example input; the factory or the model's forward failed (a wrong ``input_shape``): the
+            message names the shape and the model's own message in one line, the model's error is chained.
     """
     model, example = load_factory(spec, kwargs)
     if input_shape:
@@ -86,6 +94,17 @@ def inspect(
     probe = FlowProbe(model, is_logging=lambda: False, step=lambda: 0, on_error=None)
     try:
         blocks = probe.discover(*example)
-        return blocks, probe.status
+    except Exception as err:  # most often a wrong input shape: the model's message, in one line
+        shapes = ", ".join(",".join(map(str, t.shape)) if isinstance(t, torch.Tensor) else type(t).__name__
+                           for t in example)
+        what = "an input of shape" if len(example) == 1 else "inputs of shapes"
+        raise ValueError(f"the model's forward failed on {what} {shapes}: {_one_line(err)}") from err
     finally:
         probe.close()
+    return blocks, probe.status
+
+
+def _one_line(err: BaseException) -> str:
+    """``Type: message``, the message's first line (torch's can run over several)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__

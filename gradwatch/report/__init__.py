@@ -3,7 +3,8 @@ summaries, text / JSON / CSV / Parquet) and one shareable HTML page (``_html``).
 
 from __future__ import annotations
 
-from .events import COLUMNS, RunReport, find_runs, load, read, render_text, summarize, to_json, write_table
+from .events import (COLUMNS, RunReport, check_output, find_runs, load, read, render_text, summarize, to_json,
+                     write_table)
 
-__all__ = ["COLUMNS", "RunReport", "find_runs", "load", "read", "render_text", "summarize", "to_json",
+__all__ = ["COLUMNS", "RunReport", "check_output", "find_runs", "load", "read", "render_text", "summarize", "to_json",
            "write_table"]

@@ -8,6 +8,7 @@ skip_share, the incidents); :func:`render_text` and :mod:`gradwatch.report._html
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 from collections.abc import Sequence
@@ -22,7 +23,8 @@ from ..health import HEALTH
 from ..names import GLOBAL_NAME
 from ..sinks.tags import Tags
 
-__all__ = ["RunReport", "find_runs", "load", "summarize", "read", "render_text", "write_table", "to_json", "COLUMNS"]
+__all__ = ["RunReport", "find_runs", "load", "summarize", "read", "render_text", "write_table", "check_output",
+           "to_json", "COLUMNS"]
 
 #: The long table's columns: ``Monitor.history()``'s, with the run first.
 COLUMNS = ("run", "step", "name", "metric", "value")
@@ -224,19 +226,46 @@ def _incident_lines(incidents: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def write_table(frame: pd.DataFrame, path: str) -> str:
-    """The long table to ``.csv`` (``.csv.gz``) or ``.parquet`` (needs pyarrow)."""
+def _table_format(path: str) -> str:
     lower = path.lower()
     if lower.endswith(".parquet"):
+        return "parquet"
+    if lower.endswith((".csv", ".csv.gz")):
+        return "csv"
+    raise ValueError(f"the table path must end in .csv, .csv.gz or .parquet, got {path!r}")
+
+
+def write_table(frame: pd.DataFrame, path: str) -> str:
+    """The long table to ``.csv`` (``.csv.gz``) or ``.parquet`` (needs pyarrow)."""
+    if _table_format(path) == "parquet":
         try:
             frame.to_parquet(path, index=False)
         except ImportError as err:
             raise ImportError("writing Parquet needs pyarrow (pip install pyarrow); or use --csv") from err
-    elif lower.endswith((".csv", ".csv.gz")):
-        frame.to_csv(path, index=False)
     else:
-        raise ValueError(f"the table path must end in .csv, .csv.gz or .parquet, got {path!r}")
+        frame.to_csv(path, index=False)
     return path
+
+
+def check_output(path: str, table: bool = False) -> None:
+    """Raise, with a one-line message, unless ``path`` can be written: before a report is read and printed,
+    not after. ``table``: a :func:`write_table` path (its suffix and, for Parquet, pyarrow are checked too).
+    An existing file is opened for appending (left as it was); a new one is created and removed again."""
+    if table and _table_format(path) == "parquet" and not any(
+            importlib.util.find_spec(m) for m in ("pyarrow", "fastparquet")):
+        raise ImportError("writing Parquet needs pyarrow (pip install pyarrow); or use --csv")
+    if os.path.isdir(path):
+        raise ValueError(f"cannot write {path}: it is a folder")
+    try:
+        if os.path.exists(path):
+            with open(path, "ab"):
+                pass
+        else:
+            with open(path, "xb"):
+                pass
+            os.remove(path)
+    except OSError as err:
+        raise ValueError(f"cannot write {path}: {err.strerror or err}") from err
 
 
 def to_json(reports: Sequence[RunReport]) -> str:
