@@ -120,7 +120,7 @@ def main() -> None:
     for label in labels:
         mon, probe = runs[label][2], runs[label][3]
         if mon is not None:
-            print(f"{label}: {mon.measurements} measurements, {len(mon.describe())} blocks, "
+            print(f"{label}: {mon.measured_steps} measurements, {len(mon.describe())} blocks, "
                   f"{len(mon.errors)} contained errors; flow: {mon.flow_status}")
         if probe is not None:
             print(f"{label}: {len(probe.describe())} blocks; flow: {probe.status}")

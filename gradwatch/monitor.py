@@ -9,33 +9,37 @@ import logging
 import numbers
 import operator
 import os
-from collections.abc import Callable, Iterable
-from typing import Any
+import weakref
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, Literal
 
 import pandas as pd
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from ._once import Once
 from .alerts import Alert, AlertEngine, Incident, IncidentTracker, build_rules
-from .sinks.logging import LoggingSink
 from .alerts.engine import default_path
-from .config import Config
+from .config import BlocksSpec, Config, ModuleTypes, Patterns, RulesSpec
 from .flow import Blocks, FlowProbe, FlowStatus, check_blocks
-from .sinks.history import History
+from .health import health
 from .measure.layers import Selection, layer_kinds, select_parameters
 from .measure.meter import Meter, Pending
 from .measure.norms import DTensor
-from .names import METRICS, short_list
-from ._once import Once
 from .measure.order import ForwardOrder
-from .health import health
-from .record import StepRecord
-from .sinks.tensorboard.sink import TensorBoardSink, open_writer
+from .names import short_list
+from .record import Sink, StepRecord
+from .sinks.alerting import AlertSink
+from .sinks.history import History
+from .sinks.logging import LoggingSink
+from .sinks.tensorboard import TensorBoardSink, open_writer
 
 log = logging.getLogger("gradwatch")
 
-__all__ = ["Monitor", "METRICS", "NothingToMeasure"]
+__all__ = ["Monitor", "NothingToMeasure"]
+
+_OPTIONS = frozenset(f.name for f in dataclasses.fields(Config))
 
 _STATE_VERSION = 1
 
@@ -89,36 +93,64 @@ class Monitor:
         optimizer: when given, measure at every ``optimizer.step()`` (a step pre-hook) and add
             ``update_to_weight``; only the model parameters the optimizer holds are measured. Under
             ``torch.amp.GradScaler`` that point sees unscaled gradients (fused optimizers included).
-        log_dir: create a TensorBoard ``SummaryWriter`` there. Mutually exclusive with ``writer``.
-        writer: an existing ``SummaryWriter`` (flushed, not closed, by :meth:`close`).
-            With neither, values are kept in :meth:`history` only.
-        params: measure only these parameters of ``model`` (e.g. one optimizer's, when an integration drives
-            the monitor through :meth:`begin_step`); no hooks are added. Combines with ``optimizer``.
-        config: a :class:`~gradwatch.Config` to start from (integrations build one at construction); the
-            options below override it.
+        log_dir: create a TensorBoard ``SummaryWriter`` there (a ``str`` or ``os.PathLike``). Mutually
+            exclusive with ``writer``.
+        writer: an existing ``SummaryWriter`` (flushed, not closed, by :meth:`close`). With neither
+            ``log_dir`` nor ``writer``, values are kept in :meth:`history` only.
+        params: measure only these parameters of ``model`` (e.g. one optimizer's); combines with
+            ``optimizer``.
+        every: measure on the steps where ``step % every == 0``, step 0 first (default 50).
+        granularity: ``"layer"`` (a unit per module that owns parameters) or ``"parameter"`` (per tensor).
+        include: keep only the layers whose name matches: a glob (``"layer1.*"``), a compiled regex, or a
+            list of them; default all.
+        exclude: drop the layers whose name matches (same forms).
+        include_types: keep only layers of these module classes (``nn.Conv2d`` or a list); default all.
+        exclude_types: drop layers of these module classes (``nn.BatchNorm2d`` or a list).
+        track_updates: with ``optimizer``, add ``update_to_weight`` (one copy of the measured weights, on
+            logging steps only).
+        blocks: shortcut-path gradient flow per residual merge (``docs/flow.md``): ``"auto"`` finds the
+            merges on the first logging step; a list of modules watches only those; ``None`` turns it off.
+            :meth:`describe` lists the blocks, :meth:`watch_block` adds one, :attr:`flow_status` says why
+            flow is unavailable.
+        sync_ranks: under torch.distributed, average block-flow norms over ranks (in the one all-reduce of
+            a logging step) so every rank reaches the same verdict; every rank must then measure on every
+            logging step. ``None``: on when the model is a ``DistributedDataParallel`` or has DTensor
+            parameters.
+        rules: the alert rules (``docs/alerts.md``): ``None``, every built-in rule with its defaults; a dict
+            tunes or drops them (``{"vanishing": {"patience": 5}, "dead_layer": False}``); a list of
+            :class:`~gradwatch.Rule` replaces them; ``False`` turns alerting off.
+        alert_sinks: where incidents go besides the ``gradwatch`` logger, TensorBoard and ``alerts.jsonl``:
+            e.g. ``[gradwatch.WebhookSink(url)]``, or any callable taking an incident event.
+        on_critical: ``"warn"`` (default); ``"stop"`` sets :attr:`should_stop`; ``"raise"`` raises
+            :class:`~gradwatch.GradientAlarm` out of ``step()`` / ``optimizer.step()``.
+        alerts_path: the JSONL record of incidents; ``None``: ``<log_dir>/alerts.jsonl`` when there is a
+            log directory; ``False``: none.
+        remind_after: wall-clock seconds before an open incident's first reminder (default 3600); ``None``:
+            no time-based reminders.
+        remind_steps: logging steps before an open incident's first reminder; ``None`` (default): none.
+            Whichever of the two is due first reminds.
+        remind_backoff: each later reminder waits this many times longer (default 4: 1 h, 4 h, 16 h, ...).
+        resolve_after: consecutive clear logging steps before an incident is resolved (default 5).
+        histograms: a TensorBoard histogram across layers per metric and logging step.
+        prefix: the tags' namespace (default ``"gradwatch"``: sections ``gradwatch/``,
+            ``gradwatch.layers/``, ...; ``docs/dashboard.md``).
+        pictures: TensorBoard pictures (depth x time maps, gradient profile) every N logging steps and at
+            :meth:`close`; 0: none.
+        sinks: more sinks for every :class:`~gradwatch.StepRecord` (objects with ``write(record)``).
+        history: logging steps kept in memory for :meth:`history` (the latest); ``None``: all.
+        strict: re-raise errors inside gradwatch's hooks and sinks; otherwise they are logged, kept in
+            :attr:`errors`, and training goes on.
 
-    Options (keyword arguments, all documented field by field in :class:`~gradwatch.Config`, which checks them):
-
-    - *what to measure*: ``granularity``, ``include``, ``exclude``, ``include_types``, ``exclude_types``,
-      ``track_updates``, ``blocks`` (block flow: ``"auto"``, a list of modules or ``None``; :meth:`describe`
-      lists the blocks, :meth:`watch_block` adds one, :attr:`flow_status` says why flow is unavailable),
-      ``sync_ranks``;
-    - *alerting*: ``rules``, ``alert_sinks``, ``on_critical`` (``"warn"``, ``"stop"``: :attr:`should_stop`,
-      ``"raise"``: :class:`~gradwatch.GradientAlarm` out of ``step()`` / ``optimizer.step()``),
-      ``alerts_path``; incidents: ``remind_after``, ``remind_steps``, ``remind_backoff``, ``resolve_after``
-      (``docs/alerts.md``);
-    - *output*: ``every`` (default 50), ``histograms``, ``prefix`` (the tags' namespace, default
-      ``"gradwatch"``: ``docs/dashboard.md``), ``pictures`` (TensorBoard pictures every N logging steps),
-      ``sinks``, ``history`` (logging steps kept in memory; default all), ``strict`` (re-raise errors
-      inside gradwatch's hooks and sinks; otherwise they are logged, kept in :attr:`errors`, and training
-      goes on).
+    The options are checked together, before anything is hooked or opened, by :class:`~gradwatch.Config`;
+    to share one configuration, build a ``Config`` and use :meth:`from_config`.
 
     Raises:
-        TypeError: ``model`` is not an ``nn.Module``, ``optimizer`` not an optimizer, an unknown option, an
-            option of the wrong type (``every="3"``, ``histograms=1``).
+        TypeError: ``model`` is not an ``nn.Module``, ``optimizer`` not an optimizer, ``log_dir`` not a
+            path, an option of the wrong type (``every="3"``, ``histograms=1``).
         ValueError: an option with a wrong value (``every=0``, ``on_critical="panic"``); ``log_dir`` not
-            writable; both ``log_dir`` and ``writer``; no trainable parameters (after filters); an optimizer
-            that holds none of the model's parameters.
+            writable; both ``log_dir`` and ``writer``; parameters on the meta device; an optimizer that
+            holds none of the model's parameters.
+        NothingToMeasure: no trainable parameters (after the filters).
 
     Under torch.distributed only rank 0 writes (TensorBoard, alerts, sinks); other ranks open no files.
     """
@@ -128,15 +160,62 @@ class Monitor:
         model: nn.Module,
         *,
         optimizer: torch.optim.Optimizer | None = None,
-        log_dir: str | os.PathLike | None = None,
+        log_dir: str | os.PathLike[str] | None = None,
         writer: Any = None,
         params: Iterable[torch.Tensor] | None = None,
-        config: Config | None = None,
-        **options: Any,
+        every: int = 50,
+        granularity: Literal["layer", "parameter"] = "layer",
+        include: Patterns = (),
+        exclude: Patterns = (),
+        include_types: ModuleTypes = (),
+        exclude_types: ModuleTypes = (),
+        track_updates: bool = True,
+        blocks: BlocksSpec = "auto",
+        sync_ranks: bool | None = None,
+        rules: RulesSpec = None,
+        alert_sinks: Sequence[AlertSink | Callable[..., Any]] = (),
+        on_critical: Literal["warn", "stop", "raise"] = "warn",
+        alerts_path: str | os.PathLike[str] | Literal[False] | None = None,
+        remind_after: float | None = 3600.0,
+        remind_steps: int | None = None,
+        remind_backoff: float = 4.0,
+        resolve_after: int = 5,
+        histograms: bool = True,
+        prefix: str = "gradwatch",
+        pictures: int = 20,
+        sinks: Sequence[Sink] = (),
+        history: int | None = None,
+        strict: bool = False,
     ) -> None:
+        options = {name: value for name, value in locals().items() if name in _OPTIONS}
+        self._setup(model, Config(**options), optimizer, log_dir, writer, params)
+
+    @classmethod
+    def from_config(
+        cls,
+        model: nn.Module,
+        config: Config,
+        *,
+        optimizer: torch.optim.Optimizer | None = None,
+        log_dir: str | os.PathLike[str] | None = None,
+        writer: Any = None,
+        params: Iterable[torch.Tensor] | None = None,
+    ) -> Monitor:
+        """A monitor with the options of ``config`` (a :class:`~gradwatch.Config`, e.g. shared between
+        runs); the other arguments are :class:`Monitor`'s."""
+        if not isinstance(config, Config):
+            raise TypeError(f"config must be a gradwatch.Config, got {type(config).__name__}")
+        monitor = cls.__new__(cls)
+        monitor._setup(model, config, optimizer, log_dir, writer, params)
+        return monitor
+
+    def _setup(self, model: nn.Module, cfg: Config, optimizer: Any, log_dir: Any, writer: Any, params: Any) -> None:
+        """Check the arguments, then hook the model, open the outputs and hook the optimizer (in that order:
+        the likeliest to fail first); nothing is left behind when one fails."""
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        cfg = Config.from_options(config, **options)
+        if log_dir is not None and not isinstance(log_dir, (str, os.PathLike)):
+            raise TypeError(f"log_dir must be a path (str or os.PathLike), got {type(log_dir).__name__}: {log_dir!r}")
         if log_dir is not None and writer is not None:
             raise ValueError("pass log_dir or writer, not both")
         if writer is not None and not hasattr(writer, "add_scalar"):
@@ -145,29 +224,31 @@ class Monitor:
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         if not any(p.requires_grad for p in model.parameters()):
             raise NothingToMeasure("model has no trainable parameters (all are frozen or there are none)")
-        blocks = cfg.measure.blocks
+        blocks = cfg.blocks
         if blocks is not None and blocks != "auto":
             blocks = check_blocks(model, blocks)  # all in the model: checked before anything is hooked or opened
         selection = _select(model, cfg, optimizer, params)
-        rules = build_rules(cfg.alerts.rules)  # fresh rule state for this monitor
+        rules = build_rules(cfg.rules)  # fresh rule state for this monitor
 
         self.model = model
         self.config = cfg
-        self.every = cfg.output.every
-        self.strict = cfg.output.strict
-        self.track_updates = cfg.measure.track_updates
+        self.every = cfg.every
+        self.strict = cfg.strict
+        self.track_updates = cfg.track_updates
         #: Errors contained inside gradwatch's hooks and sinks, as "ExceptionType: message" strings.
         self.errors: list[str] = []
-        #: How many measurements (logging steps) have run; steps that do not log leave it unchanged.
-        self.measurements = 0
-        #: For integrations with their own cadence: decides, at each block forward, whether the step in
-        #: progress logs (default: :meth:`is_logging_step`), so block-flow hooks are armed on those steps only.
-        self.flow_trigger: Callable[[], bool] | None = None
+        #: How many logging steps have been measured; steps that do not log leave it unchanged.
+        self.measured_steps = 0
+        # Set by a framework adapter's StepDriver: decides, at each block forward, whether the step in progress
+        # logs (default: is_logging_step), so block-flow hooks are armed on those steps only.
+        self._flow_trigger: Callable[[], bool] | None = None
+        self._driven = False  # a StepDriver drives this monitor: step() is not the user's to call
+        self._grads = _GradMark(model, selection.params)
         self._optimizer = optimizer
         self._selection: Selection = selection
         self._rank_zero = _is_rank_zero()
-        self._meter = Meter(selection, _resolve_sync(model, cfg.measure.sync_ranks))
-        self._history = History(cfg.output.history)
+        self._meter = Meter(selection, _resolve_sync(model, cfg.sync_ranks))
+        self._history = History(cfg.history)
         self._latest: StepRecord | None = None
         self._pending: Pending | None = None
         self._step = 0
@@ -206,33 +287,31 @@ class Monitor:
         self._writer = open_writer(log_dir) if self._owns_writer else (writer if self._rank_zero else None)
         owned: list[Any] = []  # closed at close(); the user's sinks are only flushed
         if self._writer is not None:
-            owned.append(TensorBoardSink(self._writer, cfg.output.prefix, cfg.output.histograms,
-                                         pictures=cfg.output.pictures))
+            owned.append(TensorBoardSink(self._writer, cfg.prefix, cfg.histograms,
+                                         pictures=cfg.pictures))
         self._engine: AlertEngine | None = None
         self._forward: dict[str, int] = {}
         self._kinds = layer_kinds(model)
         self._kinds_of: tuple[tuple[str, ...], tuple[str, ...]] | None = None
         user: list[Any] = []
         if rules:
-            path = cfg.alerts.alerts_path
+            path = cfg.alerts_path
             path = default_path(log_dir, self._writer or writer) if path is None else (path or None)
-            a = cfg.alerts
-            tracker = IncidentTracker(
-                remind_after=a.remind_after, backoff=a.remind_backoff, resolve_after=a.resolve_after,
-                remind_steps=a.remind_steps if a.remind_steps is not None else a.alert_cooldown or None)
-            self._engine = AlertEngine(rules, kinds=self._kinds, on_critical=a.on_critical, tracker=tracker,
+            tracker = IncidentTracker(remind_after=cfg.remind_after, backoff=cfg.remind_backoff,
+                                      resolve_after=cfg.resolve_after, remind_steps=cfg.remind_steps)
+            self._engine = AlertEngine(rules, kinds=self._kinds, on_critical=cfg.on_critical, tracker=tracker,
                                        path=path, rank_zero=self._rank_zero, on_error=self._contain_in)
             self._order = ForwardOrder(model)  # until the first measured step: nonfinite names layers in this order
             owned.append(LoggingSink())
-            user.extend(cfg.alerts.alert_sinks)
+            user.extend(cfg.alert_sinks)
             for sink in user:  # delivery failures go to alerts.jsonl
                 attach = getattr(sink, "attach", None)
                 if callable(attach):
                     attach(self._engine.report_failure)
-        elif cfg.alerts.alert_sinks and self._rank_zero:
+        elif cfg.alert_sinks and self._rank_zero:
             log.warning("gradwatch: alert_sinks given but alerting is off (rules=%r): they receive no alert",
-                        cfg.alerts.rules)
-        user.extend(cfg.output.sinks)
+                        cfg.rules)
+        user.extend(cfg.sinks)
         self._owned = owned
         self._sinks = [*owned, *user] if self._rank_zero else []
         if self._selection.frozen:
@@ -299,24 +378,36 @@ class Monitor:
     def step(self, step: int | None = None) -> None:
         """Mark the end of a backward pass; measure if this step logs.
 
-        Call after ``loss.backward()`` (after ``scaler.unscale_(optimizer)`` under AMP) and before gradient
-        clipping and ``optimizer.step()``. ``step`` overrides the internal counter with the caller's own.
-        Not used when the monitor was given an ``optimizer`` (it measures at ``optimizer.step()`` then).
+        Call once per iteration, after ``loss.backward()`` (after ``scaler.unscale_(optimizer)`` under AMP)
+        and before gradient clipping and ``optimizer.step()``. ``step`` (a non-negative int) overrides the
+        internal counter with the caller's own. A second call without a backward in between, or with the
+        same ``step``, is ignored with a warning, so the step axis neither doubles nor repeats. Not used when
+        the monitor was given an ``optimizer`` (it measures at ``optimizer.step()`` then) or is driven by a
+        framework adapter.
         """
         if self._closed:
             self._once.warn("closed", "gradwatch: Monitor.step() called after close(); ignored")
             return
-        if self._optimizer is not None:
-            self._once.warn("driven", "gradwatch: this Monitor measures at optimizer.step() (optimizer= was "
-                            "given); Monitor.step() is ignored")
+        if self._optimizer is not None or self._driven:
+            how = "optimizer.step() (optimizer= was given)" if self._optimizer is not None else "its framework adapter"
+            self._once.warn("driven", f"gradwatch: this Monitor is driven by {how}; Monitor.step() is ignored")
             return
         try:
             s = self._step if step is None else _as_step(step)
-        except TypeError as err:  # a bad step number must not break the user's loop either
+        except (TypeError, ValueError) as err:  # a bad step number must not break the user's loop either
             self._contain(err)
             return
-        last, self._last_user_step = self._last_user_step, s
+        last = self._last_user_step
+        if (s == last if step is not None else not self._grads.moved()):
+            self._once.warn("twice", "gradwatch: Monitor.step() called twice for one backward pass (or twice "
+                            f"with step={s}); the second call is ignored: call it once per iteration")
+            return
+        if step is not None and last is not None and s < last:
+            self._once.warn("backwards", f"gradwatch: Monitor.step(step={s}) after step={last}: the step axis went "
+                            "back, so steps repeat in the history and TensorBoard", stacklevel=3)
+        self._last_user_step = s
         self._stride = s - last if last is not None and s > last else 1
+        self._grads.mark()
         try:
             if s % self.every == 0:
                 self._begin(s)
@@ -327,27 +418,14 @@ class Monitor:
             self._step = s + 1
         self._raise_alarm()
 
-    def begin_step(
-        self,
-        step: int,
-        *,
-        grad_scale: torch.Tensor | float | None = None,
-        track_update: bool = False,
-    ) -> bool:
-        """For framework integrations: measure gradients and weights now, recording them at ``step``.
-
-        Call where the gradients are final for this optimizer step (accumulated, synced, unscaled), before
-        the step. ``grad_scale`` divides gradients that are still multiplied by an AMP loss scale (see
-        :func:`gradwatch.amp_grad_scale`). ``track_update`` snapshots the weights so :meth:`end_step` can add
-        ``update_to_weight``. Nothing is moved to the host until :meth:`end_step`. Does not check ``every``:
-        the caller decides (:meth:`is_logging_step`). Returns True when a measurement is pending. Never raises
-        unless ``strict``.
-        """
+    # ------------------------------------------------------------------ framework adapters (gradwatch.driver)
+    def _begin_step(self, step: int, grad_scale: torch.Tensor | float | None, track_update: bool) -> bool:
+        """Measure now, recording at ``step``; see :meth:`gradwatch.driver.StepDriver.begin`."""
         if self._closed:
             return False
         try:
             step = _as_step(step)
-        except TypeError as err:
+        except (TypeError, ValueError) as err:
             self._contain(err)
             return False
         try:
@@ -358,13 +436,8 @@ class Monitor:
         self._stride, self._last_user_step = 1, None
         return self._pending is not None
 
-    def end_step(self, found_inf: torch.Tensor | None = None) -> None:
-        """For framework integrations: finish the measurement :meth:`begin_step` started and record it.
-
-        ``found_inf`` is an AMP scaler's overflow flag for this step (``optimizer.found_inf`` inside a fused
-        optimizer's step): when non-zero the step was skipped and nothing is recorded. Read on the host
-        together with the norms, so it adds no synchronisation.
-        """
+    def _end_step(self, found_inf: torch.Tensor | None) -> None:
+        """Finish and record what :meth:`_begin_step` started; see :meth:`gradwatch.driver.StepDriver.end`."""
         try:
             if found_inf is not None and self._pending is not None:
                 self._pending.found_inf = torch.as_tensor(found_inf)
@@ -373,11 +446,8 @@ class Monitor:
             self._contain(err)
         self._raise_alarm()
 
-    def discard_step(self) -> None:
-        """For framework integrations: drop the measurement :meth:`begin_step` started, recording nothing.
-
-        For a step the optimizer did not take (e.g. skipped by an AMP scaler). Nothing is moved to the host.
-        """
+    def _discard_step(self) -> None:
+        """Drop what :meth:`_begin_step` started: nothing is moved to the host or recorded."""
         self._pending = None
 
     def history(self) -> pd.DataFrame:
@@ -429,7 +499,7 @@ class Monitor:
     @property
     def can_stop(self) -> bool:
         """Whether the alert policy can ever set :attr:`should_stop` (``on_critical`` "stop" or "raise")."""
-        return self._engine is not None and self.config.alerts.on_critical in ("stop", "raise")
+        return self._engine is not None and self.config.on_critical in ("stop", "raise")
 
     @property
     def should_stop(self) -> bool:
@@ -511,7 +581,7 @@ class Monitor:
 
     # ------------------------------------------------------------------ block-flow cadence
     def _flow_armed(self) -> bool:
-        trigger = self.flow_trigger
+        trigger = self._flow_trigger
         return trigger() if trigger is not None else (self._step - 1 + self._stride) % self.every == 0
 
     def _flow_step(self) -> int:
@@ -523,9 +593,9 @@ class Monitor:
     # ------------------------------------------------------------------ measure, record, publish
     def _begin(self, step: int, grad_scale: Any = None, found_inf: Any = None, snapshot: bool = False) -> None:
         """Compute squared norms on the device; the host transfer waits for :meth:`_finish`."""
-        self.measurements += 1
+        self.measured_steps += 1
         flow = self._flow.collect() if self._flow is not None else None
-        if flow is not None and self.flow_trigger is None and flow.step is not None and flow.step != step:
+        if flow is not None and self._flow_trigger is None and flow.step is not None and flow.step != step:
             # armed for another step (the caller's step counter jumped): another batch's norms, not this one's
             log.debug("gradwatch: block flow armed for step %s, measured at %d: dropped", flow.step, step)
             flow = None
@@ -599,20 +669,56 @@ class Monitor:
 
 
 def _as_step(step: Any) -> int:
-    """An integer step: an int, a numpy integer, an integer 0-d tensor, or a float holding a whole number
-    (``8.0``, as some loops count); TypeError for anything else (``8.5``, a bool, a string)."""
+    """A non-negative integer step: an int, a numpy integer, an integer 0-d tensor, or a float holding a whole
+    number (``8.0``, as some loops count); TypeError for anything else (``8.5``, a bool, a string), ValueError
+    for a negative one."""
     if isinstance(step, bool):
         raise TypeError("step must be an int, got bool")
     if isinstance(step, numbers.Integral):
-        return int(step)
-    if isinstance(step, numbers.Real):
-        if float(step).is_integer():
-            return int(step)
-        raise TypeError(f"step must be a whole number, got {step!r}")
-    try:
-        return operator.index(step)  # integer 0-d tensors
-    except TypeError:
-        raise TypeError(f"step must be an int, got {type(step).__name__}") from None
+        out = int(step)
+    elif isinstance(step, numbers.Real):
+        if not float(step).is_integer():
+            raise TypeError(f"step must be a whole number, got {step!r}")
+        out = int(step)
+    else:
+        try:
+            out = operator.index(step)  # integer 0-d tensors
+        except TypeError:
+            raise TypeError(f"step must be an int, got {type(step).__name__}") from None
+    if out < 0:
+        raise ValueError(f"step must be >= 0, got {out}")
+    return out
+
+
+class _GradMark:
+    """Whether a backward pass ran since the last :meth:`mark`, read off two measured parameters' gradients:
+    the model's first and last (a stem and a head: a backward through the model reaches them). A backward
+    replaces a gradient or accumulates into it in place, which bumps the tensor's version counter: a few
+    attribute reads per ``step()``, no hook in the backward, no host sync. A gradient that is None (set to
+    None by ``zero_grad``, a parameter the batch did not use) is no evidence either way."""
+
+    def __init__(self, model: nn.Module, params: Sequence[torch.Tensor]) -> None:
+        measured = {id(p) for p in params}
+        ordered = [p for p in model.parameters() if id(p) in measured]
+        self._params = (ordered[0], ordered[-1]) if ordered else ()
+        # weak references: an id() can be reused by the next gradient once the old one is freed, and a strong
+        # reference would keep an embedding-sized gradient alive
+        self._seen: list[tuple[weakref.ref[torch.Tensor], int]] | None = None
+
+    def mark(self) -> None:
+        grads = [p.grad for p in self._params]
+        self._seen = None if any(g is None for g in grads) else [(weakref.ref(g), g._version) for g in grads if g is not None]
+
+    def moved(self) -> bool:
+        """False only when both gradients are the very tensors of the last mark, unchanged since; a gradient
+        that is None now or was None then is no evidence."""
+        if self._seen is None:
+            return True
+        for p, (ref, version) in zip(self._params, self._seen):
+            g = p.grad
+            if g is None or ref() is not g or g._version != version:
+                return True
+        return False
 
 
 def _select(model: nn.Module, cfg: Config, optimizer: Any, params: Any) -> Selection:
@@ -631,11 +737,14 @@ def _select(model: nn.Module, cfg: Config, optimizer: Any, params: Any) -> Selec
         if not wanted:
             raise ValueError("params holds none of the model's parameters")
         only = wanted if only is None else only & wanted
-    m = cfg.measure
-    selection = select_parameters(model, granularity=m.granularity, include=m.include, exclude=m.exclude,
-                                  include_types=m.include_types, exclude_types=m.exclude_types, only=only)
+    selection = select_parameters(model, granularity=cfg.granularity, include=cfg.include, exclude=cfg.exclude,
+                                  include_types=cfg.include_types, exclude_types=cfg.exclude_types, only=only)
     if not selection.params:
         raise NothingToMeasure("include/exclude filters leave no trainable parameters to measure")
+    meta = [name for name, p in zip(selection.param_names, selection.params) if p.is_meta]
+    if meta:
+        raise ValueError(f"model has parameters on the meta device ({short_list(meta)}): they hold no values to "
+                         "measure; materialise them first (e.g. model.to_empty(device=...) then initialise)")
     return selection
 
 

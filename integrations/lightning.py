@@ -9,16 +9,19 @@ import importlib
 import logging
 import os
 import warnings
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, fields
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
 import torch
 
-from gradwatch import Config, GradientAlarm, Monitor, NothingToMeasure, TensorBoardSink
-from gradwatch.measure.meter import amp_grad_scale
-from gradwatch.sinks import ScalarsSink, history
+from gradwatch import Config, GradientAlarm, Monitor, NothingToMeasure, Sink, TensorBoardSink
+from gradwatch.config import BlocksSpec, ModuleTypes, Patterns, RulesSpec
+from gradwatch.driver import StepDriver, amp_grad_scale
+from gradwatch.sinks import AlertSink, ScalarsSink
+from gradwatch.sinks.history import COLUMNS
 from gradwatch.sinks.tensorboard import open_writer
 
 log = logging.getLogger("gradwatch")
@@ -43,14 +46,15 @@ _TENSORBOARD_LOGGERS = tuple(importlib.import_module(f"{n}.loggers").TensorBoard
 PROG_BAR_KEY, PROG_BAR_ALERTS_KEY = "g2w_early", "gw_alerts"
 
 _STATE_VERSION = 1
+_OPTIONS = frozenset(f.name for f in fields(Config)) - {"every"}  # the keyword options shared with Monitor
 
 
 class GradWatchCallback(*_BASES):  # type: ignore[misc]
     r"""Per-layer gradient diagnostics and block flow for a Lightning ``Trainer``, next to your ``self.log`` metrics.
 
     Measures in ``on_before_optimizer_step``, once per optimizer step: gradients accumulated, synced across
-    ranks, unscaled by AMP (fused optimizers: divided by the loss scale, :func:`gradwatch.measure.meter.amp_grad_scale`), not
-    yet clipped. A step the AMP scaler skips is not recorded. ``update_to_weight`` spans the optimizer step.
+    ranks, unscaled by AMP (fused optimizers: divided by the loss scale, :func:`gradwatch.driver.amp_grad_scale`),
+    not yet clipped. A step the AMP scaler skips is not recorded. ``update_to_weight`` spans the optimizer step.
     Steps are those of ``self.log(on_step=True)``: step 0, then ``every - 1``, ``2 * every - 1``, ...
 
     Writes on rank 0 to every ``TensorBoardLogger`` (scalars ``<metric>/<layer>``, histograms), to every other
@@ -63,11 +67,52 @@ class GradWatchCallback(*_BASES):  # type: ignore[misc]
         every: measure every ``every`` steps; ``None`` (default): the trainer's ``log_every_n_steps``.
         prog_bar: by default the bar shows ``gw_alerts`` (open incidents, warning and above); ``True`` adds
             ``g2w_early`` (the early layers' largest ``grad_to_weight``); ``False`` shows nothing.
-        **options: any option of :class:`gradwatch.Monitor` (``include``, ``rules``, ``on_critical``,
-            ``prefix``, ``strict``, ...), checked now by :meth:`gradwatch.Config.from_options`.
+        granularity: ``"layer"`` (a unit per module that owns parameters) or ``"parameter"`` (per tensor).
+        include: keep only the layers whose name matches: a glob (``"layer1.*"``), a compiled regex, or a
+            list of them; default all.
+        exclude: drop the layers whose name matches (same forms).
+        include_types: keep only layers of these module classes (``nn.Conv2d`` or a list); default all.
+        exclude_types: drop layers of these module classes (``nn.BatchNorm2d`` or a list).
+        track_updates: with ``optimizer``, add ``update_to_weight`` (one copy of the measured weights, on
+            logging steps only).
+        blocks: shortcut-path gradient flow per residual merge (``docs/flow.md``): ``"auto"`` finds the
+            merges on the first logging step; a list of modules watches only those; ``None`` turns it off.
+            :meth:`describe` lists the blocks, :meth:`watch_block` adds one, :attr:`flow_status` says why
+            flow is unavailable.
+        sync_ranks: under torch.distributed, average block-flow norms over ranks (in the one all-reduce of
+            a logging step) so every rank reaches the same verdict; every rank must then measure on every
+            logging step. ``None``: on when the model is a ``DistributedDataParallel`` or has DTensor
+            parameters.
+        rules: the alert rules (``docs/alerts.md``): ``None``, every built-in rule with its defaults; a dict
+            tunes or drops them (``{"vanishing": {"patience": 5}, "dead_layer": False}``); a list of
+            :class:`~gradwatch.Rule` replaces them; ``False`` turns alerting off.
+        alert_sinks: where incidents go besides the ``gradwatch`` logger, TensorBoard and ``alerts.jsonl``:
+            e.g. ``[gradwatch.WebhookSink(url)]``, or any callable taking an incident event.
+        on_critical: ``"warn"`` (default); ``"stop"`` sets :attr:`should_stop`; ``"raise"`` raises
+            :class:`~gradwatch.GradientAlarm` out of ``step()`` / ``optimizer.step()``.
+        alerts_path: the JSONL record of incidents; ``None``: ``<log_dir>/alerts.jsonl`` when there is a
+            log directory; ``False``: none.
+        remind_after: wall-clock seconds before an open incident's first reminder (default 3600); ``None``:
+            no time-based reminders.
+        remind_steps: logging steps before an open incident's first reminder; ``None`` (default): none.
+            Whichever of the two is due first reminds.
+        remind_backoff: each later reminder waits this many times longer (default 4: 1 h, 4 h, 16 h, ...).
+        resolve_after: consecutive clear logging steps before an incident is resolved (default 5).
+        histograms: a TensorBoard histogram across layers per metric and logging step.
+        prefix: the tags' namespace (default ``"gradwatch"``: sections ``gradwatch/``,
+            ``gradwatch.layers/``, ...; ``docs/dashboard.md``).
+        pictures: TensorBoard pictures (depth x time maps, gradient profile) every N logging steps and at
+            :meth:`close`; 0: none.
+        sinks: more sinks for every :class:`~gradwatch.StepRecord` (objects with ``write(record)``).
+        history: logging steps kept in memory for :meth:`history` (the latest); ``None``: all.
+        strict: re-raise errors inside gradwatch's hooks and sinks; otherwise they are logged, kept in
+            :attr:`errors`, and training goes on.
+
+    The options are :class:`gradwatch.Monitor`'s, checked now by :class:`gradwatch.Config` (``log_dir``,
+    ``writer`` and ``params`` come from the trainer).
 
     Raises:
-        TypeError: an unknown option (``log_dir``, ``writer``, ``params`` are the callback's) or a wrong type.
+        TypeError: an option of the wrong type.
         ValueError: a wrong value (``every=0``); at ``fit`` start, filters that leave nothing to measure.
 
     Example::
@@ -82,14 +127,40 @@ class GradWatchCallback(*_BASES):  # type: ignore[misc]
     ``fit``. Its state is saved in checkpoints: a fit resumed with ``ckpt_path=`` continues the step axis.
     """
 
-    def __init__(self, every: int | None = None, *, prog_bar: bool | None = None, **options: Any) -> None:
+    def __init__(
+        self,
+        every: int | None = None,
+        *,
+        prog_bar: bool | None = None,
+        granularity: Literal["layer", "parameter"] = "layer",
+        include: Patterns = (),
+        exclude: Patterns = (),
+        include_types: ModuleTypes = (),
+        exclude_types: ModuleTypes = (),
+        track_updates: bool = True,
+        blocks: BlocksSpec = "auto",
+        sync_ranks: bool | None = None,
+        rules: RulesSpec = None,
+        alert_sinks: Sequence[AlertSink | Callable[..., Any]] = (),
+        on_critical: Literal["warn", "stop", "raise"] = "warn",
+        alerts_path: str | os.PathLike[str] | Literal[False] | None = None,
+        remind_after: float | None = 3600.0,
+        remind_steps: int | None = None,
+        remind_backoff: float = 4.0,
+        resolve_after: int = 5,
+        histograms: bool = True,
+        prefix: str = "gradwatch",
+        pictures: int = 20,
+        sinks: Sequence[Sink] = (),
+        history: int | None = None,
+        strict: bool = False,
+    ) -> None:
         super().__init__()
         if prog_bar is not None and not isinstance(prog_bar, bool):
             raise TypeError(f"prog_bar must be a bool or None, got {type(prog_bar).__name__}")
-        if every is not None:
-            options["every"] = every
-        #: The checked options every monitor is built from.
-        self.config = Config.from_options(None, "GradWatchCallback", **options)
+        options = {k: v for k, v in locals().items() if k in _OPTIONS}
+        #: The checked options every monitor is built from (``every`` resolved at each fit).
+        self.config = Config(**options, **({} if every is None else {"every": every}))
         self.every = every
         self.prog_bar = prog_bar
         #: Errors contained inside the callback's hooks, as "ExceptionType: message" strings.
@@ -105,9 +176,8 @@ class GradWatchCallback(*_BASES):  # type: ignore[misc]
     # ------------------------------------------------------------------ public API
     @property
     def state_key(self) -> str:
-        """The callback's key in checkpoints, one per ``prefix`` (the default namespace keeps its earlier key)."""
-        prefix = self.config.output.prefix  # the default namespace keeps the checkpoint key it had as ""
-        return self._generate_state_key(prefix="" if prefix == Config().output.prefix else prefix)
+        """The callback's key in checkpoints, one per ``prefix`` (two callbacks with different prefixes coexist)."""
+        return self._generate_state_key(prefix=self.config.prefix)
 
     @property
     def monitor(self) -> Monitor | None:
@@ -130,7 +200,7 @@ class GradWatchCallback(*_BASES):  # type: ignore[misc]
         frames = [mon.history() for mon in self.monitors.values()]
         if len(frames) > 1:
             frames = [df.assign(name=key + "/" + df["name"].astype(str)) for key, df in zip(self.monitors, frames)]
-        return pd.concat(frames, ignore_index=True) if frames else history.History().to_frame()
+        return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=list(COLUMNS))
 
     # ------------------------------------------------------------------ Lightning hooks
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
@@ -156,8 +226,7 @@ class GradWatchCallback(*_BASES):  # type: ignore[misc]
         slot.last_step = step
         try:
             scale = amp_grad_scale(slot.optimizer, _scaler(trainer))
-            slot.pending = slot.monitor.begin_step(step, grad_scale=scale,
-                                                   track_update=self.config.measure.track_updates)
+            slot.pending = slot.driver.begin(step, grad_scale=scale, track_update=self.config.track_updates)
         except Exception as err:
             self._contain(err, slot)
 
@@ -168,7 +237,7 @@ class GradWatchCallback(*_BASES):  # type: ignore[misc]
         slot.pending = False
         try:
             # Inside GradScaler.step a fused optimizer carries the overflow flag; the step skipped itself if set.
-            slot.monitor.end_step(found_inf=getattr(optimizer, "found_inf", None))
+            slot.driver.end(found_inf=getattr(optimizer, "found_inf", None))
         except Exception as err:
             self._contain(err, slot)
 
@@ -178,7 +247,7 @@ class GradWatchCallback(*_BASES):  # type: ignore[misc]
             for slot in self._slots.values():
                 if slot.pending:  # the optimizer never stepped after its measurement: GradScaler skipped it
                     slot.pending = False
-                    slot.monitor.discard_step()
+                    slot.driver.discard()
             if self.is_logging_step(_log_step(trainer)) and any(s.monitor.can_stop for s in self._slots.values()):
                 # Only under a stopping policy: reduce_boolean_decision is an all_reduce plus a host sync.
                 stop = any(s.monitor.should_stop for s in self._slots.values())
@@ -233,10 +302,10 @@ class GradWatchCallback(*_BASES):  # type: ignore[misc]
         optimizers = [o for o in map(_unwrap, getattr(trainer, "optimizers", [])) if isinstance(o, torch.optim.Optimizer)]
         ours = {id(p) for p in pl_module.parameters()}
         base = self.config.replace(every=max(self._every, 1))
-        if base.measure.sync_ranks is None:  # every rank runs these hooks: flow norms can be averaged over ranks
+        if base.sync_ranks is None:  # every rank runs these hooks: flow norms can be averaged over ranks
             base = base.replace(sync_ranks=True)
         writer, loggers = self._targets(trainer) if getattr(trainer, "is_global_zero", True) else (None, [])
-        if writer is None and loggers and base.alerts.alerts_path is None:
+        if writer is None and loggers and base.alerts_path is None:
             base = base.replace(alerts_path=os.path.join(_log_dir(loggers, trainer), "alerts.jsonl"))
         slots: dict[int, _Slot] = {}
         skipped: list[str] = []  # optimizers of other modules
@@ -247,18 +316,17 @@ class GradWatchCallback(*_BASES):  # type: ignore[misc]
             if not params:
                 skipped.append(f"{key}: holds none of the LightningModule's parameters")
                 continue
-            ns = base.output.prefix.rstrip("/")  # one namespace per optimizer: gradwatch.optimizer_1, ...
+            ns = base.prefix.rstrip("/")  # one namespace per optimizer: gradwatch.optimizer_1, ...
             prefix = (f"{ns}.{key}" if ns else key) if len(optimizers) > 1 else ns
-            cfg = base.replace(prefix=prefix, sinks=(*base.output.sinks, *_logger_sinks(loggers, base, prefix)))
+            cfg = base.replace(prefix=prefix, sinks=(*base.sinks, *_logger_sinks(loggers, base, prefix)))
             try:
-                mon = Monitor(pl_module, writer=writer, params=params, config=cfg)
+                mon = Monitor.from_config(pl_module, cfg, writer=writer, params=params)
             except NothingToMeasure as err:  # any other error of Monitor's propagates as itself
                 empty.append(f"{key}: {err}")
                 continue
             # Block-flow hooks run in the forward pass: armed on this callback's logging batches, first monitor only.
-            first = not slots
-            mon.flow_trigger = (lambda: self.is_logging_step(_log_step(trainer))) if first else (lambda: False)
-            slots[id(opt)] = _Slot(key, mon, opt)
+            logging = (lambda: self.is_logging_step(_log_step(trainer))) if not slots else None
+            slots[id(opt)] = _Slot(key, mon, StepDriver(mon, logging=logging), opt)
         if not slots and empty:  # the user's options select nothing: a configuration error
             raise ValueError(f"GradWatchCallback has nothing to measure ({'; '.join(empty)})")
         if not slots:
@@ -307,7 +375,7 @@ class GradWatchCallback(*_BASES):  # type: ignore[misc]
     def _contain(self, err: BaseException, slot: _Slot | None = None) -> None:
         if slot is not None:
             slot.pending = False
-        if self.config.output.strict or isinstance(err, GradientAlarm):
+        if self.config.strict or isinstance(err, GradientAlarm):
             raise err  # on_critical="raise" is the user's request to stop training
         self.errors.append(f"{type(err).__name__}: {err}")
         if len(self.errors) <= 3:
@@ -321,6 +389,7 @@ class _Slot:
 
     key: str
     monitor: Monitor
+    driver: StepDriver
     optimizer: torch.optim.Optimizer
     pending: bool = False
     last_step: int | None = None
@@ -328,9 +397,9 @@ class _Slot:
 
 def _logger_sinks(loggers: list[Any], cfg: Config, prefix: str) -> list[Any]:
     """Sinks for the other loggers: TensorBoard ones, then flat ones (CSV, W&B, MLflow: ``log_metrics`` dicts)."""
-    out, tensorboard = cfg.output, _TENSORBOARD_LOGGERS
-    return [TensorBoardSink(lg.experiment, prefix, out.histograms, pictures=out.pictures) if isinstance(lg, tensorboard)
-            else ScalarsSink(lg.log_metrics, prefix, counts=out.histograms) for lg in loggers]
+    return [TensorBoardSink(lg.experiment, prefix, cfg.histograms, pictures=cfg.pictures)
+            if isinstance(lg, _TENSORBOARD_LOGGERS) else ScalarsSink(lg.log_metrics, prefix, counts=cfg.histograms)
+            for lg in loggers]
 
 
 def _log_dir(loggers: list[Any], trainer: Any) -> str:

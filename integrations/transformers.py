@@ -7,13 +7,16 @@ from __future__ import annotations
 import json
 import logging
 import os
-from typing import Any
+from collections.abc import Callable, Sequence
+from dataclasses import fields
+from typing import Any, Literal
 
 import torch
 
-from gradwatch import Config, Monitor
-from gradwatch.measure.meter import loss_scale
-from gradwatch.sinks import Tags
+from gradwatch import Config, Monitor, Sink
+from gradwatch.config import BlocksSpec, ModuleTypes, Patterns, RulesSpec
+from gradwatch.driver import StepDriver, loss_scale
+from gradwatch.sinks import AlertSink, Tags
 
 try:
     from transformers import TrainerCallback
@@ -27,6 +30,7 @@ __all__ = ["GradWatchTrainerCallback", "STATE_FILE"]
 
 #: The monitor's state, saved in each checkpoint folder and read back on resume.
 STATE_FILE = "gradwatch_state.json"
+_OPTIONS = frozenset(f.name for f in fields(Config)) - {"every"}  # the keyword options shared with Monitor
 
 
 class GradWatchTrainerCallback(TrainerCallback):
@@ -65,20 +69,89 @@ class GradWatchTrainerCallback(TrainerCallback):
     Args:
         every: measure every ``every`` optimizer steps; None: the Trainer's logging cadence.
         log_dir: where the TensorBoard events go (see above).
-        **options: any option of :class:`gradwatch.Monitor` (``rules``, ``on_critical``, ``alert_sinks``,
-            ``blocks``, ``prefix``, ...), checked now.
+        granularity: ``"layer"`` (a unit per module that owns parameters) or ``"parameter"`` (per tensor).
+        include: keep only the layers whose name matches: a glob (``"layer1.*"``), a compiled regex, or a
+            list of them; default all.
+        exclude: drop the layers whose name matches (same forms).
+        include_types: keep only layers of these module classes (``nn.Conv2d`` or a list); default all.
+        exclude_types: drop layers of these module classes (``nn.BatchNorm2d`` or a list).
+        track_updates: with ``optimizer``, add ``update_to_weight`` (one copy of the measured weights, on
+            logging steps only).
+        blocks: shortcut-path gradient flow per residual merge (``docs/flow.md``): ``"auto"`` finds the
+            merges on the first logging step; a list of modules watches only those; ``None`` turns it off.
+            :meth:`describe` lists the blocks, :meth:`watch_block` adds one, :attr:`flow_status` says why
+            flow is unavailable.
+        sync_ranks: under torch.distributed, average block-flow norms over ranks (in the one all-reduce of
+            a logging step) so every rank reaches the same verdict; every rank must then measure on every
+            logging step. ``None``: on when the model is a ``DistributedDataParallel`` or has DTensor
+            parameters.
+        rules: the alert rules (``docs/alerts.md``): ``None``, every built-in rule with its defaults; a dict
+            tunes or drops them (``{"vanishing": {"patience": 5}, "dead_layer": False}``); a list of
+            :class:`~gradwatch.Rule` replaces them; ``False`` turns alerting off.
+        alert_sinks: where incidents go besides the ``gradwatch`` logger, TensorBoard and ``alerts.jsonl``:
+            e.g. ``[gradwatch.WebhookSink(url)]``, or any callable taking an incident event.
+        on_critical: ``"warn"`` (default); ``"stop"`` sets :attr:`should_stop`; ``"raise"`` raises
+            :class:`~gradwatch.GradientAlarm` out of ``step()`` / ``optimizer.step()``.
+        alerts_path: the JSONL record of incidents; ``None``: ``<log_dir>/alerts.jsonl`` when there is a
+            log directory; ``False``: none.
+        remind_after: wall-clock seconds before an open incident's first reminder (default 3600); ``None``:
+            no time-based reminders.
+        remind_steps: logging steps before an open incident's first reminder; ``None`` (default): none.
+            Whichever of the two is due first reminds.
+        remind_backoff: each later reminder waits this many times longer (default 4: 1 h, 4 h, 16 h, ...).
+        resolve_after: consecutive clear logging steps before an incident is resolved (default 5).
+        histograms: a TensorBoard histogram across layers per metric and logging step.
+        prefix: the tags' namespace (default ``"gradwatch"``: sections ``gradwatch/``,
+            ``gradwatch.layers/``, ...; ``docs/dashboard.md``).
+        pictures: TensorBoard pictures (depth x time maps, gradient profile) every N logging steps and at
+            :meth:`close`; 0: none.
+        sinks: more sinks for every :class:`~gradwatch.StepRecord` (objects with ``write(record)``).
+        history: logging steps kept in memory for :meth:`history` (the latest); ``None``: all.
+        strict: re-raise errors inside gradwatch's hooks and sinks; otherwise they are logged, kept in
+            :attr:`errors`, and training goes on.
+
+    The options are :class:`gradwatch.Monitor`'s, checked now by :class:`gradwatch.Config`.
     """
 
-    def __init__(self, every: int | None = None, *, log_dir: str | os.PathLike | None = None, **options: Any) -> None:
-        if every is not None:
-            options["every"] = every
-        #: The checked options the monitor is built from.
-        self.config = Config.from_options(None, "GradWatchTrainerCallback", **options)
-        self._tags = Tags(self.config.output.prefix)
+    def __init__(
+        self,
+        every: int | None = None,
+        *,
+        log_dir: str | os.PathLike[str] | None = None,
+        granularity: Literal["layer", "parameter"] = "layer",
+        include: Patterns = (),
+        exclude: Patterns = (),
+        include_types: ModuleTypes = (),
+        exclude_types: ModuleTypes = (),
+        track_updates: bool = True,
+        blocks: BlocksSpec = "auto",
+        sync_ranks: bool | None = None,
+        rules: RulesSpec = None,
+        alert_sinks: Sequence[AlertSink | Callable[..., Any]] = (),
+        on_critical: Literal["warn", "stop", "raise"] = "warn",
+        alerts_path: str | os.PathLike[str] | Literal[False] | None = None,
+        remind_after: float | None = 3600.0,
+        remind_steps: int | None = None,
+        remind_backoff: float = 4.0,
+        resolve_after: int = 5,
+        histograms: bool = True,
+        prefix: str = "gradwatch",
+        pictures: int = 20,
+        sinks: Sequence[Sink] = (),
+        history: int | None = None,
+        strict: bool = False,
+    ) -> None:
+        if log_dir is not None and not isinstance(log_dir, (str, os.PathLike)):
+            raise TypeError(f"log_dir must be a path (str or os.PathLike), got {type(log_dir).__name__}: {log_dir!r}")
+        options = {k: v for k, v in locals().items() if k in _OPTIONS}
+        #: The checked options the monitor is built from (``every`` resolved at each ``train()``).
+        self.config = Config(**options, **({} if every is None else {"every": every}))
+        self._tags = Tags(self.config.prefix)
         self.every = every
         self.log_dir = None if log_dir is None else os.fspath(log_dir)
         #: The monitor of the current ``train()``; None before it starts.
         self.monitor: Monitor | None = None
+        self._driver: StepDriver | None = None
         self._every = 1
         self._armed = False  # the coming optimizer step is a logging step: hooks record
         self._pre: torch.Tensor | None = None  # squared grad norm of the reference parameter before clipping
@@ -86,13 +159,11 @@ class GradWatchTrainerCallback(TrainerCallback):
         self._handle: Any = None
         self._pending = False
 
-    @classmethod
-    def attach(cls, trainer: Any, every: int | None = None, **options: Any) -> GradWatchTrainerCallback:
-        """Build the callback and put it before the Trainer's reporters (``trainer.callback_handler``), so they
-        receive its scalars in ``on_log``; returns it."""
-        cb = cls(every, **options)
-        trainer.callback_handler.callbacks.insert(0, cb)
-        return cb
+    def attach(self, trainer: Any) -> GradWatchTrainerCallback:
+        """Put this callback before the Trainer's reporters (``trainer.callback_handler``), so they receive its
+        scalars in ``on_log``; returns it: ``GradWatchTrainerCallback(every=10).attach(trainer)``."""
+        trainer.callback_handler.callbacks.insert(0, self)
+        return self
 
     # ------------------------------------------------------------------ Trainer events
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, optimizer: Any = None,
@@ -105,10 +176,10 @@ class GradWatchTrainerCallback(TrainerCallback):
         log_dir = self.log_dir or os.environ.get("TENSORBOARD_LOGGING_DIR") or \
             os.path.join(args.output_dir, "runs", "gradwatch")
         cfg = self.config.replace(every=max(self._every, 1))
-        if cfg.measure.sync_ranks is None and torch.distributed.is_available() and torch.distributed.is_initialized():
+        if cfg.sync_ranks is None and torch.distributed.is_available() and torch.distributed.is_initialized():
             cfg = cfg.replace(sync_ranks=True)  # every rank runs these events: flow norms averaged over ranks
-        self.monitor = Monitor(model, params=params, log_dir=log_dir, config=cfg)
-        self.monitor.flow_trigger = lambda: self._armed
+        self.monitor = Monitor.from_config(model, cfg, params=params, log_dir=log_dir)
+        self._driver = StepDriver(self.monitor, logging=lambda: self._armed)
         self._ref = max(params, key=lambda p: p.numel())  # clipping scales every gradient alike: one is enough
         self._handle = self._ref.register_post_accumulate_grad_hook(self._after_accumulation)
         self._resume(args, state)
@@ -121,12 +192,12 @@ class GradWatchTrainerCallback(TrainerCallback):
     def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, optimizer: Any = None,
                               **kwargs: Any) -> None:
         """On an armed step, start the measurement, with clipping and the fp16 loss scale divided back out."""
-        mon = self.monitor
-        if mon is None or not self._armed:
+        driver = self._driver
+        if driver is None or not self._armed:
             return
         self._armed = False
-        self._pending = mon.begin_step(state.global_step + 1, grad_scale=self._clip_factor(optimizer),
-                                       track_update=self.config.measure.track_updates)
+        self._pending = driver.begin(state.global_step + 1, grad_scale=self._clip_factor(optimizer),
+                                     track_update=self.config.track_updates)
 
     def on_optimizer_step(self, args: Any, state: Any, control: Any, optimizer: Any = None, **kwargs: Any) -> None:
         """Finish the measurement, or drop it when the fp16 scaler skipped the step."""
@@ -134,9 +205,9 @@ class GradWatchTrainerCallback(TrainerCallback):
             return
         self._pending = False
         if getattr(optimizer, "step_was_skipped", False):  # the fp16 scaler found inf/NaN: the step did not happen
-            self.monitor.discard_step()
+            self._driver.discard()
         else:
-            self.monitor.end_step()
+            self._driver.end()
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """Ask the Trainer to stop when the monitor says so (``on_critical="stop"``)."""

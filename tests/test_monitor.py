@@ -88,7 +88,7 @@ def test_steps_that_do_not_log_compute_no_norms(monkeypatch):
         per_step.append(len(calls) - before)
     mon.close()
     assert [n > 0 for n in per_step] == [s % 4 == 0 for s in range(9)]
-    assert mon.measurements == 3
+    assert mon.measured_steps == 3
 
 
 def _train(model, monitor_kwargs=None, steps=20, momentum=0.9):
@@ -437,6 +437,67 @@ def test_bad_inputs_raise_clear_errors_at_construction(tmp_path):
         gradwatch.Monitor(model, include="nothing.matches")
     with pytest.raises(TypeError, match="include_types"):
         gradwatch.Monitor(model, include_types=[int])
+    with pytest.raises(TypeError, match="log_dir must be a path .*int: 123"):
+        gradwatch.Monitor(model, log_dir=123)
+    assert not os.path.exists("123")
+
+
+def test_a_model_on_the_meta_device_is_refused_at_construction_not_at_the_first_step():
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    with pytest.raises(ValueError, match=r"meta device \(0.weight, 0.bias, 1.weight, 1.bias\).*to_empty"):
+        gradwatch.Monitor(model)
+    model.to_empty(device="cpu")  # materialised: measured as usual
+    mon = gradwatch.Monitor(model, every=1, strict=True)
+    model(torch.randn(3, 4)).sum().backward()
+    mon.step()
+    assert set(mon.history().name) >= {"0", "1"}
+    mon.close()
+
+
+def test_step_called_twice_per_iteration_warns_once_and_neither_doubles_nor_repeats_steps():
+    model = tiny_resnet()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    mon = gradwatch.Monitor(model, every=2, strict=True)
+    with pytest.warns(UserWarning, match="twice") as seen:
+        for i in range(6):
+            train_step(model, opt, i)
+            mon.step()
+            mon.step()  # a second call for the same backward: ignored
+            opt.step()
+            opt.zero_grad()
+    assert len([w for w in seen if "twice" in str(w.message)]) == 1
+    assert mon.global_step == 6 and sorted(mon.history().step.unique()) == [0, 2, 4]
+    mon.close()
+
+    explicit = gradwatch.Monitor(model, every=1, strict=True, blocks=None)
+    with pytest.warns(UserWarning, match="twice"):
+        for i in range(3):
+            train_step(model, opt, i)
+            explicit.step(i)
+            explicit.step(i)  # the same step again: no duplicate rows
+            opt.zero_grad()
+    hist = explicit.history()
+    assert sorted(hist.step.unique()) == [0, 1, 2] and not hist.duplicated(["step", "name", "metric"]).any()
+    explicit.close()
+
+
+def test_accumulated_and_set_to_none_gradients_are_new_backward_passes():
+    """Neither accumulation (in place) nor zero_grad(set_to_none) + backward (a new tensor, maybe at the freed
+    one's address) is mistaken for a repeated call."""
+    model = tiny_resnet()
+    mon = gradwatch.Monitor(model, every=1, strict=True, blocks=None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for i in range(3):
+            train_step(model, None, i)
+            mon.step()  # accumulated on top of the last step's gradients
+        for i in range(3):
+            model.zero_grad(set_to_none=True)
+            train_step(model, None, i)
+            mon.step()
+    assert sorted(mon.history().step.unique()) == list(range(6))
+    mon.close()
 
 
 def test_step_is_ignored_with_a_warning_when_the_optimizer_drives():
@@ -445,7 +506,7 @@ def test_step_is_ignored_with_a_warning_when_the_optimizer_drives():
     mon = gradwatch.Monitor(model, optimizer=opt, every=1)
     with pytest.warns(UserWarning, match="optimizer"):
         mon.step()
-    assert mon.measurements == 0
+    assert mon.measured_steps == 0
 
 
 def test_sparse_gradients_are_measured():

@@ -45,7 +45,7 @@ def test_healthy_resnets_trained_200_steps_fire_no_warning(depth, block):
     mon = train_net(resnet(depth, block=block), steps=200, every=5)
     loud = [a.headline() for a in mon.alerts if a.severity != "info"]
     assert loud == []
-    assert mon.measurements == 40
+    assert mon.measured_steps == 40
 
 
 # ---------------------------------------------------------------------------------------------- Lightning

@@ -381,10 +381,10 @@ def test_arguments_are_validated():
 @pytest.mark.parametrize("bad,error", [
     ({"on_critical": "panic"}, ValueError),
     ({"rules": {"vanishng": {}}}, ValueError),
-    ({"alert_cooldown": -1}, ValueError),
+    ({"remind_steps": -1}, ValueError),
     ({"alert_sinks": print}, TypeError),
     ({"alert_sinks": [42]}, TypeError),
-], ids=["on_critical", "rules", "cooldown", "sinks", "sink"])
+], ids=["on_critical", "rules", "remind_steps", "sinks", "sink"])
 def test_bad_alert_argument_leaves_no_events_file_or_writer(tmp_path, bad, error):
     # alert arguments are checked before the SummaryWriter opens: nothing in log_dir, no writer thread left
     before = {t.ident for t in threading.enumerate()}

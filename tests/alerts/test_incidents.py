@@ -197,14 +197,13 @@ def test_run_summary_lists_open_and_resolved_incidents():
 
 def test_options_are_checked():
     with pytest.raises(ValueError, match="remind_backoff"):
-        gradwatch.Config.from_options(remind_backoff=0.5)
+        gradwatch.Config(remind_backoff=0.5)
     with pytest.raises(TypeError, match="remind_steps"):
-        gradwatch.Config.from_options(remind_steps=2.5)
+        gradwatch.Config(remind_steps=2.5)
     with pytest.raises(ValueError, match="resolve_after"):
-        gradwatch.Config.from_options(resolve_after=0)
-    with pytest.warns(DeprecationWarning, match="alert_cooldown"):
-        cfg = gradwatch.Config.from_options(alert_cooldown=7)
-    assert cfg.alerts.alert_cooldown == 7
+        gradwatch.Config(resolve_after=0)
+    with pytest.raises(TypeError, match="alert_cooldown"):  # the pre-release option incidents replaced is gone
+        gradwatch.Config(alert_cooldown=7)
     with pytest.raises(ValueError, match="clear_margin"):
         SkipCollapse(clear_margin=0.5)
 

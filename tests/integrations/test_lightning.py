@@ -197,8 +197,9 @@ def test_callback_is_a_callback_of_every_installed_namespace():
         ({"rules": {"nope": {}}}, ValueError, "nope"),
         ({"rules": {"vanishing": {"no_such_option": 1}}}, TypeError, "vanishing"),
         ({"rules": "nonfinite"}, TypeError, "rules"),
-        ({"alert_cooldown": -3}, ValueError, "alert_cooldown"),
-        ({"alert_cooldown": 1.5}, TypeError, "alert_cooldown"),  # a wrong type is a TypeError, never coerced
+        ({"remind_steps": -3}, ValueError, "remind_steps"),
+        ({"remind_steps": 1.5}, TypeError, "remind_steps"),  # a wrong type is a TypeError, never coerced
+        ({"alert_cooldown": 3}, TypeError, "alert_cooldown"),  # the pre-release spelling is gone
         ({"alert_sinks": "http://hook"}, TypeError, "alert_sinks"),
     ],
 )
@@ -454,7 +455,7 @@ def test_a_monitor_asking_to_stop_stops_the_trainer(on_critical, tmp_path, monke
     from gradwatch.integrations.lightning import GradWatchCallback
     from gradwatch.monitor import Monitor
 
-    monkeypatch.setattr(Monitor, "should_stop", property(lambda self: self.measurements >= 2), raising=False)
+    monkeypatch.setattr(Monitor, "should_stop", property(lambda self: self.measured_steps >= 2), raising=False)
     cb = GradWatchCallback(every=1, on_critical=on_critical)
     trainer = pl.Trainer(callbacks=[cb], logger=False, **trainer_kwargs(tmp_path, max_steps=10))
     trainer.fit(make_module(pl))
@@ -568,19 +569,19 @@ def test_flat_logger_without_log_dir_gets_records_and_the_alert_record_falls_bac
 
 # ---------------------------------------------------------------------------------------------- costs
 def test_fused_amp_scale_is_passed_as_a_device_tensor_without_get_scale(tmp_path, monkeypatch):
-    """``scaler.get_scale()`` is an ``.item()`` host sync: the callback hands the scale tensor to begin_step."""
+    """``scaler.get_scale()`` is an ``.item()`` host sync: the callback hands the scale tensor to the driver."""
     pl = ns("lightning.pytorch")
     from lightning.pytorch.plugins import MixedPrecision
 
+    from gradwatch.driver import StepDriver
     from gradwatch.integrations.lightning import GradWatchCallback
-    from gradwatch.monitor import Monitor
 
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**4)
     monkeypatch.setattr(scaler, "get_scale", lambda: pytest.fail("get_scale() called (a host sync)"))
     scales = []
-    real = Monitor.begin_step
+    real = StepDriver.begin
     monkeypatch.setattr(
-        Monitor, "begin_step", lambda self, step, **kw: scales.append(kw["grad_scale"]) or real(self, step, **kw)
+        StepDriver, "begin", lambda self, step, **kw: scales.append(kw["grad_scale"]) or real(self, step, **kw)
     )
     cb = GradWatchCallback(every=1, strict=True)
     trainer = pl.Trainer(
@@ -593,7 +594,7 @@ def test_fused_amp_scale_is_passed_as_a_device_tensor_without_get_scale(tmp_path
 
 
 def test_overflow_step_is_discarded_without_a_host_transfer(tmp_path, monkeypatch):
-    """A non-fused optimizer that GradScaler skipped: the pending measurement is dropped (Monitor.discard_step),
+    """A non-fused optimizer that GradScaler skipped: the pending measurement is dropped (StepDriver.discard),
     not finished (cat + .cpu()) and then thrown away."""
     pl = ns("lightning.pytorch")
     from lightning.pytorch.plugins import MixedPrecision
@@ -614,21 +615,23 @@ def test_overflow_step_is_discarded_without_a_host_transfer(tmp_path, monkeypatc
     module.configure_optimizers = lambda: torch.optim.Adam(module.parameters(), lr=1e-3)
     trainer.fit(module)
     assert len(finished) == 2  # only the steps taken (2 and 3) were moved to the host
-    assert set(cb.monitor.history().step) == {2, 3} and cb.monitor.measurements == 4
+    assert set(cb.monitor.history().step) == {2, 3} and cb.monitor.measured_steps == 4
 
 
-def test_monitor_discard_step_records_nothing():
+def test_a_discarded_step_records_nothing():
+    from gradwatch.driver import StepDriver
     from gradwatch.monitor import Monitor
 
     model = torch.nn.Linear(3, 2)
     model(torch.randn(4, 3)).sum().backward()
     mon = Monitor(model, blocks=None, strict=True)
-    assert mon.begin_step(0)
-    mon.discard_step()
-    mon.end_step()  # nothing pending any more
+    driver = StepDriver(mon)
+    assert driver.begin(0)
+    driver.discard()
+    driver.end()  # nothing pending any more
     assert mon.history().empty and mon.global_step == 1
-    assert mon.begin_step(1)
-    mon.end_step()
+    assert driver.begin(1)
+    driver.end()
     assert set(mon.history().step) == {1}
 
 
@@ -640,7 +643,7 @@ def test_monitors_sync_ranks_unless_told_otherwise(given, expected, tmp_path):
 
     cb = GradWatchCallback(every=1, **given)
     pl.Trainer(callbacks=[cb], logger=False, **trainer_kwargs(tmp_path, max_steps=1)).fit(make_module(pl))
-    assert cb.monitor.config.measure.sync_ranks is expected
+    assert cb.monitor.config.sync_ranks is expected
 
 
 # ---------------------------------------------------------------------------------------------- resume

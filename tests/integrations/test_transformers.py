@@ -212,7 +212,7 @@ def test_attached_first_the_reporters_receive_the_whole_model_values(tmp_path):
 
     reporter = Reporter()
     t = trainer(tmp_path, tiny_gpt2(), [reporter], max_grad_norm=0.0)
-    cb = GradWatchTrainerCallback.attach(t)
+    cb = GradWatchTrainerCallback().attach(t)
     t.train()
     seen = {step: logs for step, logs in reporter.logs if "gradwatch/grad_norm" in logs}
     assert sorted(seen) == [4, 8]  # the Trainer's logging steps
