@@ -18,7 +18,6 @@ failing sink can never lose an alert.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -84,53 +83,33 @@ class CallableSink(AlertSink):
 
 
 class _SendOnly(AlertSink):
-    """An object of the earlier alert-sink protocol as an alert sink: ``send(event)`` (the event reads like an
-    alert), and optionally ``end_step(step, events)`` after every evaluated step, ``send_summary(summary)``,
-    ``attach(report_failure)``, ``flush(timeout)`` and ``close(timeout)`` (given :attr:`wait` seconds)."""
-
-    wait = 5.0
+    """An object with ``send(event)`` as an alert sink (the event reads like an alert); its
+    ``send_summary(summary)``, ``attach(report_failure)``, ``flush()`` and ``close()`` are called when it has
+    them."""
 
     def __init__(self, target: Any) -> None:
         super().__init__("info")
         self.target = target
 
-    def write(self, record: StepRecord) -> None:
-        super().write(record)
-        end_step = getattr(self.target, "end_step", None)
-        if callable(end_step):
-            end_step(record.step, list(record.events))
-
     def send(self, event: IncidentEvent) -> None:
         self.target.send(event)
 
     def send_summary(self, summary: RunSummary) -> None:
-        fn = getattr(self.target, "send_summary", None)
-        if callable(fn):
-            fn(summary)
+        self._call("send_summary", summary)
 
     def attach(self, report_failure: Callable[[str, Any, str], None]) -> None:
-        attach = getattr(self.target, "attach", None)
-        if callable(attach):
-            attach(report_failure)
+        self._call("attach", report_failure)
 
     def flush(self) -> None:
-        self._finish("flush")
+        self._call("flush")
 
     def close(self) -> None:
-        self._finish("close")
+        self._call("close")
 
-    def _finish(self, method: str) -> None:
+    def _call(self, method: str, *args: Any) -> None:
         fn = getattr(self.target, method, None)
-        if not callable(fn):
-            return
-        try:  # the earlier protocol passed a timeout; a plain flush() takes none
-            takes_timeout = bool(inspect.signature(fn).parameters)
-        except (TypeError, ValueError):  # a builtin without a signature: call it plainly
-            takes_timeout = False
-        if takes_timeout:
-            fn(self.wait)
-        else:
-            fn()
+        if callable(fn):
+            fn(*args)
 
     def __repr__(self) -> str:
         return repr(self.target)

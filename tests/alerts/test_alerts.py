@@ -472,29 +472,30 @@ def test_replay_runs_rules_over_a_saved_history():
     assert NonFinite().check(step_of(0, layers={"grad_norm": (["a", "b"], [1.0, 2.0])})) == []
 
 
-def test_an_alert_sink_of_the_earlier_protocol_still_works(tmp_path):
-    """send(alert), end_step(step, alerts) after every evaluated step, flush(timeout) at the monitor's close."""
+def test_an_object_with_send_is_an_alert_sink(tmp_path):
+    """send(event) for each incident event, flush() and close() when it has them; nothing of the pre-release
+    protocol (end_step, flush(timeout)) is called."""
 
-    class Legacy:
+    class SendOnly:
         def __init__(self):
-            self.sent, self.ends, self.flushed = [], [], []
+            self.sent, self.calls = [], []
 
-        def send(self, alert):
-            self.sent.append(alert.step)
+        def send(self, event):
+            self.sent.append((event.step, event.kind))
 
         def end_step(self, step, alerts):
-            self.ends.append((step, len(alerts)))
+            self.calls.append("end_step")
 
-        def flush(self, timeout):
-            self.flushed.append(timeout)
+        def flush(self):
+            self.calls.append("flush")
 
-    sink = Legacy()
+    sink = SendOnly()
     model = gated()
     mon = gradwatch.Monitor(model, every=1, rules=[DeadLayer(patience=1)], alert_sinks=[sink], alerts_path=False)
     train(model, mon, 3)
     mon.close()
-    assert sink.sent == [0] and sink.ends == [(0, 1), (1, 0), (2, 0)]  # cooldown holds the repeats
-    assert sink.flushed == [5.0] and not mon.errors
+    assert sink.sent == [(0, "opened")]  # the open incident is not repeated
+    assert sink.calls == ["flush"] and not mon.errors
 
 
 def test_depth_trend_without_enough_blocks_does_not_fall_back_to_layers_of_mixed_kinds():
