@@ -82,9 +82,9 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 def _cmd_report(args: argparse.Namespace) -> int:
     try:  # the outputs first: a path that cannot be written fails before the report is read and printed
-        for path, table in ((args.csv, True), (args.parquet, True), (args.html, False)):
+        for path, is_table in ((args.csv, True), (args.parquet, True), (args.html, False)):
             if path:
-                report.check_output(path, table=table)
+                report.check_output(path, table=is_table)
         table, reports = report.read(args.logdir, top=args.top)
     except (ValueError, ImportError) as err:
         print(f"gradwatch report: {err}", file=sys.stderr)

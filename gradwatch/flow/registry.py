@@ -62,9 +62,32 @@ class Block:
 
 
 class Blocks(list):
-    """A list of :class:`Block` that prints as a table (followed by the flow status, when known)."""
+    """A list of :class:`Block` that prints as a table (followed by the flow status, when known).
+
+    Where a user treats it as text it is its table: ``"blocks:\n" + mon.describe()``, ``text += blocks`` and
+    ``f"{blocks:>40}"`` give strings; as a list (``len``, indexing, iteration, ``+`` another list) it is the
+    blocks.
+    """
 
     status: FlowStatus | None = None
+
+    def __add__(self, other):
+        if isinstance(other, str):
+            return str(self) + other
+        return super().__add__(other)
+
+    def __radd__(self, other: object) -> str:
+        if isinstance(other, str):
+            return other + str(self)
+        return NotImplemented
+
+    def __iadd__(self, other):
+        if isinstance(other, str):  # list's += would append the text's characters as items
+            return str(self) + other
+        return super().__iadd__(other)
+
+    def __format__(self, spec: str) -> str:
+        return format(str(self), spec)
 
     def __str__(self) -> str:
         lines = []

@@ -505,3 +505,25 @@ def test_share_table_for_the_demo():
     assert lines[2].split()[1:] == ["-", "0"]  # the plain net has no blocks; layer2.0's skip is cut
     with pytest.raises(ValueError, match="metric"):
         flow.share_table(histories, metric="grad_norm")
+
+
+def test_describe_is_a_list_of_blocks_that_joins_text_as_its_table():
+    net = resnet(8, width=4)
+    mon = gradwatch.Monitor(net, every=1)
+    found = mon.describe(torch.randn(2, 3, 8, 8))
+    table = str(found)
+    assert "layer2.0" in table and "block flow: ok" in table
+    # as text, where a user writes text
+    assert "blocks:\n" + found == "blocks:\n" + table
+    assert found + "\n(end)" == table + "\n(end)"
+    assert f"{found}" == table and f"{found:>5}" == table and "%s" % found == table
+    text = "model blocks: "
+    text += found
+    assert text == "model blocks: " + table
+    # as the list of blocks it is
+    assert isinstance(found, list) and len(found) == 3 and [b.name for b in found] == ["layer1.0", "layer2.0", "layer3.0"]
+    assert [b.name for b in found + found[:1]] == ["layer1.0", "layer2.0", "layer3.0", "layer1.0"]
+    blocks = mon.describe()
+    blocks += found[:1]
+    assert isinstance(blocks, list) and len(blocks) == 4 and blocks[-1] is found[0]
+    mon.close()
