@@ -110,13 +110,13 @@ def _rules(value: Any, name: str) -> Any:
     return value
 
 
-def _alert_sinks(value: Any, name: str) -> tuple[AlertSink, ...]:
+def _alert_sinks(value: Any, name: str) -> tuple[Sink, ...]:
     if value is None:
         return ()
     if isinstance(value, (str, bytes)) or not isinstance(value, Iterable) or hasattr(value, "send") \
             or hasattr(value, "write"):
         raise TypeError(f"{name} must be a list of sinks or callables, e.g. {name}=[WebhookSink(url)]")
-    out = []
+    out: list[Sink] = []
     for s in value:
         try:
             out.append(as_alert_sink(s))

@@ -295,8 +295,8 @@ class Monitor:
         self._kinds_of: tuple[tuple[str, ...], tuple[str, ...]] | None = None
         user: list[Any] = []
         if rules:
-            path = cfg.alerts_path
-            path = default_path(log_dir, self._writer or writer) if path is None else (path or None)
+            given = cfg.alerts_path  # a str (Config applies os.fspath), False (none) or None (the default place)
+            path = default_path(log_dir, self._writer or writer) if given is None else (os.fspath(given) if given else None)
             tracker = IncidentTracker(remind_after=cfg.remind_after, backoff=cfg.remind_backoff,
                                       resolve_after=cfg.resolve_after, remind_steps=cfg.remind_steps)
             self._engine = AlertEngine(rules, kinds=self._kinds, on_critical=cfg.on_critical, tracker=tracker,
@@ -679,7 +679,7 @@ def _as_step(step: Any) -> int:
     elif isinstance(step, numbers.Real):
         if not float(step).is_integer():
             raise TypeError(f"step must be a whole number, got {step!r}")
-        out = int(step)
+        out = int(float(step))
     else:
         try:
             out = operator.index(step)  # integer 0-d tensors
