@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-fast bench zoo clean
+.PHONY: demo test test-fast wheel-check bench zoo clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,15 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
+
+# The release check: build the sdist and wheel, install the wheel (not editable) into a fresh venv, WHEEL_VENV,
+# and use it from outside the checkout: import, the README's quickstart for 20 steps, `gradwatch --help`, the
+# extras' adapters (.ci/wheel_check.py). torch==2.13.0 goes in first, as above.
+WHEEL_VENV ?= .venv-wheel
+wheel-check: $(STAMP)
+	rm -rf dist
+	$(PY) -m build -q --outdir dist .
+	$(PY) .ci/wheel_check.py --dist dist --venv $(WHEEL_VENV)
 
 bench: $(STAMP)
 	$(PY) benchmarks/overhead.py
@@ -45,4 +54,4 @@ zoo:
 		--out-md docs/validation.md $(ZOO_ARGS)
 
 clean:
-	rm -rf $(VENV) .venv-zoo runs *.egg-info
+	rm -rf $(VENV) .venv-zoo $(WHEEL_VENV) dist runs *.egg-info
