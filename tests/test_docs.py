@@ -1,7 +1,10 @@
-"""The README's quickstarts run as written (the names they take as given are defined first)."""
+"""The README's quickstarts run as written (the names they take as given are defined first); every `Trainer` in
+the README and docs/*.md is bounded."""
 
 from __future__ import annotations
 
+import ast
+import glob
 import os
 import re
 
@@ -76,3 +79,36 @@ def test_each_readme_snippet_runs_as_written(index, tmp_path, monkeypatch):
         assert os.path.isdir(tmp_path / "runs" / "exp")
     if "history()" in code:
         assert list(ns["df"].columns) == ["step", "name", "metric", "value"] and len(ns["df"])
+
+
+def _python_blocks(path: str) -> list[str]:
+    with open(path, encoding="utf-8") as f:
+        return re.findall(r"```python\n(.*?)```", f.read(), re.S)
+
+
+def _keywords(call: ast.Call) -> set[str]:
+    return {k.arg for k in call.keywords if k.arg}
+
+
+def _calls(tree: ast.AST, name: str) -> list[ast.Call]:
+    return [n for n in ast.walk(tree) if isinstance(n, ast.Call)
+            and (getattr(n.func, "id", None) == name or getattr(n.func, "attr", None) == name)]
+
+
+def test_every_trainer_in_the_docs_is_bounded():
+    """A Lightning `Trainer()` without max_steps or max_epochs trains for 1,000 epochs: a reader pasting a
+    snippet should get a run that ends. A Hugging Face `Trainer(args=...)` is bounded by its TrainingArguments."""
+    unbounded, seen = [], 0
+    for path in [os.path.join(ROOT, "README.md"), *sorted(glob.glob(os.path.join(ROOT, "docs", "*.md")))]:
+        for i, code in enumerate(_python_blocks(path)):
+            tree = ast.parse(code)  # a snippet that does not parse is a broken snippet too
+            for call in _calls(tree, "Trainer"):
+                seen += 1
+                if "args" in _keywords(call):  # transformers.Trainer
+                    bounded = any({"max_steps", "num_train_epochs"} & _keywords(c)
+                                  for c in _calls(tree, "TrainingArguments"))
+                else:
+                    bounded = bool({"max_steps", "max_epochs"} & _keywords(call))
+                if not bounded:
+                    unbounded.append(f"{os.path.relpath(path, ROOT)} block {i}: {ast.unparse(call)}")
+    assert seen >= 4 and not unbounded, unbounded
