@@ -6,30 +6,49 @@ any other framework (the core does not depend on them).
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import torch
 from torch import nn
 
 __all__ = [
-    "DTensor", "Shard", "OptimizedModule", "NORM_TYPES", "is_compiling", "is_compiled", "in_backward", "tree_tensors",
+    "is_dtensor", "is_shard", "is_optimized_module", "NORM_TYPES", "is_compiling", "is_compiled", "in_backward", "tree_tensors",
     "foreach_norm_f32", "vector_norm_f32", "foreach_sub_", "foreach_copy", "foreach_copy_", "unscales_in_step", "scale_tensor", "event_file_writer",
     "event_file_path", "detach_event_files", "reopen_event_file",
 ]
 
-try:  # DTensor moved out of _tensor in torch 2.4; FSDP2 needs it.
-    from torch.distributed.tensor import DTensor, Shard
-except ImportError:  # pragma: no cover - older torch or a build without distributed
-    try:
-        from torch.distributed._tensor import DTensor, Shard
-    except ImportError:
-        DTensor = None  # type: ignore[assignment,misc]
-        Shard = None  # type: ignore[assignment,misc]
+# DTensor (FSDP2, tensor parallel) and OptimizedModule (torch.compile's wrapper) are recognised without
+# importing their modules: torch.distributed.tensor and torch._dynamo cost ~1 s of `import gradwatch`, and no
+# DTensor or compiled module can exist before the module that makes it has been imported.
+_DTENSOR_MODULES = ("torch.distributed.tensor", "torch.distributed._tensor")  # moved out of _tensor in torch 2.4
 
-try:  # the wrapper torch.compile(module) returns
-    from torch._dynamo.eval_frame import OptimizedModule
-except Exception:  # pragma: no cover - builds without dynamo
-    OptimizedModule = ()  # type: ignore[assignment,misc]
+
+def _loaded(modules: tuple[str, ...], name: str) -> Any:
+    for module in modules:
+        found = getattr(sys.modules.get(module), name, None)
+        if found is not None:
+            return found
+    return None
+
+
+def is_dtensor(t: Any) -> bool:
+    """Whether ``t`` is a ``DTensor`` (an FSDP2 or tensor-parallel parameter)."""
+    cls = _loaded(_DTENSOR_MODULES, "DTensor")
+    return cls is not None and isinstance(t, cls)
+
+
+def is_shard(placement: Any) -> bool:
+    """Whether a DTensor ``placement`` is a ``Shard`` (the tensor is split along that mesh dimension)."""
+    cls = _loaded(_DTENSOR_MODULES, "Shard")
+    return cls is not None and isinstance(placement, cls)
+
+
+def is_optimized_module(module: Any) -> bool:
+    """Whether ``module`` is the wrapper ``torch.compile(module)`` returns."""
+    cls = _loaded(("torch._dynamo.eval_frame",), "OptimizedModule")
+    return cls is not None and isinstance(module, cls)
+
 
 #: Normalisation layers (scale ~1, small gradients): their gradient-to-weight ratios do not compare with
 #: those of convolutions and linear maps. ``_NormBase`` covers every BatchNorm and InstanceNorm.
@@ -52,7 +71,7 @@ def is_compiling() -> bool:
 def is_compiled(module: nn.Module) -> bool:
     """Whether ``module`` is compiled: the wrapper ``torch.compile(module)`` returns, or compiled in place
     (``module.compile()``)."""
-    return isinstance(module, OptimizedModule) or getattr(module, "_compiled_call_impl", None) is not None
+    return is_optimized_module(module) or getattr(module, "_compiled_call_impl", None) is not None
 
 
 def in_backward() -> bool:

@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ._compat import is_dtensor
 from ._once import Once
 from .alerts import Alert, AlertEngine, Incident, IncidentTracker, build_rules
 from .alerts.engine import default_path
@@ -26,7 +27,6 @@ from .flow import Blocks, FlowProbe, FlowStatus, check_blocks
 from .health import health
 from .measure.layers import Selection, layer_kinds, select_parameters
 from .measure.meter import Meter, Pending
-from .measure.norms import DTensor
 from .measure.order import ForwardOrder
 from .names import short_list
 from .record import Sink, StepRecord
@@ -754,4 +754,4 @@ def _resolve_sync(model: nn.Module, sync_ranks: bool | None) -> bool:
         return sync_ranks
     if isinstance(model, nn.parallel.DistributedDataParallel):
         return True
-    return DTensor is not None and any(isinstance(p, DTensor) for p in model.parameters())
+    return any(is_dtensor(p) for p in model.parameters())

@@ -260,3 +260,14 @@ def test_the_module_table_in_docs_names_every_module_and_only_modules_that_exist
     assert not missing, f"docs/architecture.md's module table does not name {sorted(missing)}"
     gone = {p for p in listed if not os.path.isfile(os.path.join(ROOT, p))} - _NOT_YET_COMMITTED
     assert not gone, f"docs/architecture.md's module table names files that do not exist: {sorted(gone)}"
+
+
+def test_importing_gradwatch_leaves_out_what_only_a_command_or_a_sharded_or_compiled_model_needs():
+    """The validation harness, torch.compile's machinery and DTensor cost ~1.5 s of import together; a
+    monitor recognises compiled modules and DTensors without importing them (gradwatch/_compat.py)."""
+    heavy = ("gradwatch.reference", "gradwatch.cli", "torch._dynamo", "torch.distributed.tensor", "matplotlib")
+    code = ("import sys, torch; before = set(sys.modules); import gradwatch; "
+            f"bad = [m for m in {heavy!r} if m in sys.modules and m not in before]; "
+            "sys.exit(f'import gradwatch imported {bad}' if bad else 0)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-2000:] + done.stdout[-2000:]

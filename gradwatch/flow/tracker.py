@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._compat import OptimizedModule, in_backward, is_compiled, is_compiling
+from .._compat import in_backward, is_compiled, is_compiling, is_optimized_module
 from ..names import ROOT_NAME, clean_name
 from ._hooks import hook_merge
 from .discovery import Graph, Resolved, find_dead_merges, find_merges, resolve
@@ -83,7 +83,7 @@ class ModuleTracker:
             if is_compiled(m):
                 compiled_names.append(clean_name(name) or ROOT_NAME)
                 # hooks inside compiled code would be traced (or ignored): hook only an OptimizedModule wrapper
-                inside_compiled.update(id(c) for c in m.modules() if c is not m or not isinstance(m, OptimizedModule))
+                inside_compiled.update(id(c) for c in m.modules() if c is not m or not is_optimized_module(m))
         for cname in compiled_names:
             self.blocks.note_compiled(cname)
         scripted = [clean_name(name) or ROOT_NAME for name, m in named if _is_scripted(m)]

@@ -24,7 +24,7 @@ from numpy.typing import ArrayLike
 import torch
 import torch.distributed as dist
 
-from .._compat import DTensor, Shard, foreach_copy, foreach_copy_, foreach_norm_f32, foreach_sub_, vector_norm_f32
+from .._compat import foreach_copy, foreach_copy_, foreach_norm_f32, foreach_sub_, is_dtensor, is_shard, vector_norm_f32
 
 __all__ = [
     "NormPlan",
@@ -39,16 +39,12 @@ __all__ = [
 
 def local_tensor(t: torch.Tensor) -> torch.Tensor:
     """The part of ``t`` that lives on this rank: the local shard of a DTensor, else ``t`` itself."""
-    if DTensor is not None and isinstance(t, DTensor):
-        return t.to_local()
-    return t
+    return t.to_local() if is_dtensor(t) else t
 
 
 def is_sharded(t: torch.Tensor) -> bool:
     """True when ``t`` is a DTensor split across ranks (its squared norm must be summed over ranks)."""
-    if DTensor is None or not isinstance(t, DTensor):
-        return False
-    return any(isinstance(p, Shard) for p in t.placements)
+    return is_dtensor(t) and any(is_shard(p) for p in t.placements)
 
 
 def _dense_values(t: torch.Tensor) -> torch.Tensor:
