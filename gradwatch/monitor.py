@@ -6,10 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import numbers
-import operator
 import os
-import weakref
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Literal
 
@@ -20,20 +17,16 @@ from torch import nn
 
 from ._compat import is_dtensor
 from ._once import Once
-from .alerts import Alert, AlertEngine, Incident, IncidentTracker, build_rules
-from .alerts.engine import default_path
+from ._outputs import Outputs
+from ._steps import GradMark, as_step
+from .alerts import Alert, Incident, build_rules
 from .config import BlocksSpec, Config, ModuleTypes, Patterns, RulesSpec
 from .flow import Blocks, FlowProbe, FlowStatus, check_blocks
-from .health import health
-from .measure.layers import Selection, layer_kinds, select_parameters
+from .measure.layers import Selection, select_parameters
 from .measure.meter import Meter, Pending
-from .measure.order import ForwardOrder
 from .names import short_list
 from .record import Sink, StepRecord
 from .sinks.alerting import AlertSink
-from .sinks.history import History
-from .sinks.logging import LoggingSink
-from .sinks.tensorboard import TensorBoardSink, open_writer
 
 log = logging.getLogger("gradwatch")
 
@@ -243,13 +236,10 @@ class Monitor:
         # logs (default: is_logging_step), so block-flow hooks are armed on those steps only.
         self._flow_trigger: Callable[[], bool] | None = None
         self._driven = False  # a StepDriver drives this monitor: step() is not the user's to call
-        self._grads = _GradMark(model, selection.params)
+        self._grads = GradMark(model, selection.params)
         self._optimizer = optimizer
         self._selection: Selection = selection
-        self._rank_zero = _is_rank_zero()
         self._meter = Meter(selection, _resolve_sync(model, cfg.sync_ranks))
-        self._history = History(cfg.history)
-        self._latest: StepRecord | None = None
         self._pending: Pending | None = None
         self._step = 0
         self._stride = 1  # the caller's step stride under step(step=...): predicts the step flow is armed for
@@ -257,21 +247,19 @@ class Monitor:
         self._closed = False
         self._once = Once()
         self._handles: list[Any] = []
+        #: The directory this monitor opened a TensorBoard writer on (``log_dir``), else None.
+        self.log_dir = None if log_dir is None else os.fspath(log_dir)
         # model hooks first (the likeliest to fail, e.g. on a module that takes none), then files and optimizer
         self._flow = self._new_probe(blocks) if blocks is not None else None
-        self._writer: Any = None
-        self._order: ForwardOrder | None = None
-        self._owns_writer = False
         try:
-            self._open_outputs(cfg, model, rules, log_dir, writer)
-        except BaseException:  # leave nothing behind: no hook, no writer thread
+            self._out = Outputs(cfg, model, rules, log_dir, writer, _is_rank_zero(), self._contain_in)
+        except BaseException:  # leave nothing behind: no hook
             if self._flow is not None:
                 self._flow.close()
-            if self._order is not None:
-                self._order.close()
-            if self._owns_writer and self._writer is not None:
-                self._writer.close()
             raise
+        if selection.frozen:
+            log.info("gradwatch: skipping %d frozen parameter(s): %s", len(selection.frozen),
+                     short_list(selection.frozen))
         if optimizer is not None:
             self._handles.append(optimizer.register_step_pre_hook(self._before_optimizer_step))
             self._handles.append(optimizer.register_step_post_hook(self._after_optimizer_step))
@@ -279,44 +267,6 @@ class Monitor:
     def _new_probe(self, blocks: Any) -> FlowProbe:
         return FlowProbe(self.model, blocks, is_logging=self._flow_armed, step=self._flow_step,
                          on_error=self._contain)
-
-    def _open_outputs(self, cfg: Config, model: nn.Module, rules: list[Any], log_dir: Any, writer: Any) -> None:
-        """The writer, the sinks (rank 0) and the alert engine."""
-        self.log_dir = None if log_dir is None else os.fspath(log_dir)
-        self._owns_writer = log_dir is not None and self._rank_zero
-        self._writer = open_writer(log_dir) if self._owns_writer else (writer if self._rank_zero else None)
-        owned: list[Any] = []  # closed at close(); the user's sinks are only flushed
-        if self._writer is not None:
-            owned.append(TensorBoardSink(self._writer, cfg.prefix, cfg.histograms,
-                                         pictures=cfg.pictures))
-        self._engine: AlertEngine | None = None
-        self._forward: dict[str, int] = {}
-        self._kinds = layer_kinds(model)
-        self._kinds_of: tuple[tuple[str, ...], tuple[str, ...]] | None = None
-        user: list[Any] = []
-        if rules:
-            given = cfg.alerts_path  # a str (Config applies os.fspath), False (none) or None (the default place)
-            path = default_path(log_dir, self._writer or writer) if given is None else (os.fspath(given) if given else None)
-            tracker = IncidentTracker(remind_after=cfg.remind_after, backoff=cfg.remind_backoff,
-                                      resolve_after=cfg.resolve_after, remind_steps=cfg.remind_steps)
-            self._engine = AlertEngine(rules, kinds=self._kinds, on_critical=cfg.on_critical, tracker=tracker,
-                                       path=path, rank_zero=self._rank_zero, on_error=self._contain_in)
-            self._order = ForwardOrder(model)  # until the first measured step: nonfinite names layers in this order
-            owned.append(LoggingSink())
-            user.extend(cfg.alert_sinks)
-            for sink in user:  # delivery failures go to alerts.jsonl
-                attach = getattr(sink, "attach", None)
-                if callable(attach):
-                    attach(self._engine.report_failure)
-        elif cfg.alert_sinks and self._rank_zero:
-            log.warning("gradwatch: alert_sinks given but alerting is off (rules=%r): they receive no alert",
-                        cfg.rules)
-        user.extend(cfg.sinks)
-        self._owned = owned
-        self._sinks = [*owned, *user] if self._rank_zero else []
-        if self._selection.frozen:
-            log.info("gradwatch: skipping %d frozen parameter(s): %s", len(self._selection.frozen),
-                     short_list(self._selection.frozen))
 
     # ------------------------------------------------------------------ public API
     @property
@@ -332,7 +282,7 @@ class Monitor:
     @property
     def latest(self) -> StepRecord | None:
         """The record of the latest logging step (with its alerts), or None before the first."""
-        return self._latest
+        return self._out.latest
 
     @property
     def probe(self) -> FlowProbe | None:
@@ -393,7 +343,7 @@ class Monitor:
             self._once.warn("driven", f"gradwatch: this Monitor is driven by {how}; Monitor.step() is ignored")
             return
         try:
-            s = self._step if step is None else _as_step(step)
+            s = self._step if step is None else as_step(step)
         except (TypeError, ValueError) as err:  # a bad step number must not break the user's loop either
             self._contain(err)
             return
@@ -424,7 +374,7 @@ class Monitor:
         if self._closed:
             return False
         try:
-            step = _as_step(step)
+            step = as_step(step)
         except (TypeError, ValueError) as err:
             self._contain(err)
             return False
@@ -452,22 +402,22 @@ class Monitor:
 
     def history(self) -> pd.DataFrame:
         """Every logged value as a long DataFrame: columns ``step, name, metric, value``."""
-        return self._history.to_frame()
+        return self._out.history.to_frame()
 
     @property
     def records(self) -> list[StepRecord]:
         """Every record of this monitor, oldest first (what :meth:`history` is built from)."""
-        return self._history.records
+        return self._out.history.records
 
     def save_history(self, path: str | os.PathLike) -> str:
         """Write :meth:`history` to a ``.csv``/``.csv.gz`` or ``.parquet`` file and return the path."""
-        return self._history.save(path)
+        return self._out.history.save(path)
 
     def state_dict(self) -> dict[str, Any]:
         """The monitor's resumable state (step counter, alert rule state)."""
         state: dict[str, Any] = {"version": _STATE_VERSION, "step": self._step}
-        if self._engine is not None:
-            state["alerts"] = self._engine.state_dict()  # rule streaks, baselines, incidents
+        if self._out.engine is not None:
+            state["alerts"] = self._out.engine.state_dict()  # rule streaks, baselines, incidents
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -476,40 +426,39 @@ class Monitor:
             raise ValueError("not a gradwatch Monitor state_dict (missing 'step')")
         self._step = int(state["step"])
         self._stride, self._last_user_step = 1, None
-        if self._engine is not None and isinstance(state.get("alerts"), dict):
-            self._engine.load_state_dict(state["alerts"])
+        if self._out.engine is not None and isinstance(state.get("alerts"), dict):
+            self._out.engine.load_state_dict(state["alerts"])
 
     @property
     def alerts(self) -> list[Alert]:
         """The findings told so far (incidents opened, escalated, reminded), oldest first (``gradwatch.Alert``;
         the same on every rank; restored on resume)."""
-        return [] if self._engine is None else list(self._engine.alerts)
+        return self._out.alerts
 
     @property
     def incidents(self) -> list[Incident]:
         """Every incident of the run, open and resolved, oldest first (``gradwatch.Incident``: start, end,
         worst value; restored on resume, so a resumed run does not announce open incidents again)."""
-        return [] if self._engine is None else self._engine.tracker.incidents
+        return self._out.incidents
 
     @property
     def suppressed_alerts(self) -> int:
         """How many findings were not told: repeats of open incidents between reminders, inhibited ones."""
-        return 0 if self._engine is None else self._engine.suppressed
+        return 0 if self._out.engine is None else self._out.engine.suppressed
 
     @property
     def can_stop(self) -> bool:
         """Whether the alert policy can ever set :attr:`should_stop` (``on_critical`` "stop" or "raise")."""
-        return self._engine is not None and self.config.on_critical in ("stop", "raise")
+        return self._out.engine is not None and self.config.on_critical in ("stop", "raise")
 
     @property
     def should_stop(self) -> bool:
         """True once a critical alert fired under ``on_critical="stop"`` or ``"raise"``: end the loop."""
-        return self._engine is not None and self._engine.should_stop
+        return self._out.engine is not None and self._out.engine.should_stop
 
     def flush(self) -> None:
         """Flush every sink (the TensorBoard writer among them)."""
-        for sink in self._sinks:
-            self._call(sink, "flush")
+        self._out.flush()
 
     def close(self) -> None:
         """Remove every hook gradwatch added; close the sinks gradwatch created (and the writer, if it opened
@@ -520,28 +469,10 @@ class Monitor:
         for h in self._handles:
             h.remove()
         self._handles.clear()
-        if self._order is not None:
-            self._order.close()
         if self._flow is not None:
             self._flow.close()
         self._pending = None
-        first: BaseException | None = None  # under strict, raised once everything is closed
-        if self._engine is not None and self._latest is not None:  # the run's incidents, once, to every sink
-            summary = self._engine.summary()
-            for sink in self._sinks:
-                try:
-                    self._call(sink, "summary", summary)
-                except Exception as err:
-                    first = first or err
-        for sink in self._sinks:
-            try:
-                self._call(sink, "close" if any(sink is s for s in self._owned) else "flush")
-            except Exception as err:
-                first = first or err
-        if self._engine is not None:
-            self._engine.close()
-        if self._owns_writer:
-            self._writer.close()
+        first = self._out.close()  # under strict, a sink's error is raised once everything is closed
         if first is not None:
             raise first
 
@@ -614,44 +545,10 @@ class Monitor:
             return
         record = self._meter.finish(pending)
         if record is not None:
-            self._publish(record)
-
-    def _publish(self, record: StepRecord) -> None:
-        """Run the rules on ``record``, put their alerts in it, and hand it to every sink."""
-        if self._engine is not None:
-            if self._order is not None and not self._order.finished:  # known after the first measured step
-                self._forward = self._order.finish()
-            events = self._engine.evaluate(record, self._forward)
-            record = dataclasses.replace(record, events=events, open_incidents=self._engine.open_counts(),
-                                         alerts=tuple(e.alert for e in events if e.kind != "resolved"))
-        seen = self._engine.measurements if self._engine is not None else None  # the rules' view of record
-        seen = seen if seen is not None and seen.step == record.step else None
-        record = dataclasses.replace(record, kinds=self._record_kinds(record.layers),
-                                     health=health(record, self._kinds, self._forward, seen))
-        self._latest = record
-        self._history.write(record)  # every rank keeps its history
-        for sink in self._sinks:
-            self._call(sink, "write", record)
-
-    def _record_kinds(self, layers: tuple[str, ...]) -> tuple[str, ...]:
-        cached = self._kinds_of
-        if cached is None or cached[0] != layers:  # the layers measured rarely change: one tuple per set
-            cached = self._kinds_of = (layers, tuple(self._kinds.get(n, "other") for n in layers))
-        return cached[1]
+            self._out.publish(record)
 
     def _raise_alarm(self) -> None:
-        if self._engine is not None:
-            self._engine.raise_pending()  # GradientAlarm (on_critical="raise"): deliberately not contained
-
-    def _call(self, sink: Any, method: str, *args: Any) -> None:
-        """``sink.method(*args)`` if it has one; a failing sink is contained like a failing hook."""
-        fn = getattr(sink, method, None)
-        if fn is None:
-            return
-        try:
-            fn(*args)
-        except Exception as err:
-            self._contain_in(f"sink {sink!r}", err)
+        self._out.raise_alarm()  # GradientAlarm (on_critical="raise"): deliberately not contained
 
     # ------------------------------------------------------------------ housekeeping
     def _contain(self, err: BaseException) -> None:
@@ -666,59 +563,6 @@ class Monitor:
         if len(self.errors) <= 3:
             log.error("gradwatch: error inside gradwatch (%s); training goes on", text, exc_info=err)
 
-
-
-def _as_step(step: Any) -> int:
-    """A non-negative integer step: an int, a numpy integer, an integer 0-d tensor, or a float holding a whole
-    number (``8.0``, as some loops count); TypeError for anything else (``8.5``, a bool, a string), ValueError
-    for a negative one."""
-    if isinstance(step, bool):
-        raise TypeError("step must be an int, got bool")
-    if isinstance(step, numbers.Integral):
-        out = int(step)
-    elif isinstance(step, numbers.Real):
-        if not float(step).is_integer():
-            raise TypeError(f"step must be a whole number, got {step!r}")
-        out = int(float(step))
-    else:
-        try:
-            out = operator.index(step)  # integer 0-d tensors
-        except TypeError:
-            raise TypeError(f"step must be an int, got {type(step).__name__}") from None
-    if out < 0:
-        raise ValueError(f"step must be >= 0, got {out}")
-    return out
-
-
-class _GradMark:
-    """Whether a backward pass ran since the last :meth:`mark`, read off two measured parameters' gradients:
-    the model's first and last (a stem and a head: a backward through the model reaches them). A backward
-    replaces a gradient or accumulates into it in place, which bumps the tensor's version counter: a few
-    attribute reads per ``step()``, no hook in the backward, no host sync. A gradient that is None (set to
-    None by ``zero_grad``, a parameter the batch did not use) is no evidence either way."""
-
-    def __init__(self, model: nn.Module, params: Sequence[torch.Tensor]) -> None:
-        measured = {id(p) for p in params}
-        ordered = [p for p in model.parameters() if id(p) in measured]
-        self._params = (ordered[0], ordered[-1]) if ordered else ()
-        # weak references: an id() can be reused by the next gradient once the old one is freed, and a strong
-        # reference would keep an embedding-sized gradient alive
-        self._seen: list[tuple[weakref.ref[torch.Tensor], int]] | None = None
-
-    def mark(self) -> None:
-        grads = [p.grad for p in self._params]
-        self._seen = None if any(g is None for g in grads) else [(weakref.ref(g), g._version) for g in grads if g is not None]
-
-    def moved(self) -> bool:
-        """False only when both gradients are the very tensors of the last mark, unchanged since; a gradient
-        that is None now or was None then is no evidence."""
-        if self._seen is None:
-            return True
-        for p, (ref, version) in zip(self._params, self._seen):
-            g = p.grad
-            if g is None or ref() is not g or g._version != version:
-                return True
-        return False
 
 
 def _select(model: nn.Module, cfg: Config, optimizer: Any, params: Any) -> Selection:

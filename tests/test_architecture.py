@@ -232,9 +232,6 @@ def test_importing_gradwatch_imports_no_framework():
     assert done.returncode == 0, done.stderr[-2000:] + done.stdout[-2000:]
 
 
-# Listed in docs/architecture.md and written at the same time by another change: a checkout of the commit that
-# added the table may lack them. Delete each name once its file is committed.
-_NOT_YET_COMMITTED = {"gradwatch/driver.py"}
 
 
 def _module_table() -> list[str]:
@@ -258,7 +255,7 @@ def test_the_module_table_in_docs_names_every_module_and_only_modules_that_exist
             for top in (PACKAGE, ADAPTERS) for folder, _, files in os.walk(top) for f in files if f.endswith(".py")}
     missing = tree - set(listed)
     assert not missing, f"docs/architecture.md's module table does not name {sorted(missing)}"
-    gone = {p for p in listed if not os.path.isfile(os.path.join(ROOT, p))} - _NOT_YET_COMMITTED
+    gone = {p for p in listed if not os.path.isfile(os.path.join(ROOT, p))}
     assert not gone, f"docs/architecture.md's module table names files that do not exist: {sorted(gone)}"
 
 

@@ -66,7 +66,7 @@ def test_the_timeline_is_bounded_and_keeps_the_newest_step():
 
 def test_pictures_reach_tensorboard_every_k_steps_and_at_close(tmp_path):
     mon = _train(tmp_path, steps=7, pictures=3)
-    mon._owned[0]._pictures.budget = None  # this test pins the cadence, not the time budget
+    mon._out.owned[0]._pictures.budget = None  # this test pins the cadence, not the time budget
     mon.close()
     acc = EventAccumulator(str(tmp_path), size_guidance={"images": 0})
     acc.Reload()

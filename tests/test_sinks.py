@@ -52,7 +52,7 @@ def test_the_step_is_written_on_the_sinks_thread_and_reads_back_after_flush(tmp_
     model = resnet(8, width=4)
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     mon = gradwatch.Monitor(model, optimizer=opt, every=1, log_dir=tmp_path)
-    sink = mon._owned[0]  # the TensorBoard sink the monitor made for log_dir
+    sink = mon._out.owned[0]  # the TensorBoard sink the monitor made for log_dir
     threads = []
     add = sink._events.add_summary
     sink._events.add_summary = lambda *a, **k: (threads.append(threading.current_thread().name), add(*a, **k))
