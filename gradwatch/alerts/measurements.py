@@ -144,14 +144,25 @@ class Measurements:
         """Mask over :attr:`layers`: inside a residual block whose branch is (nearly) switched off — skip_share
         above :data:`DORMANT_SHARE`, as when the branch's last norm layer starts at zero (torchvision's
         ``zero_init_residual``, timm's ``zero_init_last``). Such a branch learns from ~0 by design; its layers'
-        tiny ratios say nothing about the depth profile. All False without block flow."""
+        tiny ratios say nothing about the depth profile. All False without block flow.
+
+        A branch's layers are taken to be the layers inside the module that makes the merge. A module that
+        makes several merges (a transformer block: ``h.0[0]`` the attention residual, ``h.0[1]`` the MLP's)
+        holds the layers of all its branches, and which layer is on which branch is not known here: its layers
+        are dormant only when every one of its merges is. (GPT-2's attention branches start at ~0.992 while
+        its MLP branches learn: marking whole blocks dormant left no weight layer to compare, and
+        ``grad_to_weight_early`` was NaN for the whole run.)"""
         if "dormant" not in self._memo:
             self._memo["dormant"] = self._dormant()
         return self._memo["dormant"].copy()
 
     def _dormant(self) -> np.ndarray:
         share = self.block_values("skip_share")
-        modules = {b.split("[")[0] for b, s in zip(self.blocks, share) if np.isfinite(s) and s > DORMANT_SHARE}
+        asleep: dict[str, bool] = {}  # module -> whether every merge it makes is dormant
+        for block, s in zip(self.blocks, share):
+            module = block.split("[")[0]
+            asleep[module] = asleep.get(module, True) and bool(np.isfinite(s) and s > DORMANT_SHARE)
+        modules = {m for m, all_asleep in asleep.items() if all_asleep}
         if not modules:
             return np.zeros(len(self.layers), dtype=bool)
         inside = tuple(f"{m}." for m in modules)

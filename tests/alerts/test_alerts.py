@@ -535,6 +535,44 @@ def test_layers_of_a_dormant_branch_are_left_out_of_the_early_and_typical_ratios
     assert early_ratio(most).ratio < 1e-4 and not most.dormant().any()
 
 
+def test_a_module_with_several_merges_is_dormant_only_when_all_of_them_are():
+    """A transformer block makes two merges (attention, MLP) and holds the layers of both branches."""
+    layers = [f"h.{i}.{part}" for i in range(3) for part in ("attn.qkv", "attn.proj", "mlp.fc", "mlp.proj")]
+    g2w = np.array([0.05, 1.4, 0.09, 0.8] * 3)
+    names = [f"h.{i}[{j}]" for i in range(3) for j in (0, 1)]
+    attention_quiet = step_of(1, blocks={"skip_share": (names, [0.992, 0.94] * 3)}, layers={"grad_to_weight": (layers, g2w)})
+    assert not attention_quiet.dormant().any()
+    assert early_ratio(attention_quiet).early == ["h.0.attn.qkv", "h.0.attn.proj", "h.0.mlp.fc"]
+    both_quiet = step_of(1, blocks={"skip_share": (names, [0.992, 0.995, 0.992, 0.94, 0.992, 0.94])},
+                         layers={"grad_to_weight": (layers, g2w)})
+    assert list(np.flatnonzero(both_quiet.dormant())) == [0, 1, 2, 3]  # h.0: both of its merges dormant
+
+
+def test_gpt2_has_an_early_ratio_at_every_step_and_raises_no_alert():
+    """GPT-2's attention branches start with skip_share ~0.992 (dormant) while its MLP branches learn; both
+    merges are made by one module per block. grad_to_weight_early was NaN for the whole run."""
+    transformers = pytest.importorskip("transformers")
+    transformers.logging.set_verbosity_error()
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        n_layer=3, n_embd=32, n_head=2, vocab_size=100, n_positions=32, bos_token_id=0, eos_token_id=0))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    mon = gradwatch.Monitor(model, every=1)
+    for step in range(12):
+        ids = torch.randint(0, 100, (8, 16), generator=torch.Generator().manual_seed(step))
+        model(ids, labels=ids).loss.backward()
+        mon.step(step)
+        opt.step()
+        opt.zero_grad()
+    mon.close()
+    shares = mon.records[0].block("skip_share")
+    assert shares[0::2].min() > 0.99 > shares[1::2].max()  # attention merges dormant, MLP merges not: the case
+    history = mon.history()
+    early = history[history.metric == "grad_to_weight_early"].set_index("step").value
+    assert list(early.index) == list(range(12)) and early.between(0.05, 1.0).all()
+    assert [a for a in mon.alerts if a.severity != "info"] == []
+
+
 def test_zero_initialised_residual_branches_raise_no_alert():
     """Our reference ResNet with the last BN of every block zeroed (what zero_init_residual does)."""
     torch.manual_seed(0)
