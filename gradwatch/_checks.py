@@ -11,8 +11,8 @@ from typing import Any
 from torch import nn
 
 __all__ = [
-    "check_int", "check_number", "check_fraction", "check_bool", "check_choice", "check_str", "check_patterns",
-    "check_types", "check_modules", "Pattern", "GRANULARITIES",
+    "check_int", "check_number", "check_fraction", "check_bool", "check_choice", "check_str", "check_prefix",
+    "check_patterns", "check_types", "check_modules", "Pattern", "GRANULARITIES",
 ]
 
 #: A layer-name pattern: a glob string (``fnmatch``) or a compiled regex.
@@ -70,6 +70,16 @@ def check_bool(value: Any, name: str, *, allow_none: bool = False, owner: str = 
 def check_str(value: Any, name: str, *, owner: str = "") -> str:
     if not isinstance(value, str):
         raise TypeError(f"{_who(name, owner)} must be a str, got {type(value).__name__}")
+    return value
+
+
+def check_prefix(value: Any, name: str = "prefix", *, owner: str = "") -> str:
+    """A tag namespace: a str without ``/`` (TensorBoard groups cards by the text before the first ``/``; the
+    namespace names those groups: ``gradwatch``, ``gradwatch.layers``, ...)."""
+    check_str(value, name, owner=owner)
+    if "/" in value:
+        raise ValueError(f"{_who(name, owner)} must not contain '/' (it names the sections before the first '/' of "
+                         f"every tag: 'gradwatch', or '' for none), got {value!r}")
     return value
 
 

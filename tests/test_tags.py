@@ -30,9 +30,21 @@ def test_sections_sit_together_in_one_namespace_with_health_first():
     assert t.alert_count == "gradwatch.alerts/count" and t.picture("profile") == "gradwatch.pictures/profile"
     groups = [t.health_group, t.alerts_group, t.blocks_group, t.layers_group, t.pictures_group]
     assert sorted(groups) == groups and groups[0] == "gradwatch"  # TensorBoard sorts groups: health first of ours
-    assert Tags("gw/").namespace == "gw"  # the old prefix spelling
     bare = Tags("")
     assert bare.health("grad_norm") == "health/grad_norm" and bare.layer("a", "b") == "layers/a/b"
+
+
+def test_a_prefix_with_a_slash_is_refused_by_the_sinks_that_take_one(tmp_path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    from gradwatch.sinks import ScalarsSink
+
+    with pytest.raises(ValueError, match=r"prefix must not contain '/'.*got 'gw/'"):
+        gradwatch.TensorBoardSink(SummaryWriter(str(tmp_path)), prefix="gw/")  # it would make "gw/.layers/..."
+    with pytest.raises(ValueError, match="prefix must not contain '/'"):
+        ScalarsSink(print, prefix="a/b")
+    with pytest.raises(TypeError, match="prefix must be a str"):
+        Tags(None)
 
 
 @pytest.mark.parametrize("namespace", ["gradwatch", "", "gradwatch.optimizer_1"])

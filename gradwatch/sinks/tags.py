@@ -24,25 +24,29 @@ from __future__ import annotations
 
 import math
 
+from .._checks import check_prefix
+from ..alerts.alert import SEVERITIES
 from ..names import GLOBAL_NAME
 from ..record import StepRecord
 
-__all__ = ["Tags", "DEFAULT_NAMESPACE", "SEVERITIES"]
+__all__ = ["Tags", "DEFAULT_NAMESPACE"]
 
 #: The namespace of gradwatch's tags unless ``prefix`` says otherwise.
 DEFAULT_NAMESPACE = "gradwatch"
 _DEPTH_DETAIL = "effective_depth_"
-#: Severities of the open-incident counts, in the order :attr:`StepRecord.open_incidents` holds them.
-SEVERITIES = ("info", "warning", "critical")
 
 
 class Tags:
     """The tag names for one namespace (``Tags("gradwatch").layer("grad_norm", "conv1")`` is
-    ``"gradwatch.layers/grad_norm/conv1"``). A trailing ``/`` of the namespace is ignored (the old
-    ``prefix="gradwatch/"`` spelling)."""
+    ``"gradwatch.layers/grad_norm/conv1"``). The namespace is what ``prefix`` options give; it holds no ``/``
+    (TensorBoard groups cards by the text before the first one).
+
+    Raises:
+        TypeError, ValueError: a namespace that is not a str, or holds a ``/``.
+    """
 
     def __init__(self, namespace: str = DEFAULT_NAMESPACE) -> None:
-        self.namespace = namespace.rstrip("/")
+        self.namespace = check_prefix(namespace)
         ns = self.namespace
         self.health_group = ns or "health"
         self.layers_group, self.blocks_group, self.alerts_group, self.pictures_group = (

@@ -204,7 +204,7 @@ def test_tensorboard_tags_are_grouped_like_layer_metrics(tmp_path, events):
     torch.manual_seed(0)
     net = resnet(8, width=4)
     opt = torch.optim.SGD(net.parameters(), lr=0.05)
-    mon = gradwatch.Monitor(net, optimizer=opt, every=2, log_dir=tmp_path, prefix="gw/")
+    mon = gradwatch.Monitor(net, optimizer=opt, every=2, log_dir=tmp_path, prefix="gw")
     for step in range(3):
         x, y = batch(seed=step)
         F.cross_entropy(net(x), y).backward()

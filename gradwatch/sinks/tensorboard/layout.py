@@ -13,9 +13,10 @@ from collections.abc import Sequence
 
 from tensorboard.plugins.custom_scalar import layout_pb2
 
+from ...alerts.alert import SEVERITIES
 from ...depth import DEPTH
 from ...names import FLOW_METRICS, GLOBAL_NAME
-from ..tags import SEVERITIES, Tags
+from ..tags import Tags
 
 __all__ = ["MAX_LINES", "group_names", "build_layout"]
 
