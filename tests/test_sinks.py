@@ -8,6 +8,7 @@ import math
 import os
 import shutil
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -84,6 +85,22 @@ def test_the_worker_runs_in_order_contains_errors_and_drains(caplog):
     worker.close()
     worker.submit(seen.append, 3)  # closed: runs inline
     assert seen == [1, 2, 3]
+
+
+def test_the_worker_offers_without_waiting_and_hands_back_what_a_close_leaves():
+    gate = threading.Event()
+    worker = Worker("test-offer", size=2)
+    ran, left = [], []
+    assert worker.offer(gate.wait)  # the thread is in this one until the gate opens
+    time.sleep(0.05)
+    assert worker.offer(ran.append, 1) and worker.offer(ran.append, 2)
+    t = time.perf_counter()
+    assert not worker.offer(ran.append, 3)  # two waiting: refused at once, not queued
+    assert time.perf_counter() - t < 0.05 and not worker.drain(0.05)
+    threading.Timer(0.3, gate.set).start()
+    worker.close(0.1, left=left.append)  # the gate is still shut at the timeout: 1 and 2 are handed back
+    assert left == [1, 2] and ran == [] and worker.drain(1.0)
+    assert not worker.offer(ran.append, 4) and ran == []  # closed: offers are refused
 
 
 def _train(model, mon, opt, steps, start):

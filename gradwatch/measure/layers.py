@@ -10,13 +10,13 @@ from __future__ import annotations
 import fnmatch
 import logging
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from .._checks import GRANULARITIES, Pattern, check_choice, check_patterns, check_types
+from .._checks import Pattern
 from .._compat import NORM_TYPES
 from ..names import GLOBAL_NAME, ROOT_NAME, WRAPPER_PREFIXES, clean_name
 
@@ -57,24 +57,21 @@ def select_parameters(
     model: nn.Module,
     *,
     granularity: str = "layer",
-    include: Pattern | Iterable[Pattern] | None = None,
-    exclude: Pattern | Iterable[Pattern] | None = None,
-    include_types: type | Iterable[type] | None = None,
-    exclude_types: type | Iterable[type] | None = None,
+    include: Sequence[Pattern] = (),
+    exclude: Sequence[Pattern] = (),
+    include_types: tuple[type, ...] = (),
+    exclude_types: tuple[type, ...] = (),
     only: set[int] | None = None,
 ) -> Selection:
     """Resolve which parameters of ``model`` are measured, and their unit names.
 
-    ``include``/``exclude`` are glob patterns (``fnmatch``, e.g. ``"layer1.*"``) or compiled regexes matched
-    against the layer name; ``include_types``/``exclude_types`` filter by module class. ``only`` restricts
-    to parameters whose ``id`` is in the set (the parameters an optimizer holds). Frozen parameters
-    (``requires_grad=False``) are left out and listed in ``Selection.frozen``.
+    The options are :class:`~gradwatch.Config`'s, as it holds them once checked (this is not a user entry
+    point): ``granularity`` ``"layer"`` or ``"parameter"``; ``include``/``exclude`` glob patterns (``fnmatch``,
+    e.g. ``"layer1.*"``) or compiled regexes matched against the layer name; ``include_types``/``exclude_types``
+    module classes. ``only`` restricts to parameters whose ``id`` is in the set (the parameters an optimizer
+    holds). Frozen parameters (``requires_grad=False``) are left out and listed in ``Selection.frozen``.
     """
-    check_choice(granularity, "granularity", GRANULARITIES)
-    inc = check_patterns(include, "include")
-    exc = check_patterns(exclude, "exclude")
-    inc_t = check_types(include_types, "include_types")
-    exc_t = check_types(exclude_types, "exclude_types")
+    inc, exc, inc_t, exc_t = include, exclude, include_types, exclude_types
 
     seen: set[int] = set()
     units: list[tuple[str, list[tuple[str, nn.Parameter]]]] = []

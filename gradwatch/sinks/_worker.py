@@ -6,6 +6,10 @@ to the writer's own queue; done in the training thread it costs milliseconds per
 which is back-pressure from a writer that cannot keep up, not data loss), :meth:`drain` waits for the queue
 to empty. The records it is given are immutable, so the training thread never waits on them. Errors are
 logged once and counted, never raised into training.
+
+The webhook sink's thread is one too: it queues with :meth:`offer` (never waits: a full queue is the caller's
+to record as dropped) and closes with ``close(timeout, left=...)`` (what is still queued then is handed back,
+not run).
 """
 
 from __future__ import annotations
@@ -44,9 +48,15 @@ def _close_live() -> None:  # pragma: no cover - exercised at interpreter exit
 
 
 class Worker:
-    """One daemon thread running submitted calls in order."""
+    """One daemon thread running submitted calls in order.
 
-    def __init__(self, name: str, size: int = 256) -> None:
+    Args:
+        name: the thread's name (and the name in error messages).
+        size: calls waiting at most (:meth:`submit` then waits, :meth:`offer` refuses).
+        at_exit: close it at interpreter exit (5 s); False when its owner does that.
+    """
+
+    def __init__(self, name: str, size: int = 256, *, at_exit: bool = True) -> None:
         self.name = name
         self.errors = 0
         self._queue: queue.Queue = queue.Queue(maxsize=size)
@@ -55,7 +65,8 @@ class Worker:
         self._closed = False
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
-        close_at_exit(self, 5.0)
+        if at_exit:
+            close_at_exit(self, 5.0)
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> None:
         """Run ``fn(*args)`` on the thread, after what was submitted before; inline once closed."""
@@ -65,6 +76,20 @@ class Worker:
         with self._idle:
             self._unfinished += 1
         self._queue.put((fn, args))
+
+    def offer(self, fn: Callable[..., Any], *args: Any) -> bool:
+        """Like :meth:`submit` but never waits: False (nothing queued) when ``size`` calls are waiting or the
+        worker is closed."""
+        if self._closed:
+            return False
+        with self._idle:
+            self._unfinished += 1
+        try:
+            self._queue.put_nowait((fn, args))
+        except queue.Full:
+            self._finished()
+            return False
+        return True
 
     def drain(self, timeout: float | None = None) -> bool:
         """Wait until everything submitted has run (at most ``timeout`` seconds); whether it all ran."""
@@ -77,12 +102,22 @@ class Worker:
                 self._idle.wait(left)
         return True
 
-    def close(self, timeout: float | None = None) -> None:
-        """Drain, then stop the thread; later submissions run inline."""
+    def close(self, timeout: float | None = None, left: Callable[..., Any] | None = None) -> None:
+        """Drain (at most ``timeout`` seconds), then stop the thread; later submissions run inline. With
+        ``left``, the calls still queued after the timeout are not run: ``left(*args)`` is called for each (the
+        thread finishes the call it is in, at most 1 s more); without, the thread runs them before it stops."""
         if self._closed:
             return
         self.drain(timeout)
         self._closed = True
+        if left is not None:
+            while True:
+                try:
+                    _, args = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                self._finished()
+                left(*args)
         self._queue.put((_STOP, ()))
         self._thread.join(1.0)
         forget_at_exit(self)
@@ -95,10 +130,13 @@ class Worker:
             try:
                 self._call(fn, args)
             finally:
-                with self._idle:
-                    self._unfinished -= 1
-                    if self._unfinished <= 0:
-                        self._idle.notify_all()
+                self._finished()
+
+    def _finished(self) -> None:
+        with self._idle:
+            self._unfinished -= 1
+            if self._unfinished <= 0:
+                self._idle.notify_all()
 
     def _call(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
         try:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import http.client
 import logging
 import os
-import queue
 import threading
 import time
 import urllib.error
@@ -18,7 +17,7 @@ from typing import Any
 from email.utils import parsedate_to_datetime
 
 from .._checks import check_bool, check_choice, check_int, check_number
-from ._worker import close_at_exit, forget_at_exit
+from ._worker import Worker, close_at_exit, forget_at_exit
 from . import messages
 from ..alerts.incident import RunSummary
 from .alerting import AlertSink
@@ -39,9 +38,6 @@ def redact_url(url: str) -> str:
     except ValueError:
         return "<webhook url>"
     return f"{parts.scheme}://{host}{port}/…"
-
-
-_STOP = object()
 
 
 class WebhookSink(AlertSink):
@@ -143,16 +139,14 @@ class WebhookSink(AlertSink):
         self._held_unsaid = 0  # held since the last post: said in the next one
         self._posted: deque[float] = deque()  # monotonic times of the posts of the last hour
         self._report: Callable[[str, Any, str], None] = self._log_failure
-        self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
+        self.queue_size = check_int(queue_size, "queue_size", minimum=1, owner="WebhookSink")
         self._closing = threading.Event()
         self._deadline: float | None = None
         self._last_post = 0.0
         self.wait = check_number(wait, "wait", positive=False, owner="WebhookSink")
         self._closed = False
-        self._unfinished = 0  # queued or being delivered
-        self._idle = threading.Condition()
-        self._thread = threading.Thread(target=self._run, name="gradwatch-webhook", daemon=True)
-        self._thread.start()
+        # the posting thread: a full queue drops (recorded as failed), it never waits; closed by close() below
+        self._worker = Worker("gradwatch-webhook", size=self.queue_size, at_exit=False)
         close_at_exit(self, 2.0)
 
     # ------------------------------------------------------------------ sink protocol
@@ -213,13 +207,8 @@ class WebhookSink(AlertSink):
             self._fail(about, "the sink is closed")
             return
         self._posted.append(time.monotonic())
-        with self._idle:
-            self._unfinished += 1
-        try:
-            self._queue.put_nowait((body, about))
-        except queue.Full:
-            self._done()
-            self._fail(about, f"queue full ({self._queue.maxsize} posts waiting); dropped")
+        if not self._worker.offer(self._post, body, about):
+            self._fail(about, f"queue full ({self.queue_size} posts waiting); dropped")
 
     @property
     def closed(self) -> bool:
@@ -229,21 +218,7 @@ class WebhookSink(AlertSink):
     def flush(self, timeout: float | None = None) -> bool:
         """Wait at most ``timeout`` seconds for what is queued to be delivered (or given up on); the sink stays
         open. What a monitor does with a sink it was given, at its close. Returns whether the queue emptied."""
-        timeout = self.wait if timeout is None else timeout
-        end = time.monotonic() + max(0.0, timeout)
-        with self._idle:
-            while self._unfinished > 0:
-                left = end - time.monotonic()
-                if left <= 0 or not self._thread.is_alive():
-                    return False
-                self._idle.wait(left)
-        return True
-
-    def _done(self) -> None:
-        with self._idle:
-            self._unfinished -= 1
-            if self._unfinished <= 0:
-                self._idle.notify_all()
+        return self._worker.drain(max(0.0, self.wait if timeout is None else timeout))
 
     def close(self, timeout: float | None = None) -> None:
         """Send what is queued, waiting at most ``timeout`` seconds; record the rest as failed. Final: alerts
@@ -252,22 +227,10 @@ class WebhookSink(AlertSink):
         if self._closed:
             return
         self._closed = True
-        timeout = self.wait if timeout is None else timeout
-        self._deadline = time.monotonic() + max(0.0, timeout)
+        timeout = max(0.0, self.wait if timeout is None else timeout)
+        self._deadline = time.monotonic() + timeout  # the post in flight gives up (and waits no more) then
         self._closing.set()
-        try:
-            self._queue.put_nowait(_STOP)
-        except queue.Full:
-            pass
-        self._thread.join(max(0.0, timeout) + 0.5)
-        while True:  # what the thread did not get to
-            try:
-                item = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if item is not _STOP:
-                self._done()
-                self._fail(item[1], "not sent before the close timeout")
+        self._worker.close(timeout + 0.5, left=lambda body, about: self._fail(about, "not sent before the close timeout"))
         forget_at_exit(self)
 
     def __repr__(self) -> str:
@@ -280,17 +243,12 @@ class WebhookSink(AlertSink):
             return messages.json_body(event, self.title)
         return messages.slack_text([event], self.title)
 
-    def _run(self) -> None:
-        while True:
-            item = self._queue.get()
-            if item is _STOP:
-                return
-            try:
-                self._deliver(*item)
-            except Exception as err:  # never let the thread die
-                self._fail(item[1], f"{type(err).__name__}: {self._scrub(str(err))}")
-            finally:
-                self._done()
+    def _post(self, body: bytes, about: Any) -> None:
+        """One post, on the worker's thread: every error is recorded as a failure of this post."""
+        try:
+            self._deliver(body, about)
+        except Exception as err:  # the worker would log it with the URL in it: scrub, record, move on
+            self._fail(about, f"{type(err).__name__}: {self._scrub(str(err))}")
 
     def _deliver(self, body: bytes, alert: Any) -> None:
         attempt = 0

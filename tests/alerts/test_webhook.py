@@ -165,6 +165,19 @@ def test_slow_server_never_blocks_training_and_close_waits_a_bounded_time(tmp_pa
     assert [a.step for a in read_alerts(tmp_path / "alerts.jsonl")] == list(range(12))
 
 
+def test_a_full_queue_drops_new_posts_as_failures_and_never_waits(tmp_path):
+    with WebhookServer(script=[("slow", 0.5)]) as srv:
+        sink = gradwatch.WebhookSink(srv.url, timeout=2.0, retries=0, min_interval=0, wait=5.0, summary=False,
+                                     queue_size=2, max_per_hour=None)
+        mon, slowest = run(sink, tmp_path, steps=8)  # one post in flight, two waiting: the rest are dropped
+        mon.close()
+        sink.close()
+    dropped = [f for f in failures(tmp_path) if "queue full (2 posts waiting); dropped" in f["error"]]
+    assert slowest < 0.25 and len(dropped) >= 4
+    assert sink.sent + sink.failed == 8 and sink.sent == len(srv.received) >= 3
+    assert SECRET not in json.dumps(failures(tmp_path))
+
+
 def test_url_from_the_environment_and_validation(monkeypatch):
     monkeypatch.delenv(gradwatch.sinks.webhook.WEBHOOK_ENV, raising=False)
     with pytest.raises(ValueError, match="GRADWATCH_WEBHOOK_URL"):
