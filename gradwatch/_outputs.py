@@ -58,7 +58,7 @@ class Outputs:
               rank_zero: bool) -> None:
         owned: list[Sink] = []  # closed at close(); the user's sinks are only flushed
         if self.writer is not None:
-            owned.append(TensorBoardSink(self.writer, cfg.prefix, cfg.histograms, pictures=cfg.pictures))
+            owned.append(TensorBoardSink(self.writer, prefix=cfg.prefix, histograms=cfg.histograms, pictures=cfg.pictures))
         user: list[Sink] = []
         if rules:
             given = cfg.alerts_path  # a str (Config applies os.fspath), False (none) or None (the default place)

@@ -23,7 +23,7 @@ from typing import Any, Literal, Union
 from torch import nn
 
 from ._checks import (
-    GRANULARITIES, check_bool, check_choice, check_int, check_modules, check_number, check_patterns, check_str,
+    GRANULARITIES, check_bool, check_choice, check_int, check_modules, check_number, check_patterns, check_prefix,
     check_types,
 )
 from .alerts.alert import POLICIES
@@ -172,7 +172,7 @@ _CHECKS: dict[str, Callable[[Any, str], Any]] = {
     "remind_backoff": _backoff,
     "resolve_after": lambda v, n: check_int(v, n, minimum=1),
     "histograms": check_bool,
-    "prefix": check_str,
+    "prefix": check_prefix,
     "pictures": lambda v, n: check_int(v, n, minimum=0),
     "sinks": _sinks,
     "history": lambda v, n: check_int(v, n, minimum=1, allow_none=True),

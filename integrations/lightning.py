@@ -316,7 +316,7 @@ class GradWatchCallback(*_BASES):  # type: ignore[misc]
             if not params:
                 skipped.append(f"{key}: holds none of the LightningModule's parameters")
                 continue
-            ns = base.prefix.rstrip("/")  # one namespace per optimizer: gradwatch.optimizer_1, ...
+            ns = base.prefix  # one namespace per optimizer: gradwatch.optimizer_1, ...
             prefix = (f"{ns}.{key}" if ns else key) if len(optimizers) > 1 else ns
             cfg = base.replace(prefix=prefix, sinks=(*base.sinks, *_logger_sinks(loggers, base, prefix)))
             try:
@@ -397,8 +397,8 @@ class _Slot:
 
 def _logger_sinks(loggers: list[Any], cfg: Config, prefix: str) -> list[Any]:
     """Sinks for the other loggers: TensorBoard ones, then flat ones (CSV, W&B, MLflow: ``log_metrics`` dicts)."""
-    return [TensorBoardSink(lg.experiment, prefix, cfg.histograms, pictures=cfg.pictures)
-            if isinstance(lg, _TENSORBOARD_LOGGERS) else ScalarsSink(lg.log_metrics, prefix, counts=cfg.histograms)
+    return [TensorBoardSink(lg.experiment, prefix=prefix, histograms=cfg.histograms, pictures=cfg.pictures)
+            if isinstance(lg, _TENSORBOARD_LOGGERS) else ScalarsSink(lg.log_metrics, prefix=prefix, counts=cfg.histograms)
             for lg in loggers]
 
 

@@ -68,8 +68,8 @@ def test_a_bad_option_opens_nothing(tmp_path):
 
 def test_options_are_kept_as_given_and_normalised_once():
     cfg = gradwatch.Config(every=5, include="layer1.*", exclude_types=nn.BatchNorm2d, on_critical="stop",
-                           prefix="gw/")
-    assert cfg.every == 5 and cfg.prefix == "gw/" and cfg.on_critical == "stop" and cfg.alerting
+                           prefix="gw")
+    assert cfg.every == 5 and cfg.prefix == "gw" and cfg.on_critical == "stop" and cfg.alerting
     assert cfg.include == ("layer1.*",) and cfg.exclude_types == (nn.BatchNorm2d,)
     assert cfg.options()["every"] == 5 and set(cfg.options()) == {f.name for f in dataclasses.fields(cfg)}
     derived = cfg.replace(every=7)

@@ -189,7 +189,7 @@ def test_user_step_counter_decides_and_labels(tmp_path):
 
 def test_tensorboard_tags_live_in_the_prefix_namespace_and_write_one_run(tmp_path):
     model = tiny_resnet()
-    with gradwatch.Monitor(model, log_dir=tmp_path, every=1, prefix="gw/") as mon:  # the old spelling of "gw"
+    with gradwatch.Monitor(model, log_dir=tmp_path, every=1, prefix="gw") as mon:
         train_step(model, None, 0)
         mon.step()
     ev = read_events(str(tmp_path))

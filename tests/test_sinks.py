@@ -151,3 +151,37 @@ def test_a_log_dir_that_cannot_be_recreated_stops_the_events_with_one_warning_an
         mon.close()
     assert [r.levelno for r in caplog.records] == [logging.WARNING]
     assert str(run) in caplog.records[0].getMessage() and "no longer written" in caplog.records[0].getMessage()
+
+
+@pytest.mark.parametrize("cls", ["TensorBoardSink", "ScalarsSink", "WebhookSink", "LoggingSink", "CallableSink",
+                                 "AlertSink"])
+def test_sink_options_are_typed_keyword_only_and_documented(cls):
+    """What a sink is fed (a writer, a callable, a URL, a logger) may come first; every option after it is a
+    typed keyword-only parameter with an Args entry, visible to help() and IDEs."""
+    import inspect
+    import re
+
+    sink = getattr(gradwatch.sinks, cls)
+    params = list(inspect.signature(sink.__init__).parameters.values())[1:]
+    positional = [p.name for p in params if p.kind is not inspect.Parameter.KEYWORD_ONLY]
+    assert len(positional) <= 1, f"{cls} takes {positional} positionally"
+    doc = inspect.getdoc(sink)
+    args = doc[doc.index("Args:"):]
+    for p in params:
+        assert p.annotation is not inspect.Parameter.empty, f"{cls}({p.name}) has no type"
+        assert re.search(rf"^\s+{p.name}: \S", args, re.M), f"{cls}'s docstring has no Args entry for {p.name}"
+
+
+def test_sink_options_are_checked_with_a_clear_error(tmp_path):
+    writer = SummaryWriter(str(tmp_path))
+    with pytest.raises(TypeError, match="histograms"):
+        gradwatch.TensorBoardSink(writer, histograms="yes")
+    with pytest.raises(ValueError, match="pictures"):
+        gradwatch.TensorBoardSink(writer, pictures=-1)
+    with pytest.raises(TypeError, match="writer"):
+        gradwatch.TensorBoardSink("runs/x")
+    with pytest.raises(ValueError, match="min_severity"):
+        gradwatch.sinks.LoggingSink(min_severity="loud")
+    with pytest.raises(TypeError, match="counts"):
+        gradwatch.sinks.ScalarsSink(print, counts=1)
+    writer.close()

@@ -7,14 +7,16 @@ import math
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Literal
 
 __all__ = [
-    "SEVERITIES", "POLICIES", "severity_rank", "Alert", "GradientAlarm", "read_alerts", "read_events", "summarize",
+    "SEVERITIES", "Severity", "POLICIES", "severity_rank", "Alert", "GradientAlarm", "read_alerts", "read_events", "summarize",
 ]
 
 #: Alert severities, mildest first.
 SEVERITIES = ("info", "warning", "critical")
+#: An incident's severity, least severe first.
+Severity = Literal["info", "warning", "critical"]
 #: Values of ``on_critical``.
 POLICIES = ("warn", "stop", "raise")
 _RANK = {s: i for i, s in enumerate(SEVERITIES)}

@@ -22,7 +22,8 @@ from collections.abc import Callable
 from typing import Any
 
 from ..record import Sink, StepRecord
-from ..alerts.alert import severity_rank
+from .._checks import check_choice
+from ..alerts.alert import SEVERITIES, Severity, severity_rank
 from ..alerts.incident import IncidentEvent, RunSummary
 
 __all__ = ["AlertSink", "CallableSink", "as_alert_sink"]
@@ -31,12 +32,16 @@ __all__ = ["AlertSink", "CallableSink", "as_alert_sink"]
 class AlertSink(Sink):
     """Base of the alert sinks: :meth:`write` sends each incident event of the record at least
     ``min_severity`` (a ``resolved`` event has the incident's peak severity); :meth:`summary` sends the run's
-    summary when it holds an incident at least that severe, or always with ``always_summarize``."""
+    summary when it holds an incident at least that severe, or always with ``always_summarize``.
+
+    Args:
+        min_severity: the least severe incident sent: ``"info"``, ``"warning"`` or ``"critical"``.
+    """
 
     always_summarize = False
 
-    def __init__(self, min_severity: str = "info") -> None:
-        severity_rank(min_severity)  # ValueError for an unknown severity
+    def __init__(self, *, min_severity: Severity = "info") -> None:
+        check_choice(min_severity, "min_severity", SEVERITIES)
         self.min_severity = min_severity
 
     def write(self, record: StepRecord) -> None:
@@ -66,12 +71,17 @@ class AlertSink(Sink):
 class CallableSink(AlertSink):
     """Call ``fn(event)`` for each incident event (in the training thread: keep it quick); the event reads
     like an :class:`~gradwatch.Alert` (``event.rule``, ``.severity``, ``.message``, ...) and says what
-    happened (``event.kind``). A plain callable passed in ``alert_sinks`` is wrapped in one."""
+    happened (``event.kind``). A plain callable passed in ``alert_sinks`` is wrapped in one.
 
-    def __init__(self, fn: Callable[[IncidentEvent], Any], min_severity: str = "info") -> None:
+    Args:
+        fn: called as ``fn(event)`` for each incident event.
+        min_severity: the least severe incident sent: ``"info"``, ``"warning"`` or ``"critical"``.
+    """
+
+    def __init__(self, fn: Callable[[IncidentEvent], Any], *, min_severity: Severity = "info") -> None:
         if not callable(fn):
             raise TypeError(f"CallableSink needs a callable, got {type(fn).__name__}")
-        super().__init__(min_severity)
+        super().__init__(min_severity=min_severity)
         self.fn = fn
 
     def send(self, event: IncidentEvent) -> None:
@@ -88,7 +98,7 @@ class _SendOnly(AlertSink):
     them."""
 
     def __init__(self, target: Any) -> None:
-        super().__init__("info")
+        super().__init__()
         self.target = target
 
     def send(self, event: IncidentEvent) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from ..alerts.alert import severity_rank
+from ..alerts.alert import Severity, severity_rank
 from ..alerts.incident import IncidentEvent, RunSummary
 from .alerting import AlertSink
 
@@ -15,13 +15,20 @@ class LoggingSink(AlertSink):
     """Log each incident event on a Python logger (default ``gradwatch``) as one line, at the incident's level:
     info → INFO, warning → WARNING, critical → ERROR (a ``resolved`` line at its peak's level, so a console that
     showed the opening shows the end); the hint once, when the incident opens. At the end of the run, the
-    summary (WARNING when the run had an incident at warning or above, else INFO). On by default."""
+    summary (WARNING when the run had an incident at warning or above, else INFO). On by default.
+
+    Args:
+        logger: a logger or its name.
+        min_severity: the least severe incident logged: ``"info"``, ``"warning"`` or ``"critical"``.
+    """
 
     _LEVELS = {"info": logging.INFO, "warning": logging.WARNING, "critical": logging.ERROR}
     always_summarize = True
 
-    def __init__(self, logger: str | logging.Logger = "gradwatch", min_severity: str = "info") -> None:
-        super().__init__(min_severity)
+    def __init__(self, logger: str | logging.Logger = "gradwatch", *, min_severity: Severity = "info") -> None:
+        if not isinstance(logger, (str, logging.Logger)):
+            raise TypeError(f"logger must be a logging.Logger or a logger's name, got {type(logger).__name__}")
+        super().__init__(min_severity=min_severity)
         self.logger = logger if isinstance(logger, logging.Logger) else logging.getLogger(logger)
 
     def send(self, event: IncidentEvent) -> None:

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..record import Sink, StepRecord
+from .._checks import check_bool, check_prefix
 from .tags import DEFAULT_NAMESPACE, Tags
 
 __all__ = ["ScalarsSink"]
@@ -16,12 +17,20 @@ class ScalarsSink(Sink):
     """Each record as one flat dict, ``fn({tag: value, ...}, step)``, with the tags TensorBoard gets
     (:class:`gradwatch.sinks.tags.Tags`: the health section, per layer, per block, alerts): for loggers that take
     dicts of scalars (Lightning's ``log_metrics``, W&B, MLflow). No histograms or pictures; with ``counts``,
-    the ``nonfinite/<metric>`` counts that accompany the histograms in TensorBoard."""
+    the ``nonfinite/<metric>`` counts that accompany the histograms in TensorBoard.
 
-    def __init__(self, fn: Callable[[dict[str, float], int], Any], prefix: str = DEFAULT_NAMESPACE,
+    Args:
+        fn: called as ``fn({tag: value, ...}, step)`` once per record, in the training thread (keep it quick).
+        prefix: the tags' namespace, as :class:`~gradwatch.sinks.TensorBoardSink`'s.
+        counts: add the ``nonfinite/<metric>`` counts.
+    """
+
+    def __init__(self, fn: Callable[[dict[str, float], int], Any], *, prefix: str = DEFAULT_NAMESPACE,
                  counts: bool = False) -> None:
         if not callable(fn):
             raise TypeError(f"ScalarsSink needs a callable, got {type(fn).__name__}")
+        check_prefix(prefix)
+        check_bool(counts, "counts")
         self.fn = fn
         self.tags = Tags(prefix)
         self.counts = counts

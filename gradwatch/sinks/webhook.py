@@ -13,12 +13,13 @@ import urllib.parse
 import urllib.request
 from collections import deque
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Literal
 from email.utils import parsedate_to_datetime
 
 from .._checks import check_bool, check_choice, check_int, check_number
 from ._worker import Worker, close_at_exit, forget_at_exit
 from . import messages
+from ..alerts.alert import Severity
 from ..alerts.incident import RunSummary
 from .alerting import AlertSink
 
@@ -94,11 +95,11 @@ class WebhookSink(AlertSink):
     def __init__(
         self,
         url: str | None = None,
-        format: str = "slack",
+        *,
+        format: Literal["slack", "json"] = "slack",
         timeout: float = 5.0,
         retries: int = 3,
-        *,
-        min_severity: str = "warning",
+        min_severity: Severity = "warning",
         backoff: float = 1.0,
         max_retry_after: float = 60.0,
         min_interval: float | None = None,
@@ -118,7 +119,7 @@ class WebhookSink(AlertSink):
         scheme = urllib.parse.urlsplit(url).scheme
         if scheme not in ("http", "https"):
             raise ValueError(f"webhook URL must start with http:// or https://, got {redact_url(url)}")
-        super().__init__(min_severity)
+        super().__init__(min_severity=min_severity)
         self._url = url
         self.format = check_choice(format, "format", ("slack", "json"), owner="WebhookSink")
         self.timeout = check_number(timeout, "timeout", owner="WebhookSink")

@@ -16,7 +16,6 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -35,6 +34,7 @@ from .layout import build_layout
 from .pictures import Timeline, scene
 from ...record import Sink, StepRecord
 from ..tags import DEFAULT_NAMESPACE, Tags
+from ..._checks import check_bool, check_int, check_number, check_prefix
 
 __all__ = ["TensorBoardSink", "open_writer", "alert_markdown"]
 
@@ -182,10 +182,26 @@ class TensorBoardSink(Sink):
     them), so the event file is complete when they return. A log directory deleted during the run is re-created,
     with a new event file for the events from then on and one warning on the ``gradwatch`` logger
     (:class:`~gradwatch.sinks.tensorboard._logdir.LogDir`); nothing is raised into training or out of ``close``.
+
+    Args:
+        writer: a ``torch.utils.tensorboard.SummaryWriter`` (or any object with ``add_scalar``: then one call
+            per value, no layout or pictures). Flushed by :meth:`flush`, closed by :meth:`close`.
+        prefix: the tags' namespace (``""``: sections ``health/``, ``layers/``, ...).
+        histograms: a histogram across layers (or blocks) per metric and step, with ``nonfinite/<metric>``.
+        pictures: draw the pictures every ``pictures`` records and at close; 0: none.
+        picture_budget: the largest share of the run's time spent drawing (default 1%); None: no limit.
+        background: build and write the events on a thread of the sink's own (a plain ``SummaryWriter``).
     """
 
-    def __init__(self, writer: Any, prefix: str = DEFAULT_NAMESPACE, histograms: bool = True,
-                 background: bool = True, pictures: int = 20, picture_budget: float | None = 0.01) -> None:
+    def __init__(self, writer: Any, *, prefix: str = DEFAULT_NAMESPACE, histograms: bool = True,
+                 pictures: int = 20, picture_budget: float | None = 0.01, background: bool = True) -> None:
+        if not callable(getattr(writer, "add_scalar", None)):
+            raise TypeError(f"writer must be a SummaryWriter-like object (add_scalar), got {type(writer).__name__}")
+        check_prefix(prefix)
+        check_bool(histograms, "histograms")
+        check_int(pictures, "pictures", minimum=0)
+        check_number(picture_budget, "picture_budget", allow_none=True)
+        check_bool(background, "background")
         self.writer = writer
         self.tags = Tags(prefix)
         self.histograms = histograms
