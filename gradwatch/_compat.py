@@ -7,10 +7,13 @@ any other framework (the core does not depend on them).
 from __future__ import annotations
 
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeGuard
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:  # for the type checker only: importing it costs ~0.5 s (see below)
+    from torch.distributed.tensor import DTensor
 
 __all__ = [
     "is_dtensor", "is_shard", "is_optimized_module", "NORM_TYPES", "is_compiling", "is_compiled", "in_backward", "tree_tensors",
@@ -32,7 +35,7 @@ def _loaded(modules: tuple[str, ...], name: str) -> Any:
     return None
 
 
-def is_dtensor(t: Any) -> bool:
+def is_dtensor(t: Any) -> TypeGuard[DTensor]:
     """Whether ``t`` is a ``DTensor`` (an FSDP2 or tensor-parallel parameter)."""
     cls = _loaded(_DTENSOR_MODULES, "DTensor")
     return cls is not None and isinstance(t, cls)

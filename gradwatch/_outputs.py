@@ -9,7 +9,7 @@ import dataclasses
 import logging
 import os
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from torch import nn
 
@@ -47,7 +47,7 @@ class Outputs:
         self._forward: dict[str, int] = {}
         self._order: ForwardOrder | None = None
         self._owns_writer = log_dir is not None and rank_zero
-        self.writer: Any = open_writer(log_dir) if self._owns_writer else (writer if rank_zero else None)
+        self.writer: Any = open_writer(log_dir) if log_dir is not None and rank_zero else (writer if rank_zero else None)
         try:
             self._open(cfg, model, rules, log_dir, writer, rank_zero)
         except BaseException:  # leave nothing behind: no forward hook, no writer thread
@@ -69,7 +69,7 @@ class Outputs:
                                       path=path, rank_zero=rank_zero, on_error=self._contain)
             self._order = ForwardOrder(model)  # until the first measured step: nonfinite names layers in this order
             owned.append(LoggingSink())
-            user.extend(cfg.alert_sinks)
+            user.extend(cast(tuple[Sink, ...], cfg.alert_sinks))  # Config wraps callables in CallableSink
             for sink in user:  # delivery failures go to alerts.jsonl
                 attach = getattr(sink, "attach", None)
                 if callable(attach):

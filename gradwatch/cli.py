@@ -96,7 +96,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
                 report.write_table(table, path)
                 print(f"wrote {len(table):,} rows to {path}", file=sys.stderr)
         if args.html:
-            frames = {run: rows for run, rows in table.groupby("run", sort=False)}
+            frames = {str(run): rows for run, rows in table.groupby("run", sort=False)}
             with open(args.html, "w", encoding="utf-8") as f:
                 f.write(render_html(reports, frames, f"gradwatch report: {args.logdir}"))
             print(f"wrote {args.html}", file=sys.stderr)

@@ -8,13 +8,14 @@ import dataclasses
 import logging
 import os
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import pandas as pd
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from ._checks import Pattern
 from ._compat import is_dtensor
 from ._once import Once
 from ._outputs import Outputs
@@ -581,8 +582,11 @@ def _select(model: nn.Module, cfg: Config, optimizer: Any, params: Any) -> Selec
         if not wanted:
             raise ValueError("params holds none of the model's parameters")
         only = wanted if only is None else only & wanted
-    selection = select_parameters(model, granularity=cfg.granularity, include=cfg.include, exclude=cfg.exclude,
-                                  include_types=cfg.include_types, exclude_types=cfg.exclude_types, only=only)
+    # Config stores each filter normalised to a tuple, whatever form it was given in
+    patterns = cast(tuple[Pattern, ...], cfg.include), cast(tuple[Pattern, ...], cfg.exclude)
+    types = cast(tuple[type, ...], cfg.include_types), cast(tuple[type, ...], cfg.exclude_types)
+    selection = select_parameters(model, granularity=cfg.granularity, include=patterns[0], exclude=patterns[1],
+                                  include_types=types[0], exclude_types=types[1], only=only)
     if not selection.params:
         raise NothingToMeasure("include/exclude filters leave no trainable parameters to measure")
     meta = [name for name, p in zip(selection.param_names, selection.params) if p.is_meta]

@@ -126,6 +126,14 @@ class IncidentTracker:
         return RunSummary(tuple(self.incidents), self._step, self.clock())
 
     # ------------------------------------------------------------------ one step
+    def _inhibits(self, critical_rule: str, rule: str) -> bool:
+        """Whether an open critical incident of ``critical_rule`` silences ``rule``'s lesser findings (a rule
+        mapped to None silences every other rule)."""
+        if critical_rule not in self.inhibits:
+            return False
+        silenced = self.inhibits[critical_rule]
+        return silenced is None or rule in silenced
+
     def update(self, findings: Sequence[Alert], step: int) -> Told:
         """Take one logging step's findings; return what to tell."""
         now = self.clock()
@@ -199,8 +207,7 @@ class IncidentTracker:
                 continue
             why = None
             if e.kind != "resolved" and severity_rank(e.severity) < _CRITICAL:
-                by = next((c for c in critical if c.key != e.incident.key and c.rule in self.inhibits
-                           and (self.inhibits[c.rule] is None or e.rule in self.inhibits[c.rule])), None)
+                by = next((c for c in critical if c.key != e.incident.key and self._inhibits(c.rule, e.rule)), None)
                 why = None if by is None else f"inhibited by {by.id} ({by.rule})"
             sched = self._sched.get(e.incident.key)
             if why is None:

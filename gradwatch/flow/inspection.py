@@ -36,6 +36,8 @@ def load_factory(spec: str, kwargs: dict[str, Any] | None = None) -> tuple[nn.Mo
         if not os.path.isfile(path):
             raise ValueError(f"no such file: {where}")
         module_spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
+        if module_spec is None or module_spec.loader is None:
+            raise ValueError(f"cannot load {where} as a Python module")
         module = importlib.util.module_from_spec(module_spec)
         module_spec.loader.exec_module(module)
     else:

@@ -216,10 +216,10 @@ class WebhookSink(AlertSink):
         """True after :meth:`close`: alerts sent then are recorded as failed."""
         return self._closed
 
-    def flush(self, timeout: float | None = None) -> bool:
-        """Wait at most ``timeout`` seconds for what is queued to be delivered (or given up on); the sink stays
-        open. What a monitor does with a sink it was given, at its close. Returns whether the queue emptied."""
-        return self._worker.drain(max(0.0, self.wait if timeout is None else timeout))
+    def flush(self, timeout: float | None = None) -> None:
+        """Wait at most ``timeout`` seconds (default ``wait``) for what is queued to be delivered (or given up
+        on); the sink stays open. What a monitor does with a sink it was given, at its close."""
+        self._worker.drain(max(0.0, self.wait if timeout is None else timeout))
 
     def close(self, timeout: float | None = None) -> None:
         """Send what is queued, waiting at most ``timeout`` seconds; record the rest as failed. Final: alerts

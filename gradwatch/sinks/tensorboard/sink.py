@@ -310,14 +310,16 @@ class TensorBoardSink(Sink):
         for tag, v in scalars:
             w.add_scalar(tag, v, step)
         add_histogram = getattr(w, "add_histogram", None)
-        for tag, vals in hists if add_histogram is not None else ():
-            try:
-                add_histogram(tag, vals, step)
-            except ValueError as err:  # e.g. every value beyond the bins (norms over ~1e20): the scalars say it
-                log.debug("gradwatch: histogram %s at step %d not written: %s", tag, step, err)
+        if add_histogram is not None:
+            for tag, vals in hists:
+                try:
+                    add_histogram(tag, vals, step)
+                except ValueError as err:  # e.g. every value beyond the bins (norms over ~1e20): the scalars say it
+                    log.debug("gradwatch: histogram %s at step %d not written: %s", tag, step, err)
         add_text = getattr(w, "add_text", None)
-        for tag, text in texts if add_text is not None else ():
-            add_text(tag, text, step)
+        if add_text is not None:
+            for tag, text in texts:
+                add_text(tag, text, step)
 
     def flush(self) -> None:
         """Wait for the steps queued to be written, then flush the writer."""
@@ -337,6 +339,8 @@ class TensorBoardSink(Sink):
         self._flush_writer()
 
     def _final_pictures(self) -> None:
+        if self._pictures is None:
+            return
         step, values = self._pictures.final(self.tags)
         if values:
             self._write(step, [], [], [], b"", values)
