@@ -220,3 +220,7 @@ def test_attached_first_the_reporters_receive_the_whole_model_values(tmp_path):
     assert seen[8]["gradwatch/grad_norm"] == rec.global_value("grad_norm")
     assert seen[8]["gradwatch/open_incidents"] == 0.0
     assert seen[8]["gradwatch/skip_share_min"] == rec.health["skip_share_min"]  # the dashboard's health section
+    # the early layers' ratio the docs promise: on this 3-layer GPT-2 it was NaN (left out of the logs) while
+    # its attention branches started near-dormant (tests/alerts: dormant blocks)
+    for step in (4, 8):
+        assert math.isfinite(seen[step]["gradwatch/grad_to_weight_early"]) and seen[step]["gradwatch/grad_to_weight_early"] > 0
