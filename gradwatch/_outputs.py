@@ -46,6 +46,7 @@ class Outputs:
         self._kinds_of: tuple[tuple[str, ...], tuple[str, ...]] | None = None
         self._forward: dict[str, int] = {}
         self._order: ForwardOrder | None = None
+        self.owned: list[Sink] = []  # the sinks opened here (closed at close(); the user's are only flushed)
         self._owns_writer = log_dir is not None and rank_zero
         self.writer: Any = open_writer(log_dir) if log_dir is not None and rank_zero else (writer if rank_zero else None)
         try:
@@ -56,7 +57,7 @@ class Outputs:
 
     def _open(self, cfg: Config, model: nn.Module, rules: list[Rule], log_dir: Any, writer: Any,
               rank_zero: bool) -> None:
-        owned: list[Sink] = []  # closed at close(); the user's sinks are only flushed
+        owned = self.owned
         if self.writer is not None:
             owned.append(TensorBoardSink(self.writer, prefix=cfg.prefix, histograms=cfg.histograms, pictures=cfg.pictures))
         user: list[Sink] = []
@@ -78,7 +79,6 @@ class Outputs:
             log.warning("gradwatch: alert_sinks given but alerting is off (rules=%r): they receive no alert",
                         cfg.rules)
         user.extend(cfg.sinks)
-        self.owned = owned
         self.sinks = [*owned, *user] if rank_zero else []
 
     # ------------------------------------------------------------------ one record
@@ -152,8 +152,14 @@ class Outputs:
         return first
 
     def _close_own(self) -> None:
-        if self._order is not None:
-            self._order.close()
+        """After a failed open: stop what was started (the TensorBoard sink's thread, the forward hooks, the
+        alert record, the writer), ignoring their errors: the one that failed the open is what propagates."""
+        for part in [*self.owned, self.engine, self._order]:
+            try:
+                if part is not None:
+                    part.close()
+            except Exception:
+                pass
         if self._owns_writer and self.writer is not None:
             self.writer.close()
 

@@ -86,8 +86,8 @@ class Config:
 
     @property
     def alerting(self) -> bool:
-        """False for ``rules=False`` or an empty list: no rule runs, nothing is evaluated."""
-        return self.rules is not False and not (isinstance(self.rules, list) and not self.rules)
+        """Whether any rule runs: False for ``rules=False``, an empty list, or a dict that drops every rule."""
+        return bool(build_rules(self.rules))
 
     def replace(self, **options: Any) -> Config:
         """A copy with ``options`` changed, checked again (TypeError for an unknown name)."""

@@ -51,6 +51,8 @@ class StepDriver:
                              "needs one built without optimizer=")
         if monitor._driven:
             raise ValueError("this Monitor already has a StepDriver")
+        if monitor._closed:
+            raise ValueError("this Monitor is closed")
         if logging is not None and not callable(logging):
             raise TypeError(f"logging must be a callable returning bool, or None, got {type(logging).__name__}")
         self.monitor = monitor
@@ -65,8 +67,12 @@ class StepDriver:
         ``grad_scale`` divides gradients still multiplied by an AMP loss scale (:func:`amp_grad_scale`; a
         device tensor, so no host sync). ``track_update`` snapshots the weights so :meth:`end` adds
         ``update_to_weight``. Nothing moves to the host until :meth:`end`. Returns True when a measurement is
-        pending. Never raises unless the monitor is ``strict``.
+        pending. Never raises unless the monitor is ``strict``. A measurement still pending (no :meth:`end` or
+        :meth:`discard` since the last ``begin``) is dropped, with one warning: the adapter lost a step.
         """
+        if self.monitor._pending is not None:
+            self.monitor._once.warn("unfinished", "gradwatch: StepDriver.begin() while the last measurement is still "
+                                    "pending (no end() or discard() after it): that measurement is dropped")
         return self.monitor._begin_step(step, grad_scale, track_update)
 
     def end(self, found_inf: torch.Tensor | None = None) -> None:

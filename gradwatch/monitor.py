@@ -60,7 +60,7 @@ class Monitor:
 
     and the same over the whole model under the name ``_global``; with block flow, six metrics per residual
     block (``docs/flow.md``). Norms of steps that do not log are not computed: ``step()`` / the optimizer hook
-    costs one integer comparison, and with block flow on (default ``blocks="auto"``) each residual block's
+    costs an integer comparison and a few attribute reads, and with block flow on (default ``blocks="auto"``) each residual block's
     forward hook runs one integer check per forward (every module carries a discovery pre/post hook pair until
     the first logging step's forward has examined it). Norms are fused (``torch._foreach_norm``), computed in
     float32, and moved to the host once per logging step.
@@ -349,16 +349,23 @@ class Monitor:
             self._contain(err)
             return
         last = self._last_user_step
-        if (s == last if step is not None else not self._grads.moved()):
-            self._once.warn("twice", "gradwatch: Monitor.step() called twice for one backward pass (or twice "
-                            f"with step={s}); the second call is ignored: call it once per iteration")
+        if step is not None and s == last:
+            self._once.warn("twice", f"gradwatch: Monitor.step(step={s}) called twice; the second call is ignored "
+                            "(no duplicate rows): call it once per iteration")
             return
+        if step is None and self._grads.repeated():
+            self._once.warn("twice", "gradwatch: Monitor.step() called twice for one backward pass; the second call "
+                            "is ignored (the step axis does not double): call it once per iteration")
+            return
+        if not self._grads.active:
+            self._once.log("blind", "gradwatch: Monitor.step() cannot tell a repeated call in this loop (its "
+                           "gradients change where autograd's version counters do not show it); every call now "
+                           "counts as a step, and one step was lost finding out: pass step= to be sure")
         if step is not None and last is not None and s < last:
             self._once.warn("backwards", f"gradwatch: Monitor.step(step={s}) after step={last}: the step axis went "
                             "back, so steps repeat in the history and TensorBoard", stacklevel=3)
         self._last_user_step = s
         self._stride = s - last if last is not None and s > last else 1
-        self._grads.mark()
         try:
             if s % self.every == 0:
                 self._begin(s)

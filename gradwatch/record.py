@@ -37,7 +37,7 @@ class StepRecord:
         step: the monitor step (the TensorBoard step of every value in it).
         layers: the measured units (layers, or parameters with ``granularity="parameter"``) that had a
             gradient at this step, in definition order.
-        layer_metrics: the column names of :attr:`layer_values` (a prefix of :data:`gradwatch.METRICS`:
+        layer_metrics: the column names of :attr:`layer_values` (a prefix of :data:`gradwatch.names.METRICS`:
             ``update_to_weight`` only when measured across an optimizer step).
         layer_values: ``(len(layers), len(layer_metrics))`` float64, read-only.
         whole: ``(len(layer_metrics),)``: the same metrics over the whole model (``_global``).
@@ -127,7 +127,7 @@ class StepRecord:
         return self.block_values[:, FLOW_METRICS.index(metric)]
 
     def early(self, metric: str) -> np.ndarray:
-        """``metric`` of the early layers of the record: the first :func:`~gradwatch.early_count` of
+        """``metric`` of the early layers of the record: the first :func:`~gradwatch.names.early_count` of
         :attr:`layers`, in definition order (the vanishing/exploding rules apply the same count to the weight
         layers only)."""
         return self.layer(metric)[: early_count(len(self.layers))] if self.layers else np.zeros(0)

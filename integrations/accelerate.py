@@ -85,12 +85,11 @@ def watch(
         exclude: drop the layers whose name matches (same forms).
         include_types: keep only layers of these module classes (``nn.Conv2d`` or a list); default all.
         exclude_types: drop layers of these module classes (``nn.BatchNorm2d`` or a list).
-        track_updates: with ``optimizer``, add ``update_to_weight`` (one copy of the measured weights, on
-            logging steps only).
+        track_updates: add ``update_to_weight`` across the optimizer step (one copy of the measured weights,
+            on logging steps only).
         blocks: shortcut-path gradient flow per residual merge (``docs/flow.md``): ``"auto"`` finds the
             merges on the first logging step; a list of modules watches only those; ``None`` turns it off.
-            :meth:`describe` lists the blocks, :meth:`watch_block` adds one, :attr:`flow_status` says why
-            flow is unavailable.
+            ``mon.describe()`` lists the blocks, ``mon.flow_status`` says why flow is unavailable.
         sync_ranks: under torch.distributed, average block-flow norms over ranks (in the one all-reduce of
             a logging step) so every rank reaches the same verdict; every rank must then measure on every
             logging step. ``None``: on when the model is a ``DistributedDataParallel`` or has DTensor
@@ -100,8 +99,8 @@ def watch(
             :class:`~gradwatch.Rule` replaces them; ``False`` turns alerting off.
         alert_sinks: where incidents go besides the ``gradwatch`` logger, TensorBoard and ``alerts.jsonl``:
             e.g. ``[gradwatch.WebhookSink(url)]``, or any callable taking an incident event.
-        on_critical: ``"warn"`` (default); ``"stop"`` sets :attr:`should_stop`; ``"raise"`` raises
-            :class:`~gradwatch.GradientAlarm` out of ``step()`` / ``optimizer.step()``.
+        on_critical: ``"warn"`` (default); ``"stop"`` sets the returned monitor's ``should_stop``; ``"raise"`` raises
+            :class:`~gradwatch.GradientAlarm` out of ``optimizer.step()``.
         alerts_path: the JSONL record of incidents; ``None``: ``<log_dir>/alerts.jsonl`` when there is a
             log directory; ``False``: none.
         remind_after: wall-clock seconds before an open incident's first reminder (default 3600); ``None``:
@@ -114,11 +113,11 @@ def watch(
         prefix: the tags' namespace (default ``"gradwatch"``: sections ``gradwatch/``,
             ``gradwatch.layers/``, ...; ``docs/dashboard.md``).
         pictures: TensorBoard pictures (depth x time maps, gradient profile) every N logging steps and at
-            :meth:`close`; 0: none.
+            ``mon.close()``; 0: none.
         sinks: more sinks for every :class:`~gradwatch.StepRecord` (objects with ``write(record)``).
-        history: logging steps kept in memory for :meth:`history` (the latest); ``None``: all.
+        history: logging steps kept in memory for ``mon.history()`` (the latest); ``None``: all.
         strict: re-raise errors inside gradwatch's hooks and sinks; otherwise they are logged, kept in
-            :attr:`errors`, and training goes on.
+            ``mon.errors``, and training goes on.
 
     The options are :class:`gradwatch.Monitor`'s, checked by :class:`gradwatch.Config`; with more than one
     process ``sync_ranks`` defaults to True.

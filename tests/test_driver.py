@@ -77,3 +77,24 @@ def test_a_bad_step_from_the_framework_is_contained():
     assert driver.begin(-1) is False and "step must be >= 0" in mon.errors[-1]
     assert mon.history().empty
     mon.close()
+
+
+def test_a_begin_without_end_warns_once_and_a_closed_monitor_cannot_be_driven():
+    model = nn.Linear(3, 2)
+    mon = gradwatch.Monitor(model, every=1, blocks=None)
+    driver = StepDriver(mon)
+    model(torch.randn(2, 3)).sum().backward()
+    assert driver.begin(0)
+    with pytest.warns(UserWarning, match="still pending"):
+        assert driver.begin(1)
+    driver.end()
+    assert sorted(mon.history().step.unique()) == [1]
+    mon.close()
+    with pytest.raises(ValueError, match="closed"):
+        StepDriver(_closed(model))
+
+
+def _closed(model):
+    mon = gradwatch.Monitor(model, blocks=None)
+    mon.close()
+    return mon

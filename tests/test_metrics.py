@@ -1,4 +1,4 @@
-"""gradwatch.metrics: the fused squared norms, whichever way a NormPlan groups the tensors."""
+"""gradwatch.measure.norms: the fused squared norms, whichever way a NormPlan groups the tensors."""
 
 import pytest
 import torch

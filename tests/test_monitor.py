@@ -6,6 +6,7 @@ import contextlib
 import logging
 import math
 import os
+import time
 import warnings
 
 import numpy as np
@@ -482,6 +483,24 @@ def test_step_called_twice_per_iteration_warns_once_and_neither_doubles_nor_repe
     explicit.close()
 
 
+def test_gradients_written_outside_autograd_lose_one_step_and_the_check_turns_itself_off(caplog):
+    """A loop that writes gradients where autograd's version counters do not show it (a replayed CUDA graph,
+    copies through .data) looks like repeated calls; two in a row prove the evidence blind, and from then on
+    every call counts."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    model(torch.randn(3, 4)).sum().backward()  # the gradients exist; from now on they are written by hand
+    mon = gradwatch.Monitor(model, every=1, strict=True, blocks=None, rules=False)
+    with pytest.warns(UserWarning, match="twice"), caplog.at_level(logging.WARNING, logger="gradwatch"):
+        for i in range(6):
+            for p in model.parameters():
+                p.grad.data.copy_(torch.full_like(p, float(i + 1)))
+            mon.step()
+    assert sorted(mon.history().step.unique()) == [0, 1, 2, 3, 4]  # the second call was taken for a repeat
+    assert "cannot tell a repeated call" in caplog.text
+    mon.close()
+
+
 def test_accumulated_and_set_to_none_gradients_are_new_backward_passes():
     """Neither accumulation (in place) nor zero_grad(set_to_none) + backward (a new tensor, maybe at the freed
     one's address) is mistaken for a repeated call."""
@@ -592,3 +611,22 @@ def test_values_stay_right_when_the_model_changes_dtype_and_shape_after_the_firs
     for (step, layer), (g, u) in expected.items():
         assert hist[(step, layer, "grad_norm")] == pytest.approx(g, rel=1e-5)
         assert hist[(step, layer, "update_to_weight")] == pytest.approx(u, rel=1e-4)
+
+
+def test_a_sink_that_fails_to_attach_leaves_no_thread_or_hook_behind(tmp_path):
+    import threading
+
+    class Broken:
+        def send(self, event):
+            pass
+
+        def attach(self, report_failure):
+            raise RuntimeError("cannot attach")
+
+    before = {t.name for t in threading.enumerate()}
+    model = tiny_resnet()
+    with pytest.raises(RuntimeError, match="cannot attach"):
+        gradwatch.Monitor(model, log_dir=tmp_path, alert_sinks=[Broken()])
+    time.sleep(0.2)
+    assert {t.name for t in threading.enumerate() if t.is_alive()} <= before
+    assert all(not m._forward_pre_hooks and not m._forward_hooks for m in model.modules())

@@ -29,7 +29,7 @@ One concern per module; each imports only those above it in this list:
 - :mod:`~gradwatch.flow._hooks`: the autograd node hooks that fill one merge's norms during backward;
 - :mod:`~gradwatch.flow.registry`: the blocks found so far, their names and depth order, the flow status;
 - :mod:`~gradwatch.flow.session`: one logging step's armed hooks and its :class:`FlowBatch` of norms;
-- :mod:`~gradwatch.flow.tracker`: the forward hooks on the model's modules, discovery and arming in them;
+- :mod:`~gradwatch.flow.modules`: the forward hooks on the model's modules, discovery and arming in them;
 - :mod:`~gradwatch.flow.probe`: :class:`FlowProbe` (public surface, sessions, hook entry points);
 - :mod:`~gradwatch.flow.tables`: the flow metrics and per-block tables (the only pandas user);
 - :mod:`~gradwatch.flow.inspection`: the ``gradwatch inspect`` model loader.

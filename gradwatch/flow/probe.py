@@ -1,7 +1,7 @@
 """The probe: its public surface, one session per logging step, and the forward hooks that open them.
 
 :class:`FlowProbe` owns a :class:`~gradwatch.flow.registry.BlockRegistry` (the blocks found so far) and a
-:class:`~gradwatch.flow.tracker.ModuleTracker` (which modules carry its forward hooks, and the discovery and
+:class:`~gradwatch.flow.modules.ModuleTracker` (which modules carry its forward hooks, and the discovery and
 arming done in them). Its hooks decide whether a forward counts (not while compiling, only on logging
 steps) and to which :class:`~gradwatch.flow.session._Session` it belongs.
 """
@@ -22,7 +22,7 @@ from ..names import ROOT_NAME
 from .discovery import boundary_node
 from .registry import BlockRegistry, Blocks, FlowStatus
 from .session import FlowBatch, _Session, stack_norms
-from .tracker import ModuleTracker
+from .modules import ModuleTracker
 
 log = logging.getLogger("gradwatch")
 

@@ -35,7 +35,7 @@ __all__ = ["Meter", "Pending", "amp_grad_scale", "loss_scale"]
 def amp_grad_scale(optimizer: Any, scaler: Any) -> Any:
     """What to divide ``optimizer``'s gradients by before its step under an AMP ``GradScaler``: the loss scale
     (a device tensor: no host sync) when the optimizer unscales inside its own step (``fused=True``
-    optimizers), else None (``scaler.unscale_`` has run, or no scaler). For ``Monitor.begin_step(grad_scale=)``.
+    optimizers), else None (``scaler.unscale_`` has run, or no scaler). For ``StepDriver.begin(grad_scale=)`` (:mod:`gradwatch.driver`).
     """
     return loss_scale(scaler) if unscales_in_step(optimizer) else None
 

@@ -4,7 +4,7 @@ an alert sink (the logging sink is in :mod:`gradwatch.sinks.logging`, the webhoo
 
 An alert sink is a :class:`~gradwatch.Sink` like any other: it receives every :class:`~gradwatch.StepRecord`
 and sends the incident events in it (``record.events``: opened, escalated, reminder, resolved — each an
-:class:`~gradwatch.IncidentEvent`, which reads like an :class:`~gradwatch.Alert`), and at the end of the run
+:class:`~gradwatch.alerts.IncidentEvent`, which reads like an :class:`~gradwatch.Alert`), and at the end of the run
 the :class:`~gradwatch.alerts.RunSummary` (``summary(summary)``). :class:`AlertSink` does the unpacking and
 the severity filter; a subclass implements ``send(event)`` (and ``send_summary(summary)``), which must return
 quickly (anything slow belongs on a thread, like :class:`~gradwatch.WebhookSink`). Optionally

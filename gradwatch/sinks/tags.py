@@ -41,6 +41,10 @@ class Tags:
     ``"gradwatch.layers/grad_norm/conv1"``). The namespace is what ``prefix`` options give; it holds no ``/``
     (TensorBoard groups cards by the text before the first one).
 
+    Args:
+        namespace: the namespace, as the ``prefix`` option gives it (``""``: sections ``health/``,
+            ``layers/``, ...).
+
     Raises:
         TypeError, ValueError: a namespace that is not a str, or holds a ``/``.
     """

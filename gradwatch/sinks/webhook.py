@@ -47,7 +47,7 @@ class WebhookSink(AlertSink):
     ``format="slack"`` posts ``{"text": "..."}`` (Slack / Mattermost / Discord-compatible incoming webhooks):
     one message per logging step with that step's events (opened, escalated, reminder, resolved), and one
     summary at the end of the run when it had an incident at ``min_severity`` or above. ``format="json"``
-    posts one object per event (:meth:`IncidentEvent.to_dict <gradwatch.IncidentEvent.to_dict>`: ``event``,
+    posts one object per event (:meth:`IncidentEvent.to_dict <gradwatch.alerts.IncidentEvent.to_dict>`: ``event``,
     ``incident`` id, ``state``, ``severity``, values, message, hint) plus ``"source"`` and ``"held_back"``, so a
     receiver can update the incident rather than append; the summary as ``{"event": "summary", ...}``.
 
