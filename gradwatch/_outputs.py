@@ -48,7 +48,9 @@ class Outputs:
         self._order: ForwardOrder | None = None
         self.owned: list[Sink] = []  # the sinks opened here (closed at close(); the user's are only flushed)
         self._owns_writer = log_dir is not None and rank_zero
-        self.writer: Any = open_writer(log_dir) if log_dir is not None and rank_zero else (writer if rank_zero else None)
+        self.writer: Any = None  # only rank 0 writes
+        if rank_zero:
+            self.writer = open_writer(log_dir) if log_dir is not None else writer
         try:
             self._open(cfg, model, rules, log_dir, writer, rank_zero)
         except BaseException:  # leave nothing behind: no forward hook, no writer thread
@@ -59,11 +61,15 @@ class Outputs:
               rank_zero: bool) -> None:
         owned = self.owned
         if self.writer is not None:
-            owned.append(TensorBoardSink(self.writer, prefix=cfg.prefix, histograms=cfg.histograms, pictures=cfg.pictures))
+            owned.append(TensorBoardSink(self.writer, prefix=cfg.prefix, histograms=cfg.histograms,
+                                         pictures=cfg.pictures))
         user: list[Sink] = []
         if rules:
             given = cfg.alerts_path  # a str (Config applies os.fspath), False (none) or None (the default place)
-            path = default_path(log_dir, self.writer or writer) if given is None else (os.fspath(given) if given else None)
+            if given is None:
+                path = default_path(log_dir, self.writer or writer)
+            else:
+                path = os.fspath(given) if given else None
             tracker = IncidentTracker(remind_after=cfg.remind_after, backoff=cfg.remind_backoff,
                                       resolve_after=cfg.resolve_after, remind_steps=cfg.remind_steps)
             self.engine = AlertEngine(rules, kinds=self._kinds, on_critical=cfg.on_critical, tracker=tracker,

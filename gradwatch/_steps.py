@@ -75,7 +75,10 @@ class GradMark:
 
     def _mark(self) -> None:
         grads = [p.grad for p in self._params]
-        self._seen = None if any(g is None for g in grads) else [(weakref.ref(g), g._version) for g in grads if g is not None]
+        if any(g is None for g in grads):
+            self._seen = None
+        else:
+            self._seen = [(weakref.ref(g), g._version) for g in grads if g is not None]
 
     def _unchanged(self) -> bool:
         """True only when both gradients are the very tensors of the last mark, unchanged since."""

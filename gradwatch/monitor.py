@@ -60,10 +60,10 @@ class Monitor:
 
     and the same over the whole model under the name ``_global``; with block flow, six metrics per residual
     block (``docs/flow.md``). Norms of steps that do not log are not computed: ``step()`` / the optimizer hook
-    costs an integer comparison and a few attribute reads, and with block flow on (default ``blocks="auto"``) each residual block's
-    forward hook runs one integer check per forward (every module carries a discovery pre/post hook pair until
-    the first logging step's forward has examined it). Norms are fused (``torch._foreach_norm``), computed in
-    float32, and moved to the host once per logging step.
+    costs an integer comparison and a few attribute reads, and with block flow on (default ``blocks="auto"``)
+    each residual block's forward hook runs one integer check per forward (every module carries a discovery
+    pre/post hook pair until the first logging step's forward has examined it). Norms are fused
+    (``torch._foreach_norm``), computed in float32, and moved to the host once per logging step.
 
     Each logging step becomes one :class:`~gradwatch.StepRecord`: the alert rules run on it, then it goes to
     every sink — the history (:meth:`history`), TensorBoard, the alert sinks and yours (``sinks=``); the
