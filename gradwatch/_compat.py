@@ -42,9 +42,13 @@ def is_dtensor(t: Any) -> TypeGuard[DTensor]:
 
 
 def is_shard(placement: Any) -> bool:
-    """Whether a DTensor ``placement`` is a ``Shard`` (the tensor is split along that mesh dimension)."""
+    """Whether a DTensor ``placement`` splits the tensor along that mesh dimension: a ``Shard``, or the
+    ``_StridedShard`` FSDP2 uses on the data-parallel dimension of a tensor-parallel parameter (not a
+    ``Shard`` subclass, and its ``is_shard()`` says False)."""
     cls = _loaded(_DTENSOR_MODULES, "Shard")
-    return cls is not None and isinstance(placement, cls)
+    strided = _loaded(("torch.distributed.tensor.placement_types", "torch.distributed._tensor.placement_types"),
+                      "_StridedShard")
+    return (cls is not None and isinstance(placement, cls)) or (strided is not None and isinstance(placement, strided))
 
 
 def is_optimized_module(module: Any) -> bool:

@@ -140,7 +140,7 @@ def test_monitoring_code_never_imports_the_reference_nets_or_frameworks():
 
 def test_private_torch_apis_are_used_only_in_compat():
     private = re.compile(r"torch\.(_dynamo|_C\b|utils\._pytree|_foreach_)|_NormBase|_get_file_writer|"
-                         r"_step_supports_amp_scaling|_get_scale_async")
+                         r"_step_supports_amp_scaling|_get_scale_async|_StridedShard")
     for module, path in _modules().items():
         if module == "gradwatch._compat":
             continue

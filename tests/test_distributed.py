@@ -250,3 +250,107 @@ def test_fsdp2_monitor_equals_unsharded_with_one_all_reduce(tmp_path, events):
     mp.spawn(_fsdp_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
     assert set(events(str(tmp_path / "rank0"))["scalars"]["gradwatch.layers/grad_norm/_global"]) == {0, 1, 2}
     assert not (tmp_path / "rank1").exists()  # the raw Monitor logs on rank 0 only
+
+
+# ---------------------------------------------------------------------------------------------- 2-D meshes
+def _mlp_ln(hidden: int) -> nn.Module:
+    torch.manual_seed(0)
+    # the LayerNorm and the head stay replicated over TP
+    return nn.Sequential(nn.Linear(10, hidden), nn.ReLU(), nn.Linear(hidden, 16), nn.LayerNorm(16), nn.Linear(16, 1))
+
+
+def _mesh_worker(rank: int, port: int, layout: str, out: str) -> None:
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    import gradwatch
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=4)
+    try:
+        # 33 hidden units shard unevenly over HSDP's 2 shards (17 + 16 rows); 34 split evenly over TP (tensor
+        # parallel needs it) and then unevenly over FSDP's dp shards (9 + 8 rows)
+        hidden = {"hsdp": 33, "fsdp_tp": 34, "tp": 36}[layout]
+        ref = _mlp_ln(hidden).double()  # the unsharded model in float64, on the global batch
+        model = _mlp_ln(hidden)
+        if layout == "hsdp":  # replicate x shard: all four ranks are data parallel
+            mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard"))
+            for layer in (model[0], model[2], model[4]):
+                fully_shard(layer, mesh=mesh)
+            fully_shard(model, mesh=mesh)
+            dp_rank, dp_size = rank, 4
+        elif layout == "tp":  # tensor parallel alone over 4 ranks; the LayerNorm and the head stay plain tensors
+            from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+            mesh = init_device_mesh("cpu", (4,), mesh_dim_names=("tp",))
+            parallelize_module(model, mesh, {"0": ColwiseParallel(), "2": RowwiseParallel()})
+            dp_rank, dp_size = 0, 1
+        else:  # FSDP over "dp" x tensor parallel over "tp": ranks of one dp coordinate see the same batch
+            from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+            mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+            parallelize_module(model, mesh["tp"], {"0": ColwiseParallel(), "2": RowwiseParallel()})
+            for layer in (model[0], model[2], model[4]):
+                fully_shard(layer, mesh=mesh["dp"])
+            fully_shard(model, mesh=mesh["dp"])
+            dp_rank, dp_size = mesh.get_local_rank("dp"), 2
+        mon = gradwatch.Monitor(model, every=2, blocks=None, strict=True, log_dir=os.path.join(out, f"rank{rank}"))
+        ref_mon = gradwatch.Monitor(ref, every=2, blocks=None, strict=True)
+        calls: list[int] = []
+        real = dist.all_reduce
+
+        def counting(*args, **kwargs):
+            calls.append(1)
+            return real(*args, **kwargs)
+
+        g = torch.Generator().manual_seed(1)
+        for step in range(4):
+            x, y = torch.randn(8, 10, generator=g), torch.randn(8, 1, generator=g)
+            part = slice(8 // dp_size * dp_rank, 8 // dp_size * (dp_rank + 1))
+            nn.functional.mse_loss(model(x[part]), y[part]).backward()
+            nn.functional.mse_loss(ref(x.double()), y.double()).backward()
+            dist.all_reduce = counting
+            try:
+                mon.step()
+            finally:
+                dist.all_reduce = real
+            expected = 0 if step % 2 else (2 if layout == "fsdp_tp" else 1)  # one per mesh dimension split along
+            assert len(calls) == expected, f"{layout}: step {step} made {len(calls)} all_reduce calls"
+            calls.clear()
+            ref_mon.step()
+            for m in (model, ref):
+                with torch.no_grad():
+                    for p in m.parameters():
+                        p -= 0.1 * p.grad
+                m.zero_grad()
+        mon.close()
+        want = ref_mon.history().set_index(["step", "name", "metric"]).value
+        got = mon.history().set_index(["step", "name", "metric"]).value
+        assert set(got.index) == set(want.index), (layout, sorted(set(got.index) ^ set(want.index))[:5])
+        err = ((got - want.reindex(got.index)).abs() / want.reindex(got.index).abs().clip(lower=1e-12))
+        assert err.max() < RTOL, f"{layout}: off by {err.max():.2e} at {err.idxmax()}"
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", ["hsdp", "fsdp_tp", "tp"])
+def test_two_dimensional_meshes_give_the_unsharded_values_with_one_all_reduce_per_split_dimension(layout, tmp_path):
+    """HSDP (replicate x shard) and FSDP x tensor parallel on a 2 x 2 mesh of 4 gloo processes, and tensor
+    parallel alone over 4 (its LayerNorm and head plain tensors beside DTensors): every layer's norms equal the
+    float64 unsharded model's on the global batch. Squares are summed over exactly the mesh
+    dimensions a tensor is split along (not over HSDP's replicas, not over TP for a LayerNorm or a head
+    replicated there): one all_reduce per such dimension on a logging step, none on the others."""
+    import torch.distributed as dist
+    import torch.multiprocessing as mp
+
+    if not dist.is_available():
+        pytest.skip("torch built without distributed")
+    pytest.importorskip("torch.distributed.tensor.parallel")
+    from torch.distributed import fsdp
+
+    if not hasattr(fsdp, "fully_shard"):
+        pytest.skip("this torch has no FSDP2 fully_shard")
+    mp.spawn(_mesh_worker, args=(_free_port(), layout, str(tmp_path)), nprocs=4, join=True)

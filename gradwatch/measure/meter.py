@@ -5,8 +5,9 @@ can snapshot weights before ``optimizer.step()`` and read the update after it:
 
 - :meth:`Meter.begin`: fused squared norms of the gradients and weights, on the device (no host sync);
 - :meth:`Meter.finish`: the update norms, block-flow norms and AMP overflow flag joined into ONE vector,
-  at most ONE ``all_reduce`` (sharded parameters, ranks' flow norms), ONE device-to-host transfer, then per
-  layer sums and ratios in numpy.
+  one ``all_reduce`` per mesh dimension the parameters are split along (plus one over the world for the ranks'
+  flow norms when none of those spans it), ONE device-to-host transfer, then per layer sums and ratios in
+  numpy.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import torch.distributed as dist
 from .._compat import scale_tensor, unscales_in_step
 from ..flow import FlowBatch, flow_metrics
 from .layers import Selection
-from .norms import NormPlan, is_sharded, local_tensor, reduce_squared, safe_ratio, segment_sum, squared_norms
+from .norms import NormPlan, local_tensor, reduce_squared, safe_ratio, segment_sum, shard_dims, squared_norms
 from ..names import short_list
 from ..record import StepRecord
 
@@ -74,13 +75,31 @@ class _Layout:
         self.whole = len(kept) == len(selection.params)
         self.kept = kept
         params = self.params(selection)
-        self.sharded = [is_sharded(p) for p in params]
+        # One (mesh, dimension) per way the parameters are split, with which parameters are split along it:
+        # their squares are summed over that dimension's ranks, and over no dimension they are replicated on.
+        # Keyed by the ranks that dimension's group holds: each parameter may carry its own mesh object (FSDP2
+        # per module), and summing one group's entries twice would double them.
+        split: dict[tuple[int, ...], tuple[Any, int, list[bool]]] = {}
+        for i, p in enumerate(params):
+            for mesh, dim in shard_dims(p):
+                ranks = tuple(dist.get_process_group_ranks(mesh.get_group(dim)))
+                split.setdefault(ranks, (mesh, dim, [False] * len(params)))[2][i] = True
+        self.splits = list(split.values())
+        self._sums: dict[tuple[int, int, bool], list[tuple[Any, bool, torch.Tensor]]] = {}
         self.local = any(local_tensor(p) is not p for p in params)  # DTensors: measure their local shards
         self.plan = NormPlan([local_tensor(p) for p in params])
         n = len(selection.names)
         self.seg = np.asarray([selection.segments[i] for i in kept], dtype=np.int64)
         self.present = np.bincount(self.seg, minlength=n) > 0
         self.layers = tuple(selection.names[j] for j in np.flatnonzero(self.present))
+
+    def sums(self, n_parts: int, n_flow: int, sync: bool,
+             device: torch.device) -> list[tuple[Any, bool, torch.Tensor]]:
+        """The groups a logging step's vector is summed over (:func:`_sums`), worked out once per shape."""
+        key = (n_parts, n_flow, sync)
+        if key not in self._sums:
+            self._sums[key] = _sums(self.splits, n_parts, n_parts * len(self.kept), n_flow, sync, device)
+        return self._sums[key]
 
     def params(self, selection: Selection) -> Sequence[torch.Tensor]:
         """The measured parameters (the selection's own list when every one is measured: no copy)."""
@@ -161,7 +180,7 @@ class Meter:
         if pending.snapshot and layout is not None:  # a snapshot implies a layout (something was measured)
             parts.append(layout.plan.squared_change(layout.tensors(layout.params(sel))))
         flow = pending.flow.values if pending.flow is not None else None
-        stacked, n_flow = self._join(parts, flow, layout.sharded if layout is not None else [])
+        stacked, n_flow = self._join(parts, flow, layout)
         if pending.found_inf is not None:
             found = pending.found_inf.detach().reshape(1).to(device=stacked.device, dtype=stacked.dtype)
             stacked = torch.cat([stacked, found])
@@ -181,8 +200,9 @@ class Meter:
         return StepRecord.build(pending.step, layers, columns, whole, blocks, block_columns)
 
     def _join(self, parts: list[torch.Tensor], flow: torch.Tensor | None,
-              sharded: list[bool]) -> tuple[torch.Tensor, int]:
-        """Parameter and flow norms in one vector, all-reduced once when something is sharded or synced."""
+              layout: _Layout | None) -> tuple[torch.Tensor, int]:
+        """Parameter and flow norms in one vector, all-reduced once per mesh dimension the parameters are split
+        along (and once over the world for the flow norms, unless one of those dimensions spans it)."""
         stacked = torch.cat(parts) if parts else torch.zeros(0, device=flow.device if flow is not None else None)
         n_flow = 0 if flow is None else flow.numel()
         sync = bool(n_flow) and self.sync_ranks and dist.is_available() and dist.is_initialized()
@@ -192,9 +212,10 @@ class Meter:
             if sync:  # each rank saw its own activations: mean of the squared norms over ranks
                 flow = flow.square() / dist.get_world_size()
             stacked = torch.cat([stacked.to(dtype), flow])
-        if any(sharded) or sync:
-            mask = torch.tensor(sharded * len(parts) + [sync] * n_flow, device=stacked.device)
-            stacked = reduce_squared(stacked, mask)
+        if (layout is not None and layout.splits) or sync:
+            sums = layout.sums(len(parts), n_flow, sync, stacked.device) if layout is not None else \
+                _sums([], 0, stacked.numel() - n_flow, n_flow, sync, stacked.device)
+            stacked = reduce_squared(stacked, sums)
             if sync:
                 stacked = torch.cat([stacked[:-n_flow], stacked[-n_flow:].sqrt()])
         return stacked, n_flow
@@ -228,3 +249,20 @@ class Meter:
             log.info("gradwatch: %d parameter(s) have no gradient (.grad is None) and are skipped: %s",
                      len(new), short_list(new))
 
+
+def _sums(splits: list[tuple[Any, int, list[bool]]], n_parts: int, n_params: int, n_flow: int, sync: bool,
+          device: torch.device) -> list[tuple[Any, bool, torch.Tensor]]:
+    """The groups :func:`~gradwatch.measure.norms.reduce_squared` sums over, in order: the flow norms over the
+    world first (each rank's own), folded into a mesh dimension that spans the world when there is one (1-D
+    FSDP: one collective for both), then one per mesh dimension the parameters are split along."""
+    world = dist.get_world_size()
+    out: list[tuple[Any, bool, torch.Tensor]] = []
+    spans = next((i for i, (mesh, dim, _) in enumerate(splits) if mesh.size(dim) == world), None) if sync else None
+    if sync and spans is None:
+        mask = torch.tensor([False] * n_params + [True] * n_flow, device=device)
+        out.append((None, dist.get_rank() == 0, mask))
+    for i, (mesh, dim, which) in enumerate(splits):
+        mask = torch.tensor(which * n_parts + [i == spans] * n_flow, device=device)
+        entry = (mesh.get_group(dim), mesh.get_local_rank(dim) == 0, mask)
+        out.insert(len(out) if i != spans else 0, entry)  # the flow's sum over the world comes first
+    return out
