@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import glob
 import importlib.util
@@ -17,6 +18,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -28,6 +30,26 @@ pytestmark = pytest.mark.slow
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RTOL = 1e-5
+
+
+@contextlib.contextmanager
+def _all_reduces() -> Iterator[list[int]]:
+    """Counts the ``torch.distributed.all_reduce`` calls made inside the block (gradwatch looks it up on the
+    module at each call)."""
+    import torch.distributed as dist
+
+    calls: list[int] = []
+    real = dist.all_reduce
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    dist.all_reduce = counting
+    try:
+        yield calls
+    finally:
+        dist.all_reduce = real
 
 
 def _free_port() -> int:
@@ -194,28 +216,17 @@ def _fsdp_worker(rank: int, port: int, out: str) -> None:
         ref_mon = gradwatch.Monitor(ref, optimizer=ref_opt, every=1)
         plain = gradwatch.Monitor(model, every=1)  # the step() path, no optimizer, no update_to_weight
 
-        calls = []
-        real_all_reduce = dist.all_reduce
-
-        def counting(*args, **kwargs):
-            calls.append(1)
-            return real_all_reduce(*args, **kwargs)
-
         g = torch.Generator().manual_seed(1)
         for step in range(3):
             x, y = torch.randn(8, 10, generator=g), torch.randn(8, 1, generator=g)
             local = slice(4 * rank, 4 * rank + 4)
             nn.functional.mse_loss(model(x[local]), y[local]).backward()
             nn.functional.mse_loss(ref(x), y).backward()  # FSDP2 averages grads over ranks: the global batch
-            dist.all_reduce = counting
-            try:
+            with _all_reduces() as calls:
                 plain.step()
                 assert len(calls) == 1, f"step() made {len(calls)} all_reduce calls"
                 opt.step()
                 assert len(calls) == 2, f"optimizer.step() measurement made {len(calls) - 1} all_reduce calls"
-            finally:
-                dist.all_reduce = real_all_reduce
-                calls.clear()
             ref_opt.step()
             opt.zero_grad()
             ref_opt.zero_grad()
@@ -297,27 +308,16 @@ def _mesh_worker(rank: int, port: int, layout: str, out: str) -> None:
             dp_rank, dp_size = mesh.get_local_rank("dp"), 2
         mon = gradwatch.Monitor(model, every=2, blocks=None, strict=True, log_dir=os.path.join(out, f"rank{rank}"))
         ref_mon = gradwatch.Monitor(ref, every=2, blocks=None, strict=True)
-        calls: list[int] = []
-        real = dist.all_reduce
-
-        def counting(*args, **kwargs):
-            calls.append(1)
-            return real(*args, **kwargs)
-
         g = torch.Generator().manual_seed(1)
         for step in range(4):
             x, y = torch.randn(8, 10, generator=g), torch.randn(8, 1, generator=g)
             part = slice(8 // dp_size * dp_rank, 8 // dp_size * (dp_rank + 1))
             nn.functional.mse_loss(model(x[part]), y[part]).backward()
             nn.functional.mse_loss(ref(x.double()), y.double()).backward()
-            dist.all_reduce = counting
-            try:
+            with _all_reduces() as calls:
                 mon.step()
-            finally:
-                dist.all_reduce = real
             expected = 0 if step % 2 else (2 if layout == "fsdp_tp" else 1)  # one per mesh dimension split along
             assert len(calls) == expected, f"{layout}: step {step} made {len(calls)} all_reduce calls"
-            calls.clear()
             ref_mon.step()
             for m in (model, ref):
                 with torch.no_grad():
