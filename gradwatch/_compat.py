@@ -16,7 +16,7 @@ if TYPE_CHECKING:  # for the type checker only: importing it costs ~0.5 s (see b
     from torch.distributed.tensor import DTensor
 
 __all__ = [
-    "is_dtensor", "is_shard", "is_optimized_module", "NORM_TYPES", "is_compiling", "is_compiled", "in_backward", "tree_tensors",
+    "is_dtensor", "is_shard", "is_replicate", "partial_op", "is_optimized_module", "NORM_TYPES", "is_compiling", "is_compiled", "in_backward", "tree_tensors",
     "foreach_norm_f32", "vector_norm_f32", "foreach_sub_", "foreach_copy", "foreach_copy_", "unscales_in_step", "scale_tensor", "event_file_writer",
     "event_file_path", "detach_event_files", "reopen_event_file",
 ]
@@ -49,6 +49,21 @@ def is_shard(placement: Any) -> bool:
     strided = _loaded(("torch.distributed.tensor.placement_types", "torch.distributed._tensor.placement_types"),
                       "_StridedShard")
     return (cls is not None and isinstance(placement, cls)) or (strided is not None and isinstance(placement, strided))
+
+
+def is_replicate(placement: Any) -> bool:
+    """Whether a DTensor ``placement`` holds the whole tensor on every rank of that mesh dimension."""
+    cls = _loaded(_DTENSOR_MODULES, "Replicate")
+    return cls is not None and isinstance(placement, cls)
+
+
+def partial_op(placement: Any) -> str | None:
+    """The reduction (``"sum"``, ``"avg"``, ...) of a ``Partial`` placement: each rank holds a term of the
+    tensor, not a piece (a LayerNorm's gradient under sequence parallel); None for any other placement."""
+    cls = _loaded(_DTENSOR_MODULES, "Partial")
+    if cls is None or not isinstance(placement, cls):
+        return None
+    return str(getattr(placement, "reduce_op", "sum"))
 
 
 def is_optimized_module(module: Any) -> bool:

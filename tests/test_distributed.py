@@ -270,81 +270,101 @@ def _mlp_ln(hidden: int) -> nn.Module:
     return nn.Sequential(nn.Linear(10, hidden), nn.ReLU(), nn.Linear(hidden, 16), nn.LayerNorm(16), nn.Linear(16, 1))
 
 
-def _mesh_worker(rank: int, port: int, layout: str, out: str) -> None:
+def _spawn4(worker, layouts: list[str], out: str) -> None:
+    """Runs ``worker(rank, layout, out)`` for each layout in turn on 4 gloo processes started once (starting
+    them costs more than a layout's run)."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_in_group, args=(_free_port(), worker, layouts, out), nprocs=4, join=True)
+
+
+def _in_group(rank: int, port: int, worker, layouts: list[str], out: str) -> None:
     import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=4)
+    try:
+        for layout in layouts:
+            worker(rank, layout, os.path.join(out, layout))
+            dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def _mesh_worker(rank: int, layout: str, out: str) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     import gradwatch
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=4)
-    try:
-        # 33 hidden units shard unevenly over HSDP's 2 shards (17 + 16 rows); 34 split evenly over TP (tensor
-        # parallel needs it) and then unevenly over FSDP's dp shards (9 + 8 rows)
-        hidden = {"hsdp": 33, "fsdp_tp": 34, "tp": 36}[layout]
-        ref = _mlp_ln(hidden).double()  # the unsharded model in float64, on the global batch
-        model = _mlp_ln(hidden)
-        if layout == "hsdp":  # replicate x shard: all four ranks are data parallel
-            mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard"))
-            for layer in (model[0], model[2], model[4]):
-                fully_shard(layer, mesh=mesh)
-            fully_shard(model, mesh=mesh)
-            dp_rank, dp_size = rank, 4
-        elif layout == "tp":  # tensor parallel alone over 4 ranks; the LayerNorm and the head stay plain tensors
-            from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+    # 33 hidden units shard unevenly over HSDP's 2 shards (17 + 16 rows); 34 split evenly over TP (tensor
+    # parallel needs it) and then unevenly over FSDP's dp shards (9 + 8 rows)
+    hidden = {"hsdp": 33, "fsdp_tp": 34, "tp": 36}[layout]
+    ref = _mlp_ln(hidden).double()  # the unsharded model in float64, on the global batch
+    model = _mlp_ln(hidden)
+    if layout == "hsdp":  # replicate x shard: all four ranks are data parallel
+        mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard"))
+        for layer in (model[0], model[2], model[4]):
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        dp_rank, dp_size = rank, 4
+    elif layout == "tp":  # tensor parallel alone over 4 ranks; the LayerNorm and the head stay plain tensors
+        from torch.distributed.tensor.parallel import (
+            ColwiseParallel,
+            RowwiseParallel,
+            parallelize_module,
+        )
 
-            mesh = init_device_mesh("cpu", (4,), mesh_dim_names=("tp",))
-            parallelize_module(model, mesh, {"0": ColwiseParallel(), "2": RowwiseParallel()})
-            dp_rank, dp_size = 0, 1
-        else:  # FSDP over "dp" x tensor parallel over "tp": ranks of one dp coordinate see the same batch
-            from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+        mesh = init_device_mesh("cpu", (4,), mesh_dim_names=("tp",))
+        parallelize_module(model, mesh, {"0": ColwiseParallel(), "2": RowwiseParallel()})
+        dp_rank, dp_size = 0, 1
+    else:  # FSDP over "dp" x tensor parallel over "tp": ranks of one dp coordinate see the same batch
+        from torch.distributed.tensor.parallel import (
+            ColwiseParallel,
+            RowwiseParallel,
+            parallelize_module,
+        )
 
-            mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
-            parallelize_module(model, mesh["tp"], {"0": ColwiseParallel(), "2": RowwiseParallel()})
-            for layer in (model[0], model[2], model[4]):
-                fully_shard(layer, mesh=mesh["dp"])
-            fully_shard(model, mesh=mesh["dp"])
-            dp_rank, dp_size = mesh.get_local_rank("dp"), 2
-        mon = gradwatch.Monitor(model, every=2, blocks=None, strict=True, log_dir=os.path.join(out, f"rank{rank}"))
-        ref_mon = gradwatch.Monitor(ref, every=2, blocks=None, strict=True)
-        g = torch.Generator().manual_seed(1)
-        for step in range(4):
-            x, y = torch.randn(8, 10, generator=g), torch.randn(8, 1, generator=g)
-            part = slice(8 // dp_size * dp_rank, 8 // dp_size * (dp_rank + 1))
-            nn.functional.mse_loss(model(x[part]), y[part]).backward()
-            nn.functional.mse_loss(ref(x.double()), y.double()).backward()
-            with _all_reduces() as calls:
-                mon.step()
-            expected = 0 if step % 2 else (2 if layout == "fsdp_tp" else 1)  # one per mesh dimension split along
-            assert len(calls) == expected, f"{layout}: step {step} made {len(calls)} all_reduce calls"
-            ref_mon.step()
-            for m in (model, ref):
-                with torch.no_grad():
-                    for p in m.parameters():
-                        p -= 0.1 * p.grad
-                m.zero_grad()
-        mon.close()
-        want = ref_mon.history().set_index(["step", "name", "metric"]).value
-        got = mon.history().set_index(["step", "name", "metric"]).value
-        assert set(got.index) == set(want.index), (layout, sorted(set(got.index) ^ set(want.index))[:5])
-        err = ((got - want.reindex(got.index)).abs() / want.reindex(got.index).abs().clip(lower=1e-12))
-        assert err.max() < RTOL, f"{layout}: off by {err.max():.2e} at {err.idxmax()}"
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+        mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+        parallelize_module(model, mesh["tp"], {"0": ColwiseParallel(), "2": RowwiseParallel()})
+        for layer in (model[0], model[2], model[4]):
+            fully_shard(layer, mesh=mesh["dp"])
+        fully_shard(model, mesh=mesh["dp"])
+        dp_rank, dp_size = mesh.get_local_rank("dp"), 2
+    mon = gradwatch.Monitor(model, every=2, blocks=None, strict=True, log_dir=os.path.join(out, f"rank{rank}"))
+    ref_mon = gradwatch.Monitor(ref, every=2, blocks=None, strict=True)
+    g = torch.Generator().manual_seed(1)
+    for step in range(4):
+        x, y = torch.randn(8, 10, generator=g), torch.randn(8, 1, generator=g)
+        part = slice(8 // dp_size * dp_rank, 8 // dp_size * (dp_rank + 1))
+        nn.functional.mse_loss(model(x[part]), y[part]).backward()
+        nn.functional.mse_loss(ref(x.double()), y.double()).backward()
+        with _all_reduces() as calls:
+            mon.step()
+        expected = 0 if step % 2 else (2 if layout == "fsdp_tp" else 1)  # one per mesh dimension split along
+        assert len(calls) == expected, f"{layout}: step {step} made {len(calls)} all_reduce calls"
+        ref_mon.step()
+        for m in (model, ref):
+            with torch.no_grad():
+                for p in m.parameters():
+                    p -= 0.1 * p.grad
+            m.zero_grad()
+    mon.close()
+    want = ref_mon.history().set_index(["step", "name", "metric"]).value
+    got = mon.history().set_index(["step", "name", "metric"]).value
+    assert set(got.index) == set(want.index), (layout, sorted(set(got.index) ^ set(want.index))[:5])
+    err = ((got - want.reindex(got.index)).abs() / want.reindex(got.index).abs().clip(lower=1e-12))
+    assert err.max() < RTOL, f"{layout}: off by {err.max():.2e} at {err.idxmax()}"
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", ["hsdp", "fsdp_tp", "tp"])
-def test_two_dimensional_meshes_give_the_unsharded_values_with_one_all_reduce_per_split_dimension(layout, tmp_path):
+def test_two_dimensional_meshes_give_the_unsharded_values_with_one_all_reduce_per_split_dimension(tmp_path):
     """HSDP (replicate x shard) and FSDP x tensor parallel on a 2 x 2 mesh of 4 gloo processes, and tensor
     parallel alone over 4 (its LayerNorm and head plain tensors beside DTensors): every layer's norms equal the
     float64 unsharded model's on the global batch. Squares are summed over exactly the mesh
     dimensions a tensor is split along (not over HSDP's replicas, not over TP for a LayerNorm or a head
     replicated there): one all_reduce per such dimension on a logging step, none on the others."""
     import torch.distributed as dist
-    import torch.multiprocessing as mp
 
     if not dist.is_available():
         pytest.skip("torch built without distributed")
@@ -353,4 +373,161 @@ def test_two_dimensional_meshes_give_the_unsharded_values_with_one_all_reduce_pe
 
     if not hasattr(fsdp, "fully_shard"):
         pytest.skip("this torch has no FSDP2 fully_shard")
-    mp.spawn(_mesh_worker, args=(_free_port(), layout, str(tmp_path)), nprocs=4, join=True)
+    _spawn4(_mesh_worker, ["hsdp", "fsdp_tp", "tp"], str(tmp_path))
+
+
+# ---------------------------------------------------------------------------------------------- transformer
+class _Attention(nn.Module):
+    """Causal self-attention that reads its head count from the local width (tensor parallel splits heads)."""
+
+    def __init__(self, dim: int, head_dim: int) -> None:
+        super().__init__()
+        self.head_dim = head_dim
+        self.wq, self.wk, self.wv, self.wo = (nn.Linear(dim, dim, bias=False) for _ in range(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t = x.shape[:2]
+        q, k, v = (w(x).view(b, t, -1, self.head_dim).transpose(1, 2) for w in (self.wq, self.wk, self.wv))
+        y = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.wo(y.transpose(1, 2).reshape(b, t, -1))
+
+
+class _Block(nn.Module):
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.attn = _Attention(dim, head_dim=4)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x))
+        return x + self.mlp(self.ln2(x))
+
+
+class _GPT(nn.Module):
+    """A small pre-LN decoder: embedding, 2 blocks (2 residual merges each), final norm, head."""
+
+    def __init__(self, vocab: int = 32, dim: int = 16, depth: int = 2) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.Embedding(vocab, dim)
+        self.blocks = nn.ModuleList(_Block(dim) for _ in range(depth))
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, vocab, bias=False)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        x = self.emb(idx)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.norm(x))
+
+
+def _tensor_parallel(model: _GPT, mesh, sequence: bool) -> None:
+    """torchtitan's plan: Colwise q/k/v and MLP in, Rowwise out; with ``sequence`` the residual stream and the
+    norms are split along the sequence (SequenceParallel), else replicated over the TP ranks."""
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        PrepareModuleInput,
+        RowwiseParallel,
+        SequenceParallel,
+        parallelize_module,
+    )
+
+    stream = Shard(1) if sequence else Replicate()
+    top = {"emb": RowwiseParallel(input_layouts=Replicate(), output_layouts=stream),
+           "head": ColwiseParallel(input_layouts=stream, output_layouts=Replicate())}
+    if sequence:
+        top["norm"] = SequenceParallel()
+    parallelize_module(model, mesh, top)
+    for block in model.blocks:
+        plan = {
+            "attn": PrepareModuleInput(input_layouts=(stream,), desired_input_layouts=(Replicate(),)),
+            "attn.wq": ColwiseParallel(), "attn.wk": ColwiseParallel(), "attn.wv": ColwiseParallel(),
+            "attn.wo": RowwiseParallel(output_layouts=stream),
+            "mlp": PrepareModuleInput(input_layouts=(stream,), desired_input_layouts=(Replicate(),)),
+            "mlp.0": ColwiseParallel(), "mlp.2": RowwiseParallel(output_layouts=stream),
+        }
+        if sequence:
+            plan.update({"ln1": SequenceParallel(), "ln2": SequenceParallel()})
+        parallelize_module(block, mesh, plan)
+
+
+def _transformer_worker(rank: int, layout: str, out: str) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    import gradwatch
+
+    ref, model = _GPT().double(), _GPT()
+    if layout == "tp_sp":  # tensor + sequence parallel over all 4 ranks: LayerNorm gradients are Partial
+        mesh = init_device_mesh("cpu", (4,), mesh_dim_names=("tp",))
+        _tensor_parallel(model, mesh, sequence=True)
+        dp_rank, dp_size = 0, 1
+    elif layout == "hsdp":
+        mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard"))
+        for block in model.blocks:
+            fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        dp_rank, dp_size = rank, 4
+    else:  # FSDP over "dp" x tensor parallel over "tp", with or without sequence parallel
+        mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+        _tensor_parallel(model, mesh["tp"], sequence=layout == "fsdp_tp_sp")
+        for block in model.blocks:
+            fully_shard(block, mesh=mesh["dp"])
+        fully_shard(model, mesh=mesh["dp"])
+        dp_rank, dp_size = mesh.get_local_rank("dp"), 2
+    opt, ref_opt = torch.optim.SGD(model.parameters(), lr=0.1), torch.optim.SGD(ref.parameters(), lr=0.1)
+    mon = gradwatch.Monitor(model, optimizer=opt, every=2, strict=True, log_dir=os.path.join(out, f"rank{rank}"))
+    ref_mon = gradwatch.Monitor(ref, optimizer=ref_opt, every=2, strict=True)
+    g = torch.Generator().manual_seed(1)
+    for step in range(4):
+        idx, target = torch.randint(0, 32, (8, 8), generator=g), torch.randint(0, 32, (8, 8), generator=g)
+        part = slice(8 // dp_size * dp_rank, 8 // dp_size * (dp_rank + 1))
+        nn.functional.cross_entropy(model(idx[part]).flatten(0, 1), target[part].flatten()).backward()
+        nn.functional.cross_entropy(ref(idx).flatten(0, 1), target.flatten()).backward()
+        with _all_reduces() as calls:
+            opt.step()
+        # one per mesh dimension split along (the flow norms ride along when those reach every rank, else
+        # one more over the world), one for Partial gradients; on the first logging step one per
+        # model-parallel dimension reads whether the residual stream is replicated or split there
+        per_step = {"hsdp": 2, "fsdp_tp": 2, "fsdp_tp_sp": 2, "tp_sp": 2}[layout]
+        first = 0 if layout == "hsdp" else 1
+        expected = 0 if step % 2 else per_step + (first if step == 0 else 0)
+        assert len(calls) == expected, f"{layout}: step {step} made {len(calls)} all_reduce calls"
+        ref_opt.step()
+        opt.zero_grad()
+        ref_opt.zero_grad()
+    mon.close()
+    assert not mon.errors, mon.errors
+    blocks = set(mon.history().query("metric == 'skip_share'").name)
+    assert len(blocks) == 4, blocks  # 2 merges per transformer block
+    want = ref_mon.history().set_index(["step", "name", "metric"]).value
+    got = mon.history().set_index(["step", "name", "metric"]).value
+    assert set(got.index) == set(want.index), (layout, sorted(set(got.index) ^ set(want.index))[:5])
+    assert set(got.index.get_level_values("metric")) >= {"skip_grad", "branch_grad", "update_to_weight"}
+    err = ((got - want.reindex(got.index)).abs() / want.reindex(got.index).abs().clip(lower=1e-12))
+    # an update is a difference of float32 weights near 1 (LayerNorm): it carries ~1e-7 / lr*grad of
+    # rounding, as the unsharded float32 model's would
+    update = err.index.get_level_values("metric") == "update_to_weight"
+    assert err[~update].max() < RTOL, f"{layout}: off by {err[~update].max():.2e} at {err[~update].idxmax()}"
+    assert err[update].max() < 1e-4, f"{layout}: update off by {err[update].max():.2e} at {err[update].idxmax()}"
+
+
+@pytest.mark.slow
+def test_transformer_block_flow_and_layers_equal_the_unsharded_model(tmp_path):
+    """A pre-LN transformer on 4 gloo processes: FSDP x tensor parallel with sequence parallel (the residual
+    stream split along the sequence over TP: summed there) and without (replicated over TP: counted once),
+    HSDP (every rank its own micro-batch), and tensor + sequence parallel alone (LayerNorm gradients Partial).
+    Every layer's norms and ratios and every merge's flow norms equal the float64 unsharded model's on the
+    global batch; the all_reduce calls per logging step are counted."""
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        pytest.skip("torch built without distributed")
+    pytest.importorskip("torch.distributed.tensor.parallel")
+    from torch.distributed import fsdp
+
+    if not hasattr(fsdp, "fully_shard"):
+        pytest.skip("this torch has no FSDP2 fully_shard")
+    _spawn4(_transformer_worker, ["fsdp_tp_sp", "fsdp_tp", "hsdp", "tp_sp"], str(tmp_path))

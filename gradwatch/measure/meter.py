@@ -13,6 +13,7 @@ can snapshot weights before ``optimizer.step()`` and read the update after it:
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, cast
@@ -23,10 +24,14 @@ import torch.distributed as dist
 
 from .._compat import scale_tensor, unscales_in_step
 from ..flow import FlowBatch, flow_metrics
-from .layers import Selection
-from .norms import NormPlan, local_tensor, reduce_squared, safe_ratio, segment_sum, shard_dims, squared_norms
 from ..names import short_list
 from ..record import StepRecord
+from .layers import Selection
+from .norms import (
+    NormPlan, local_tensor, partial_dims, reduce_squared, safe_ratio, segment_sum, shard_dims, squared_norms,
+    summed_partials,
+)
+from .parallel import FlowWeights, Parallelism
 
 log = logging.getLogger("gradwatch")
 
@@ -69,36 +74,44 @@ _STRIDED = {torch.strided}
 class _Layout:
     """Everything about one set of measured parameters that does not change between logging steps, worked out
     once: per-tensor Python work (grouping, shard checks, segment ids) is what a logging step must not repeat
-    on a 1,000-tensor model."""
+    on a 1,000-tensor model. The placements of the gradients are read from the first step's: they follow from
+    the model and its parallel plan, not from the data."""
 
-    def __init__(self, selection: Selection, kept: list[int]) -> None:
+    def __init__(self, selection: Selection, kept: list[int], grads: Sequence[torch.Tensor]) -> None:
         self.whole = len(kept) == len(selection.params)
         self.kept = kept
         params = self.params(selection)
-        # One (mesh, dimension) per way the parameters are split, with which parameters are split along it:
-        # their squares are summed over that dimension's ranks, and over no dimension they are replicated on.
-        # Keyed by the ranks that dimension's group holds: each parameter may carry its own mesh object (FSDP2
-        # per module), and summing one group's entries twice would double them.
-        split: dict[tuple[int, ...], tuple[Any, int, list[bool]]] = {}
-        for i, p in enumerate(params):
-            for mesh, dim in shard_dims(p):
-                ranks = tuple(dist.get_process_group_ranks(mesh.get_group(dim)))
-                split.setdefault(ranks, (mesh, dim, [False] * len(params)))[2][i] = True
+        # One (mesh, dimension) per way the tensors are split, with which gradients and which weights are split
+        # along it: their squares are summed over that dimension's ranks, and over no dimension they are
+        # replicated on. A gradient may be placed unlike its weight (a Replicate gradient of a Shard(0)
+        # embedding under tensor parallel; a Partial one, summed first: summed_partials). Keyed by the ranks
+        # that dimension's group holds: each parameter may carry its own mesh object (FSDP2 per module), and
+        # summing one group's entries twice would double them.
+        split: dict[tuple[int, ...], tuple[Any, int, list[bool], list[bool]]] = {}
+        for row, tensors in enumerate((grads, params)):
+            for i, t in enumerate(tensors):
+                for mesh, dim in shard_dims(t):
+                    ranks = tuple(dist.get_process_group_ranks(mesh.get_group(dim)))
+                    entry = split.setdefault(ranks, (mesh, dim, [False] * len(params), [False] * len(params)))
+                    entry[2 + row][i] = True
         self.splits = list(split.values())
-        self._sums: dict[tuple[int, int, bool], list[tuple[Any, bool, torch.Tensor]]] = {}
+        self.partial = [i for i, g in enumerate(grads) if partial_dims(g)]
+        self._sums: dict[tuple[int, int, bool], tuple[list[tuple[Any, bool, torch.Tensor]], int]] = {}
         self.local = any(local_tensor(p) is not p for p in params)  # DTensors: measure their local shards
         self.plan = NormPlan([local_tensor(p) for p in params])
+        same = all(local_tensor(g).shape == local_tensor(p).shape for g, p in zip(grads, params))
+        self.grad_plan = self.plan if same else NormPlan([local_tensor(g) for g in grads])
         n = len(selection.names)
         self.seg = np.asarray([selection.segments[i] for i in kept], dtype=np.int64)
         self.present = np.bincount(self.seg, minlength=n) > 0
         self.layers = tuple(selection.names[j] for j in np.flatnonzero(self.present))
 
     def sums(self, n_parts: int, n_flow: int, sync: bool,
-             device: torch.device) -> list[tuple[Any, bool, torch.Tensor]]:
+             device: torch.device) -> tuple[list[tuple[Any, bool, torch.Tensor]], int]:
         """The groups a logging step's vector is summed over (:func:`_sums`), worked out once per shape."""
         key = (n_parts, n_flow, sync)
         if key not in self._sums:
-            self._sums[key] = _sums(self.splits, n_parts, n_parts * len(self.kept), n_flow, sync, device)
+            self._sums[key] = _sums(self.splits, n_parts, len(self.kept), n_flow, sync, device)
         return self._sums[key]
 
     def params(self, selection: Selection) -> Sequence[torch.Tensor]:
@@ -108,11 +121,16 @@ class _Layout:
     def tensors(self, tensors: Sequence[torch.Tensor]) -> Sequence[torch.Tensor]:
         return [local_tensor(t) for t in tensors] if self.local else tensors
 
+    def grads(self, grads: Sequence[torch.Tensor]) -> Sequence[torch.Tensor]:
+        """The local gradients, with Partial ones reduced (one collective per group: only when there are any)."""
+        return summed_partials(grads, self.partial) if self.partial else self.tensors(grads)
+
 
 class Meter:
     """Measures the parameters of a :class:`~gradwatch.measure.layers.Selection` (and carries block-flow norms along).
 
-    ``sync_ranks``: average the block-flow norms over ranks (root mean square) in the same ``all_reduce``.
+    ``sync_ranks``: sum the block-flow norms over ranks into the global batch's (:mod:`.parallel`), in the
+    same ``all_reduce`` where one reaches every rank.
     """
 
     def __init__(self, selection: Selection, sync_ranks: bool = False) -> None:
@@ -120,6 +138,7 @@ class Meter:
         self.sync_ranks = sync_ranks
         self._layouts: dict[tuple[int, ...], _Layout] = {}
         self._reported_missing: set[str] = set()
+        self._flow_weights: FlowWeights | None = None
 
     def has_gradients(self) -> bool:
         """Whether any measured parameter has a ``.grad`` (a Python check: no device work)."""
@@ -149,12 +168,12 @@ class Meter:
     def _measure(self, step: int, kept: list[int], flow: FlowBatch | None, grad_scale: Any, found_inf: Any,
                  snapshot: bool) -> Pending:
         sel = self.selection
-        layout = self._layout(kept)
+        grads = cast("list[torch.Tensor]", [sel.params[i].grad for i in kept])  # kept: every one has a gradient
+        layout = self._layout(kept, grads)
         params = layout.params(sel)
-        grads = cast("list[torch.Tensor]", [p.grad for p in params])  # kept: every one has a gradient
         weights = layout.tensors(params)
         if {g.layout for g in grads} == _STRIDED:
-            g_sq = layout.plan.squared(layout.tensors(grads))
+            g_sq = layout.grad_plan.squared(layout.grads(grads))
         else:  # sparse gradients (nn.Embedding(sparse=True)): the general path
             g_sq = squared_norms(grads)
         if grad_scale is not None:
@@ -163,13 +182,13 @@ class Meter:
         w_sq = layout.plan.squared(weights, snapshot=snapshot)
         return Pending(step, kept, [g_sq, w_sq], snapshot, found_inf, flow, layout)
 
-    def _layout(self, kept: list[int]) -> _Layout:
+    def _layout(self, kept: list[int], grads: Sequence[torch.Tensor]) -> _Layout:
         key = tuple(kept)
         layout = self._layouts.get(key)
         if layout is None:
             if len(self._layouts) > 8:  # parameters keep changing which have gradients: do not grow without bound
                 self._layouts.clear()
-            layout = self._layouts[key] = _Layout(self.selection, kept)
+            layout = self._layouts[key] = _Layout(self.selection, kept, grads)
         return layout
 
     def finish(self, pending: Pending) -> StepRecord | None:
@@ -180,7 +199,8 @@ class Meter:
         if pending.snapshot and layout is not None:  # a snapshot implies a layout (something was measured)
             parts.append(layout.plan.squared_change(layout.tensors(layout.params(sel))))
         flow = pending.flow.values if pending.flow is not None else None
-        stacked, n_flow = self._join(parts, flow, layout)
+        names = tuple(pending.flow.names) if pending.flow is not None else ()
+        stacked, n_flow = self._join(parts, flow, names, layout)
         if pending.found_inf is not None:
             found = pending.found_inf.detach().reshape(1).to(device=stacked.device, dtype=stacked.dtype)
             stacked = torch.cat([stacked, found])
@@ -199,26 +219,34 @@ class Meter:
             blocks, block_columns = pending.flow.names, flow_metrics(flow_host)
         return StepRecord.build(pending.step, layers, columns, whole, blocks, block_columns)
 
-    def _join(self, parts: list[torch.Tensor], flow: torch.Tensor | None,
+    def _join(self, parts: list[torch.Tensor], flow: torch.Tensor | None, names: tuple[str, ...],
               layout: _Layout | None) -> tuple[torch.Tensor, int]:
         """Parameter and flow norms in one vector, all-reduced once per mesh dimension the parameters are split
-        along (and once over the world for the flow norms, unless one of those dimensions spans it)."""
+        along (and once over the world for the flow norms, unless those dimensions reach every rank)."""
         stacked = torch.cat(parts) if parts else torch.zeros(0, device=flow.device if flow is not None else None)
         n_flow = 0 if flow is None else flow.numel()
         sync = bool(n_flow) and self.sync_ranks and dist.is_available() and dist.is_initialized()
         if flow is not None and n_flow:
             dtype = torch.promote_types(stacked.dtype, flow.dtype)
             flow = flow.to(device=stacked.device, dtype=dtype)
-            if sync:  # each rank saw its own activations: mean of the squared norms over ranks
-                flow = flow.square() / dist.get_world_size()
-            stacked = torch.cat([stacked.to(dtype), flow])
+            if sync:  # each rank saw its own activations: weighted squares, summed over ranks below
+                flow = flow.square()
+                flow = flow * self._weights().of(names, flow.reshape(-1)).reshape(flow.shape).to(dtype)
+            stacked = torch.cat([stacked.to(dtype), flow.reshape(-1)])
         if (layout is not None and layout.splits) or sync:
-            sums = layout.sums(len(parts), n_flow, sync, stacked.device) if layout is not None else \
-                _sums([], 0, stacked.numel() - n_flow, n_flow, sync, stacked.device)
-            stacked = reduce_squared(stacked, sums)
+            splits = layout.splits if layout is not None else []
+            n_params = len(layout.kept) if layout is not None else 0
+            sums, world_tail = layout.sums(len(parts), n_flow, sync, stacked.device) if layout is not None else \
+                _sums(splits, len(parts), n_params, n_flow, sync, stacked.device)
+            stacked = reduce_squared(stacked, sums, world_tail)
             if sync:
                 stacked = torch.cat([stacked[:-n_flow], stacked[-n_flow:].sqrt()])
         return stacked, n_flow
+
+    def _weights(self) -> FlowWeights:
+        if self._flow_weights is None:
+            self._flow_weights = FlowWeights(Parallelism(self.selection.params))
+        return self._flow_weights
 
     def _layer_metrics(self, layout: _Layout | None, sq: np.ndarray):
         """Per-unit norms and ratios from per-tensor squared norms (rows: grads, weights[, updates])."""
@@ -250,19 +278,30 @@ class Meter:
                      len(new), short_list(new))
 
 
-def _sums(splits: list[tuple[Any, int, list[bool]]], n_parts: int, n_params: int, n_flow: int, sync: bool,
-          device: torch.device) -> list[tuple[Any, bool, torch.Tensor]]:
-    """The groups :func:`~gradwatch.measure.norms.reduce_squared` sums over, in order: the flow norms over the
-    world first (each rank's own), folded into a mesh dimension that spans the world when there is one (1-D
-    FSDP: one collective for both), then one per mesh dimension the parameters are split along."""
-    world = dist.get_world_size()
+def _sums(splits: list[tuple[Any, int, list[bool], list[bool]]], n_parts: int, n_params: int, n_flow: int,
+          sync: bool, device: torch.device) -> tuple[list[tuple[Any, bool, torch.Tensor]], int]:
+    """The groups :func:`~gradwatch.measure.norms.reduce_squared` sums over, one per mesh dimension the
+    parameters are split along (rows: gradients, then weights and updates), and how many trailing entries
+    (the flow norms) it sums over the world first. The flow norms ride along instead when the split dimensions
+    are the dimensions of one mesh that together hold every rank (1-D FSDP, FSDP x TP): one collective fewer."""
+    ride = _covering(splits) if sync else None
     out: list[tuple[Any, bool, torch.Tensor]] = []
-    spans = next((i for i, (mesh, dim, _) in enumerate(splits) if mesh.size(dim) == world), None) if sync else None
-    if sync and spans is None:
-        mask = torch.tensor([False] * n_params + [True] * n_flow, device=device)
-        out.append((None, dist.get_rank() == 0, mask))
-    for i, (mesh, dim, which) in enumerate(splits):
-        mask = torch.tensor(which * n_parts + [i == spans] * n_flow, device=device)
-        entry = (mesh.get_group(dim), mesh.get_local_rank(dim) == 0, mask)
-        out.insert(len(out) if i != spans else 0, entry)  # the flow's sum over the world comes first
-    return out
+    for i, (mesh, dim, grads, weights) in enumerate(splits):
+        flow = [ride is not None and i in ride] * n_flow
+        mask = torch.tensor(grads + weights * (n_parts - 1) + flow, device=device)
+        out.append((mesh.get_group(dim), mesh.get_local_rank(dim) == 0, mask))
+    return out, (n_flow if sync and ride is None else 0)
+
+
+def _covering(splits: list[tuple[Any, int, list[bool], list[bool]]]) -> set[int] | None:
+    """Indices of splits that are distinct dimensions of one mesh whose sizes multiply to the world size (a sum
+    over each in turn is a sum over every rank), or None."""
+    world = dist.get_world_size()
+    by_mesh: dict[tuple, tuple[tuple[int, ...], dict[int, int]]] = {}
+    for i, (mesh, dim, _, _) in enumerate(splits):
+        key = (tuple(mesh.mesh.flatten().tolist()), tuple(mesh.mesh.shape))
+        by_mesh.setdefault(key, (key[1], {}))[1].setdefault(dim, i)
+    for shape, dims in by_mesh.values():
+        if math.prod(shape[d] for d in dims) == world:
+            return set(dims.values())
+    return None

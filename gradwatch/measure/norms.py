@@ -25,12 +25,16 @@ from numpy.typing import ArrayLike
 import torch
 import torch.distributed as dist
 
-from .._compat import foreach_copy, foreach_copy_, foreach_norm_f32, foreach_sub_, is_dtensor, is_shard, vector_norm_f32
+from .._compat import (
+    foreach_copy, foreach_copy_, foreach_norm_f32, foreach_sub_, is_dtensor, is_shard, partial_op, vector_norm_f32,
+)
 
 __all__ = [
     "NormPlan",
     "local_tensor",
     "shard_dims",
+    "partial_dims",
+    "summed_partials",
     "squared_norms",
     "reduce_squared",
     "safe_ratio",
@@ -51,6 +55,45 @@ def shard_dims(t: torch.Tensor) -> list[tuple[Any, int]]:
     if not is_dtensor(t):
         return []
     return [(t.device_mesh, d) for d, placement in enumerate(t.placements) if is_shard(placement)]
+
+
+def partial_dims(t: torch.Tensor) -> list[tuple[Any, int, str]]:
+    """The (device mesh, mesh dimension, reduction) of each ``Partial`` placement of ``t``: there each rank
+    holds a term of the tensor, not a piece (a LayerNorm's gradient under sequence parallel), and the norm of
+    a sum is not a sum of norms. Empty for a plain tensor."""
+    if not is_dtensor(t):
+        return []
+    out = []
+    for d, placement in enumerate(t.placements):
+        op = partial_op(placement)
+        if op is not None:
+            out.append((t.device_mesh, d, op))
+    return out
+
+
+_REDUCE_OPS = {"sum": "SUM", "avg": "SUM", "max": "MAX", "min": "MIN"}
+
+
+def summed_partials(tensors: Sequence[torch.Tensor], which: Sequence[int]) -> list[torch.Tensor]:
+    """The local tensors of ``tensors``, those in ``which`` with their ``Partial`` mesh dimensions reduced
+    (:func:`partial_dims`): copies, the gradients themselves are left as they are. One ``all_reduce`` per
+    process group and reduction, of all its tensors at once in one flat buffer (a collective per tensor would
+    cost a launch each; the buffer costs one copy of tensors that are small: norms' weights and biases)."""
+    local = [local_tensor(t) for t in tensors]
+    pending: dict[tuple, tuple[Any, str, int, list[int]]] = {}
+    for i in which:
+        for mesh, d, op in partial_dims(tensors[i]):
+            group = mesh.get_group(d)
+            key = (tuple(dist.get_process_group_ranks(group)), op)
+            pending.setdefault(key, (group, op, mesh.size(d), []))[3].append(i)
+    for group, op, size, idx in pending.values():
+        flat = torch.cat([local[i].reshape(-1) for i in idx])
+        dist.all_reduce(flat, op=getattr(dist.ReduceOp, _REDUCE_OPS.get(op, "SUM")), group=group)
+        if op == "avg":
+            flat /= size
+        for i, piece in zip(idx, flat.split([local[i].numel() for i in idx])):
+            local[i] = piece.view(local[i].shape)
+    return local
 
 
 def _dense_values(t: torch.Tensor) -> torch.Tensor:
@@ -229,17 +272,22 @@ def _rows_squared(stacked: torch.Tensor) -> torch.Tensor:
     return vector_norm_f32(stacked.reshape(stacked.shape[0], -1), dim=1).square()
 
 
-def reduce_squared(values: torch.Tensor, sums: Sequence[tuple[Any, bool, torch.Tensor]]) -> torch.Tensor:
+def reduce_squared(values: torch.Tensor, sums: Sequence[tuple[Any, bool, torch.Tensor]],
+                   world_tail: int = 0) -> torch.Tensor:
     """Sum entries of ``values`` over process groups, one ``all_reduce`` per group, leaving the others alone.
 
-    Each of ``sums`` is ``(group, first, mask)``: the entries under ``mask`` are summed over ``group``'s ranks;
-    the others are kept by the group's first rank only (``first``) before the sum, so the sum returns them
-    unchanged. Entries must be equal across a group's ranks unless summed over it (a replicated tensor's norm
-    is; a rank's own activation-gradient norm is summed over the world before any other group).
+    ``world_tail``: first sum the last that many entries over the world, alone (each rank's own
+    activation-gradient norms, when no ``sums`` reach every rank). Then each of ``sums`` is ``(group, first,
+    mask)``: the entries under ``mask`` are summed over ``group``'s ranks; the others are kept by the group's
+    first rank only (``first``) before the sum, so the sum returns them unchanged. Entries must be equal across
+    a group's ranks unless summed over it (a replicated tensor's norm is; so is anything already summed over
+    the world).
     """
-    if not sums or not (dist.is_available() and dist.is_initialized()):
+    if not (sums or world_tail) or not (dist.is_available() and dist.is_initialized()):
         return values
     values = values.contiguous()
+    if world_tail:
+        dist.all_reduce(values[len(values) - world_tail:], op=dist.ReduceOp.SUM)  # a view: summed in place
     for group, first, mask in sums:
         if not first:
             values = torch.where(mask.to(values.device), values, torch.zeros_like(values)).contiguous()
