@@ -18,7 +18,7 @@ if TYPE_CHECKING:  # for the type checker only: importing it costs ~0.5 s (see b
 __all__ = [
     "is_dtensor", "is_shard", "is_replicate", "partial_op", "is_optimized_module", "NORM_TYPES", "is_compiling", "is_compiled", "in_backward", "tree_tensors",
     "foreach_norm_f32", "vector_norm_f32", "foreach_sub_", "foreach_copy", "foreach_copy_", "unscales_in_step", "scale_tensor", "event_file_writer",
-    "event_file_path", "detach_event_files", "reopen_event_file",
+    "event_file_path", "detach_event_files", "reopen_event_file", "total_norm",
 ]
 
 # DTensor (FSDP2, tensor parallel) and OptimizedModule (torch.compile's wrapper) are recognised without
@@ -126,6 +126,18 @@ def vector_norm_f32(t: torch.Tensor, dim: int | None = None) -> torch.Tensor:
     if t.dtype == torch.float64:  # a float64 norm cannot narrow to float32 inside the op
         return torch.linalg.vector_norm(t, dim=dim).float()
     return torch.linalg.vector_norm(t, dim=dim, dtype=torch.float32)
+
+
+def total_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """torch's own L2 norm over all of ``tensors`` (plain tensors, or DTensors of one device mesh: then a
+    DTensor, and torch reduces the shards itself): ``torch.nn.utils.get_total_norm`` (torch 2.6+), else the
+    arithmetic ``clip_grad_norm_`` used before it, which leaves the tensors untouched."""
+    get = getattr(torch.nn.utils, "get_total_norm", None)
+    if get is not None:
+        return get(tensors)
+    if not tensors:  # pragma: no cover - older torch
+        return torch.tensor(0.0)
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t) for t in tensors]))  # pragma: no cover
 
 
 def foreach_sub_(a: list[torch.Tensor], b: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -25,6 +25,7 @@ from .config import BlocksSpec, Config, ModuleTypes, Patterns, RulesSpec
 from .flow import Blocks, FlowProbe, FlowStatus, check_blocks
 from .measure.layers import Selection, select_parameters
 from .measure.meter import Meter, Pending
+from .measure.selfcheck import SelfCheck
 from .names import short_list
 from .record import Sink, StepRecord
 from .sinks.alerting import AlertSink
@@ -146,7 +147,9 @@ class Monitor:
             holds none of the model's parameters.
         NothingToMeasure: no trainable parameters (after the filters).
 
-    Under torch.distributed only rank 0 writes (TensorBoard, alerts, sinks); other ranks open no files.
+    Under torch.distributed only rank 0 writes (TensorBoard, alerts, sinks); other ranks open no files. With
+    more than one process, the first logging step checks the values against torch's own total gradient norm
+    once (:mod:`gradwatch.measure.selfcheck`; the verdict is :attr:`StepRecord.verified <gradwatch.StepRecord>`).
     """
 
     def __init__(
@@ -242,6 +245,7 @@ class Monitor:
         self._selection: Selection = selection
         self._meter = Meter(selection, _resolve_sync(model, cfg.sync_ranks))
         self._pending: Pending | None = None
+        self._check = SelfCheck(self._contain_in)  # under torch.distributed: the values against torch's, once
         self._step = 0
         self._stride = 1  # the caller's step stride under step(step=...): predicts the step flow is armed for
         self._last_user_step: int | None = None
@@ -546,12 +550,14 @@ class Monitor:
             return
         self._pending = self._meter.begin(step, flow, grad_scale=grad_scale, found_inf=found_inf,
                                           snapshot=snapshot)
+        if self._check.waiting:
+            self._check.begin(self._selection, step, self._pending.kept if self._pending else (), grad_scale)
 
     def _finish(self) -> None:
         pending, self._pending = self._pending, None
         if pending is None:
             return
-        record = self._meter.finish(pending)
+        record = self._check.finish(self._meter.finish(pending))
         if record is not None:
             self._out.publish(record)
 

@@ -53,6 +53,10 @@ class StepRecord:
             cannot be computed), read-only; empty in a record built by hand.
         kinds: the kind of each layer (:func:`gradwatch.measure.layers.layer_kinds`: ``"weight"``, ``"norm"``,
             ``"embedding"``, ``"other"``), aligned with :attr:`layers`; empty when unknown.
+        verified: the run's self-check under torch.distributed (:mod:`gradwatch.measure.selfcheck`), carried
+            by every record from the one it ran on: True when the per-layer grad norms agreed with torch's
+            total norm, False when they did not (the values are unverified: the error in the log names the
+            layout and the layers); None when not checked (a single process, or before the check).
     """
 
     step: int
@@ -67,6 +71,7 @@ class StepRecord:
     open_incidents: tuple[int, int, int] | None = None
     health: Mapping[str, float] = field(default_factory=dict)
     kinds: tuple[str, ...] = ()
+    verified: bool | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.health, MappingProxyType):

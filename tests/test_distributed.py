@@ -222,16 +222,19 @@ def _fsdp_worker(rank: int, port: int, out: str) -> None:
             local = slice(4 * rank, 4 * rank + 4)
             nn.functional.mse_loss(model(x[local]), y[local]).backward()
             nn.functional.mse_loss(ref(x), y).backward()  # FSDP2 averages grads over ranks: the global batch
+            # + 1 on step 0: each monitor's self-check agrees on its verdict (torch's own norms go through
+            # DTensor's functional collectives, which this does not count)
             with _all_reduces() as calls:
                 plain.step()
-                assert len(calls) == 1, f"step() made {len(calls)} all_reduce calls"
+                assert len(calls) == 1 + (step == 0), f"step() made {len(calls)} all_reduce calls"
                 opt.step()
-                assert len(calls) == 2, f"optimizer.step() measurement made {len(calls) - 1} all_reduce calls"
+                assert len(calls) == 2 + 2 * (step == 0), f"optimizer.step() measurement made {len(calls)} in all"
             ref_opt.step()
             opt.zero_grad()
             ref_opt.zero_grad()
         mon.close()
         assert not mon.errors and not plain.errors, (mon.errors, plain.errors)
+        assert [r.verified for r in mon.records + plain.records] == [True] * 6  # the self-check passed
 
         want = ref_mon.history().set_index(["step", "name", "metric"]).value
         got = mon.history().set_index(["step", "name", "metric"]).value
@@ -341,7 +344,8 @@ def _mesh_worker(rank: int, layout: str, out: str) -> None:
         nn.functional.mse_loss(ref(x.double()), y.double()).backward()
         with _all_reduces() as calls:
             mon.step()
-        expected = 0 if step % 2 else (2 if layout == "fsdp_tp" else 1)  # one per mesh dimension split along
+        # one per mesh dimension split along; on step 0 one more: the self-check's verdict
+        expected = 0 if step % 2 else (2 if layout == "fsdp_tp" else 1) + (step == 0)
         assert len(calls) == expected, f"{layout}: step {step} made {len(calls)} all_reduce calls"
         ref_mon.step()
         for m in (model, ref):
@@ -350,6 +354,7 @@ def _mesh_worker(rank: int, layout: str, out: str) -> None:
                     p -= 0.1 * p.grad
             m.zero_grad()
     mon.close()
+    assert [r.verified for r in mon.records] == [True, True], layout  # the self-check ran and passed
     want = ref_mon.history().set_index(["step", "name", "metric"]).value
     got = mon.history().set_index(["step", "name", "metric"]).value
     assert set(got.index) == set(want.index), (layout, sorted(set(got.index) ^ set(want.index))[:5])
@@ -491,8 +496,8 @@ def _transformer_worker(rank: int, layout: str, out: str) -> None:
         # one per mesh dimension split along (the flow norms ride along when those reach every rank, else
         # one more over the world), one for Partial gradients; on the first logging step one per
         # model-parallel dimension reads whether the residual stream is replicated or split there
-        per_step = {"hsdp": 2, "fsdp_tp": 2, "fsdp_tp_sp": 2, "tp_sp": 2}[layout]
-        first = 0 if layout == "hsdp" else 1
+        per_step = 2  # hsdp: shard dim + the flow over the world; the others: dp + tp dims (flow rides) or tp + Partial
+        first = (0 if layout == "hsdp" else 1) + 1  # + the self-check's verdict
         expected = 0 if step % 2 else per_step + (first if step == 0 else 0)
         assert len(calls) == expected, f"{layout}: step {step} made {len(calls)} all_reduce calls"
         ref_opt.step()
@@ -500,6 +505,7 @@ def _transformer_worker(rank: int, layout: str, out: str) -> None:
         ref_opt.zero_grad()
     mon.close()
     assert not mon.errors, mon.errors
+    assert [r.verified for r in mon.records] == [True, True], layout  # the self-check ran and passed
     blocks = set(mon.history().query("metric == 'skip_share'").name)
     assert len(blocks) == 4, blocks  # 2 merges per transformer block
     want = ref_mon.history().set_index(["step", "name", "metric"]).value
@@ -531,3 +537,97 @@ def test_transformer_block_flow_and_layers_equal_the_unsharded_model(tmp_path):
     if not hasattr(fsdp, "fully_shard"):
         pytest.skip("this torch has no FSDP2 fully_shard")
     _spawn4(_transformer_worker, ["fsdp_tp_sp", "fsdp_tp", "hsdp", "tp_sp"], str(tmp_path))
+
+
+# ---------------------------------------------------------------------------------------------- the self-check
+def _unsynced_worker(rank: int, port: int, out: str) -> None:
+    import logging
+
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    import gradwatch
+    from gradwatch.measure.layers import select_parameters
+    from gradwatch.measure.selfcheck import SelfCheck
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    errors: list[str] = []
+    handler = logging.Handler(logging.ERROR)
+    handler.emit = lambda r: errors.append(r.getMessage())
+    logging.getLogger("gradwatch").addHandler(handler)
+    try:
+        torch.manual_seed(0)
+        # Only the first layer is sharded; the head stays a plain tensor that nothing synchronises (no DDP, no
+        # fully_shard over the root), so each rank's head gradient is its own batch's: the record holds rank 0's
+        # value, which is not rank 1's. A real mistake (a module left out of the wrapping), and a real mismatch.
+        model = nn.Sequential(nn.Linear(10, 8), nn.ReLU(), nn.Linear(8, 1))
+        fully_shard(model[0])
+        mon = gradwatch.Monitor(model, every=1, blocks=None, log_dir=os.path.join(out, f"rank{rank}"))
+        g = torch.Generator().manual_seed(rank)  # each rank its own batch
+        for step in range(3):
+            nn.functional.mse_loss(model(torch.randn(4, 10, generator=g)), torch.randn(4, 1, generator=g)).backward()
+            with _all_reduces() as calls:
+                mon.step()
+            # step 0: the values' one all_reduce, the verdict's, and the per-layer errors' (on a mismatch only)
+            assert len(calls) == (3 if step == 0 else 1), f"step {step} made {len(calls)} all_reduce calls"
+            model.zero_grad()
+        mon.close()
+        assert not mon.errors, mon.errors
+        assert [r.verified for r in mon.records] == [False] * 3  # every record of the run, on every rank
+        if rank == 0:  # one error, from rank 0, naming the layout and the one layer that disagrees
+            assert len(errors) == 1, errors
+            msg = errors[0]
+            assert "self-check FAILED at step 0" in msg and "mesh (2,): (Shard(dim=0)) x2; 2 plain tensors" in msg
+            assert "Layers that disagree: 2 (off by" in msg and "0 (off by" not in msg, msg
+            assert "differ between ranks" in msg, msg
+        else:
+            assert errors == []
+
+        # The check's own entry point, given a record whose sharded layer reads sqrt(2) too high (what HSDP's
+        # replicas did before gradwatch reduced over the right mesh dimension): the same batch on both ranks
+        # now, so only that layer disagrees, and on rank 0 too; the gradients carry a loss scale of 1024, which
+        # the check divides out (else the other layer would be 1023x off as well).
+        def raise_it(where, err):
+            raise err
+
+        x = torch.randn(4, 10, generator=torch.Generator().manual_seed(7))
+        model(x).square().mean().backward()
+        full = [p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad for p in model.parameters()]
+        truth = [float(torch.cat([g.double().flatten() for g in pair]).norm()) for pair in (full[:2], full[2:])]
+        wrong = gradwatch.StepRecord.build(9, ["0", "2"], {"grad_norm": [truth[0] * 2 ** 0.5, truth[1]]},
+                                           {"grad_norm": 0.0})
+        check, selection, errors[:] = SelfCheck(raise_it), select_parameters(model), []
+        with torch.no_grad():  # gradients still carrying an AMP loss scale: divided out, as the monitor does
+            for p in model.parameters():
+                p.grad.mul_(1024.0)
+        check.begin(selection, 9, range(len(selection.params)), grad_scale=torch.tensor(1024.0))
+        assert check.finish(wrong).verified is False and check.finish(wrong).verified is False  # and it stays
+        if rank == 0:
+            assert len(errors) == 1 and "0 (off by 0.414" in errors[0] and "2 (off by" not in errors[0], errors
+            assert "does not fit this layout" in errors[0]
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_the_self_check_names_the_layer_whose_gradients_differ_between_ranks_and_marks_the_run(tmp_path, events):
+    """A plain layer's gradient left unsynchronised beside an FSDP2 layer: the record holds rank 0's value and
+    torch's norm on rank 1 disagrees. One error on rank 0 names the layout and that layer (not the sharded one,
+    which agrees), every record on every rank says ``verified=False``, and TensorBoard's health section carries
+    ``unverified`` on every step. Then the check alone, on a record whose sharded layer is sqrt(2) too high:
+    that layer is named, as gradwatch's fault. (The 4-process mesh tests and the FSDP2 test assert it passes.)"""
+    import torch.distributed as dist
+    import torch.multiprocessing as mp
+
+    if not dist.is_available():
+        pytest.skip("torch built without distributed")
+    from torch.distributed import fsdp
+
+    if not hasattr(fsdp, "fully_shard"):
+        pytest.skip("this torch has no FSDP2 fully_shard")
+    mp.spawn(_unsynced_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+    scalars = events(str(tmp_path / "rank0"))["scalars"]
+    assert scalars["gradwatch/unverified"] == {0: 1.0, 1: 1.0, 2: 1.0}
+    assert set(scalars["gradwatch/grad_norm"]) == {0, 1, 2}  # the values are still written, marked

@@ -61,3 +61,15 @@ def test_every_scalar_of_a_record_parses_back_to_its_name_and_metric(namespace):
     assert parsed == {}  # nothing else reads as a value: counts, alerts and grad_norm's health copy are not
     assert t.parse(t.nonfinite("grad_norm", block=False)) is None and t.parse(t.kinds) is None
     assert t.parse("train_loss") is None and t.parse("gradwatch_other/x") is None
+
+
+def test_a_failed_self_check_shows_on_every_record_as_unverified_in_the_health_section():
+    import dataclasses
+
+    rec, t = _record(), Tags()
+    assert rec.verified is None  # one process: the self-check does not run
+    assert "gradwatch/unverified" not in t.scalars(rec)
+    assert "gradwatch/unverified" not in t.scalars(dataclasses.replace(rec, verified=True))
+    marked = dataclasses.replace(rec, verified=False)
+    assert t.health_scalars(marked)["gradwatch/unverified"] == 1.0 == t.scalars(marked)["gradwatch/unverified"]
+    assert t.parse("gradwatch/unverified") is None  # a mark on the values, not one of them

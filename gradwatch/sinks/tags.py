@@ -7,7 +7,8 @@ user's own metrics keep their places and gradwatch's sections sit together:
 =============================  ============================================================================
 ``gradwatch/...``               the health section: one card per question (``grad_norm``,
                                 ``effective_depth``, ``grad_to_weight_early``, ``open_incidents``,
-                                ``skip_share_min``, ``transmission_end_to_end``)
+                                ``skip_share_min``, ``transmission_end_to_end``; ``unverified`` after a
+                                failed self-check)
 ``gradwatch.layers/...``        per layer: ``<metric>/<layer>``, a histogram across layers ``<metric>``, and
                                 ``nonfinite/<metric>`` (values the histogram left out)
 ``gradwatch.blocks/...``        per residual block: ``<metric>/<block>``, histograms, ``nonfinite/<metric>``;
@@ -122,13 +123,16 @@ class Tags:
         """The health section of ``record``: whole-model ``grad_norm``, the health figures (those that are not
         NaN), and, when alerting
         is on, ``open_incidents`` (open at warning or critical: what needs a look; the split per severity is
-        in the alerts section). Alphabetical, as TensorBoard shows them."""
+        in the alerts section), and ``unverified`` (1) on every record after a failed self-check
+        (:attr:`~gradwatch.StepRecord.verified`). Alphabetical, as TensorBoard shows them."""
         out = {self.health("grad_norm"): record.global_value("grad_norm")} if "grad_norm" in record.layer_metrics \
             else {}
         # a figure the model cannot have (no blocks: no skip_share_min) is left out, not drawn as NaN markers
         out.update({self.health_tag(k): float(v) for k, v in record.health.items() if not math.isnan(v)})
         if record.open_incidents is not None:
             out[self.health("open_incidents")] = float(sum(record.open_incidents[1:]))
+        if record.verified is False:  # the self-check failed: said on every step, where the dashboard opens
+            out[self.health("unverified")] = 1.0
         return out
 
     def alert_scalars(self, record: StepRecord) -> dict[str, float]:
@@ -171,6 +175,7 @@ class Tags:
                 return None
         if tag.startswith(self.health_group + "/"):
             key = tag[len(self.health_group) + 1:]
-            if "/" not in key and key not in ("grad_norm", "open_incidents"):  # grad_norm: read from the layers
+            # grad_norm: read from the layers; open_incidents and unverified (the self-check's mark) are flags
+            if "/" not in key and key not in ("grad_norm", "open_incidents", "unverified"):
                 return GLOBAL_NAME, key
         return None
