@@ -92,10 +92,16 @@ class Outputs:
         """Run the rules on ``record``, put their alerts, the kinds and the health figures in it, keep it,
         and hand it to every sink."""
         engine = self.engine
+        if record.kinds:  # kinds of layers measured on other pipeline stages
+            self._kinds.update(zip(record.layers, record.kinds))
+            if engine is not None:
+                engine.kinds.update(zip(record.layers, record.kinds))
         seen = None  # the rules' view of this record, which the health figures reuse
         if engine is not None:
             if self._order is not None and not self._order.finished:  # known after the first measured step
                 self._forward = self._order.finish()
+            if record.kinds and any(n not in self._forward for n in record.layers):
+                self._forward = _across_stages(record.layers, self._forward)
             events = engine.evaluate(record, self._forward)
             record = dataclasses.replace(record, events=events, open_incidents=engine.open_counts(),
                                          alerts=tuple(e.alert for e in events if e.kind != "resolved"))
@@ -107,6 +113,11 @@ class Outputs:
         self.history.write(record)  # every rank keeps its history
         for sink in self.sinks:
             self._call(sink, "write", record)
+
+    @property
+    def kinds(self) -> dict[str, str]:
+        """Each measured layer's kind (``norm``, ``conv``, ...), by name."""
+        return self._kinds
 
     def _record_kinds(self, layers: tuple[str, ...]) -> tuple[str, ...]:
         cached = self._kinds_of
@@ -178,3 +189,20 @@ class Outputs:
             fn(*args)
         except Exception as err:
             self._contain(f"sink {sink!r}", err)
+
+
+def _across_stages(layers: tuple[str, ...], forward: dict[str, int]) -> dict[str, int]:
+    """Forward positions for a record joined from pipeline stages (:mod:`gradwatch.measure.stages`): the record
+    is in stage order, this rank saw only its own stage run, so its layers take their forward order within
+    their stretch of the record and the other stages' keep their record order."""
+    order: list[str] = []
+    run: list[str] = []
+    for name in (*layers, None):
+        if name is not None and name in forward:
+            run.append(name)
+            continue
+        order += sorted(run, key=forward.__getitem__)
+        run = []
+        if name is not None:
+            order.append(name)
+    return {name: i for i, name in enumerate(order)}

@@ -558,8 +558,8 @@ class Monitor:
         if pending is None:
             return
         record = self._check.finish(self._meter.finish(pending))
-        if record is not None:
-            self._out.publish(record)
+        if record is not None:  # checked as this rank measured it, then joined with other pipeline stages
+            self._out.publish(self._meter.merge(record, self._out.kinds))
 
     def _raise_alarm(self) -> None:
         self._out.raise_alarm()  # GradientAlarm (on_critical="raise"): deliberately not contained

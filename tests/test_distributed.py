@@ -631,3 +631,96 @@ def test_the_self_check_names_the_layer_whose_gradients_differ_between_ranks_and
     scalars = events(str(tmp_path / "rank0"))["scalars"]
     assert scalars["gradwatch/unverified"] == {0: 1.0, 1: 1.0, 2: 1.0}
     assert set(scalars["gradwatch/grad_norm"]) == {0, 1, 2}  # the values are still written, marked
+
+
+# ---------------------------------------------------------------------------------------------- pipeline parallel
+class _Residual(nn.Module):
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.norm, self.fc = nn.LayerNorm(dim), nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.fc(torch.relu(self.norm(x)))
+
+
+def _piped() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(10, 16), *(_Residual(16) for _ in range(4)), nn.Linear(16, 1))
+
+
+def _pipeline_worker(rank: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+    from torch.distributed.pipelining import PipelineStage, ScheduleGPipe
+
+    import gradwatch
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        ref = _piped().double()
+        stage_module = _piped()  # stage 0: the input layer and 2 blocks; stage 1: 2 blocks and the head
+        for name in [n for n in stage_module._modules if (int(n) < 3) != (rank == 0)]:
+            del stage_module._modules[name]  # the names stay the full model's (torchtitan's split does the same)
+        schedule = ScheduleGPipe(PipelineStage(stage_module, rank, 2, torch.device("cpu")), n_microbatches=2,
+                                 loss_fn=nn.functional.mse_loss)
+        opt = torch.optim.SGD(stage_module.parameters(), lr=0.1)
+        ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1)
+        # plain stage modules carry no sign that every rank runs a monitor (no DDP, no DTensor): say so
+        mon = gradwatch.Monitor(stage_module, optimizer=opt, every=1, strict=True, sync_ranks=True,
+                                log_dir=os.path.join(out, f"rank{rank}"))
+        ref_mon = gradwatch.Monitor(ref, optimizer=ref_opt, every=1, strict=True)
+        g = torch.Generator().manual_seed(1)
+        for _ in range(3):
+            x, y = torch.randn(8, 10, generator=g), torch.randn(8, 1, generator=g)
+            if rank == 0:
+                schedule.step(x)
+            else:
+                schedule.step(target=y)
+            # the reference as GPipe runs it: both micro-batches forward, then both backward, then the
+            # gradients divided by the number of micro-batches (the schedule's scale_grads; block flow, like
+            # gradient accumulation, reads the last micro-batch's activation gradients, unscaled)
+            outs = [ref(half.double()) for half in x.chunk(2)]
+            for o, t in zip(outs, y.chunk(2)):
+                nn.functional.mse_loss(o, t.double()).backward()
+            for p in ref.parameters():
+                p.grad /= 2
+            with _all_reduces() as calls:
+                opt.step()
+            # the flow norms need no sum (one rank per stage); the stages' records: one all_reduce, plus on
+            # the first step one that finds the names have changed (none known yet)
+            assert len(calls) == (2 if _ == 0 else 1), f"step {_}: {len(calls)} all_reduce calls"
+            ref_opt.step()
+            opt.zero_grad()
+            ref_opt.zero_grad()
+        mon.close()
+        assert not mon.errors, mon.errors
+        want = ref_mon.history().set_index(["step", "name", "metric"]).value
+        got = mon.history().set_index(["step", "name", "metric"]).value
+        # every rank's record holds both stages, in model order
+        assert list(mon.records[-1].layers) == list(ref_mon.records[-1].layers)
+        assert list(mon.records[-1].blocks) == list(ref_mon.records[-1].blocks) == ["1", "2", "3", "4"]
+        assert set(got.index) == set(want.index), (rank, sorted(set(got.index) ^ set(want.index))[:5])
+        err = ((got - want.reindex(got.index)).abs() / want.reindex(got.index).abs().clip(lower=1e-12))
+        update = err.index.get_level_values("metric") == "update_to_weight"
+        assert err[~update].max() < RTOL, f"rank {rank}: off by {err[~update].max():.2e} at {err[~update].idxmax()}"
+        assert err[update].max() < 1e-4, f"rank {rank}: update off by {err[update].max():.2e} at {err[update].idxmax()}"
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_pipeline_stages_join_into_one_record_of_the_whole_model(tmp_path, events):
+    """``torch.distributed.pipelining`` with 2 stages on 2 gloo processes (``ScheduleGPipe``, 2 micro-batches):
+    each rank's monitor measures its stage; every rank's record holds both stages' layers and blocks in model
+    order, equal to the float64 unsharded model's, with one all_reduce per logging step; rank 0 writes it."""
+    import torch.distributed as dist
+    import torch.multiprocessing as mp
+
+    if not dist.is_available():
+        pytest.skip("torch built without distributed")
+    pytest.importorskip("torch.distributed.pipelining")
+    mp.spawn(_pipeline_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+    scalars = events(str(tmp_path / "rank0"))["scalars"]
+    assert {"gradwatch.layers/grad_norm/0", "gradwatch.layers/grad_norm/5"} <= set(scalars)  # both stages
+    assert not (tmp_path / "rank1").exists()

@@ -32,6 +32,7 @@ from .norms import (
     summed_partials,
 )
 from .parallel import FlowWeights, Parallelism
+from .stages import Stages
 
 log = logging.getLogger("gradwatch")
 
@@ -106,12 +107,12 @@ class _Layout:
         self.present = np.bincount(self.seg, minlength=n) > 0
         self.layers = tuple(selection.names[j] for j in np.flatnonzero(self.present))
 
-    def sums(self, n_parts: int, n_flow: int, sync: bool,
+    def sums(self, n_parts: int, n_flow: int, sync: bool, stage: int,
              device: torch.device) -> tuple[list[tuple[Any, bool, torch.Tensor]], int]:
         """The groups a logging step's vector is summed over (:func:`_sums`), worked out once per shape."""
         key = (n_parts, n_flow, sync)
         if key not in self._sums:
-            self._sums[key] = _sums(self.splits, n_parts, len(self.kept), n_flow, sync, device)
+            self._sums[key] = _sums(self.splits, n_parts, len(self.kept), n_flow, sync, stage, device)
         return self._sums[key]
 
     def params(self, selection: Selection) -> Sequence[torch.Tensor]:
@@ -139,6 +140,7 @@ class Meter:
         self._layouts: dict[tuple[int, ...], _Layout] = {}
         self._reported_missing: set[str] = set()
         self._flow_weights: FlowWeights | None = None
+        self.stages = Stages()
 
     def has_gradients(self) -> bool:
         """Whether any measured parameter has a ``.grad`` (a Python check: no device work)."""
@@ -225,7 +227,10 @@ class Meter:
         along (and once over the world for the flow norms, unless those dimensions reach every rank)."""
         stacked = torch.cat(parts) if parts else torch.zeros(0, device=flow.device if flow is not None else None)
         n_flow = 0 if flow is None else flow.numel()
-        sync = bool(n_flow) and self.sync_ranks and dist.is_available() and dist.is_initialized()
+        every_rank = self.sync_ranks and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        if every_rank and not self.stages.found:  # the first logging step: are there pipeline stages?
+            self.stages.find(layout.layers if layout is not None else (), names, stacked.device)
+        sync = bool(n_flow) and every_rank and self.stages.size != 1  # a stage of one rank has nothing to sum
         if flow is not None and n_flow:
             dtype = torch.promote_types(stacked.dtype, flow.dtype)
             flow = flow.to(device=stacked.device, dtype=dtype)
@@ -236,17 +241,22 @@ class Meter:
         if (layout is not None and layout.splits) or sync:
             splits = layout.splits if layout is not None else []
             n_params = len(layout.kept) if layout is not None else 0
-            sums, world_tail = layout.sums(len(parts), n_flow, sync, stacked.device) if layout is not None else \
-                _sums(splits, len(parts), n_params, n_flow, sync, stacked.device)
-            stacked = reduce_squared(stacked, sums, world_tail)
+            stage = self.stages.size or dist.get_world_size()
+            sums, world_tail = layout.sums(len(parts), n_flow, sync, stage, stacked.device) if layout is not None \
+                else _sums(splits, len(parts), n_params, n_flow, sync, stage, stacked.device)
+            stacked = reduce_squared(stacked, sums, world_tail, self.stages.group)
             if sync:
                 stacked = torch.cat([stacked[:-n_flow], stacked[-n_flow:].sqrt()])
         return stacked, n_flow
 
     def _weights(self) -> FlowWeights:
         if self._flow_weights is None:
-            self._flow_weights = FlowWeights(Parallelism(self.selection.params))
+            self._flow_weights = FlowWeights(Parallelism(self.selection.params, self.stages.size or None))
         return self._flow_weights
+
+    def merge(self, record: StepRecord, kinds: dict[str, str]) -> StepRecord:
+        """``record`` with every pipeline stage's layers and blocks (:mod:`.stages`); itself without stages."""
+        return self.stages.merge(record, kinds)
 
     def _layer_metrics(self, layout: _Layout | None, sq: np.ndarray):
         """Per-unit norms and ratios from per-tensor squared norms (rows: grads, weights[, updates])."""
@@ -279,12 +289,13 @@ class Meter:
 
 
 def _sums(splits: list[tuple[Any, int, list[bool], list[bool]]], n_parts: int, n_params: int, n_flow: int,
-          sync: bool, device: torch.device) -> tuple[list[tuple[Any, bool, torch.Tensor]], int]:
+          sync: bool, stage: int, device: torch.device) -> tuple[list[tuple[Any, bool, torch.Tensor]], int]:
     """The groups :func:`~gradwatch.measure.norms.reduce_squared` sums over, one per mesh dimension the
     parameters are split along (rows: gradients, then weights and updates), and how many trailing entries
-    (the flow norms) it sums over the world first. The flow norms ride along instead when the split dimensions
-    are the dimensions of one mesh that together hold every rank (1-D FSDP, FSDP x TP): one collective fewer."""
-    ride = _covering(splits) if sync else None
+    (the flow norms) it sums over the ranks of the pipeline stage (``stage`` of them: the world without a
+    pipeline) first. The flow norms ride along instead when the split dimensions are the dimensions of one mesh
+    that together hold every rank of the stage (1-D FSDP, FSDP x TP): one collective fewer."""
+    ride = _covering(splits, stage) if sync else None
     out: list[tuple[Any, bool, torch.Tensor]] = []
     for i, (mesh, dim, grads, weights) in enumerate(splits):
         flow = [ride is not None and i in ride] * n_flow
@@ -293,10 +304,9 @@ def _sums(splits: list[tuple[Any, int, list[bool], list[bool]]], n_parts: int, n
     return out, (n_flow if sync and ride is None else 0)
 
 
-def _covering(splits: list[tuple[Any, int, list[bool], list[bool]]]) -> set[int] | None:
-    """Indices of splits that are distinct dimensions of one mesh whose sizes multiply to the world size (a sum
-    over each in turn is a sum over every rank), or None."""
-    world = dist.get_world_size()
+def _covering(splits: list[tuple[Any, int, list[bool], list[bool]]], world: int) -> set[int] | None:
+    """Indices of splits that are distinct dimensions of one mesh whose sizes multiply to ``world`` (a sum
+    over each in turn is a sum over every rank of the stage), or None."""
     by_mesh: dict[tuple, tuple[tuple[int, ...], dict[int, int]]] = {}
     for i, (mesh, dim, _, _) in enumerate(splits):
         key = (tuple(mesh.mesh.flatten().tolist()), tuple(mesh.mesh.shape))

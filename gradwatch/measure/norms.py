@@ -273,11 +273,11 @@ def _rows_squared(stacked: torch.Tensor) -> torch.Tensor:
 
 
 def reduce_squared(values: torch.Tensor, sums: Sequence[tuple[Any, bool, torch.Tensor]],
-                   world_tail: int = 0) -> torch.Tensor:
+                   world_tail: int = 0, tail_group: Any = None) -> torch.Tensor:
     """Sum entries of ``values`` over process groups, one ``all_reduce`` per group, leaving the others alone.
 
-    ``world_tail``: first sum the last that many entries over the world, alone (each rank's own
-    activation-gradient norms, when no ``sums`` reach every rank). Then each of ``sums`` is ``(group, first,
+    ``world_tail``: first sum the last that many entries over ``tail_group`` (None: the world), alone (each
+    rank's own activation-gradient norms, when no ``sums`` reach every rank of its pipeline stage). Then each of ``sums`` is ``(group, first,
     mask)``: the entries under ``mask`` are summed over ``group``'s ranks; the others are kept by the group's
     first rank only (``first``) before the sum, so the sum returns them unchanged. Entries must be equal across
     a group's ranks unless summed over it (a replicated tensor's norm is; so is anything already summed over
@@ -287,7 +287,7 @@ def reduce_squared(values: torch.Tensor, sums: Sequence[tuple[Any, bool, torch.T
         return values
     values = values.contiguous()
     if world_tail:
-        dist.all_reduce(values[len(values) - world_tail:], op=dist.ReduceOp.SUM)  # a view: summed in place
+        dist.all_reduce(values[len(values) - world_tail:], op=dist.ReduceOp.SUM, group=tail_group)  # in place
     for group, first, mask in sums:
         if not first:
             values = torch.where(mask.to(values.device), values, torch.zeros_like(values)).contiguous()

@@ -16,7 +16,7 @@ flow reads *activation* gradients, plain tensors that carry no placement, so the
 The exact value is the norm the unsharded model gives over the global batch with a mean loss: the squares of
 the distinct shards summed, divided by the data-parallel degree squared (each rank's loss is a mean over its
 own micro-batch, so its activation gradients are the degree times the global batch's; DDP and FSDP average
-parameter gradients the same way). :class:`FlowWeights` gives each rank's factor per entry, so one world sum
+parameter gradients the same way). Under pipeline parallel all this holds within a stage. :class:`FlowWeights` gives each rank's factor per entry, so one world sum
 of the weighted squares is that value.
 """
 
@@ -45,8 +45,8 @@ _MAX_CHECKS = 8  # logging steps on which an all-zero entry (nothing to tell rep
 class Parallelism:
     """The model-parallel mesh dimensions (as process groups) and the data-parallel degree of a run."""
 
-    def __init__(self, params: Sequence[torch.Tensor]) -> None:
-        world = dist.get_world_size()
+    def __init__(self, params: Sequence[torch.Tensor], world: int | None = None) -> None:
+        world = world or dist.get_world_size()  # a pipeline stage's ranks, when there are stages
         kinds: dict[tuple[int, ...], tuple[Any, int, set[str]]] = {}
         for p in params:
             if not is_dtensor(p):
