@@ -24,6 +24,7 @@ import torch.distributed as dist
 from .._compat import scale_tensor, unscales_in_step
 from ..flow import FlowBatch, flow_metrics
 from .layers import Selection
+from .layouts import Fsdp1Shards
 from .norms import NormPlan, local_tensor, reduce_squared, safe_ratio, segment_sum, shard_dims, squared_norms
 from ..names import short_list
 from ..record import StepRecord
@@ -71,7 +72,7 @@ class _Layout:
     once: per-tensor Python work (grouping, shard checks, segment ids) is what a logging step must not repeat
     on a 1,000-tensor model."""
 
-    def __init__(self, selection: Selection, kept: list[int]) -> None:
+    def __init__(self, selection: Selection, kept: list[int], dims: Any = shard_dims) -> None:
         self.whole = len(kept) == len(selection.params)
         self.kept = kept
         params = self.params(selection)
@@ -81,7 +82,7 @@ class _Layout:
         # per module), and summing one group's entries twice would double them.
         split: dict[tuple[int, ...], tuple[Any, int, list[bool]]] = {}
         for i, p in enumerate(params):
-            for mesh, dim in shard_dims(p):
+            for mesh, dim in dims(p):
                 ranks = tuple(dist.get_process_group_ranks(mesh.get_group(dim)))
                 split.setdefault(ranks, (mesh, dim, [False] * len(params)))[2][i] = True
         self.splits = list(split.values())
@@ -113,11 +114,13 @@ class Meter:
     """Measures the parameters of a :class:`~gradwatch.measure.layers.Selection` (and carries block-flow norms along).
 
     ``sync_ranks``: average the block-flow norms over ranks (root mean square) in the same ``all_reduce``.
+    ``fsdp1``: the FSDP1 ``use_orig_params=True`` units' shard groups (:mod:`gradwatch.measure.layouts`).
     """
 
-    def __init__(self, selection: Selection, sync_ranks: bool = False) -> None:
+    def __init__(self, selection: Selection, sync_ranks: bool = False, fsdp1: Fsdp1Shards | None = None) -> None:
         self.selection = selection
         self.sync_ranks = sync_ranks
+        self.fsdp1 = fsdp1
         self._layouts: dict[tuple[int, ...], _Layout] = {}
         self._reported_missing: set[str] = set()
 
@@ -136,22 +139,23 @@ class Meter:
     ) -> Pending | None:
         """Squared norms on the device; None when there is nothing to measure (no gradient, no flow)."""
         sel = self.selection
-        kept = [i for i, p in enumerate(sel.params) if p.grad is not None]
+        all_grads = self.fsdp1.grads(sel.params) if self.fsdp1 is not None else [p.grad for p in sel.params]
+        kept = [i for i, g in enumerate(all_grads) if g is not None]
         self._report_missing(kept)
         if not kept:
             return None if flow is None else Pending(step, [], [], False, found_inf, flow)
+        grads = cast("list[torch.Tensor]", [all_grads[i] for i in kept])
         try:
-            return self._measure(step, kept, flow, grad_scale, found_inf, snapshot)
+            return self._measure(step, kept, grads, flow, grad_scale, found_inf, snapshot)
         except RuntimeError:  # the plan no longer fits (the model was moved or resized): make new ones, once
             self._layouts.clear()
-            return self._measure(step, kept, flow, grad_scale, found_inf, snapshot)
+            return self._measure(step, kept, grads, flow, grad_scale, found_inf, snapshot)
 
-    def _measure(self, step: int, kept: list[int], flow: FlowBatch | None, grad_scale: Any, found_inf: Any,
-                 snapshot: bool) -> Pending:
+    def _measure(self, step: int, kept: list[int], grads: list[torch.Tensor], flow: FlowBatch | None,
+                 grad_scale: Any, found_inf: Any, snapshot: bool) -> Pending:
         sel = self.selection
         layout = self._layout(kept)
         params = layout.params(sel)
-        grads = cast("list[torch.Tensor]", [p.grad for p in params])  # kept: every one has a gradient
         weights = layout.tensors(params)
         if {g.layout for g in grads} == _STRIDED:
             g_sq = layout.plan.squared(layout.tensors(grads))
@@ -169,7 +173,8 @@ class Meter:
         if layout is None:
             if len(self._layouts) > 8:  # parameters keep changing which have gradients: do not grow without bound
                 self._layouts.clear()
-            layout = self._layouts[key] = _Layout(self.selection, kept)
+            layout = self._layouts[key] = _Layout(self.selection, kept,
+                                                  self.fsdp1.dims if self.fsdp1 is not None else shard_dims)
         return layout
 
     def finish(self, pending: Pending) -> StepRecord | None:
