@@ -80,11 +80,12 @@ def fsdp1_unit(module: Any) -> tuple[list[torch.Tensor], Any] | None:
     cls = _loaded(_FSDP1_MODULES, "FullyShardedDataParallel")
     if cls is None or not isinstance(module, cls):
         return None
-    handle = getattr(module, "_handle", None)
-    params = getattr(getattr(handle, "flat_param", None), "_params", None)
+    handle: Any = getattr(module, "_handle", None)
+    flat = getattr(handle, "flat_param", None)
+    params = getattr(flat, "_params", None)
     if params is None:
         return None
-    shared = getattr(handle.flat_param, "_shared_params", None) or []
+    shared = getattr(flat, "_shared_params", None) or []
     group = handle.process_group if getattr(handle, "uses_sharded_strategy", True) else None
     return [*params, *shared], group
 

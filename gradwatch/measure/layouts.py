@@ -26,8 +26,8 @@ import torch
 from torch import nn
 
 from .._compat import fsdp1_unit, is_dtensor, is_flat_param, is_fsdp1_flattened
-from .norms import shard_dims
 from ..names import short_list
+from .norms import shard_dims
 
 __all__ = ["UnsupportedLayout", "unsupported", "check_supported", "Fsdp1Shards", "fsdp1_shards"]
 
