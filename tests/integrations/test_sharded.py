@@ -3,7 +3,7 @@
 - Lightning ``ModelParallelStrategy`` with tensor parallel (``parallelize_module`` Colwise/Rowwise in
   ``configure_model``; the LayerNorm and the head stay plain tensors) and :class:`GradWatchCallback`.
 - Accelerate with FSDP2 (``FullyShardedDataParallelPlugin(fsdp_version=2)``) and
-  :func:`gradwatch.integrations.accelerate.watch`. Accelerate 1.16 uses FSDP only on accelerators: with
+  :func:`gradwatch.integrations.accelerate.watch`; then ``watch`` on an FSDP1 root wrapper (``use_orig_params=True``). Accelerate 1.16 uses FSDP only on accelerators: with
   ``cpu=True`` it drops the plugin without a word and wraps the model in DDP (``AcceleratorState`` picks
   ``DistributedType.FSDP`` for GPU-like distributed types only; the HF Trainer's ``fsdp=`` with ``use_cpu=True``
   does the same). So the test sets the accelerator's state to FSDP after construction, which runs accelerate's own
@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import copy
 import importlib.util
 import os
 import subprocess
@@ -135,32 +134,25 @@ def test_lightning_tensor_parallel_equals_the_unsharded_model(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- Accelerate FSDP2
-def _accelerate_worker(rank: int, port: int) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE="2")
-    from accelerate import Accelerator, FullyShardedDataParallelPlugin
-    from accelerate.utils import DistributedType
+def _mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(10, 33), nn.ReLU(), nn.Linear(33, 16), nn.LayerNorm(16), nn.Linear(16, 1))
 
+
+def _watched_error(accelerator: object, model: nn.Module, opt: torch.optim.Optimizer, rank: int) -> float:
+    """Train ``model`` (as ``accelerator.prepare`` or FSDP1 left it) 3 steps beside the float64 unsharded model
+    on the global batch, both watched; the largest relative difference of their values."""
     import gradwatch
     from gradwatch.integrations.accelerate import watch
 
-    plugin = FullyShardedDataParallelPlugin(fsdp_version=2)
-    accelerator = Accelerator(cpu=True, fsdp_plugin=plugin)
-    state = accelerator.state  # FSDP on CPU: see the module docstring
-    state.distributed_type, state.fsdp_plugin = DistributedType.FSDP, plugin
-    torch.manual_seed(0)
-    ref = nn.Sequential(nn.Linear(10, 33), nn.ReLU(), nn.Linear(33, 16), nn.LayerNorm(16), nn.Linear(16, 1)).double()
-    model = copy.deepcopy(ref).float()
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    model, opt = accelerator.prepare(model, opt)
-    assert all(type(p).__name__ == "DTensor" for p in model.parameters()), "accelerate did not shard with FSDP2"
+    ref = _mlp().double()
     ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9)
     mon = watch(accelerator, model, opt, every=1, blocks=None, rules=False, strict=True)
     ref_mon = gradwatch.Monitor(ref, optimizer=ref_opt, every=1, blocks=None, rules=False, strict=True)
     g = torch.Generator().manual_seed(1)
     for _ in range(3):
         x, y = torch.randn(8, 10, generator=g), torch.randn(8, 1, generator=g)
-        mine = slice(4 * rank, 4 * rank + 4)  # FSDP2 averages gradients over ranks: the global batch's mean
+        mine = slice(4 * rank, 4 * rank + 4)  # FSDP averages gradients over ranks: the global batch's mean
         accelerator.backward(nn.functional.mse_loss(model(x[mine]), y[mine]))
         opt.step()
         opt.zero_grad()
@@ -169,12 +161,37 @@ def _accelerate_worker(rank: int, port: int) -> None:
         ref_opt.zero_grad()
     mon.close()
     assert mon.layer_names == ["0", "2", "3", "4"] and set(mon.history().step) == {0, 1, 2}
-    err = _relative_error(mon.history(), ref_mon.history())
-    assert err < RTOL, f"rank {rank}: off by {err:.2e}"
+    return _relative_error(mon.history(), ref_mon.history())
+
+
+def _accelerate_worker(rank: int, port: int) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE="2")
+    from accelerate import Accelerator, FullyShardedDataParallelPlugin
+    from accelerate.utils import DistributedType
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    plugin = FullyShardedDataParallelPlugin(fsdp_version=2)
+    accelerator = Accelerator(cpu=True, fsdp_plugin=plugin)
+    state = accelerator.state  # FSDP on CPU: see the module docstring
+    state.distributed_type, state.fsdp_plugin = DistributedType.FSDP, plugin
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model, opt = accelerator.prepare(model, opt)
+    assert all(type(p).__name__ == "DTensor" for p in model.parameters()), "accelerate did not shard with FSDP2"
+    err = _watched_error(accelerator, model, opt, rank)
+    assert err < RTOL, f"FSDP2, rank {rank}: off by {err:.2e}"
+
+    # FSDP1 as accelerate wraps it on GPUs (use_orig_params=True, the root wrapped; its FSDP1 prepare fails on CPU:
+    # "Inconsistent compute device and `device_id` on rank 0: cpu vs cpu:0"): watch keeps the root, which owns
+    # the parameters of the layers no inner unit holds, instead of unwrapping it away
+    model = FullyShardedDataParallel(_mlp(), use_orig_params=True, device_id=torch.device("cpu"))
+    err = _watched_error(accelerator, model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), rank)
+    assert err < RTOL, f"FSDP1, rank {rank}: off by {err:.2e}"
     accelerator.end_training()
 
 
-def test_accelerate_fsdp2_equals_the_unsharded_model():
+def test_accelerate_fsdp2_and_fsdp1_equal_the_unsharded_model():
     pytest.importorskip("accelerate")
     import torch.multiprocessing as mp
 
