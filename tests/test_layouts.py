@@ -92,6 +92,32 @@ def test_zero_after_the_monitor_was_made_says_so_once_and_records_nothing(caplog
     strict.close()
 
 
+def test_the_lightning_callback_lets_the_refusal_out_of_fit(tmp_path):
+    """Under Lightning's DeepSpeedStrategy the parameters carry ZeRO's attributes by ``on_fit_start`` (the
+    strategy sets the engine up first): ``fit`` stops there with the message, before any step."""
+    pl = pytest.importorskip("lightning.pytorch")
+    from gradwatch.integrations.lightning import GradWatchCallback
+
+    class Net(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = _as_zero12(_mlp())
+
+        def training_step(self, batch, i):
+            return self.net(batch[0]).square().mean()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(8, 10)), batch_size=4)
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=2, callbacks=[GradWatchCallback(every=1)],
+                         logger=False, default_root_dir=str(tmp_path), enable_progress_bar=False,
+                         enable_model_summary=False, enable_checkpointing=False)
+    with pytest.raises(UnsupportedLayout, match="DeepSpeed ZeRO"):
+        trainer.fit(Net(), data)
+    assert trainer.global_step == 0
+
+
 # ---------------------------------------------------------------------------------------------- FSDP1
 @contextlib.contextmanager
 def _all_reduces() -> Iterator[list[int]]:

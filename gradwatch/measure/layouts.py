@@ -55,7 +55,9 @@ _UNSEEN = (
     "gradwatch cannot measure these parameters: FSDP1 (FullyShardedDataParallel) shards them ({names}) but the "
     "FSDP1 unit that owns them is not inside the model given to gradwatch (the root FullyShardedDataParallel "
     "wraps it, or the model was wrapped after the monitor was made), so gradwatch cannot tell which ranks hold "
-    "their pieces. Give gradwatch the FSDP-wrapped model itself, after wrapping, or use FSDP2 (fully_shard)."
+    "their pieces. Give gradwatch the FSDP-wrapped model itself, after wrapping (Lightning's FSDPStrategy wraps "
+    "the LightningModule from outside: wrap its layers in configure_model instead), or use FSDP2 (fully_shard; "
+    "Lightning: ModelParallelStrategy)."
 )
 
 
