@@ -110,9 +110,13 @@ class Fsdp1Shards:
         """Each parameter's ``.grad``; for a sharded FSDP1 parameter with no elements on this rank (FSDP1 sets
         its ``.grad`` to None), the parameter's own empty tensor: its exact share of the norm, zero, measured
         on every rank alike, so that every rank's vector has the same entries."""
-        groups = self.groups
-        return [p.grad if p.grad is not None or p.numel() or groups.get(id(p)) is None else p.detach()
-                for p in params]
+        grads = []
+        for p in params:
+            grad = p.grad
+            if grad is None and p.numel() == 0 and self.groups.get(id(p)) is not None:
+                grad = p.detach()  # empty, on the parameter's device and dtype
+            grads.append(grad)
+        return grads
 
 
 def fsdp1_shards(model: nn.Module) -> Fsdp1Shards | None:
