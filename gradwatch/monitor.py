@@ -330,6 +330,8 @@ class Monitor:
         """Whether block flow is measured; if not, why (e.g. ``torch.compile``)."""
         if self._flow is None:
             return FlowStatus("off", "blocks=None")
+        if self._layout_state == "unreadable":
+            return FlowStatus("off", "the model's sharded layout is unsupported: nothing is recorded (see errors)")
         return self._flow.status
 
     def step(self, step: int | None = None) -> None:
@@ -565,6 +567,8 @@ class Monitor:
             reason = unsupported(sel.params, sel.param_names, self._meter.fsdp1)
             self._layout_state = "readable" if reason is None else "unreadable"
             if reason is not None:
+                if self._flow is not None:  # its hooks would only cost time: nothing is recorded
+                    self._flow.close()
                 raise UnsupportedLayout(reason + " Nothing is recorded.")
         return self._layout_state == "unreadable"
 

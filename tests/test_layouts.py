@@ -74,7 +74,7 @@ def test_zero_after_the_monitor_was_made_says_so_once_and_records_nothing(caplog
     """``deepspeed.initialize`` after ``Monitor(model)``: found on the first logging step; an error (logged,
     kept in ``errors``) instead of wrong numbers or the generic 'N parameter(s) have no gradient' line."""
     model = _mlp()
-    mon = gradwatch.Monitor(model, every=1, blocks=None)
+    mon = gradwatch.Monitor(model, every=1)  # block flow on (the default): its hooks are removed, too
     _as_zero3(model)  # ZeRO-3 takes the parameters over: .data emptied, .grad None after backward
     with caplog.at_level(logging.INFO, logger="gradwatch"):
         for _ in range(3):
@@ -82,6 +82,7 @@ def test_zero_after_the_monitor_was_made_says_so_once_and_records_nothing(caplog
     assert len(mon.errors) == 1 and mon.errors[0].startswith("UnsupportedLayout: ") and "ZeRO-3" in mon.errors[0]
     assert "Nothing is recorded" in mon.errors[0]
     assert mon.history().empty and mon.latest is None and mon.measured_steps == 0
+    assert mon.flow_status.state == "off" and "unsupported" in mon.flow_status.reason
     assert not any("have no gradient" in r.getMessage() or "before backward" in r.getMessage() for r in caplog.records)
     mon.close()
 
