@@ -16,7 +16,8 @@ if TYPE_CHECKING:  # for the type checker only: importing it costs ~0.5 s (see b
     from torch.distributed.tensor import DTensor
 
 __all__ = [
-    "is_dtensor", "is_shard", "is_replicate", "partial_op", "is_optimized_module", "NORM_TYPES", "is_compiling", "is_compiled", "in_backward", "tree_tensors",
+    "is_dtensor", "is_shard", "is_replicate", "partial_op", "is_optimized_module", "is_flat_param", "is_fsdp1_flattened",
+    "fsdp1_unit", "NORM_TYPES", "is_compiling", "is_compiled", "in_backward", "tree_tensors",
     "foreach_norm_f32", "vector_norm_f32", "foreach_sub_", "foreach_copy", "foreach_copy_", "unscales_in_step", "scale_tensor", "event_file_writer",
     "event_file_path", "detach_event_files", "reopen_event_file", "total_norm",
 ]
@@ -70,6 +71,39 @@ def is_optimized_module(module: Any) -> bool:
     """Whether ``module`` is the wrapper ``torch.compile(module)`` returns."""
     cls = _loaded(("torch._dynamo.eval_frame",), "OptimizedModule")
     return cls is not None and isinstance(module, cls)
+
+
+# FSDP1 (FullyShardedDataParallel, the wrapper class): recognised by the attributes it sets, read with guards.
+_FSDP1_MODULES = ("torch.distributed.fsdp.fully_sharded_data_parallel",)
+
+
+def is_flat_param(t: Any) -> bool:
+    """Whether ``t`` is an FSDP1 ``FlatParameter``: a unit's parameters flattened into one 1-D shard
+    (``use_orig_params=False``)."""
+    return bool(getattr(t, "_is_flat_param", False))
+
+
+def is_fsdp1_flattened(t: Any) -> bool:
+    """Whether FSDP1 manages ``t``: an original parameter of a unit (or one of its ``FlatParameter``s)."""
+    return bool(getattr(t, "_fsdp_flattened", False))
+
+
+def fsdp1_unit(module: Any) -> tuple[list[torch.Tensor], Any] | None:
+    """For an FSDP1 unit with ``use_orig_params=True``: its original parameters and the process group its flat
+    shard is split over (under ``HYBRID_SHARD`` the intra-node group, not the replicas), or None as the group
+    when it does not shard (``NO_SHARD``: full parameters, gradients all-reduced as under DDP). None for any
+    other module, and for a unit with ``use_orig_params=False`` (its parameter is a ``FlatParameter``)."""
+    cls = _loaded(_FSDP1_MODULES, "FullyShardedDataParallel")
+    if cls is None or not isinstance(module, cls):
+        return None
+    handle: Any = getattr(module, "_handle", None)
+    flat = getattr(handle, "flat_param", None)
+    params = getattr(flat, "_params", None)
+    if params is None:
+        return None
+    shared = getattr(flat, "_shared_params", None) or []
+    group = handle.process_group if getattr(handle, "uses_sharded_strategy", True) else None
+    return [*params, *shared], group
 
 
 #: Normalisation layers (scale ~1, small gradients): their gradient-to-weight ratios do not compare with

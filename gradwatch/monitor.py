@@ -24,6 +24,7 @@ from .alerts import Alert, Incident, build_rules
 from .config import BlocksSpec, Config, ModuleTypes, Patterns, RulesSpec
 from .flow import Blocks, FlowProbe, FlowStatus, check_blocks
 from .measure.layers import Selection, select_parameters
+from .measure.layouts import UnsupportedLayout, check_supported, fsdp1_shards, unsupported
 from .measure.meter import Meter, Pending
 from .measure.selfcheck import SelfCheck
 from .names import short_list
@@ -146,6 +147,8 @@ class Monitor:
             writable; both ``log_dir`` and ``writer``; parameters on the meta device; an optimizer that
             holds none of the model's parameters.
         NothingToMeasure: no trainable parameters (after the filters).
+        UnsupportedLayout: parameters whose gradients ``p.grad`` does not hold: DeepSpeed ZeRO, FSDP1 with
+            ``use_orig_params=False`` (``docs/troubleshooting.md#unsupported-layouts``).
 
     Under torch.distributed only rank 0 writes (TensorBoard, alerts, sinks); other ranks open no files. With
     more than one process, the first logging step checks the values against torch's own total gradient norm
@@ -225,6 +228,8 @@ class Monitor:
         if blocks is not None and blocks != "auto":
             blocks = check_blocks(model, blocks)  # all in the model: checked before anything is hooked or opened
         selection = _select(model, cfg, optimizer, params)
+        fsdp1 = fsdp1_shards(model)  # FSDP1 use_orig_params=True: each unit's shard group
+        check_supported(selection.params, selection.param_names, fsdp1)  # DeepSpeed ZeRO, FSDP1 flat parameters
         rules = build_rules(cfg.rules)  # fresh rule state for this monitor
 
         self.model = model
@@ -243,7 +248,8 @@ class Monitor:
         self._grads = GradMark(model, selection.params)
         self._optimizer = optimizer
         self._selection: Selection = selection
-        self._meter = Meter(selection, _resolve_sync(model, cfg.sync_ranks))
+        self._meter = Meter(selection, _resolve_sync(model, cfg.sync_ranks, fsdp1 is not None), fsdp1)
+        self._layout_state: Literal["unchecked", "readable", "unreadable"] = "unchecked"
         self._pending: Pending | None = None
         self._check = SelfCheck(self._contain_in)  # under torch.distributed: the values against torch's, once
         self._step = 0
@@ -328,6 +334,8 @@ class Monitor:
         """Whether block flow is measured; if not, why (e.g. ``torch.compile``)."""
         if self._flow is None:
             return FlowStatus("off", "blocks=None")
+        if self._layout_state == "unreadable":
+            return FlowStatus("off", "the model's sharded layout is unsupported: nothing is recorded (see errors)")
         return self._flow.status
 
     def step(self, step: int | None = None) -> None:
@@ -536,6 +544,9 @@ class Monitor:
     # ------------------------------------------------------------------ measure, record, publish
     def _begin(self, step: int, grad_scale: Any = None, found_inf: Any = None, snapshot: bool = False) -> None:
         """Compute squared norms on the device; the host transfer waits for :meth:`_finish`."""
+        if self._layout_unreadable():
+            self._pending = None
+            return
         self.measured_steps += 1
         flow = self._flow.collect() if self._flow is not None else None
         if flow is not None and self._flow_trigger is None and flow.step is not None and flow.step != step:
@@ -552,6 +563,20 @@ class Monitor:
                                           snapshot=snapshot)
         if self._check.waiting:
             self._check.begin(self._selection, step, self._pending.kept if self._pending else (), grad_scale)
+
+    def _layout_unreadable(self) -> bool:
+        """Whether the parameters became unreadable after construction (e.g. ``deepspeed.initialize`` or FSDP1
+        wrapping after the monitor was made): checked on the first logging step, raised once (contained: logged
+        and kept in :attr:`errors`), then nothing is measured."""
+        if self._layout_state == "unchecked":
+            sel = self._selection
+            reason = unsupported(sel.params, sel.param_names, self._meter.fsdp1)
+            self._layout_state = "readable" if reason is None else "unreadable"
+            if reason is not None:
+                if self._flow is not None:  # its hooks would only cost time: nothing is recorded
+                    self._flow.close()
+                raise UnsupportedLayout(reason + " Nothing is recorded.")
+        return self._layout_state == "unreadable"
 
     def _finish(self) -> None:
         pending, self._pending = self._pending, None
@@ -609,10 +634,11 @@ def _select(model: nn.Module, cfg: Config, optimizer: Any, params: Any) -> Selec
     return selection
 
 
-def _resolve_sync(model: nn.Module, sync_ranks: bool | None) -> bool:
-    """``sync_ranks=None``: sync when every rank is known to run the monitor (DDP wrapper or DTensor params)."""
+def _resolve_sync(model: nn.Module, sync_ranks: bool | None, fsdp1: bool) -> bool:
+    """``sync_ranks=None``: sync when every rank is known to run the monitor (DDP or FSDP1 wrapper, DTensor
+    params)."""
     if sync_ranks is not None:
         return sync_ranks
-    if isinstance(model, nn.parallel.DistributedDataParallel):
+    if isinstance(model, nn.parallel.DistributedDataParallel) or fsdp1:
         return True
     return any(is_dtensor(p) for p in model.parameters())

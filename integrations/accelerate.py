@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import fields
 from typing import Any, Literal
@@ -128,7 +129,15 @@ def watch(
     if sync_ranks is None and getattr(accelerator, "num_processes", 1) > 1:
         sync_ranks = True
     options = {k: v for k, v in locals().items() if k in _OPTIONS}
-    return Monitor.from_config(accelerator.unwrap_model(model), Config(**options), optimizer=inner, log_dir=log_dir)
+    return Monitor.from_config(_unwrap(accelerator, model), Config(**options), optimizer=inner, log_dir=log_dir)
+
+
+def _unwrap(accelerator: Any, model: torch.nn.Module) -> torch.nn.Module:
+    """The model to watch: ``accelerator.unwrap_model(model)``, except that an FSDP1 root wrapper is kept (its
+    ``_fsdp_wrapped_module.`` prefix is dropped from the names all the same): it owns the parameters no inner unit
+    holds, and gradwatch reads from the units which ranks hold each parameter's piece."""
+    fsdp1 = getattr(sys.modules.get("torch.distributed.fsdp"), "FullyShardedDataParallel", None)
+    return model if fsdp1 is not None and isinstance(model, fsdp1) else accelerator.unwrap_model(model)
 
 
 _OPTIONS = frozenset(f.name for f in fields(Config))  # the keyword options shared with Monitor

@@ -22,8 +22,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .._compat import scale_tensor, unscales_in_step
+from .._compat import is_dtensor, scale_tensor, unscales_in_step
 from ..flow import FlowBatch, flow_metrics
+from .layouts import Fsdp1Shards
 from ..names import short_list
 from ..record import StepRecord
 from .layers import Selection
@@ -78,20 +79,22 @@ class _Layout:
     on a 1,000-tensor model. The placements of the gradients are read from the first step's: they follow from
     the model and its parallel plan, not from the data."""
 
-    def __init__(self, selection: Selection, kept: list[int], grads: Sequence[torch.Tensor]) -> None:
+    def __init__(self, selection: Selection, kept: list[int], grads: Sequence[torch.Tensor],
+                 dims: Any = shard_dims) -> None:
         self.whole = len(kept) == len(selection.params)
         self.kept = kept
         params = self.params(selection)
         # One (mesh, dimension) per way the tensors are split, with which gradients and which weights are split
         # along it: their squares are summed over that dimension's ranks, and over no dimension they are
         # replicated on. A gradient may be placed unlike its weight (a Replicate gradient of a Shard(0)
-        # embedding under tensor parallel; a Partial one, summed first: summed_partials). Keyed by the ranks
-        # that dimension's group holds: each parameter may carry its own mesh object (FSDP2 per module), and
-        # summing one group's entries twice would double them.
+        # embedding under tensor parallel; a Partial one, summed first: summed_partials); a plain gradient
+        # of a plain parameter is split as the parameter is (``dims``: FSDP1's original parameters). Keyed by
+        # the ranks that dimension's group holds: each parameter may carry its own mesh object (FSDP2 per
+        # module), and summing one group's entries twice would double them.
         split: dict[tuple[int, ...], tuple[Any, int, list[bool], list[bool]]] = {}
-        for row, tensors in enumerate((grads, params)):
-            for i, t in enumerate(tensors):
-                for mesh, dim in shard_dims(t):
+        for i, (g, p) in enumerate(zip(grads, params)):
+            for row, found in ((0, shard_dims(g) if is_dtensor(g) else dims(p)), (1, dims(p))):
+                for mesh, dim in found:
                     ranks = tuple(dist.get_process_group_ranks(mesh.get_group(dim)))
                     entry = split.setdefault(ranks, (mesh, dim, [False] * len(params), [False] * len(params)))
                     entry[2 + row][i] = True
@@ -132,11 +135,13 @@ class Meter:
 
     ``sync_ranks``: sum the block-flow norms over ranks into the global batch's (:mod:`.parallel`), in the
     same ``all_reduce`` where one reaches every rank.
+    ``fsdp1``: the FSDP1 ``use_orig_params=True`` units' shard groups (:mod:`gradwatch.measure.layouts`).
     """
 
-    def __init__(self, selection: Selection, sync_ranks: bool = False) -> None:
+    def __init__(self, selection: Selection, sync_ranks: bool = False, fsdp1: Fsdp1Shards | None = None) -> None:
         self.selection = selection
         self.sync_ranks = sync_ranks
+        self.fsdp1 = fsdp1
         self._layouts: dict[tuple[int, ...], _Layout] = {}
         self._reported_missing: set[str] = set()
         self._flow_weights: FlowWeights | None = None
@@ -157,20 +162,21 @@ class Meter:
     ) -> Pending | None:
         """Squared norms on the device; None when there is nothing to measure (no gradient, no flow)."""
         sel = self.selection
-        kept = [i for i, p in enumerate(sel.params) if p.grad is not None]
+        all_grads = self.fsdp1.grads(sel.params) if self.fsdp1 is not None else [p.grad for p in sel.params]
+        kept = [i for i, g in enumerate(all_grads) if g is not None]
         self._report_missing(kept)
         if not kept:
             return None if flow is None else Pending(step, [], [], False, found_inf, flow)
+        grads = cast("list[torch.Tensor]", [all_grads[i] for i in kept])
         try:
-            return self._measure(step, kept, flow, grad_scale, found_inf, snapshot)
+            return self._measure(step, kept, grads, flow, grad_scale, found_inf, snapshot)
         except RuntimeError:  # the plan no longer fits (the model was moved or resized): make new ones, once
             self._layouts.clear()
-            return self._measure(step, kept, flow, grad_scale, found_inf, snapshot)
+            return self._measure(step, kept, grads, flow, grad_scale, found_inf, snapshot)
 
-    def _measure(self, step: int, kept: list[int], flow: FlowBatch | None, grad_scale: Any, found_inf: Any,
-                 snapshot: bool) -> Pending:
+    def _measure(self, step: int, kept: list[int], grads: list[torch.Tensor], flow: FlowBatch | None,
+                 grad_scale: Any, found_inf: Any, snapshot: bool) -> Pending:
         sel = self.selection
-        grads = cast("list[torch.Tensor]", [sel.params[i].grad for i in kept])  # kept: every one has a gradient
         layout = self._layout(kept, grads)
         params = layout.params(sel)
         weights = layout.tensors(params)
@@ -190,7 +196,8 @@ class Meter:
         if layout is None:
             if len(self._layouts) > 8:  # parameters keep changing which have gradients: do not grow without bound
                 self._layouts.clear()
-            layout = self._layouts[key] = _Layout(self.selection, kept, grads)
+            layout = self._layouts[key] = _Layout(self.selection, kept, grads,
+                                                  self.fsdp1.dims if self.fsdp1 is not None else shard_dims)
         return layout
 
     def finish(self, pending: Pending) -> StepRecord | None:

@@ -63,7 +63,7 @@ class Parallelism:
 def _kind(placement: Any) -> str:
     if is_replicate(placement):
         return "replicate"
-    if getattr(placement, "dim", None) == 0:  # Shard(0) and FSDP2's _StridedShard(0)
+    if getattr(placement, "dim", None) == 0:  # Shard(0), and FSDP2's strided shard of a TP parameter
         return "first"
     return "other"  # a shard along another dimension, or a Partial
 
