@@ -62,7 +62,7 @@ class Config:
     exclude_types: ModuleTypes = ()  # drop layers of these classes (e.g. nn.BatchNorm2d)
     track_updates: bool = True  # update_to_weight across optimizer.step() (one weight copy on logging steps)
     blocks: BlocksSpec = "auto"  # shortcut-path gradient flow: "auto", these modules, or None (off)
-    sync_ranks: bool | None = None  # average block-flow norms over ranks; None: when the model is DDP/DTensor
+    sync_ranks: bool | None = None  # sum block-flow norms over ranks (global batch); None: DDP, FSDP, DTensor
     # ---- alerting
     rules: RulesSpec = None  # None: built-in rules; dict: tune/drop ({"vanishing": {"patience": 5}}); False: off
     alert_sinks: Sequence[AlertSink | Callable[..., Any]] = ()  # besides the logger, TensorBoard, alerts.jsonl

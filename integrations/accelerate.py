@@ -91,9 +91,10 @@ def watch(
         blocks: shortcut-path gradient flow per residual merge (``docs/flow.md``): ``"auto"`` finds the
             merges on the first logging step; a list of modules watches only those; ``None`` turns it off.
             ``mon.describe()`` lists the blocks, ``mon.flow_status`` says why flow is unavailable.
-        sync_ranks: under torch.distributed, average block-flow norms over ranks (in the one all-reduce of
-            a logging step) so every rank reaches the same verdict; every rank must then measure on every
-            logging step. ``None``: on when the model is a ``DistributedDataParallel`` or has DTensor
+        sync_ranks: under torch.distributed, sum block-flow norms over ranks into the values of the global
+            batch (in the all-reduce of a logging step; see docs/distributed.md) so every rank reaches the same
+            verdict, and join pipeline stages' records; every rank must then measure on every logging step.
+            ``None``: on when the model is a ``DistributedDataParallel``, an FSDP1 model, or has DTensor
             parameters.
         rules: the alert rules (``docs/alerts.md``): ``None``, every built-in rule with its defaults; a dict
             tunes or drops them (``{"vanishing": {"patience": 5}, "dead_layer": False}``); a list of

@@ -18,8 +18,8 @@ The ``on_critical`` policy:
 
 Under torch.distributed every rank runs the rules and only rank 0 writes the record (and runs the sinks). The
 per-layer numbers are the same on every rank (gradients after DDP's all-reduce; FSDP/DTensor norms
-all-reduced). Block-flow metrics come from each rank's own activations: they are averaged across ranks (root
-mean square of the per-rank norms) when the monitor syncs ranks — ``Monitor(sync_ranks=...)``, on by default
+all-reduced). Block-flow metrics come from each rank's own activations: they are summed across ranks into
+the global batch's values (:mod:`gradwatch.measure.parallel`) when the monitor syncs ranks — ``Monitor(sync_ranks=...)``, on by default
 for DDP-wrapped and DTensor models and always in the Lightning callback — so then every rank reaches the same
 verdict (``should_stop`` and ``GradientAlarm`` agree). With ``sync_ranks=False`` block-flow rules
 (``skip_collapse``, the block form of ``depth_trend``) may fire on one rank and not another.

@@ -9,8 +9,8 @@ dicts so that it travels in the monitor's ``state_dict`` and survives checkpoint
 
 Rules see the same numbers on every rank, so they reach the same verdict everywhere without communicating:
 per-layer gradients are identical after DDP's all-reduce (FSDP/DTensor norms are all-reduced), and block-flow
-metrics, measured on each rank's own activations, are averaged across ranks (root mean square of the per-rank
-norms) when the monitor syncs ranks (``Monitor(sync_ranks=...)``: on by default for DDP-wrapped and DTensor
+metrics, measured on each rank's own activations, are summed across ranks into the global batch's values
+(:mod:`gradwatch.measure.parallel`) when the monitor syncs ranks (``Monitor(sync_ranks=...)``: on by default for DDP-wrapped and DTensor
 models, always in the Lightning callback). With ``sync_ranks=False`` the block rules may disagree across ranks.
 
 Adding a rule::
