@@ -96,8 +96,9 @@ class _Layout:
             for row, found in ((0, shard_dims(g) if is_dtensor(g) else dims(p)), (1, dims(p))):
                 for mesh, dim in found:
                     ranks = tuple(dist.get_process_group_ranks(mesh.get_group(dim)))
-                    entry = split.setdefault(ranks, (mesh, dim, [False] * len(params), [False] * len(params)))
-                    entry[2 + row][i] = True
+                    _, _, split_grads, split_weights = split.setdefault(
+                        ranks, (mesh, dim, [False] * len(params), [False] * len(params)))
+                    (split_grads, split_weights)[row][i] = True
         self.splits = list(split.values())
         self.partial = [i for i, g in enumerate(grads) if partial_dims(g)]
         self._sums: dict[tuple[int, int, bool], tuple[list[tuple[Any, bool, torch.Tensor]], int]] = {}

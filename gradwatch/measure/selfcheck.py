@@ -150,7 +150,7 @@ class _Taken:
     """What :meth:`SelfCheck.begin` took at one logging step, for :meth:`SelfCheck.finish` to compare."""
 
     step: int
-    params: list[torch.Tensor]
+    params: Sequence[torch.Tensor]
     units: list[str]  # the unit (layer) each parameter belongs to
     scale: Any
     squared: torch.Tensor  # torch's squared whole-model norm, on the device
