@@ -28,7 +28,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from .alerts.measurements import Measurements, early_ratio
+from .alerts.measurements import Measurements, early_ratio_shown
 from .depth import DEPTH, effective_depth
 from .record import StepRecord
 
@@ -44,7 +44,7 @@ def health(record: StepRecord, kinds: Mapping[str, str] | None = None,
     rules receive them; ``measurements``: the rules' own :class:`Measurements` of ``record``, made with the
     same ``kinds`` and ``forward``, whose statistics are then reused)."""
     m = measurements if measurements is not None else Measurements.from_record(record, kinds or {}, forward or {})
-    er = early_ratio(m)
+    er = early_ratio_shown(m)
     out = {
         "grad_to_weight_early": er.ratio if er is not None else math.nan,
         "skip_share_min": _nanmin(record.block("skip_share")) if record.blocks else math.nan,

@@ -13,7 +13,7 @@ import numpy as np
 from ..names import EARLY_FRACTION, FLOW_METRICS, GLOBAL_NAME, ROOT_NAME, early_count
 from ..record import StepRecord
 
-__all__ = ["Measurements", "EarlyRatio", "early_ratio", "depth_slope", "DORMANT_SHARE"]
+__all__ = ["Measurements", "EarlyRatio", "early_ratio", "early_ratio_shown", "depth_slope", "DORMANT_SHARE"]
 
 #: A block whose skip carries more than this share of the gradient energy at its input has a branch that is
 #: (nearly) off — under 1% of the energy, a tenth of the skip's amplitude: a zero-initialised branch while it
@@ -181,6 +181,7 @@ class EarlyRatio:
     early_median: float
     typical: float
     early: list[str]
+    fallback: bool = False  # shown only (early_ratio_shown): no rule reads it
 
 
 def early_ratio(m: Measurements, early: float = EARLY_FRACTION, min_layers: int = 4) -> EarlyRatio | None:
@@ -208,6 +209,28 @@ def _early_ratio(m: Measurements, early: float, min_layers: int) -> EarlyRatio |
     early_med = float(np.median(g2w[first]))
     ratio = early_med / typical if typical > 0 else math.nan
     return EarlyRatio(ratio, early_med, typical, [m.layers[i] for i in first])
+
+
+def early_ratio_shown(m: Measurements, early: float = EARLY_FRACTION) -> EarlyRatio | None:
+    """What the health figure ``grad_to_weight_early`` shows: :func:`early_ratio` when it exists, else the
+    same quotient over every weight layer with a finite, non-zero ratio, dormant branches included (at least
+    two layers), marked ``fallback``. The rules keep :func:`early_ratio`'s None there (a net learning from ~0
+    by design, or too few layers, says nothing about vanishing), but the seed's headline figure is on the
+    first screen of any model with weight layers: a zero-initialised ResNet, a post-LN BERT whose 0.02-std
+    branches start near-dormant, a 2-layer transformer. Zero ratios are left out: a branch behind a
+    zero-initialised norm gets exactly no gradient, and would make the typical value 0."""
+    found = early_ratio(m)
+    if found is not None:
+        return found
+    g2w = m.values("grad_to_weight")
+    idx = m.weight_layers()
+    idx = idx[np.isfinite(g2w[idx]) & (g2w[idx] > 0)]
+    if len(idx) < 2:
+        return None
+    first = _early(idx, early)
+    typical = float(np.median(g2w[idx]))
+    early_med = float(np.median(g2w[first]))
+    return EarlyRatio(early_med / typical, early_med, typical, [m.layers[i] for i in first], fallback=True)
 
 
 def depth_slope(m: Measurements, min_points: int = 6) -> tuple[str, float, int] | None:

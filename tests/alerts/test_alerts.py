@@ -29,6 +29,7 @@ from gradwatch.alerts import (
     build_rules,
     depth_slope,
     early_ratio,
+    early_ratio_shown,
     replay,
 )
 from gradwatch.measure.layers import layer_kinds
@@ -589,3 +590,37 @@ def test_zero_initialised_residual_branches_raise_no_alert():
     mon.close()
     assert [a for a in mon.alerts if a.severity != "info"] == []
     assert mon.records[1].block("skip_share").min() > 1 - 1e-4  # the branches were dormant, as planted
+    # the rules' early statistic does not exist while the branches learn from ~0, but the health figure does:
+    # the fallback over every weight layer with a non-zero ratio (here the stem, the projections, the head)
+    m = Measurements.from_record(mon.records[-1], layer_kinds(model), {})
+    assert early_ratio(m) is None
+    shown = early_ratio_shown(m)
+    assert shown is not None and shown.fallback and shown.early[0] == "conv1"
+    early = [r.health["grad_to_weight_early"] for r in mon.records]
+    assert all(math.isfinite(v) and v > 0 for v in early), early
+
+
+def test_post_ln_bert_shows_an_early_ratio_without_alerting_on_it():
+    """BERT's 0.02-std branches start near-dormant (skip_share ~0.9999 on every merge), which leaves the rules
+    no typical layer; the health figure falls back to every weight layer, and no rule reads that fallback."""
+    transformers = pytest.importorskip("transformers")
+    transformers.logging.set_verbosity_error()
+    torch.manual_seed(0)
+    model = transformers.BertForSequenceClassification(transformers.BertConfig(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=256, num_labels=2,
+        vocab_size=1000, max_position_embeddings=64))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-4)
+    mon = gradwatch.Monitor(model, optimizer=opt, every=1)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(6):
+        model(input_ids=torch.randint(0, 1000, (4, 16), generator=g), labels=torch.randint(0, 2, (4,), generator=g)
+              ).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    mon.close()
+    assert mon.records[0].block("skip_share").min() > 0.999  # near-dormant branches: the case
+    m = Measurements.from_record(mon.records[-1], layer_kinds(model), {})
+    assert early_ratio(m) is None and early_ratio_shown(m).fallback
+    early = [r.health["grad_to_weight_early"] for r in mon.records]
+    assert all(0.05 < v < 20 for v in early), early  # every step, a plain number
+    assert [a for a in mon.alerts if a.rule in ("vanishing", "exploding") and a.severity != "info"] == []
