@@ -16,11 +16,12 @@ from .tracker import IncidentTracker
 from .measurements import EarlyRatio, Measurements, depth_slope, early_ratio, early_ratio_shown
 from .rule import Rule
 from .rules import (
-    RULES, DeadLayer, DepthTrend, Exploding, NonFinite, SkipCollapse, Vanishing, build_rules, default_rules, replay,
+    RULES, AttenuatedIdentity, DeadLayer, DepthTrend, Exploding, NonFinite, SkipCollapse, Vanishing, build_rules,
+    default_rules, replay,
 )
 
 __all__ = [
     "SEVERITIES", "POLICIES", "severity_rank", "Alert", "GradientAlarm", "read_alerts", "read_events", "summarize",
     "EVENT_KINDS", "Incident", "IncidentEvent", "RunSummary", "IncidentTracker", "AlertEngine", "Measurements", "EarlyRatio", "early_ratio", "early_ratio_shown", "depth_slope", "Rule", "RULES", "SkipCollapse",
-    "Vanishing", "Exploding", "DepthTrend", "NonFinite", "DeadLayer", "default_rules", "build_rules", "replay",
+    "AttenuatedIdentity", "Vanishing", "Exploding", "DepthTrend", "NonFinite", "DeadLayer", "default_rules", "build_rules", "replay",
 ]

@@ -40,11 +40,13 @@ import numpy as np
 from .._checks import check_fraction, check_int, check_number
 from ..names import EARLY_FRACTION, short_list
 from .alert import Alert
+from .highway import highway
 from .measurements import Measurements, depth_slope, early_ratio
 from .rule import Rule
 
 __all__ = [
-    "SkipCollapse", "Vanishing", "Exploding", "DepthTrend", "NonFinite", "DeadLayer", "RULES", "default_rules",
+    "SkipCollapse", "AttenuatedIdentity", "Vanishing", "Exploding", "DepthTrend", "NonFinite", "DeadLayer", "RULES",
+    "default_rules",
     "build_rules", "replay",
 ]
 
@@ -85,6 +87,64 @@ class SkipCollapse(Rule):
                     "forward; healthy ResNets keep skip_share above ~0.02",
                 ))
         return out
+
+
+class AttenuatedIdentity(Rule):
+    """The identity path is gone: most of the chain's skips pass the gradient on scaled, gated or projected.
+
+    Reads each block's skip gain ``skip_grad / grad_out`` (exactly 1 for an identity skip;
+    :mod:`gradwatch.alerts.highway`). Fires (warning) when, for ``patience`` consecutive logging steps, more
+    than ``share`` of at least ``min_blocks`` blocks have a gain outside ``[1 - band, 1 / (1 - band)]`` *and*
+    their gains compound to a factor beyond ``10 ** departure`` along the chain, either way. Names the blocks
+    and their gains. Needs block flow.
+
+    Defaults, from ``docs/alerts.md``: healthy stock nets keep at most 0.375 of their blocks off identity (the
+    projection shortcuts where a stage changes shape) with a compounded departure of at most 10^1.97; He et
+    al. 2016's constant scaling, gating at b_g = 0, 1x1-convolution and dropout shortcuts on a ResNet-110 read
+    0.46-1.0 and 10^3.8-10^16. Shortcut-only and exclusive gating at b_g = -6 (a gate ~0.0025: near identity)
+    stay quiet. A skip up-weighted on purpose before a post-norm (DeepNorm's ``alpha * x + F(x)``) reads as
+    amplified: turn the rule off for such a model (``rules={"attenuated_identity": False}``).
+    """
+
+    name = "attenuated_identity"
+
+    def __init__(self, share: float = 0.5, departure: float = 3.0, band: float = 0.1, min_blocks: int = 4,
+                 patience: int = 3, clear_margin: float = 2.0) -> None:
+        super().__init__(patience, clear_margin)
+        self.share = check_fraction(share, "share", owner=self.name)
+        self.departure = check_number(departure, "departure", owner=self.name)
+        self.band = check_fraction(band, "band", owner=self.name)
+        self.min_blocks = check_int(min_blocks, "min_blocks", minimum=1, owner=self.name)
+
+    def check(self, m: Measurements) -> list[Alert]:
+        """One finding while the chain of skips has stopped being an identity path."""
+        h = highway(m, self.band)
+        if h is None or h.measured < self.min_blocks:
+            self.streak("chain", False)
+            return []
+        fire = h.share > self.share and h.departure >= self.departure
+        clear = h.share <= self.share / self.clear_margin or h.departure < self.departure / self.clear_margin
+        n = self.hold("chain", fire, clear)
+        if n < self.patience:
+            return []
+        off = np.flatnonzero(h.off)
+        worst = off[np.argsort(-np.abs(np.log10(h.gains[off])))][:3]
+        way = "attenuated" if h.compounded < 1 else "amplified"
+        gains = h.gains[off]
+        return [self.alert(
+            m, "warning", None, h.departure, self.departure,
+            f"the identity path is {way}: {len(off)} of {h.measured} blocks pass the gradient through their skip "
+            f"with a gain of {np.median(gains):.2g} (from {gains.min():.2g} to {gains.max():.2g}; an identity "
+            f"skip passes 1), compounding to {h.compounded:.2g} along the chain; most "
+            f"{'attenuated' if way == 'attenuated' else 'changed'}: "
+            + ", ".join(f"{m.blocks[i]} ({h.gains[i]:.2g})" for i in worst)
+            + (f"; for {n} logging steps" if n > 1 else "")
+            + ". The network trains like a plain one",
+            "keep each shortcut an identity: no scaling, gating, dropout or convolution on the skip path, a "
+            "projection only where the shape changes (He et al. 2016, Identity Mappings in Deep Residual "
+            "Networks); `gradwatch inspect` shows each block's skip ops",
+            subject="identity path",
+        )]
 
 
 class Vanishing(Rule):
@@ -386,7 +446,7 @@ class DeadLayer(Rule):
 
 #: The built-in rules by name, in the order they are evaluated.
 RULES: dict[str, type[Rule]] = {
-    cls.name: cls for cls in (NonFinite, SkipCollapse, Vanishing, Exploding, DepthTrend, DeadLayer)
+    cls.name: cls for cls in (NonFinite, SkipCollapse, AttenuatedIdentity, Vanishing, Exploding, DepthTrend, DeadLayer)
 }
 
 

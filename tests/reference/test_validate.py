@@ -53,3 +53,16 @@ def test_summaries_are_strict_json(tmp_path):
     text = (tmp_path / "s.json").read_text()
     assert json.loads(text, parse_constant=lambda t: pytest.fail(f"bare {t}")) == {
         "a": "nan", "b": [1.5, "inf", ["-inf", 2]], "c": {"d": 0.0}}
+
+
+def test_shortcut_variants_are_judged_attenuated_and_the_near_identity_gate_is_quiet(tmp_path, capsys):
+    """--quick trains the 110-layer variants 20 steps: constant scaling must raise attenuated_identity (at the
+    third logging step), shortcut-only gating at b_g = -6 (a near-identity skip) must not."""
+    code = main(["validate", "--quick", "--only", "constant-scaling-110", "shortcut-only-gating-110-bg-6",
+                 "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    got = {c["case"]: c for c in json.loads((tmp_path / "validate.json").read_text())["cases"]}
+    assert all(c["passed"] for c in got.values()), got
+    assert any(o.startswith("attenuated_identity@10 (-) [warning]") for o in got["constant-scaling-110"]["observed"])
+    assert not any(o.startswith("attenuated_identity") for o in got["shortcut-only-gating-110-bg-6"]["observed"])
