@@ -137,7 +137,7 @@ class AttenuatedIdentity(Rule):
             f"with a gain of {np.median(gains):.2g} (from {gains.min():.2g} to {gains.max():.2g}; an identity "
             f"skip passes 1), compounding to {h.compounded:.2g} along the chain; most "
             f"{'attenuated' if way == 'attenuated' else 'changed'}: "
-            + ", ".join(f"{m.blocks[i]} ({h.gains[i]:.2g})" for i in worst)
+            + ", ".join(f"{h.blocks[i]} ({h.gains[i]:.2g})" for i in worst)
             + (f"; for {n} logging steps" if n > 1 else "")
             + ". The network trains like a plain one",
             "keep each shortcut an identity: no scaling, gating, dropout or convolution on the skip path, a "

@@ -14,8 +14,8 @@ from gradwatch.alerts.highway import highway
 from gradwatch.reference.blocks import resnet, set_shortcut_variant
 
 
-def chain(step: int, gains, out=1.0) -> Measurements:
-    names = [f"layer.{i}" for i in range(len(gains))]
+def chain(step: int, gains, out=1.0, names=None) -> Measurements:
+    names = names or [f"layer.{i}" for i in range(len(gains))]
     m = Measurements(step=step, kinds={})
     m.add(names, "grad_out", np.full(len(gains), out))
     m.add(names, "skip_grad", np.asarray(gains, dtype=float) * out)
@@ -50,6 +50,21 @@ def test_amplifying_projections_read_as_amplified_and_a_zero_gain_is_left_to_ski
     assert alerts and "the identity path is amplified" in alerts[0].message
     h = highway(chain(0, [0.0, 1.0, 1.0, 1.0]))
     assert h is not None and not h.off[0] and h.departure == 0  # detached: skip_collapse's finding
+
+
+def test_a_parallel_residual_block_is_judged_by_its_true_skip():
+    """GPT-J / Phi / Falcon: ``x + attn(ln(x)) + mlp(ln(x))`` is found as two merges per block, the sum of the
+    two branches (whose "skip" is the MLP: gain ~0.05) and the true skip (gain 1): the block's identity path is
+    the latter. Held-out runs read 0.5 of the merges off identity and 10^10 along the chain without this."""
+    names = [f"h.{i}[{j}]" for i in range(8) for j in range(2)]
+    rule = AttenuatedIdentity()
+    assert [a for s in range(4) for a in rule.check(chain(s, [0.05, 1.0] * 8, names=names))] == []
+    h = highway(chain(0, [0.05, 1.0] * 8, names=names))
+    assert h is not None and h.blocks == [f"h.{i}[1]" for i in range(8)] and not h.off.any()
+    # both of a block's merges scaled: its identity path is attenuated, and the rule says so
+    rule = AttenuatedIdentity()
+    both = [a for s in range(4) for a in rule.check(chain(s, [0.25, 0.25] * 8, names=names))]
+    assert both and "8 of 8 blocks" in both[0].message
 
 
 def test_hysteresis_and_few_blocks():
