@@ -4,6 +4,7 @@ shortcut variants), read from each block's skip gain skip_grad / grad_out."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 from helpers import small_batch
@@ -100,3 +101,42 @@ def test_he_2016_variants_on_a_resnet_56_are_flagged_and_the_identity_is_not():
     for model in (resnet(56), set_shortcut_variant(resnet(56), "shortcut_only_gating", gate_bias=-6.0)):
         mon = _train(model)
         assert [a for a in mon.alerts if a.rule == "attenuated_identity"] == []
+
+
+class _Rescaled(torch.nn.Module):
+    """``(x + F(x)) / sqrt(2)``: StyleGAN2's discriminator and NCSN++'s ``skip_rescale`` scale after the add."""
+
+    def __init__(self, width: int, before: bool) -> None:
+        super().__init__()
+        self.f = torch.nn.Sequential(torch.nn.LayerNorm(width), torch.nn.Linear(width, width), torch.nn.GELU(),
+                                     torch.nn.Linear(width, width))
+        self.before = before
+
+    def forward(self, x):
+        if self.before:  # the same function, written as He et al.'s constant scaling: on both operands
+            return x / 2 ** 0.5 + self.f(x) / 2 ** 0.5
+        return (x + self.f(x)) / 2 ** 0.5
+
+
+def test_a_rescale_after_the_add_keeps_the_identity_path_one_before_it_does_not():
+    """A scaling after the merge is not on the skip (it rescales the residual stream, like a norm after the
+    add): 24 such blocks read identity. Written on the operands it is He et al.'s constant scaling at
+    1/sqrt(2): 24 blocks at 0.71 compound to 10^-3.6, and the rule says so."""
+    fired = {}
+    for before in (False, True):
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Linear(8, 16), *[_Rescaled(16, before) for _ in range(24)],
+                                  torch.nn.Linear(16, 3))
+        opt = torch.optim.AdamW(net.parameters(), 1e-3)
+        mon = gradwatch.Monitor(net, optimizer=opt, every=1)
+        g = torch.Generator().manual_seed(0)
+        for _ in range(4):
+            F.cross_entropy(net(torch.randn(32, 8, generator=g)), torch.randint(0, 3, (32,), generator=g)).backward()
+            opt.step()
+            opt.zero_grad()
+        mon.close()
+        fired[before] = [a.rule for a in mon.alerts if a.rule == "attenuated_identity"]
+        h = highway(Measurements.from_record(mon.records[-1]))
+        assert h is not None and len(h.blocks) == 24
+        assert (h.share, h.departure) == ((1.0, pytest.approx(24 * np.log10(2 ** 0.5), rel=1e-3)) if before else (0.0, 0.0))
+    assert fired == {False: [], True: ["attenuated_identity"]}
