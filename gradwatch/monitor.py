@@ -563,7 +563,11 @@ class Monitor:
         self._pending = self._meter.begin(step, flow, grad_scale=grad_scale, found_inf=found_inf,
                                           snapshot=snapshot)
         if self._check.waiting:
-            self._check.begin(self._selection, step, self._pending.kept if self._pending else (), grad_scale)
+            if self._meter.fsdp1 is not None:  # plain tensors holding shards: torch's norm of them is one rank's
+                self._check.skip("FSDP1 shards plain tensors, whose total norm only FSDP's own clip_grad_norm_ "
+                                 "takes")
+            else:
+                self._check.begin(self._selection, step, self._pending.kept if self._pending else (), grad_scale)
 
     def _layout_unreadable(self) -> bool:
         """Whether the parameters became unreadable after construction (e.g. ``deepspeed.initialize`` or FSDP1

@@ -155,6 +155,7 @@ class GradWatchTrainerCallback(TrainerCallback):
         self._every = 1
         self._armed = False  # the coming optimizer step is a logging step: hooks record
         self._pre: torch.Tensor | None = None  # squared grad norm of the reference parameter before clipping
+        self._pre_local = False  # _pre is a copy of this rank's gradient (DDP), not yet averaged
         self._ref: torch.nn.Parameter | None = None
         self._handle: Any = None
         self._pending = False
@@ -180,7 +181,7 @@ class GradWatchTrainerCallback(TrainerCallback):
             cfg = cfg.replace(sync_ranks=True)  # every rank runs these events: flow norms averaged over ranks
         self.monitor = Monitor.from_config(model, cfg, params=params, log_dir=log_dir)
         self._driver = StepDriver(self.monitor, logging=lambda: self._armed)
-        self._ref = max(params, key=lambda p: p.numel())  # clipping scales every gradient alike: one is enough
+        self._ref = _reference(params, self._data_parallel(params))
         self._handle = self._ref.register_post_accumulate_grad_hook(self._after_accumulation)
         self._resume(args, state)
         self._arm(state)
@@ -241,11 +242,23 @@ class GradWatchTrainerCallback(TrainerCallback):
         self._armed = self.monitor is not None and (step == 1 or step % self._every == 0)
         self._pre = None
 
+    @staticmethod
+    def _data_parallel(params: list[torch.Tensor]) -> bool:
+        """Whether gradients are averaged over ranks after this hook sees them (DDP: its reducer writes the
+        averaged gradient at the end of backward, so the hook reads this rank's own)."""
+        dist = torch.distributed
+        return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1 \
+            and not any(type(p).__name__ == "DTensor" for p in params)
+
     def _after_accumulation(self, p: torch.Tensor) -> None:
         # Every micro-batch of an armed step lands here; the last one, the sync step's, is what gets clipped.
         try:
             if self._armed and p.grad is not None:
-                self._pre = torch.linalg.vector_norm(p.grad.detach(), dtype=torch.float32).square()
+                self._pre_local = self._data_parallel([p])
+                if self._pre_local:  # this rank's own gradient: averaged like DDP's at the pre-step
+                    self._pre = p.grad.detach().clone()
+                else:
+                    self._pre = torch.linalg.vector_norm(p.grad.detach(), dtype=torch.float32).square()
         except Exception as err:  # never raise into autograd
             self._pre = None
             log.warning("gradwatch: could not read the gradient before clipping (%s); values are as found", err)
@@ -257,6 +270,9 @@ class GradWatchTrainerCallback(TrainerCallback):
         if pre is None or ref is None or ref.grad is None:
             return None
         try:
+            if self._pre_local:  # a copy of this rank's gradient: the average DDP wrote, one small all_reduce
+                torch.distributed.all_reduce(pre)
+                pre = torch.linalg.vector_norm(pre / torch.distributed.get_world_size(), dtype=torch.float32).square()
             post = torch.linalg.vector_norm(ref.grad.detach(), dtype=torch.float32).square()
             scale = loss_scale(getattr(optimizer, "scaler", None))
             if scale is not None:  # the hook saw the gradient still multiplied by the loss scale
@@ -283,3 +299,14 @@ class GradWatchTrainerCallback(TrainerCallback):
             self._handle = None
         if self.monitor is not None:
             self.monitor.close()
+
+
+def _reference(params: list[torch.Tensor], data_parallel: bool) -> torch.Tensor:
+    """The parameter whose gradient tells the clip factor (clipping scales every gradient alike: one is
+    enough): the largest, whose gradient is almost never exactly 0; under DDP a small one of at least 16
+    values, whose gradient is copied and all-reduced once per logging step to match DDP's average."""
+    if data_parallel:
+        small = [p for p in params if p.numel() >= 16]
+        if small:
+            return min(small, key=lambda p: p.numel())
+    return max(params, key=lambda p: p.numel())

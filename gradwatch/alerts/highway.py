@@ -70,8 +70,8 @@ def highway(m: Measurements, band: float = 0.1) -> Highway | None:
         modules.setdefault(name.split("[")[0], []).append(i)
     names, gains = [], []
     for module, idx in modules.items():
-        finite = [i for i in idx if np.isfinite(each[i])]
-        best = min(finite, key=lambda i: abs(math.log10(each[i]))) if finite else idx[0]
+        measured = [i for i in idx if np.isfinite(each[i])]
+        best = min(measured, key=lambda i: abs(math.log10(each[i]))) if measured else idx[0]
         names.append(m.blocks[best])
         gains.append(each[best])
     g = np.asarray(gains, dtype=np.float64)

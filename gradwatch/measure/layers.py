@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .._checks import Pattern
-from .._compat import NORM_TYPES
+from .._compat import NORM_TYPES, is_fsdp1_flattened
 from ..names import GLOBAL_NAME, ROOT_NAME, WRAPPER_PREFIXES, clean_name
 
 log = logging.getLogger("gradwatch")
@@ -147,13 +147,27 @@ def layer_kinds(model: nn.Module) -> dict[str, str]:
             kind = "norm"
         elif isinstance(module, _EMBEDDING_TYPES):
             kind = "embedding"
-        elif any(p.dim() >= 2 for _, p in own if not isinstance(p, nn.parameter.UninitializedParameter)):
+        elif any(_matrix(module, n, p) for n, p in own if not isinstance(p, nn.parameter.UninitializedParameter)):
             kind = "weight"
         else:
             kind = "other"
         kinds.setdefault(layer, kind)
         for pname, p in own:
             full = f"{layer}.{pname}" if layer != ROOT_NAME else pname
-            weight = kind == "weight" and not isinstance(p, nn.parameter.UninitializedParameter) and p.dim() >= 2
+            weight = kind == "weight" and not isinstance(p, nn.parameter.UninitializedParameter) and \
+                _matrix(module, pname, p)
             kinds.setdefault(full, "weight" if weight else ("other" if kind == "weight" else kind))
     return kinds
+
+
+# Modules whose ``weight`` is a matrix (or a stack of kernels) even when FSDP1 shows it as a flat 1-D view of
+# this rank's shard (``use_orig_params=True``): there its dimensions cannot tell.
+_MATRIX_TYPES = (nn.Linear, nn.Bilinear, nn.modules.conv._ConvNd)
+
+
+def _matrix(module: nn.Module, name: str, p: torch.Tensor) -> bool:
+    """Whether parameter ``name`` of ``module`` is a weight matrix: two or more dimensions, or FSDP1's flat
+    view of a Linear or convolution ``weight``."""
+    if p.dim() >= 2:
+        return True
+    return name == "weight" and is_fsdp1_flattened(p) and isinstance(module, _MATRIX_TYPES)

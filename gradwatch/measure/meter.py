@@ -237,7 +237,7 @@ class Meter:
         n_flow = 0 if flow is None else flow.numel()
         every_rank = self.sync_ranks and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
         if every_rank and not self.stages.found:  # the first logging step: are there pipeline stages?
-            self.stages.find(layout.layers if layout is not None else (), names, stacked.device)
+            self.stages.find(tuple(self.selection.names), stacked.device)
         sync = bool(n_flow) and every_rank and self.stages.size != 1  # a stage of one rank has nothing to sum
         if flow is not None and n_flow:
             dtype = torch.promote_types(stacked.dtype, flow.dtype)

@@ -174,6 +174,12 @@ class SelfCheck:
         self._taken: _Taken | None = None
         self._tries = 0
 
+    def skip(self, reason: str) -> None:
+        """Give the check up for a layout torch's total norm cannot be taken on independently (one info line)."""
+        if self.waiting and dist.is_available() and dist.is_initialized() and dist.get_rank() == 0:
+            log.info("gradwatch: self-check skipped: %s", reason)
+        self.waiting = False
+
     def begin(self, selection: Selection, step: int, kept: Sequence[int], grad_scale: Any = None) -> None:
         """Take torch's norm of the gradients the monitor measures at ``step`` (``kept``: indices into
         ``selection.params``, the ones with a gradient), divided by ``grad_scale`` as the monitor divides."""

@@ -2,8 +2,8 @@
 
 Under ``torch.distributed.pipelining`` each rank builds its monitor on its own stage module, so ranks measure
 different layers and blocks. Stages are found once, on the first logging step, from what each rank measures:
-ranks with the same layer and block names are one stage (its data- or tensor-parallel peers), ranks with other
-names are other stages. Finding them costs one ``all_gather`` of a 64-bit fingerprint of the names, and, only
+ranks with the same selected layers are one stage (its data- or tensor-parallel peers), ranks with other
+names are other stages. Finding them costs one ``all_gather`` of a 64-bit fingerprint of the selected layers' names, and, only
 when they differ, one process group per stage (every rank creates every group, in the same order, as torch
 requires) and, at the first merge, each stage's names broadcast by its first rank.
 
@@ -54,12 +54,17 @@ class Stages:
         self._firsts: list[int] = []  # the first rank of each stage: it sends the stage's names and values
         self._prefix: list[str] = []
 
-    def find(self, layers: tuple[str, ...], blocks: tuple[str, ...], device: torch.device) -> None:
-        """Whether ranks measure different parts of the model (collective: every rank calls it once)."""
+    def find(self, layers: tuple[str, ...], device: torch.device) -> None:
+        """Whether ranks measure different parts of the model (collective: every rank calls it once).
+
+        ``layers``: every layer the monitor selected, whether or not it has a gradient yet. Only these: they
+        follow from the module each rank was given, the same on every data- or tensor-parallel rank, while the
+        blocks are found as each rank's forward runs and a rank may not have them yet (two DDP ranks read as two
+        pipeline stages when the blocks were in the fingerprint)."""
         self.found = True
         world, rank = dist.get_world_size(), dist.get_rank()
         prints = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(world)]
-        dist.all_gather(prints, torch.tensor([_fingerprint(layers, blocks)], dtype=torch.int64, device=device))
+        dist.all_gather(prints, torch.tensor([_fingerprint(layers)], dtype=torch.int64, device=device))
         keys = [int(p.item()) for p in prints]
         self.size = keys.count(keys[rank])
         if len(set(keys)) == 1:
@@ -171,7 +176,7 @@ def _ratio(num: float, den: float) -> float:
     return float(num / den) if den > 0 else float("nan")
 
 
-def _fingerprint(layers: tuple[str, ...], blocks: tuple[str, ...]) -> int:
+def _fingerprint(layers: tuple[str, ...]) -> int:
     """A 63-bit digest of the names (Python's ``hash`` differs between processes)."""
-    digest = hashlib.blake2b("\n".join(layers + ("|",) + blocks).encode(), digest_size=8).digest()
+    digest = hashlib.blake2b("\n".join(layers).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") >> 1

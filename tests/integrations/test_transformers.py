@@ -177,14 +177,26 @@ def test_torch_compile(tmp_path):
     assert cb.monitor.errors == []
 
 
+class _Logged(transformers.TrainerCallback):
+    """The Trainer's own ``grad_norm`` log: the norm of the averaged gradients, before clipping."""
+
+    def __init__(self):
+        self.grad_norm = {}
+
+    def on_log(self, args, state, control, logs=None, **kw):
+        if logs and "grad_norm" in logs:
+            self.grad_norm[state.global_step] = float(logs["grad_norm"])
+
+
 def _ddp_worker(rank: int, port: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE="2")
-    cb, ref = GradWatchTrainerCallback(every=2), Reference({1, 2, 4})
-    trainer(out, tiny_gpt2(), [ref, cb], max_steps=4, max_grad_norm=1.0, ddp_backend="gloo").train()
+    cb, ref, logged = GradWatchTrainerCallback(every=2), Reference({1, 2, 4}), _Logged()
+    trainer(out, tiny_gpt2(), [ref, cb, logged], max_steps=4, max_grad_norm=1.0, ddp_backend="gloo",
+            logging_steps=2).train()
     got = {r.step: r.global_value("grad_norm") for r in cb.monitor.records}
     with open(os.path.join(out, f"result{rank}.json"), "w") as f:
-        json.dump({"got": got, "blocks": len(cb.monitor.latest.blocks)}, f)
+        json.dump({"got": got, "blocks": len(cb.monitor.latest.blocks), "logged": logged.grad_norm}, f)
 
 
 @pytest.mark.slow
@@ -199,6 +211,10 @@ def test_ddp_two_processes_agree_and_rank0_writes(tmp_path):
     assert sorted(res[0]["got"]) == ["1", "2", "4"] and res[0]["blocks"] == res[1]["blocks"] == 6
     for step in res[0]["got"]:
         assert res[0]["got"][step] == pytest.approx(res[1]["got"][step], rel=1e-6)
+    # the clip factor is undone against the averaged gradient, not this rank's own (each rank read its own
+    # gradient before DDP averaged it, and reported its own wrong values, 1.51 and 1.57 for 1.0 clipped)
+    for step, value in res[0]["logged"].items():
+        assert res[0]["got"][step] == pytest.approx(value, rel=1e-4), (step, res[0]["got"], res[0]["logged"])
     assert len(list((tmp_path / "runs" / "gradwatch").glob("events.out.tfevents.*"))) == 1
 
 
