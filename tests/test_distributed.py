@@ -194,14 +194,13 @@ def _mlp() -> nn.Module:
     return nn.Sequential(nn.Linear(10, 33), nn.ReLU(), nn.Linear(33, 16), nn.ReLU(), nn.Linear(16, 1))
 
 
-def _fsdp_worker(rank: int, port: int, out: str) -> None:
+def _fsdp_worker(rank: int, init: str, out: str) -> None:
     import torch.distributed as dist
     from torch.distributed.fsdp import fully_shard
 
     import gradwatch
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=2)
     try:
         ref = _mlp()
         model = copy.deepcopy(ref)
@@ -261,7 +260,7 @@ def test_fsdp2_monitor_equals_unsharded_with_one_all_reduce(tmp_path, events):
 
     if not hasattr(fsdp, "fully_shard"):
         pytest.skip("this torch has no FSDP2 fully_shard")
-    mp.spawn(_fsdp_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_fsdp_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
     assert set(events(str(tmp_path / "rank0"))["scalars"]["gradwatch.layers/grad_norm/_global"]) == {0, 1, 2}
     assert not (tmp_path / "rank1").exists()  # the raw Monitor logs on rank 0 only
 
@@ -278,14 +277,14 @@ def _spawn4(worker, layouts: list[str], out: str) -> None:
     them costs more than a layout's run)."""
     import torch.multiprocessing as mp
 
-    mp.spawn(_in_group, args=(_free_port(), worker, layouts, out), nprocs=4, join=True)
+    mp.spawn(_in_group, args=(os.path.join(out, "init"), worker, layouts, out), nprocs=4, join=True)
 
 
-def _in_group(rank: int, port: int, worker, layouts: list[str], out: str) -> None:
+def _in_group(rank: int, init: str, worker, layouts: list[str], out: str) -> None:
     import torch.distributed as dist
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=4)
+    # a file store, not a TCP port picked beforehand that another process may take meanwhile
+    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=4)
     try:
         for layout in layouts:
             worker(rank, layout, os.path.join(out, layout))
@@ -540,7 +539,7 @@ def test_transformer_block_flow_and_layers_equal_the_unsharded_model(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- the self-check
-def _unsynced_worker(rank: int, port: int, out: str) -> None:
+def _unsynced_worker(rank: int, init: str, out: str) -> None:
     import logging
 
     import torch.distributed as dist
@@ -551,8 +550,7 @@ def _unsynced_worker(rank: int, port: int, out: str) -> None:
     from gradwatch.measure.layers import select_parameters
     from gradwatch.measure.selfcheck import SelfCheck
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=2)
     errors: list[str] = []
     handler = logging.Handler(logging.ERROR)
     handler.emit = lambda r: errors.append(r.getMessage())
@@ -627,7 +625,7 @@ def test_the_self_check_names_the_layer_whose_gradients_differ_between_ranks_and
 
     if not hasattr(fsdp, "fully_shard"):
         pytest.skip("this torch has no FSDP2 fully_shard")
-    mp.spawn(_unsynced_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_unsynced_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
     scalars = events(str(tmp_path / "rank0"))["scalars"]
     assert scalars["gradwatch/unverified"] == {0: 1.0, 1: 1.0, 2: 1.0}
     assert set(scalars["gradwatch/grad_norm"]) == {0, 1, 2}  # the values are still written, marked
@@ -648,14 +646,13 @@ def _piped() -> nn.Sequential:
     return nn.Sequential(nn.Linear(10, 16), *(_Residual(16) for _ in range(4)), nn.Linear(16, 1))
 
 
-def _pipeline_worker(rank: int, port: int, out: str) -> None:
+def _pipeline_worker(rank: int, init: str, out: str) -> None:
     import torch.distributed as dist
     from torch.distributed.pipelining import PipelineStage, ScheduleGPipe
 
     import gradwatch
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=2)
     try:
         ref = _piped().double()
         stage_module = _piped()  # stage 0: the input layer and 2 blocks; stage 1: 2 blocks and the head
@@ -720,7 +717,7 @@ def test_pipeline_stages_join_into_one_record_of_the_whole_model(tmp_path, event
     if not dist.is_available():
         pytest.skip("torch built without distributed")
     pytest.importorskip("torch.distributed.pipelining")
-    mp.spawn(_pipeline_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_pipeline_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
     scalars = events(str(tmp_path / "rank0"))["scalars"]
     assert {"gradwatch.layers/grad_norm/0", "gradwatch.layers/grad_norm/5"} <= set(scalars)  # both stages
     assert not (tmp_path / "rank1").exists()

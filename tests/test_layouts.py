@@ -14,7 +14,7 @@ import copy
 import logging
 import math
 import os
-import socket
+import tempfile
 from collections.abc import Iterator
 
 import pytest
@@ -139,19 +139,12 @@ def _all_reduces() -> Iterator[list[int]]:
         dist.all_reduce = real
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _fsdp1_worker(rank: int, port: int, world: int, strategies: list[str]) -> None:
+def _fsdp1_worker(rank: int, init: str, world: int, strategies: list[str]) -> None:
     import torch.distributed as dist
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
     from torch.distributed.fsdp import ShardingStrategy
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
     cpu = torch.device("cpu")
     try:
         if world == 2:  # flat parameters: nothing per layer can be read, refused with what to do
@@ -214,7 +207,9 @@ def _spawn(world: int, strategies: list[str]) -> None:
 
     if not dist.is_available():
         pytest.skip("torch built without distributed")
-    mp.spawn(_fsdp1_worker, args=(_free_port(), world, strategies), nprocs=world, join=True)
+    # a file store, not a TCP port picked beforehand that another process may take meanwhile
+    init = os.path.join(tempfile.mkdtemp(prefix="gradwatch-fsdp1-"), "init")
+    mp.spawn(_fsdp1_worker, args=(init, world, strategies), nprocs=world, join=True)
 
 
 @pytest.mark.slow
