@@ -573,7 +573,9 @@ def _ddp_worker(rank, world, init_file, out_dir):
             mon.close()
             rows = flow_rows(mon)
             result[label] = rows[rows.metric == "grad_out"].set_index("name").value.to_dict()
+            del net  # DDP's reducer before the process group goes
         torch.save(result, f"{out_dir}/rank{rank}.pt")
+        dist.barrier()  # no rank tears gloo down while the other still talks to it (one SIGABRT in a CI run)
     finally:
         dist.destroy_process_group()
 
