@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import glob
 import importlib.util
@@ -18,10 +17,10 @@ import socket
 import subprocess
 import sys
 import textwrap
-from collections.abc import Iterator
 
 import pytest
 import torch
+from helpers.collectives import all_reduces as _all_reduces
 from torch import nn
 
 import gradwatch
@@ -30,26 +29,6 @@ pytestmark = pytest.mark.slow
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RTOL = 1e-5
-
-
-@contextlib.contextmanager
-def _all_reduces() -> Iterator[list[int]]:
-    """Counts the ``torch.distributed.all_reduce`` calls made inside the block (gradwatch looks it up on the
-    module at each call)."""
-    import torch.distributed as dist
-
-    calls: list[int] = []
-    real = dist.all_reduce
-
-    def counting(*args, **kwargs):
-        calls.append(1)
-        return real(*args, **kwargs)
-
-    dist.all_reduce = counting
-    try:
-        yield calls
-    finally:
-        dist.all_reduce = real
 
 
 def _free_port() -> int:

@@ -9,16 +9,15 @@
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
 import math
 import os
 import tempfile
-from collections.abc import Iterator
 
 import pytest
 import torch
+from helpers.collectives import all_reduces as _all_reduces
 from torch import nn
 
 import gradwatch
@@ -120,25 +119,6 @@ def test_the_lightning_callback_lets_the_refusal_out_of_fit(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- FSDP1
-@contextlib.contextmanager
-def _all_reduces() -> Iterator[list[int]]:
-    """Counts the ``torch.distributed.all_reduce`` calls made inside the block."""
-    import torch.distributed as dist
-
-    calls: list[int] = []
-    real = dist.all_reduce
-
-    def counting(*args, **kwargs):
-        calls.append(1)
-        return real(*args, **kwargs)
-
-    dist.all_reduce = counting
-    try:
-        yield calls
-    finally:
-        dist.all_reduce = real
-
-
 def _fsdp1_worker(rank: int, init: str, world: int, strategies: list[str]) -> None:
     import torch.distributed as dist
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
