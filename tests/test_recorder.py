@@ -5,6 +5,7 @@ line and the webhook name it, the report shows the lead-up, and the exit status 
 from __future__ import annotations
 
 import glob
+import importlib.util
 import json
 import logging
 import os
@@ -93,6 +94,7 @@ def test_an_incident_writes_one_file_of_the_last_n_records_equal_to_the_history(
     (opened,) = _opened(log_dir)  # one incident: the cut skip
     assert (opened["rule"], opened["name"]) == ("skip_collapse", "layer1.0")
     assert _files(log_dir) == [opened["recording"]]
+    assert opened["recording"].endswith(".parquet" if importlib.util.find_spec("pyarrow") else ".csv")
     step = opened["step"]
     assert os.path.basename(opened["recording"]).startswith(f"flight-step{step}-skip_collapse-")
     frame = _read(opened["recording"])
