@@ -185,6 +185,14 @@ def test_report_exit_status_in_a_real_process_and_the_error_statuses(runs, tmp_p
     assert "unrecognized arguments: --no-such-option" in err and "gradwatch report: error:" in err
 
 
+def test_without_alerts_jsonl_the_verdict_comes_from_the_event_files(tmp_path, capsys):
+    _train(str(tmp_path / "run"), fault="detached", alerts_path=False, steps=5)
+    assert not os.path.exists(tmp_path / "run" / "alerts.jsonl") and _files(str(tmp_path / "run")) == []
+    assert main(["report", str(tmp_path / "run")]) == 1  # skip_collapse (a warning) open in the event files
+    assert "incidents: no alerts.jsonl in the run's folder; its event files show an incident at warning" in \
+        capsys.readouterr().out
+
+
 def test_off_switch_writes_no_file_and_names_none(tmp_path):
     _train(str(tmp_path), fault="detached", flight_recorder=0, steps=5)
     (opened,) = _opened(str(tmp_path))

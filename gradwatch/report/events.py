@@ -50,6 +50,7 @@ class RunReport:
     incidents: list[dict] = field(default_factory=list)  # from alerts.jsonl: opened, with how they ended
     pictures: dict[str, bytes] = field(default_factory=dict)  # the run's latest TensorBoard pictures (PNG)
     worst: str | None = None  # the most severe incident (alerts.jsonl, else the event files' open counts)
+    recorded: bool = True  # whether the run's folder has an alerts.jsonl (the incidents listed come from it)
 
 
 def find_runs(logdir: str | os.PathLike) -> list[str]:
@@ -234,7 +235,7 @@ def read(logdir: str | os.PathLike, top: int = _TOP) -> tuple[pd.DataFrame, list
             run=run, path=path, steps=(steps[0], steps[-1], len(steps)) if steps else (0, 0, 0),
             health=pd.DataFrame.from_dict(health, orient="index", columns=["last", "min", "max"]),
             low_layers=g2w.head(top), high_layers=g2w.iloc[::-1].head(top), low_blocks=share.head(top),
-            incidents=incidents or [], pictures=_pictures(acc, tags), worst=worst))
+            incidents=incidents or [], pictures=_pictures(acc, tags), worst=worst, recorded=incidents is not None))
     table = pd.concat(frames, ignore_index=True) if frames else _empty()
     return table, reports
 
@@ -261,15 +262,17 @@ def render_text(reports: Sequence[RunReport]) -> str:
         if not r.low_blocks.empty:
             out.append("blocks with the lowest skip_share (by median):")
             out.append(_table(r.low_blocks))
-        out.append(_incident_lines(r.incidents))
+        out.append(_incident_lines(r.incidents, None if r.recorded else r.worst))
         out.append("")
     if not reports:
         out.append("no gradwatch values found (no event file with a '<namespace>.layers/grad_norm/_global' tag)")
     return "\n".join(out)
 
 
-def _incident_lines(incidents: list[dict]) -> str:
+def _incident_lines(incidents: list[dict], unrecorded: str | None = None) -> str:
     if not incidents:
+        if unrecorded is not None:  # no alerts.jsonl to list them from: say what the event files show
+            return f"incidents: no alerts.jsonl in the run's folder; its event files show an incident at {unrecorded}"
         return "incidents: none"
     lines = [f"incidents: {len(incidents)}"]
     for e in incidents:
