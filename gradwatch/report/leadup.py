@@ -6,7 +6,8 @@ the incident's opening step, in ``Monitor.history()``'s long format. Two kinds o
 incident's subject (its layer or block, every metric; the whole model's ``_global`` values for an incident
 about the whole model), and up to three series that moved most at the opening step against their own median
 over the steps before it (the ratio ``last / median before``, at least 2x either way, ranked by how far its
-logarithm is from 0; a value that became NaN or infinite ranks first). A few steps are shown, evenly spaced, the opening step last.
+logarithm is from 0; a value that became NaN or infinite ranks first). A few steps are shown, evenly spaced,
+the opening step last.
 """
 
 from __future__ import annotations
@@ -116,7 +117,8 @@ def render_lead_up(entry: dict[str, Any], indent: str = "    ") -> list[str]:
     width = max(len(s) for s in label)
     cells = [[_num(sig["values"][str(s)]) if str(s) in sig["values"] else "" for s in steps] for sig in signals]
     col = max(9, *(len(c) for row in cells for c in row))
-    out = [head + ":", f"{indent}  {'step':<{width}} " + " ".join(f"{s:>{col}}" for s in steps) + "  last/median before"]
+    header = f"{indent}  {'step':<{width}} " + " ".join(f"{s:>{col}}" for s in steps) + "  last/median before"
+    out = [head + ":", header]
     for name, row, sig in zip(label, cells, signals):
         out.append(f"{indent}  {name:<{width}} " + " ".join(f"{c:>{col}}" for c in row) + f"  {_num(sig['change'])}")
     if any(not sig["subject"] for sig in signals):

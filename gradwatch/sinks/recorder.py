@@ -4,8 +4,8 @@ to ``alerts.jsonl`` — so the alert that comes at 3 a.m. comes with what led to
 :class:`FlightRecorder` is a sink on rank 0 (the rank that writes ``alerts.jsonl``). It keeps the latest
 ``steps`` :class:`~gradwatch.StepRecord` s in a ring buffer of *references*: records are immutable (frozen
 dataclass, read-only arrays, a read-only health mapping), so keeping one costs a pointer while the history
-still holds it, and the record's own size (measured in ``docs/alerts.md#flight-recorder``) once the history
-has dropped it. Nothing is copied and nothing is written until an incident opens.
+still holds it, and the record's own size once the history has dropped it (measured: ``docs/alerts.md``,
+"Flight recorder"). Nothing is copied and nothing is written until an incident opens.
 
 The alert engine asks :meth:`FlightRecorder.name` for the file of each incident told ``opened`` (a pure
 function of the step, the rule and the incident id: no I/O), so ``alerts.jsonl``, the log line and the webhook
