@@ -9,6 +9,7 @@ import importlib.util
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -187,6 +188,25 @@ def test_report_exit_status_in_a_real_process_and_the_error_statuses(runs, tmp_p
         assert stop.value.code == 64, argv  # not argparse's 2: that is "critical" here
     err = capsys.readouterr().err
     assert "unrecognized arguments: --no-such-option" in err and "gradwatch report: error:" in err
+
+
+def test_a_warning_escalated_to_critical_counts_as_critical_and_untold_incidents_do_not_count(runs, tmp_path,
+                                                                                              capsys):
+    run = tmp_path / "run"
+    shutil.copytree(os.path.join(runs["root"], "healthy"), run)
+    base = {"incident": "ab12cd-1", "key": "exploding:_global", "rule": "exploding", "name": None, "message": "m"}
+    with open(run / "alerts.jsonl", "a", encoding="utf-8") as f:  # what the engine writes for such a run
+        for line in ({**base, "event": "opened", "step": 2, "severity": "warning", "peak": "warning"},
+                     {**base, "event": "opened", "incident": "ab12cd-2", "key": "x", "step": 2, "severity": "critical",
+                      "peak": "critical", "told": False, "why": "inhibited by ab12cd-0 (nonfinite)"}):
+            f.write(json.dumps(line) + "\n")
+    assert main(["report", str(run)]) == 1  # the inhibited critical was never told
+    capsys.readouterr()
+    with open(run / "alerts.jsonl", "a", encoding="utf-8") as f:
+        f.write(json.dumps({**base, "event": "escalated", "step": 4, "severity": "critical", "peak": "critical",
+                            "previous": "warning"}) + "\n")
+    assert main(["report", str(run)]) == 2
+    assert "[warning → critical] exploding from step 2" in capsys.readouterr().out
 
 
 def test_without_alerts_jsonl_the_verdict_comes_from_the_event_files(tmp_path, capsys):
