@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from typing import Any
 
 import numpy as np
@@ -25,6 +26,7 @@ __all__ = ["find_recording", "read_recording", "lead_up", "render_lead_up"]
 
 _COLUMNS = 6  # steps shown per signal
 _MOVERS = 3  # series shown besides the subject's
+_WHOLE = ("grad_norm", "update_to_weight", "grad_to_weight")  # the _global series shown for a whole-model incident
 _MOVED = math.log10(2.0)  # a series moved when its opening value is 2x (or 1/2x) its median before, or more
 
 
@@ -52,18 +54,23 @@ def _json(v: float) -> float | str:
     return float(v) if math.isfinite(v) else str(v)
 
 
-def _score(last: float, before: np.ndarray) -> float:
-    """How far ``last`` moved from the median of ``before``: |log10(last / median)|; inf when it became NaN or
-    infinite from finite values; NaN when there is nothing to compare."""
-    finite = before[np.isfinite(before)]
-    if not finite.size:
-        return math.nan
-    if not math.isfinite(last):
-        return math.inf
-    base = float(np.median(finite))
-    if base == 0.0 or last == 0.0:
-        return math.inf if (base == 0.0) != (last == 0.0) else 0.0
-    return abs(math.log10(abs(last) / abs(base)))
+def _median_before(before: np.ndarray) -> np.ndarray:
+    """Each row's median over its finite values (NaN for a row without one)."""
+    if not before.shape[1]:
+        return np.full(len(before), np.nan)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a row without a finite value: NaN is the answer
+        return np.nanmedian(np.where(np.isfinite(before), before, np.nan), axis=1)
+
+
+def _scores(now: np.ndarray, base: np.ndarray) -> np.ndarray:
+    """How far each ``now`` moved from its ``base``: |log10(now / base)|; inf when it became NaN or infinite,
+    or left 0 or reached it; NaN with nothing to compare (no finite value before)."""
+    with np.errstate(all="ignore"):
+        score = np.abs(np.log10(np.abs(now) / np.abs(base)))
+    score = np.where((base == 0) & (now == 0), 0.0, score)
+    score = np.where(np.isfinite(base) & ~np.isfinite(now), np.inf, score)
+    return np.where(np.isnan(base), np.nan, score)
 
 
 def lead_up(frame: pd.DataFrame, subject: str | None, movers: int = _MOVERS) -> dict[str, Any]:
@@ -75,27 +82,29 @@ def lead_up(frame: pd.DataFrame, subject: str | None, movers: int = _MOVERS) -> 
     shown = sorted({steps[i] for i in np.linspace(0, len(steps) - 1, min(_COLUMNS, len(steps))).round().astype(int)})
     last = steps[-1]
     who = subject if subject is not None and (frame.name == subject).any() else GLOBAL_NAME
-    picked: list[tuple[float, bool, str, str, pd.Series]] = []
-    for (name, metric), rows in frame.groupby(["name", "metric"], sort=False):
-        series = rows.set_index("step").value
-        series = series[~series.index.duplicated(keep="last")]
-        if last not in series.index:
-            continue
-        before = series[series.index < last].to_numpy(dtype=np.float64)
-        score = _score(float(series[last]), before)
-        mine = name == who and (who != GLOBAL_NAME or metric in ("grad_norm", "update_to_weight", "grad_to_weight"))
-        picked.append((score, mine, str(name), str(metric), series))
-    ranked = sorted((p for p in picked if not p[1] and not math.isnan(p[0]) and p[0] >= _MOVED),
-                    key=lambda p: -p[0])[:movers]
+    rows = frame.drop_duplicates(["step", "name", "metric"], keep="last").assign(there=1.0)
+    wide = rows.pivot(index=["name", "metric"], columns="step", values="value")
+    there = rows.pivot(index=["name", "metric"], columns="step", values="there").notna()  # NaN: measured or not
+    first_seen = pd.MultiIndex.from_frame(rows[["name", "metric"]].drop_duplicates())  # the record's order, kept
+    wide, there = wide.reindex(first_seen), there.reindex(first_seen)
+    keep = there[last].to_numpy()  # the series measured at the opening step
+    wide, there = wide[keep], there[keep]
+    values = wide.to_numpy(dtype=np.float64)
+    columns = list(wide.columns)
+    now = values[:, columns.index(last)]
+    base = _median_before(values[:, [i for i, s in enumerate(columns) if s < last]])
+    score = _scores(now, base)
+    names = [str(n) for n in wide.index.get_level_values("name")]
+    metrics = [str(m) for m in wide.index.get_level_values("metric")]
+    mine = [n == who and (who != GLOBAL_NAME or m in _WHOLE) for n, m in zip(names, metrics)]
+    order = np.argsort(-np.nan_to_num(score, nan=-1.0, posinf=np.finfo(np.float64).max), kind="stable")
+    moved = [int(i) for i in order if not mine[i] and score[i] >= _MOVED][:movers]
     signals = []
-    for score, mine, name, metric, series in [*(p for p in picked if p[1]), *ranked]:
-        before = series[series.index < last].to_numpy(dtype=np.float64)
-        finite = before[np.isfinite(before)]
-        base = float(np.median(finite)) if finite.size else math.nan
-        now = float(series[last])
-        change = now / base if base and math.isfinite(base) else math.nan
-        signals.append({"name": name, "metric": metric, "subject": mine, "change": _json(change),
-                        "values": {str(s): _json(float(series[s])) for s in shown if s in series.index}})
+    for i in [*(i for i, m in enumerate(mine) if m), *moved]:
+        change = now[i] / base[i] if math.isfinite(base[i]) and base[i] != 0 else math.nan
+        signals.append({"name": names[i], "metric": metrics[i], "subject": mine[i], "change": _json(float(change)),
+                        "values": {str(s): _json(float(wide.iat[i, columns.index(s)])) for s in shown
+                                   if there.iat[i, columns.index(s)]}})
     return {"steps": [steps[0], last, len(steps)], "signals": signals}
 
 
