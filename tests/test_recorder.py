@@ -274,3 +274,23 @@ def test_under_ddp_only_the_rank_that_writes_alerts_writes_the_recording(tmp_pat
     mp.spawn(_ddp_worker, args=(str(tmp_path / "init"), out), nprocs=2, join=True)
     (opened,) = _opened(out)  # incident ids differ per rank: a second writer would leave a second file
     assert _files(out) == [opened["recording"]] and sorted(_read(opened["recording"]).step.unique()) == [0, 1, 2]
+
+
+def test_the_lead_up_lists_the_subject_then_what_moved_at_least_2x():
+    from gradwatch.report.leadup import lead_up
+
+    steps = [10, 20, 30, 40]
+    series = {("layer1", "grad_norm"): [1.0, 1.1, 0.9, 1.2],  # the subject: listed whatever it did
+              ("layer2", "grad_norm"): [1.0, 1.0, 1.0, 1.5],  # 1.5x: not a mover
+              ("layer3", "grad_norm"): [2.0, 2.0, 2.0, 0.02],  # 1/100
+              ("layer4", "grad_norm"): [1.0, 1.0, 1.0, float("inf")],  # turned infinite: first
+              ("layer5", "grad_norm"): [1.0, 1.0, 1.0, 10.0],  # 10x
+              ("layer6", "grad_norm"): [1.0, 1.0, 1.0, 3.0]}  # 3x: a mover, but the fourth
+    frame = pd.DataFrame([(s, n, m, v[i]) for (n, m), v in series.items() for i, s in enumerate(steps)],
+                         columns=["step", "name", "metric", "value"])
+    got = lead_up(frame, "layer1")
+    assert got["steps"] == [10, 40, 4]
+    assert [(s["name"], s["subject"]) for s in got["signals"]] == [("layer1", True), ("layer4", False),
+                                                                   ("layer3", False), ("layer5", False)]
+    assert got["signals"][0]["values"] == {"10": 1.0, "20": 1.1, "30": 0.9, "40": 1.2}
+    assert got["signals"][1]["change"] == "inf" and got["signals"][2]["change"] == pytest.approx(0.01)
