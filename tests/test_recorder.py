@@ -155,9 +155,12 @@ def test_report_shows_the_lead_up_and_exits_0_1_2_by_the_worst_incident(runs, ca
     share = history[(history.name == "layer1.0") & (history.metric == "skip_share")].set_index("step").value
     row = next(line for line in out.splitlines() if line.strip().startswith("layer1.0 skip_share"))
     assert row.split()[2:2 + N] == [f"{share[s]:.3g}" for s in range(step - N + 1, step + 1)]  # the subject's values
-    assert main(["report", os.path.join(root, "critical")]) == 2
+    page = os.path.join(root, "critical.html")
+    assert main(["report", os.path.join(root, "critical"), "--html", page]) == 2
     out = capsys.readouterr().out
     assert "[critical] nonfinite" in out and "lead-up (flight-step5-nonfinite-" in out
+    with open(page, encoding="utf-8") as f:
+        assert "<pre>lead-up (flight-step5-nonfinite-" in f.read()  # the page shows it too
     assert main(["report", root]) == 2  # the worst run of the folder decides
     capsys.readouterr()
     assert main(["report", os.path.join(root, "critical"), "--json"]) == 2
