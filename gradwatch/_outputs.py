@@ -22,6 +22,7 @@ from .measure.order import ForwardOrder
 from .record import Sink, StepRecord
 from .sinks.history import History
 from .sinks.logging import LoggingSink
+from .sinks.recorder import FlightRecorder
 from .sinks.tensorboard import TensorBoardSink, open_writer
 
 log = logging.getLogger("gradwatch")
@@ -41,6 +42,7 @@ class Outputs:
         self.history = History(cfg.history)
         self.latest: StepRecord | None = None
         self.engine: AlertEngine | None = None
+        self.recorder: FlightRecorder | None = None  # rank 0, alerting on, a folder for alerts.jsonl
         self._contain = contain
         self._kinds = layer_kinds(model)
         self._kinds_of: tuple[tuple[str, ...], tuple[str, ...]] | None = None
@@ -72,8 +74,12 @@ class Outputs:
                 path = os.fspath(given) if given else None
             tracker = IncidentTracker(remind_after=cfg.remind_after, backoff=cfg.remind_backoff,
                                       resolve_after=cfg.resolve_after, remind_steps=cfg.remind_steps)
+            if path and rank_zero and cfg.flight_recorder:  # next to alerts.jsonl, by the rank that writes it
+                self.recorder = FlightRecorder(cfg.flight_recorder, os.path.dirname(path))
+                owned.append(self.recorder)
             self.engine = AlertEngine(rules, kinds=self._kinds, on_critical=cfg.on_critical, tracker=tracker,
-                                      path=path, rank_zero=rank_zero, on_error=self._contain)
+                                      path=path, rank_zero=rank_zero, on_error=self._contain,
+                                      recording=None if self.recorder is None else self.recorder.name)
             self._order = ForwardOrder(model)  # until the first measured step: nonfinite names layers in this order
             owned.append(LoggingSink())
             user.extend(cast(tuple[Sink, ...], cfg.alert_sinks))  # Config wraps callables in CallableSink

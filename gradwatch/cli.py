@@ -9,6 +9,7 @@ import json
 import os
 import sys
 from collections.abc import Sequence
+from typing import Any, NoReturn
 
 from . import report
 from .report._html import render_html
@@ -80,15 +81,44 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+#: ``gradwatch report``'s exit status: its verdict on the runs (0, 1, 2), or why there is none (3, 4, 64), so a CI
+#: script or a scheduler can act on it (docs/cli.md).
+REPORT_STATUS = {
+    "ok": 0,  # no incident at warning or above (info incidents are not a verdict)
+    "warning": 1,  # an incident reached warning, none critical
+    "critical": 2,  # an incident reached critical
+    "unreadable": 3,  # LOGDIR missing or not a folder, no gradwatch run in it, its files unreadable
+    "unwritable": 4,  # an output (--csv, --parquet, --html) cannot be written: checked before anything is read
+    "usage": 64,  # bad arguments (EX_USAGE of sysexits.h: argparse's own 2 would read as "critical")
+}
+
+_REPORT_EPILOG = """exit status:
+  0   no incident at warning or above in any run (info incidents do not count)
+  1   an incident reached warning, none critical
+  2   an incident reached critical
+  3   LOGDIR cannot be read: missing, not a folder, no gradwatch run in it
+  4   an output (--csv, --parquet, --html) cannot be written
+  64  bad arguments
+The verdict is the most severe incident told in alerts.jsonl (in the run's folder), else the open-incident
+counts in the event files."""
+
+
+def _report_error(err: BaseException, status: str) -> int:
+    print(f"gradwatch report: {err}", file=sys.stderr)
+    return REPORT_STATUS[status]
+
+
 def _cmd_report(args: argparse.Namespace) -> int:
     try:  # the outputs first: a path that cannot be written fails before the report is read and printed
         for path, is_table in ((args.csv, True), (args.parquet, True), (args.html, False)):
             if path:
                 report.check_output(path, table=is_table)
-        table, reports = report.read(args.logdir, top=args.top)
     except (ValueError, ImportError) as err:
-        print(f"gradwatch report: {err}", file=sys.stderr)
-        return 1
+        return _report_error(err, "unwritable")
+    try:
+        table, reports = report.read(args.logdir, top=args.top)
+    except (ValueError, OSError) as err:
+        return _report_error(err, "unreadable")
     print(report.to_json(reports) if args.json else report.render_text(reports))
     try:
         for path in (args.csv, args.parquet):
@@ -101,9 +131,11 @@ def _cmd_report(args: argparse.Namespace) -> int:
                 f.write(render_html(reports, frames, f"gradwatch report: {args.logdir}"))
             print(f"wrote {args.html}", file=sys.stderr)
     except (ValueError, ImportError, OSError) as err:
-        print(f"gradwatch report: {err}", file=sys.stderr)
-        return 1
-    return 0 if reports else 1
+        return _report_error(err, "unwritable")
+    if not reports:
+        return REPORT_STATUS["unreadable"]
+    worst = report.worst_severity(reports)
+    return REPORT_STATUS[worst if worst in ("warning", "critical") else "ok"]
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
@@ -117,9 +149,31 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     return 0 if all(o.passed for o in outcomes) else 1
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser with the exit status of a usage error chosen per command (``usage_status``; argparse's
+    own is 2, which ``gradwatch report`` uses for a verdict)."""
+
+    def __init__(self, *args: Any, usage_status: int = 2, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.usage_status = usage_status
+        self.commands: dict[str, _Parser] = {}
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(self.usage_status, f"{self.prog}: error: {message}\n")
+
+    def parse_args(self, args: Sequence[str] | None = None,  # type: ignore[override]
+                   namespace: argparse.Namespace | None = None) -> argparse.Namespace:
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:  # argparse reports them from the top parser: said by the command's, with its status
+            command = self.commands.get(getattr(parsed, "command", None) or "", self)
+            command.error(f"unrecognized arguments: {' '.join(extras)}")
+        return parsed
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``gradwatch`` argument parser: one sub-command per command (``docs/cli.md``)."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="gradwatch", description="Gradient diagnostics for deep networks."
     )
     parser.add_argument("--version", action="version", version=f"gradwatch {__version__}")
@@ -151,7 +205,10 @@ def build_parser() -> argparse.ArgumentParser:
     insp.set_defaults(func=_cmd_inspect)
 
     rep = sub.add_parser("report", help="summarise the runs under LOGDIR from their event files: health, the "
-                                        "layers and blocks to look at, incidents; export the table or one HTML page")
+                                        "layers and blocks to look at, incidents and their lead-up; export the "
+                                        "table or one HTML page; the exit status is the verdict (0, 1, 2)",
+                         usage_status=REPORT_STATUS["usage"], epilog=_REPORT_EPILOG,
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
     rep.add_argument("logdir", help="a folder of TensorBoard runs (searched recursively)")
     rep.add_argument("--csv", metavar="FILE", help="write the long table (run, step, name, metric, value)")
     rep.add_argument("--parquet", metavar="FILE", help="the same as Parquet (needs pyarrow)")
@@ -177,6 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     val.add_argument("--out-md", metavar="FILE", help="write the scorecard into this page's section "
                                                        "(docs/validation.md)")
     val.set_defaults(func=_cmd_validate)
+    parser.commands = {name: command for name, command in sub.choices.items() if isinstance(command, _Parser)}
     return parser
 
 

@@ -78,6 +78,7 @@ class Config:
     pictures: int = 20  # TensorBoard pictures (depth x time maps, profile) every N logging steps; 0: none
     sinks: Sequence[Sink] = ()  # more sinks for every record (objects with write(record))
     history: int | None = None  # logging steps kept in memory for history(), the latest; None: all
+    flight_recorder: int = 64  # logging steps written next to alerts.jsonl when an incident opens; 0: off
     strict: bool = False  # re-raise errors inside gradwatch's hooks and sinks (tests, debugging)
 
     def __post_init__(self) -> None:
@@ -176,5 +177,6 @@ _CHECKS: dict[str, Callable[[Any, str], Any]] = {
     "pictures": lambda v, n: check_int(v, n, minimum=0),
     "sinks": _sinks,
     "history": lambda v, n: check_int(v, n, minimum=1, allow_none=True),
+    "flight_recorder": lambda v, n: check_int(v, n, minimum=0),
     "strict": check_bool,
 }

@@ -52,6 +52,7 @@ def watch(
     pictures: int = 20,
     sinks: Sequence[Sink] = (),
     history: int | None = None,
+    flight_recorder: int = 64,
     strict: bool = False,
 ) -> Monitor:
     """A monitor for ``model`` and ``optimizer`` as returned by ``accelerator.prepare(...)``.
@@ -118,6 +119,9 @@ def watch(
             ``mon.close()``; 0: none.
         sinks: more sinks for every :class:`~gradwatch.StepRecord` (objects with ``write(record)``).
         history: logging steps kept in memory for ``mon.history()`` (the latest); ``None``: all.
+        flight_recorder: logging steps kept for the flight recorder (default 64): when an incident opens,
+            the records of the last N logging steps up to it are written next to ``alerts.jsonl``, one file
+            per incident (``docs/alerts.md#flight-recorder-what-led-up-to-an-incident``); 0 turns it off.
         strict: re-raise errors inside gradwatch's hooks and sinks; otherwise they are logged, kept in
             ``mon.errors``, and training goes on.
 

@@ -105,6 +105,9 @@ class GradWatchCallback(*_BASES):  # type: ignore[misc]
             the end of ``fit``; 0: none.
         sinks: more sinks for every :class:`~gradwatch.StepRecord` (objects with ``write(record)``).
         history: logging steps kept in memory for ``cb.history()`` (the latest); ``None``: all.
+        flight_recorder: logging steps kept for the flight recorder (default 64): when an incident opens,
+            the records of the last N logging steps up to it are written next to ``alerts.jsonl``, one file
+            per incident (``docs/alerts.md#flight-recorder-what-led-up-to-an-incident``); 0 turns it off.
         strict: re-raise errors inside gradwatch's hooks and sinks; otherwise they are logged, kept in
             ``cb.errors`` and ``cb.monitor.errors``, and training goes on.
 
@@ -153,6 +156,7 @@ class GradWatchCallback(*_BASES):  # type: ignore[misc]
         pictures: int = 20,
         sinks: Sequence[Sink] = (),
         history: int | None = None,
+        flight_recorder: int = 64,
         strict: bool = False,
     ) -> None:
         super().__init__()

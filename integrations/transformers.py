@@ -107,6 +107,9 @@ class GradWatchTrainerCallback(TrainerCallback):
             the end of ``train()``; 0: none.
         sinks: more sinks for every :class:`~gradwatch.StepRecord` (objects with ``write(record)``).
         history: logging steps kept in memory for ``cb.monitor.history()`` (the latest); ``None``: all.
+        flight_recorder: logging steps kept for the flight recorder (default 64): when an incident opens,
+            the records of the last N logging steps up to it are written next to ``alerts.jsonl``, one file
+            per incident (``docs/alerts.md#flight-recorder-what-led-up-to-an-incident``); 0 turns it off.
         strict: re-raise errors inside gradwatch's hooks and sinks; otherwise they are logged, kept in
             ``cb.monitor.errors``, and training goes on.
 
@@ -139,6 +142,7 @@ class GradWatchTrainerCallback(TrainerCallback):
         pictures: int = 20,
         sinks: Sequence[Sink] = (),
         history: int | None = None,
+        flight_recorder: int = 64,
         strict: bool = False,
     ) -> None:
         if log_dir is not None and not isinstance(log_dir, (str, os.PathLike)):

@@ -44,6 +44,8 @@ BAD = [
     ({"blocks": nn.Linear(2, 2)}, TypeError),
     ({"blocks": [3]}, TypeError),
     ({"sinks": [object()]}, TypeError),
+    ({"flight_recorder": -1}, ValueError),
+    ({"flight_recorder": None}, TypeError),
     ({"no_such_option": 1}, TypeError),
 ]
 

@@ -52,7 +52,7 @@ def test_a_cut_skip_tops_the_ranking_and_its_incident_is_listed(tmp_path, capsys
     assert not reports["healthy"].incidents
     kinds = {n: k for n, k in zip(*_names_kinds())}
     assert all(kinds[n] == "weight" for n in broken.low_layers.index)  # norm layers' ratios are not ranked
-    assert main(["report", str(tmp_path)]) == 0
+    assert main(["report", str(tmp_path)]) == 1  # a warning incident: the exit status says so
     out = capsys.readouterr().out
     assert "== broken" in out and "[warning] skip_collapse (layer1.0) from step" in out and "== healthy" in out
 
@@ -79,13 +79,13 @@ def test_exports_csv_json_and_one_self_contained_html_page(tmp_path, capsys):
 
 
 def test_bad_input_gets_a_clear_message_and_a_non_zero_exit(tmp_path, capsys):
-    assert main(["report", str(tmp_path / "missing")]) == 1
+    assert main(["report", str(tmp_path / "missing")]) == 3
     assert "is not a folder" in capsys.readouterr().err
     (tmp_path / "empty").mkdir()
-    assert main(["report", str(tmp_path / "empty")]) == 1
+    assert main(["report", str(tmp_path / "empty")]) == 3
     assert "no gradwatch values found" in capsys.readouterr().out
     _run(tmp_path / "r", steps=2)
-    assert main(["report", str(tmp_path / "r"), "--csv", str(tmp_path / "x.txt")]) == 1
+    assert main(["report", str(tmp_path / "r"), "--csv", str(tmp_path / "x.txt")]) == 4
     assert "must end in .csv" in capsys.readouterr().err
 
 
@@ -96,7 +96,7 @@ def test_an_output_path_that_cannot_be_written_fails_before_the_report_is_printe
                               ("--html", str(tmp_path / "a_file" / "r.html"), "Not a directory"),
                               ("--html", str(tmp_path), "it is a folder"),
                               ("--csv", str(tmp_path / "x.txt"), "must end in .csv")]:
-        assert main(["report", str(tmp_path / "r"), option, path]) == 1
+        assert main(["report", str(tmp_path / "r"), option, path]) == 4
         out, err = capsys.readouterr()
         assert not out, f"{option} {path}: the report was printed before failing"
         assert err.count("\n") == 1 and err.startswith("gradwatch report: ") and why in err

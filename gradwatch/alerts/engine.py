@@ -27,6 +27,7 @@ verdict (``should_stop`` and ``GradientAlarm`` agree). With ``sync_ranks=False``
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -131,6 +132,10 @@ class AlertEngine:
         rank_zero: whether this process writes the record.
         on_error: receives ``(where, exception)`` for an error inside a rule (the other rules still run).
         keep_alerts: alerts kept in :attr:`alerts` (and checkpoints), the latest.
+        recording: names the flight recorder's file for an incident told ``opened`` (the event in, a path or
+            None out), before the event is written or told: the file is written after (the recorder is a sink,
+            :mod:`gradwatch.sinks.recorder`), so the record, the log line and the webhook all name it. None: no
+            recorder.
     """
 
     def __init__(
@@ -144,6 +149,7 @@ class AlertEngine:
         rank_zero: bool = True,
         on_error: Callable[[str, BaseException], None] | None = None,
         keep_alerts: int = 1000,
+        recording: Callable[[IncidentEvent], str | None] | None = None,
     ) -> None:
         if on_critical not in POLICIES:
             raise ValueError(f"on_critical must be one of {POLICIES}, got {on_critical!r}")
@@ -155,6 +161,7 @@ class AlertEngine:
         self._jsonl = _JsonLines(path) if (path and rank_zero) else None
         self._on_error = on_error
         self._keep = keep_alerts
+        self._recording = recording
         #: The findings told (opened, escalated, reminded), oldest first (the same list on every rank).
         self.alerts: list[Alert] = []
         #: Findings not told: repeats of open incidents between reminders, and inhibited ones.
@@ -179,6 +186,8 @@ class AlertEngine:
             except Exception as err:  # a broken rule must not silence the others
                 self._error(f"rule {getattr(rule, 'name', rule)!r}", err)
         told = self.tracker.update(found, record.step)
+        if self._recording is not None:
+            told = dataclasses.replace(told, events=tuple(self._named(e) for e in told.events))
         alerts = [e.alert for e in told.events if e.kind != "resolved"]
         self.suppressed += len(found) - len(alerts)
         self.alerts.extend(alerts)
@@ -194,6 +203,18 @@ class AlertEngine:
         if critical and self.on_critical == "raise":
             self._pending_alarm = critical
         return told.events
+
+    def _named(self, event: IncidentEvent) -> IncidentEvent:
+        """An incident told ``opened`` for the first time, with its flight recorder's file named."""
+        if event.kind != "opened" or event.incident.recording is not None or self._recording is None:
+            return event
+        try:
+            path = self._recording(event)
+        except Exception as err:  # a failing recorder must not lose the alert
+            self._error("flight recorder", err)
+            return event
+        inc = self.tracker.set_recording(event.incident.key, path) if path else None
+        return event if inc is None else dataclasses.replace(event, incident=inc)
 
     def open_counts(self) -> tuple[int, int, int]:
         """Open incidents per severity (info, warning, critical)."""

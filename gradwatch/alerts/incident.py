@@ -58,6 +58,8 @@ class Incident:
         resolved_step, resolved_time: when it was resolved; None while open.
         reminders: reminders sent so far. ``held``: logging steps on which the condition held.
         alert: the latest finding (message and hint).
+        recording: the flight recorder's file of the logging steps up to the opening (``docs/alerts.md``), or
+            None (recorder off, not yet told, or nowhere to write).
     """
 
     id: str
@@ -78,6 +80,7 @@ class Incident:
     resolved_time: float | None = None
     reminders: int = 0
     held: int = 1
+    recording: str | None = None
 
     @property
     def open(self) -> bool:
@@ -221,8 +224,12 @@ class IncidentEvent:
         opening only — a reminder does not repeat it."""
         if self.kind in ("opened", "escalated"):
             text = f"{self.headline()}: {self.message}"
-            return f"{text} | hint: {self.hint}" if self.kind == "opened" else text
+            return f"{text} | hint: {self.hint}{self._recording(' | recording: ')}" if self.kind == "opened" else text
         return f"{self.headline()}, {self.progress()}"
+
+    def _recording(self, lead: str) -> str:
+        """``lead`` and the flight recorder's file, when the incident has one."""
+        return f"{lead}{self.incident.recording}" if self.incident.recording else ""
 
     def markdown(self) -> str:
         """The event as Markdown (TensorBoard text, Slack)."""
@@ -230,7 +237,8 @@ class IncidentEvent:
         where = f" in `{inc.name}`" if inc.name else ""
         head = f"**{self.severity}** `{inc.rule}`{where} — {self.kind} at step {self.step} (incident {inc.id})"
         if self.kind == "opened":
-            return f"{head}\n{self.message}\n_hint:_ {self.hint}"
+            lead_up = self._recording("\n_lead-up:_ ")
+            return f"{head}\n{self.message}\n_hint:_ {self.hint}{lead_up}"
         if self.kind == "escalated":
             return f"{head}, was {self.previous}\n{self.message}"
         return f"{head}\n{self.progress()}"
@@ -245,7 +253,7 @@ class IncidentEvent:
             "first_value": _json_num(inc.first_value), "worst_value": _json_num(inc.worst_value),
             "threshold": _json_num(inc.threshold), "opened_step": inc.opened_step, "opened_time": inc.opened_time,
             "resolved_step": inc.resolved_step, "duration_s": inc.duration(self.time),
-            "reminders": inc.reminders, "message": self.message, "hint": self.hint,
+            "reminders": inc.reminders, "message": self.message, "hint": self.hint, "recording": inc.recording,
         }
 
 

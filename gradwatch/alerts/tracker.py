@@ -220,6 +220,14 @@ class IncidentTracker:
                     sched.told = False
         return Told(tuple(told), tuple(quiet))
 
+    def set_recording(self, key: str, recording: str) -> Incident | None:
+        """Name the flight recorder's file on the open incident ``key`` (kept by its later events and in
+        checkpoints); the incident after the change, None when it is not open."""
+        inc = self._open.get(key)
+        if inc is not None:
+            inc = self._open[key] = dataclasses.replace(inc, recording=recording)
+        return inc
+
     # ------------------------------------------------------------------ the back-off
     def _restart(self, sched: _Schedule, now: float) -> None:
         sched.wait_time, sched.wait_steps = self.remind_after, self.remind_steps

@@ -13,6 +13,7 @@ import pandas as pd
 from ..names import GLOBAL_NAME
 from ..sinks.tensorboard.pictures import depth_distribution, heatmap, profile
 from .events import RunReport
+from .leadup import render_lead_up
 
 __all__ = ["render_html"]
 
@@ -67,6 +68,14 @@ def _drawn(frame: pd.DataFrame) -> dict[str, bytes]:
     return out
 
 
+def _lead_up(incident: dict) -> str:
+    """The incident's lead-up (its flight recording), as the text report prints it; empty without one."""
+    entry = incident.get("lead_up")
+    if not entry:
+        return ""
+    return "<pre>" + html.escape("\n".join(render_lead_up(entry, indent=""))) + "</pre>"
+
+
 def render_html(reports: Sequence[RunReport], frames: dict[str, pd.DataFrame], title: str) -> str:
     """The page for ``reports`` (``frames``: each run's long table, to draw pictures a run lacks)."""
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
@@ -82,7 +91,7 @@ def render_html(reports: Sequence[RunReport], frames: dict[str, pd.DataFrame], t
                 f"<li class='{html.escape(str(e.get('severity')))}'>[{html.escape(str(e.get('severity')))}] "
                 f"<b>{html.escape(str(e.get('rule')))}</b> {html.escape(str(e.get('name') or ''))} from step "
                 f"{e.get('step')}, {'resolved at ' + str(e['resolved_at']) if e.get('resolved_at') is not None else 'still open'}"
-                f": {html.escape(str(e.get('message', '')))}</li>" for e in r.incidents)
+                f": {html.escape(str(e.get('message', '')))}{_lead_up(e)}</li>" for e in r.incidents)
             parts.append(f"<ul>{rows}</ul>")
         else:
             parts.append("<p>none</p>")

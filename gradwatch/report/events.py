@@ -13,18 +13,22 @@ import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pandas as pd
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from ..alerts import read_events
+from ..alerts.alert import SEVERITIES, severity_rank
+from ..alerts.incident import EVENT_KINDS
 from ..health import HEALTH
 from ..names import GLOBAL_NAME
 from ..sinks.tags import Tags
+from .leadup import find_recording, lead_up, read_recording, render_lead_up
 
 __all__ = ["RunReport", "find_runs", "load", "summarize", "read", "render_text", "write_table", "check_output",
-           "to_json", "COLUMNS"]
+           "to_json", "worst_severity", "COLUMNS"]
 
 #: The long table's columns: ``Monitor.history()``'s, with the run first.
 COLUMNS = ("run", "step", "name", "metric", "value")
@@ -45,6 +49,8 @@ class RunReport:
     low_blocks: pd.DataFrame  # index: block; columns min, median, last (of skip_share)
     incidents: list[dict] = field(default_factory=list)  # from alerts.jsonl: opened, with how they ended
     pictures: dict[str, bytes] = field(default_factory=dict)  # the run's latest TensorBoard pictures (PNG)
+    worst: str | None = None  # the most severe incident (alerts.jsonl, else the event files' open counts)
+    recorded: bool = True  # whether the run's folder has an alerts.jsonl (the incidents listed come from it)
 
 
 def find_runs(logdir: str | os.PathLike) -> list[str]:
@@ -117,20 +123,64 @@ def _stats(frame: pd.DataFrame, metric: str) -> pd.DataFrame:
     return out
 
 
-def _incidents(path: str) -> list[dict]:
+def _incidents(path: str) -> list[dict] | None:
+    """The incidents told in the run's ``alerts.jsonl`` (None: no such file): each ``opened`` event, with
+    ``resolved_at``, ``peak`` (the most severe it became) and ``lead_up`` (its flight recorder's file read back,
+    :mod:`gradwatch.report.leadup`)."""
     file = os.path.join(path, "alerts.jsonl")
     if not os.path.isfile(file):
-        return []
-    ends = {}
+        return None
+    ends: dict[Any, Any] = {}
+    peaks: dict[Any, int] = {}
     opened = []
     for e in read_events(file):
-        if e.get("told") is False:
+        if e.get("told") is False or e.get("event") not in EVENT_KINDS:
             continue
+        key = e.get("incident")
+        peaks[key] = max(peaks.get(key, 0), *(_rank(e.get(k)) for k in ("severity", "peak")))
         if e.get("event") == "opened":
             opened.append(e)
         elif e.get("event") == "resolved":
-            ends[e.get("incident")] = e.get("step")
-    return [{**e, "resolved_at": ends.get(e.get("incident"))} for e in opened]
+            ends[key] = e.get("step")
+    return [{**e, "resolved_at": ends.get(e.get("incident")), "peak": SEVERITIES[peaks[e.get("incident")]],
+             "lead_up": _lead_up(e, path)} for e in opened]
+
+
+def _rank(severity: Any) -> int:
+    return severity_rank(severity) if severity in SEVERITIES else 0
+
+
+def _lead_up(event: dict, folder: str) -> dict | None:
+    """The incident's flight recording summarised, an ``error`` saying why not, or None without one."""
+    recording = event.get("recording")
+    if not recording:
+        return None
+    path = find_recording(str(recording), folder)
+    if path is None:
+        return {"recording": recording, "error": f"{os.path.basename(recording)} not found"}
+    try:
+        frame = read_recording(path)
+    except Exception as err:  # a file cut short, pyarrow missing: say so under the incident, go on
+        return {"recording": path, "error": f"cannot read {os.path.basename(path)}: {err}"}
+    return {"recording": path, **lead_up(frame, event.get("name"))}
+
+
+def _alerted(acc: EventAccumulator, tags: Tags) -> str | None:
+    """Without ``alerts.jsonl``: the most severe incident the event files show open at some step."""
+    scalars = set(acc.Tags().get("scalars", []))
+    worst = None
+    for severity in SEVERITIES:
+        tag = tags.open_incidents(severity)
+        if tag in scalars and any(e.value > 0 for e in acc.Scalars(tag)):
+            worst = severity
+    return worst
+
+
+def worst_severity(reports: Sequence[RunReport]) -> str | None:
+    """The most severe incident of any of the runs (``"info"``, ``"warning"``, ``"critical"``), None without
+    one: what ``gradwatch report``'s exit status says."""
+    found = [r.worst for r in reports if r.worst is not None]
+    return max(found, key=severity_rank) if found else None
 
 
 def _kinds(acc: EventAccumulator, tags: Tags) -> dict[str, str]:
@@ -176,11 +226,16 @@ def read(logdir: str | os.PathLike, top: int = _TOP) -> tuple[pd.DataFrame, list
             g2w = g2w[[kinds.get(n) == "weight" for n in g2w.index]]
         g2w = g2w.sort_values("median")
         share = _stats(frame, "skip_share").sort_values("median")
+        incidents = _incidents(path)
+        if incidents is None:
+            worst = _alerted(acc, tags)
+        else:
+            worst = max((i["peak"] for i in incidents), key=severity_rank) if incidents else None
         reports.append(RunReport(
             run=run, path=path, steps=(steps[0], steps[-1], len(steps)) if steps else (0, 0, 0),
             health=pd.DataFrame.from_dict(health, orient="index", columns=["last", "min", "max"]),
             low_layers=g2w.head(top), high_layers=g2w.iloc[::-1].head(top), low_blocks=share.head(top),
-            incidents=_incidents(path), pictures=_pictures(acc, tags)))
+            incidents=incidents or [], pictures=_pictures(acc, tags), worst=worst, recorded=incidents is not None))
     table = pd.concat(frames, ignore_index=True) if frames else _empty()
     return table, reports
 
@@ -207,22 +262,27 @@ def render_text(reports: Sequence[RunReport]) -> str:
         if not r.low_blocks.empty:
             out.append("blocks with the lowest skip_share (by median):")
             out.append(_table(r.low_blocks))
-        out.append(_incident_lines(r.incidents))
+        out.append(_incident_lines(r.incidents, None if r.recorded else r.worst))
         out.append("")
     if not reports:
         out.append("no gradwatch values found (no event file with a '<namespace>.layers/grad_norm/_global' tag)")
     return "\n".join(out)
 
 
-def _incident_lines(incidents: list[dict]) -> str:
+def _incident_lines(incidents: list[dict], unrecorded: str | None = None) -> str:
     if not incidents:
+        if unrecorded is not None:  # no alerts.jsonl to list them from: say what the event files show
+            return f"incidents: no alerts.jsonl in the run's folder; its event files show an incident at {unrecorded}"
         return "incidents: none"
     lines = [f"incidents: {len(incidents)}"]
     for e in incidents:
         end = f"resolved at {e['resolved_at']}" if e.get("resolved_at") is not None else "still open at the end"
         where = f" ({e['name']})" if e.get("name") else ""
-        lines.append(f"  [{e.get('severity')}] {e.get('rule')}{where} from step {e.get('step')}, {end}: "
-                     f"{e.get('message', '')}")
+        peak = e.get("peak", e.get("severity"))
+        rose = f"[{e.get('severity')} → {peak}]" if peak != e.get("severity") else f"[{peak}]"
+        lines.append(f"  {rose} {e.get('rule')}{where} from step {e.get('step')}, {end}: {e.get('message', '')}")
+        if e.get("lead_up"):
+            lines.extend(render_lead_up(e["lead_up"]))
     return "\n".join(lines)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections import deque
+from collections.abc import Iterable
 
 import numpy as np
 import pandas as pd
@@ -11,7 +12,7 @@ import pandas as pd
 from ..names import GLOBAL_NAME
 from ..record import Sink, StepRecord
 
-__all__ = ["History", "COLUMNS"]
+__all__ = ["History", "COLUMNS", "to_frame"]
 
 #: Columns of :meth:`History.to_frame`, one row per (step, name, metric).
 COLUMNS = ("step", "name", "metric", "value")
@@ -21,6 +22,24 @@ def _chunks(r: StepRecord) -> list[tuple[int, str, tuple[str, ...], np.ndarray]]
     out = [(r.step, metric, names, values) for metric, names, values in r.series()]
     out.extend((r.step, metric, (GLOBAL_NAME,), np.array([v])) for metric, v in r.health.items())
     return out
+
+
+def to_frame(records: Iterable[StepRecord]) -> pd.DataFrame:
+    """``records`` as a long DataFrame with columns ``step, name, metric, value`` (per step: each layer metric
+    over the layers and ``_global``, then each block metric over the blocks, then the health figures
+    (:data:`gradwatch.health.HEALTH`) as metrics of ``_global``)."""
+    chunks = [chunk for r in records for chunk in _chunks(r)]
+    if not chunks:
+        return pd.DataFrame(
+            {"step": pd.Series(dtype="int64"), "name": pd.Series(dtype="object"),
+             "metric": pd.Series(dtype="object"), "value": pd.Series(dtype="float64")}
+        )
+    sizes = [len(c[2]) for c in chunks]
+    steps = np.repeat(np.asarray([c[0] for c in chunks], dtype=np.int64), sizes)
+    metrics = np.repeat(np.asarray([c[1] for c in chunks], dtype=object), sizes)
+    names = np.concatenate([np.asarray(c[2], dtype=object) for c in chunks])
+    values = np.concatenate([c[3] for c in chunks])
+    return pd.DataFrame({"step": steps, "name": names, "metric": metrics, "value": values})
 
 
 class History(Sink):
@@ -53,21 +72,8 @@ class History(Sink):
         return sorted({r.step for r in self._records})
 
     def to_frame(self) -> pd.DataFrame:
-        """All records as a DataFrame with columns ``step, name, metric, value`` (per step: each layer metric
-        over the layers and ``_global``, then each block metric over the blocks, then the health figures
-        (:data:`gradwatch.health.HEALTH`) as metrics of ``_global``)."""
-        chunks = [chunk for r in self._records for chunk in _chunks(r)]
-        if not chunks:
-            return pd.DataFrame(
-                {"step": pd.Series(dtype="int64"), "name": pd.Series(dtype="object"),
-                 "metric": pd.Series(dtype="object"), "value": pd.Series(dtype="float64")}
-            )
-        sizes = [len(c[2]) for c in chunks]
-        steps = np.repeat(np.asarray([c[0] for c in chunks], dtype=np.int64), sizes)
-        metrics = np.repeat(np.asarray([c[1] for c in chunks], dtype=object), sizes)
-        names = np.concatenate([np.asarray(c[2], dtype=object) for c in chunks])
-        values = np.concatenate([c[3] for c in chunks])
-        return pd.DataFrame({"step": steps, "name": names, "metric": metrics, "value": values})
+        """All records as a DataFrame with columns ``step, name, metric, value`` (:func:`to_frame`)."""
+        return to_frame(self._records)
 
     def save(self, path: str | os.PathLike) -> str:
         """Write the history to ``path``: ``.csv`` (optionally ``.csv.gz``) or ``.parquet`` (needs pyarrow)."""

@@ -43,7 +43,8 @@ def _slack_event(e: Any, title: str) -> str:
     head = f"{icon} *{title} {e.severity}* — `{e.rule}`{where} {e.what} at step {e.step}" if kind != "resolved" \
         else f"{icon} *{title} resolved* — `{e.rule}`{where} ({e.severity}) at step {e.step}"
     if kind == "opened":
-        return f"{head}\n{e.message}\n_hint:_ {e.hint}"
+        recording = getattr(e.incident, "recording", None)
+        return f"{head}\n{e.message}\n_hint:_ {e.hint}" + (f"\n_lead-up:_ `{recording}`" if recording else "")
     if kind == "escalated":
         return f"{head}\n{e.message}"
     return f"{head}, {e.progress()}"

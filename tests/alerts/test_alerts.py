@@ -143,7 +143,8 @@ def test_the_alert_record_deleted_with_log_dir_mid_run_is_written_again_with_one
 
     lines = [json.loads(s) for s in (run / "alerts.jsonl").read_text().splitlines()]
     assert [(ln["event"], ln.get("step")) for ln in lines] == [("resolved", 6), ("opened", 8), ("summary", 11)]
-    deleted = [r for r in caplog.records if "deleted" in r.getMessage()]
+    # "during the run": the incident lines name their flight recording, under this test's tmp_path ("..._deleted_0")
+    deleted = [r for r in caplog.records if "deleted during the run" in r.getMessage()]
     assert [r.levelno for r in deleted if r.levelno >= logging.WARNING] == [logging.WARNING]
     assert all(str(run) in r.getMessage() for r in deleted)
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR and "nonfinite" not in r.getMessage()]
