@@ -70,12 +70,12 @@ def test_pictures_reach_tensorboard_every_k_steps_and_at_close(tmp_path):
     mon.close()
     acc = EventAccumulator(str(tmp_path), size_guidance={"images": 0})
     acc.Reload()
-    assert set(acc.Tags()["images"]) == {f"gradwatch.pictures/{n}" for n in ("grad_to_weight", "skip_share", "profile",
-                                                                                "effective_depth")}
-    steps = [e.step for e in acc.Images("gradwatch.pictures/profile")]
+    assert set(acc.Tags()["images"]) == {f"zz_gradwatch.pictures/{n}" for n in ("grad_to_weight", "skip_share", "profile",
+                                                                                "effective_depth")} | {"_gradwatch/1_incidents"}
+    steps = [e.step for e in acc.Images("zz_gradwatch.pictures/profile")]
     assert steps == [2, 5, 6]  # every 3 records, then the last at close
     assert _drawer._DRAWER._child.proc.poll() is None  # drawn in the process's drawing child
-    image = acc.Images("gradwatch.pictures/grad_to_weight")[-1]
+    image = acc.Images("zz_gradwatch.pictures/grad_to_weight")[-1]
     assert _png_size(image.encoded_image_string) == (image.width, image.height)
 
 
@@ -90,7 +90,7 @@ def test_a_failing_drawing_costs_only_the_pictures(tmp_path, monkeypatch, caplog
     assert "drawing the pictures failed (RuntimeError: no fonts)" in caplog.text
     acc = EventAccumulator(str(tmp_path), size_guidance={"scalars": 0})
     acc.Reload()
-    assert [e.step for e in acc.Scalars("gradwatch/grad_norm")] == [0, 1, 2] and not acc.Tags()["images"]
+    assert [e.step for e in acc.Scalars("_gradwatch/4_grad_norm_log10")] == [0, 1, 2] and not acc.Tags()["images"]
 
 
 def test_pictures_zero_draws_nothing_and_a_time_budget_defers_drawing(tmp_path):
@@ -103,7 +103,7 @@ def test_pictures_zero_draws_nothing_and_a_time_budget_defers_drawing(tmp_path):
     mon.close()
     acc = EventAccumulator(str(tmp_path / "budget"), size_guidance={"images": 0})
     acc.Reload()
-    assert [e.step for e in acc.Images("gradwatch.pictures/profile")] == [0, 5]
+    assert [e.step for e in acc.Images("zz_gradwatch.pictures/profile")] == [0, 5]
 
 
 def test_heatmap_marks_alert_steps_and_survives_nan_and_zero():
