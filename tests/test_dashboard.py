@@ -137,25 +137,28 @@ def test_tensorboard_serves_a_bounded_dashboard_health_first_and_the_users_group
     # (3): Time Series' groups over both runs, in its order: the health section, the user's, gradwatch's bulk
     every = [*scalars["lightning"], *scalars["hf_trainer"], *images, *histograms]
     assert _groups(every) == ["_gradwatch", "epoch", "train", "train_loss", "zz_gradwatch.alerts",
-                              "zz_gradwatch.blocks", "zz_gradwatch.layers", "zz_gradwatch.pictures"]
+                              "zz_gradwatch.blocks", "zz_gradwatch.health", "zz_gradwatch.layers",
+                              "zz_gradwatch.pictures"]
     assert _groups([*scalars["hf_trainer"], *scalars["lightning"], *images])[:2] == ["_gradwatch", "epoch"]
-    assert _groups([*scalars["hf_trainer"]] + [t for t in scalars["lightning"] if "/" in t])[:2] == \
+    assert _groups([*scalars["hf_trainer"]] + [t for t in [*scalars["lightning"], *images] if "/" in t])[:2] == \
         ["_gradwatch", "train"]  # HF: the two groups TensorBoard opens are the health section and train/
-    # (2): the health cards in priority order, the incidents image first, naming the block and the step
-    health = sorted((t for t in [*scalars["lightning"], *images] if t.startswith("_gradwatch/")),
+    # (2): the health section is one card (one row: the user's first group stays on the first screen), the
+    # figures' curves in priority order further down
+    assert [t for t in [*scalars["lightning"], *images] if t.startswith("_gradwatch/")] == ["_gradwatch/1_health"]
+    curves = sorted((t for t in scalars["lightning"] if t.startswith("zz_gradwatch.health/")),
                     key=functools.cmp_to_key(_tb_compare))
-    assert health == ["_gradwatch/1_incidents", "_gradwatch/2_skip_share_min", "_gradwatch/3_grad_to_weight_early_log10",
-                      "_gradwatch/4_grad_norm_log10", "_gradwatch/5_transmission_end_to_end_log10",
-                      "_gradwatch/6_effective_depth"]
+    assert curves == ["zz_gradwatch.health/2_skip_share_min", "zz_gradwatch.health/3_grad_to_weight_early_log10",
+                      "zz_gradwatch.health/4_grad_norm_log10", "zz_gradwatch.health/5_transmission_end_to_end_log10",
+                      "zz_gradwatch.health/6_effective_depth"]
     opened = [e for r in mon.records for e in r.events if e.kind == "opened"]
     assert [(e.rule, e.name) for e in opened] == [("skip_collapse", "layer2.0")]
     # the card lists what is open (rule, block, since which step): drawn when it opened, and with the pictures
     assert mon._out.owned[0]._pictures.incidents.rows() == [("warning", "skip_collapse", "layer2.0", opened[0].step)]
-    q = urllib.parse.urlencode({"run": "lightning", "tag": "_gradwatch/1_incidents"})
+    q = urllib.parse.urlencode({"run": "lightning", "tag": "_gradwatch/1_health"})
     cards = get(f"/data/plugin/images/images?{q}")
     assert opened[0].step in [c["step"] for c in cards] and cards[-1]["step"] == 4
     points = get("/data/plugin/scalars/scalars?" + urllib.parse.urlencode(
-        {"run": "lightning", "tag": "_gradwatch/3_grad_to_weight_early_log10"}))
+        {"run": "lightning", "tag": "zz_gradwatch.health/3_grad_to_weight_early_log10"}))
     assert [p[1] for p in points] == [0, 1, 2, 3, 4]
     assert 10 ** points[-1][2] == pytest.approx(mon.latest.health["grad_to_weight_early"], rel=1e-5)
     layout = get("/data/plugin/custom_scalars/layout")

@@ -628,7 +628,7 @@ def test_the_self_check_names_the_layer_whose_gradients_differ_between_ranks_and
     mp.spawn(_unsynced_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
     scalars = events(str(tmp_path / "rank0"))["scalars"]
     assert scalars["_gradwatch/0_unverified"] == {0: 1.0, 1: 1.0, 2: 1.0}
-    assert set(scalars["_gradwatch/4_grad_norm_log10"]) == {0, 1, 2}  # the values are still written, marked
+    assert set(scalars["zz_gradwatch.health/4_grad_norm_log10"]) == {0, 1, 2}  # the values are still written, marked
 
 
 # ---------------------------------------------------------------------------------------------- pipeline parallel

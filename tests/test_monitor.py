@@ -195,13 +195,13 @@ def test_tensorboard_tags_live_in_the_prefix_namespace_and_write_one_run(tmp_pat
         mon.step()
     ev = read_events(str(tmp_path))
     assert "zz_gw.layers/grad_to_weight/layer1.0.conv1" in ev["series"]
-    assert "zz_gw.layers/grad_norm/_global" in ev["scalars"] and "_gw/4_grad_norm_log10" in ev["scalars"]
+    assert "zz_gw.layers/grad_norm/_global" in ev["scalars"] and "zz_gw.health/4_grad_norm_log10" in ev["scalars"]
     for metric in ("grad_norm", "weight_norm", "grad_to_weight"):
         hist = ev["histograms"][f"zz_gw.layers/{metric}"][0]
         assert hist.num == len(mon.layer_names)  # layers only, not _global
         assert ev["scalars"][f"zz_gw.layers/nonfinite/{metric}"][0] == 0
     groups = {tag.split("/")[0] for kind in ("scalars", "histograms", "series") for tag in ev[kind]}
-    assert groups == {"_gw", "zz_gw.layers", "zz_gw.blocks", "zz_gw.alerts"}  # nothing outside the namespace
+    assert groups == {"zz_gw.health", "zz_gw.layers", "zz_gw.blocks", "zz_gw.alerts"}  # nothing outside the namespace
     assert [d for d in os.listdir(tmp_path) if os.path.isdir(tmp_path / d)] == []  # no add_scalars runs
 
 

@@ -71,7 +71,7 @@ def test_pictures_reach_tensorboard_every_k_steps_and_at_close(tmp_path):
     acc = EventAccumulator(str(tmp_path), size_guidance={"images": 0})
     acc.Reload()
     assert set(acc.Tags()["images"]) == {f"zz_gradwatch.pictures/{n}" for n in ("grad_to_weight", "skip_share", "profile",
-                                                                                "effective_depth")} | {"_gradwatch/1_incidents"}
+                                                                                "effective_depth")} | {"_gradwatch/1_health"}
     steps = [e.step for e in acc.Images("zz_gradwatch.pictures/profile")]
     assert steps == [2, 5, 6]  # every 3 records, then the last at close
     assert _drawer._DRAWER._child.proc.poll() is None  # drawn in the process's drawing child
@@ -90,7 +90,7 @@ def test_a_failing_drawing_costs_only_the_pictures(tmp_path, monkeypatch, caplog
     assert "drawing the pictures failed (RuntimeError: no fonts)" in caplog.text
     acc = EventAccumulator(str(tmp_path), size_guidance={"scalars": 0})
     acc.Reload()
-    assert [e.step for e in acc.Scalars("_gradwatch/4_grad_norm_log10")] == [0, 1, 2] and not acc.Tags()["images"]
+    assert [e.step for e in acc.Scalars("zz_gradwatch.health/4_grad_norm_log10")] == [0, 1, 2] and not acc.Tags()["images"]
 
 
 def test_pictures_zero_draws_nothing_and_a_time_budget_defers_drawing(tmp_path):
@@ -117,4 +117,4 @@ def test_heatmap_marks_alert_steps_and_survives_nan_and_zero():
 def test_profile_draws_any_gradient_norms(grad_norm):
     # the bars are one collection from the bottom of the log axis; nothing to draw must still give a picture
     p = pictures.profile([f"l{i}.w" for i in range(4)], grad_norm, grad_norm, ["b0"], np.array([0.5]), 5)
-    assert _png_size(p.png) == (p.width, p.height) == (1200, 800)
+    assert _png_size(p.png) == (p.width, p.height) == (900, 620)

@@ -79,8 +79,8 @@ def test_a_record_is_immutable_and_reads_by_name():
     flat = gradwatch.sinks.tags.Tags("gw").scalars(r, layer_scalars=True)
     assert flat["zz_gw.layers/grad_norm/conv1"] == g and flat["zz_gw.alerts/count"] == 0.0
     assert flat["zz_gw.alerts/open/warning"] == 0.0 and r.open_incidents == (0, 0, 0)
-    assert flat["_gw/4_grad_norm_log10"] == pytest.approx(np.log10(r.global_value("grad_norm")), rel=1e-15)
-    assert flat["_gw/2_skip_share_min"] == r.block("skip_share").min() == r.value("_global", "skip_share_min")
+    assert flat["zz_gw.health/4_grad_norm_log10"] == pytest.approx(np.log10(r.global_value("grad_norm")), rel=1e-15)
+    assert flat["zz_gw.health/2_skip_share_min"] == r.block("skip_share").min() == r.value("_global", "skip_share_min")
     # every value (the health figures once), grad_norm in the health section, the event count, open per severity
     assert len(flat) == len(r) + 1 + 1 + 3
     with pytest.raises(KeyError):
@@ -171,7 +171,7 @@ def test_a_writer_that_is_not_a_summary_writer_gets_one_call_per_value():
     mon.close()
     tags = {t for t, _, _ in w.calls}
     assert "zz_gradwatch.layers/grad_norm/_global" in tags and "zz_gradwatch.blocks/skip_share/layer1.0" not in tags
-    assert "zz_gradwatch.alerts/count" in tags and "_gradwatch/4_grad_norm_log10" in tags
+    assert "zz_gradwatch.alerts/count" in tags and "zz_gradwatch.health/4_grad_norm_log10" in tags
     assert len(w.calls) == 5 + 4 + len(mon.latest.layer_metrics) + 4  # bounded: no per-layer calls
     w.calls.clear()
     mon = gradwatch.Monitor(model, every=1, writer=w, histograms=False, strict=True, layer_scalars=True)

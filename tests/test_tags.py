@@ -24,16 +24,17 @@ def _record(depth=8):
 
 def test_health_sorts_before_the_users_groups_and_the_bulk_after_them():
     t = Tags()
-    assert t.health("grad_norm") == "_gradwatch/4_grad_norm_log10" and t.incidents == "_gradwatch/1_incidents"
+    assert t.health("grad_norm") == "zz_gradwatch.health/4_grad_norm_log10" and t.card == "_gradwatch/1_health"
     assert t.layer("grad_to_weight", "layer1.0.conv1") == "zz_gradwatch.layers/grad_to_weight/layer1.0.conv1"
     assert t.block("skip_share", "layer1.0") == "zz_gradwatch.blocks/skip_share/layer1.0"
     assert t.histogram("grad_norm", block=False) == "zz_gradwatch.layers/grad_norm"
     assert t.alert_count == "zz_gradwatch.alerts/count" and t.picture("profile") == "zz_gradwatch.pictures/profile"
     user = ["epoch", "eval", "hp_metric", "loss", "lr-Adam", "train", "train_loss", "val_acc", "validation"]
-    groups = sorted([t.health_group, t.alerts_group, t.blocks_group, t.layers_group, t.pictures_group, *user])
+    groups = sorted([t.health_group, t.figures_group, t.alerts_group, t.blocks_group, t.layers_group,
+                     t.pictures_group, *user])
     assert groups[0] == "_gradwatch" and groups[1:len(user) + 1] == user  # the user's in between
     # the health cards: alphabetical order is priority order
-    cards = [t.health(f) for f in ("unverified", "incidents", "skip_share_min", "grad_to_weight_early", "grad_norm",
+    cards = [t.health(f) for f in ("unverified", "card", "skip_share_min", "grad_to_weight_early", "grad_norm",
                                    "transmission_end_to_end", "effective_depth")]
     assert sorted(cards) == cards
     assert sorted([t.alert_text("depth_trend", "info"), t.alert_text("vanishing", "warning"),
@@ -41,8 +42,9 @@ def test_health_sorts_before_the_users_groups_and_the_bulk_after_them():
         "zz_gradwatch.alerts/1_critical/nonfinite", "zz_gradwatch.alerts/2_warning/vanishing",
         "zz_gradwatch.alerts/3_info/depth_trend"]  # TEXT: the most severe first
     bare = Tags("")
-    assert bare.health("skip_share_min") == "_health/2_skip_share_min" and bare.layer("a", "b") == "zz_layers/a/b"
-    for ns in ("gradwatch", "", "gradwatch.optimizer_1", "my.run"):
+    assert bare.health("skip_share_min") == "zz_health/2_skip_share_min" and bare.layer("a", "b") == "zz_layers/a/b"
+    assert bare.card == "_health/1_health"
+    for ns in ("gradwatch", "", "gradwatch.optimizer_1", "my.run", "health"):
         assert Tags.namespace_of(Tags(ns).layer("grad_norm", "_global")) == ns
     assert Tags.namespace_of("train/loss") is None and Tags.namespace_of("zz_other/x") is None
 

@@ -5,14 +5,17 @@ character code: uppercase before ``_`` before lowercase), groups the cards by th
 in that order, and opens the first two groups. gradwatch's names are chosen for that order:
 
 =================================  ========================================================================
-``_gradwatch/...``                  the health section: sorts before the usual (lowercase) names of the
-                                    user's groups (``epoch``, ``train_loss``, HF's ``train/``), so it is
-                                    one of the two groups TensorBoard opens. Its cards are numbered so
-                                    that alphabetical order is priority order: ``0_unverified`` (after a
-                                    failed self-check only), ``1_incidents`` (an image: the open incidents,
-                                    rule, layer/block, since which step), ``2_skip_share_min``,
-                                    ``3_grad_to_weight_early_log10``, ``4_grad_norm_log10``,
-                                    ``5_transmission_end_to_end_log10``, ``6_effective_depth``
+``_gradwatch/...``                  the health section, one card: ``1_health``, an image of the open
+                                    incidents (rule, layer/block, since which step) and the health figures
+                                    with their healthy ranges (``0_unverified`` before it after a failed
+                                    self-check). It sorts before the usual (lowercase) names of the user's
+                                    groups (``epoch``, ``train_loss``, HF's ``train/``), so it is one of the
+                                    two groups TensorBoard opens, and, one card high, it leaves the user's
+                                    first group on the first screen
+``zz_gradwatch.health/...``         the health figures as curves, numbered so that alphabetical order is
+                                    priority order: ``2_skip_share_min``, ``3_grad_to_weight_early_log10``,
+                                    ``4_grad_norm_log10``, ``5_transmission_end_to_end_log10``,
+                                    ``6_effective_depth``
 ``zz_gradwatch.alerts/...``         ``open/{info,warning,critical}``, ``count``; texts
                                     ``<rank>_<severity>/<rule>`` per event (critical first in TEXT),
                                     ``summary``
@@ -30,7 +33,8 @@ back by ``gradwatch report``. So the number of scalar tags per namespace is at m
 whatever the depth. ``layer_scalars=True`` adds one scalar tag per layer (block) and metric,
 ``<group>/<metric>/<name>``, as before. All names are MLflow-safe (letters, digits, ``_``, ``.``, ``/``).
 
-With ``prefix=""`` the groups are ``_health``, ``zz_layers``, ``zz_blocks``, ``zz_alerts``, ``zz_pictures``.
+With ``prefix=""`` the groups are ``_health``, ``zz_health``, ``zz_layers``, ``zz_blocks``, ``zz_alerts``,
+``zz_pictures``.
 """
 
 from __future__ import annotations
@@ -54,11 +58,12 @@ _HEALTH_MARK = "_"  # sorts before lowercase group names (and after uppercase on
 _BULK_MARK = "zz_"  # sorts after every lowercase group name but those starting with zz
 _DEPTH_DETAIL = "effective_depth_"
 
-#: The health section's cards, by figure, in priority order (their numbers make TensorBoard's alphabetical
-#: order this order). ``incidents`` is an image; the others are scalars.
+#: The health cards, by figure, in priority order (their numbers make TensorBoard's alphabetical order this
+#: order). ``unverified`` and the ``card`` image open the dashboard (``_gradwatch/``); the figures' curves are
+#: in ``zz_gradwatch.health/``.
 HEALTH_CARDS = {
     "unverified": "0_unverified",
-    "incidents": "1_incidents",
+    "card": "1_health",
     "skip_share_min": "2_skip_share_min",
     "grad_to_weight_early": "3_grad_to_weight_early_log10",
     "grad_norm": "4_grad_norm_log10",
@@ -70,6 +75,7 @@ HEALTH_CARDS = {
 #: bounded step that "ignore outliers" clips less often.
 LOG10_FIGURES = frozenset({"grad_to_weight_early", "grad_norm", "transmission_end_to_end"})
 _CARD_FIGURE = {card: figure for figure, card in HEALTH_CARDS.items()}
+_FIRST_SCREEN = ("unverified", "card")  # in the health group; the other figures' curves go to the bulk
 _RANK = {s: 3 - i for i, s in enumerate(SEVERITIES)}  # critical 1, warning 2, info 3
 
 
@@ -88,7 +94,7 @@ def _log10(v: float) -> float:
 
 class Tags:
     """The tag names for one namespace (``Tags("gradwatch").health("skip_share_min")`` is
-    ``"_gradwatch/2_skip_share_min"``). The namespace is what ``prefix`` options give; it holds no ``/``.
+    ``"zz_gradwatch.health/2_skip_share_min"``). The namespace is what ``prefix`` options give; it holds no ``/``.
 
     Args:
         namespace: the namespace, as the ``prefix`` option gives it (``""``: groups ``_health``,
@@ -102,8 +108,9 @@ class Tags:
         self.namespace = check_prefix(namespace)
         ns = self.namespace
         self.health_group = _HEALTH_MARK + (ns or "health")
-        self.layers_group, self.blocks_group, self.alerts_group, self.pictures_group = (
-            _BULK_MARK + (f"{ns}.{family}" if ns else family) for family in ("layers", "blocks", "alerts", "pictures"))
+        self.figures_group, self.layers_group, self.blocks_group, self.alerts_group, self.pictures_group = (
+            _BULK_MARK + (f"{ns}.{family}" if ns else family)
+            for family in ("health", "layers", "blocks", "alerts", "pictures"))
 
     @staticmethod
     def namespace_of(tag: str) -> str | None:
@@ -113,14 +120,16 @@ class Tags:
         if not group.startswith(_BULK_MARK):
             return None
         head, _, family = group[len(_BULK_MARK):].rpartition(".")
-        if family not in ("layers", "blocks", "alerts", "pictures"):
-            return "" if group[len(_BULK_MARK):] in ("layers", "blocks", "alerts", "pictures") else None
+        if family not in ("health", "layers", "blocks", "alerts", "pictures"):
+            return "" if group[len(_BULK_MARK):] in ("health", "layers", "blocks", "alerts", "pictures") else None
         return head
 
     # ------------------------------------------------------------------ single tags
     def health(self, figure: str) -> str:
-        """The card of ``figure`` in the health section (:data:`HEALTH_CARDS`)."""
-        return f"{self.health_group}/{HEALTH_CARDS.get(figure, figure)}"
+        """The card of ``figure`` (:data:`HEALTH_CARDS`): ``unverified`` and ``card`` in the health group, the
+        figures' curves in ``zz_<namespace>.health``."""
+        group = self.health_group if figure in _FIRST_SCREEN else self.figures_group
+        return f"{group}/{HEALTH_CARDS.get(figure, figure)}"
 
     def health_tag(self, figure: str) -> str:
         """Where a health figure goes: its card in the health section, except the effective depth's
@@ -131,9 +140,10 @@ class Tags:
         return self.health(figure)
 
     @property
-    def incidents(self) -> str:
-        """The image of the open incidents (rule, layer/block, since which step): the health section's first card."""
-        return self.health("incidents")
+    def card(self) -> str:
+        """The image of the open incidents (rule, layer/block, since which step) and the health figures: the
+        health section's card, the first of the dashboard."""
+        return self.health("card")
 
     def layer(self, metric: str, name: str) -> str:
         """The scalar tag of ``metric`` for layer ``name`` (``_global``: always written; others with
@@ -198,7 +208,7 @@ class Tags:
         """The health section of ``record``: whole-model ``grad_norm`` and the health figures (those that are
         not NaN; :data:`LOG10_FIGURES` as log10), the effective depth's details, and ``unverified`` (1) on every
         record after a failed self-check (:attr:`~gradwatch.StepRecord.verified`). The open incidents are the
-        ``incidents`` image (TensorBoard) and ``open/<severity>`` in the alerts group."""
+        ``card`` image (TensorBoard) and ``open/<severity>`` in the alerts group."""
         out = {}
         if "grad_norm" in record.layer_metrics:
             out[self.health("grad_norm")] = _log10(record.global_value("grad_norm"))
@@ -255,9 +265,8 @@ class Tags:
                 if sep and metric not in ("nonfinite", "series"):
                     return Parsed(name, metric)
                 return None
-        if tag.startswith(self.health_group + "/"):
-            figure = _CARD_FIGURE.get(tag[len(self.health_group) + 1:])
-            # grad_norm: read from the layers; unverified (the self-check's mark) is a flag
-            if figure is not None and figure not in ("grad_norm", "unverified", "incidents"):
+        if tag.startswith(self.figures_group + "/"):
+            figure = _CARD_FIGURE.get(tag[len(self.figures_group) + 1:])
+            if figure is not None and figure != "grad_norm":  # grad_norm: read from the layers
                 return Parsed(GLOBAL_NAME, figure, figure in LOG10_FIGURES)
         return None

@@ -799,8 +799,8 @@ def test_the_users_metrics_keep_their_place_on_the_trainers_tensorboard(tmp_path
     # TensorBoard's order (character codes: "_" < lowercase): the health section first, the user's groups,
     # then gradwatch's bulk (tests/test_dashboard.py reads the same order from a real TensorBoard server)
     assert groups == ["_gradwatch", "epoch", "train_acc", "train_loss", "zz_gradwatch.alerts", "zz_gradwatch.blocks",
-                      "zz_gradwatch.layers", "zz_gradwatch.pictures"]
+                      "zz_gradwatch.health", "zz_gradwatch.layers", "zz_gradwatch.pictures"]
     assert "custom_scalars__config__" in tags["tensors"] and "zz_gradwatch.pictures/profile" in tags["images"]
     header = open(os.path.join(tmp_path, "csv", "version_0", "metrics.csv")).readline().strip().split(",")
-    assert "_gradwatch/4_grad_norm_log10" in header and "zz_gradwatch.layers/grad_to_weight/_global" in header
+    assert "zz_gradwatch.health/4_grad_norm_log10" in header and "zz_gradwatch.layers/grad_to_weight/_global" in header
     assert "zz_gradwatch.layers/grad_to_weight/net.conv1" not in header  # bounded: per-layer values are opt-in

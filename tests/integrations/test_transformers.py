@@ -231,12 +231,12 @@ def test_attached_first_the_reporters_receive_the_whole_model_values(tmp_path):
     t = trainer(tmp_path, tiny_gpt2(), [reporter], max_grad_norm=0.0)
     cb = GradWatchTrainerCallback().attach(t)
     t.train()
-    seen = {step: logs for step, logs in reporter.logs if "_gradwatch/4_grad_norm_log10" in logs}
+    seen = {step: logs for step, logs in reporter.logs if "zz_gradwatch.health/4_grad_norm_log10" in logs}
     assert sorted(seen) == [4, 8]  # the Trainer's logging steps
     rec = next(r for r in cb.monitor.records if r.step == 8)
-    assert seen[8]["_gradwatch/4_grad_norm_log10"] == pytest.approx(math.log10(rec.global_value("grad_norm")), abs=1e-12)
-    assert seen[8]["_gradwatch/2_skip_share_min"] == rec.health["skip_share_min"]  # the dashboard's health section
+    assert seen[8]["zz_gradwatch.health/4_grad_norm_log10"] == pytest.approx(math.log10(rec.global_value("grad_norm")), abs=1e-12)
+    assert seen[8]["zz_gradwatch.health/2_skip_share_min"] == rec.health["skip_share_min"]  # the dashboard's health section
     # the early layers' ratio the docs promise: on this 3-layer GPT-2 it was NaN (left out of the logs) while
     # its attention branches started near-dormant (tests/alerts: dormant blocks)
     for step in (4, 8):
-        assert math.isfinite(seen[step]["_gradwatch/3_grad_to_weight_early_log10"])
+        assert math.isfinite(seen[step]["zz_gradwatch.health/3_grad_to_weight_early_log10"])

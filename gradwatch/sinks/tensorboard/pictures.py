@@ -29,7 +29,7 @@ from typing import NamedTuple
 import numpy as np
 
 from ...depth import distribution, figures
-from ._incidents import IncidentCard, draw_card
+from ._card import HealthCard, draw_card
 from ...record import StepRecord
 
 __all__ = ["Timeline", "Picture", "Scene", "scene", "draw", "render_all", "heatmap", "profile", "depth_distribution"]
@@ -148,13 +148,13 @@ def scene(timeline: Timeline, title: str = "") -> Scene | None:
                  timeline.matrix("layers", fill=-1.0)[1] != -1.0, timeline.matrix("blocks", fill=-1.0)[1] != -1.0)
 
 
-def draw(sc: Scene | IncidentCard | None) -> list[Picture]:
+def draw(sc: Scene | HealthCard | None) -> list[Picture]:
     """Every picture ``sc`` can draw (the skip_share map and the block panels only with blocks), or the
-    incidents card."""
+    health card."""
     out: list[Picture] = []
     if sc is None:
         return out
-    if isinstance(sc, IncidentCard):
+    if isinstance(sc, HealthCard):
         return [draw_card(sc)]
     title = sc.title
     if sc.layer_names:

@@ -26,7 +26,7 @@ from torch.utils.tensorboard import summary as tb_summary
 
 from . import _fastcrc, _series
 from ._drawer import draw_pictures
-from ._incidents import IncidentCard, OpenIncidents
+from ._card import HealthCard, OpenIncidents, card_figures
 from ._histogram import Bins
 from ._logdir import LogDir
 from .._worker import Worker
@@ -87,12 +87,12 @@ class _PictureSchedule:
 
     def add(self, record: StepRecord, tags: Tags) -> list[Summary.Value]:
         self.timeline.add(record)
-        changed = self.incidents.add(record)
+        changed = self.incidents.add(record) or len(self.timeline.steps) == 1  # the first card at once
         now = time.perf_counter()
         self._start = now if self._start is None else self._start
         self._since += 1
         if self._since < self.every or (self.budget is not None and self._spent > self.budget * (now - self._start)):
-            # between drawings (or over the time budget) only the incidents card, when the open set changed:
+            # between drawings (or over the time budget) only the health card, when the open incidents changed:
             # it is the first card of the dashboard and must not lag (~30 ms to draw)
             return self._card(record.step, tags) if changed else []
         return self._card(record.step, tags) + self._draw(tags)
@@ -104,16 +104,18 @@ class _PictureSchedule:
         return latest.step, self._card(latest.step, tags) + self._draw(tags)
 
     def _card(self, step: int, tags: Tags) -> list[Summary.Value]:
-        if not self.incidents.alerting:
+        latest = self.timeline.latest
+        if latest is None:
             return []
         # not counted in the time budget: drawn only when incidents open, escalate or close (and with the
         # pictures), ~30 ms each; the budget is for the maps, which are drawn all along
         try:
-            pictures = draw_pictures(IncidentCard(step, self.incidents.rows()))
+            pictures = draw_pictures(HealthCard(step, self.incidents.rows(), card_figures(latest),
+                                                self.incidents.alerting))
         except Exception as err:  # a picture must never cost the scalars of the step
-            log.warning("gradwatch: drawing the incidents card failed (%s: %s)", type(err).__name__, err)
+            log.warning("gradwatch: drawing the health card failed (%s: %s)", type(err).__name__, err)
             return []
-        return [Summary.Value(tag=tags.incidents, image=Summary.Image(
+        return [Summary.Value(tag=tags.card, image=Summary.Image(
             height=p.height, width=p.width, colorspace=4, encoded_image_string=p.png)) for p in pictures]
 
     def _draw(self, tags: Tags) -> list[Summary.Value]:
@@ -187,16 +189,17 @@ class TensorBoardSink(Sink):
     ``histograms``, each metric also gets a histogram across layers (or blocks) of its finite values and a
     ``nonfinite/<metric>`` count of the values left out. When alerting is on, each incident event is a text
     ``zz_gradwatch.alerts/<rank>_<severity>/<rule>`` (the writer is flushed at once), the end of the run
-    ``zz_gradwatch.alerts/summary``, and the health section's first card is an image of the open incidents.
+    ``zz_gradwatch.alerts/summary``. The health section is one image card (:mod:`._card`): the open incidents
+    and the health figures.
     ``add_scalars`` is never used: it makes a run per key.
 
     A plain ``SummaryWriter`` also gets the Custom Scalars layout (:func:`gradwatch.sinks.tensorboard.layout.build_layout`,
     written again when the layers or blocks measured change) and, every ``pictures`` logging steps and at
-    close, the pictures (:mod:`gradwatch.sinks.tensorboard.pictures`; ``pictures=0``: none, and no incidents card),
+    close, the pictures (:mod:`gradwatch.sinks.tensorboard.pictures`; ``pictures=0``: none, and no health card),
     drawn in a child process so that matplotlib never holds this process's GIL
     (:mod:`gradwatch.sinks.tensorboard._drawer`). Drawing takes ~0.2 s of CPU per picture, so it also waits until
     the time spent drawing is at most ``picture_budget`` (1%) of the time since the run's first record
-    (``None``: no limit); the incidents card is redrawn whenever the open incidents change.
+    (``None``: no limit); the health card is also redrawn whenever the open incidents change.
 
     With ``background`` (default), a plain ``SummaryWriter``'s events are built and handed to it on a thread
     of the sink's own; :meth:`flush` and :meth:`close` wait for it (``Monitor.close()`` and ``flush()`` call
