@@ -4,7 +4,7 @@
 
 - ``lightning/``: a LightningModule that logs ``self.log("train_loss")`` and ``self.log("train_acc")``, with the
   default ``GradWatchCallback()`` and a ``TensorBoardLogger``: what a Lightning user's dashboard looks like.
-- ``fault/``: a ResNet-20 whose block 4 (``layer2.1``) loses its skip at step 60 of 120 (a ``.detach()`` planted
+- ``fault/resnet20_skip_lost_at_60/``: a ResNet-20 whose block 4 (``layer2.1``) loses its skip at step 60 of 120 (a ``.detach()`` planted
   mid-run): the incident card names the block and the step.
 """
 
@@ -57,7 +57,7 @@ def fault_run(out: str, steps: int = 120, at: int = 60) -> None:
     x, y = synthetic_images(512, size=16, seed=0)
     model = resnet(20, width=8)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    with gradwatch.Monitor(model, optimizer=opt, every=2, log_dir=os.path.join(out, "fault")) as mon:
+    with gradwatch.Monitor(model, optimizer=opt, every=2, log_dir=os.path.join(out, "fault", "resnet20_skip_lost_at_60")) as mon:
         for step in range(steps):
             if step == at:
                 set_skip_fault(model, {4: "detached"})

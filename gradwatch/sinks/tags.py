@@ -51,8 +51,8 @@ __all__ = ["Tags", "Parsed", "DEFAULT_NAMESPACE", "MAX_SCALAR_TAGS", "HEALTH_CAR
 
 #: The namespace of gradwatch's tags unless ``prefix`` says otherwise.
 DEFAULT_NAMESPACE = "gradwatch"
-#: The most scalar tags one namespace writes without ``layer_scalars`` (28 today: 6 health, 4 alerts, 4
-#: ``_global``, 4 effective-depth details, 10 ``nonfinite`` counts), whatever the model's depth.
+#: The most scalar tags one namespace writes without ``layer_scalars`` (27 today: 5 health curves, 4 alerts, 4
+#: ``_global``, 4 effective-depth details, 10 ``nonfinite`` counts; 28 with ``0_unverified``), whatever the depth.
 MAX_SCALAR_TAGS = 40
 _HEALTH_MARK = "_"  # sorts before lowercase group names (and after uppercase ones)
 _BULK_MARK = "zz_"  # sorts after every lowercase group name but those starting with zz

@@ -15,10 +15,9 @@ thread; :func:`draw_card` draws on the drawing child (numpy and matplotlib only,
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any, NamedTuple
 
-if TYPE_CHECKING:
-    from .pictures import Picture
+from ._image import Picture, to_png
 
 __all__ = ["HealthCard", "OpenIncidents", "card_figures", "draw_card", "MAX_ROWS", "HEALTHY"]
 
@@ -90,15 +89,13 @@ def draw_card(card: HealthCard) -> Picture:
     """The card as a PNG, 560 px wide, text at 11–15 pt: legible where TensorBoard scales it into a card."""
     from matplotlib.figure import Figure
 
-    from .pictures import _png
-
     rows = sorted(card.rows, key=_order)
     shown = rows[:MAX_ROWS]
     more = len(rows) - len(shown)
     figures = dict(card.figures)
     listed = [(k, label, healthy) for k, label, healthy in _LABELS if k in figures]
     lines = max(len(shown), 1) + (1 if more else 0) + len(listed)
-    height = 0.9 + 0.3 * lines
+    height = 1.0 + 0.3 * lines
     fig = Figure(figsize=(5.6, height), dpi=100)
     fig.patch.set_facecolor("white")
     inch = 1 / height  # one inch in figure fraction
@@ -121,10 +118,9 @@ def draw_card(card: HealthCard) -> Picture:
     if more:
         fig.text(0.03, y, f"+ {more} more (TEXT tab, zz_…alerts)", fontsize=10, color="#444444", va="top")
         y -= 0.3 * inch
-    if not shown and not more:
-        y -= 0.05 * inch
-    fig.add_artist(_rule(fig, y + 0.08 * inch))
-    y -= 0.08 * inch
+    y -= 0.04 * inch
+    fig.add_artist(_rule(fig, y))
+    y -= 0.14 * inch
     for k, label, healthy in listed:
         v = figures[k]
         lo, hi = HEALTHY.get(k, (-math.inf, math.inf))
@@ -138,7 +134,7 @@ def draw_card(card: HealthCard) -> Picture:
         if healthy:
             fig.text(0.97, y, f"healthy {healthy}", fontsize=10, va="top", ha="right", color="#777777")
         y -= 0.3 * inch
-    return _png(fig, "health")
+    return to_png(fig, "health")
 
 
 def _rule(fig: Any, y: float) -> Any:

@@ -20,7 +20,6 @@ run that never draws should not pay it. :class:`Timeline` keeps what the maps ne
 
 from __future__ import annotations
 
-import io
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -30,6 +29,7 @@ import numpy as np
 
 from ...depth import distribution, figures
 from ._card import HealthCard, draw_card
+from ._image import Picture, to_png
 from ...record import StepRecord
 
 __all__ = ["Timeline", "Picture", "Scene", "scene", "draw", "render_all", "heatmap", "profile", "depth_distribution"]
@@ -41,16 +41,6 @@ _MAX_TICKS = 28  # depth-axis labels past this are thinned: names must stay legi
 G2W_RANGE = (1e-5, 10.0)
 _MISSING = "#d9d9d9"  # not measured at that step
 _TICK_PT = 8
-
-
-@dataclass
-class Picture:
-    """One rendered picture: its name (``grad_to_weight``, ``skip_share``, ``profile``) and PNG bytes."""
-
-    name: str
-    png: bytes
-    width: int
-    height: int
 
 
 @dataclass
@@ -188,11 +178,7 @@ def _figure(width: float, height: float, left: float = 1.6, bottom: float = 0.6,
 
 
 def _png(fig, name: str) -> Picture:  # noqa: ANN001
-    buf = io.BytesIO()
-    # zlib level 1: a third of level 6's time for ~1.3x the bytes (the PNG encoder was ~10% of a drawing)
-    fig.savefig(buf, format="png", pil_kwargs={"compress_level": 1})
-    w, h = (int(round(v)) for v in fig.get_size_inches() * fig.dpi)
-    return Picture(name, buf.getvalue(), w, h)
+    return to_png(fig, name)
 
 
 def _bars(ax, x: np.ndarray, heights: np.ndarray, *, color: str, width: float, label: str,  # noqa: ANN001
