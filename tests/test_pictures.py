@@ -54,6 +54,34 @@ def test_maps_hold_the_weight_layers_and_blocks_over_the_steps():
         assert _png_size(p.png) == (p.width, p.height)
 
 
+def test_a_block_that_disappears_keeps_its_row_in_depth_order_and_reads_not_measured():
+    import dataclasses
+
+    mon = _train(steps=3)
+    mon.close()
+    tl = Timeline()
+    r = mon.records[0]
+    tl.add(r)
+    tl.add(dataclasses.replace(mon.records[1], blocks=r.blocks[::2], block_values=r.block_values[::2]))  # middle gone
+    names, share = tl.matrix("blocks")
+    assert names == list(r.blocks)  # not moved to the bottom
+    measured = tl.matrix("blocks", fill=-1.0)[1] != -1.0
+    assert measured[:, 0].all() and measured[:, 1].tolist() == [True, False, True]
+    assert np.isnan(share[1, 1])
+    sc = pictures.scene(tl)
+    assert sc.share_measured is not None and not sc.share_measured[1, 1]
+
+
+def test_the_health_card_draws_incidents_and_figures_at_a_fixed_width():
+    from gradwatch.sinks.tensorboard._card import HealthCard, draw_card
+
+    rows = [("info", "depth_trend", "whole model", 40), ("warning", "skip_collapse", "layer2.4", 10)]
+    p = draw_card(HealthCard(120, rows, [("skip_share_min", 0.0), ("grad_to_weight_early", 1.1)]))
+    assert p.name == "health" and _png_size(p.png) == (p.width, p.height) and p.width == 560
+    more = draw_card(HealthCard(120, rows * 4, []))  # more than it lists: a "+ n more" line, not a taller card
+    assert more.height == draw_card(HealthCard(120, rows * 3, [])).height
+
+
 def test_the_timeline_is_bounded_and_keeps_the_newest_step():
     mon = _train(steps=1)
     mon.close()
@@ -70,8 +98,8 @@ def test_pictures_reach_tensorboard_every_k_steps_and_at_close(tmp_path):
     mon.close()
     acc = EventAccumulator(str(tmp_path), size_guidance={"images": 0})
     acc.Reload()
-    assert set(acc.Tags()["images"]) == {f"zz_gradwatch.pictures/{n}" for n in ("grad_to_weight", "skip_share", "profile",
-                                                                                "effective_depth")} | {"_gradwatch/1_health"}
+    maps = ("grad_to_weight", "skip_share", "profile", "effective_depth")
+    assert set(acc.Tags()["images"]) == {f"zz_gradwatch.pictures/{n}" for n in maps} | {"_gradwatch/1_health"}
     steps = [e.step for e in acc.Images("zz_gradwatch.pictures/profile")]
     assert steps == [2, 5, 6]  # every 3 records, then the last at close
     assert _drawer._DRAWER._child.proc.poll() is None  # drawn in the process's drawing child
@@ -90,7 +118,8 @@ def test_a_failing_drawing_costs_only_the_pictures(tmp_path, monkeypatch, caplog
     assert "drawing the pictures failed (RuntimeError: no fonts)" in caplog.text
     acc = EventAccumulator(str(tmp_path), size_guidance={"scalars": 0})
     acc.Reload()
-    assert [e.step for e in acc.Scalars("zz_gradwatch.health/4_grad_norm_log10")] == [0, 1, 2] and not acc.Tags()["images"]
+    assert [e.step for e in acc.Scalars("zz_gradwatch.health/4_grad_norm_log10")] == [0, 1, 2]
+    assert not acc.Tags()["images"]
 
 
 def test_pictures_zero_draws_nothing_and_a_time_budget_defers_drawing(tmp_path):

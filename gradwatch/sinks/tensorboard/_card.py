@@ -27,7 +27,8 @@ MAX_ROWS = 5
 HEALTHY = {"skip_share_min": (0.1, math.inf), "grad_to_weight_early": (0.3, 3.0)}
 _RANK = {"critical": 0, "warning": 1, "info": 2}
 _COLOURS = {"critical": "#d62728", "warning": "#e6550d", "info": "#636363"}
-_LABELS = (("skip_share_min", "lowest skip_share", "≳ 0.1"), ("grad_to_weight_early", "early / typical ratio", "0.3–3"),
+_LABELS = (("skip_share_min", "lowest skip_share", "≳ 0.1"),
+           ("grad_to_weight_early", "early / typical ratio", "0.3–3"),
            ("grad_norm", "gradient norm", ""), ("transmission_end_to_end", "end-to-end transmission", "≈ 1–10"),
            ("effective_depth", "effective depth", ""))
 

@@ -12,7 +12,9 @@ Alert steps are marked (dashed lines, coloured by severity). Colour scales are f
 by side compare: ``grad_to_weight`` :data:`G2W_RANGE` (log), ``skip_share`` 0–1. Rows keep the record's
 order (depth order); a row not measured at a step (a block that disappeared) is light grey, a value that is
 zero or not finite black. Legends sit outside the data. Sizes: 7–9 inches at 100 dpi with 9–11 pt text,
-readable at TensorBoard's "Show actual image size" (one click, docs/dashboard.md). Rendered with matplotlib's object API (no pyplot
+readable at TensorBoard's "Show actual image size" (one click, docs/dashboard.md).
+
+Rendered with matplotlib's object API (no pyplot
 state, so safe on the TensorBoard sink's thread), imported on first use: it costs ~0.5 s to import and a
 run that never draws should not pay it. :class:`Timeline` keeps what the maps need, bounded: past
 ``max_steps`` columns it drops every other one (the event file keeps every value).
