@@ -68,13 +68,17 @@ def main() -> None:
                 page.wait_for_load_state("networkidle")
                 time.sleep(wait)
                 close = page.locator("button[aria-label='Close side pane']")
-                if not side_pane and close.count():
-                    close.first.click()
+                if not side_pane and close.count() and close.first.is_visible():
+                    close.first.click(timeout=5000)
                     time.sleep(1)
                 if actual_size:  # the one click docs/dashboard.md tells: the pictures at their own size
-                    box = page.get_by_text("Show actual image size").first
-                    box.click()
-                    time.sleep(2)
+                    box = page.get_by_text("Show actual image size")
+                    visible = [box.nth(i) for i in range(box.count()) if box.nth(i).is_visible()]
+                    if visible:
+                        visible[0].click(timeout=5000)
+                        time.sleep(3)
+                    else:
+                        print("no visible 'Show actual image size' control: shot at the default size")
                 if tags:  # what a user types in the tag filter
                     box = page.locator("input[placeholder='Filter tags (regex)']").first
                     box.fill(tags)
