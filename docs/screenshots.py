@@ -1,8 +1,10 @@
 """Take the screenshots of docs/dashboard.md: a real TensorBoard on 127.0.0.1, a real headless Chromium.
 
-    python docs/screenshots.py LOGDIR [--out docs/img] [--prefix demo]
+    python docs/screenshots.py LOGDIR [--out docs/img] [--prefix demo] [--first-screen-only]
 
-LOGDIR is a gradwatch run folder (``make demo`` writes runs/demo). Needs ``playwright`` (``pip install
+LOGDIR is a gradwatch run folder (``make demo`` writes runs/demo; docs/example_runs.py the Lightning run and the
+run with a mid-run fault). The window is 1600 x 1000, TensorBoard's defaults untouched (the run list open,
+smoothing 0.6): ``<prefix>-first-screen.png`` is what a user sees on opening Time Series. Needs ``playwright`` (``pip install
 playwright``; not a gradwatch dependency) and a Chromium on the machine (``apt-get install chromium``;
 playwright's own download is not used). TensorBoard draws its line charts with WebGL in a worker, which a
 GPU-less headless browser leaves blank, so the pages are opened with TensorBoard's ``forceSVG=true``.
@@ -47,7 +49,8 @@ def main() -> None:
     ap.add_argument("logdir")
     ap.add_argument("--out", default="docs/img")
     ap.add_argument("--prefix", default="demo")
-    ap.add_argument("--filter", default="grad_to_weight/layer1\\.0", help="regex for the filtered-tags shot")
+    ap.add_argument("--filter", default="", help="a regex for a filtered-tags shot (none by default)")
+    ap.add_argument("--first-screen-only", action="store_true", help="only the first screen of Time Series")
     args = ap.parse_args()
     from playwright.sync_api import sync_playwright
 
@@ -57,16 +60,25 @@ def main() -> None:
     try:
         with sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
-            page = browser.new_page(viewport={"width": 1500, "height": 1000})
+            page = browser.new_page(viewport={"width": 1600, "height": 1000})
 
-            def shot(name: str, path: str, wait: float = 6.0, full: bool = False, tags: str = "") -> None:
+            def shot(name: str, path: str, wait: float = 6.0, full: bool = False, tags: str = "",
+                     side_pane: bool = True, actual_size: bool = False) -> None:
                 page.goto(f"{url}/?forceSVG=true{path}")
                 page.wait_for_load_state("networkidle")
                 time.sleep(wait)
                 close = page.locator("button[aria-label='Close side pane']")
-                if close.count():
-                    close.first.click()
+                if not side_pane and close.count() and close.first.is_visible():
+                    close.first.click(timeout=5000)
                     time.sleep(1)
+                if actual_size:  # the one click docs/dashboard.md tells: the pictures at their own size
+                    box = page.get_by_text("Show actual image size")
+                    visible = [box.nth(i) for i in range(box.count()) if box.nth(i).is_visible()]
+                    if visible:
+                        visible[0].click(timeout=5000)
+                        time.sleep(3)
+                    else:
+                        print("no visible 'Show actual image size' control: shot at the default size")
                 if tags:  # what a user types in the tag filter
                     box = page.locator("input[placeholder='Filter tags (regex)']").first
                     box.fill(tags)
@@ -76,11 +88,12 @@ def main() -> None:
                 page.screenshot(path=os.path.join(args.out, f"{args.prefix}-{name}.png"), full_page=full)
                 print("wrote", os.path.join(args.out, f"{args.prefix}-{name}.png"))
 
-            shot("timeseries", "#timeseries")
-            if args.filter:
-                shot("filtered", "#timeseries", tags=args.filter)
-            shot("custom-scalars", "#custom_scalars", wait=8)
-            shot("images", "#images", wait=8)
+            shot("first-screen", "#timeseries", wait=10)
+            if not args.first_screen_only:
+                if args.filter:
+                    shot("filtered", "#timeseries", tags=args.filter, side_pane=False)
+                shot("custom-scalars", "#custom_scalars", wait=8, side_pane=False)
+                shot("images", "#images", wait=8, actual_size=True)
             browser.close()
     finally:
         proc.terminate()

@@ -64,7 +64,7 @@ class Outputs:
         owned = self.owned
         if self.writer is not None:
             owned.append(TensorBoardSink(self.writer, prefix=cfg.prefix, histograms=cfg.histograms,
-                                         pictures=cfg.pictures))
+                                         pictures=cfg.pictures, layer_scalars=cfg.layer_scalars))
         user: list[Sink] = []
         if rules:
             given = cfg.alerts_path  # a str (Config applies os.fspath), False (none) or None (the default place)

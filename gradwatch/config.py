@@ -74,7 +74,8 @@ class Config:
     resolve_after: int = 5  # consecutive clear logging steps before an incident is resolved
     # ---- output
     histograms: bool = True  # a TensorBoard histogram across layers per metric and logging step
-    prefix: str = "gradwatch"  # the tags' namespace: gradwatch/ (health), gradwatch.layers/, ...
+    layer_scalars: bool = False  # also a scalar tag per layer/block and metric (unbounded; default: <= 40 tags)
+    prefix: str = "gradwatch"  # the tags' namespace: _gradwatch/ (health), zz_gradwatch.layers/, ...
     pictures: int = 20  # TensorBoard pictures (depth x time maps, profile) every N logging steps; 0: none
     sinks: Sequence[Sink] = ()  # more sinks for every record (objects with write(record))
     history: int | None = None  # logging steps kept in memory for history(), the latest; None: all
@@ -173,6 +174,7 @@ _CHECKS: dict[str, Callable[[Any, str], Any]] = {
     "remind_backoff": _backoff,
     "resolve_after": lambda v, n: check_int(v, n, minimum=1),
     "histograms": check_bool,
+    "layer_scalars": check_bool,
     "prefix": check_prefix,
     "pictures": lambda v, n: check_int(v, n, minimum=0),
     "sinks": _sinks,

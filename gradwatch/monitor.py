@@ -129,6 +129,9 @@ class Monitor:
         remind_backoff: each later reminder waits this many times longer (default 4: 1 h, 4 h, 16 h, ...).
         resolve_after: consecutive clear logging steps before an incident is resolved (default 5).
         histograms: a TensorBoard histogram across layers per metric and logging step.
+        layer_scalars: also one TensorBoard scalar tag per layer (and block) and metric, for small models or
+            one-off digging (unbounded: 4 per layer, 6 per block); without it the per-layer values are in the
+            event file as one tensor per metric (``gradwatch report``) and the scalar tags stay at most 40.
         prefix: the tags' namespace (default ``"gradwatch"``: sections ``gradwatch/``,
             ``gradwatch.layers/``, ...; ``docs/dashboard.md``).
         pictures: TensorBoard pictures (depth x time maps, gradient profile) every N logging steps and at
@@ -185,6 +188,7 @@ class Monitor:
         remind_backoff: float = 4.0,
         resolve_after: int = 5,
         histograms: bool = True,
+        layer_scalars: bool = False,
         prefix: str = "gradwatch",
         pictures: int = 20,
         sinks: Sequence[Sink] = (),

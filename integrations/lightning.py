@@ -99,6 +99,9 @@ class GradWatchCallback(*_BASES):  # type: ignore[misc]
         remind_backoff: each later reminder waits this many times longer (default 4: 1 h, 4 h, 16 h, ...).
         resolve_after: consecutive clear logging steps before an incident is resolved (default 5).
         histograms: a TensorBoard histogram across layers per metric and logging step.
+        layer_scalars: also one TensorBoard scalar tag per layer (and block) and metric, for small models or
+            one-off digging (unbounded: 4 per layer, 6 per block); without it the per-layer values are in the
+            event file as one tensor per metric (``gradwatch report``) and the scalar tags stay at most 40.
         prefix: the tags' namespace (default ``"gradwatch"``: sections ``gradwatch/``,
             ``gradwatch.layers/``, ...; ``docs/dashboard.md``).
         pictures: TensorBoard pictures (depth x time maps, gradient profile) every N logging steps and at
@@ -152,6 +155,7 @@ class GradWatchCallback(*_BASES):  # type: ignore[misc]
         remind_backoff: float = 4.0,
         resolve_after: int = 5,
         histograms: bool = True,
+        layer_scalars: bool = False,
         prefix: str = "gradwatch",
         pictures: int = 20,
         sinks: Sequence[Sink] = (),
@@ -401,8 +405,10 @@ class _Slot:
 
 def _logger_sinks(loggers: list[Any], cfg: Config, prefix: str) -> list[Any]:
     """Sinks for the other loggers: TensorBoard ones, then flat ones (CSV, W&B, MLflow: ``log_metrics`` dicts)."""
-    return [TensorBoardSink(lg.experiment, prefix=prefix, histograms=cfg.histograms, pictures=cfg.pictures)
-            if isinstance(lg, _TENSORBOARD_LOGGERS) else ScalarsSink(lg.log_metrics, prefix=prefix, counts=cfg.histograms)
+    return [TensorBoardSink(lg.experiment, prefix=prefix, histograms=cfg.histograms, pictures=cfg.pictures,
+                            layer_scalars=cfg.layer_scalars)
+            if isinstance(lg, _TENSORBOARD_LOGGERS) else ScalarsSink(lg.log_metrics, prefix=prefix, counts=cfg.histograms,
+                                                                      layer_scalars=cfg.layer_scalars)
             for lg in loggers]
 
 

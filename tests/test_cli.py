@@ -19,9 +19,9 @@ def test_demo_trains_four_nets_and_logs_each(tmp_path, capsys):
     assert set(histories) == {"plain", "postact", "preact", "broken_skip"}
     for net in histories:
         assert net in text
-        scalars = read_events(str(out / net))["scalars"]
-        assert set(scalars["gradwatch.layers/grad_to_weight/conv1"]) == {0, 2}
-        assert "gradwatch.layers/update_to_weight/fc" in scalars
+        series = read_events(str(out / net))["series"]
+        assert set(series["zz_gradwatch.layers/grad_to_weight/conv1"]) == {0, 2}
+        assert "zz_gradwatch.layers/update_to_weight/fc" in series
     assert f"tensorboard --logdir {out}" in text and f"gradwatch report {out}" in text
     assert "first/last" in text
 

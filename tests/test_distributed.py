@@ -150,9 +150,9 @@ def test_lightning_multiprocess_equals_one_process_over_the_global_batch(strateg
     single = str(tmp_path / "single")
     mod.trainer(single, 1, TensorBoardLogger(single, name="tb", version=0)).fit(mod.Net(batch=8))
 
-    multi = events(str(tmp_path / "multi" / "rank0" / "tb" / "version_0"))["scalars"]
-    ref = events(os.path.join(single, "tb", "version_0"))["scalars"]
-    tags = [t for t in ref if t.split("/")[0] == "gradwatch.layers" and t.split("/")[1] in gradwatch.names.METRICS]
+    multi = events(str(tmp_path / "multi" / "rank0" / "tb" / "version_0"))["series"]
+    ref = events(os.path.join(single, "tb", "version_0"))["series"]
+    tags = [t for t in ref if t.split("/")[0] == "zz_gradwatch.layers" and t.split("/")[1] in gradwatch.names.METRICS]
     assert len(tags) == 4 * 4  # 3 layers + _global
     for tag in tags:
         assert set(multi[tag]) == set(ref[tag]) == {0, 1, 2}
@@ -162,7 +162,7 @@ def test_lightning_multiprocess_equals_one_process_over_the_global_batch(strateg
 
     # Rank 0 wrote one event file per run; rank 1 created nothing at all.
     assert len(glob.glob(str(tmp_path / "multi" / "rank0" / "tb" / "version_0" / "events.*"))) == 1
-    assert set(events(str(tmp_path / "multi" / "rank0" / "gradwatch"))["scalars"]["gradwatch.layers/grad_norm/_global"]) == {0, 1, 2}
+    assert set(events(str(tmp_path / "multi" / "rank0" / "gradwatch"))["scalars"]["zz_gradwatch.layers/grad_norm/_global"]) == {0, 1, 2}
     assert not (tmp_path / "multi" / "rank1").exists()
 
 
@@ -240,7 +240,7 @@ def test_fsdp2_monitor_equals_unsharded_with_one_all_reduce(tmp_path, events):
     if not hasattr(fsdp, "fully_shard"):
         pytest.skip("this torch has no FSDP2 fully_shard")
     mp.spawn(_fsdp_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
-    assert set(events(str(tmp_path / "rank0"))["scalars"]["gradwatch.layers/grad_norm/_global"]) == {0, 1, 2}
+    assert set(events(str(tmp_path / "rank0"))["scalars"]["zz_gradwatch.layers/grad_norm/_global"]) == {0, 1, 2}
     assert not (tmp_path / "rank1").exists()  # the raw Monitor logs on rank 0 only
 
 
@@ -606,8 +606,8 @@ def test_the_self_check_names_the_layer_whose_gradients_differ_between_ranks_and
         pytest.skip("this torch has no FSDP2 fully_shard")
     mp.spawn(_unsynced_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
     scalars = events(str(tmp_path / "rank0"))["scalars"]
-    assert scalars["gradwatch/unverified"] == {0: 1.0, 1: 1.0, 2: 1.0}
-    assert set(scalars["gradwatch/grad_norm"]) == {0, 1, 2}  # the values are still written, marked
+    assert scalars["_gradwatch/0_unverified"] == {0: 1.0, 1: 1.0, 2: 1.0}
+    assert set(scalars["zz_gradwatch.health/4_grad_norm_log10"]) == {0, 1, 2}  # the values are still written, marked
 
 
 # ---------------------------------------------------------------------------------------------- pipeline parallel
@@ -697,6 +697,6 @@ def test_pipeline_stages_join_into_one_record_of_the_whole_model(tmp_path, event
         pytest.skip("torch built without distributed")
     pytest.importorskip("torch.distributed.pipelining")
     mp.spawn(_pipeline_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
-    scalars = events(str(tmp_path / "rank0"))["scalars"]
-    assert {"gradwatch.layers/grad_norm/0", "gradwatch.layers/grad_norm/5"} <= set(scalars)  # both stages
+    series = events(str(tmp_path / "rank0"))["series"]
+    assert {"zz_gradwatch.layers/grad_norm/0", "zz_gradwatch.layers/grad_norm/5"} <= set(series)  # both stages
     assert not (tmp_path / "rank1").exists()

@@ -35,7 +35,7 @@ def test_every_tag_is_matched_by_exactly_one_chart_of_its_category():
     blocks = [f"layer{s}.{b}" for s in (1, 2, 3) for b in range(3)]
     for namespace in ("gradwatch", ""):
         tags = Tags(namespace)
-        layout = build_layout(tags, names, ("grad_norm", "grad_to_weight"), blocks)
+        layout = build_layout(tags, names, ("grad_norm", "grad_to_weight"), blocks, per_layer=True)
         cats = {c.title: c for c in layout.category}
         health = cats[f"{namespace or 'gradwatch'}: health"]
         assert not health.closed and len(health.chart) == 6  # 5 figures and the open incidents
@@ -47,3 +47,5 @@ def test_every_tag_is_matched_by_exactly_one_chart_of_its_category():
                 assert sum(bool(r.search(tag(metric, n))) for r in regexes) == 1, n
             assert not any(r.search(tag(metric, "odd[0]Xname+x")) for r in regexes)
         assert f"{namespace or 'gradwatch'}: update_to_weight by layer" not in cats  # not measured: no category
+        bounded = build_layout(tags, names, ("grad_norm", "grad_to_weight"), blocks)  # no per-layer scalars
+        assert [c.title for c in bounded.category] == [f"{namespace or 'gradwatch'}: health"]

@@ -49,16 +49,16 @@ def test_values_equal_an_independent_computation_at_logged_steps_only(tmp_path):
     assert sorted(hist.step.unique()) == [0, 3, 6]
     layer_metrics = set(hist.metric) - set(gradwatch.flow.FLOW_METRICS) - set(gradwatch.health.HEALTH)  # flow: test_flow*
     assert layer_metrics == {"grad_norm", "weight_norm", "grad_to_weight"}  # no optimizer: no updates
-    scalars = read_events(str(tmp_path))["scalars"]
+    scalars = read_events(str(tmp_path))["series"]  # per-layer values: one tensor per metric and step
     for step, layers in expected.items():
         for layer, metrics in layers.items():
             for metric, value in metrics.items():
                 row = hist[(hist.step == step) & (hist.name == layer) & (hist.metric == metric)]
                 assert len(row) == 1
                 assert row.value.iloc[0] == pytest.approx(value, rel=1e-6)
-                assert scalars[f"gradwatch.layers/{metric}/{layer}"][step] == pytest.approx(value, rel=1e-6)
+                assert scalars[f"zz_gradwatch.layers/{metric}/{layer}"][step] == pytest.approx(value, rel=1e-6)
     for metric in ("grad_norm", "weight_norm", "grad_to_weight"):
-        assert set(scalars[f"gradwatch.layers/{metric}/conv1"]) == {0, 3, 6}
+        assert set(scalars[f"zz_gradwatch.layers/{metric}/conv1"]) == {0, 3, 6}
     # the whole-model entry
     g_global = math.sqrt(sum(v["grad_norm"] ** 2 for v in expected[6].values()))
     row = hist[(hist.step == 6) & (hist.name == "_global") & (hist.metric == "grad_norm")]
@@ -194,14 +194,14 @@ def test_tensorboard_tags_live_in_the_prefix_namespace_and_write_one_run(tmp_pat
         train_step(model, None, 0)
         mon.step()
     ev = read_events(str(tmp_path))
-    assert "gw.layers/grad_to_weight/layer1.0.conv1" in ev["scalars"]
-    assert "gw.layers/grad_norm/_global" in ev["scalars"] and "gw/grad_norm" in ev["scalars"]
+    assert "zz_gw.layers/grad_to_weight/layer1.0.conv1" in ev["series"]
+    assert "zz_gw.layers/grad_norm/_global" in ev["scalars"] and "zz_gw.health/4_grad_norm_log10" in ev["scalars"]
     for metric in ("grad_norm", "weight_norm", "grad_to_weight"):
-        hist = ev["histograms"][f"gw.layers/{metric}"][0]
+        hist = ev["histograms"][f"zz_gw.layers/{metric}"][0]
         assert hist.num == len(mon.layer_names)  # layers only, not _global
-        assert ev["scalars"][f"gw.layers/nonfinite/{metric}"][0] == 0
-    groups = {tag.split("/")[0] for kind in ("scalars", "histograms") for tag in ev[kind]}
-    assert groups == {"gw", "gw.layers", "gw.blocks", "gw.alerts"}  # nothing outside the namespace
+        assert ev["scalars"][f"zz_gw.layers/nonfinite/{metric}"][0] == 0
+    groups = {tag.split("/")[0] for kind in ("scalars", "histograms", "series") for tag in ev[kind]}
+    assert groups == {"zz_gw.health", "zz_gw.layers", "zz_gw.blocks", "zz_gw.alerts"}  # nothing outside the namespace
     assert [d for d in os.listdir(tmp_path) if os.path.isdir(tmp_path / d)] == []  # no add_scalars runs
 
 
@@ -215,7 +215,7 @@ def test_user_writer_is_flushed_not_closed(tmp_path):
         mon.step()
     writer.add_scalar("mine", 1.0, 0)  # still usable
     writer.close()
-    assert "gradwatch.layers/grad_norm/conv1" in read_events(str(tmp_path))["scalars"]
+    assert "zz_gradwatch.layers/grad_norm/conv1" in read_events(str(tmp_path))["series"]
 
 
 def test_parameter_granularity_and_filters():
@@ -286,8 +286,8 @@ def test_nan_gradients_are_recorded_and_training_goes_on(tmp_path):
     assert np.isinf(hist[("fc", "grad_norm")])
     assert np.isfinite(hist[("layer1.0.conv1", "grad_norm")])
     ev = read_events(str(tmp_path))
-    assert ev["scalars"]["gradwatch.layers/nonfinite/grad_norm"][0] == 2
-    assert ev["histograms"]["gradwatch.layers/grad_norm"][0].num == len(mon.layer_names) - 2
+    assert ev["scalars"]["zz_gradwatch.layers/nonfinite/grad_norm"][0] == 2
+    assert ev["histograms"]["zz_gradwatch.layers/grad_norm"][0].num == len(mon.layer_names) - 2
 
 
 def test_errors_inside_gradwatch_are_contained_unless_strict(caplog):
@@ -572,7 +572,7 @@ def test_history_can_be_bounded_while_tensorboard_keeps_every_step(tmp_path):
         opt.zero_grad()
     mon.close()
     assert [r.step for r in mon.records] == [4, 5, 6] and set(mon.history().step) == {4, 5, 6}
-    assert sorted(read_events(str(tmp_path))["scalars"]["gradwatch.layers/grad_norm/_global"]) == list(range(7))
+    assert sorted(read_events(str(tmp_path))["scalars"]["zz_gradwatch.layers/grad_norm/_global"]) == list(range(7))
     with pytest.raises(ValueError, match="history"):
         gradwatch.Monitor(model, history=0)
 

@@ -54,6 +54,34 @@ def test_maps_hold_the_weight_layers_and_blocks_over_the_steps():
         assert _png_size(p.png) == (p.width, p.height)
 
 
+def test_a_block_that_disappears_keeps_its_row_in_depth_order_and_reads_not_measured():
+    import dataclasses
+
+    mon = _train(steps=3)
+    mon.close()
+    tl = Timeline()
+    r = mon.records[0]
+    tl.add(r)
+    tl.add(dataclasses.replace(mon.records[1], blocks=r.blocks[::2], block_values=r.block_values[::2]))  # middle gone
+    names, share = tl.matrix("blocks")
+    assert names == list(r.blocks)  # not moved to the bottom
+    measured = tl.matrix("blocks", fill=-1.0)[1] != -1.0
+    assert measured[:, 0].all() and measured[:, 1].tolist() == [True, False, True]
+    assert np.isnan(share[1, 1])
+    sc = pictures.scene(tl)
+    assert sc.share_measured is not None and not sc.share_measured[1, 1]
+
+
+def test_the_health_card_draws_incidents_and_figures_at_a_fixed_width():
+    from gradwatch.sinks.tensorboard._card import HealthCard, draw_card
+
+    rows = [("info", "depth_trend", "whole model", 40), ("warning", "skip_collapse", "layer2.4", 10)]
+    p = draw_card(HealthCard(120, rows, [("skip_share_min", 0.0), ("grad_to_weight_early", 1.1)]))
+    assert p.name == "health" and _png_size(p.png) == (p.width, p.height) and p.width == 560
+    more = draw_card(HealthCard(120, rows * 4, []))  # more than it lists: a "+ n more" line, not a taller card
+    assert more.height == draw_card(HealthCard(120, rows * 3, [])).height
+
+
 def test_the_timeline_is_bounded_and_keeps_the_newest_step():
     mon = _train(steps=1)
     mon.close()
@@ -70,12 +98,12 @@ def test_pictures_reach_tensorboard_every_k_steps_and_at_close(tmp_path):
     mon.close()
     acc = EventAccumulator(str(tmp_path), size_guidance={"images": 0})
     acc.Reload()
-    assert set(acc.Tags()["images"]) == {f"gradwatch.pictures/{n}" for n in ("grad_to_weight", "skip_share", "profile",
-                                                                                "effective_depth")}
-    steps = [e.step for e in acc.Images("gradwatch.pictures/profile")]
+    maps = ("grad_to_weight", "skip_share", "profile", "effective_depth")
+    assert set(acc.Tags()["images"]) == {f"zz_gradwatch.pictures/{n}" for n in maps} | {"_gradwatch/1_health"}
+    steps = [e.step for e in acc.Images("zz_gradwatch.pictures/profile")]
     assert steps == [2, 5, 6]  # every 3 records, then the last at close
     assert _drawer._DRAWER._child.proc.poll() is None  # drawn in the process's drawing child
-    image = acc.Images("gradwatch.pictures/grad_to_weight")[-1]
+    image = acc.Images("zz_gradwatch.pictures/grad_to_weight")[-1]
     assert _png_size(image.encoded_image_string) == (image.width, image.height)
 
 
@@ -90,7 +118,8 @@ def test_a_failing_drawing_costs_only_the_pictures(tmp_path, monkeypatch, caplog
     assert "drawing the pictures failed (RuntimeError: no fonts)" in caplog.text
     acc = EventAccumulator(str(tmp_path), size_guidance={"scalars": 0})
     acc.Reload()
-    assert [e.step for e in acc.Scalars("gradwatch/grad_norm")] == [0, 1, 2] and not acc.Tags()["images"]
+    assert [e.step for e in acc.Scalars("zz_gradwatch.health/4_grad_norm_log10")] == [0, 1, 2]
+    assert not acc.Tags()["images"]
 
 
 def test_pictures_zero_draws_nothing_and_a_time_budget_defers_drawing(tmp_path):
@@ -103,7 +132,7 @@ def test_pictures_zero_draws_nothing_and_a_time_budget_defers_drawing(tmp_path):
     mon.close()
     acc = EventAccumulator(str(tmp_path / "budget"), size_guidance={"images": 0})
     acc.Reload()
-    assert [e.step for e in acc.Images("gradwatch.pictures/profile")] == [0, 5]
+    assert [e.step for e in acc.Images("zz_gradwatch.pictures/profile")] == [0, 5]
 
 
 def test_heatmap_marks_alert_steps_and_survives_nan_and_zero():
@@ -117,4 +146,4 @@ def test_heatmap_marks_alert_steps_and_survives_nan_and_zero():
 def test_profile_draws_any_gradient_norms(grad_norm):
     # the bars are one collection from the bottom of the log axis; nothing to draw must still give a picture
     p = pictures.profile([f"l{i}.w" for i in range(4)], grad_norm, grad_norm, ["b0"], np.array([0.5]), 5)
-    assert _png_size(p.png) == (p.width, p.height) == (1200, 800)
+    assert _png_size(p.png) == (p.width, p.height) == (900, 620)

@@ -76,14 +76,13 @@ def test_a_record_is_immutable_and_reads_by_name():
     assert g == pytest.approx(r.value("conv1", "grad_to_weight") * r.value("conv1", "weight_norm"))
     assert r.global_value("grad_norm") == pytest.approx(np.sqrt((r.layer("grad_norm") ** 2).sum()))
     assert r.value(r.blocks[0], "skip_share") == r.block("skip_share")[0]
-    flat = gradwatch.sinks.tags.Tags("gw").scalars(r)
-    assert flat["gw.layers/grad_norm/conv1"] == g and flat["gw.alerts/count"] == 0.0
-    assert flat["gw.alerts/open/warning"] == 0.0 and flat["gw/open_incidents"] == 0 and r.open_incidents == (0, 0, 0)
-    assert flat["gw/grad_norm"] == r.global_value("grad_norm")
-    assert flat["gw/skip_share_min"] == r.block("skip_share").min() == r.value("_global", "skip_share_min")
-    # every value (the health figures once), grad_norm and open_incidents in the health section, the event
-    # count, open per severity
-    assert len(flat) == len(r) + 2 + 1 + 3
+    flat = gradwatch.sinks.tags.Tags("gw").scalars(r, layer_scalars=True)
+    assert flat["zz_gw.layers/grad_norm/conv1"] == g and flat["zz_gw.alerts/count"] == 0.0
+    assert flat["zz_gw.alerts/open/warning"] == 0.0 and r.open_incidents == (0, 0, 0)
+    assert flat["zz_gw.health/4_grad_norm_log10"] == pytest.approx(np.log10(r.global_value("grad_norm")), rel=1e-15)
+    assert flat["zz_gw.health/2_skip_share_min"] == r.block("skip_share").min() == r.value("_global", "skip_share_min")
+    # every value (the health figures once), grad_norm in the health section, the event count, open per severity
+    assert len(flat) == len(r) + 1 + 1 + 3
     with pytest.raises(KeyError):
         r.value("no.such.layer", "grad_norm")
     mon.close()
@@ -122,8 +121,8 @@ def _events_per_step(log_dir):
     (path,) = glob.glob(os.path.join(log_dir, "events.out.tfevents.*"))
     per_step: dict[int, list[int]] = {}
     for event in EventFileLoader(path).Load():
-        if event.HasField("summary") and not event.summary.value[0].tag.startswith(("gradwatch.alerts/summary",
-                                                                                    "gradwatch.pictures/")):
+        if event.HasField("summary") and not event.summary.value[0].tag.startswith(("zz_gradwatch.alerts/summary",
+                                                                                    "zz_gradwatch.pictures/")):
             per_step.setdefault(event.step, []).append(len(event.summary.value))
     return per_step
 
@@ -139,16 +138,19 @@ def test_tensorboard_gets_one_event_per_logging_step(tmp_path, events):
             opt.zero_grad()
     per_step = _events_per_step(tmp_path)
     assert sorted(per_step) == [0, 1, 2]
-    # values, health grad_norm and open_incidents, nonfinite/<metric>, alerts: count and open per severity
-    n = len(mon.latest) + 2 + len(mon.latest.layer_metrics) + 6 + 4
+    m = len(mon.latest.layer_metrics) + 6  # layer metrics and flow metrics
+    # health: grad_norm and 4 figures (effective_depth's details: 4 more), _global per layer metric,
+    # nonfinite/<metric>, alerts: count and open per severity
+    scalars = 5 + 4 + len(mon.latest.layer_metrics) + m + 4
+    tensors = 3 + m  # layer names, kinds, block names, one series per metric
     for step, counts in per_step.items():
-        assert len(counts) == 1  # the whole step in one event: scalars and histograms together
-        layout = 2 if step == 0 else 0  # the Custom Scalars layout and the layers' kinds, with the first step
-        assert counts[0] == n + len(mon.latest.layer_metrics) + 6 + layout  # + one histogram per metric
+        assert len(counts) == 1  # the whole step in one event: scalars, series and histograms together
+        layout = 1 if step == 0 else 0  # the Custom Scalars layout, with the first step
+        assert counts[0] == scalars + tensors + m + layout  # + one histogram per metric
     read = events(str(tmp_path))
-    got = read["scalars"]["gradwatch.layers/grad_norm/conv1"][2]
+    got = read["series"]["zz_gradwatch.layers/grad_norm/conv1"][2]
     assert got == pytest.approx(mon.latest.value("conv1", "grad_norm"), rel=1e-6)
-    assert "gradwatch.blocks/skip_share" in read["histograms"]
+    assert "zz_gradwatch.blocks/skip_share" in read["histograms"]
 
 
 def test_a_writer_that_is_not_a_summary_writer_gets_one_call_per_value():
@@ -168,9 +170,16 @@ def test_a_writer_that_is_not_a_summary_writer_gets_one_call_per_value():
     train(model, mon, 1)
     mon.close()
     tags = {t for t, _, _ in w.calls}
-    assert "gradwatch.layers/grad_norm/_global" in tags and "gradwatch.blocks/skip_share/layer1.0" in tags
-    assert "gradwatch.alerts/count" in tags and "gradwatch/grad_norm" in tags
-    assert len(w.calls) == len(mon.latest) + 2 + 4
+    assert "zz_gradwatch.layers/grad_norm/_global" in tags and "zz_gradwatch.blocks/skip_share/layer1.0" not in tags
+    assert "zz_gradwatch.alerts/count" in tags and "zz_gradwatch.health/4_grad_norm_log10" in tags
+    assert len(w.calls) == 5 + 4 + len(mon.latest.layer_metrics) + 4  # bounded: no per-layer calls
+    w.calls.clear()
+    mon = gradwatch.Monitor(model, every=1, writer=w, histograms=False, strict=True, layer_scalars=True)
+    train(model, mon, 1)
+    mon.close()
+    tags = {t for t, _, _ in w.calls}
+    assert {"zz_gradwatch.blocks/skip_share/layer1.0", "zz_gradwatch.layers/grad_norm/conv1"} <= tags
+    assert len(w.calls) == len(mon.latest) + 1 + 4  # one per value and health figure, + health grad_norm, alerts
 
 
 def test_records_compare_by_identity_and_check_their_shapes():
@@ -200,7 +209,7 @@ def test_a_summary_writer_subclass_that_overrides_add_scalar_gets_its_calls(tmp_
     train(model, mon, 1)
     mon.close()
     w.close()
-    assert Counting.calls == len(mon.latest) + 2 + 4
+    assert Counting.calls == 5 + 4 + len(mon.latest.layer_metrics) + 4  # health, depth details, _global, alerts
 
 
 def test_a_writer_without_flush_is_fine():

@@ -64,9 +64,7 @@ def test_the_step_is_written_on_the_sinks_thread_and_reads_back_after_flush(tmp_
         opt.zero_grad()
     mon.flush()
     assert threads == ["gradwatch-tensorboard"] * 3
-    acc = EventAccumulator(str(tmp_path))
-    acc.Reload()
-    got = {e.step: e.value for e in acc.Scalars("gradwatch.layers/grad_norm/conv1")}
+    got = read_events(str(tmp_path))["series"]["zz_gradwatch.layers/grad_norm/conv1"]
     assert sorted(got) == [0, 1, 2]
     assert got[2] == pytest.approx(mon.latest.value("conv1", "grad_norm"), rel=1e-6)
     mon.close()
@@ -127,7 +125,7 @@ def test_deleting_log_dir_mid_run_warns_once_recreates_it_and_keeps_the_later_st
     assert str(run) in warnings[0].getMessage() and "re-created" in warnings[0].getMessage()
     assert not mon.errors
     # the steps after the deletion are in a new event file in the re-created directory, the layout with them
-    grad = read_events(str(run))["scalars"]["gradwatch.layers/grad_norm/0"]
+    grad = read_events(str(run))["series"]["zz_gradwatch.layers/grad_norm/0"]
     assert sorted(grad) == [3, 4, 5, 6]
     assert grad[6] == pytest.approx(mon.latest.value("0", "grad_norm"), rel=1e-6)
     acc = EventAccumulator(str(run), size_guidance={"tensors": 0})

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 
 from ..names import GLOBAL_NAME
-from ..sinks.tensorboard.pictures import depth_distribution, heatmap, profile
+from ..sinks.tensorboard.pictures import G2W_RANGE, depth_distribution, heatmap, profile
 from .events import RunReport
 from .leadup import render_lead_up
 
@@ -45,7 +45,8 @@ def _drawn(frame: pd.DataFrame) -> dict[str, bytes]:
     if not layers.empty:
         grid = layers.pivot_table(index="name", columns="step", values="value", sort=False)
         out["grad_to_weight"] = heatmap("grad_to_weight", list(grid.index), list(grid.columns), grid.to_numpy(),
-                                        log=True, title="gradient-to-weight ratio per layer (log scale)").png
+                                        log=True, title="gradient-to-weight ratio per layer",
+                                        vmin=G2W_RANGE[0], vmax=G2W_RANGE[1]).png
     blocks = frame[frame.metric == "skip_share"]
     if not blocks.empty:
         grid = blocks.pivot_table(index="name", columns="step", values="value", sort=False)

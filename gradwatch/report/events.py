@@ -25,6 +25,7 @@ from ..alerts.incident import EVENT_KINDS
 from ..health import HEALTH
 from ..names import GLOBAL_NAME
 from ..sinks.tags import Tags
+from ..sinks.tensorboard import _series
 from .leadup import find_recording, lead_up, read_recording, render_lead_up
 
 __all__ = ["RunReport", "find_runs", "load", "summarize", "read", "render_text", "write_table", "check_output",
@@ -32,7 +33,7 @@ __all__ = ["RunReport", "find_runs", "load", "summarize", "read", "render_text",
 
 #: The long table's columns: ``Monitor.history()``'s, with the run first.
 COLUMNS = ("run", "step", "name", "metric", "value")
-_MARK = "layers/grad_norm/_global"  # every gradwatch namespace writes this tag: how a namespace is recognised
+_MARK = "/grad_norm/_global"  # every gradwatch namespace writes <layers group>/grad_norm/_global: how one is recognised
 _TOP = 5  # rows per ranking
 
 
@@ -69,7 +70,33 @@ def _accumulator(path: str) -> EventAccumulator:
 
 
 def _namespaces(tags: Sequence[str]) -> list[str]:
-    return sorted({t[: -len(_MARK)].rstrip(".") for t in tags if t.endswith(_MARK)})
+    found = {Tags.namespace_of(t) for t in tags if t.endswith(_MARK)}
+    return sorted(ns for ns in found if ns is not None and Tags(ns).layer("grad_norm", GLOBAL_NAME) in tags)
+
+
+def _series_rows(acc: EventAccumulator, tags: Tags, cols: dict[str, list]) -> set[str]:
+    """Append the per-layer and per-block values of the series tensors to ``cols``; the metrics found."""
+    tensor_tags = set(acc.Tags().get("tensors", []))
+    found: set[str] = set()
+    for block in (False, True):
+        names_tag = tags.series_names(block)
+        if names_tag not in tensor_tags:
+            continue
+        names = {e.step: _series.decode(e.tensor_proto) for e in acc.Tensors(names_tag)}
+        head = tags.series("", block)
+        for tag in sorted(t for t in tensor_tags if t.startswith(head) and not t[len(head):].startswith("_")):
+            metric = tag[len(head):]
+            for e in acc.Tensors(tag):
+                at = names.get(e.step)
+                vals = _series.decode(e.tensor_proto)
+                if at is None or len(at) != len(vals):  # names of another step: a torn write, skipped
+                    continue
+                cols["step"].extend([e.step] * len(at))
+                cols["value"].extend(np.asarray(vals).tolist())
+                cols["name"].extend(at)
+                cols["metric"].extend([metric] * len(at))
+            found.add(metric)
+    return found
 
 
 def load(logdir: str | os.PathLike) -> pd.DataFrame:
@@ -97,13 +124,14 @@ def _read(logdir: str | os.PathLike):  # noqa: ANN202 - yields (run, path, frame
             run = run if len(spaces) == 1 else f"{run} [{ns or 'no prefix'}]"
             tags = Tags(ns)
             cols: dict[str, list] = {c: [] for c in COLUMNS}
+            in_series = _series_rows(acc, tags, cols)
             for tag in scalar_tags:
                 parsed = tags.parse(tag)
-                if parsed is None:
+                if parsed is None or parsed.metric in in_series:  # per-layer scalars (layer_scalars) repeat them
                     continue
                 events = acc.Scalars(tag)
                 cols["step"].extend(e.step for e in events)
-                cols["value"].extend(e.value for e in events)
+                cols["value"].extend(10.0 ** e.value if parsed.log10 else e.value for e in events)
                 cols["name"].extend([parsed[0]] * len(events))
                 cols["metric"].extend([parsed[1]] * len(events))
             cols["run"] = [run] * len(cols["step"])
@@ -184,13 +212,15 @@ def worst_severity(reports: Sequence[RunReport]) -> str | None:
 
 
 def _kinds(acc: EventAccumulator, tags: Tags) -> dict[str, str]:
-    tag = tags.kinds + "/text_summary"
-    if tag not in acc.Tags().get("tensors", []):
+    """Each layer's kind, from the latest step that wrote them."""
+    tensors = acc.Tags().get("tensors", [])
+    if tags.kinds not in tensors or tags.series_names(False) not in tensors:
         return {}
-    try:
-        return json.loads(acc.Tensors(tag)[-1].tensor_proto.string_val[0].decode())
-    except (ValueError, IndexError):
+    kinds = acc.Tensors(tags.kinds)[-1]
+    names = {e.step: e for e in acc.Tensors(tags.series_names(False))}.get(kinds.step)
+    if names is None:
         return {}
+    return dict(zip(_series.decode(names.tensor_proto), _series.decode(kinds.tensor_proto)))
 
 
 def _pictures(acc: EventAccumulator, tags: Tags) -> dict[str, bytes]:
@@ -265,7 +295,7 @@ def render_text(reports: Sequence[RunReport]) -> str:
         out.append(_incident_lines(r.incidents, None if r.recorded else r.worst))
         out.append("")
     if not reports:
-        out.append("no gradwatch values found (no event file with a '<namespace>.layers/grad_norm/_global' tag)")
+        out.append("no gradwatch values found (no event file with a 'zz_<namespace>.layers/grad_norm/_global' tag)")
     return "\n".join(out)
 
 

@@ -79,7 +79,7 @@ def read_alert_texts(log_dir: str) -> dict[str, list[tuple[int, str]]]:
     acc.Reload()
     out: dict[str, list[tuple[int, str]]] = {}
     for tag in acc.Tags()["tensors"]:
-        if tag.startswith("gradwatch.alerts/"):
+        if tag.startswith("zz_gradwatch.alerts/"):
             key = tag.removesuffix("/text_summary")
             out[key] = [(e.step, e.tensor_proto.string_val[0].decode("utf-8")) for e in acc.Tensors(tag)]
     return out
@@ -110,13 +110,14 @@ def test_injected_nan_fires_nonfinite_naming_the_layer_with_record_log_and_tenso
     assert any("nonfinite" in r.getMessage() and r.levelno == logging.ERROR for r in caplog.records)
     # TensorBoard: a count at every logging step (1 at the NaN step) and the text
     ev = read_events(str(tmp_path))
-    count = ev["scalars"]["gradwatch.alerts/count"]
+    count = ev["scalars"]["zz_gradwatch.alerts/count"]
     assert set(count) == set(range(6)) and count[3] >= 1 and count[0] == 0
     assert count[3] == sum(1 for x in mon.alerts if x.step == 3)
     texts = read_alert_texts(str(tmp_path))
-    assert set(texts) == {f"gradwatch.alerts/{x.rule}" for x in mon.alerts} | {"gradwatch.alerts/summary"}
-    assert "1 incident (1 still open" in texts["gradwatch.alerts/summary"][0][1]
-    ((step, text),) = texts["gradwatch.alerts/nonfinite"]
+    tags = gradwatch.sinks.Tags()  # one text tag per rule and severity: critical ones sort first in TEXT
+    assert set(texts) == {tags.alert_text(x.rule, x.severity) for x in mon.alerts} | {"zz_gradwatch.alerts/summary"}
+    assert "1 incident (1 still open" in texts["zz_gradwatch.alerts/summary"][0][1]
+    ((step, text),) = texts["zz_gradwatch.alerts/1_critical/nonfinite"]
     assert step == 3 and text.startswith("**critical** `nonfinite` in `4` — opened at step 3")
     assert a.message in text and a.hint in text
 

@@ -47,8 +47,8 @@ class Run:
         acc = EventAccumulator(str(self.path), size_guidance={"tensors": 0, "scalars": 0})
         acc.Reload()
         out = {t.removesuffix("/text_summary"): [(e.step, e.tensor_proto.string_val[0].decode()) for e in acc.Tensors(t)]
-               for t in acc.Tags()["tensors"] if t.startswith("gradwatch.alerts/")}
-        scalars = {t: {e.step: e.value for e in acc.Scalars(t)} for t in acc.Tags()["scalars"] if t.startswith("gradwatch.alerts/")}
+               for t in acc.Tags()["tensors"] if t.startswith("zz_gradwatch.alerts/")}
+        scalars = {t: {e.step: e.value for e in acc.Scalars(t)} for t in acc.Tags()["scalars"] if t.startswith("zz_gradwatch.alerts/")}
         return out, scalars
 
 
@@ -88,15 +88,15 @@ def test_a_condition_held_for_10000_steps_is_one_incident_and_a_few_reminders_on
     events = [d for d in read_events(tmp_path / "alerts.jsonl") if d["event"] != "summary"]
     assert count(d["event"] for d in events) == expected
     texts, scalars = run.texts()
-    assert len(texts["gradwatch.alerts/depth_trend"]) == 6
-    open_info = scalars["gradwatch.alerts/open/info"]
+    assert len(texts["zz_gradwatch.alerts/3_info/depth_trend"]) == 6
+    open_info = scalars["zz_gradwatch.alerts/open/info"]
     assert len(open_info) == 10_000 and open_info[0] == 0 and open_info[9_999] == 1
     # the end-of-run summary, once per sink
     (summary,) = [p for p in posts if p["event"] == "summary"]
     assert [i["rule"] for i in summary["incidents"]] == ["depth_trend"]
     assert any(r.getMessage().startswith("gradwatch run summary at step 9999: 1 incident (1 still open")
                for r in caplog.records)
-    assert "still open" in texts["gradwatch.alerts/summary"][0][1]
+    assert "still open" in texts["zz_gradwatch.alerts/summary"][0][1]
     assert run.mon.suppressed_alerts == 10_000 - 2 - 6  # a finding at every step from step 2, six told
 
 
@@ -133,7 +133,7 @@ def test_a_detached_skip_repaired_mid_run_opens_then_resolves_its_incident(tmp_p
     summary_line = next(r for r in caplog.records if r.getMessage().startswith("gradwatch run summary"))
     assert summary_line.levelno == logging.WARNING and "1 resolved" in summary_line.getMessage()
     _, scalars = run.texts()
-    warning = scalars["gradwatch.alerts/open/warning"]
+    warning = scalars["zz_gradwatch.alerts/open/warning"]
     assert warning[1] == 0 and warning[2] == 1 and warning[15] == 1 and warning[16] == 0  # when it started, ended
     assert [i.open for i in run.mon.incidents if i.rule == "skip_collapse"] == [False]
 

@@ -215,11 +215,11 @@ def test_tensorboard_tags_are_grouped_like_layer_metrics(tmp_path, events):
     hist = mon.history()
     for metric in flow.FLOW_METRICS:
         for name in ("layer1.0", "layer2.0", "layer3.0"):
-            tag = f"gw.blocks/{metric}/{name}"
-            assert set(ev["scalars"][tag]) == {0, 2}
+            tag = f"zz_gw.blocks/{metric}/{name}"  # the per-block series tensors, read back per name
+            assert set(ev["series"][tag]) == {0, 2}
             value = hist[(hist.step == 2) & (hist.name == name) & (hist.metric == metric)].value.iloc[0]
-            assert ev["scalars"][tag][2] == pytest.approx(value, rel=1e-6)
-        assert ev["histograms"][f"gw.blocks/{metric}"][0].num == 3
+            assert ev["series"][tag][2] == pytest.approx(value, rel=1e-6)
+        assert ev["histograms"][f"zz_gw.blocks/{metric}"][0].num == 3
 
 
 def test_explicit_blocks_watch_block_and_names():

@@ -150,6 +150,11 @@ def tb_logger(pl, tmp_path, name="tb"):
     return importlib.import_module(pl.__name__ + ".loggers").TensorBoardLogger(str(tmp_path), name=name, version=0)
 
 
+def values(ev):
+    """The scalars and the per-layer series of an event folder read back, in one dict of tags."""
+    return {**ev["scalars"], **ev["series"]}
+
+
 def check_against(recorder, scalars, k=0, namespace="gradwatch", steps=None):
     """Every gradwatch scalar at every recorded step equals the recorder's value."""
     steps = recorder.steps(k) if steps is None else steps
@@ -221,18 +226,18 @@ def test_fit_writes_reference_values_to_tensorboard(name, tmp_path, events):
         callbacks=[cb, rec], logger=tb_logger(pl, tmp_path), log_every_n_steps=2, **trainer_kwargs(tmp_path, max_steps=6)
     )
     trainer.fit(make_module(pl))
-    scalars = events(os.path.join(tmp_path, "tb", "version_0"))["scalars"]
+    scalars = values(events(os.path.join(tmp_path, "tb", "version_0")))
 
     # every=None follows log_every_n_steps=2: step 0, then the steps self.log writes at (1, 3, 5).
     loss_steps = set(scalars["loss"])
     assert loss_steps == {1, 3, 5}
-    assert set(scalars["gradwatch.layers/grad_norm/_global"]) == {0} | loss_steps
+    assert set(scalars["zz_gradwatch.layers/grad_norm/_global"]) == {0} | loss_steps
     assert cb.every is None and cb.monitor.every == 2
     n = check_against(rec, scalars, steps={0, 1, 3, 5})
     assert n == 4 * 4 * len(cb.monitor.layer_names + ["_global"])
-    assert "gradwatch.layers/grad_to_weight" in events(os.path.join(tmp_path, "tb", "version_0"))["histograms"]
+    assert "zz_gradwatch.layers/grad_to_weight" in events(os.path.join(tmp_path, "tb", "version_0"))["histograms"]
     # Block flow (forward-side hooks) is armed on the callback's logging batches, not the Monitor's own cadence.
-    flow = [t for t in scalars if t.startswith("gradwatch.blocks/skip_share/")]
+    flow = [t for t in scalars if t.startswith("zz_gradwatch.blocks/skip_share/")]
     assert len(flow) == 9 and all(set(scalars[t]) == {0, 1, 3, 5} for t in flow)
     # The in-memory history holds the same values.
     hist = cb.monitor.history()
@@ -254,8 +259,8 @@ def test_accumulated_gradients_are_measured_once_per_optimizer_step(tmp_path, ev
         **trainer_kwargs(tmp_path, max_steps=3),
     )
     trainer.fit(make_module(pl))
-    scalars = events(os.path.join(tmp_path, "tb", "version_0"))["scalars"]
-    assert set(scalars["gradwatch.layers/grad_norm/_global"]) == {0, 1, 2} == set(scalars["loss"])
+    scalars = values(events(os.path.join(tmp_path, "tb", "version_0")))
+    assert set(scalars["zz_gradwatch.layers/grad_norm/_global"]) == {0, 1, 2} == set(scalars["loss"])
     check_against(rec, scalars)
 
     # Independent of Lightning: step 0 sees (grad(batch 0) + grad(batch 1)) / 2 at the initial weights.
@@ -265,7 +270,7 @@ def test_accumulated_gradients_are_measured_once_per_optimizer_step(tmp_path, ev
         x, y = next(loader)
         (F.cross_entropy(ref.net(x), y) / 2).backward()
     g = math.sqrt(sum(float(p.grad.double().pow(2).sum()) for p in ref.parameters()))
-    assert scalars["gradwatch.layers/grad_norm/_global"][0] == pytest.approx(g, rel=RTOL)
+    assert scalars["zz_gradwatch.layers/grad_norm/_global"][0] == pytest.approx(g, rel=RTOL)
 
 
 def test_gradients_are_measured_before_clipping(tmp_path, events):
@@ -277,16 +282,16 @@ def test_gradients_are_measured_before_clipping(tmp_path, events):
         callbacks=[cb], logger=tb_logger(pl, tmp_path), gradient_clip_val=1e-3, **trainer_kwargs(tmp_path, max_steps=1)
     )
     trainer.fit(make_module(pl))
-    scalars = events(os.path.join(tmp_path, "tb", "version_0"))["scalars"]
+    scalars = values(events(os.path.join(tmp_path, "tb", "version_0")))
     ref = make_module(pl)
     x, y = dataset()[0:8]
     F.cross_entropy(ref.net(x), y).backward()
     g = math.sqrt(sum(float(p.grad.double().pow(2).sum()) for p in ref.parameters()))
     assert g > 100 * 1e-3
-    assert scalars["gradwatch.layers/grad_norm/_global"][0] == pytest.approx(g, rel=RTOL)  # not clipped
+    assert scalars["zz_gradwatch.layers/grad_norm/_global"][0] == pytest.approx(g, rel=RTOL)  # not clipped
     # The update across the step is the clipped one: SGD(lr=0.05), no momentum buffer yet -> ||dw|| <= 0.05 * 1e-3.
-    w = scalars["gradwatch.layers/weight_norm/_global"][0]
-    assert scalars["gradwatch.layers/update_to_weight/_global"][0] * w == pytest.approx(0.05 * 1e-3, rel=1e-3)
+    w = scalars["zz_gradwatch.layers/weight_norm/_global"][0]
+    assert scalars["zz_gradwatch.layers/update_to_weight/_global"][0] * w == pytest.approx(0.05 * 1e-3, rel=1e-3)
 
 
 def test_bf16_mixed(tmp_path, events):
@@ -298,8 +303,8 @@ def test_bf16_mixed(tmp_path, events):
         callbacks=[cb, rec], logger=tb_logger(pl, tmp_path), precision="bf16-mixed", **trainer_kwargs(tmp_path)
     )
     trainer.fit(make_module(pl))
-    scalars = events(os.path.join(tmp_path, "tb", "version_0"))["scalars"]
-    assert set(scalars["gradwatch.layers/grad_norm/_global"]) == {0, 1, 2, 3}
+    scalars = values(events(os.path.join(tmp_path, "tb", "version_0")))
+    assert set(scalars["zz_gradwatch.layers/grad_norm/_global"]) == {0, 1, 2, 3}
     check_against(rec, scalars)
 
 
@@ -328,15 +333,15 @@ def test_grad_scaler_values_are_unscaled_and_overflow_steps_are_not_recorded(fus
     if not fused:  # same optimizer family, unscaled by Lightning before on_before_optimizer_step
         module.configure_optimizers = lambda: torch.optim.Adam(module.parameters(), lr=1e-3)
     trainer.fit(module)
-    scalars = events(os.path.join(tmp_path, "tb", "version_0"))["scalars"]
+    scalars = values(events(os.path.join(tmp_path, "tb", "version_0")))
 
     assert not math.isfinite(rec.values[(0, 0, "_global", "grad_norm")])  # the overflow really happened
-    assert set(scalars["gradwatch.layers/grad_norm/_global"]) == {2, 3}  # skipped steps are not reported
+    assert set(scalars["zz_gradwatch.layers/grad_norm/_global"]) == {2, 3}  # skipped steps are not reported
     assert all(math.isfinite(v) for tag, d in scalars.items() if "/" in tag for v in d.values())
     if track_updates:
         check_against(rec, scalars, steps={2, 3})
     else:
-        assert "gradwatch.layers/update_to_weight/_global" not in scalars
+        assert "zz_gradwatch.layers/update_to_weight/_global" not in scalars
         rec.values = {k: v for k, v in rec.values.items() if k[3] != "update_to_weight"}
         check_against(rec, scalars, steps={2, 3})
 
@@ -346,7 +351,7 @@ def test_grad_scaler_values_are_unscaled_and_overflow_steps_are_not_recorded(fus
     x, y = dataset()[16:24]
     F.cross_entropy(ref.net(x), y).backward()
     g = math.sqrt(sum(float(p.grad.double().pow(2).sum()) for p in ref.parameters()))
-    assert scalars["gradwatch.layers/grad_norm/_global"][2] == pytest.approx(g, rel=2e-2)
+    assert scalars["zz_gradwatch.layers/grad_norm/_global"][2] == pytest.approx(g, rel=2e-2)
     assert scaler.get_scale() == 2.0**10
 
 
@@ -359,17 +364,17 @@ def test_two_optimizers_each_measured_at_its_own_step_with_distinct_names(tmp_pa
         callbacks=[cb, rec], logger=tb_logger(pl, tmp_path), log_every_n_steps=1, **trainer_kwargs(tmp_path, max_steps=6)
     )
     trainer.fit(make_module(pl, manual=True, two_optimizers=True))
-    scalars = events(os.path.join(tmp_path, "tb", "version_0"))["scalars"]
+    scalars = values(events(os.path.join(tmp_path, "tb", "version_0")))
 
     assert set(cb.monitors) == {"optimizer_0", "optimizer_1"}
     # Two optimizer steps per batch: global_step is 6, the self.log axis counts 3 batches.
     assert trainer.global_step == 6 and set(scalars["loss"]) == {0, 1, 2}
-    assert set(scalars["gradwatch.optimizer_0.layers/grad_norm/_global"]) == {0, 1, 2} == set(scalars["gradwatch.optimizer_1.layers/grad_norm/_global"])
-    assert "gradwatch.optimizer_0.layers/grad_norm/net.conv1" in scalars and "gradwatch.optimizer_1.layers/grad_norm/net.fc" in scalars
-    assert "gradwatch.optimizer_1.layers/grad_norm/net.conv1" not in scalars and "gradwatch.layers/grad_norm/_global" not in scalars
+    assert set(scalars["zz_gradwatch.optimizer_0.layers/grad_norm/_global"]) == {0, 1, 2} == set(scalars["zz_gradwatch.optimizer_1.layers/grad_norm/_global"])
+    assert "zz_gradwatch.optimizer_0.layers/grad_norm/net.conv1" in scalars and "zz_gradwatch.optimizer_1.layers/grad_norm/net.fc" in scalars
+    assert "zz_gradwatch.optimizer_1.layers/grad_norm/net.conv1" not in scalars and "zz_gradwatch.layers/grad_norm/_global" not in scalars
     # Block flow is measured once, with the first optimizer's monitor.
-    assert any(t.startswith("gradwatch.optimizer_0.blocks/skip_share/") for t in scalars)
-    assert not any(t.startswith("gradwatch.optimizer_1.blocks/skip_share/") for t in scalars)
+    assert any(t.startswith("zz_gradwatch.optimizer_0.blocks/skip_share/") for t in scalars)
+    assert not any(t.startswith("zz_gradwatch.optimizer_1.blocks/skip_share/") for t in scalars)
     check_against(rec, scalars, k=0, namespace="gradwatch.optimizer_0")
     check_against(rec, scalars, k=1, namespace="gradwatch.optimizer_1")
     names = set(cb.history().name)
@@ -384,8 +389,8 @@ def test_manual_optimization(name, tmp_path, events):
     cb, rec = GradWatchCallback(every=2), make_recorder(pl)
     trainer = pl.Trainer(callbacks=[cb, rec], logger=tb_logger(pl, tmp_path), **trainer_kwargs(tmp_path))
     trainer.fit(make_module(pl, manual=True))
-    scalars = events(os.path.join(tmp_path, "tb", "version_0"))["scalars"]
-    assert set(scalars["gradwatch.layers/grad_norm/_global"]) == {0, 1, 3}
+    scalars = values(events(os.path.join(tmp_path, "tb", "version_0")))
+    assert set(scalars["zz_gradwatch.layers/grad_norm/_global"]) == {0, 1, 3}
     check_against(rec, scalars, steps={0, 1, 3})
 
 
@@ -397,12 +402,12 @@ def test_csv_logger_gets_flat_scalar_dicts(tmp_path):
 
     from gradwatch.integrations.lightning import GradWatchCallback
 
-    cb, rec = GradWatchCallback(every=1), make_recorder(pl)
+    cb, rec = GradWatchCallback(every=1, layer_scalars=True), make_recorder(pl)  # per-layer keys: opt-in
     logger = CSVLogger(str(tmp_path), name="csv", version=0)
     trainer = pl.Trainer(callbacks=[cb, rec], logger=logger, log_every_n_steps=1, **trainer_kwargs(tmp_path))
     trainer.fit(make_module(pl))
     df = pd.read_csv(os.path.join(tmp_path, "csv", "version_0", "metrics.csv"))
-    col = "gradwatch.layers/grad_to_weight/net.layer1.0.conv1"
+    col = "zz_gradwatch.layers/grad_to_weight/net.layer1.0.conv1"
     rows = df.dropna(subset=[col])
     assert sorted(rows.step) == [0, 1, 2, 3]
     for step, value in zip(rows.step, rows[col]):
@@ -420,7 +425,7 @@ def test_without_logger_writes_under_default_root_dir_and_says_so_once(tmp_path,
         pl.Trainer(callbacks=[cb], logger=False, **trainer_kwargs(tmp_path, max_steps=2)).fit(make_module(pl))
     path = os.path.join(tmp_path, "gradwatch")
     assert cb.log_dir == path
-    assert set(events(path)["scalars"]["gradwatch.layers/grad_norm/_global"]) == {0, 1}
+    assert set(events(path)["scalars"]["zz_gradwatch.layers/grad_norm/_global"]) == {0, 1}
     assert sum("has no logger" in r.getMessage() for r in caplog.records) == 1
 
 
@@ -559,10 +564,10 @@ def test_flat_logger_without_log_dir_gets_records_and_the_alert_record_falls_bac
     cb = GradWatchCallback(every=1, rules=_alert_rules())
     trainer = pl.Trainer(callbacks=[cb], logger=logger, **trainer_kwargs(tmp_path, max_steps=3))
     trainer.fit(_nan_from(pl, 1))
-    ours = [(step, m) for step, m in logger.logged if "gradwatch.layers/grad_norm/_global" in m]
+    ours = [(step, m) for step, m in logger.logged if "zz_gradwatch.layers/grad_norm/_global" in m]
     assert [step for step, _ in ours] == [0, 1, 2]  # one flat dict per logging step
-    assert ours[1][1]["gradwatch.alerts/count"] == 1.0 and "gradwatch.layers/grad_norm" not in ours[0][1]
-    assert ours[1][1]["gradwatch.layers/nonfinite/grad_norm"] > 0 and ours[0][1]["gradwatch.layers/nonfinite/grad_norm"] == 0  # as TensorBoard has
+    assert ours[1][1]["zz_gradwatch.alerts/count"] == 1.0 and "zz_gradwatch.layers/grad_norm" not in ours[0][1]
+    assert ours[1][1]["zz_gradwatch.layers/nonfinite/grad_norm"] > 0 and ours[0][1]["zz_gradwatch.layers/nonfinite/grad_norm"] == 0  # as TensorBoard has
     path = os.path.join(tmp_path, "gradwatch", "alerts.jsonl")
     assert [(a.rule, a.step) for a in read_alerts(path)] == [("nonfinite", 1)]
 
@@ -663,8 +668,8 @@ def test_resume_from_checkpoint_continues_the_step_axis(tmp_path, events):
     cb2 = GradWatchCallback(every=1)
     t2 = pl.Trainer(callbacks=[cb2], logger=tb_logger(pl, tmp_path), **kw, **trainer_kwargs(tmp_path, max_steps=6))
     t2.fit(make_module(pl), ckpt_path=ckpt)
-    scalars = events(os.path.join(tmp_path, "tb", "version_0"))["scalars"]
-    assert set(scalars["gradwatch.layers/grad_norm/_global"]) == set(range(6)) == set(scalars["loss"])
+    scalars = values(events(os.path.join(tmp_path, "tb", "version_0")))
+    assert set(scalars["zz_gradwatch.layers/grad_norm/_global"]) == set(range(6)) == set(scalars["loss"])
     assert set(cb2.monitor.history().step) == {3, 4, 5}
     assert cb2.monitor.global_step == 6 and cb2.state_dict()["monitors"]["optimizer_0"]["step"] == 6
 
@@ -791,11 +796,11 @@ def test_the_users_metrics_keep_their_place_on_the_trainers_tensorboard(tmp_path
     acc.Reload()
     tags = acc.Tags()
     groups = sorted({t.split("/")[0] for t in tags["scalars"] + tags["histograms"] + tags["images"]})
-    ours = [g for g in groups if g.startswith("gradwatch")]
-    assert ours == ["gradwatch", "gradwatch.alerts", "gradwatch.blocks", "gradwatch.layers", "gradwatch.pictures"]
-    assert set(groups) - set(ours) == {"epoch", "train_acc", "train_loss"}  # the user's own, where they were
-    i = groups.index("gradwatch")
-    assert groups[i:i + len(ours)] == ours  # one contiguous block, the health section first
-    assert "custom_scalars__config__" in tags["tensors"] and "gradwatch.pictures/profile" in tags["images"]
+    # TensorBoard's order (character codes: "_" < lowercase): the health section first, the user's groups,
+    # then gradwatch's bulk (tests/test_dashboard.py reads the same order from a real TensorBoard server)
+    assert groups == ["_gradwatch", "epoch", "train_acc", "train_loss", "zz_gradwatch.alerts", "zz_gradwatch.blocks",
+                      "zz_gradwatch.health", "zz_gradwatch.layers", "zz_gradwatch.pictures"]
+    assert "custom_scalars__config__" in tags["tensors"] and "zz_gradwatch.pictures/profile" in tags["images"]
     header = open(os.path.join(tmp_path, "csv", "version_0", "metrics.csv")).readline().strip().split(",")
-    assert "gradwatch/grad_norm" in header and "gradwatch.layers/grad_to_weight/net.conv1" in header
+    assert "zz_gradwatch.health/4_grad_norm_log10" in header and "zz_gradwatch.layers/grad_to_weight/_global" in header
+    assert "zz_gradwatch.layers/grad_to_weight/net.conv1" not in header  # bounded: per-layer values are opt-in

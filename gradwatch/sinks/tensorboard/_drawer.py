@@ -25,6 +25,7 @@ import sys
 import threading
 from typing import IO, Any, BinaryIO
 
+from ._card import HealthCard
 from .pictures import Picture, Scene, draw
 
 log = logging.getLogger("gradwatch")
@@ -151,7 +152,7 @@ class _Drawer:
         self._off = False
         self._stale: list[_Child] = []  # a forked process's copies of the parent's child: kept, never used
 
-    def draw(self, sc: Scene | None) -> list[Picture]:
+    def draw(self, sc: Scene | HealthCard | None) -> list[Picture]:
         if sc is None:
             return []
         with self._lock:
@@ -168,7 +169,7 @@ class _Drawer:
                                 "this process from now on (GRADWATCH_DRAW_IN_PROCESS=1 skips the child)", err)
             return draw(sc)
 
-    def _remote(self, sc: Scene) -> list[Picture]:
+    def _remote(self, sc: Scene | HealthCard) -> list[Picture]:
         if self._child is None:
             self._child = _Child()
         try:
@@ -237,7 +238,7 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_DRAWER._forget)
 
 
-def draw_pictures(sc: Scene | None) -> list[Picture]:
+def draw_pictures(sc: Scene | HealthCard | None) -> list[Picture]:
     """The pictures of ``sc``, drawn in this process's drawing child (or here, where there is none)."""
     return _DRAWER.draw(sc)
 

@@ -1,6 +1,7 @@
 """The Custom Scalars layout: gradwatch's charts, grouped, for TensorBoard's Custom Scalars tab.
 
-One category for the health section, then one per metric family. A family's layers (or blocks) are split into
+One category for the health section, then (with ``layer_scalars``, when there are per-layer scalar tags) one
+per metric family. A family's layers (or blocks) are split into
 charts of at most :data:`MAX_LINES` lines along their names: by stage (``layer1``), then by block
 (``layer1.0``), neighbours merged back while they fit, so a chart reads as one part of the network. Each chart
 matches its tags with an anchored regex of escaped names, so names with ``.`` or ``[`` match only themselves.
@@ -101,24 +102,29 @@ def _chart(category: layout_pb2.Category, title: str, tags: Sequence[str]) -> No
 
 
 def build_layout(tags: Tags, layers: Sequence[str], layer_metrics: Sequence[str], blocks: Sequence[str],
-                 alerts: bool = True) -> layout_pb2.Layout:
+                 alerts: bool = True, per_layer: bool = False) -> layout_pb2.Layout:
     """The layout for a model with these ``layers`` (model order), measured ``layer_metrics`` and residual
-    ``blocks`` (depth order); ``alerts``: whether the open-incident chart is shown."""
+    ``blocks`` (depth order); ``alerts``: whether the open-incident chart is shown; ``per_layer``: whether
+    there are per-layer (per-block) scalar tags to chart."""
     layout = layout_pb2.Layout()
     ns = tags.namespace or "gradwatch"
     health = layout.category.add(title=f"{ns}: health")
-    if "grad_norm" in layer_metrics:
-        _chart(health, "gradient norm, whole model", [tags.health("grad_norm")])
-    _chart(health, "early layers' gradient-to-weight ratio / typical layer's (≈1 healthy)",
-           [tags.health("grad_to_weight_early")])
+    if alerts:
+        _chart(health, "open incidents per severity (step lines: turn smoothing off)",
+               [tags.open_incidents(s) for s in SEVERITIES])
     if blocks:
         _chart(health, "lowest skip_share over blocks (→0: a skip collapsed)", [tags.health("skip_share_min")])
-        _chart(health, "end-to-end transmission: gradient into the first block / out of the last",
+    _chart(health, "log10 early layers' gradient-to-weight ratio / typical layer's (≈0 healthy)",
+           [tags.health("grad_to_weight_early")])
+    if "grad_norm" in layer_metrics:
+        _chart(health, "log10 gradient norm, whole model", [tags.health("grad_norm")])
+    if blocks:
+        _chart(health, "log10 end-to-end transmission: gradient into the first block / out of the last",
                [tags.health("transmission_end_to_end")])
         _chart(health, "effective depth: mean, 10/50/90th percentile path length, blocks in the chain (n)",
                [tags.health_tag(f) for f in DEPTH])
-    if alerts:
-        _chart(health, "open incidents per severity", [tags.open_incidents(s) for s in SEVERITIES])
+    if not per_layer:
+        return layout
     groups = group_names([n for n in layers if n != GLOBAL_NAME])
     for metric in [m for m in _LAYER_ORDER if m in layer_metrics]:
         cat = layout.category.add(title=f"{ns}: {metric} by layer", closed=True)

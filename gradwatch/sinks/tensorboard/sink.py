@@ -11,7 +11,6 @@ thread only queues the immutable record. Writers that are not a torch ``SummaryW
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import tempfile
@@ -25,13 +24,15 @@ from tensorboard.compat.proto.tensor_shape_pb2 import TensorShapeProto
 from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard import summary as tb_summary
 
-from . import _fastcrc
+from . import _fastcrc, _series
 from ._drawer import draw_pictures
+from ._card import HealthCard, OpenIncidents, card_figures
 from ._histogram import Bins
 from ._logdir import LogDir
 from .._worker import Worker
 from .layout import build_layout
 from .pictures import Timeline, scene
+from ...names import GLOBAL_NAME
 from ...record import Sink, StepRecord
 from ..tags import DEFAULT_NAMESPACE, Tags
 from ..._checks import check_bool, check_int, check_number, check_prefix
@@ -79,26 +80,43 @@ class _PictureSchedule:
     def __init__(self, every: int, budget: float | None) -> None:
         self.every, self.budget = every, budget
         self.timeline = Timeline()
+        self.incidents = OpenIncidents()
         self._since = 0  # records since the last drawing
         self._start: float | None = None
         self._spent = 0.0
 
     def add(self, record: StepRecord, tags: Tags) -> list[Summary.Value]:
         self.timeline.add(record)
+        changed = self.incidents.add(record) or len(self.timeline.steps) == 1  # the first card at once
         now = time.perf_counter()
         self._start = now if self._start is None else self._start
         self._since += 1
-        if self._since < self.every:
-            return []
-        if self.budget is not None and self._spent > self.budget * (now - self._start):
-            return []  # drawing has had its share of the run's time: wait (the final pictures still come)
-        return self._draw(tags)
+        if self._since < self.every or (self.budget is not None and self._spent > self.budget * (now - self._start)):
+            # between drawings (or over the time budget) only the health card, when the open incidents changed:
+            # it is the first card of the dashboard and must not lag (~75 ms to draw, loaded 2-core machine)
+            return self._card(record.step, tags) if changed else []
+        return self._card(record.step, tags) + self._draw(tags)
 
     def final(self, tags: Tags) -> tuple[int, list[Summary.Value]]:
         latest = self.timeline.latest
         if latest is None or not self._since:
             return 0, []
-        return latest.step, self._draw(tags)
+        return latest.step, self._card(latest.step, tags) + self._draw(tags)
+
+    def _card(self, step: int, tags: Tags) -> list[Summary.Value]:
+        latest = self.timeline.latest
+        if latest is None:
+            return []
+        # not counted in the time budget: drawn only when incidents open, escalate or close (and with the
+        # pictures), ~75 ms each; the budget is for the maps, which are drawn all along
+        try:
+            pictures = draw_pictures(HealthCard(step, self.incidents.rows(), card_figures(latest),
+                                                self.incidents.alerting))
+        except Exception as err:  # a picture must never cost the scalars of the step
+            log.warning("gradwatch: drawing the health card failed (%s: %s)", type(err).__name__, err)
+            return []
+        return [Summary.Value(tag=tags.card, image=Summary.Image(
+            height=p.height, width=p.width, colorspace=4, encoded_image_string=p.png)) for p in pictures]
 
     def _draw(self, tags: Tags) -> list[Summary.Value]:
         t0 = time.perf_counter()
@@ -163,19 +181,25 @@ class TensorBoardSink(Sink):
     """Write each :class:`~gradwatch.StepRecord` to a ``SummaryWriter``: gradwatch's dashboard.
 
     The tags are :class:`gradwatch.sinks.tags.Tags` of ``prefix`` (default ``gradwatch``; ``docs/dashboard.md``):
-    the health section ``gradwatch/`` first, then ``gradwatch.layers/<metric>/<layer>``,
-    ``gradwatch.blocks/<metric>/<block>``, ``gradwatch.alerts/`` and ``gradwatch.pictures/``. With
+    the health section ``_gradwatch/`` (sorts before the user's groups), then ``zz_gradwatch.alerts/``,
+    ``zz_gradwatch.blocks/``, ``zz_gradwatch.layers/`` and ``zz_gradwatch.pictures/`` (after them). At most
+    :data:`~gradwatch.sinks.tags.MAX_SCALAR_TAGS` scalar tags, whatever the depth: per-layer and per-block values
+    go into the event file as one tensor per metric and step (:mod:`gradwatch.sinks.tensorboard._series`; read
+    back by ``gradwatch report``), and, with ``layer_scalars``, also as one scalar tag each. With
     ``histograms``, each metric also gets a histogram across layers (or blocks) of its finite values and a
     ``nonfinite/<metric>`` count of the values left out. When alerting is on, each incident event is a text
-    ``gradwatch.alerts/<rule>`` (the writer is flushed at once), the end of the run ``gradwatch.alerts/summary``.
+    ``zz_gradwatch.alerts/<rank>_<severity>/<rule>`` (the writer is flushed at once), the end of the run
+    ``zz_gradwatch.alerts/summary``. The health section is one image card (:mod:`._card`): the open incidents
+    and the health figures.
     ``add_scalars`` is never used: it makes a run per key.
 
     A plain ``SummaryWriter`` also gets the Custom Scalars layout (:func:`gradwatch.sinks.tensorboard.layout.build_layout`,
     written again when the layers or blocks measured change) and, every ``pictures`` logging steps and at
-    close, the pictures (:mod:`gradwatch.sinks.tensorboard.pictures`; ``pictures=0``: none), drawn in a child process so that
-    matplotlib never holds this process's GIL (:mod:`gradwatch.sinks.tensorboard._drawer`). Drawing takes ~0.2 s of CPU per
-    picture, so it also waits until the time spent drawing is at most ``picture_budget`` (1%) of the time
-    since the run's first record (``None``: no limit).
+    close, the pictures (:mod:`gradwatch.sinks.tensorboard.pictures`; ``pictures=0``: none, and no health card),
+    drawn in a child process so that matplotlib never holds this process's GIL
+    (:mod:`gradwatch.sinks.tensorboard._drawer`). Drawing takes ~0.2 s of CPU per picture, so it also waits until
+    the time spent drawing is at most ``picture_budget`` (1%) of the time since the run's first record
+    (``None``: no limit); the health card is also redrawn whenever the open incidents change.
 
     With ``background`` (default), a plain ``SummaryWriter``'s events are built and handed to it on a thread
     of the sink's own; :meth:`flush` and :meth:`close` wait for it (``Monitor.close()`` and ``flush()`` call
@@ -185,16 +209,18 @@ class TensorBoardSink(Sink):
 
     Args:
         writer: a ``torch.utils.tensorboard.SummaryWriter`` (or any object with ``add_scalar``: then one call
-            per value, no layout or pictures). Flushed by :meth:`flush`, closed by :meth:`close`.
-        prefix: the tags' namespace (``""``: sections ``health/``, ``layers/``, ...).
+            per value, no series tensors, layout or pictures). Flushed by :meth:`flush`, closed by :meth:`close`.
+        prefix: the tags' namespace (``""``: groups ``_health``, ``zz_layers``, ...).
         histograms: a histogram across layers (or blocks) per metric and step, with ``nonfinite/<metric>``.
         pictures: draw the pictures every ``pictures`` records and at close; 0: none.
         picture_budget: the largest share of the run's time spent drawing (default 1%); None: no limit.
         background: build and write the events on a thread of the sink's own (a plain ``SummaryWriter``).
+        layer_scalars: also one scalar tag per layer (block) and metric (4 per layer, 6 per block: unbounded).
     """
 
     def __init__(self, writer: Any, *, prefix: str = DEFAULT_NAMESPACE, histograms: bool = True,
-                 pictures: int = 20, picture_budget: float | None = 0.01, background: bool = True) -> None:
+                 pictures: int = 20, picture_budget: float | None = 0.01, background: bool = True,
+                 layer_scalars: bool = False) -> None:
         if not callable(getattr(writer, "add_scalar", None)):
             raise TypeError(f"writer must be a SummaryWriter-like object (add_scalar), got {type(writer).__name__}")
         check_prefix(prefix)
@@ -202,7 +228,9 @@ class TensorBoardSink(Sink):
         check_int(pictures, "pictures", minimum=0)
         check_number(picture_budget, "picture_budget", allow_none=True)
         check_bool(background, "background")
+        check_bool(layer_scalars, "layer_scalars")
         self.writer = writer
+        self.layer_scalars = layer_scalars
         self.tags = Tags(prefix)
         self.histograms = histograms
         # One event per step only for a plain SummaryWriter: a subclass that overrides add_* gets its calls.
@@ -239,13 +267,24 @@ class TensorBoardSink(Sink):
             return
         t = self.tags
         scalars = list(t.health_scalars(record).items())
+        if not self.layer_scalars:
+            scalars.extend(t.global_scalars(record).items())
         encoded: list[bytes] = []  # the event path: per-layer scalars as ready-made Summary.Value bytes
+        series: list[Summary.Value] = []  # the event path: one tensor per metric (and the names)
         hists: list[tuple[str, np.ndarray]] = []
+        if self._events is not None:
+            series.append(_series.strings(t.series_names(False), record.layers + (GLOBAL_NAME,)))
+            if record.kinds:
+                series.append(_series.strings(t.kinds, record.kinds))
+            if record.blocks:
+                series.append(_series.strings(t.series_names(True), record.blocks))
         for metric, names, values in record.series():
             block = metric not in record.layer_metrics
             if self._events is not None:
+                series.append(_series.values(t.series(metric, block), values))
+            if self.layer_scalars and self._events is not None:
                 encoded.append(self._scalar_bytes.encode(t.series_head(metric, block), names, values))
-            else:
+            elif self.layer_scalars:
                 scalars.extend(zip((t.series_head(metric, block) + n for n in names), values.tolist()))
             if self.histograms:
                 vals = values if block else values[:-1]  # _global is not a layer
@@ -255,8 +294,8 @@ class TensorBoardSink(Sink):
         if self.histograms:  # what the histograms leave out
             scalars.extend(t.nonfinite_scalars(record).items())
         scalars.extend(t.alert_scalars(record).items())
-        texts = [(t.alert_text(e.rule), alert_markdown(e)) for e in record.events]
-        extra: list[Summary.Value] = []
+        texts = [(t.alert_text(e.rule, e.severity), alert_markdown(e)) for e in record.events]
+        extra: list[Summary.Value] = series
         if self._events is not None:
             extra.extend(self._layout(record))
             if self._pictures is not None:
@@ -270,14 +309,12 @@ class TensorBoardSink(Sink):
         if key == self._layout_key:
             return []
         self._layout_key = key
-        layout = build_layout(self.tags, record.layers, record.layer_metrics, record.blocks, record.alerts is not None)
-        out = list(_layout_summary(layout).value)
-        if record.kinds:
-            out.extend(tb_summary.text(self.tags.kinds, json.dumps(dict(zip(record.layers, record.kinds)))).value)
-        return out
+        layout = build_layout(self.tags, record.layers, record.layer_metrics, record.blocks, record.alerts is not None,
+                              per_layer=self.layer_scalars)
+        return list(_layout_summary(layout).value)
 
     def summary(self, summary: Any) -> None:
-        """The run's incidents (:class:`gradwatch.alerts.RunSummary`) as the text ``gradwatch.alerts/summary``."""
+        """The run's incidents (:class:`gradwatch.alerts.RunSummary`) as the text ``zz_gradwatch.alerts/summary``."""
         text = "\n\n".join(line.strip() for line in summary.lines(limit=50))
         if self._worker is not None:
             self._worker.submit(self._write, summary.step or 0, [], [], [(self.tags.summary, text)])
