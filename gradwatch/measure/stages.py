@@ -153,7 +153,7 @@ class Stages:
         table, btable = np.vstack(tables), np.vstack(btables)
         merged = StepRecord.build(record.step, layers, {m: table[:, i] for i, m in enumerate(metrics)}, whole,
                                   blocks, {m: btable[:, i] for i, m in enumerate(FLOW_METRICS)} if blocks else None)
-        return dataclasses.replace(merged, kinds=tuple(kinds), verified=record.verified)
+        return dataclasses.replace(merged, kinds=tuple(kinds), verified=record.verified, lost=record.lost)
 
     @staticmethod
     def _device(record: StepRecord) -> torch.device:
