@@ -299,7 +299,8 @@ class ModuleTracker:
         results = [resolve(e.pattern, outs) for e in measured]
         results = [None if e.block.found == "sibling" and isinstance(r, Resolved) and not r.dead else r
                    for e, r in zip(measured, results)]  # a skip that came back is rediscovered as what it is
-        if any(r is None for r in results):
+        back = any(isinstance(resolve(e.pattern, outs), Resolved) for e in entries if e.block.lost is not None)
+        if back or any(r is None for r in results):  # a lost merge is back where it was, or the graph changed
             if (retry and inputs is not None and not sess.discovery_only
                     and self._mismatches.get(mid, 0) < _MAX_REDISCOVERIES):
                 # the graph changed: examine it now, so that a merge that disappeared is reported at this step

@@ -174,6 +174,8 @@ class FlowProbe:
         if self._root_compiled:
             return
         entries = self._blocks.entries.get(mid)
+        for e in entries or ():
+            e.measured = False  # declared anew: if its merges change from here on, that is the user's doing
         if entries is not None and not name:
             return
         if entries is not None:

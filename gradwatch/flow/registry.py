@@ -324,10 +324,13 @@ class BlockRegistry:
             return self.set_entries(module, patterns, keys, found)
         left = list(old)
         matched: list[_Entry | None] = []
-        for p in patterns:  # the same merge, else one of the same kind (the graph around it may have moved)
+        for p in patterns:
+            # the same merge; else the same branch seen from its merge (the graph around it moved: a sibling
+            # merge of the module was lost); else one of the same kind
             e = next((e for e in left if e.pattern == p), None) or next(
-                (e for e in left if (e.pattern.kind, e.pattern.skip_ops, e.pattern.branches)
-                 == (p.kind, p.skip_ops, p.branches)), None)
+                (e for e in left if (e.pattern.consumers, e.pattern.skip_edge) == (p.consumers, p.skip_edge)),
+                None) or next((e for e in left if (e.pattern.kind, e.pattern.skip_ops, e.pattern.branches)
+                               == (p.kind, p.skip_ops, p.branches)), None)
             if e is not None:
                 left.remove(e)
             matched.append(e)

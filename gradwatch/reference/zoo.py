@@ -319,7 +319,14 @@ def _registry() -> list[ZooEntry]:
         E("fault_conv_shortcuts", ref, "ResNet-110, 1x1-conv shortcut on every block (He et al. 2016; "
           "shortcut='C')", lambda: resnet(110, shortcut="C"), _REF, SGD, 54, healthy=False,
           expect={"vanishing": None}),
+        # issue 25: structures discovery must count right, skips that break mid-run (gradwatch.reference.zoo_structures)
+        *_structural(),
     ]
+
+
+def _structural() -> list[ZooEntry]:
+    from .zoo_structures import structural_entries  # it builds on this module's recipes and tasks
+    return structural_entries()
 
 
 def entries(libraries: Any = None) -> list[ZooEntry]:
