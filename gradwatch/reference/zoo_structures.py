@@ -1,6 +1,7 @@
-"""Zoo entries for the structures block discovery must count right, and skips that break in the middle of a run.
+"""The planted mid-run skip faults of the zoo, and what its structural entries are for.
 
-Healthy stock models built from library configs (no downloads), each with the merge count discovery must find:
+The zoo (:mod:`gradwatch.reference.zoo`) holds healthy stock models built from library configs (no downloads)
+for the structures block discovery must count right, each with the merge count it must find:
 
 - parallel attention + MLP blocks ``x + attn(ln x) + mlp(ln x)`` (Phi): one three-way merge per layer;
 - a weight-shared layer run N times (ALBERT): one block per call (``<name>@<call>``), 2 merges x N calls;
@@ -25,13 +26,11 @@ import torch
 from torch import nn
 
 from .blocks import resnet, set_skip_fault
-from .zoo import ADAMW, SGD, SGD_CNN, ImageTask, TokenTask, VectorTask, ZooEntry, _hf, _timm
 
-__all__ = ["FAULT_STEP", "structural_entries", "FaultyEncoder"]
+__all__ = ["FAULT_STEP", "FaultyEncoder", "resnet_fault_from"]
 
 #: The forward pass (0-based) from which the planted faults are on: discovery ran long before.
 FAULT_STEP = 10
-_TEXT = dict(vocab_size=1000, max_position_embeddings=64)
 
 
 class _EncoderLayer(nn.TransformerEncoderLayer):
@@ -40,7 +39,8 @@ class _EncoderLayer(nn.TransformerEncoderLayer):
 
     fault: str | None = None
 
-    def forward(self, src: torch.Tensor, *args, **kwargs) -> torch.Tensor:  # type: ignore[override]
+    def forward(self, src: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """Pre-LN attention and MLP residuals; the MLP's skip zeroed or dropped as :attr:`fault` says."""
         x = src + self._sa_block(self.norm1(src), None, None)
         ff = self._ff_block(self.norm2(x))
         if self.fault == "dropped":
@@ -59,12 +59,16 @@ class FaultyEncoder(nn.Module):
         self.layers = nn.ModuleList(_EncoderLayer(width, 4, 64, dropout=0.0, batch_first=True, norm_first=True)
                                     for _ in range(4))
         self.head = nn.Linear(width, 3)
-        self.fault, self.broken, self.at, self.calls = fault, broken, at, 0
+        self.planted: str | None = fault
+        self.broken, self.at, self.calls = broken, at, 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits of ``x`` (batch, 8); counts training forwards and plants the fault at the ``at``-th."""
         if self.training:
             if self.calls == self.at:
-                self.layers[self.broken].fault = self.fault
+                layer = self.layers[self.broken]
+                assert isinstance(layer, _EncoderLayer)
+                layer.fault = self.planted
             self.calls += 1
         h = self.embed(x).view(x.shape[0], 4, self.width)
         for layer in self.layers:
@@ -72,7 +76,7 @@ class FaultyEncoder(nn.Module):
         return self.head(h.mean(dim=1))
 
 
-def _resnet_fault_from(fault, block: int = 4) -> Callable[[], nn.Module]:
+def resnet_fault_from(fault: str | tuple, block: int = 4) -> Callable[[], nn.Module]:
     """Reference ResNet-20 whose block ``block`` (layer2.1) gets ``fault`` from forward pass :data:`FAULT_STEP`."""
     def build() -> nn.Module:
         net = resnet(20)
@@ -86,40 +90,3 @@ def _resnet_fault_from(fault, block: int = 4) -> Callable[[], nn.Module]:
         net.register_forward_pre_hook(count)
         return net
     return build
-
-
-def structural_entries() -> list[ZooEntry]:
-    """The entries of this module (``zoo.entries()`` includes them)."""
-    E, hf, tm, ref = ZooEntry, "transformers", "timm", "reference"
-    img, vec = ImageTask(16), VectorTask()
-    return [
-        E("hf_phi", hf, "Phi, parallel attention + MLP (x + attn(ln x) + mlp(ln x)), 4 layers: one 3-way merge each",
-          _hf("PhiForCausalLM", "PhiConfig", hidden_size=128, intermediate_size=256, num_hidden_layers=4,
-              num_attention_heads=4, **_TEXT), TokenTask("causal"), ADAMW, 4),
-        E("hf_albert", hf, "ALBERT, one shared layer run 4 times: 2 merges x 4 calls",
-          _hf("AlbertForSequenceClassification", "AlbertConfig", hidden_size=128, num_hidden_layers=4,
-              num_attention_heads=4, intermediate_size=256, embedding_size=64, num_labels=2, **_TEXT),
-          TokenTask("classify"), ADAMW, 8),
-        E("hf_mamba", hf, "Mamba (slow CPU scan), 3 layers: layer residual + the SSM's D skip, no scan adds",
-          _hf("MambaForCausalLM", "MambaConfig", hidden_size=64, num_hidden_layers=3, state_size=8,
-              vocab_size=1000), TokenTask("causal"), ADAMW, 6),
-        E("hf_deberta_v2", hf, "DeBERTa-v2, relative-position attention (c2p + p2c score adds), 2 layers",
-          _hf("DebertaV2ForSequenceClassification", "DebertaV2Config", hidden_size=64, num_hidden_layers=2,
-              num_attention_heads=2, intermediate_size=128, num_labels=2, relative_attention=True,
-              position_buckets=16, pos_att_type=["p2c", "c2p"], **_TEXT), TokenTask("classify"), ADAMW, 4),
-        E("timm_hrnet_w18_small", tm, "HRNet-W18-small: multi-resolution fusion adds are not blocks",
-          _timm("hrnet_w18_small"), ImageTask(32), SGD_CNN, 23),
-        # --- planted mid-run faults: a zeroed and a dropped skip, on a CNN and a transformer
-        E("fault_zeroed_skip_midrun", ref, f"ResNet-20, block 4 (layer2.1) skip multiplied by 0 from step {FAULT_STEP}",
-          _resnet_fault_from(("scaled", 0.0)), img, SGD, 9, healthy=False, expect={"skip_collapse": "layer2.1"},
-          steps=30, every=2),
-        E("fault_dropped_skip_midrun", ref, f"ResNet-20, block 4 (layer2.1) returns its branch alone from step "
-          f"{FAULT_STEP}", _resnet_fault_from("dropped"), img, SGD, 9, healthy=False,
-          expect={"lost_skip": "layer2.1"}, steps=30, every=2),
-        E("fault_zeroed_skip_transformer", ref, f"pre-LN encoder (nn.TransformerEncoderLayer x4), layer 1's MLP skip "
-          f"multiplied by 0 from step {FAULT_STEP}", lambda: FaultyEncoder("zeroed"), vec, ADAMW, 8, healthy=False,
-          expect={"skip_collapse": "layers.1[1]"}, steps=30, every=2),
-        E("fault_dropped_skip_transformer", ref, f"pre-LN encoder (nn.TransformerEncoderLayer x4), layer 1's MLP "
-          f"residual dropped from step {FAULT_STEP}", lambda: FaultyEncoder("dropped"), vec, ADAMW, 8, healthy=False,
-          expect={"lost_skip": "layers.1[1]"}, steps=30, every=2),
-    ]
