@@ -57,6 +57,10 @@ class StepRecord:
             by every record from the one it ran on: True when the per-layer grad norms agreed with torch's
             total norm, False when they did not (the values are unverified: the error in the log names the
             layout and the layers); None when not checked (a single process, or before the check).
+        lost: the blocks of :attr:`blocks` whose residual merge is gone from the graph while their module still
+            runs (``out = branch(x)`` where it was ``x + branch(x)``): they keep their row, in depth order,
+            measured as blocks whose skip carries nothing (``skip_grad`` 0, so ``skip_share`` 0); the
+            ``lost_skip`` rule reports them. Empty when none.
     """
 
     step: int
@@ -72,6 +76,7 @@ class StepRecord:
     health: Mapping[str, float] = field(default_factory=dict)
     kinds: tuple[str, ...] = ()
     verified: bool | None = None
+    lost: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not isinstance(self.health, MappingProxyType):
@@ -95,6 +100,7 @@ class StepRecord:
         whole: Mapping[str, float],
         blocks: Sequence[str] = (),
         block_columns: Mapping[str, np.ndarray] | None = None,
+        lost: Sequence[str] = (),
     ) -> StepRecord:
         """A record from per-metric columns (``{metric: values aligned with layers}``)."""
         metrics = tuple(layer_columns)
@@ -116,6 +122,7 @@ class StepRecord:
             whole=np.asarray([whole.get(m, np.nan) for m in metrics], dtype=np.float64),
             blocks=tuple(blocks),
             block_values=btable,
+            lost=tuple(b for b in lost if b in blocks),
         )
 
     # ------------------------------------------------------------------ reading

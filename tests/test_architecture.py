@@ -120,11 +120,14 @@ def test_no_gradwatch_import_inside_a_function():
 @pytest.mark.parametrize("leaf", ["gradwatch.names", "gradwatch._compat", "gradwatch._checks", "gradwatch._once",
                                   "gradwatch.sinks._worker", "gradwatch.sinks.tensorboard._fastcrc",
                                   "gradwatch.sinks.tensorboard._histogram", "gradwatch.alerts.alert",
-                                  "gradwatch.flow.discovery", "gradwatch.record", "gradwatch.version"])
+                                  "gradwatch.flow.discovery", "gradwatch.flow._residual", "gradwatch.record",
+                                  "gradwatch.version"])
 def test_leaf_modules_import_no_other_gradwatch_module(leaf):
     deps, _ = _runtime_imports(leaf, _modules()[leaf])
     parents = {leaf.rsplit(".", i)[0] for i in range(1, leaf.count(".") + 1)}
     allowed = {"gradwatch.names"} if leaf == "gradwatch.record" else set()
+    if leaf == "gradwatch.flow.discovery":  # its residual test, a leaf itself, split off for size
+        allowed = {"gradwatch.flow._residual"}
     assert deps - parents <= allowed, f"{leaf} imports {sorted(deps - parents)}"
 
 

@@ -15,6 +15,7 @@ from .incident import EVENT_KINDS, Incident, IncidentEvent, RunSummary
 from .tracker import IncidentTracker
 from .measurements import EarlyRatio, Measurements, depth_slope, early_ratio, early_ratio_shown
 from .rule import Rule
+from .lost import LostSkip
 from .rules import (
     RULES, AttenuatedIdentity, DeadLayer, DepthTrend, Exploding, NonFinite, SkipCollapse, Vanishing, build_rules,
     default_rules, replay,
@@ -22,6 +23,6 @@ from .rules import (
 
 __all__ = [
     "SEVERITIES", "POLICIES", "severity_rank", "Alert", "GradientAlarm", "read_alerts", "read_events", "summarize",
-    "EVENT_KINDS", "Incident", "IncidentEvent", "RunSummary", "IncidentTracker", "AlertEngine", "Measurements", "EarlyRatio", "early_ratio", "early_ratio_shown", "depth_slope", "Rule", "RULES", "SkipCollapse",
+    "EVENT_KINDS", "Incident", "IncidentEvent", "RunSummary", "IncidentTracker", "AlertEngine", "Measurements", "EarlyRatio", "early_ratio", "early_ratio_shown", "depth_slope", "Rule", "RULES", "SkipCollapse", "LostSkip",
     "AttenuatedIdentity", "Vanishing", "Exploding", "DepthTrend", "NonFinite", "DeadLayer", "default_rules", "build_rules", "replay",
 ]

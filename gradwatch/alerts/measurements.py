@@ -49,6 +49,7 @@ class Measurements:
     blocks: list[str] = field(default_factory=list)
     block: dict[str, np.ndarray] = field(default_factory=dict)
     forward: Mapping[str, int] = field(default_factory=dict)
+    lost: list[str] = field(default_factory=list)  # blocks whose merge is gone (StepRecord.lost)
     # what several rules (and the health figures) derive alike, computed once per step; add() clears it
     _memo: dict[Any, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
 
@@ -120,7 +121,7 @@ class Measurements:
             layer={m: record.layer(m) for m in record.layer_metrics},
             whole={m: record.global_value(m) for m in record.layer_metrics},
             blocks=list(record.blocks), block={m: record.block(m) for m in FLOW_METRICS} if record.blocks else {},
-            forward=dict(forward or {}),
+            forward=dict(forward or {}), lost=list(record.lost),
         )
 
     def values(self, metric: str) -> np.ndarray:

@@ -41,6 +41,7 @@ from .._checks import check_fraction, check_int, check_number
 from ..names import EARLY_FRACTION, short_list
 from .alert import Alert
 from .highway import highway
+from .lost import LostSkip
 from .measurements import Measurements, depth_slope, early_ratio
 from .rule import Rule
 
@@ -446,7 +447,8 @@ class DeadLayer(Rule):
 
 #: The built-in rules by name, in the order they are evaluated.
 RULES: dict[str, type[Rule]] = {
-    cls.name: cls for cls in (NonFinite, SkipCollapse, AttenuatedIdentity, Vanishing, Exploding, DepthTrend, DeadLayer)
+    cls.name: cls for cls in (NonFinite, SkipCollapse, LostSkip, AttenuatedIdentity, Vanishing, Exploding, DepthTrend,
+                              DeadLayer)
 }
 
 

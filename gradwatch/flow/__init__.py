@@ -25,6 +25,7 @@ metrics, in one device-to-host transfer. See ``docs/flow.md``.
 
 One concern per module; each imports only those above it in this list:
 
+- :mod:`~gradwatch.flow._residual`: the residual test: which adds are a path around a sub-network;
 - :mod:`~gradwatch.flow.discovery`: finds merges in a module's autograd graph (reads graphs, nothing else);
 - :mod:`~gradwatch.flow._hooks`: the autograd node hooks that fill one merge's norms during backward;
 - :mod:`~gradwatch.flow.registry`: the blocks found so far, their names and depth order, the flow status;

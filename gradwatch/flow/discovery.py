@@ -24,9 +24,13 @@ Definitions used throughout (see ``docs/flow.md``):
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+from ._residual import (
+    IDENTITY_OPS, MERGE_OPS, PART_OPS, SCALE_OPS, _base, _broadcast, _carry_path, _not_a_skip,
+)
 
 __all__ = [
     "MERGE_OPS",
@@ -38,32 +42,15 @@ __all__ = [
     "find_merges",
     "find_dead_merges",
     "resolve",
+    "resolve_lost",
 ]
 
-#: Autograd node types that can merge a residual (``a + b``, ``a += b``, ``torch.add(a, b, alpha=c)``).
-MERGE_OPS = frozenset({"AddBackward0"})
-#: Node types that move or pad values without computing: a skip made only of these is an identity skip.
-IDENTITY_OPS = frozenset(
-    {
-        "Slice", "ConstantPadNd", "View", "UnsafeView", "Reshape", "ReshapeAlias", "Expand", "Clone",
-        "ToCopy", "Permute", "Transpose", "T", "Unsqueeze", "Squeeze", "Select", "AsStrided", "Index",
-        "Alias", "Narrow", "Contiguous", "Identity",
-    }
-)
-#: Elementwise scalings: a skip with one of these (and no projection) is a scaled or gated skip.
-SCALE_OPS = frozenset({"Mul", "Div"})
 COMPILED = "CompiledFunctionBackward"
 #: Reentrant activation checkpointing: one node stands for the whole checkpointed call, whose inner graph
 #: exists only during backward (the recompute), where no forward hook of ours can see it.
 CHECKPOINTED = "CheckpointFunctionBackward"
 _ACCUMULATE = "AccumulateGrad"
 _WALK_LIMIT = 200_000
-
-
-def _base(node: Any) -> str:
-    """``"ConvolutionBackward0"`` -> ``"Convolution"``."""
-    name = type(node).__name__.rstrip("0123456789")
-    return name[: -len("Backward")] if name.endswith("Backward") else name
 
 
 def _seq(node: Any) -> int:
@@ -99,6 +86,10 @@ class MergePattern:
     kind: str  # identity | projection | scaled | other
     skip_ops: str  # the skip's ops from fork to merge, e.g. "Slice>Slice>ConstantPadNd"
     dead: bool = False  # found with a skip that carries no gradient (its operand has no grad_fn)
+    #: n-way merges (``x + attn(ln x) + mlp(ln x)``): edges from the merge (the root of the sum) to the add
+    #: that takes the skip operand; ``()`` when the merge itself takes it (every two-way merge).
+    skip_at: tuple[int, ...] = ()
+    branches: int = 1  # operands of the sum other than the skip (n - 1 for an n-way merge)
 
 
 @dataclass
@@ -235,49 +226,113 @@ def _skip_ops(g: Graph, merge: int, skip_edge: int, fork: int, side: set[int]) -
 
 _MAX_FORK_CANDIDATES = 16
 
+_SCAN = object()  # :func:`_try_fork`: a sum of parts of one tensor; no earlier fork makes it a residual
 
-def _try_fork(g: Graph, nid: int, kids, ra, rb, fork: int, has_param, relaxed: bool) -> MergePattern | None:
-    """The merge at ``nid`` split at ``fork``, or None if that split is not a residual."""
-    (ea, a, _), (eb, b, _) = kids
+
+def _try_fork(g: Graph, root: int, terms, adds: set[int], reaches, fork: int, has_param,
+              relaxed: bool) -> MergePattern | object | None:
+    """The sum rooted at ``root`` split at ``fork``, or None if that split is not a residual.
+
+    ``terms``: the sum's operands as ``(add node, edge, operand node)`` (two for ``a + b``; n for an n-way
+    sum ``x + attn(ln x) + mlp(ln x)`` whose inner adds feed only the next add); ``adds``: the sum's add nodes;
+    ``reaches``: each operand's :meth:`Graph.reach`.
+    """
     rf = g.reach(fork)
-    side_a = {n for n in ra if n not in rf}
-    side_b = {n for n in rb if n not in rf}
-    pa = any(has_param.get(n, False) for n in side_a)
-    pb = any(has_param.get(n, False) for n in side_b)
-    if ra[fork] != rb[fork]:
-        skip_is_a = ra[fork] < rb[fork]
-    elif pa != pb:
-        skip_is_a = not pa
-    else:
-        skip_is_a = False  # `out + identity`: the second operand
-    skip_edge, skip_side, branch_side = (ea, side_a, side_b) if skip_is_a else (eb, side_b, side_a)
-    if not relaxed and not (pb if skip_is_a else pa):
-        return None  # no parameter on the branch: an op's internals (GELU, rotary embedding), not a block
-    between = side_a | side_b | {nid}
+    sides = [{n for n in r if n not in rf} for r in reaches]
+    params = [any(has_param.get(n, False) for n in side) for side in sides]
+    dists = [r[fork] for r in reaches]
+    shortest = min(dists)
+    tied = [i for i, d in enumerate(dists) if d == shortest]
+    plain = [i for i in tied if not params[i]]
+    # ties: the operand without parameters; else the last one (`out + identity`)
+    k = (plain or tied)[-1]
+    holder, skip_edge, _ = terms[k]
+    skip_side = sides[k]
+    branch_side: set[int] = set().union(*(sides[i] for i in range(len(terms)) if i != k))
+    if params[k] and any(dists[i] == shortest for i in range(len(terms)) if i != k):
+        return None  # two parallel sub-networks of equal depth (the average of two heads), not a shortcut
+    if not relaxed and not all(params[i] for i in range(len(terms)) if i != k):
+        return None  # no parameter on a branch: an op's internals (GELU, rotary embedding), not a block
+    between = set().union(*sides) | adds
     consumers = []
     nrs = set()
     for n in between:
         for edge, cid, nr in g.children.get(n, ()):
             if cid == fork:
-                is_skip = (n == nid and edge == skip_edge) or (n in skip_side and n not in branch_side)
+                is_skip = (n == holder and edge == skip_edge) or (n in skip_side and n not in branch_side)
                 consumers.append((n, edge, is_skip))
                 nrs.add(nr)
     if len(nrs) != 1 or not any(c[2] for c in consumers) or all(c[2] for c in consumers):
         return None  # different outputs of one node (chunk/split coupling), or no path of its own for the skip
-    paths = g.paths_within(nid, between)
-    if any(n not in paths for n, _, _ in consumers):
-        return None
-    out_index, to_merge = g.path_from_root(nid)
+    if all(_base(g.nodes[n]) in PART_OPS for n, _, _ in consumers):
+        return _SCAN  # every operand reads a part of the fork: a scan recurrence, not a residual
     pure_skip = skip_side - branch_side
+    carry = _carry_path(g, holder, skip_edge, fork, pure_skip)
+    if carry is None or _not_a_skip(g, carry):
+        return None
+    paths = g.paths_within(root, between)
+    if any(n not in paths for n, _, _ in consumers) or holder not in paths:
+        return None
+    out_index, to_merge = g.path_from_root(root)
     return MergePattern(
         out_index=out_index,
         to_merge=to_merge,
-        merge_type=type(g.nodes[nid]).__name__,
+        merge_type=type(g.nodes[root]).__name__,
         skip_edge=skip_edge,
         consumers=tuple(sorted((paths[n], edge, is_skip) for n, edge, is_skip in consumers)),
         kind=_classify(g, pure_skip, fork, has_param),
-        skip_ops=_skip_ops(g, nid, skip_edge, fork, pure_skip),
+        skip_ops=_skip_ops(g, holder, skip_edge, fork, pure_skip),
+        skip_at=paths[holder],
+        branches=len(terms) - 1,
     )
+
+
+def _is_live_add(g: Graph, nid: int) -> bool:
+    node = g.nodes[nid]
+    kids = g.children.get(nid)
+    return (type(node).__name__ in MERGE_OPS and kids is not None and len(kids) == 2
+            and len(node.next_functions) == 2)
+
+
+def _sum_terms(g: Graph, root: int, indegree: dict[int, int], skip: set[int]) -> tuple[list, set[int]]:
+    """The operands of the sum rooted at ``root``: inner adds whose only consumer is an add of the sum are
+    expanded (``(a + b) + c`` has the terms a, b, c). Returns ``(terms, add nodes)``."""
+    terms, adds = [], {root}
+    stack = [root]
+    while stack:
+        nid = stack.pop()
+        for edge, cid, _ in g.children[nid]:
+            if (cid not in adds and cid not in skip and indegree.get(cid, 0) == 1 and _is_live_add(g, cid)
+                    and not g.is_leaf_param(cid)):
+                adds.add(cid)
+                stack.append(cid)
+            else:
+                terms.append((nid, edge, cid))
+    return terms, adds
+
+
+_UNRELATED = object()  # :func:`_merge_at`: the operands share no ancestor here (an enclosing module may)
+
+
+def _merge_at(g: Graph, nid: int, terms, adds: set[int], has_param, relaxed: bool) -> MergePattern | object | None:
+    """The residual merge of the sum at ``nid`` with these terms, trying its latest common ancestors; None when
+    it is no residual, :data:`_UNRELATED` when its operands share no ancestor in this module."""
+    if len({t[2] for t in terms}) != len(terms) or any(g.is_leaf_param(t[2]) for t in terms):
+        return _UNRELATED
+    if _broadcast(g, nid, terms):
+        return None
+    reaches = [g.reach(t[2]) for t in terms]
+    common = [c for c in reaches[0] if all(c in r for r in reaches[1:]) and not g.is_leaf_param(c)]
+    if not common:
+        return _UNRELATED
+    common.sort(key=lambda c: _seq(g.nodes[c]), reverse=True)
+    for fork in common[:_MAX_FORK_CANDIDATES]:
+        pattern = _try_fork(g, nid, terms, adds, reaches, fork, has_param, relaxed)
+        if pattern is _SCAN:
+            return None  # its operands read parts of one tensor (dA[t] * state + dBu[t]): an earlier fork is moot
+        if pattern is not None:
+            return pattern
+    return None
 
 
 def find_merges(
@@ -286,39 +341,43 @@ def find_merges(
     """Residual merges created in the walked module and not already claimed by an inner module.
 
     Returns ``(pattern, creation order, merge node id)`` in creation order. The fork is the latest common
-    ancestor of the two operands that gives a valid split (a consumer only the skip reaches, a branch with
+    ancestor of the operands that gives a valid split (a consumer only the skip reaches, a branch with
     parameters); going further back than the latest one matters for gated skips, where the gate computed
-    from ``x`` is itself shared by both operands (highway: ``t * h(x) + (1 - t) * x``). Adds whose operands
-    share no ancestor inside this module stay unclaimed (an enclosing module may see the fork); adds with
-    common ancestors but no valid split (``x + 0.04 * x**3`` inside GELU, rotary embeddings) go to
-    ``rejected`` and are not looked at again. ``relaxed`` (explicitly watched modules) drops the parameter
-    requirement.
+    from ``x`` is itself shared by both operands (highway: ``t * h(x) + (1 - t) * x``). A sum of n operands
+    (``x + attn(ln x) + mlp(ln x)``: adds whose result only feeds the next add) is one merge with n - 1
+    branches when all its operands share the fork; otherwise its adds are looked at one by one. Adds whose
+    operands share no ancestor inside this module stay unclaimed (an enclosing module may see the fork); adds
+    with common ancestors but no valid split go to ``rejected`` and are not looked at again: an op's internals
+    (``x + 0.04 * x**3`` inside GELU, rotary embeddings), and the adds that are not a path around a
+    sub-network (see :func:`_not_a_skip` and ``docs/flow.md``: attention-score adds, scan recurrences, fusion
+    of parallel sub-networks, averages of heads). ``relaxed`` (explicitly watched modules) drops the
+    parameter requirement.
     """
     found = []
     has_param = {nid: any(g.is_leaf_param(c) for _, c, _ in kids) for nid, kids in g.children.items()}
+    indegree: dict[int, int] = {}
+    for kids in g.children.values():
+        for _, cid, _ in kids:
+            indegree[cid] = indegree.get(cid, 0) + 1
     for nid, node in list(g.nodes.items()):
         if nid in claimed or nid in rejected or type(node).__name__ not in MERGE_OPS:
             continue
-        kids = g.children.get(nid)
-        if kids is None or len(kids) != 2 or len(node.next_functions) != 2:
+        if not _is_live_add(g, nid):
             continue  # an operand without gradient: not a live merge (see find_dead_merges)
-        a, b = kids[0][1], kids[1][1]
-        if a == b or g.is_leaf_param(a) or g.is_leaf_param(b):
+        pattern: MergePattern | object | None = None
+        terms, adds = _sum_terms(g, nid, indegree, claimed | rejected)
+        if len(terms) > 2:
+            pattern = _merge_at(g, nid, terms, adds, has_param, relaxed)
+        if not isinstance(pattern, MergePattern):
+            kids = g.children[nid]
+            adds = {nid}
+            pattern = _merge_at(g, nid, [(nid, e, c) for e, c, _ in kids], adds, has_param, relaxed)
+        if pattern is _UNRELATED:
             continue
-        ra, rb = g.reach(a), g.reach(b)
-        common = [c for c in ra if c in rb and not g.is_leaf_param(c)]
-        if not common:
-            continue
-        common.sort(key=lambda c: _seq(g.nodes[c]), reverse=True)
-        pattern = None
-        for fork in common[:_MAX_FORK_CANDIDATES]:
-            pattern = _try_fork(g, nid, kids, ra, rb, fork, has_param, relaxed)
-            if pattern is not None:
-                break
-        if pattern is None:
+        if not isinstance(pattern, MergePattern):
             rejected.add(nid)
             continue
-        claimed.add(nid)
+        claimed.update(adds)
         found.append((pattern, _seq(node), nid))
     found.sort(key=lambda f: f[1])
     return found
@@ -394,7 +453,10 @@ def resolve(p: MergePattern, outs: list[Any]) -> Resolved | object | None:
     merge = _follow(root, p.to_merge)
     if merge is None or type(merge).__name__ != p.merge_type:
         return None
-    mf = merge.next_functions
+    holder = _follow(merge, p.skip_at) if p.skip_at else merge
+    if holder is None or type(holder).__name__ not in MERGE_OPS:
+        return None
+    mf = holder.next_functions
     if p.skip_edge >= len(mf):
         return None
     dead = mf[p.skip_edge][0] is None
@@ -423,3 +485,24 @@ def resolve(p: MergePattern, outs: list[Any]) -> Resolved | object | None:
     if p.dead and not dead:
         return None  # the skip came back: rediscover it as a live merge
     return Resolved(merge, fork, fork_nr, consumers, dead)
+
+
+def resolve_lost(p: MergePattern, outs: list[Any], boundary: Sequence[Any]) -> Resolved | None:
+    """A block whose merge is gone, located on this forward's graph as a merge whose skip carries nothing.
+
+    The module's output (``p.out_index``) stands for the merge and the first of its inputs that its graph
+    consumes for the fork; every consumer of that input inside the module is the branch. None when the output
+    carries no gradient, is an input itself (the module passed it through) or consumes no input.
+    """
+    root = outs[p.out_index] if p.out_index < len(outs) else next((o for o in outs if o is not None), None)
+    if root is None:
+        return None
+    inputs = [b for b in boundary if b is not None]
+    if any(root is b for b in inputs):
+        return None
+    g = Graph([root], inputs)
+    for b in inputs:
+        consumers = [(g.nodes[n], edge, nr) for n, kids in g.children.items() for edge, cid, nr in kids if cid == id(b)]
+        if consumers and len({nr for _, _, nr in consumers}) == 1:
+            return Resolved(root, b, consumers[0][2], [(n, e, False) for n, e, _ in consumers], True)
+    return None

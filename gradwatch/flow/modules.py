@@ -20,7 +20,7 @@ from torch import nn
 from .._compat import in_backward, is_compiled, is_compiling, is_optimized_module
 from ..names import ROOT_NAME, clean_name
 from ._hooks import hook_merge
-from .discovery import Graph, Resolved, find_dead_merges, find_merges, resolve
+from .discovery import Graph, Resolved, find_dead_merges, find_merges, resolve, resolve_lost
 from .registry import BlockRegistry
 from .session import _Session
 
@@ -60,7 +60,7 @@ class ModuleTracker:
         # Arming waits for the end of the model's own forward when it runs inside one: done between two convs,
         # its Python runs on cold caches and cost twice as much (ResNet-56: 2.9 against 1.5 ms per step).
         self._local = threading.local()  # .depth: nesting of the model's forward, per thread
-        self._deferred: list[tuple[nn.Module, list[Any], _Session, bool]] = []
+        self._deferred: list[tuple[Any, ...]] = []  # (module, outs, session, keep, inputs, call, tick)
         self._root_handles = [model.register_forward_pre_hook(self._enter), _post_hook(model, self._leave)]
         self._mismatches: dict[int, int] = {}
         self._scripted: list[str] = []  # TorchScript modules: forward hooks cannot be registered on them
@@ -129,7 +129,7 @@ class ModuleTracker:
     def add_arming(self, module: nn.Module) -> None:
         """Give ``module`` its arming hook, once."""
         if id(module) not in self.arm_handles:
-            self.arm_handles[id(module)] = module.register_forward_hook(self._arm_hook)
+            self.arm_handles[id(module)] = module.register_forward_hook(self._arm_hook, with_kwargs=True)
 
     def _drop_arming(self, mid: int) -> None:
         handle = self.arm_handles.pop(mid, None)
@@ -141,6 +141,8 @@ class ModuleTracker:
 
     def _enter(self, module: nn.Module, args: Any) -> None:
         if not is_compiling():
+            if not self._depth():  # a new forward of the model: calls of shared modules count from 0 again
+                self._local.forward = getattr(self._local, "forward", 0) + 1
             self._local.depth = self._depth() + 1
 
     def _leave(self, module: nn.Module, args: Any, output: Any) -> None:
@@ -149,17 +151,6 @@ class ModuleTracker:
         self._local.depth = depth = max(0, self._depth() - 1)
         if not depth:
             self.arm_pending()
-
-    def arm_pending(self) -> None:
-        """Arm what waited for the end of the model's forward (sessions collected or dropped meanwhile are
-        skipped). A forward that raises arms what it ran, as it did before arming waited (``always_call``)."""
-        deferred, self._deferred = self._deferred, []
-        for module, outs, sess, keep in deferred:
-            if sess.open:
-                try:
-                    self._arm(module, outs, sess, keep)
-                except Exception as err:  # never raise into the user's forward
-                    self._on_error(err)
 
     def reset(self) -> None:
         """The step is collected: nothing waits any more, and a forward that raised without running the post-hook
@@ -205,10 +196,22 @@ class ModuleTracker:
             reg.note_compiled_graph(mid)
         if g.checkpointed and not found:
             reg.note_checkpointed_graph(mid)
-        reg.exam[mid] = (sess.number, sess.order.get(mid, len(sess.order)))
+        reg.exam[mid] = (sess.number, sess.order.get(mid, sess.tick))
         sess.examined.append(mid)
+        ran_branch = any(g.is_leaf_param(n) for n in g.nodes)  # a sub-network ran (not `return x`)
         del g
-        old = [e.key for e in reg.entries.get(mid, ())]
+        old_entries = reg.entries.get(mid, [])
+        old = [e.key for e in old_entries]
+        if old_entries and not found and not ran_branch:
+            return  # the module passed its input through (stochastic depth, layer drop): nothing lost
+        if old_entries and any(e.measured or e.block.lost is not None for e in old_entries):
+            how = "watch" if explicit else "auto"
+            if reg.rediscovered(module, [f[0] for f in found], [reg.exam[mid] + (f[1],) for f in found],
+                                [how] * len(found), sess.step):
+                self.add_arming(module)
+            else:
+                self._drop_arming(mid)
+            return
         if found:
             how = "watch" if explicit else "auto"
             keys = old if len(old) == len(found) else [reg.exam[mid] + (f[1],) for f in found]
@@ -229,21 +232,49 @@ class ModuleTracker:
 
     def _adopt_sibling(self, module: nn.Module, outs: list[Any], sess: _Session) -> bool:
         """:meth:`BlockRegistry.adopt_sibling`, keyed like a module examined in ``sess``; arms an adopted one."""
-        key = self.blocks.exam.get(id(module), (sess.number, len(sess.order))) + (0,)
+        key = self.blocks.exam.get(id(module), (sess.number, sess.tick)) + (0,)
         if not self.blocks.adopt_sibling(module, outs, key):
             return False
         self.add_arming(module)
         return True
 
-    def arm(self, module: nn.Module, outs: list[Any], sess: _Session, keep: bool) -> None:
+    def arm(self, module: nn.Module, outs: list[Any], sess: _Session, keep: bool,
+            inputs: Callable[[], list[Any]] | None = None) -> None:
         """Resolve ``module``'s merges on this forward's graph and hook them (``keep``: keep the vectors); at the
-        end of the model's forward when called inside it (an activation-checkpoint recompute: at once)."""
+        end of the model's forward when called inside it (an activation-checkpoint recompute: at once).
+        ``inputs`` gives the module's input nodes (for a graph that changed, and for lost blocks)."""
+        sess.tick += 1
+        call = self._call(module, sess)
         if self._depth() and not in_backward():
-            self._deferred.append((module, outs, sess, keep))
+            self._deferred.append((module, outs, sess, keep, inputs, call, sess.tick))
             return
-        self._arm(module, outs, sess, keep)
+        self._arm(module, outs, sess, keep, inputs, call, sess.tick)
 
-    def _arm(self, module: nn.Module, outs: list[Any], sess: _Session, keep: bool) -> None:
+    def _call(self, module: nn.Module, sess: _Session) -> int:
+        """Which training call of ``module`` this is within the model's current forward (0 for the first, and for
+        any call outside a forward of the model, in eval mode or in backward: those replace the first)."""
+        if not self._depth() or in_backward() or not module.training or not torch.is_grad_enabled():
+            return 0
+        forward = getattr(self._local, "forward", 0)
+        last = sess.calls.get(id(module))
+        n = last[1] + 1 if last is not None and last[0] == forward else 0
+        sess.calls[id(module)] = (forward, n)
+        return n
+
+    def arm_pending(self) -> None:
+        """Arm what waited for the end of the model's forward (sessions collected or dropped meanwhile are
+        skipped). A forward that raises arms what it ran, as it did before arming waited (``always_call``)."""
+        deferred, self._deferred = self._deferred, []
+        for module, outs, sess, keep, inputs, call, tick in deferred:
+            if sess.open:
+                try:
+                    self._arm(module, outs, sess, keep, inputs, call, tick)
+                except Exception as err:  # never raise into the user's forward
+                    self._on_error(err)
+
+    def _arm(self, module: nn.Module, outs: list[Any], sess: _Session, keep: bool,
+             inputs: Callable[[], list[Any]] | None = None, call: int = 0, tick: int = 0,
+             retry: bool = True) -> None:
         mid = id(module)
         entries = self.blocks.entries.get(mid)
         if entries is None:
@@ -255,18 +286,36 @@ class ModuleTracker:
                 entries = self.blocks.entries[mid]
             else:
                 return
+        if call:
+            self._arm_call(module, outs, sess, keep, call, tick)
+            return
         prev = sess.armed.get(mid)
         if prev is not None:
             if in_backward():
                 return  # activation-checkpoint recompute: the original forward's graph is measured
             if prev and not module.training:
                 return  # an eval-mode forward does not replace a training one
-        results = [resolve(e.pattern, outs) for e in entries]
+        measured = [e for e in entries if e.block.lost is None]
+        results = [resolve(e.pattern, outs) for e in measured]
         results = [None if e.block.found == "sibling" and isinstance(r, Resolved) and not r.dead else r
-                   for e, r in zip(entries, results)]  # a skip that came back is rediscovered as what it is
-        if any(r is None for r in results):
+                   for e, r in zip(measured, results)]  # a skip that came back is rediscovered as what it is
+        back = any(isinstance(resolve(e.pattern, outs), Resolved) for e in entries if e.block.lost is not None)
+        if back or any(r is None for r in results):  # a lost merge is back where it was, or the graph changed
+            if (retry and inputs is not None and not sess.discovery_only
+                    and self._mismatches.get(mid, 0) < _MAX_REDISCOVERIES):
+                # the graph changed: examine it now, so that a merge that disappeared is reported at this step
+                self._mismatches[mid] = self._mismatches.get(mid, 0) + 1
+                self.discover(module, outs, inputs(), sess)
+                if mid in self.blocks.entries:
+                    self._arm(module, outs, sess, keep, inputs, 0, tick, retry=False)
+                return
             self._mismatch(module)
-        live = [(e, r) for e, r in zip(entries, results) if isinstance(r, Resolved)]
+        live = [(e, r) for e, r in zip(measured, results) if isinstance(r, Resolved)]
+        lost = [e for e in entries if e.block.lost is not None]
+        if lost and inputs is not None:
+            r = resolve_lost(lost[0].pattern, outs, inputs())
+            if r is not None:
+                live.extend((e, r) for e in lost)
         for _, r in live:
             sess.claimed.add(id(r.merge))
         if not live or sess.discovery_only:
@@ -276,10 +325,27 @@ class ModuleTracker:
         handles: list[Any] = []
         pairs = []
         for entry, r in live:
+            entry.measured = True
             slot = hook_merge(r, sess.merges, handles, self._on_error, keep)
             pairs.append((entry, slot))
         sess.slots[mid] = pairs
         sess.handles[mid] = handles
+
+    def _arm_call(self, module: nn.Module, outs: list[Any], sess: _Session, keep: bool, call: int,
+                  tick: int) -> None:
+        """Call ``call`` (1, 2, ...) of a module run several times in one forward (a weight-shared layer): its
+        merges are blocks of their own, named ``<block>@<call>`` and placed in depth order where the call ran."""
+        mid = id(module)
+        if sess.discovery_only or mid not in sess.slots:
+            return
+        entries = self.blocks.call_entries(module, call, sess.number, tick)
+        results = [resolve(e.pattern, outs) for e in entries]
+        live = [(e, r) for e, r in zip(entries, results) if isinstance(r, Resolved)]
+        handles = sess.handles.setdefault(mid, [])
+        for entry, r in live:
+            sess.claimed.add(id(r.merge))
+            entry.measured = True
+            sess.slots[mid].append((entry, hook_merge(r, sess.merges, handles, self._on_error, keep)))
 
     def _mismatch(self, module: nn.Module) -> None:
         mid = id(module)

@@ -170,9 +170,12 @@ class FlowProbe:
             raise TypeError("name must be a non-empty str")
         mid = id(module)
         self._blocks.explicit[mid] = name
+        self._blocks.forget_lost(mid)  # watching anew is a deliberate change: what was lost there is not missed
         if self._root_compiled:
             return
         entries = self._blocks.entries.get(mid)
+        for e in entries or ():
+            e.measured = False  # declared anew: if its merges change from here on, that is the user's doing
         if entries is not None and not name:
             return
         if entries is not None:
@@ -301,11 +304,12 @@ class FlowProbe:
         rows = sess.rows()
         if not rows:
             return None
-        values = stack_norms([slot for _, _, slot in rows], self._constants)
+        values = stack_norms([slot for _, _, slot, _ in rows], self._constants)
         if self.keep_vectors:
-            self.vectors = {name: dict(slot.vectors or {}) for _, name, slot in rows}
-        fired = any(isinstance(v, torch.Tensor) for _, _, slot in rows for v in slot.norms)
-        return FlowBatch([name for _, name, _ in rows], values, sess.step, backward=fired)
+            self.vectors = {name: dict(slot.vectors or {}) for _, name, slot, _ in rows}
+        fired = any(isinstance(v, torch.Tensor) for _, _, slot, _ in rows for v in slot.norms)
+        return FlowBatch([name for _, name, _, _ in rows], values, sess.step, backward=fired,
+                         lost=tuple(name for _, name, _, lost in rows if lost))
 
     # ------------------------------------------------------------------ hooks (run inside the user's forward)
     def _live(self) -> bool:
@@ -345,7 +349,8 @@ class FlowProbe:
             sess = self._session
             if sess is None:
                 return
-            sess.order.setdefault(id(module), len(sess.order))  # also under no_grad (reentrant checkpoint)
+            sess.tick += 1
+            sess.order.setdefault(id(module), sess.tick)  # also under no_grad (reentrant checkpoint)
             stack = sess.inputs.get(id(module))
             if not stack:
                 return
@@ -359,11 +364,11 @@ class FlowProbe:
             if mid in self._tracker.disc_handles:
                 self._tracker.discover(module, outs, boundary, sess)
             if mid in self._blocks.entries:
-                self._tracker.arm(module, outs, sess, self.keep_vectors)
+                self._tracker.arm(module, outs, sess, self.keep_vectors, lambda: boundary)
         except Exception as err:
             self._error(err)
 
-    def _arm_hook(self, module: nn.Module, args: Any, output: Any) -> None:
+    def _arm_hook(self, module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
         if is_compiling():
             return
         self._seen = True
@@ -374,6 +379,8 @@ class FlowProbe:
                 return  # a module waiting for (re)discovery is handled by its discovery hook
             sess = self._open()
             if sess is not None:
-                self._tracker.arm(module, _out_nodes(output), sess, self.keep_vectors)
+                def inputs() -> list[Any]:  # read only when the graph changed or the block is lost
+                    return [n for n in (boundary_node(t) for t in tree_tensors((args, kwargs))) if n is not None]
+                self._tracker.arm(module, _out_nodes(output), sess, self.keep_vectors, inputs)
         except Exception as err:
             self._error(err)

@@ -45,6 +45,15 @@ class Block:
         found: ``"auto"`` (graph discovery), ``"watch"`` (explicitly watched module) or ``"sibling"``
             (matched against a block of the same class because its own skip carried no gradient).
         note: anything unusual, e.g. ``"skip carries no gradient"``.
+        branches: the sum's operands besides the skip: 1 for ``x + F(x)``, n - 1 for an n-way merge
+            ``x + attn(ln x) + mlp(ln x)`` (``skip_share`` sets the skip against all branches together).
+        lost: the step at which the merge disappeared from the module's graph while the module still ran
+            (``out = branch(x)`` instead of ``x + branch(x)``), None while it merges. A lost block keeps its
+            name and depth index; it is measured as a block whose skip carries nothing (``skip_grad`` 0,
+            ``branch_grad`` the gradient its forward sends to its input) and is listed in
+            :attr:`gradwatch.StepRecord.lost` (the ``lost_skip`` rule).
+        calls: for a module run several times in one forward (a weight-shared layer): which call this
+            block is (0, 1, ...); None for a module run once.
     """
 
     name: str
@@ -54,6 +63,9 @@ class Block:
     skip: str
     found: str
     note: str = ""
+    branches: int = 1
+    lost: int | None = None
+    calls: int | None = None
 
     def __str__(self) -> str:
         skip = self.skip or "-"
@@ -134,6 +146,7 @@ class _Entry:
     pattern: MergePattern
     block: Block
     key: tuple  # sort key for the depth index
+    measured: bool = False  # armed on a logging step at least once (only a measured block can be lost)
 
 
 class BlockRegistry:
@@ -163,6 +176,8 @@ class BlockRegistry:
         self.checkpointed: list[str] = []
         self.signature: tuple[int, ...] = ()  # module ids at the last scan: tells when the tree changed
         self.index: list[_Entry] = []
+        #: modules run several times in one forward -> the entries of their calls 1, 2, ... (call 0: ``entries``)
+        self.calls: dict[int, list[list[_Entry]]] = {}
 
     def __len__(self) -> int:
         return len(self.index)
@@ -207,7 +222,7 @@ class BlockRegistry:
         present = {id(m) for _, m in named}
         self.names = {id(m): (clean_name(n) or ROOT_NAME) for n, m in named}
         self.modules = {id(m): m for _, m in named}
-        for store in (self.entries, self.plain, self.exam, self.explicit):
+        for store in (self.entries, self.plain, self.exam, self.explicit, self.calls):
             for mid in [k for k in store if k not in present]:
                 store.pop(mid)
         self._reindex()
@@ -260,8 +275,15 @@ class BlockRegistry:
                 skip=p.skip_ops,
                 found=how,
                 note=note,
+                branches=p.branches,
             )
             entries.append(_Entry(p, block, key))
+        self._store(mid, entries)
+        return bool(entries)
+
+    def _store(self, mid: int, entries: list[_Entry]) -> None:
+        """``mid``'s merges are now ``entries`` (its calls after the first are found again on their next run)."""
+        self.calls.pop(mid, None)
         if entries:
             self.entries[mid] = entries
             self.plain.pop(mid, None)
@@ -269,7 +291,89 @@ class BlockRegistry:
             self.entries.pop(mid, None)
         self._harmonize()
         self._reindex()
+
+    def call_entries(self, module: nn.Module, call: int, session: int, tick: int) -> list[_Entry]:
+        """The entries of call ``call`` (>= 1) of ``module`` in one forward: its merges again, as blocks of their own
+        named ``<name>@<call>`` (the first call's become ``<name>@0``), placed in depth order where that call
+        completed (``tick`` of session ``session``; met on the first logging step, as usual, that is the session
+        that examined every module, so the calls interleave with the other blocks as they ran)."""
+        mid = id(module)
+        first = self.entries[mid]
+        calls = self.calls.setdefault(mid, [])
+        if not calls:
+            for e in first:
+                if e.block.calls is None:
+                    e.block = dataclasses.replace(e.block, name=f"{e.block.name}@0", calls=0)
+        while len(calls) < call:
+            c = len(calls) + 1
+            key_base = (session, tick)  # where this call completed in this session's forward
+            calls.append([_Entry(e.pattern, dataclasses.replace(e.block, name=f"{e.block.name.rsplit('@', 1)[0]}@{c}",
+                                                                calls=c, lost=None, note=e.block.note),
+                                 key_base + e.key[2:]) for e in first if e.block.lost is None])
+            self._reindex()
+        return calls[call - 1]
+
+    def rediscovered(self, module: nn.Module, patterns: Sequence[MergePattern], keys: Sequence[tuple],
+                     found: Sequence[str], step: int | None) -> bool:
+        """``module`` was examined again (its graph no longer matched): keep what still merges under its old name
+        and depth index, add what is new, and mark *lost* (at ``step``) each measured block whose merge is gone.
+        Blocks never measured are dropped, as before. Returns whether the module has any entries."""
+        mid = id(module)
+        old = self.entries.get(mid, [])
+        if not any(e.measured or e.block.lost is not None for e in old):
+            return self.set_entries(module, patterns, keys, found)
+        left = list(old)
+        matched: list[_Entry | None] = []
+        for p in patterns:
+            # the same merge; else the same branch seen from its merge (the graph around it moved: a sibling
+            # merge of the module was lost); else one of the same kind
+            e = next((e for e in left if e.pattern == p), None) or next(
+                (e for e in left if (e.pattern.consumers, e.pattern.skip_edge) == (p.consumers, p.skip_edge)),
+                None) or next((e for e in left if (e.pattern.kind, e.pattern.skip_ops, e.pattern.branches)
+                               == (p.kind, p.skip_ops, p.branches)), None)
+            if e is not None:
+                left.remove(e)
+            matched.append(e)
+        for i, e in enumerate(matched):  # a merge that changed form (a dead skip repaired): the same block
+            if e is None and left:
+                matched[i] = left.pop(0)
+        base = self.explicit.get(mid) or self.name(mid)
+        names = {e.block.name for e in old}
+        entries = []
+        for p, key, how, e in zip(patterns, keys, found, matched):
+            if e is not None:
+                if e.block.lost is not None:
+                    log.info("gradwatch: %s: its residual merge is back", e.block.name)
+                block = dataclasses.replace(e.block, kind=p.kind, skip=p.skip_ops, branches=p.branches, lost=None,
+                                            found=how, note="skip carries no gradient" if p.dead else "")
+                entries.append(_Entry(p, block, e.key, e.measured))
+                continue
+            name = base if base not in names else next(f"{base}[{i}]" for i in range(len(old) + len(patterns) + 1)
+                                                       if f"{base}[{i}]" not in names)
+            names.add(name)
+            entries.append(_Entry(p, Block(name, self.name(mid), p.kind, -1, p.skip_ops, how, branches=p.branches),
+                                  key))
+        for e in left:
+            if not (e.measured or e.block.lost is not None):
+                continue
+            if e.block.lost is None:
+                log.warning("gradwatch: %s: its residual merge is gone from the graph at step %s while the module "
+                            "still runs (out = branch(x)?); measured from now on as a block whose skip carries "
+                            "nothing", e.block.name, step)
+            at = e.block.lost if e.block.lost is not None else step
+            block = dataclasses.replace(e.block, lost=-1 if at is None else at, note=f"merge lost at step {at}")
+            entries.append(_Entry(e.pattern, block, e.key, e.measured))
+        self._store(mid, entries)
         return bool(entries)
+
+    def forget_lost(self, mid: int) -> None:
+        """The user replaced ``mid``'s blocks on purpose (``watch``): its lost blocks are forgotten."""
+        entries = [e for e in self.entries.get(mid, ()) if e.block.lost is None]
+        if entries:
+            self.entries[mid] = entries
+        else:
+            self.entries.pop(mid, None)
+        self._reindex()
 
     def adopt_sibling(self, module: nn.Module, outs: list[Any], key: tuple) -> bool:
         """A module with no live merge, of the same class as a block: is it a block whose skip is dead?
@@ -320,7 +424,8 @@ class BlockRegistry:
                     e.block = dataclasses.replace(e.block, name=f"{base}[{where.index(spot)}]")
 
     def _reindex(self) -> None:
-        entries = sorted((e for es in self.entries.values() for e in es), key=lambda e: e.key)
+        calls = (e for per in self.calls.values() for es in per for e in es)
+        entries = sorted([*(e for es in self.entries.values() for e in es), *calls], key=lambda e: e.key)
         for i, e in enumerate(entries):
             if e.block.index != i:
                 e.block = dataclasses.replace(e.block, index=i)

@@ -24,6 +24,7 @@ class FlowBatch:
     values: torch.Tensor
     step: int | None = None  # the step the probe was armed for (``step()`` at the first hooked forward)
     backward: bool = True  # whether any hook saw a gradient (False: the step was measured before backward)
+    lost: tuple[str, ...] = ()  # blocks of ``names`` whose merge is gone from the graph (measured with skip 0)
 
 
 class _Session:
@@ -40,7 +41,9 @@ class _Session:
         self.slots: dict[int, list[tuple[_Entry, _Slot]]] = {}
         self.handles: dict[int, list[Any]] = {}
         self.examined: list[int] = []
-        self.order: dict[int, int] = {}  # module id -> position of its first completed call (depth order)
+        self.order: dict[int, int] = {}  # module id -> tick of its first completed call (depth order)
+        self.tick = 0  # completed forwards of hooked modules so far (orders calls of shared modules too)
+        self.calls: dict[int, tuple[int, int]] = {}  # module id -> (model forward number, its last call index)
         self.merges: dict[int, _Slot] = {}  # id of an armed merge node -> its slot
         self.open = True  # False once collected or dropped
 
@@ -69,13 +72,13 @@ class _Session:
         self.rejected.clear()
         self.merges.clear()
 
-    def rows(self) -> list[tuple[int, str, _Slot]]:
-        """``(depth index, block name, slot)`` of every armed merge, in depth order, each slot finished."""
+    def rows(self) -> list[tuple[int, str, _Slot, bool]]:
+        """``(depth index, block name, slot, lost)`` of every armed merge, in depth order, each slot finished."""
         rows = []
         for mid, pairs in self.slots.items():
             for entry, slot in pairs:
                 slot.finish()
-                rows.append((entry.block.index, entry.block.name, slot))
+                rows.append((entry.block.index, entry.block.name, slot, entry.block.lost is not None))
         rows.sort(key=lambda r: r[0])
         return rows
 

@@ -227,7 +227,8 @@ class Meter:
         block_columns = None
         if flow_host is not None and pending.flow is not None:  # flow norms were transferred only with a flow
             blocks, block_columns = pending.flow.names, flow_metrics(flow_host)
-        return StepRecord.build(pending.step, layers, columns, whole, blocks, block_columns)
+        lost = pending.flow.lost if pending.flow is not None else ()
+        return StepRecord.build(pending.step, layers, columns, whole, blocks, block_columns, lost)
 
     def _join(self, parts: list[torch.Tensor], flow: torch.Tensor | None, names: tuple[str, ...],
               layout: _Layout | None) -> tuple[torch.Tensor, int]:

@@ -153,7 +153,10 @@ class Stages:
         table, btable = np.vstack(tables), np.vstack(btables)
         merged = StepRecord.build(record.step, layers, {m: table[:, i] for i, m in enumerate(metrics)}, whole,
                                   blocks, {m: btable[:, i] for i, m in enumerate(FLOW_METRICS)} if blocks else None)
-        return dataclasses.replace(merged, kinds=tuple(kinds), verified=record.verified)
+        # this stage's lost blocks, under the names the merged record gives them (other stages' are not sent)
+        mine = self._prefix[self._mine] if self._mine is not None and self._mine < len(self._prefix) else ""
+        lost = tuple(mine + b for b in record.lost if mine + b in blocks)
+        return dataclasses.replace(merged, kinds=tuple(kinds), verified=record.verified, lost=lost)
 
     @staticmethod
     def _device(record: StepRecord) -> torch.device:

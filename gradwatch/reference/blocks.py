@@ -11,7 +11,8 @@ Shortcut options (the 2015 paper's names):
 - ``"none"``: no shortcut at all: the *plain* counterpart with the same layers.
 
 Faults for validation: a block's ``skip_fault`` is ``None`` (healthy), ``"detached"`` (the skip carries no
-gradient: ``s.detach()``) or ``("scaled", c)`` (the skip is multiplied by ``c``). Plant them at build time
+gradient: ``s.detach()``), ``"dropped"`` (the forward returns the branch alone: no merge) or ``("scaled", c)``
+(the skip is multiplied by ``c``). Plant them at build time
 with ``resnet(..., skip_fault={3: "detached", 7: ("scaled", 1e-4)})`` or later with :func:`set_skip_fault`;
 block indices count residual blocks in depth order from 0.
 
@@ -52,7 +53,7 @@ SkipFault = Union[None, str, tuple]
 
 
 def _check_fault(fault: SkipFault) -> SkipFault:
-    if fault is None or fault == "detached":
+    if fault is None or fault in ("detached", "dropped"):
         return fault
     if (
         isinstance(fault, tuple)
@@ -61,7 +62,7 @@ def _check_fault(fault: SkipFault) -> SkipFault:
         and isinstance(fault[1], (int, float))
     ):
         return ("scaled", float(fault[1]))
-    raise ValueError(f"skip_fault must be None, 'detached' or ('scaled', factor), got {fault!r}")
+    raise ValueError(f"skip_fault must be None, 'detached', 'dropped' or ('scaled', factor), got {fault!r}")
 
 
 class ZeroPadShortcut(nn.Module):
@@ -147,8 +148,8 @@ class _ResidualBlock(nn.Module):
         return s
 
     def _merge(self, out: torch.Tensor, x: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
-        if not self.has_skip:
-            return out
+        if not self.has_skip or self.skip_fault == "dropped":
+            return out  # "dropped": the forward no longer adds the skip at all (out = branch(x))
         s = self._skip(x, pre)
         route = getattr(self, "route", None)
         if route is not None:  # Veit et al.'s routed backward (gradwatch.reference.paths): forward unchanged

@@ -29,6 +29,7 @@ from torch import nn
 from .blocks import resnet
 from .data import synthetic_images
 from .zoo_report import main_with, report
+from .zoo_structures import FAULT_STEP, FaultyEncoder, resnet_fault_from
 from .zoo_run import ZooResult, run_entry
 
 # Optional libraries: imported once, here; entries of a missing library are skipped, not failed.
@@ -319,6 +320,36 @@ def _registry() -> list[ZooEntry]:
         E("fault_conv_shortcuts", ref, "ResNet-110, 1x1-conv shortcut on every block (He et al. 2016; "
           "shortcut='C')", lambda: resnet(110, shortcut="C"), _REF, SGD, 54, healthy=False,
           expect={"vanishing": None}),
+        # structures discovery must count right (one 3-way merge per parallel layer, one block per call of a shared
+        # layer, no scan/score/fusion adds), and skips zeroed or dropped mid-run (gradwatch.reference.zoo_structures)
+        E("hf_phi", hf, "Phi, parallel attention + MLP (x + attn(ln x) + mlp(ln x)), 4 layers: one 3-way merge each",
+          _hf("PhiForCausalLM", "PhiConfig", hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+              num_attention_heads=4, **_TEXT), TokenTask("causal"), ADAMW, 4),
+        E("hf_albert", hf, "ALBERT, one shared layer run 4 times: 2 merges x 4 calls",
+          _hf("AlbertForSequenceClassification", "AlbertConfig", hidden_size=128, num_hidden_layers=4,
+              num_attention_heads=4, intermediate_size=256, embedding_size=64, num_labels=2, **_TEXT),
+          TokenTask("classify"), ADAMW, 8),
+        E("hf_mamba", hf, "Mamba (slow CPU scan), 3 layers: layer residual + the SSM's D skip, no scan adds",
+          _hf("MambaForCausalLM", "MambaConfig", hidden_size=64, num_hidden_layers=3, state_size=8,
+              vocab_size=1000), TokenTask("causal"), ADAMW, 6),
+        E("hf_deberta_v2", hf, "DeBERTa-v2, relative-position attention (c2p + p2c score adds), 2 layers",
+          _hf("DebertaV2ForSequenceClassification", "DebertaV2Config", hidden_size=64, num_hidden_layers=2,
+              num_attention_heads=2, intermediate_size=128, num_labels=2, relative_attention=True,
+              position_buckets=16, pos_att_type=["p2c", "c2p"], **_TEXT), TokenTask("classify"), ADAMW, 4),
+        E("timm_hrnet_w18_small", tm, "HRNet-W18-small: multi-resolution fusion adds are not blocks",
+          _timm("hrnet_w18_small"), _IMG, SGD_CNN, 23),
+        E("fault_zeroed_skip_midrun", ref, f"ResNet-20, block 4 (layer2.1) skip multiplied by 0 from step {FAULT_STEP}",
+          resnet_fault_from(("scaled", 0.0)), _REF, SGD, 9, healthy=False, expect={"skip_collapse": "layer2.1"},
+          steps=30, every=2),
+        E("fault_dropped_skip_midrun", ref, f"ResNet-20, block 4 (layer2.1) returns its branch alone from step "
+          f"{FAULT_STEP}", resnet_fault_from("dropped"), _REF, SGD, 9, healthy=False,
+          expect={"lost_skip": "layer2.1"}, steps=30, every=2),
+        E("fault_zeroed_skip_transformer", ref, "pre-LN encoder (nn.TransformerEncoderLayer x4), layer 1's MLP skip "
+          f"multiplied by 0 from step {FAULT_STEP}", lambda: FaultyEncoder("zeroed"), VectorTask(), ADAMW, 8,
+          healthy=False, expect={"skip_collapse": "layers.1[1]"}, steps=30, every=2),
+        E("fault_dropped_skip_transformer", ref, "pre-LN encoder (nn.TransformerEncoderLayer x4), layer 1's MLP "
+          f"residual dropped from step {FAULT_STEP}", lambda: FaultyEncoder("dropped"), VectorTask(), ADAMW, 8,
+          healthy=False, expect={"lost_skip": "layers.1[1]"}, steps=30, every=2),
     ]
 
 

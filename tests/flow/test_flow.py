@@ -387,7 +387,8 @@ def test_detached_and_scaled_skips_are_seen():
     assert len(found) == 9
     assert (found[3].kind, found[3].note, found[3].name) == ("projection", "", "layer2.0")
     later = values(mon, 4)
-    assert later["layer2.0"]["skip_share"] > 0.1 and "layer2.0" not in values(mon, 3)
+    # a graph that changed is examined again at once: the repaired skip is measured at the step it came back
+    assert later["layer2.0"]["skip_share"] > 0.1 and values(mon, 3)["layer2.0"]["skip_share"] > 0.1
     assert found[5].kind == "scaled"
     for step in range(3):
         v = values(mon, step)

@@ -790,15 +790,17 @@ class _TiedNet(nn.Module):
 
 def test_a_module_around_blocks_does_not_claim_their_merges_while_their_arming_waits():
     # blocks are armed at the end of the model's forward, but an enclosing module examined before then must
-    # still see their merges as taken: one block here, not the block and two more for its container
+    # still see their merges as taken: the shared block's three calls (each a block of its own), nothing for
+    # its container
     torch.manual_seed(0)
     net = _TiedNet()
     opt = torch.optim.SGD(net.parameters(), lr=0.05)
     mon = gradwatch.Monitor(net, optimizer=opt, every=1, strict=True)
     sgd_steps(net, opt, range(3), data=lambda _: (torch.randn(6, 4), torch.randint(0, 3, (6,))))
-    assert [b.name for b in mon.describe()] == ["enc.b"]
+    assert [b.name for b in mon.describe()] == ["enc.b@0", "enc.b@1", "enc.b@2"]
+    assert {b.module for b in mon.describe()} == {"enc.b"}
     rows = flow_rows(mon)
-    assert set(rows.name) == {"enc.b"} and np.isfinite(rows.value).all()
+    assert set(rows.name) == {"enc.b@0", "enc.b@1", "enc.b@2"} and np.isfinite(rows.value).all()
     assert not mon.errors
 
 

@@ -82,3 +82,46 @@ def test_report_lists_every_result_and_the_failures(tmp_path_factory):
     assert text.startswith("# header")
     assert "| hf_gpt2 | transformers |" in text and "| fault_nan |" in text
     assert "## Failures" in text
+
+
+# Structures block discovery must count right (gradwatch.reference.zoo_structures): one training forward each
+# (discovery only, ~1 s in all), the merge count pinned by the entry.
+STRUCTURES = ["hf_phi", "hf_albert", "hf_mamba", "hf_deberta_v2"]
+
+
+@pytest.mark.parametrize("name", STRUCTURES)
+def test_structures_are_counted_as_their_residual_merges(name):
+    from gradwatch.flow import FlowProbe
+
+    entry = ZOO[name]
+    torch.manual_seed(0)
+    model = entry.build()
+    model.train()
+    probe = FlowProbe(model, is_logging=lambda: True, step=lambda: 0)
+    entry.task.loss(model, entry.task.sampler(0)(torch.Generator().manual_seed(0))).backward()
+    assert probe.collect() is not None
+    blocks = probe.describe()
+    probe.close()
+    assert len(blocks) == entry.merges, str(blocks)
+    if name == "hf_phi":  # one three-way merge per layer
+        assert {b.branches for b in blocks} == {2}
+    if name == "hf_albert":  # one shared layer, four calls, in the order they ran
+        assert [b.calls for b in blocks] == [0, 0, 1, 1, 2, 2, 3, 3]
+
+
+@pytest.mark.parametrize("name,block", [("fault_dropped_skip_midrun", "layer2.1"),
+                                        ("fault_dropped_skip_transformer", "layers.1[1]")])
+def test_a_skip_dropped_mid_run_fires_lost_skip_at_that_step(name, block, tmp_path_factory):
+    from gradwatch.reference.zoo_structures import FAULT_STEP
+
+    res = result(name, tmp_path_factory)
+    hits = [(a["step"], a["name"], a["severity"]) for a in res.alerts if a["rule"] == "lost_skip"]
+    assert hits == [(FAULT_STEP, block, "critical")]
+    assert res.merges_found == res.merges_expected and res.status == "pass", res.reasons
+
+
+def test_a_skip_zeroed_mid_run_fires_skip_collapse_and_is_not_lost(tmp_path_factory):
+    res = result("fault_zeroed_skip_transformer", tmp_path_factory)
+    assert {a["name"] for a in res.loud() if a["rule"] == "skip_collapse"} == {"layers.1[1]"}
+    assert not [a for a in res.alerts if a["rule"] == "lost_skip"]
+    assert res.status == "pass", res.reasons
