@@ -96,12 +96,12 @@ def _lr(run: Run, i: int) -> float:
 
 
 def runs(quick: bool = False) -> list[Run]:
-    """The suite (``quick``: one stable and one unstable learning rate, seed 0): peak learning rates from stable
+    """The suite (``quick``: one stable and one unstable learning rate, seed 0, 120 steps): peak learning rates from stable
     (0.03, 0.1) to unstable (0.3, 0.5), each with and without qk-layernorm, reached by a linear warm-up over 200
     of 250 steps; an LR schedule restart (a cosine from 0.1 to 0 at step 120, then a 30-step warm-up to 0.5,
     Adam's state kept); β2 = 0.9999 at a peak of 0.1 (stable at β2 = 0.95) for 300 steps; seeds 0, 1, 2."""
     if quick:
-        return [Run("lr0.03-s0", "lr", 0.03), Run("lr0.5-s0", "lr", 0.5)]
+        return [Run("lr0.03-s0", "lr", 0.03, steps=120), Run("lr0.5-s0", "lr", 0.5, steps=120)]
     out = []
     for seed in (0, 1, 2):
         for lr in (0.03, 0.1, 0.3, 0.5):
@@ -112,9 +112,9 @@ def runs(quick: bool = False) -> list[Run]:
     return out
 
 
-def run_one(run: Run, out: str | None = None, threads: int = 1, every: int = 1,
-            record_signal: bool = True) -> RunOutcome:
-    """Train ``run`` with a default monitor (logging every ``every`` steps) and score it."""
+def run_one(run: Run, out: str | None = None, threads: int = 1, every: int = 1) -> RunOutcome:
+    """Train ``run`` with a default monitor (logging every ``every`` steps; TensorBoard logs under
+    ``<out>/<run>`` without pictures, when ``out`` is given) and score it."""
     torch.set_num_threads(threads)
     torch.manual_seed(run.seed)
     model = TinyGPT(qk_norm=run.qk_norm)
@@ -128,7 +128,7 @@ def run_one(run: Run, out: str | None = None, threads: int = 1, every: int = 1,
     log.setLevel(logging.CRITICAL + 1)
     start = time.perf_counter()
     try:
-        with Monitor(model, optimizer=opt, every=every, remind_after=None,
+        with Monitor(model, optimizer=opt, every=every, remind_after=None, pictures=0,
                      log_dir=os.path.join(out, run.name) if out else None) as mon:
             for i in range(run.steps):
                 for g in opt.param_groups:
