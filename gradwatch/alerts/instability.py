@@ -102,16 +102,15 @@ class Instability(Rule):
         return [self._finding(m, names, ru, rg, growing, exploded, int(opened))]
 
     def _ratios(self, key: str, names: list[str], values: np.ndarray) -> np.ndarray:
-        """Each value over the median of its last ``window`` values (NaN until ``window`` are kept), then
-        the value joins its history."""
+        """Each value over the median of its last ``window`` values (NaN until ``window`` are kept)."""
         hist: dict[str, list[float]] = self.state[key]
         out = np.full(len(names), np.nan)
-        for i, (name, v) in enumerate(zip(names, values)):
-            h = hist.get(name)
-            if h is not None and len(h) >= self.window:
-                med = float(np.nanmedian(h))
-                if med > 0 and math.isfinite(v):
-                    out[i] = v / med
+        full = [i for i, n in enumerate(names) if len(hist.get(n, ())) >= self.window]
+        if full:  # one median over a (layers x window) array: rules run on every logging step
+            med = np.nanmedian(np.array([hist[names[i]][-self.window:] for i in full], dtype=np.float64), axis=1)
+            v = np.asarray(values, dtype=np.float64)[full]
+            with np.errstate(divide="ignore", invalid="ignore"):
+                out[full] = np.where((med > 0) & np.isfinite(v), v / med, np.nan)
         return out
 
     def _remember(self, key: str, names: list[str], values: np.ndarray) -> None:
