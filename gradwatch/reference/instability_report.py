@@ -40,11 +40,11 @@ class Scores:
 def scores(outcomes: Sequence[RunOutcome]) -> Scores:
     """The suite's figures from its runs' outcomes."""
     spiked = [o for o in outcomes if o.spike is not None]
-    ahead = [o for o in spiked if o.lead is not None and o.lead > 0]
+    leads = [o.lead for o in spiked if o.lead is not None and o.lead > 0]
     stable = [o for o in outcomes if o.spike is None]
-    return Scores(len(outcomes), len(spiked), len(ahead), len(ahead) / len(spiked) if spiked else math.nan,
-                  float(statistics.median(o.lead for o in ahead)) if ahead else math.nan,
-                  sum(o.warning is not None for o in stable), len(spiked) - len(ahead), len(stable))
+    return Scores(len(outcomes), len(spiked), len(leads), len(leads) / len(spiked) if spiked else math.nan,
+                  float(statistics.median(leads)) if leads else math.nan,
+                  sum(o.warning is not None for o in stable), len(spiked) - len(leads), len(stable))
 
 
 def summary_line(s: Scores) -> str:
