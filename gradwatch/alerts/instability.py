@@ -4,6 +4,7 @@ comes before it (``docs/alerts.md``, ``docs/validation.md``: the instability sui
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import numpy as np
@@ -115,7 +116,9 @@ class Instability(Rule):
         out = np.full(len(names), np.nan)
         full = [i for i, n in enumerate(names) if len(hist.get(n, ())) >= self.window]
         if full:  # one median over a (layers x window) array: rules run on every logging step
-            med = np.nanmedian(np.array([hist[names[i]][-self.window:] for i in full], dtype=np.float64), axis=1)
+            with warnings.catch_warnings():  # a window of NaN only (a layer never updated): NaN, is no growth
+                warnings.simplefilter("ignore", RuntimeWarning)
+                med = np.nanmedian(np.array([hist[names[i]][-self.window:] for i in full], dtype=np.float64), axis=1)
             v = np.asarray(values, dtype=np.float64)[full]
             with np.errstate(divide="ignore", invalid="ignore"):
                 out[full] = np.where((med > 0) & np.isfinite(v), v / med, np.nan)
@@ -127,9 +130,10 @@ class Instability(Rule):
         out = np.full(len(names), np.nan)
         full = [i for i, n in enumerate(names) if len(hist.get(n, ())) >= self.window]
         if full:
-            with np.errstate(divide="ignore", invalid="ignore"):
+            with np.errstate(divide="ignore", invalid="ignore"), warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # as in _ratios
                 x = np.log(np.array([hist[names[i]][-self.window:] for i in full], dtype=np.float64))
-            out[full] = np.nanmedian(np.abs(x - np.nanmedian(x, axis=1, keepdims=True)), axis=1)
+                out[full] = np.nanmedian(np.abs(x - np.nanmedian(x, axis=1, keepdims=True)), axis=1)
         return out
 
     def _remember(self, key: str, names: list[str], values: np.ndarray) -> None:
