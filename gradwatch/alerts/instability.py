@@ -51,7 +51,7 @@ class Instability(Rule):
     name = "instability"
 
     def __init__(self, window: int = 30, update_growth: float = 1.5, grad_growth: float = 2.0,
-                 patience: int = 2, branch_growth: float = 2.0, spread: float = 3.5,
+                 patience: int = 2, branch_growth: float = 2.0, spread: float = 4.0,
                  clear_margin: float = 2.0) -> None:
         super().__init__(patience, clear_margin)
         self.spread = check_number(spread, "spread", owner=self.name)
