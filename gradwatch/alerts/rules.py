@@ -461,7 +461,7 @@ RULES: dict[str, type[Rule]] = {
 
 def default_rules() -> list[Rule]:
     """One instance of every built-in rule with its default settings."""
-    return [cls() for cls in RULES.values()]
+    return [cls() for cls in RULES.values() if getattr(cls, "on_by_default", True)]
 
 
 def build_rules(spec: Any) -> list[Rule]:
@@ -484,7 +484,7 @@ def build_rules(spec: Any) -> list[Rule]:
             raise ValueError(f"unknown rule(s) {sorted(unknown)}; built-in rules are {list(RULES)}")
         rules = []
         for name, cls in RULES.items():
-            opts = spec.get(name, True)
+            opts = spec.get(name, getattr(cls, "on_by_default", True))
             if opts is False:
                 continue
             if opts is True:

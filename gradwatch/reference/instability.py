@@ -128,7 +128,7 @@ def run_one(run: Run, out: str | None = None, threads: int = 1, every: int = 1) 
     log.setLevel(logging.CRITICAL + 1)
     start = time.perf_counter()
     try:
-        with Monitor(model, optimizer=opt, every=every, remind_after=None, pictures=0,
+        with Monitor(model, optimizer=opt, every=every, remind_after=None, pictures=0, rules={"instability": {}},
                      log_dir=os.path.join(out, run.name) if out else None) as mon:
             for i in range(run.steps):
                 for g in opt.param_groups:

@@ -376,7 +376,7 @@ def test_arguments_are_validated():
     train(model, off, 2)
     assert off.alerts == [] and off.state_dict().get("alerts") is None
     assert [r.name for r in build_rules({"dead_layer": False})] == [
-        "nonfinite", "instability", "skip_collapse", "attenuated_identity", "vanishing", "exploding", "depth_trend"]
+        "nonfinite", "skip_collapse", "attenuated_identity", "vanishing", "exploding", "depth_trend"]
 
 
 @pytest.mark.parametrize("bad,error", [

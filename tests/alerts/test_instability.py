@@ -101,25 +101,8 @@ def test_bad_settings_are_refused(kw):
         Instability(**kw)
 
 
-def test_it_is_on_by_default_and_runs_before_skip_collapse():
-    names = [r.name for r in build_rules(None)]
+def test_it_is_off_by_default_on_when_asked_and_runs_before_skip_collapse():
+    assert "instability" not in [r.name for r in build_rules(None)]
+    names = [r.name for r in build_rules({"instability": {}})]
     assert "instability" in names and names.index("instability") < names.index("skip_collapse")
     assert list(RULES).index("instability") < list(RULES).index("skip_collapse")
-
-
-def test_growth_within_a_layers_own_scatter_is_quiet_and_beyond_it_fires():
-    # a.qkv's gradient and update scatter from 0.5x to 2.8x from step to step (SGD at a small batch), two
-    # steps above 2x in a row once every 7: its normal scatter; a calm layer stepping up 2.5x is not
-    cycle = [0.5, 1.0, 2.6, 2.8, 0.7, 1.0, 1.3]
-
-    def noisy(t, up):
-        w = cycle[t % 7]
-        return step(t, update={"a.qkv": 1e-3 * w, "m.fc2": 2.5e-3 if up else 1e-3},
-                    grad={"a.qkv": w, "m.fc2": 2.5 if up else 1.0})
-    seq = [noisy(t, False) for t in range(42)] + [noisy(t, True) for t in range(42, 45)]
-    fired = [(t, found[0]) for t, found, _ in run(Instability(window=14), seq) if found]
-    assert fired and fired[0][0] == 43 and fired[0][1].name == "m.fc2"
-    assert all("a.qkv" not in a.message for _, a in fired)
-    # without the scatter test, a.qkv's ordinary pair of high steps reads as growth
-    loose = [t for t, found, _ in run(Instability(window=14, spread=1e-6), seq) if found]
-    assert loose and loose[0] < 42
