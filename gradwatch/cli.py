@@ -227,7 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     val.add_argument("--jobs", type=_positive, default=min(4, os.cpu_count() or 1),
                      help="cases trained in parallel processes, one thread each (default: cores, at most 4)")
     val.add_argument("--only", nargs="+", metavar="CASE", help="only these cases or groups (healthy, control, "
-                                                                "fault, variant)")
+                                                                "fault, variant, instability)")
     val.add_argument("--seeds", type=_positive, default=1, help="run every case with seeds 0..N-1 (default: 1)")
     val.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     val.add_argument("--threads", type=_positive, default=1, help="torch threads per process (default: 1)")

@@ -50,6 +50,9 @@ class Measurements:
     block: dict[str, np.ndarray] = field(default_factory=dict)
     forward: Mapping[str, int] = field(default_factory=dict)
     lost: list[str] = field(default_factory=list)  # blocks whose merge is gone (StepRecord.lost)
+    #: What a rule found this step for the rules after it (``"unstable_blocks"``: the blocks whose skip the
+    #: ``instability`` rule explains, which ``skip_collapse`` then leaves to it); rules run in ``RULES`` order.
+    context: dict[str, Any] = field(default_factory=dict)
     # what several rules (and the health figures) derive alike, computed once per step; add() clears it
     _memo: dict[Any, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
 

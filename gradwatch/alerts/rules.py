@@ -41,6 +41,7 @@ from .._checks import check_fraction, check_int, check_number
 from ..names import EARLY_FRACTION, short_list
 from .alert import Alert
 from .highway import highway
+from .instability import Instability
 from .lost import LostSkip
 from .measurements import Measurements, depth_slope, early_ratio
 from .rule import Rule
@@ -61,6 +62,10 @@ class SkipCollapse(Rule):
 
     Defaults: healthy reference ResNets stay above 0.024 (post-activation, during training) and 0.16
     (pre-activation); a detached skip gives 0 and a skip scaled by 1e-4 gives ~1e-8.
+
+    A block the ``instability`` rule lists in ``m.context["unstable_blocks"]`` (its branch grew against its
+    skip since an instability warning opened) is left to that rule: its streak restarts, so it is judged
+    again only once the instability is over.
     """
 
     name = "skip_collapse"
@@ -74,8 +79,12 @@ class SkipCollapse(Rule):
     def check(self, m: Measurements) -> list[Alert]:
         """One finding per block whose ``skip_share`` has stayed below ``threshold`` for ``patience`` logging steps."""
         share = m.block_values("skip_share")
+        explained = m.context.get("unstable_blocks", ())  # branch exploded: the instability rule reports it
         out = []
         for name, s in zip(m.blocks, share):
+            if name in explained:
+                self.streak(name, False)
+                continue
             finite = bool(np.isfinite(s))
             n = self.hold(name, finite and s < self.threshold, finite and s >= self.threshold * self.clear_margin)
             if n >= self.patience:
@@ -447,14 +456,14 @@ class DeadLayer(Rule):
 
 #: The built-in rules by name, in the order they are evaluated.
 RULES: dict[str, type[Rule]] = {
-    cls.name: cls for cls in (NonFinite, SkipCollapse, LostSkip, AttenuatedIdentity, Vanishing, Exploding, DepthTrend,
-                              DeadLayer)
+    cls.name: cls for cls in (NonFinite, Instability, SkipCollapse, LostSkip, AttenuatedIdentity, Vanishing,
+                              Exploding, DepthTrend, DeadLayer)
 }
 
 
 def default_rules() -> list[Rule]:
     """One instance of every built-in rule with its default settings."""
-    return [cls() for cls in RULES.values()]
+    return [cls() for cls in RULES.values() if getattr(cls, "on_by_default", True)]
 
 
 def build_rules(spec: Any) -> list[Rule]:
@@ -477,7 +486,7 @@ def build_rules(spec: Any) -> list[Rule]:
             raise ValueError(f"unknown rule(s) {sorted(unknown)}; built-in rules are {list(RULES)}")
         rules = []
         for name, cls in RULES.items():
-            opts = spec.get(name, True)
+            opts = spec.get(name, getattr(cls, "on_by_default", True))
             if opts is False:
                 continue
             if opts is True:

@@ -10,7 +10,10 @@ A scorecard over reference networks trained on the embedded data with the defaul
   0 in one layer's param group;
 - **variants**: He et al. 2016's shortcut variants on a 110-layer net (:data:`gradwatch.reference.blocks.VARIANTS`),
   which the paper found train worse than the identity; what gradwatch flags and what it only shows is
-  recorded, never counted as a miss or a false alarm.
+  recorded, never counted as a miss or a false alarm;
+- **instability** (:mod:`gradwatch.reference.instability`): tiny transformers pushed into loss spikes, each
+  run scored on whether a warning came before its spike, and runs that never spike must stay quiet
+  (``--only instability``; two runs under ``--quick``).
 
 Each case is trained with momentum SGD (lr 0.1, momentum 0.9, weight decay 1e-4; nets of 56 layers and more
 warm up at lr 0.01 for the first quarter of the steps, as He et al. did for deep nets), logs to TensorBoard
@@ -36,6 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..monitor import Monitor
+from . import instability, instability_report
 from ._json import dump_json
 from .blocks import VARIANTS, resnet, set_shortcut_variant
 from .data import synthetic_images
@@ -256,20 +260,53 @@ def _worker(args: tuple[str, bool, str, int, int, int, str, str, int]) -> Outcom
 def run(quick: bool = False, out: str = "runs/validate", steps: int | None = None, every: int = 5,
         jobs: int = 1, only: Sequence[str] = (), stream=None, out_md: str | None = None,  # noqa: ANN001
         seeds: int = 1, device: str = "cpu", threads: int = 1) -> list[Outcome]:
-    """Run the scorecard (each case with ``seeds`` seeds, on ``device``); print a line per case and the
-    table; write ``<out>/validate.json`` and, with ``out_md``, the scorecard section of that page."""
+    """Run the scorecard (each case with ``seeds`` seeds, on ``device``) and the instability suite (``only``
+    naming ``"instability"``, or nothing); print a line per case and the tables; write ``<out>/validate.json``
+    and, with ``out_md``, the scorecard's and the suite's sections of that page."""
     stream = stream or sys.stdout
     steps = steps or (120 if quick else 300)
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device is available to torch here")
-    picked = [c for c in cases(quick) if not only or c.name in only or c.group in only]
-    if not picked:
-        raise ValueError(f"no case matches {list(only)}; cases: {', '.join(c.name for c in cases(quick))}")
+    rest = [o for o in only if o != "instability"]
+    suite = not only or "instability" in only
+    picked = [c for c in cases(quick) if c.name in rest or c.group in rest] if only else cases(quick)
+    if rest and not picked:
+        raise ValueError(f"no case matches {list(only)}; cases: {', '.join(c.name for c in cases(quick))}, "
+                         "instability")
     chosen = [(c, seed, c.name if seeds == 1 else f"{c.name}-s{seed}") for c in picked for seed in range(seeds)]
     os.makedirs(out, exist_ok=True)
+    start = time.perf_counter()
+    outcomes: list[Outcome] = []
+    if chosen:
+        outcomes = _run_cases(chosen, quick, out, steps, every, jobs, stream, device, threads)
+    command = "gradwatch validate" + (" --quick" if quick else "") + f" --steps {steps} --jobs {jobs}" + (
+        f" --seeds {seeds}" if seeds > 1 else "") + (f" --device {device}" if device != "cpu" else "") + (
+        f" --threads {threads}" if threads != 1 else "") + (
+        f" --only {' '.join(only)}" if only else "")
+    if out_md:
+        command += f" --out-md {out_md}"
+        if chosen:
+            write_markdown(outcomes, out_md, command, steps, every, time.strftime("%Y-%m-%d"), device)
+    runs: list[instability.RunOutcome] = []
+    if suite:
+        runs = _run_suite(quick, out, jobs, stream, out_md, command)
+        outcomes += [_as_outcome(r) for r in runs]
+    bad = [o.case for o in outcomes if not o.passed]
+    print(f"\n{len(outcomes) - len(bad)}/{len(outcomes)} passed in {time.perf_counter() - start:.0f} s"
+          + (f"; failed: {', '.join(bad)}" if bad else ""), file=stream)
+    dump_json(os.path.join(out, "validate.json"), {
+        "quick": quick, "steps": steps, "every": every, "seeds": seeds, "device": device, "threads": threads,
+        "torch": torch.__version__, "command": command, "date": time.strftime("%Y-%m-%d"),
+        "cases": [asdict(o) | {"passed": o.passed} for o in outcomes],
+        "instability": {"runs": [asdict(r) for r in runs],
+                        "scores": asdict(instability_report.scores(runs)) if runs else None}})
+    return outcomes
+
+
+def _run_cases(chosen: list[tuple[Case, int, str]], quick: bool, out: str, steps: int, every: int, jobs: int,
+               stream: Any, device: str, threads: int) -> list[Outcome]:
     print(f"gradwatch validate: {len(chosen)} cases, {steps} steps each, logging every {every}, "
           f"{jobs} process(es), TensorBoard logs in {out}/", file=stream, flush=True)
-    start = time.perf_counter()
     outcomes: list[Outcome] = []
 
     def report(i: int, o: Outcome) -> None:
@@ -298,18 +335,47 @@ def run(quick: bool = False, out: str = "runs/validate", steps: int | None = Non
             outcomes.append(o)
             report(i, o)
     print("\n" + table(outcomes), file=stream)
-    bad = [o.case for o in outcomes if not o.passed]
-    print(f"\n{len(outcomes) - len(bad)}/{len(outcomes)} passed in {time.perf_counter() - start:.0f} s"
-          + (f"; failed: {', '.join(bad)}" if bad else ""), file=stream)
-    command = "gradwatch validate" + (" --quick" if quick else "") + f" --steps {steps} --jobs {jobs}" + (
-        f" --seeds {seeds}" if seeds > 1 else "") + (f" --device {device}" if device != "cpu" else "") + (
-        f" --threads {threads}" if threads != 1 else "") + (
-        f" --only {' '.join(only)}" if only else "")
-    if out_md:
-        command += f" --out-md {out_md}"
-        write_markdown(outcomes, out_md, command, steps, every, time.strftime("%Y-%m-%d"), device)
-    dump_json(os.path.join(out, "validate.json"), {
-        "quick": quick, "steps": steps, "every": every, "seeds": seeds, "device": device, "threads": threads,
-        "torch": torch.__version__, "command": command, "date": time.strftime("%Y-%m-%d"),
-        "cases": [asdict(o) | {"passed": o.passed} for o in outcomes]})
     return outcomes
+
+
+def _run_suite(quick: bool, out: str, jobs: int, stream: Any, out_md: str | None,
+               command: str) -> list[instability.RunOutcome]:
+    """The instability suite: its runs (on one thread each, logging every step), its table and figures."""
+    todo = instability.runs(quick)
+    where = os.path.join(out, "instability")
+    print(f"\ngradwatch validate: instability suite, {len(todo)} runs, logging every step, {jobs} process(es), "
+          f"TensorBoard logs in {where}/", file=stream, flush=True)
+    start = time.perf_counter()
+    done: list[instability.RunOutcome] = []
+    work = partial(instability.run_one, out=where)
+    mapped: Any = ProcessPoolExecutor(max_workers=jobs) if jobs > 1 else None
+    try:
+        for i, o in enumerate(mapped.map(work, todo) if mapped else map(work, todo), 1):
+            done.append(o)
+            print(f"[{i:>2}/{len(todo)}] {o.run:<16} spike {o.spike if o.spike is not None else 'none':>4}  "
+                  f"first warning {o.warning if o.warning is not None else 'none':>4} {o.rule or ''} "
+                  f"{'(' + o.layers + ')' if o.layers else ''}  {o.seconds:5.1f} s", file=stream, flush=True)
+    finally:
+        if mapped:
+            mapped.shutdown()
+    seconds = time.perf_counter() - start
+    print("\n" + instability_report.table(done) + "\n\n" + instability_report.summary_line(
+        instability_report.scores(done)), file=stream)
+    if out_md:
+        instability_report.write_markdown(done, out_md, command, time.strftime("%Y-%m-%d"), seconds)
+    return done
+
+
+def _as_outcome(r: instability.RunOutcome) -> Outcome:
+    """A suite run as a scorecard case: a spiking run must be warned before its spike, one that never spiked
+    must stay quiet (exit status 1 otherwise)."""
+    if r.spike is None:
+        expected, missed = [], []
+        false = [x for x in r.observed if not x.endswith("[info]")]
+    else:
+        expected = [f"a warning before step {r.spike}"]
+        missed = [] if r.lead is not None and r.lead > 0 else [f"a warning before step {r.spike} (the spike)"]
+        false = []
+    return Outcome(r.run, "instability", f"tiny transformer, trigger {r.trigger}", expected, r.observed, missed,
+                   false, {}, r.losses[-1] if r.losses else math.nan, r.seconds, r.errors,
+                   {"step": [float(i) for i in range(len(r.losses))], "loss": r.losses})

@@ -1,0 +1,199 @@
+"""The early warning of a loss spike: :class:`Instability`, from the per-layer update and gradient growth that
+comes before it (``docs/alerts.md``, ``docs/validation.md``: the instability suite)."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any
+
+import numpy as np
+
+from .._checks import check_int, check_number
+from ..names import short_list
+from .alert import Alert
+from .measurements import Measurements
+from .rule import Rule
+
+__all__ = ["Instability"]
+
+_ATTENTION = ("attn", "attention", "qkv", "query", "key", "q_proj", "k_proj", "in_proj")
+
+
+class Instability(Rule):
+    """Training is about to go unstable: a weight layer's update and its gradient both grow fast at once.
+
+    For each ``"weight"`` layer, ``update_to_weight`` and ``grad_norm`` are compared with their medians over
+    the previous ``window`` logging steps; the rule fires (warning) when, for ``patience`` consecutive logging
+    steps, some layer's update has grown ``update_growth`` times *and* its gradient ``grad_growth`` times,
+    both beyond ``spread`` times the layer's own scatter (the median absolute deviation of the log values in
+    the window: a layer whose gradient doubles from batch to batch anyway, as under SGD at batch 32, needs
+    more), judged once ``window`` logging steps are seen; needs an optimizer watched (``Monitor(optimizer=...)``).
+    Either alone is common in healthy runs: a learning-rate warm-up grows every update while the gradients
+    stay put, and one noisy batch grows the gradient for one step; together, held, they are the runaway
+    feedback of too large a step (Wortsman et al. 2023; the update-norm spikes before Marin's loss spikes). It
+    keeps firing until both are back within the square root of their growth, and while a residual branch that
+    grew ``branch_growth`` times against its skip since the warning opened has not come back.
+
+    The incident names the layers whose signal moved first, in order, and says what to do: lower the peak
+    learning rate or lengthen the warm-up; qk-layernorm when attention layers move first; z-loss when the
+    output layer does; check the data at the step it started when most layers moved in the same step.
+    Blocks whose branch grew that way are passed on in ``Measurements.context["unstable_blocks"]``:
+    :class:`~gradwatch.alerts.rules.SkipCollapse` leaves them to this rule (a skip that "collapses" because
+    its branch exploded is this instability, not an architectural fault).
+
+    Defaults chosen on the instability suite (``gradwatch validate --only instability``, logging every step),
+    three healthy reference ResNets and five stock models trained as the zoo trains them, all logged every
+    step: the figures, all in-sample, and the limits are in ``docs/alerts.md``.
+    Windows and patience count logging steps: with ``every=50`` the rule judges after 1,500 steps.
+    """
+
+    name = "instability"
+    #: Off unless asked for (``rules={"instability": {}}``): under SGD the update follows the gradient, and on a
+    #: 10-layer ReLU MLP trained 10,000 steps with SGD (tests/alerts/test_incident_runs.py) it opened 10 times.
+    on_by_default = False
+
+    def __init__(self, window: int = 30, update_growth: float = 1.5, grad_growth: float = 2.0,
+                 patience: int = 2, branch_growth: float = 2.0, spread: float = 4.0,
+                 clear_margin: float = 2.0) -> None:
+        super().__init__(patience, clear_margin)
+        self.spread = check_number(spread, "spread", owner=self.name)
+        self.window = check_int(window, "window", minimum=2, owner=self.name)
+        self.update_growth = check_number(update_growth, "update_growth", owner=self.name)
+        self.grad_growth = check_number(grad_growth, "grad_growth", owner=self.name)
+        self.branch_growth = check_number(branch_growth, "branch_growth", owner=self.name)
+        for key, v in (("update_growth", self.update_growth), ("grad_growth", self.grad_growth),
+                       ("branch_growth", self.branch_growth)):
+            if v <= 1:
+                raise ValueError(f"{self.name}: {key} must be > 1, got {v!r}")
+        # per layer: the last `window` values (oldest first); when each layer's growth began; the branch/skip
+        # ratios of the blocks before the warning opened, and the step it opened
+        self.state.update({"update": {}, "grad": {}, "branch": {}, "since": {}, "opened": None,
+                           "baseline": {}})
+
+    def check(self, m: Measurements) -> list[Alert]:
+        """One finding while some layer's update and gradient have both outgrown their recent medians."""
+        idx = m.weight_layers()
+        names = [m.layers[i] for i in idx]
+        u, g = m.values("update_to_weight")[idx], m.values("grad_norm")[idx]
+        ru, rg = self._ratios("update", names, u), self._ratios("grad", names, g)
+        # growth beyond the layer's own step-to-step scatter: log ratio > spread x median absolute deviation
+        with np.errstate(divide="ignore", invalid="ignore"):
+            beyond = (np.log(ru) > self.spread * self._scatter("update", names)) & (
+                np.log(rg) > self.spread * self._scatter("grad", names))
+        branch = self._branch_ratio(m)
+        self._remember("update", names, u)
+        self._remember("grad", names, g)
+        since: dict[str, int] = self.state["since"]
+        growing, calm = [], True
+        for name, a, b, far in zip(names, ru, rg, beyond):
+            fire = bool(a > self.update_growth and b > self.grad_growth and far)
+            clear = not (a > math.sqrt(self.update_growth) or b > math.sqrt(self.grad_growth))
+            n = self.hold(name, fire, clear)
+            if n:
+                since.setdefault(name, int(m.step))
+                calm = False
+                if n >= self.patience:
+                    growing.append(name)
+            else:
+                since.pop(name, None)
+        opened = self.state["opened"]
+        if growing and opened is None:  # the branches' level before it began: the medians of their window
+            opened = self.state["opened"] = int(m.step)
+            self.state["baseline"] = {k: float(np.nanmedian(h)) for k, h in self.state["branch"].items() if h}
+        exploded = self._exploded(branch) if opened is not None else []
+        if opened is None or not exploded:  # the level before: kept while no warning is open
+            self._remember("branch", list(branch), np.array(list(branch.values()), dtype=np.float64))
+        if not growing and not exploded:
+            if calm:
+                self.state["opened"] = None
+                self.state["baseline"] = {}
+            return []
+        if exploded:
+            m.context["unstable_blocks"] = set(exploded)
+        return [self._finding(m, names, ru, rg, growing, exploded, int(opened))]
+
+    def _ratios(self, key: str, names: list[str], values: np.ndarray) -> np.ndarray:
+        """Each value over the median of its last ``window`` values (NaN until ``window`` are kept)."""
+        hist: dict[str, list[float]] = self.state[key]
+        out = np.full(len(names), np.nan)
+        full = [i for i, n in enumerate(names) if len(hist.get(n, ())) >= self.window]
+        if full:  # one median over a (layers x window) array: rules run on every logging step
+            with warnings.catch_warnings():  # a window of NaN only (a layer never updated): NaN, is no growth
+                warnings.simplefilter("ignore", RuntimeWarning)
+                med = np.nanmedian(np.array([hist[names[i]][-self.window:] for i in full], dtype=np.float64), axis=1)
+            v = np.asarray(values, dtype=np.float64)[full]
+            with np.errstate(divide="ignore", invalid="ignore"):
+                out[full] = np.where((med > 0) & np.isfinite(v), v / med, np.nan)
+        return out
+
+    def _scatter(self, key: str, names: list[str]) -> np.ndarray:
+        """Each layer's median absolute deviation of log values over its window (NaN until it is full)."""
+        hist: dict[str, list[float]] = self.state[key]
+        out = np.full(len(names), np.nan)
+        full = [i for i, n in enumerate(names) if len(hist.get(n, ())) >= self.window]
+        if full:
+            with np.errstate(divide="ignore", invalid="ignore"), warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # as in _ratios
+                x = np.log(np.array([hist[names[i]][-self.window:] for i in full], dtype=np.float64))
+                out[full] = np.nanmedian(np.abs(x - np.nanmedian(x, axis=1, keepdims=True)), axis=1)
+        return out
+
+    def _remember(self, key: str, names: list[str], values: np.ndarray) -> None:
+        hist: dict[str, list[float]] = self.state[key]
+        for name, v in zip(names, values):
+            h = hist.setdefault(name, [])
+            h.append(float(v) if math.isfinite(v) else math.nan)
+            del h[: max(0, len(h) - self.window)]
+
+    @staticmethod
+    def _branch_ratio(m: Measurements) -> dict[str, float]:
+        """Each block's branch/skip gradient amplitude (what skip_share reads as a collapse when it is large)."""
+        if not m.blocks:
+            return {}
+        br, sk = m.block_values("branch_grad"), m.block_values("skip_grad")
+        with np.errstate(divide="ignore", invalid="ignore"):
+            r = br / sk
+        return {b: float(v) for b, v in zip(m.blocks, r) if math.isfinite(v) and v > 0}
+
+    def _exploded(self, branch: dict[str, float]) -> list[str]:
+        base = self.state["baseline"]
+        return [b for b, v in branch.items() if b in base and base[b] > 0 and v > self.branch_growth * base[b]]
+
+    def _finding(self, m: Measurements, names: list[str], ru: np.ndarray, rg: np.ndarray, growing: list[str],
+                 exploded: list[str], opened: int) -> Alert:
+        since: dict[str, int] = self.state["since"]
+        first = sorted((n for n in growing if n in since), key=lambda n: (since[n], names.index(n)))
+        pos = {n: i for i, n in enumerate(names)}
+        parts = [f"{n} (update {ru[pos[n]]:.2g}x, gradient {rg[pos[n]]:.2g}x, since step {since[n]})" for n in first[:3]]
+        start = min((since[n] for n in first), default=opened)
+        if first:
+            what = (f"instability ahead: the update and the gradient of {len(first)} of {len(names)} weight layers "
+                    f"grew together against their medians over the last {self.window} logging steps, first "
+                    + "; ".join(parts) + (f"; {short_list(first[3:], 4)}" if len(first) > 3 else ""))
+            value = float(np.nanmax(ru[[pos[n] for n in first]]))
+        else:
+            what = f"instability since step {opened}: the layers' growth has settled"
+            value = math.nan
+        if exploded:
+            what += (f"; residual branches grown {self.branch_growth:g}x and more against their skip since step "
+                     f"{opened}: {short_list(sorted(exploded), 4)} (their skip_share falls because the branch "
+                     "exploded, not because the skip is broken)")
+        hint = ["lower the peak learning rate or lengthen the warm-up (or clip gradients)"]
+        if any(any(a in n.lower() for a in _ATTENTION) for n in first[:3]):
+            hint.append("attention layers moved first: qk-layernorm bounds the attention logits")
+        if names and first and first[0] == names[-1]:
+            hint.append("the output layer moved first: a z-loss keeps the output logits from drifting")
+        if len(first) >= max(2, len(names) // 2) and len({since[n] for n in first}) == 1:
+            hint.append(f"most layers moved in the same step: check the data at step {start}")
+        else:
+            hint.append(f"if the schedule or the data changed near step {start}, look there first")
+        return self.alert(m, "warning", first[0] if len(first) == 1 else None, value, self.update_growth,
+                          what, "; ".join(hint), subject="training stability")
+
+    def load_state_dict(self, state: Any) -> None:
+        """Restore the saved state (JSON turns the step keys and histories into plain types: kept as is)."""
+        super().load_state_dict(state)
+        for key, empty in (("update", {}), ("grad", {}), ("branch", {}), ("since", {}), ("opened", None),
+                           ("baseline", {})):
+            self.state.setdefault(key, empty)

@@ -1,0 +1,171 @@
+"""``gradwatch validate --only instability``: the instability suite. Small decoder-only pre-LN transformers
+(:class:`gradwatch.reference.gpt.TinyGPT`) trained with AdamW on a generated language, pushed from stable to
+unstable by the peak learning rate (with and without qk-layernorm), an LR schedule restart, and a high β2 with
+a data shift; several seeds. Each run is scored on when its loss spiked (:func:`spike_step`, the loss is read
+by the suite only: the monitor never sees it) against the first warning gradwatch raised
+(:mod:`gradwatch.reference.instability_report` writes the scorecard)."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+import statistics
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from ..monitor import Monitor
+from .gpt import TinyGPT, synthetic_language
+
+__all__ = ["Run", "RunOutcome", "runs", "run_one", "spike_step", "SPIKE_NATS", "SPIKE_WINDOW", "SPIKE_FROM",
+           "LEADING_RULES"]
+
+#: The spike definition (:func:`spike_step`): the loss at a step exceeds the median of the ``SPIKE_WINDOW``
+#: steps before it by ``SPIKE_NATS`` nats or more, or is not finite, at step ``SPIKE_FROM`` or later.
+SPIKE_NATS = 1.0
+SPIKE_WINDOW = 20
+SPIKE_FROM = 10
+#: Rules whose warnings count as warning of the instability ahead (the scorecard's first warning is the first
+#: warning or critical incident of any rule: a rule that fires only after the spike is no early warning).
+LEADING_RULES = ("instability",)
+
+
+def spike_step(losses: Sequence[float], nats: float = SPIKE_NATS, window: int = SPIKE_WINDOW,
+               start: int = SPIKE_FROM) -> int | None:
+    """The first step ``t >= start`` whose loss is non-finite or at least ``nats`` above the median loss of the
+    ``window`` steps before it (fewer at the start); None when the run never spiked. A median, so one noisy batch
+    before it does not move the reference; a loss creeping up over more than ``window`` steps by less than
+    ``nats`` is not a spike."""
+    for t in range(max(start, 1), len(losses)):
+        v = losses[t]
+        if not math.isfinite(v):
+            return t
+        before = [x for x in losses[max(0, t - window):t] if math.isfinite(x)]
+        if before and v >= statistics.median(before) + nats:
+            return t
+    return None
+
+
+@dataclass(frozen=True)
+class Run:
+    """One training run of the suite: the knob that makes it unstable (or not) and its seed."""
+
+    name: str
+    trigger: str  # "lr", "restart", "beta2-shift"
+    lr: float  # peak learning rate
+    qk_norm: bool = False
+    seed: int = 0
+    steps: int = 250
+    warmup: int = 200  # linear warm-up to the peak
+    beta2: float = 0.95
+    eps: float = 1e-8
+    restart: int | None = None  # a cosine from the peak decays to 0 at this step, then the schedule restarts:
+    restart_lr: float = 0.0  # a linear warm-up to this peak over ``rewarm`` steps, the optimizer's state kept
+    rewarm: int = 30
+    shift: int | None = None  # from this step the data come from another grammar
+
+
+@dataclass
+class RunOutcome:
+    """What one run showed: its spike and the first warning, with the curves the picture needs."""
+
+    run: str
+    trigger: str
+    spike: int | None
+    warning: int | None  # step of the first warning (or critical) incident of any rule
+    rule: str | None
+    layers: str | None
+    lead: int | None  # spike - warning when warned at or before the spike
+    observed: list[str] = field(default_factory=list)  # "rule@step (name) [severity]" of every incident
+    losses: list[float] = field(default_factory=list)
+    signal: list[float] = field(default_factory=list)  # the instability rule's statistic per step
+    seconds: float = 0.0
+    errors: list[str] = field(default_factory=list)
+
+
+def _lr(run: Run, i: int) -> float:
+    if run.restart is None:
+        return run.lr * min(1.0, (i + 1) / run.warmup)
+    if i >= run.restart:
+        return run.restart_lr * min(1.0, (i - run.restart + 1) / run.rewarm)
+    return run.lr * min((i + 1) / run.warmup, 0.5 * (1 + math.cos(math.pi * i / run.restart)))
+
+
+def runs(quick: bool = False) -> list[Run]:
+    """The suite (``quick``: one stable and one unstable learning rate, seed 0, 120 steps): peak learning rates from stable
+    (0.03, 0.1) to unstable (0.3, 0.5), each with and without qk-layernorm, reached by a linear warm-up over 200
+    of 250 steps; an LR schedule restart (a cosine from 0.1 to 0 at step 120, then a 30-step warm-up to 0.5,
+    Adam's state kept); β2 = 0.9999 at a peak of 0.1 (stable at β2 = 0.95) for 300 steps; seeds 0, 1, 2."""
+    if quick:
+        return [Run("lr0.03-s0", "lr", 0.03, steps=120), Run("lr0.5-s0", "lr", 0.5, steps=120)]
+    out = []
+    for seed in (0, 1, 2):
+        for lr in (0.03, 0.1, 0.3, 0.5):
+            for qk in (False, True):
+                out.append(Run(f"lr{lr:g}{'-qk' if qk else ''}-s{seed}", "lr", lr, qk, seed))
+        out.append(Run(f"restart-s{seed}", "restart", 0.1, seed=seed, warmup=50, restart=120, restart_lr=0.5))
+        out.append(Run(f"beta2-s{seed}", "beta2", 0.1, seed=seed, warmup=50, beta2=0.9999, steps=300))
+    return out
+
+
+def run_one(run: Run, out: str | None = None, threads: int = 1, every: int = 1) -> RunOutcome:
+    """Train ``run`` with a default monitor (logging every ``every`` steps; TensorBoard logs under
+    ``<out>/<run>`` without pictures, when ``out`` is given) and score it."""
+    torch.set_num_threads(threads)
+    torch.manual_seed(run.seed)
+    model = TinyGPT(qk_norm=run.qk_norm)
+    data = synthetic_language(4096, seed=run.seed)
+    shifted = synthetic_language(4096, seed=run.seed, grammar=1) if run.shift is not None else data
+    opt = torch.optim.AdamW(model.parameters(), lr=run.lr, betas=(0.9, run.beta2), eps=run.eps, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(run.seed)
+    losses: list[torch.Tensor] = []
+    log = logging.getLogger("gradwatch")
+    level = log.level
+    log.setLevel(logging.CRITICAL + 1)
+    start = time.perf_counter()
+    try:
+        with Monitor(model, optimizer=opt, every=every, remind_after=None, pictures=0, rules={"instability": {}},
+                     log_dir=os.path.join(out, run.name) if out else None) as mon:
+            for i in range(run.steps):
+                for g in opt.param_groups:
+                    g["lr"] = _lr(run, i)
+                source = shifted if run.shift is not None and i >= run.shift else data
+                loss = model.loss(source[torch.randint(0, len(source), (16,), generator=gen)])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                losses.append(loss.detach())
+    finally:
+        log.setLevel(level)
+    values = torch.stack(losses).tolist()
+    return score(run, mon, values, time.perf_counter() - start)
+
+
+def score(run: Run, mon: Monitor, losses: list[float], seconds: float) -> RunOutcome:
+    """The spike, the first warning and the lead of a finished run, and the leading signal for the picture: the
+    ``update_to_weight`` of the first layer the first instability warning named."""
+    spike = spike_step(losses)
+    seen, told = set(), []
+    for a in mon.alerts:
+        if (a.rule, a.name, a.severity) not in seen:
+            seen.add((a.rule, a.name, a.severity))
+            told.append(a)
+    warn = next((a for a in told if a.severity != "info"), None)
+    lead = spike - warn.step if warn is not None and spike is not None and warn.step < spike else None
+    layers = None
+    if warn is not None:
+        named = re.findall(r"(\S+) \(update [^)]*since step", warn.message) if warn.rule == "instability" else []
+        layers = ", ".join(named) if named else (warn.name or warn.subject)
+    first = next((a for a in told if a.rule == "instability"), None)
+    signal: list[float] = []
+    if first is not None:
+        named = re.findall(r"(\S+) \(update [^)]*since step", first.message)
+        if named:
+            signal = [float(r.value(named[0], "update_to_weight")) for r in mon.records]
+    return RunOutcome(run.name, run.trigger, spike, warn.step if warn else None, warn.rule if warn else None,
+                      layers, lead, [f"{a.rule}@{a.step} ({a.name or '-'}) [{a.severity}]" for a in told], losses,
+                      signal, seconds, list(mon.errors))

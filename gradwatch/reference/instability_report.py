@@ -1,0 +1,131 @@
+"""The instability suite's scorecard (:mod:`gradwatch.reference.instability` runs it): per run the spike step,
+the first warning (step, rule, layers) and the lead; over the suite recall, median lead, false alarms and
+misses; the table, the picture and their section of ``docs/validation.md``."""
+
+from __future__ import annotations
+
+import math
+import os
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from ._sections import marker, write_section
+from .instability import SPIKE_FROM, SPIKE_NATS, SPIKE_WINDOW, RunOutcome
+
+__all__ = ["MARKER", "Scores", "scores", "table", "figure", "write_markdown"]
+
+#: Where the instability suite's section of docs/validation.md starts.
+MARKER = marker("gradwatch validate --only instability")
+
+
+@dataclass(frozen=True)
+class Scores:
+    """The suite's figures. ``recall``: spiking runs warned strictly before the spike / spiking runs;
+    ``false_alarms``: runs that never spiked yet got a warning (any rule); ``misses``: spiking runs not warned
+    before the spike (warned late or not at all)."""
+
+    runs: int
+    spiked: int
+    warned_ahead: int
+    recall: float
+    median_lead: float
+    false_alarms: int
+    misses: int
+    stable: int
+
+
+def scores(outcomes: Sequence[RunOutcome]) -> Scores:
+    """The suite's figures from its runs' outcomes."""
+    spiked = [o for o in outcomes if o.spike is not None]
+    leads = [o.lead for o in spiked if o.lead is not None and o.lead > 0]
+    stable = [o for o in outcomes if o.spike is None]
+    return Scores(len(outcomes), len(spiked), len(leads), len(leads) / len(spiked) if spiked else math.nan,
+                  float(statistics.median(leads)) if leads else math.nan,
+                  sum(o.warning is not None for o in stable), len(spiked) - len(leads), len(stable))
+
+
+def summary_line(s: Scores) -> str:
+    """One sentence with the suite's figures."""
+    return (f"{s.runs} runs, {s.spiked} spiked: recall {s.warned_ahead}/{s.spiked} "
+            f"({100 * s.recall:.0f}%), median lead {s.median_lead:g} steps, {s.misses} missed; "
+            f"{s.false_alarms} of {s.stable} runs that never spiked got a warning")
+
+
+def table(outcomes: Sequence[RunOutcome]) -> str:
+    """One row per run."""
+    rows = ["| run | trigger | spike step | first warning | rule | layers | lead (steps) | verdict | s |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    for o in outcomes:
+        if o.spike is None:
+            verdict = "quiet" if o.warning is None else "false alarm"
+        else:
+            verdict = "warned ahead" if o.lead is not None and o.lead > 0 else (
+                "late" if o.warning is not None else "missed")
+        rows.append(f"| {o.run} | {o.trigger} | {o.spike if o.spike is not None else 'none'} | "
+                    f"{o.warning if o.warning is not None else 'none'} | {o.rule or '–'} | {o.layers or '–'} | "
+                    f"{o.lead if o.lead is not None else '–'} | {verdict} | {o.seconds:.0f} |")
+    return "\n".join(rows)
+
+
+def figure(outcomes: Sequence[RunOutcome], path: str, per_trigger: int = 4) -> str | None:
+    """Loss curves with the spike (dotted) and the first warning (dashed) marked, and underneath the leading
+    signal: the ``update_to_weight`` of the first layer the instability warning named (log scale). Up to
+    ``per_trigger`` runs per trigger, spiking ones first."""
+    from matplotlib.figure import Figure
+
+    triggers = list(dict.fromkeys(o.trigger for o in outcomes))
+    if not triggers:
+        return None
+    fig = Figure(figsize=(5 * len(triggers), 6.5), dpi=90)
+    axes = fig.subplots(2, len(triggers), squeeze=False, sharex="col")
+    colours = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#7f7f7f", "#17becf"]
+    for col, trig in enumerate(triggers):
+        mine = sorted((o for o in outcomes if o.trigger == trig), key=lambda o: o.spike is None)[:per_trigger]
+        top, bottom = axes[0][col], axes[1][col]
+        for k, o in enumerate(mine):
+            c = colours[k % len(colours)]
+            top.plot(range(len(o.losses)), [min(v, 12.0) for v in o.losses], color=c, lw=0.8, label=o.run)
+            if o.spike is not None:
+                top.axvline(o.spike, color=c, ls=":", lw=1.2)
+            if o.warning is not None:
+                top.axvline(o.warning, color=c, ls="--", lw=1.2)
+            if o.signal:
+                bottom.plot(range(len(o.signal)), o.signal, color=c, lw=0.8, label=o.layers.split(",")[0]
+                            if o.layers else None)
+                if o.warning is not None:
+                    bottom.axvline(o.warning, color=c, ls="--", lw=1.2)
+        top.set_title(f"{trig}: loss (clipped at 12); dotted: spike, dashed: first warning", fontsize=8)
+        top.legend(fontsize=6)
+        bottom.set_title("update_to_weight of the first layer warned about", fontsize=8)
+        bottom.set_yscale("log")
+        bottom.set_xlabel("step")
+        bottom.legend(fontsize=6)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fig.savefig(path)
+    return path
+
+
+def write_markdown(outcomes: Sequence[RunOutcome], out_md: str, command: str, date: str, seconds: float) -> None:
+    """The suite's section of ``out_md``: how it was made, the figures, the table and the picture."""
+    picture = figure(outcomes, os.path.join(os.path.dirname(out_md) or ".", "img", "instability.png"))
+    s = scores(outcomes)
+    shown = [f"![loss curves with the spike and first warning marked; the leading signal underneath]"
+             f"({os.path.relpath(picture, os.path.dirname(out_md) or '.')})", ""] if picture else []
+    write_section(out_md, MARKER, "\n".join([
+        "## Instability suite: warning ahead of loss spikes", "",
+        f"Generated by `{command}` ({date}, torch {torch.__version__}, cpu, one thread, {seconds:.0f} s in all; "
+        "the monitor logs every step). Tiny decoder-only pre-LN transformers (2 blocks, width 64, 4 heads, "
+        "context 32; `gradwatch/reference/gpt.py`) trained with AdamW (β1 0.9, no weight decay, batch 16) on a "
+        "generated language (a random Markov chain whose second half repeats the first), pushed from stable "
+        "to unstable by the peak learning rate (with and without qk-layernorm), an LR schedule restart and a "
+        "too-high β2; seeds 0, 1, 2 (`gradwatch/reference/instability.py`, `runs()`).", "",
+        f"**Spike step**, mechanically: the first step from {SPIKE_FROM} on whose loss is not finite or at least "
+        f"{SPIKE_NATS:g} nat above the median loss of the {SPIKE_WINDOW} steps before it; runs go on past it. "
+        "The loss is read by the suite only: the monitor never sees it. **First warning**: the first warning or "
+        "critical incident of any rule; **lead** = spike step - warning step when the warning came first.", "",
+        f"**{summary_line(s)}.** Targets: recall ≥ 90%, median lead ≥ 10 steps, no warning on runs that never "
+        "spike.", "", table(outcomes), "", *shown]))

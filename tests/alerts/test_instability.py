@@ -1,0 +1,108 @@
+"""The instability rule on measurements fed by hand: what fires it (a layer's update and gradient growing
+together), what does not (a learning-rate warm-up, one noisy batch), the layers it names, its checkpoint, and
+skip_collapse leaving an exploded branch to it. The rule on real training runs: tests/reference/test_instability.py."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from gradwatch.alerts import Measurements, SkipCollapse, build_rules
+from gradwatch.alerts.rules import RULES
+from gradwatch.alerts.instability import Instability
+
+LAYERS = ["emb", "a.qkv", "a.proj", "m.fc1", "m.fc2", "head"]
+KINDS = {"emb": "embedding", **{n: "weight" for n in LAYERS[1:]}}
+
+
+def step(t: int, update: dict[str, float] | float = 1e-3, grad: dict[str, float] | float = 1.0,
+         branch: float = 1.0, skip: float = 1.0) -> Measurements:
+    m = Measurements(step=t, kinds=KINDS)
+    u = [update.get(n, 1e-3) if isinstance(update, dict) else update for n in LAYERS]
+    g = [grad.get(n, 1.0) if isinstance(grad, dict) else grad for n in LAYERS]
+    noise = 1 + 0.05 * np.sin(np.arange(len(LAYERS)) + t)  # a little batch-to-batch wobble
+    m.add(LAYERS, "update_to_weight", np.array(u) * noise)
+    m.add(LAYERS, "grad_norm", np.array(g) * noise)
+    m.add(["b[0]", "b[1]"], "branch_grad", [branch, 1.0])
+    m.add(["b[0]", "b[1]"], "skip_grad", [skip, 1.0])
+    share = skip ** 2 / (skip ** 2 + branch ** 2)
+    m.add(["b[0]", "b[1]"], "skip_share", [share, 0.5])
+    return m
+
+
+def run(rule, measurements):
+    return [(m.step, rule.check(m), dict(m.context)) for m in measurements]
+
+
+def test_a_layer_whose_update_and_gradient_grow_together_is_warned_about_naming_it_first():
+    rule = Instability(window=10, patience=2)
+    steps = [step(t) for t in range(20)]
+    steps += [step(t, update={"a.qkv": 3e-3}, grad={"a.qkv": 4.0}) for t in range(20, 22)]
+    steps += [step(t, update={"a.qkv": 4e-3, "m.fc1": 3e-3}, grad={"a.qkv": 6.0, "m.fc1": 5.0}) for t in range(22, 26)]
+    fired = [(t, found) for t, found, _ in run(rule, steps) if found]
+    assert fired[0][0] == 21  # growth from step 20, held for patience = 2 logging steps
+    first = fired[0][1][0]
+    assert first.rule == "instability" and first.severity == "warning" and first.name == "a.qkv"
+    assert "a.qkv (update 3" in first.message and "since step 20" in first.message
+    assert "qk-layernorm" in first.hint and "lower the peak learning rate" in first.hint
+    later = fired[-1][1][0].message
+    assert later.index("a.qkv") < later.index("m.fc1")  # the layer that moved first is named first
+
+
+def test_a_warm_up_growing_every_update_and_one_noisy_batch_are_quiet():
+    rule = Instability(window=10)
+    warm = [step(t, update=1e-4 * (t + 1)) for t in range(60)]  # lr warm-up: updates x60, gradients flat
+    noisy = [step(t, grad=10.0 if t == 70 else 1.0, update=6e-3) for t in range(60, 90)]  # one bad batch
+    assert all(not found for _, found, _ in run(rule, warm + noisy))
+
+
+def test_the_output_layer_moving_first_points_at_z_loss_and_all_at_once_at_the_data():
+    rule = Instability(window=10)
+    out = run(rule, [step(t) for t in range(15)] + [step(t, update={"head": 5e-3}, grad={"head": 5.0})
+                                                     for t in range(15, 18)])
+    assert "z-loss" in out[-1][1][0].hint
+    rule = Instability(window=10)
+    out = run(rule, [step(t) for t in range(15)] + [step(t, update=5e-3, grad=5.0) for t in range(15, 18)])
+    assert "check the data at step 15" in out[-1][1][0].hint
+
+
+def test_skip_collapse_leaves_a_block_whose_branch_exploded_to_the_instability():
+    # the branch of b[0] grows 100x against its skip once the instability warning is open: skip_share ~1e-4
+    rules = [Instability(window=10), SkipCollapse()]  # in RULES order: instability first
+    seq = [step(t) for t in range(20)]
+    seq += [step(t, update=5e-3, grad=5.0, branch=100.0 if t >= 23 else 1.0) for t in range(20, 32)]
+    told = []
+    for m in seq:
+        for r in rules:
+            told += [(a.rule, a.step) for a in r.check(m)]
+        if m.step >= 23:
+            assert m.context["unstable_blocks"] == {"b[0]"}
+    assert ("instability", 21) in told and not [x for x in told if x[0] == "skip_collapse"]
+    # the same collapse with no instability behind it is the architectural fault skip_collapse reports
+    alone = SkipCollapse()
+    found = [a for t in range(5) for a in alone.check(step(t, branch=100.0))]
+    assert [a.name for a in found] == ["b[0]", "b[0]", "b[0]"]
+
+
+def test_state_survives_a_json_checkpoint_mid_growth():
+    a, b = Instability(window=10), Instability(window=10)
+    seq = [step(t) for t in range(20)] + [step(t, update={"a.proj": 5e-3}, grad={"a.proj": 5.0}) for t in (20, 21)]
+    for m in seq[:21]:
+        a.check(m)
+    b.load_state_dict(json.loads(json.dumps(a.state_dict())))
+    assert [x.message for x in a.check(seq[21])] == [x.message for x in b.check(seq[21])] != []
+
+
+@pytest.mark.parametrize("kw", [{"window": 1}, {"update_growth": 1.0}, {"grad_growth": 0.5}, {"patience": 0}])
+def test_bad_settings_are_refused(kw):
+    with pytest.raises(ValueError):
+        Instability(**kw)
+
+
+def test_it_is_off_by_default_on_when_asked_and_runs_before_skip_collapse():
+    assert "instability" not in [r.name for r in build_rules(None)]
+    names = [r.name for r in build_rules({"instability": {}})]
+    assert "instability" in names and names.index("instability") < names.index("skip_collapse")
+    assert list(RULES).index("instability") < list(RULES).index("skip_collapse")

@@ -1,0 +1,77 @@
+"""The instability suite: the spike definition, the rule warning ahead of a real spike and quiet on a stable run
+(through `gradwatch validate --quick --only instability`), and the scorecard's numbers checked against the
+run's own alert record and losses."""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+
+import pytest
+
+from gradwatch.cli import main
+from gradwatch.reference.instability import SPIKE_NATS, RunOutcome, spike_step
+from gradwatch.reference.instability_report import scores, table
+
+
+def test_the_spike_is_the_first_step_a_nat_above_the_median_of_the_twenty_before():
+    calm = [4.0 - 0.01 * t + (0.3 if t % 2 else -0.3) for t in range(60)]  # falling, noisy by ±0.3 nat
+    assert spike_step(calm) is None
+    # calm[40] = 3.3, the median of the 20 before it 3.7: +1.5 is 1.1 nat above it, +1.3 only 0.9
+    assert spike_step(calm[:40] + [calm[40] + 1.5] + calm[41:]) == 40
+    assert spike_step(calm[:40] + [calm[40] + 1.3] + calm[41:]) is None  # under a nat: not a spike
+    assert spike_step(calm[:30] + [math.nan] + calm[31:]) == 30  # a non-finite loss is one
+    creep = [2.0 + 0.03 * t for t in range(60)]  # 1.8 nats up in all, never 1 nat above the last 20's median
+    assert spike_step(creep) is None
+    assert spike_step([4.0] * 5 + [9.0] + [4.0] * 20) is None  # before step 10: still falling from init
+    assert spike_step([4.0] * 12 + [9.0]) == 12
+
+
+def _spike(losses):  # the documented definition again, written out independently
+    for t in range(10, len(losses)):
+        ref = statistics.median(losses[max(0, t - 20):t])
+        if not math.isfinite(losses[t]) or losses[t] - ref >= SPIKE_NATS:
+            return t
+    return None
+
+
+@pytest.mark.slow
+def test_quick_suite_warns_ahead_of_the_spike_and_is_quiet_on_the_stable_run(tmp_path, capsys):
+    code = main(["validate", "--quick", "--only", "instability", "--jobs", "1", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    summary = json.loads((tmp_path / "validate.json").read_text())
+    runs = {r["run"]: r for r in summary["instability"]["runs"]}
+    stable, unstable = runs["lr0.03-s0"], runs["lr0.5-s0"]
+    assert stable["spike"] is None and _spike(stable["losses"]) is None and stable["warning"] is None
+    record = (tmp_path / "instability" / "lr0.03-s0" / "alerts.jsonl").read_text().splitlines()
+    assert [json.loads(line)["event"] for line in record] == ["summary"]  # not one incident, not even info
+    assert unstable["spike"] == _spike(unstable["losses"]) is not None
+    # the first warning and its layers, read back from the run's own alert record
+    events = [json.loads(line) for line in
+              (tmp_path / "instability" / "lr0.5-s0" / "alerts.jsonl").read_text().splitlines()]
+    first = next(e for e in events if e.get("event") == "opened" and e["severity"] != "info")
+    assert first["rule"] == "instability" and first["step"] == unstable["warning"] < unstable["spike"]
+    assert unstable["lead"] == unstable["spike"] - first["step"]
+    assert unstable["layers"].split(", ")[0] in first["message"] and "attn" in unstable["layers"]
+    assert "lower the peak learning rate" in first["hint"]
+    s = summary["instability"]["scores"]
+    assert (s["spiked"], s["warned_ahead"], s["recall"], s["median_lead"], s["false_alarms"], s["misses"]) == (
+        1, 1, 1.0, unstable["lead"], 0, 0)
+    assert "| lr0.5-s0 | lr |" in out and "recall 1/1 (100%)" in out
+
+
+def test_scores_count_recall_lead_false_alarms_and_misses():
+    def o(name, spike, warning):
+        lead = spike - warning if spike is not None and warning is not None and warning < spike else None
+        return RunOutcome(name, "lr", spike, warning, "instability" if warning is not None else None, None, lead)
+
+    runs = [o("a", 100, 80), o("b", 50, 45), o("c", 60, 70), o("d", 90, None), o("e", None, None),
+            o("f", None, 30), o("g", 120, 100)]
+    s = scores(runs)
+    assert (s.spiked, s.warned_ahead, s.misses, s.stable, s.false_alarms) == (5, 3, 2, 2, 1)
+    assert s.recall == pytest.approx(0.6) and s.median_lead == 20  # leads 20, 5, 20
+    rows = table(runs).splitlines()
+    assert "| c | lr | 60 | 70 | instability | – | – | late | 0 |" in rows
+    assert rows[-2].endswith("| false alarm | 0 |") and "| missed |" in rows[5]
