@@ -60,8 +60,8 @@ class SkipCollapse(Rule):
     (the median of its first ``baseline_steps`` logging steps), or is ``far`` times below ``threshold`` (a skip
     that passes nothing of note, whatever its history), for ``patience`` consecutive logging steps;
     ``critical`` when below ``critical``. Unlike the early-ratio rules, a far value still waits for
-    ``patience``: the planted faults' incidents open where they always did (third logging step). Needs block flow (``Monitor(blocks="auto")``); without
-    block metrics it stays silent.
+    ``patience``: the planted faults' incidents open where they always did (third logging step). Needs block
+    flow (``Monitor(blocks="auto")``); without block metrics it stays silent.
 
     Why the early level: a skip that carries little gradient by design is not a collapse. A projection
     shortcut at a stage boundary, a 1x1 convolution whose gradient is small next to its branch's, sat at
