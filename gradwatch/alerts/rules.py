@@ -85,15 +85,10 @@ class SkipCollapse(Rule):
         """One finding per block whose ``skip_share`` has been far below ``threshold``, or below it and ``drop``
         times below its early level, for ``patience`` logging steps."""
         share = m.block_values("skip_share")
-        early = self.state.setdefault("early", {})  # block -> its first shares, then their median
         out = []
         for name, s in zip(m.blocks, share):
             finite = bool(np.isfinite(s))
-            level = early.get(name, [])
-            if finite and isinstance(level, list):  # still gathering the block's early level
-                level.append(float(s))
-                early[name] = float(np.median(level)) if len(level) >= self.baseline_steps else level
-            base = float(np.median(level)) if isinstance(level, list) and level else early.get(name, math.nan)
+            base = self._early_level(name, float(s))
             fell = finite and s < self.threshold and s * self.drop < base  # base holds s itself at first: no fall
             far = finite and s < self.threshold / self.far
             n = self.hold(name, fell or far, finite and s >= self.threshold * self.clear_margin)
@@ -110,6 +105,18 @@ class SkipCollapse(Rule):
                     "forward; healthy ResNets keep skip_share above ~0.02",
                 ))
         return out
+
+    def _early_level(self, name: str, share: float) -> float:
+        """The block's early level: the median of its first ``baseline_steps`` finite shares (until it has them,
+        of those seen so far, ``share`` included). Kept in :attr:`state` (block -> list, then the median)."""
+        early = self.state.setdefault("early", {})
+        level = early.get(name, [])
+        if not isinstance(level, list):
+            return float(level)
+        if math.isfinite(share):
+            level = [*level, share]
+        early[name] = float(np.median(level)) if len(level) >= self.baseline_steps else level
+        return float(np.median(level)) if level else math.nan
 
 
 class AttenuatedIdentity(Rule):
@@ -177,9 +184,8 @@ class Vanishing(Rule):
     fraction. The statistic is median(grad_to_weight of early layers) / median(grad_to_weight of all weight
     layers). Fires (warning) when it is below ``relative`` or the early median is below the absolute
     ``floor``, for ``patience`` consecutive logging steps (at once when the statistic is ``far`` times below
-    ``relative``; the floor always needs ``patience``: a solved batch crosses it by decades); critical
-    when the statistic is below
-    ``critical``. Relative, so one default holds across models and learning rates; the floor catches a whole
+    ``relative``; the floor always needs ``patience``: a solved batch crosses it by decades); critical when
+    the statistic is below ``critical``. Relative, so one default holds across models and learning rates; the floor catches a whole
     network whose gradients vanish together. Normalisation layers and embeddings are left out: their ratios
     live on another scale.
     """
