@@ -9,7 +9,12 @@ images (``--n`` images, batch ``--batch``, reshuffled each epoch) so that a long
 near-zero loss, under a monitor with no rules (``rules=False``) logging every ``--every`` steps; it saves the
 history (``DIR/<tag>.csv.gz``) and the layer kinds, block skip kinds and losses (``DIR/<tag>.json``).
 ``replay`` runs the default rules over every saved history and prints, per run, each warning or critical
-finding and the largest spike factor / early ratio / lowest skip share the rules judged.
+finding (first of each kind, and how many). ``sensitivity`` plants explosions (a sustained jump to 30x/100x
+the recent upper range, steady ramps of 1.3-2x per logging step) into a calm synthetic series and into a
+recorded run's norms, and prints how many logging steps after the start the spike reference of
+:class:`~gradwatch.alerts.Exploding` warns, next to the geometric running mean it replaced.
+
+    PYTHONPATH=$PWD python benchmarks/calibrate_false_alarms.py sensitivity DIR/<tag>   # a recorded run
 """
 
 from __future__ import annotations
@@ -106,6 +111,45 @@ def replay_dir(args: argparse.Namespace) -> None:
                  or "quiet"))
 
 
+def _running_mean_factors(norms: Any, weight: float = 0.1, warmup: int = 5, cap: float = 10.0) -> Any:
+    """The reference before issue 25: a geometric moving average of the norms (a spike moves it by <= log(cap))."""
+    import numpy as np
+    out, base = [], None
+    for i, g in enumerate(norms):
+        out.append(math.exp(math.log(g) - base) if base is not None and i >= warmup else math.nan)
+        x = math.log(g) if base is None else min(math.log(g), base + math.log(cap))
+        base = x if base is None else (1 - weight) * base + weight * x
+    return np.array(out)
+
+
+def sensitivity(args: argparse.Namespace) -> None:
+    import numpy as np
+    import pandas as pd
+
+    from gradwatch.alerts._spike import spike_factors
+    hist = pd.read_csv(args.run + ".csv.gz")
+    rec = hist[(hist.name == "_global") & (hist.metric == "grad_norm")].sort_values("step").value.to_numpy()
+    calm = np.exp(np.random.default_rng(0).normal(0, 0.2, 300))
+
+    def told(f: Any, at: int) -> str:  # the rule's verdict: critical at once, warning after 3 steps past 10x
+        run = 0
+        for i in range(at, len(f)):
+            if f[i] > 1e3:
+                return f"critical +{i - at}"
+            run = run + 1 if f[i] > 10 else 0
+            if run >= 3:
+                return f"warning +{i - at}"
+        return "none in 30"
+
+    for label, base, at in (("calm", calm, 150), ("recorded", rec, len(rec) - 150)):
+        upper = float(np.quantile(base[at - 64:at], 0.9))
+        for what in ("jump 30x", "jump 100x", "ramp 1.3x", "ramp 1.5x", "ramp 2x"):
+            g, k = base.copy(), float(what.split()[1][:-1])
+            g[at:at + 30] = upper * k if what.startswith("jump") else g[at:at + 30] * k ** np.arange(1, 31)
+            print(f"{label:8s} {what:9s}  recent upper range: {told(spike_factors(g, 10.0), at):12s} "
+                  f"running mean: {told(_running_mean_factors(g), at)}")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -123,12 +167,16 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--seed", type=int, default=0)
     q = sub.add_parser("replay")
     q.add_argument("dir")
+    v = sub.add_parser("sensitivity")
+    v.add_argument("run", help="a recorded run: DIR/<tag> (without .csv.gz)")
     args = p.parse_args(argv)
     if args.cmd == "record":
         os.makedirs(args.out, exist_ok=True)
         record(args)
-    else:
+    elif args.cmd == "replay":
         replay_dir(args)
+    else:
+        sensitivity(args)
     return 0
 
 
