@@ -11,7 +11,14 @@ from .._checks import check_int, check_number
 from .alert import Alert
 from .measurements import Measurements
 
-__all__ = ["Rule"]
+__all__ = ["Rule", "FAR"]
+
+#: How far past its threshold a value must be to fire at once, without waiting for ``patience`` logging steps.
+#: A threshold crossed by a little for one logging step is noise (a healthy hierarchical ViT read 21.7 against
+#: ``exploding``'s 20 for one step); one crossed by 5x is not (a 16-layer sigmoid MLP reads 3e-7 against
+#: ``vanishing``'s 0.02; He et al.'s constant-scaling and 1x1-conv-shortcut ResNet-110s read 215-300 against
+#: ``exploding``'s 20 at init). ``docs/alerts.md``.
+FAR = 5.0
 
 
 class Rule:
@@ -31,16 +38,21 @@ class Rule:
         clear_margin: once firing, a rule with a threshold keeps firing until its value is this many times
             past the threshold on the safe side (a floor of 1e-3 clears above 2e-3 with the default 2), so a
             value wobbling around the threshold stays one incident instead of flapping.
+        far: a rule with a threshold fires at once, without waiting for ``patience``, when its value is this
+            many times past the threshold on the unsafe side (:data:`FAR`; rules pass it to :meth:`hold`).
     """
 
     name = "rule"
 
-    def __init__(self, patience: int = 3, clear_margin: float = 2.0) -> None:
+    def __init__(self, patience: int = 3, clear_margin: float = 2.0, far: float = FAR) -> None:
         owner = type(self).__name__
         self.patience = check_int(patience, "patience", minimum=1, owner=owner)
         self.clear_margin = check_number(clear_margin, "clear_margin", owner=owner)
         if self.clear_margin < 1:
             raise ValueError(f"{owner}: clear_margin must be >= 1, got {clear_margin!r}")
+        self.far = check_number(far, "far", owner=owner)
+        if self.far < 1:
+            raise ValueError(f"{owner}: far must be >= 1, got {far!r}")
         self.state: dict[str, Any] = {"streaks": {}}
 
     def check(self, m: Measurements) -> list[Alert]:  # pragma: no cover - abstract
@@ -57,11 +69,23 @@ class Rule:
             streaks.pop(key, None)
         return n
 
-    def hold(self, key: str, fire: bool, clear: bool) -> int:
+    def hold(self, key: str, fire: bool, clear: bool, far: bool = False) -> int:
         """:meth:`streak` with hysteresis: a streak that reached :attr:`patience` goes on until ``clear``
-        (the value past the threshold by :attr:`clear_margin`), not merely until ``fire`` stops."""
-        firing = self.state["streaks"].get(key, 0) >= self.patience
-        return self.streak(key, fire or (firing and not clear))
+        (the value past the threshold by :attr:`clear_margin`), not merely until ``fire`` stops. ``far`` (the
+        value past the threshold by :attr:`far`) makes the condition fire at once. Returns the streak (the
+        logging steps it has held); :meth:`firing` says whether it fires."""
+        fired = self.state.setdefault("firing", {})
+        n = self.streak(key, fire or far or (self.firing(key) and not clear))
+        if n and (far or n >= self.patience or key in fired):
+            fired[key] = n
+        else:
+            fired.pop(key, None)
+        return n
+
+    def firing(self, key: str) -> bool:
+        """Whether the condition :meth:`hold` tracks under ``key`` fires: it has held :attr:`patience` logging
+        steps, or was far past its threshold, and has not cleared since."""
+        return key in self.state.get("firing", {}) or self.state["streaks"].get(key, 0) >= self.patience
 
     def alert(self, m: Measurements, severity: str, name: str | None, value: float, threshold: float,
               message: str, hint: str, subject: str | None = None) -> Alert:

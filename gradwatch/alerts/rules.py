@@ -39,12 +39,13 @@ import numpy as np
 
 from .._checks import check_fraction, check_int, check_number
 from ..names import EARLY_FRACTION, short_list
+from ._spike import SpikeReference
 from .alert import Alert
 from .highway import highway
 from .instability import Instability
 from .lost import LostSkip
 from .measurements import Measurements, depth_slope, early_ratio
-from .rule import Rule
+from .rule import FAR, Rule
 
 __all__ = [
     "SkipCollapse", "AttenuatedIdentity", "Vanishing", "Exploding", "DepthTrend", "NonFinite", "DeadLayer", "RULES",
@@ -54,49 +55,81 @@ __all__ = [
 
 
 class SkipCollapse(Rule):
-    """A residual block's skip carries (almost) no gradient.
+    """A residual block's skip carries (almost) no gradient, or has lost it.
 
-    Fires when a block's ``skip_share`` = skip_grad² / (skip_grad² + branch_grad²) stays below ``threshold``
-    for ``patience`` consecutive logging steps; ``critical`` when it is below ``critical`` then. Names the
-    block. Needs block flow (``Monitor(blocks="auto")``); without block metrics it stays silent.
+    Reads each block's ``skip_share`` = skip_grad² / (skip_grad² + branch_grad²). Fires (naming the block)
+    when it is below ``threshold`` *and* has fallen more than ``drop`` times below the block's own early level
+    (the median of its first ``baseline_steps`` logging steps), or is ``far`` times below ``threshold`` (a skip
+    that passes nothing of note, whatever its history), for ``patience`` consecutive logging steps;
+    ``critical`` when below ``critical``. Unlike the early-ratio rules, a far value still waits for
+    ``patience``: the planted faults' incidents open where they always did (third logging step). Needs block
+    flow (``Monitor(blocks="auto")``); without block metrics it stays silent.
 
-    Defaults: healthy reference ResNets stay above 0.024 (post-activation, during training) and 0.16
-    (pre-activation); a detached skip gives 0 and a skip scaled by 1e-4 gives ~1e-8.
+    Why the early level: a skip that carries little gradient by design is not a collapse. A projection
+    shortcut at a stage boundary, a 1x1 convolution whose gradient is small next to its branch's, sat at
+    skip_share 5e-4 (2e-3 at 224 px) in a healthy hybrid conv/attention net for its whole run; a collapse is
+    a change, or nothing at all. Defaults (``docs/alerts.md``): healthy stock nets stay above 0.0055 at every
+    logging step; a detached skip gives 0 and a skip scaled by 1e-4 ~1e-8, both far below ``threshold / far``
+    = 2e-4.
 
     A block the ``instability`` rule lists in ``m.context["unstable_blocks"]`` (its branch grew against its
     skip since an instability warning opened) is left to that rule: its streak restarts, so it is judged
-    again only once the instability is over.
+    again only once the instability is over. A lost block (``m.lost``: its merge is gone from the graph) is
+    ``lost_skip``'s, which names it at once.
     """
 
     name = "skip_collapse"
 
     def __init__(self, threshold: float = 1e-3, critical: float | None = None, patience: int = 3,
-                 clear_margin: float = 2.0) -> None:
-        super().__init__(patience, clear_margin)
+                 drop: float = 10.0, baseline_steps: int = 5, clear_margin: float = 2.0, far: float = FAR) -> None:
+        super().__init__(patience, clear_margin, far)
         self.threshold = check_number(threshold, "threshold", owner=self.name)
         self.critical = check_number(critical, "critical", owner=self.name, allow_none=True)
+        self.drop = check_number(drop, "drop", owner=self.name)
+        self.baseline_steps = check_int(baseline_steps, "baseline_steps", minimum=1, owner=self.name)
 
     def check(self, m: Measurements) -> list[Alert]:
-        """One finding per block whose ``skip_share`` has stayed below ``threshold`` for ``patience`` logging steps."""
+        """One finding per block whose ``skip_share`` has been far below ``threshold``, or below it and ``drop``
+        times below its early level, for ``patience`` logging steps."""
         share = m.block_values("skip_share")
-        explained = m.context.get("unstable_blocks", ())  # branch exploded: the instability rule reports it
+        # Left to the rule that says why: a branch that exploded (instability), a merge gone from the graph
+        # (lost_skip, whose skip_share reads 0): one incident per cause, not two naming the same block.
+        explained = set(m.context.get("unstable_blocks", ())) | set(m.lost)
         out = []
         for name, s in zip(m.blocks, share):
             if name in explained:
                 self.streak(name, False)
                 continue
             finite = bool(np.isfinite(s))
-            n = self.hold(name, finite and s < self.threshold, finite and s >= self.threshold * self.clear_margin)
-            if n >= self.patience:
+            base = self._early_level(name, float(s))
+            fell = finite and s < self.threshold and s * self.drop < base  # base holds s itself at first: no fall
+            far = finite and s < self.threshold / self.far
+            n = self.hold(name, fell or far, finite and s >= self.threshold * self.clear_margin)
+            if self.firing(name):
                 severity = "critical" if self.critical is not None and s < self.critical else "warning"
+                since = f" for {n} logging steps" if n > 1 else ""
+                how = (f"far below {self.threshold:g}{since}" if s < self.threshold / self.far else
+                       f"< {self.threshold:g}{since}, down from {base:.3g} in its first logging steps")
                 out.append(self.alert(
                     m, severity, name, s, self.threshold,
                     f"block {name}: the skip carries {s:.3g} of the gradient reaching the block input "
-                    f"(skip_share < {self.threshold:g} for {n} logging steps); the block trains like a plain one",
+                    f"(skip_share {how}); the block trains like a plain one",
                     "look for a .detach(), a multiply by ~0 or a gate closing on the skip path of this block's "
                     "forward; healthy ResNets keep skip_share above ~0.02",
                 ))
         return out
+
+    def _early_level(self, name: str, share: float) -> float:
+        """The block's early level: the median of its first ``baseline_steps`` finite shares (until it has them,
+        of those seen so far, ``share`` included). Kept in :attr:`state` (block -> list, then the median)."""
+        early = self.state.setdefault("early", {})
+        level = early.get(name, [])
+        if not isinstance(level, list):
+            return float(level)
+        if math.isfinite(share):
+            level = [*level, share]
+        early[name] = float(np.median(level)) if len(level) >= self.baseline_steps else level
+        return float(np.median(level)) if level else math.nan
 
 
 class AttenuatedIdentity(Rule):
@@ -163,8 +196,9 @@ class Vanishing(Rule):
     Among the ``"weight"`` layers (conv/linear, in forward order), the *early* ones are the first ``early``
     fraction. The statistic is median(grad_to_weight of early layers) / median(grad_to_weight of all weight
     layers). Fires (warning) when it is below ``relative`` or the early median is below the absolute
-    ``floor``, for ``patience`` consecutive logging steps; critical when the statistic is below
-    ``critical``. Relative, so one default holds across models and learning rates; the floor catches a whole
+    ``floor``, for ``patience`` consecutive logging steps (at once when the statistic is ``far`` times below
+    ``relative``; the floor always needs ``patience``: a solved batch crosses it by decades); critical when
+    the statistic is below ``critical``. Relative, so one default holds across models and learning rates; the floor catches a whole
     network whose gradients vanish together. Normalisation layers and embeddings are left out: their ratios
     live on another scale.
     """
@@ -173,8 +207,8 @@ class Vanishing(Rule):
 
     def __init__(self, relative: float = 0.02, floor: float | None = 1e-7, critical: float | None = 1e-4,
                  early: float = EARLY_FRACTION, patience: int = 3, min_layers: int = 4,
-                 clear_margin: float = 2.0) -> None:
-        super().__init__(patience, clear_margin)
+                 clear_margin: float = 2.0, far: float = FAR) -> None:
+        super().__init__(patience, clear_margin, far)
         self.relative = check_number(relative, "relative", owner=self.name)
         self.floor = check_number(floor, "floor", owner=self.name, allow_none=True)
         self.critical = check_number(critical, "critical", owner=self.name, allow_none=True)
@@ -193,8 +227,11 @@ class Vanishing(Rule):
         floor_low = self.floor is not None and early_med < self.floor
         clear = bool(np.isfinite(ratio) and ratio >= self.relative * self.clear_margin) and \
             (self.floor is None or early_med >= self.floor * self.clear_margin)
-        n = self.hold("early", rel_low or floor_low, clear)
-        if n < self.patience:
+        # Only the relative statistic fires at once when far past: the absolute floor is crossed by decades for
+        # one step by any batch the net has already solved (a resnet18 near zero loss: early median 1.6e-8).
+        far = bool(np.isfinite(ratio) and ratio < self.relative / self.far)
+        n = self.hold("early", rel_low or floor_low, clear, far)
+        if not self.firing("early"):
             return []
         severity = "critical" if self.critical is not None and np.isfinite(ratio) and ratio < self.critical \
             else "warning"
@@ -214,7 +251,8 @@ class Vanishing(Rule):
                     "output saturates; if the loss is still high, check the output layer and the loss")
         return [self.alert(
             m, severity, None, value, threshold,
-            f"vanishing gradients: {what} for {n} logging steps; they have (almost) stopped learning", hint,
+            f"vanishing gradients: {what}" + (f" for {n} logging steps" if n > 1 else "")
+            + "; they have (almost) stopped learning", hint,
         )]
 
 
@@ -222,39 +260,42 @@ class Exploding(Rule):
     """Early layers far above the typical value, or a spike of the whole-model gradient norm.
 
     Two conditions, one rule: (1) median(grad_to_weight of early weight layers) / median(all weight layers)
-    above ``relative`` for ``patience`` consecutive logging steps (with the same *early* as
-    :class:`Vanishing`); (2) ``grad_norm`` of ``_global`` more than ``spike`` times its running baseline
-    (a geometric moving average over logging steps, weight ``baseline_weight``, judged after ``warmup``
-    steps). A spike is ``info`` when it lasts one logging step (healthy stock models spike 12-50x and recover:
-    ``docs/validation.md``), ``warning`` once it has lasted ``spike_patience`` consecutive logging steps,
-    ``critical`` when it exceeds ``critical_spike``.
+    above ``relative`` for ``patience`` consecutive logging steps, or at once when above ``relative * far``
+    (with the same *early* as :class:`Vanishing`); (2) ``grad_norm`` of ``_global`` more than ``spike`` times
+    its reference: the ``spike_quantile`` (0.9) of the last ``spike_window`` logging steps' norms, what a hard
+    batch of this run reads (:mod:`gradwatch.alerts._spike`; judged after ``warmup`` steps). A spike is
+    ``info`` when it lasts less than ``spike_patience`` consecutive logging steps (healthy stock models spike
+    and recover: ``docs/validation.md``), ``warning`` once it has lasted that long, ``critical`` when it
+    exceeds ``critical_spike``.
     """
 
     name = "exploding"
 
     def __init__(self, relative: float = 20.0, spike: float | None = 10.0, critical_spike: float | None = 1e3,
-                 early: float = EARLY_FRACTION, patience: int = 1, warmup: int = 5, baseline_weight: float = 0.1,
-                 min_layers: int = 4, spike_patience: int = 3, clear_margin: float = 2.0) -> None:
-        super().__init__(patience, clear_margin)
+                 early: float = EARLY_FRACTION, patience: int = 3, warmup: int = 5, spike_window: int = 64,
+                 spike_quantile: float = 0.9, min_layers: int = 4, spike_patience: int = 3,
+                 clear_margin: float = 2.0, far: float = FAR) -> None:
+        super().__init__(patience, clear_margin, far)
         self.spike_patience = check_int(spike_patience, "spike_patience", minimum=1, owner=self.name)
         self.relative = check_number(relative, "relative", owner=self.name)
         self.spike = check_number(spike, "spike", owner=self.name, allow_none=True)
         self.critical_spike = check_number(critical_spike, "critical_spike", owner=self.name, allow_none=True)
         self.early = check_fraction(early, "early", owner=self.name)
         self.warmup = check_int(warmup, "warmup", minimum=0, owner=self.name)
-        self.baseline_weight = check_fraction(baseline_weight, "baseline_weight", owner=self.name)
+        self.spike_window = check_int(spike_window, "spike_window", minimum=1, owner=self.name)
+        self.spike_quantile = check_fraction(spike_quantile, "spike_quantile", owner=self.name)
         self.min_layers = check_int(min_layers, "min_layers", minimum=1, owner=self.name)
-        self.state.update({"log_baseline": None, "seen": 0})
 
     def check(self, m: Measurements) -> list[Alert]:
         """Up to two findings: early layers far above the network's typical ``grad_to_weight``, and a ``grad_norm``
         spike."""
         out = []
         stat = early_ratio(m, self.early, self.min_layers)
-        high = stat is not None and bool(np.isfinite(stat.ratio) and stat.ratio > self.relative)
-        low = stat is None or bool(np.isfinite(stat.ratio) and stat.ratio <= self.relative / self.clear_margin)
-        n = self.hold("early", high, low)
-        if n >= self.patience and stat is not None:
+        ratio = stat.ratio if stat is not None else math.nan  # NaN compares False: neither high nor far
+        high = bool(ratio > self.relative)
+        low = stat is None or bool(ratio <= self.relative / self.clear_margin)
+        n = self.hold("early", high, low, far=bool(ratio > self.relative * self.far))
+        if self.firing("early") and stat is not None:
             out.append(self.alert(
                 m, "warning", None, stat.ratio, self.relative,
                 f"exploding gradients toward the input: early layers ({short_list(stat.early, 3)}) have a median "
@@ -265,31 +306,25 @@ class Exploding(Rule):
                 subject="early layers",
             ))
         g = m.whole.get("grad_norm", math.nan)
-        if self.spike is not None and np.isfinite(g) and g > 0:
-            base = self.state["log_baseline"]
-            seen = int(self.state["seen"])
-            if base is not None and seen >= self.warmup:
-                factor = math.exp(math.log(g) - base)
+        if self.spike is not None:
+            reference = SpikeReference(self.state, self.spike, self.spike_window, self.spike_quantile, self.warmup)
+            base = reference.reference()
+            factor = reference.judge(g)
+            if np.isfinite(factor) and base is not None:
                 held = self.streak("spike", factor > self.spike)
                 if held:
                     severity = "critical" if self.critical_spike is not None and factor > self.critical_spike \
                         else ("warning" if held >= self.spike_patience else "info")
                     out.append(self.alert(
                         m, severity, None, factor, self.spike,
-                        f"gradient norm spike: the whole-model grad_norm {g:.3g} is {factor:.3g} times its running "
-                        f"baseline {math.exp(base):.3g}" + (f", for {held} logging steps" if held > 1 else ""),
+                        f"gradient norm spike: the whole-model grad_norm {g:.3g} is {factor:.3g} times its recent "
+                        f"upper range {base:.3g} (the {self.spike_quantile:g} quantile of the last "
+                        f"{self.spike_window} logging steps)" + (f", for {held} logging steps" if held > 1 else ""),
                         "a bad batch, a too-high learning rate or an unstable layer: clip gradients "
                         "(torch.nn.utils.clip_grad_norm_), lower or warm up the learning rate, look at the "
                         "grad_norm curves of the layers to find where it starts",
                         subject="grad_norm spike",
                     ))
-            # Update after judging; a spike moves the baseline by at most log(spike) so it cannot hide the next.
-            x = math.log(g)
-            if base is not None and self.spike is not None:
-                x = min(x, base + math.log(self.spike))
-            w = self.baseline_weight
-            self.state["log_baseline"] = x if base is None else (1 - w) * base + w * x
-            self.state["seen"] = seen + 1
         return out
 
 

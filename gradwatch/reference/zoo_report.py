@@ -189,7 +189,8 @@ def _header(argv: Sequence[str], steps: int, every: int, threads: int, n: int, s
         "alert columns show the severity the rule gave) and combines the slope bound "
         f"({getattr(dep, 'per_block', '?')}/block, {getattr(dep, 'per_layer', '?')}/layer) and the end-to-end "
         f"bound ({getattr(dep, 'min_total', '?'):g}x) as the rule does. Spike: whole-model grad norm over its "
-        "running baseline, the largest and the largest held for the rule's spike patience (its margin). "
+        "recent upper range (the exploding rule's reference: a quantile of the last logging steps' norms), "
+        "the largest and the largest held for the rule's spike patience (its margin). "
         "Zero-grad layers: most layers with an exactly zero gradient at one logging step (and at the first "
         "logging step).",
     ])

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from ..alerts import Measurements, default_rules, depth_slope, early_ratio
+from ..alerts._spike import spike_factors
 from ..measure.layers import layer_kinds
 from ..monitor import Monitor
 from ..measure.order import ForwardOrder
@@ -100,19 +101,10 @@ def _margin(value: float, threshold: Any, low: bool) -> float:
 
 def _spikes(norms: Sequence[float], rule: Any) -> list[float]:
     """The exploding rule's grad-norm spike factor per logging step (NaN in warm-up), as the rule computes it."""
-    spike, warmup, w = (getattr(rule, k, None) for k in ("spike", "warmup", "baseline_weight"))
-    if spike is None or warmup is None or w is None:
+    spike, warmup, window, q = (getattr(rule, k, None) for k in ("spike", "warmup", "spike_window", "spike_quantile"))
+    if spike is None or warmup is None or window is None or q is None:
         return [math.nan] * len(norms)
-    out, base, seen = [], None, 0
-    for g in norms:
-        if not (np.isfinite(g) and g > 0):
-            out.append(math.nan)
-            continue
-        out.append(math.exp(math.log(g) - base) if base is not None and seen >= warmup else math.nan)
-        x = math.log(g) if base is None else min(math.log(g), base + math.log(spike))
-        base = x if base is None else (1 - w) * base + w * x
-        seen += 1
-    return out
+    return spike_factors(norms, spike, window, q, warmup)
 
 
 def _series(records: Sequence[Any], kinds: dict[str, str], forward: dict[str, int] | None,

@@ -32,6 +32,7 @@ from gradwatch.alerts import (
     early_ratio_shown,
     replay,
 )
+from gradwatch.alerts.rule import FAR
 from gradwatch.measure.layers import layer_kinds
 from gradwatch.reference.blocks import resnet
 
@@ -226,7 +227,9 @@ def test_deep_sigmoid_mlp_fires_vanishing():
     train(model, mon, 4)
     mon.close()
     van = [a for a in mon.alerts if a.rule == "vanishing"]
-    assert van and van[0].step == 2  # patience 3: the third logging step
+    # 5e-6 is far (FAR = 5x) past the 0.02 threshold: at once, not after patience (3 logging steps)
+    assert van and van[0].step == 0 and van[0].value < 0.02 / FAR
+    assert "for " not in van[0].message.split(";")[0]  # no streak claimed on its first step
     assert van[0].severity in ("warning", "critical") and van[0].value < 0.02
     # names the early weight layers (Linear at indices 0, 2, ..., 8 of 16), not the late ones
     assert van[0].name is None and "early layers (0, 2, … 8 (5 in all))" in van[0].message

@@ -120,12 +120,13 @@ def test_resolved_after_the_clear_window_with_duration_and_worst_value(tmp_path)
 
 def test_a_value_wobbling_around_the_threshold_for_500_steps_is_one_incident():
     """skip_share around the 1e-3 floor: below it 3 steps in 5, above it (but under the 2x clear margin) the rest,
-    plus random noise; a rule without hysteresis would open an incident every few steps."""
+    plus random noise; a rule without hysteresis would open an incident every few steps. The block starts at
+    0.05 (its own early level, from which skip_collapse judges a fall)."""
     rng = np.random.default_rng(0)
-    wobble = [1e-3 * (0.7 if s % 5 < 3 else 1.4) * float(rng.uniform(0.9, 1.1)) for s in range(500)]
+    wobble = [0.05] * 5 + [1e-3 * (0.7 if s % 5 < 3 else 1.4) * float(rng.uniform(0.9, 1.1)) for s in range(5, 500)]
     engine = AlertEngine([SkipCollapse()], tracker=IncidentTracker(remind_after=None))
     events = drive(engine, range(500), share=lambda s: wobble[s])
-    assert kinds(events) == [("opened", 2)]
+    assert kinds(events) == [("opened", 7)]
     # without the rule's margin the same series flaps: each excursion above the floor clears the streak
     flapping = AlertEngine([SkipCollapse(clear_margin=1.0)], tracker=IncidentTracker(remind_after=None,
                                                                                      resolve_after=1))
