@@ -2,6 +2,12 @@
 
 Definition order (``named_modules()``) is not always the order data flows in (a head defined before the
 trunk, a shared layer); rules that name "the first layer where a NaN appears" need the forward order.
+
+A module run at several depths of one forward pass (ALBERT's one layer run N times, a shared embedding used
+again as the output head) has no single depth, and its gradient sums what every depth sends it: such modules
+come after the modules run once (among themselves by the mean position of their calls), so a layer shared by
+every depth never counts as "early" (an ALBERT's shared query and key, whose gradients are tiny at
+initialisation, had made its early layers read as vanishing).
 """
 
 from __future__ import annotations
@@ -26,10 +32,18 @@ class ForwardOrder:
     Nothing is recorded under ``torch.compile`` (definition order then stands), and nothing is hooked on a
     compiled model: dynamo guards on a module's hooks, so removing one would force a recompile. For the same
     reason, hooks that recorded nothing by :meth:`finish` (the model was compiled after the monitor was
-    attached) stay, as no-ops, until :meth:`close`."""
+    attached) stay, as no-ops, until :meth:`close`.
+
+    One forward pass starts when the first module ever seen runs again (not the root's hook: a Lightning
+    ``training_step`` may call a sub-module and never the root); the positions of the first full pass give
+    the order, modules first seen in later passes (a branch taken later) come after."""
 
     def __init__(self, model: nn.Module) -> None:
         self.order: dict[str, int] = {}
+        self._calls: dict[str, list[int]] = {}  # positions of each module's calls in the first pass
+        self._first: str | None = None  # the module that opens a pass
+        self._passes = 0
+        self._tick = 0
         self._handles: list[Any] = []
         self._finished = False
         if any(is_compiled(m) for m in model.modules()):
@@ -41,9 +55,26 @@ class ForwardOrder:
 
     def _hook(self, name: str) -> Callable[..., None]:
         def hook(module: Any, args: Any) -> None:
-            if name not in self.order and not is_compiling():
+            if is_compiling():
+                return
+            if self._first is None:
+                self._first = name
+            if name == self._first:
+                self._passes += 1
+            if self._passes == 1:
+                self._calls.setdefault(name, []).append(self._tick)
+                self._tick += 1
+            if name not in self.order:
                 self.order[name] = len(self.order)
         return hook
+
+    def _positions(self) -> dict[str, int]:
+        """Module -> rank: modules run once in the first pass by position, then those run several times by their
+        calls' mean position, then modules first seen in later passes, as seen."""
+        mean = {n: sum(t) / len(t) for n, t in self._calls.items()}
+        ranked = sorted(mean, key=lambda n: (len(self._calls[n]) > 1, mean[n], self.order[n]))
+        later = [n for n in sorted(self.order, key=self.order.__getitem__) if n not in mean]
+        return {n: i for i, n in enumerate(ranked + later)}
 
     def finish(self) -> dict[str, int]:
         """Stop recording and return module name -> position, first module 0. The hooks are removed if they
@@ -51,7 +82,7 @@ class ForwardOrder:
         self._finished = True
         if self.order:
             self.close()
-        return dict(self.order)
+        return self._positions()
 
     def close(self) -> None:
         """Remove every hook."""

@@ -629,3 +629,37 @@ def test_post_ln_bert_shows_an_early_ratio_without_alerting_on_it():
     early = [r.health["grad_to_weight_early"] for r in mon.records]
     assert all(0.05 < v < 20 for v in early), early  # every step, a plain number
     assert [a for a in mon.alerts if a.rule in ("vanishing", "exploding") and a.severity != "info"] == []
+
+
+class SharedAttention(nn.Module):
+    """ALBERT's pattern: one pair of projections (``q``, ``k``) run at every depth, its tiny gradients (as a
+    query/key's at initialisation) scaled by 1e-4 into a residual stream, then a plain stack."""
+
+    def __init__(self, depth: int) -> None:
+        super().__init__()
+        self.depth = depth
+        self.q, self.k = nn.Linear(8, 8), nn.Linear(8, 8)
+        self.stack = nn.Sequential(*[nn.Sequential(nn.Linear(8, 8), nn.Tanh()) for _ in range(6)])
+        self.out = nn.Linear(8, 3)
+
+    def forward(self, x):
+        for _ in range(self.depth):
+            x = x + 1e-4 * self.k(self.q(x))
+        return self.out(self.stack(x))
+
+
+@pytest.mark.parametrize("depth", [1, 4])
+def test_a_layer_run_at_every_depth_is_not_an_early_layer(depth):
+    # Run once, q and k are the net's first layers and their gradients are 1e-4 of the others': vanishing is
+    # right. Run at 4 depths (one shared layer, as in ALBERT), they have no single depth: the early layers are
+    # the stack's first, and the rule is quiet (the zoo's hf_albert raised vanishing at step 4 before).
+    torch.manual_seed(0)
+    model = SharedAttention(depth)
+    mon = gradwatch.Monitor(model, every=1, strict=True, blocks=None, rules=[Vanishing()])
+    train(model, mon, 6)
+    mon.close()
+    fired = [a for a in mon.alerts if a.rule == "vanishing"]
+    if depth == 1:
+        assert fired and "q" in fired[0].message and "k" in fired[0].message
+    else:
+        assert not fired, fired[0].message
