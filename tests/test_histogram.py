@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from helpers import read_events
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import make_histogram
@@ -46,7 +47,7 @@ def test_every_value_beyond_the_bins_gives_none_and_bad_edges_are_refused(edges)
 def test_a_step_whose_norms_are_all_beyond_the_bins_keeps_its_scalars(tmp_path):
     # make_histogram raises there: the whole event, alerts included, was lost at the moment of an explosion
     writer = SummaryWriter(str(tmp_path))
-    sink = gradwatch.TensorBoardSink(writer, pictures=0)
+    sink = gradwatch.TensorBoardSink(writer, pictures=0, layer_scalars=True)  # the per-layer scalar is asserted
     record = gradwatch.StepRecord.build(7, ["a", "b"], {"grad_norm": [3e25, 4e25], "weight_norm": [1.0, 2.0]},
                                         {"grad_norm": 5e25, "weight_norm": 2.2})
     sink.write(record)
@@ -58,3 +59,16 @@ def test_a_step_whose_norms_are_all_beyond_the_bins_keeps_its_scalars(tmp_path):
     assert grad and acc.Scalars(grad[0])[0].value == pytest.approx(3e25, rel=1e-6)
     assert any("weight_norm" in t for t in tags["histograms"])  # the metric inside the bins keeps its histogram
     assert not any("grad_norm" in t for t in tags["histograms"])
+
+
+def test_by_default_a_step_beyond_the_bins_keeps_its_per_layer_series(tmp_path):
+    # Without per-layer scalar tags (the default), the values live in the series tensors: they must survive too.
+    writer = SummaryWriter(str(tmp_path))
+    sink = gradwatch.TensorBoardSink(writer, pictures=0)
+    record = gradwatch.StepRecord.build(7, ["a", "b"], {"grad_norm": [3e25, 4e25], "weight_norm": [1.0, 2.0]},
+                                        {"grad_norm": 5e25, "weight_norm": 2.2})
+    sink.write(record)
+    sink.close()
+    series = read_events(str(tmp_path))["series"]
+    (tag,) = [t for t in series if t.endswith("grad_norm/a")]
+    assert series[tag][7] == pytest.approx(3e25, rel=1e-6)

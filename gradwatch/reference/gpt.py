@@ -70,6 +70,7 @@ class TinyGPT(nn.Module):
                 nn.init.zeros_(p)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        """Next-token logits, ``(batch, time, vocab)``, for token ids ``idx`` of shape ``(batch, time)``."""
         x = self.tok(idx) + self.pos(torch.arange(idx.shape[1], device=idx.device))
         for block in self.blocks:
             x = block(x)
