@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers.flow_reference import block_parts, contributions
+from helpers.flow_reference import flow_values as values
 from torch import nn
 
 import gradwatch
@@ -22,16 +23,6 @@ TOL = 1e-8
 def batch(n=4, size=8, seed=1, dtype=torch.float64):
     x, y = small_batch(n, size, seed)
     return x.to(dtype), y
-
-
-def values(mon, step=0):
-    """{block name: {metric: value}} at ``step``."""
-    hist = mon.history()
-    rows = hist[(hist.step == step) & hist.metric.isin(flow.FLOW_METRICS)]
-    out: dict[str, dict[str, float]] = {}
-    for name, metric, value in zip(rows.name, rows.metric, rows.value):
-        out.setdefault(name, {})[metric] = value
-    return out
 
 
 def assert_close(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor) -> None:

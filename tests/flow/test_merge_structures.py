@@ -8,19 +8,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers.flow_reference import flow_values as values
 from torch import nn
 
 import gradwatch
-from gradwatch import flow
-
-
-def values(mon, step=0):
-    hist = mon.history()
-    rows = hist[(hist.step == step) & hist.metric.isin(flow.FLOW_METRICS)]
-    out: dict[str, dict[str, float]] = {}
-    for name, metric, value in zip(rows.name, rows.metric, rows.value):
-        out.setdefault(name, {})[metric] = value
-    return out
 
 
 class Parallel(nn.Module):

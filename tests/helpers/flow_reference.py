@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from gradwatch import flow
 from gradwatch.reference import blocks as B
 
 
@@ -51,3 +52,13 @@ def contributions(parts_fn, x: torch.Tensor, downstream):
     if through_skip is None:  # a detached skip
         through_skip = torch.zeros_like(f)
     return through_skip, through_branch, total
+
+
+def flow_values(mon, step: int = 0) -> dict[str, dict[str, float]]:
+    """{block name: {metric: value}} of ``mon``'s block-flow metrics at ``step``, from its history."""
+    hist = mon.history()
+    rows = hist[(hist.step == step) & hist.metric.isin(flow.FLOW_METRICS)]
+    out: dict[str, dict[str, float]] = {}
+    for name, metric, value in zip(rows.name, rows.metric, rows.value):
+        out.setdefault(name, {})[metric] = value
+    return out
