@@ -22,7 +22,7 @@ from ..monitor import Monitor
 from .gpt import TinyGPT, synthetic_language
 
 __all__ = ["Run", "RunOutcome", "runs", "run_one", "spike_step", "SPIKE_NATS", "SPIKE_WINDOW", "SPIKE_FROM",
-           "LEADING_RULES"]
+           "LEADING_RULES", "heldout_runs"]
 
 #: The spike definition (:func:`spike_step`): the loss at a step exceeds the median of the ``SPIKE_WINDOW``
 #: steps before it by ``SPIKE_NATS`` nats or more, or is not finite, at step ``SPIKE_FROM`` or later.
@@ -55,7 +55,7 @@ class Run:
     """One training run of the suite: the knob that makes it unstable (or not) and its seed."""
 
     name: str
-    trigger: str  # "lr", "restart", "beta2-shift"
+    trigger: str  # "lr", "restart", "beta2"; held out also "shape", "eps", "shift", "warmup"
     lr: float  # peak learning rate
     qk_norm: bool = False
     seed: int = 0
@@ -67,6 +67,9 @@ class Run:
     restart_lr: float = 0.0  # a linear warm-up to this peak over ``rewarm`` steps, the optimizer's state kept
     rewarm: int = 30
     shift: int | None = None  # from this step the data come from another grammar
+    dim: int = 64  # TinyGPT's width and depth
+    depth: int = 2
+    group: str = "calibration"  # or "held-out": never used to tune a rule (see heldout_runs)
 
 
 @dataclass
@@ -85,6 +88,7 @@ class RunOutcome:
     signal: list[float] = field(default_factory=list)  # the instability rule's statistic per step
     seconds: float = 0.0
     errors: list[str] = field(default_factory=list)
+    group: str = "calibration"  # the run's set: "calibration" (tuned on) or "held-out" (never tuned on)
 
 
 def _lr(run: Run, i: int) -> float:
@@ -95,11 +99,16 @@ def _lr(run: Run, i: int) -> float:
     return run.lr * min((i + 1) / run.warmup, 0.5 * (1 + math.cos(math.pi * i / run.restart)))
 
 
-def runs(quick: bool = False) -> list[Run]:
-    """The suite (``quick``: one stable and one unstable learning rate, seed 0, 120 steps): peak learning rates from stable
-    (0.03, 0.1) to unstable (0.3, 0.5), each with and without qk-layernorm, reached by a linear warm-up over 200
-    of 250 steps; an LR schedule restart (a cosine from 0.1 to 0 at step 120, then a 30-step warm-up to 0.5,
-    Adam's state kept); β2 = 0.9999 at a peak of 0.1 (stable at β2 = 0.95) for 300 steps; seeds 0, 1, 2."""
+def runs(quick: bool = False, heldout: bool = False) -> list[Run]:
+    """The calibration set (``quick``: one stable and one unstable learning rate, seed 0, 120 steps): peak
+    learning rates from stable (0.03, 0.1) to unstable (0.3, 0.5), each with and without qk-layernorm, reached
+    by a linear warm-up over 200 of 250 steps; an LR schedule restart (a cosine from 0.1 to 0 at step 120, then
+    a 30-step warm-up to 0.5, Adam's state kept); β2 = 0.9999 at a peak of 0.1 (stable at β2 = 0.95) for 300
+    steps; seeds 0, 1, 2. The instability rule was tuned on these runs.
+
+    ``heldout``: the held-out set instead (:func:`heldout_runs`)."""
+    if heldout:
+        return heldout_runs()
     if quick:
         return [Run("lr0.03-s0", "lr", 0.03, steps=120), Run("lr0.5-s0", "lr", 0.5, steps=120)]
     out = []
@@ -112,12 +121,41 @@ def runs(quick: bool = False) -> list[Run]:
     return out
 
 
+def heldout_runs() -> list[Run]:
+    """The held-out set: runs no rule was tuned on (the team's standard: calibrate on some models, test on
+    others), to measure recall, lead and false alarms out of sample. Seeds 3 and 4 (the calibration set has
+    0-2), 20 runs, 12 of them stable controls (they never spiked by :func:`spike_step` on this machine), some
+    of them just below the edge, where a false alarm is likeliest:
+
+    - ``lr``: the calibration set's peaks 0.03, 0.1 (stable) and 0.5 (spikes), and 0.15 between its stable
+      and unstable ones (stable, near the edge), on the new seeds;
+    - ``shape``: a TinyGPT of another shape, 4 blocks of width 128 (the calibration set's are 2 of width 64),
+      at peaks 0.03, 0.1 (stable) and 0.3 (spikes);
+    - ``eps``: Adam's ε at 1e-15 at a peak of 0.1 (stable: ε alone did not make this model spike at peaks
+      0.1 or 0.2, so these are controls that the rule does not read a tiny ε as an instability);
+    - ``shift``: from step 150 the data come from another grammar (peak 0.05 reached over 50 steps; stable
+      without the shift): the loss jumps at the shift, so the spike is the data event itself and no rule can
+      warn before it; these runs test that nothing fires ahead of it and what fires after;
+    - ``warmup``: a warm-up too short, peak 0.2 reached in 50 steps (it spikes; the calibration set reaches
+      its peaks in 200 steps, where 0.1 is stable)."""
+    out = []
+    for seed in (3, 4):
+        for lr in (0.03, 0.1, 0.15, 0.5):
+            out.append(Run(f"lr{lr:g}-s{seed}", "lr", lr, seed=seed, group="held-out"))
+        for lr in (0.03, 0.1, 0.3):
+            out.append(Run(f"shape-lr{lr:g}-s{seed}", "shape", lr, seed=seed, dim=128, depth=4, group="held-out"))
+        out.append(Run(f"eps1e-15-s{seed}", "eps", 0.1, seed=seed, eps=1e-15, group="held-out"))
+        out.append(Run(f"shift-s{seed}", "shift", 0.05, seed=seed, warmup=50, shift=150, group="held-out"))
+        out.append(Run(f"warmup50-lr0.2-s{seed}", "warmup", 0.2, seed=seed, warmup=50, group="held-out"))
+    return out
+
+
 def run_one(run: Run, out: str | None = None, threads: int = 1, every: int = 1) -> RunOutcome:
     """Train ``run`` with a default monitor (logging every ``every`` steps; TensorBoard logs under
     ``<out>/<run>`` without pictures, when ``out`` is given) and score it."""
     torch.set_num_threads(threads)
     torch.manual_seed(run.seed)
-    model = TinyGPT(qk_norm=run.qk_norm)
+    model = TinyGPT(dim=run.dim, depth=run.depth, qk_norm=run.qk_norm)
     data = synthetic_language(4096, seed=run.seed)
     shifted = synthetic_language(4096, seed=run.seed, grammar=1) if run.shift is not None else data
     opt = torch.optim.AdamW(model.parameters(), lr=run.lr, betas=(0.9, run.beta2), eps=run.eps, weight_decay=0.0)
@@ -168,4 +206,4 @@ def score(run: Run, mon: Monitor, losses: list[float], seconds: float) -> RunOut
             signal = [float(r.value(named[0], "update_to_weight")) for r in mon.records]
     return RunOutcome(run.name, run.trigger, spike, warn.step if warn else None, warn.rule if warn else None,
                       layers, lead, [f"{a.rule}@{a.step} ({a.name or '-'}) [{a.severity}]" for a in told], losses,
-                      signal, seconds, list(mon.errors))
+                      signal, seconds, list(mon.errors), run.group)

@@ -13,7 +13,8 @@ A scorecard over reference networks trained on the embedded data with the defaul
   recorded, never counted as a miss or a false alarm;
 - **instability** (:mod:`gradwatch.reference.instability`): tiny transformers pushed into loss spikes, each
   run scored on whether a warning came before its spike, and runs that never spike must stay quiet
-  (``--only instability``; two runs under ``--quick``).
+  (``--only instability``; two runs under ``--quick``): its calibration set (the runs the rule was tuned on)
+  and its held-out set (never tuned on; not under ``--quick``), scored apart.
 
 Each case is trained with momentum SGD (lr 0.1, momentum 0.9, weight decay 1e-4; nets of 56 layers and more
 warm up at lr 0.01 for the first quarter of the steps, as He et al. did for deep nets), logs to TensorBoard
@@ -291,6 +292,8 @@ def run(quick: bool = False, out: str = "runs/validate", steps: int | None = Non
     if suite:
         runs = _run_suite(quick, out, jobs, stream, out_md, command)
         outcomes += [_as_outcome(r) for r in runs]
+    # "scores" stays the calibration set's figures (what it was before the held-out set); each set's apart
+    calibration = [r for r in runs if r.group == "calibration"]
     bad = [o.case for o in outcomes if not o.passed]
     print(f"\n{len(outcomes) - len(bad)}/{len(outcomes)} passed in {time.perf_counter() - start:.0f} s"
           + (f"; failed: {', '.join(bad)}" if bad else ""), file=stream)
@@ -299,7 +302,9 @@ def run(quick: bool = False, out: str = "runs/validate", steps: int | None = Non
         "torch": torch.__version__, "command": command, "date": time.strftime("%Y-%m-%d"),
         "cases": [asdict(o) | {"passed": o.passed} for o in outcomes],
         "instability": {"runs": [asdict(r) for r in runs],
-                        "scores": asdict(instability_report.scores(runs)) if runs else None}})
+                        "scores": asdict(instability_report.scores(calibration)) if calibration else None,
+                        "scores_by_set": {k: asdict(v) for k, v in
+                                          instability_report.scores_by_group(runs).items()}}})
     return outcomes
 
 
@@ -341,7 +346,7 @@ def _run_cases(chosen: list[tuple[Case, int, str]], quick: bool, out: str, steps
 def _run_suite(quick: bool, out: str, jobs: int, stream: Any, out_md: str | None,
                command: str) -> list[instability.RunOutcome]:
     """The instability suite: its runs (on one thread each, logging every step), its table and figures."""
-    todo = instability.runs(quick)
+    todo = instability.runs(quick) + ([] if quick else instability.runs(heldout=True))
     where = os.path.join(out, "instability")
     print(f"\ngradwatch validate: instability suite, {len(todo)} runs, logging every step, {jobs} process(es), "
           f"TensorBoard logs in {where}/", file=stream, flush=True)
@@ -352,15 +357,16 @@ def _run_suite(quick: bool, out: str, jobs: int, stream: Any, out_md: str | None
     try:
         for i, o in enumerate(mapped.map(work, todo) if mapped else map(work, todo), 1):
             done.append(o)
-            print(f"[{i:>2}/{len(todo)}] {o.run:<16} spike {o.spike if o.spike is not None else 'none':>4}  "
+            print(f"[{i:>2}/{len(todo)}] {o.run:<21} {o.group:<11} "
+                  f"spike {o.spike if o.spike is not None else 'none':>4}  "
                   f"first warning {o.warning if o.warning is not None else 'none':>4} {o.rule or ''} "
                   f"{'(' + o.layers + ')' if o.layers else ''}  {o.seconds:5.1f} s", file=stream, flush=True)
     finally:
         if mapped:
             mapped.shutdown()
     seconds = time.perf_counter() - start
-    print("\n" + instability_report.table(done) + "\n\n" + instability_report.summary_line(
-        instability_report.scores(done)), file=stream)
+    print("\n" + instability_report.table(done) + "\n\n" + "\n".join(instability_report.summary_lines(done)),
+          file=stream)
     if out_md:
         instability_report.write_markdown(done, out_md, command, time.strftime("%Y-%m-%d"), seconds)
     return done
@@ -376,6 +382,7 @@ def _as_outcome(r: instability.RunOutcome) -> Outcome:
         expected = [f"a warning before step {r.spike}"]
         missed = [] if r.lead is not None and r.lead > 0 else [f"a warning before step {r.spike} (the spike)"]
         false = []
-    return Outcome(r.run, "instability", f"tiny transformer, trigger {r.trigger}", expected, r.observed, missed,
+    about = f"tiny transformer, trigger {r.trigger}, {r.group} set"
+    return Outcome(r.run, "instability", about, expected, r.observed, missed,
                    false, {}, r.losses[-1] if r.losses else math.nan, r.seconds, r.errors,
                    {"step": [float(i) for i in range(len(r.losses))], "loss": r.losses})
