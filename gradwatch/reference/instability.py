@@ -1,9 +1,15 @@
 """``gradwatch validate --only instability``: the instability suite. Small decoder-only pre-LN transformers
 (:class:`gradwatch.reference.gpt.TinyGPT`) trained with AdamW on a generated language, pushed from stable to
-unstable by the peak learning rate (with and without qk-layernorm), an LR schedule restart, and a high β2 with
-a data shift; several seeds. Each run is scored on when its loss spiked (:func:`spike_step`, the loss is read
-by the suite only: the monitor never sees it) against the first warning gradwatch raised
-(:mod:`gradwatch.reference.instability_report` writes the scorecard)."""
+unstable by the peak learning rate (with and without qk-layernorm), an LR schedule restart, and a high β2;
+several seeds. Each run is scored on when its loss spiked (:func:`spike_step`, the loss is read by the suite
+only: the monitor never sees it) against the first warning gradwatch raised
+(:mod:`gradwatch.reference.instability_report` writes the scorecard).
+
+Two sets: the **calibration** set (:func:`runs`, seeds 0-2), on which the ``instability`` rule was tuned, so
+its figures are in-sample; and the **held-out** set (``runs(heldout=True)``, :func:`heldout_runs`): other
+seeds, a TinyGPT of another shape, triggers the calibration set lacks (a tiny Adam ε, a data shift, a short
+warm-up) and stable controls, never used to tune a rule, so its figures say how the rule does on runs it has
+not seen. Tune on the first only; the scorecard reports the two apart."""
 
 from __future__ import annotations
 

@@ -144,9 +144,9 @@ def write_markdown(outcomes: Sequence[RunOutcome], out_md: str, command: str, da
         "too-high β2; seeds 0, 1, 2 (`gradwatch/reference/instability.py`, `runs()`). " + (
             "**Held-out set** (`runs(heldout=True)`; never used to tune a rule: the out-of-sample figures): "
             "seeds 3 and 4; the calibration peaks 0.03, 0.1 and 0.5 and one between, 0.15; a TinyGPT of another "
-            "shape (4 blocks, width 128) at peaks 0.03, 0.1 and 0.3; Adam's ε at 1e-15; a data shift to another grammar at step 150 "
-            "(the spike is the data event itself: no rule can warn before it); a warm-up too short (peak 0.2 "
-            "in 50 steps)." if heldout else "The held-out set is not run here (`--quick`)."), "",
+            "shape (4 blocks, width 128) at peaks 0.03, 0.1 and 0.3; Adam's ε at 1e-15 (at peak 0.1: stable); a "
+            "data shift to another grammar at step 150 (the spike is the data event itself: no rule can warn "
+            "before it); a warm-up too short (peak 0.2 in 50 steps)." if heldout else "The held-out set is not run here (`--quick`)."), "",
         f"**Spike step**, mechanically: the first step from {SPIKE_FROM} on whose loss is not finite or at least "
         f"{SPIKE_NATS:g} nat above the median loss of the {SPIKE_WINDOW} steps before it; runs go on past it. "
         "The loss is read by the suite only: the monitor never sees it. **First warning**: the first warning or "

@@ -59,7 +59,8 @@ def test_quick_suite_warns_ahead_of_the_spike_and_is_quiet_on_the_stable_run(tmp
     s = summary["instability"]["scores"]
     assert (s["spiked"], s["warned_ahead"], s["recall"], s["median_lead"], s["false_alarms"], s["misses"]) == (
         1, 1, 1.0, unstable["lead"], 0, 0)
-    assert "| lr0.5-s0 | lr |" in out and "recall 1/1 (100%)" in out
+    assert summary["instability"]["scores_by_set"] == {"calibration": s}  # --quick runs no held-out set
+    assert "| lr0.5-s0 | calibration | lr |" in out and "calibration: 2 runs, 1 spiked: recall 1/1 (100%)" in out
 
 
 def test_scores_count_recall_lead_false_alarms_and_misses():
@@ -73,5 +74,5 @@ def test_scores_count_recall_lead_false_alarms_and_misses():
     assert (s.spiked, s.warned_ahead, s.misses, s.stable, s.false_alarms) == (5, 3, 2, 2, 1)
     assert s.recall == pytest.approx(0.6) and s.median_lead == 20  # leads 20, 5, 20
     rows = table(runs).splitlines()
-    assert "| c | lr | 60 | 70 | instability | – | – | late | 0 |" in rows
+    assert "| c | calibration | lr | 60 | 70 | instability | – | – | late | 0 |" in rows
     assert rows[-2].endswith("| false alarm | 0 |") and "| missed |" in rows[5]
