@@ -97,7 +97,7 @@ class _PictureSchedule:
         self._since += 1
         if self._since < self.every or (self.budget is not None and self._spent > self.budget * (now - self._start)):
             # between drawings (or over the time budget) only the health card, when the open incidents changed:
-            # it is the first card of the dashboard and must not lag (~75 ms to draw, loaded 2-core machine)
+            # it is the first card of the dashboard and must not lag (~30 ms to draw: benchmarks/picture_cost.py)
             return self._card(record.step, tags) if changed else []
         return self._card(record.step, tags) + self._draw(tags)
 
@@ -112,7 +112,7 @@ class _PictureSchedule:
         if latest is None:
             return []
         # not counted in the time budget: drawn only when incidents open, escalate or close (and with the
-        # pictures), ~75 ms each; the budget is for the maps, which are drawn all along
+        # pictures), ~30 ms each; the budget is for the maps, which are drawn all along
         try:
             pictures = draw_pictures(HealthCard(step, self.incidents.rows(), card_figures(latest),
                                                 self.incidents.alerting))
