@@ -4,7 +4,9 @@
 
 LOGDIR is a gradwatch run folder (``make demo`` writes runs/demo; docs/example_runs.py the Lightning run and the
 run with a mid-run fault). The window is 1600 x 1000, TensorBoard's defaults untouched (the run list open,
-smoothing 0.6): ``<prefix>-first-screen.png`` is what a user sees on opening Time Series. Needs ``playwright`` (``pip install
+smoothing 0.6): ``<prefix>-first-screen.png`` is what a user sees on opening Time Series; with ``--pinned``,
+``<prefix>-pinned-first-screen.png`` is the same through the link ``gradwatch report`` and the Lightning callback
+give (the user's first two charts pinned, gradwatch.sinks.tensorboard.link). Needs ``playwright`` (``pip install
 playwright``; not a gradwatch dependency) and a Chromium on the machine (``apt-get install chromium``;
 playwright's own download is not used). TensorBoard draws its line charts with WebGL in a worker, which a
 GPU-less headless browser leaves blank, so the pages are opened with TensorBoard's ``forceSVG=true``.
@@ -51,6 +53,7 @@ def main() -> None:
     ap.add_argument("--prefix", default="demo")
     ap.add_argument("--filter", default="", help="a regex for a filtered-tags shot (none by default)")
     ap.add_argument("--first-screen-only", action="store_true", help="only the first screen of Time Series")
+    ap.add_argument("--pinned", action="store_true", help="also the first screen through gradwatch's pin link")
     args = ap.parse_args()
     from playwright.sync_api import sync_playwright
 
@@ -89,6 +92,15 @@ def main() -> None:
                 print("wrote", os.path.join(args.out, f"{args.prefix}-{name}.png"))
 
             shot("first-screen", "#timeseries", wait=10)
+            if args.pinned:  # the link of `gradwatch report LOGDIR`, on this server
+                from gradwatch.report import summarize
+                from gradwatch.sinks.tensorboard.link import pin_link
+
+                link = pin_link([t for r in summarize(args.logdir) for t in r.own_scalars], address=url)
+                if link is None:
+                    print("no charts of the user's to pin: no pinned shot")
+                else:
+                    shot("pinned-first-screen", "&" + link.split("?", 1)[1], wait=10)
             if not args.first_screen_only:
                 if args.filter:
                     shot("filtered", "#timeseries", tags=args.filter, side_pane=False)

@@ -22,7 +22,7 @@ from gradwatch.config import BlocksSpec, ModuleTypes, Patterns, RulesSpec
 from gradwatch.driver import StepDriver, amp_grad_scale
 from gradwatch.sinks import AlertSink, ScalarsSink
 from gradwatch.sinks.history import COLUMNS
-from gradwatch.sinks.tensorboard import open_writer
+from gradwatch.sinks.tensorboard import link, open_writer
 
 log = logging.getLogger("gradwatch")
 
@@ -180,6 +180,12 @@ class GradWatchCallback(*_BASES):  # type: ignore[misc]
         self._handles: list[Any] = []
         self._own_writer: Any = None
         self._loaded_state: dict[str, Any] | None = None
+        #: The TensorBoard link that pins the first charts you log above gradwatch's health card (said once, on
+        #: rank 0, at the first logging step that logged any, from ``trainer.logged_metrics``: read in
+        #: ``on_train_batch_end`` it is this batch's ``on_step`` values, no sync): TensorBoard opens only two
+        #: groups, gradwatch's health and Lightning's ``epoch`` (``docs/dashboard.md``). None until then; ``""``
+        #: without a ``TensorBoardLogger``.
+        self.dashboard_link: str | None = None
 
     # ------------------------------------------------------------------ public API
     @property
@@ -263,6 +269,9 @@ class GradWatchCallback(*_BASES):  # type: ignore[misc]
                     trainer.should_stop = True
             if self.prog_bar is not False and self.is_logging_step(_log_step(trainer)):
                 self._show_progress(pl_module)
+            if self.dashboard_link is None and self.is_logging_step(_log_step(trainer)):  # this batch's self.log keys
+                self.dashboard_link = link.say_pins(trainer.logged_metrics, lambda m: _rank_zero_info(trainer, m),
+                                                    any(isinstance(lg, _TENSORBOARD_LOGGERS) for lg in trainer.loggers))
         except Exception as err:
             self._contain(err)
 

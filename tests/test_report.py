@@ -113,3 +113,33 @@ def test_several_namespaces_in_one_folder_are_runs_of_their_own(tmp_path):
     assert sorted(table.run.unique()) == [f"{os.path.basename(tmp_path)} [gradwatch]",
                                           f"{os.path.basename(tmp_path)} [other]"]
     assert table.groupby("run").step.max().tolist() == [1, 2]
+
+
+def test_the_report_gives_the_link_that_pins_the_users_own_charts(tmp_path, capsys):
+    """TensorBoard opens two groups (the health card and, under Lightning, ``epoch``): the report's link pins the
+    first charts the user logged, never gradwatch's (any namespace) or the trainer's ``epoch``."""
+    import urllib.parse
+
+    from torch.utils.tensorboard import SummaryWriter
+
+    torch.manual_seed(0)
+    model = resnet(8, width=4)
+    writer = SummaryWriter(str(tmp_path / "run"))
+    mon = gradwatch.Monitor(model, every=1, writer=writer, pictures=0, prefix="student")
+    for s in range(2):
+        g = torch.Generator().manual_seed(s)
+        loss = F.cross_entropy(model(torch.randn(8, 3, 8, 8, generator=g)), torch.randint(0, 10, (8,), generator=g))
+        loss.backward()
+        mon.step()
+        model.zero_grad()
+        for tag, v in (("train_loss", loss.item()), ("train_acc", 0.5), ("epoch", 0.0), ("val_loss", 1.0)):
+            writer.add_scalar(tag, v, s)
+    mon.close()
+    writer.close()
+    (r,) = report.summarize(tmp_path)
+    assert r.own_scalars == ["train_loss", "train_acc", "val_loss"]
+    assert main(["report", str(tmp_path)]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    link = urllib.parse.urlsplit(line.rsplit(" ", 1)[1])
+    pins = json.loads(urllib.parse.parse_qs(link.query)["pinnedCards"][0])
+    assert [p["tag"] for p in pins] == ["train_loss", "train_acc"]  # the first two: one row above the health card

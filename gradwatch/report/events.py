@@ -26,6 +26,7 @@ from ..health import HEALTH
 from ..names import GLOBAL_NAME
 from ..sinks.tags import Tags
 from ..sinks.tensorboard import _series
+from ..sinks.tensorboard.link import own_tags, pin_link
 from .leadup import find_recording, lead_up, read_recording, render_lead_up
 
 __all__ = ["RunReport", "find_runs", "load", "summarize", "read", "render_text", "write_table", "check_output",
@@ -52,6 +53,7 @@ class RunReport:
     pictures: dict[str, bytes] = field(default_factory=dict)  # the run's latest TensorBoard pictures (PNG)
     worst: str | None = None  # the most severe incident (alerts.jsonl, else the event files' open counts)
     recorded: bool = True  # whether the run's folder has an alerts.jsonl (the incidents listed come from it)
+    own_scalars: list[str] = field(default_factory=list)  # the folder's scalar tags not gradwatch's or a trainer's
 
 
 def find_runs(logdir: str | os.PathLike) -> list[str]:
@@ -265,7 +267,8 @@ def read(logdir: str | os.PathLike, top: int = _TOP) -> tuple[pd.DataFrame, list
             run=run, path=path, steps=(steps[0], steps[-1], len(steps)) if steps else (0, 0, 0),
             health=pd.DataFrame.from_dict(health, orient="index", columns=["last", "min", "max"]),
             low_layers=g2w.head(top), high_layers=g2w.iloc[::-1].head(top), low_blocks=share.head(top),
-            incidents=incidents or [], pictures=_pictures(acc, tags), worst=worst, recorded=incidents is not None))
+            incidents=incidents or [], pictures=_pictures(acc, tags), worst=worst, recorded=incidents is not None,
+            own_scalars=own_tags(acc.Tags()["scalars"])))
     table = pd.concat(frames, ignore_index=True) if frames else _empty()
     return table, reports
 
@@ -294,6 +297,9 @@ def render_text(reports: Sequence[RunReport]) -> str:
             out.append(_table(r.low_blocks))
         out.append(_incident_lines(r.incidents, None if r.recorded else r.worst))
         out.append("")
+    link = pin_link(t for r in reports for t in r.own_scalars)
+    if link is not None:  # TensorBoard opens two groups; pins from its URL are drawn above them
+        out.append(f"TensorBoard, your first charts pinned above gradwatch's health card: {link}")
     if not reports:
         out.append("no gradwatch values found (no event file with a 'zz_<namespace>.layers/grad_norm/_global' tag)")
     return "\n".join(out)

@@ -7,12 +7,14 @@ Every value gradwatch writes is compared with an independent float64 computation
 from __future__ import annotations
 
 import importlib
+import json
 import math
 import os
 import subprocess
 import sys
 import textwrap
 import types
+import urllib.parse
 
 import pytest
 import torch
@@ -769,7 +771,7 @@ def test_import_without_any_lightning_says_what_to_install():
     assert "pip install lightning" in out.stdout, out.stderr[-2000:]
 
 
-def test_the_users_metrics_keep_their_place_on_the_trainers_tensorboard(tmp_path):
+def test_the_users_metrics_keep_their_place_on_the_trainers_tensorboard(tmp_path, caplog):
     """gradwatch's tags sit in their own sections; the trainer's TensorBoardLogger also gets the layout and the
     pictures; a CSV logger gets the same scalar tags."""
     pl = ns("lightning.pytorch")
@@ -787,9 +789,18 @@ def test_the_users_metrics_keep_their_place_on_the_trainers_tensorboard(tmp_path
     module.training_step = types.MethodType(training_step, module)
 
     csv = importlib.import_module(pl.__name__ + ".loggers").CSVLogger(str(tmp_path), name="csv", version=0)
-    trainer = pl.Trainer(callbacks=[GradWatchCallback(every=2, pictures=2)], logger=[tb_logger(pl, tmp_path), csv],
+    cb = GradWatchCallback(every=2, pictures=2)
+    trainer = pl.Trainer(callbacks=[cb], logger=[tb_logger(pl, tmp_path), csv],
                          log_every_n_steps=2, **trainer_kwargs(tmp_path, max_steps=6))
-    trainer.fit(module)
+    with caplog.at_level("INFO"):
+        trainer.fit(module)
+    # TensorBoard opens _gradwatch and epoch: the link said once pins the user's charts (in their log order)
+    # above them; its query is TensorBoard's pinnedCards JSON (docs/dashboard.md shows it in a browser)
+    url = urllib.parse.urlsplit(cb.dashboard_link)
+    assert (url.netloc, url.path, url.fragment) == ("localhost:6006", "/", "timeseries")
+    pins = json.loads(urllib.parse.parse_qs(url.query)["pinnedCards"][0])
+    assert pins == [{"plugin": "scalars", "tag": "train_loss"}, {"plugin": "scalars", "tag": "train_acc"}]
+    assert sum(cb.dashboard_link in r.getMessage() for r in caplog.records) == 1
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     acc = EventAccumulator(os.path.join(tmp_path, "tb", "version_0"), size_guidance={"images": 0, "tensors": 0})

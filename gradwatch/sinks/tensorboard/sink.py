@@ -29,6 +29,7 @@ from ._drawer import draw_pictures
 from ._card import HealthCard, OpenIncidents, card_figures
 from ._histogram import Bins
 from ._logdir import LogDir
+from ._reading import reading_note, settings_note
 from .._worker import Worker
 from .layout import build_layout
 from .pictures import Timeline, scene
@@ -55,14 +56,17 @@ def open_writer(log_dir: str | os.PathLike) -> SummaryWriter:
     return SummaryWriter(log_dir=path)
 
 
-def alert_markdown(alert: Any) -> str:
-    """An alert or incident event as the Markdown of its TensorBoard text entry."""
+def alert_markdown(alert: Any, tags: Tags | None = None) -> str:
+    """An alert or incident event as the Markdown of its TensorBoard text entry. With ``tags``, an opened
+    incident (or a plain alert) ends with the card to read it on and the TensorBoard settings that card needs
+    (smoothing 0, outliers shown: :func:`._reading.reading_note`)."""
+    note = f"\n\n{reading_note(tags, alert.rule)}" if tags is not None else ""
     markdown = getattr(alert, "markdown", None)
     if callable(markdown):  # an IncidentEvent
-        return markdown().replace("\n", "\n\n")
+        return markdown().replace("\n", "\n\n") + (note if alert.kind == "opened" else "")
     where = f" — `{alert.name}`" if alert.name else ""
     return (f"**{alert.severity}** {alert.rule}{where}\n\n{alert.message}\n\n"
-            f"value {alert.value:.4g}, threshold {alert.threshold:.4g}\n\n*hint:* {alert.hint}")
+            f"value {alert.value:.4g}, threshold {alert.threshold:.4g}\n\n*hint:* {alert.hint}{note}")
 
 
 def _layout_summary(layout: Any) -> Summary:
@@ -93,7 +97,7 @@ class _PictureSchedule:
         self._since += 1
         if self._since < self.every or (self.budget is not None and self._spent > self.budget * (now - self._start)):
             # between drawings (or over the time budget) only the health card, when the open incidents changed:
-            # it is the first card of the dashboard and must not lag (~75 ms to draw, loaded 2-core machine)
+            # it is the first card of the dashboard and must not lag (~30 ms to draw: benchmarks/picture_cost.py)
             return self._card(record.step, tags) if changed else []
         return self._card(record.step, tags) + self._draw(tags)
 
@@ -108,7 +112,7 @@ class _PictureSchedule:
         if latest is None:
             return []
         # not counted in the time budget: drawn only when incidents open, escalate or close (and with the
-        # pictures), ~75 ms each; the budget is for the maps, which are drawn all along
+        # pictures), ~30 ms each; the budget is for the maps, which are drawn all along
         try:
             pictures = draw_pictures(HealthCard(step, self.incidents.rows(), card_figures(latest),
                                                 self.incidents.alerting))
@@ -294,7 +298,7 @@ class TensorBoardSink(Sink):
         if self.histograms:  # what the histograms leave out
             scalars.extend(t.nonfinite_scalars(record).items())
         scalars.extend(t.alert_scalars(record).items())
-        texts = [(t.alert_text(e.rule, e.severity), alert_markdown(e)) for e in record.events]
+        texts = [(t.alert_text(e.rule, e.severity), alert_markdown(e, t)) for e in record.events]
         extra: list[Summary.Value] = series
         if self._events is not None:
             extra.extend(self._layout(record))
@@ -315,7 +319,7 @@ class TensorBoardSink(Sink):
 
     def summary(self, summary: Any) -> None:
         """The run's incidents (:class:`gradwatch.alerts.RunSummary`) as the text ``zz_gradwatch.alerts/summary``."""
-        text = "\n\n".join(line.strip() for line in summary.lines(limit=50))
+        text = "\n\n".join([line.strip() for line in summary.lines(limit=50)] + [settings_note(self.tags)])
         if self._worker is not None:
             self._worker.submit(self._write, summary.step or 0, [], [], [(self.tags.summary, text)])
         else:
