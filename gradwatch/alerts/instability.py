@@ -21,31 +21,43 @@ _ATTENTION = ("attn", "attention", "qkv", "query", "key", "q_proj", "k_proj", "i
 
 
 class Instability(Rule):
-    """Training is about to go unstable: a weight layer's update and its gradient both grow fast at once.
+    """Training is about to go unstable: at steps large enough to run away, a weight layer's update and its
+    gradient grow fast at once, or a residual branch is knocked quiet.
 
-    For each ``"weight"`` layer, ``update_to_weight`` and ``grad_norm`` are compared with their medians over
+    Two gates first, both measured. **Large steps**: a layer is judged only while its ``update_to_weight`` is at
+    least ``min_update`` (2% of the weight per step; healthy training moves ~0.1%, AdamW at 3e-4 on 0.02-std
+    transformers up to ~1.4%). **An adaptive update**: the rule stands down while the update follows the
+    gradient, as SGD's does — every weight layer taking the same step per unit of gradient (``|update| /
+    |gradient|`` within ``follows_gradient`` decades over the layers, median over the window): there "the update
+    grew with the gradient" is one fact counted twice, and a runaway shows in the gradient (``exploding``).
+
+    Then, per ``"weight"`` layer, ``update_to_weight`` and ``grad_norm`` are compared with their medians over
     the previous ``window`` logging steps; the rule fires (warning) when, for ``patience`` consecutive logging
     steps, some layer's update has grown ``update_growth`` times *and* its gradient ``grad_growth`` times,
     both beyond ``spread`` times the layer's own scatter (the median absolute deviation of the log values in
-    the window: a layer whose gradient doubles from batch to batch anyway, as under SGD at batch 32, needs
-    more), judged once ``window`` logging steps are seen; needs an optimizer watched (``Monitor(optimizer=...)``).
-    Either alone is common in healthy runs: a learning-rate warm-up grows every update while the gradients
-    stay put, and one noisy batch grows the gradient for one step; together, held, they are the runaway
-    feedback of too large a step (Wortsman et al. 2023; the update-norm spikes before Marin's loss spikes). It
-    keeps firing until both are back within the square root of their growth, and while a residual branch that
-    grew ``branch_growth`` times against its skip since the warning opened has not come back.
+    the window), judged once ``window`` logging steps are seen; needs an optimizer watched
+    (``Monitor(optimizer=...)``). Either alone is common in healthy runs: a learning-rate warm-up grows every
+    update while the gradients stay put, and one noisy batch grows the gradient for one step; together, held,
+    they are the runaway feedback of too large a step (Wortsman et al. 2023; the update-norm spikes before
+    Marin's loss spikes). It also fires when a residual branch's gradient amplitude against its skip
+    (``branch_grad / skip_grad``) falls ``branch_drop`` times below its median over the window for
+    ``patience`` logging steps: units knocked dead by too large steps (the last MLP of the suite's transformers,
+    12-80 steps before their spikes at peak learning rate 0.5). It keeps firing until the growth is back within
+    the square root of its threshold, and while a residual branch that grew ``branch_growth`` times against its
+    skip since the warning opened has not come back.
 
-    The incident names the layers whose signal moved first, in order, and says what to do: lower the peak
-    learning rate or lengthen the warm-up; qk-layernorm when attention layers move first; z-loss when the
-    output layer does; check the data at the step it started when most layers moved in the same step.
+    The incident names the layers and blocks whose signal moved first, in order, and says what to do: lower
+    the peak learning rate or lengthen the warm-up; qk-layernorm when attention layers move first; z-loss when
+    the output layer does; check the data at the step it started when most layers moved in the same step.
     Blocks whose branch grew that way are passed on in ``Measurements.context["unstable_blocks"]``:
     :class:`~gradwatch.alerts.rules.SkipCollapse` leaves them to this rule (a skip that "collapses" because
     its branch exploded is this instability, not an architectural fault).
 
-    Defaults chosen on the instability suite (``gradwatch validate --only instability``, logging every step),
-    three healthy reference ResNets and five stock models trained as the zoo trains them, all logged every
-    step: the figures, all in-sample, and the limits are in ``docs/alerts.md``.
-    Windows and patience count logging steps: with ``every=50`` the rule judges after 1,500 steps.
+    On by default. Defaults chosen on the instability suite (``gradwatch validate --only instability``,
+    logging every step), three healthy reference ResNets, a 10-layer SGD MLP and five stock models trained as
+    the zoo trains them, all logged every step: the figures, all in-sample, and the limits are in
+    ``docs/alerts.md``. Windows and patience count logging steps: with ``every=50`` the rule judges after
+    1,500 steps.
     """
 
     name = "instability"
