@@ -41,10 +41,10 @@ class Instability(Rule):
     they are the runaway feedback of too large a step (Wortsman et al. 2023; the update-norm spikes before
     Marin's loss spikes). It also fires when a residual branch's gradient amplitude against its skip
     (``branch_grad / skip_grad``) falls ``branch_drop`` times below its median over the window for
-    ``patience`` logging steps: units knocked dead by too large steps (the last MLP of the suite's transformers,
-    12-80 steps before their spikes at peak learning rate 0.5). It keeps firing until the growth is back within
-    the square root of its threshold, and while a residual branch that grew ``branch_growth`` times against its
-    skip since the warning opened has not come back.
+    ``patience`` logging steps: units knocked dead by too large steps (the last MLP of the suite's
+    transformers: 18-37 steps before the spike in four of the six runs at peak learning rate 0.5). It keeps
+    firing until the growth is back within the square root of its threshold, and while a residual branch that
+    grew ``branch_growth`` times against its skip since the warning opened has not come back.
 
     The incident names the layers and blocks whose signal moved first, in order, and says what to do: lower
     the peak learning rate or lengthen the warm-up; qk-layernorm when attention layers move first; z-loss when
@@ -97,11 +97,12 @@ class Instability(Rule):
         with np.errstate(divide="ignore", invalid="ignore"):
             beyond = (np.log(ru) > self.spread * self._scatter("update", names)) & (
                 np.log(rg) > self.spread * self._scatter("grad", names))
-        # a step that moves the weight by a percent or more: what a runaway needs (the usual healthy update is
-        # ~1e-3 of the weight; under SGD the update follows the gradient's noise one for one, below it)
+        # a step that moves the weight by 2% or more is what a runaway needs (healthy updates are ~1e-3 of the
+        # weight); an update that follows the gradient (SGD) grows with every noisy batch: "the update grew with
+        # the gradient" is one fact counted twice there, and the rule stands down
         large = np.nan_to_num(u, nan=0.0) >= self.min_update
         if self._follows_gradient(u * m.values("weight_norm")[idx], g):
-            large[:] = False  # SGD-like: "the update grew with the gradient" is one fact counted twice (the rule stands down)
+            large[:] = False
         branch = self._branch_ratio(m)
         dropped = self._dropped(branch) if bool(large.any()) else {}
         self._remember("update", names, u)
