@@ -21,43 +21,58 @@ _ATTENTION = ("attn", "attention", "qkv", "query", "key", "q_proj", "k_proj", "i
 
 
 class Instability(Rule):
-    """Training is about to go unstable: a weight layer's update and its gradient both grow fast at once.
+    """Training is about to go unstable: at steps large enough to run away, a weight layer's update and its
+    gradient grow fast at once, or a residual branch is knocked quiet.
 
-    For each ``"weight"`` layer, ``update_to_weight`` and ``grad_norm`` are compared with their medians over
+    Two gates first, both measured. **Large steps**: a layer is judged only while its ``update_to_weight`` is at
+    least ``min_update`` (2% of the weight per step; healthy training moves ~0.1%, AdamW at 3e-4 on 0.02-std
+    transformers up to ~1.4%). **An adaptive update**: the rule stands down while the update follows the
+    gradient, as SGD's does — every weight layer taking the same step per unit of gradient (``|update| /
+    |gradient|`` within ``follows_gradient`` decades over the layers, median over the window): there "the update
+    grew with the gradient" is one fact counted twice, and a runaway shows in the gradient (``exploding``).
+
+    Then, per ``"weight"`` layer, ``update_to_weight`` and ``grad_norm`` are compared with their medians over
     the previous ``window`` logging steps; the rule fires (warning) when, for ``patience`` consecutive logging
     steps, some layer's update has grown ``update_growth`` times *and* its gradient ``grad_growth`` times,
     both beyond ``spread`` times the layer's own scatter (the median absolute deviation of the log values in
-    the window: a layer whose gradient doubles from batch to batch anyway, as under SGD at batch 32, needs
-    more), judged once ``window`` logging steps are seen; needs an optimizer watched (``Monitor(optimizer=...)``).
-    Either alone is common in healthy runs: a learning-rate warm-up grows every update while the gradients
-    stay put, and one noisy batch grows the gradient for one step; together, held, they are the runaway
-    feedback of too large a step (Wortsman et al. 2023; the update-norm spikes before Marin's loss spikes). It
-    keeps firing until both are back within the square root of their growth, and while a residual branch that
+    the window), judged once ``window`` logging steps are seen; needs an optimizer watched
+    (``Monitor(optimizer=...)``). Either alone is common in healthy runs: a learning-rate warm-up grows every
+    update while the gradients stay put, and one noisy batch grows the gradient for one step; together, held,
+    they are the runaway feedback of too large a step (Wortsman et al. 2023; the update-norm spikes before
+    Marin's loss spikes). It also fires when a residual branch's gradient amplitude against its skip
+    (``branch_grad / skip_grad``) falls ``branch_drop`` times below its median over the window for
+    ``patience`` logging steps: units knocked dead by too large steps (the last MLP of the suite's
+    transformers: 18-37 steps before the spike in four of the six runs at peak learning rate 0.5). It keeps
+    firing until the growth is back within the square root of its threshold, and while a residual branch that
     grew ``branch_growth`` times against its skip since the warning opened has not come back.
 
-    The incident names the layers whose signal moved first, in order, and says what to do: lower the peak
-    learning rate or lengthen the warm-up; qk-layernorm when attention layers move first; z-loss when the
-    output layer does; check the data at the step it started when most layers moved in the same step.
+    The incident names the layers and blocks whose signal moved first, in order, and says what to do: lower
+    the peak learning rate or lengthen the warm-up; qk-layernorm when attention layers move first; z-loss when
+    the output layer does; check the data at the step it started when most layers moved in the same step.
     Blocks whose branch grew that way are passed on in ``Measurements.context["unstable_blocks"]``:
     :class:`~gradwatch.alerts.rules.SkipCollapse` leaves them to this rule (a skip that "collapses" because
     its branch exploded is this instability, not an architectural fault).
 
-    Defaults chosen on the instability suite (``gradwatch validate --only instability``, logging every step),
-    three healthy reference ResNets and five stock models trained as the zoo trains them, all logged every
-    step: the figures, all in-sample, and the limits are in ``docs/alerts.md``.
-    Windows and patience count logging steps: with ``every=50`` the rule judges after 1,500 steps.
+    On by default. Defaults chosen on the instability suite (``gradwatch validate --only instability``,
+    logging every step), three healthy reference ResNets, a 10-layer SGD MLP and five stock models trained as
+    the zoo trains them, all logged every step: the figures, all in-sample, and the limits are in
+    ``docs/alerts.md``. Windows and patience count logging steps: with ``every=50`` the rule judges after
+    1,500 steps.
     """
 
     name = "instability"
-    #: Off unless asked for (``rules={"instability": {}}``): under SGD the update follows the gradient, and on a
-    #: 10-layer ReLU MLP trained 10,000 steps with SGD (tests/alerts/test_incident_runs.py) it opened 10 times.
-    on_by_default = False
 
-    def __init__(self, window: int = 30, update_growth: float = 1.5, grad_growth: float = 2.0,
-                 patience: int = 2, branch_growth: float = 2.0, spread: float = 4.0,
-                 clear_margin: float = 2.0) -> None:
+    def __init__(self, window: int = 30, update_growth: float = 1.5, grad_growth: float = 1.5,
+                 patience: int = 2, branch_growth: float = 2.0, spread: float = 3.0,
+                 clear_margin: float = 2.0, min_update: float = 2e-2, branch_drop: float = 10.0,
+                 follows_gradient: float = 0.3) -> None:
         super().__init__(patience, clear_margin)
         self.spread = check_number(spread, "spread", owner=self.name)
+        self.min_update = check_number(min_update, "min_update", owner=self.name)
+        self.branch_drop = check_number(branch_drop, "branch_drop", owner=self.name)
+        self.follows_gradient = check_number(follows_gradient, "follows_gradient", owner=self.name)
+        if self.branch_drop <= 1:
+            raise ValueError(f"{self.name}: branch_drop must be > 1, got {branch_drop!r}")
         self.window = check_int(window, "window", minimum=2, owner=self.name)
         self.update_growth = check_number(update_growth, "update_growth", owner=self.name)
         self.grad_growth = check_number(grad_growth, "grad_growth", owner=self.name)
@@ -69,10 +84,11 @@ class Instability(Rule):
         # per layer: the last `window` values (oldest first); when each layer's growth began; the branch/skip
         # ratios of the blocks before the warning opened, and the step it opened
         self.state.update({"update": {}, "grad": {}, "branch": {}, "since": {}, "opened": None,
-                           "baseline": {}})
+                           "baseline": {}, "spread": []})
 
     def check(self, m: Measurements) -> list[Alert]:
-        """One finding while some layer's update and gradient have both outgrown their recent medians."""
+        """One finding while some layer's update and gradient have both outgrown their recent medians, or a
+        residual branch went quiet, at steps large enough to run away."""
         idx = m.weight_layers()
         names = [m.layers[i] for i in idx]
         u, g = m.values("update_to_weight")[idx], m.values("grad_norm")[idx]
@@ -81,13 +97,20 @@ class Instability(Rule):
         with np.errstate(divide="ignore", invalid="ignore"):
             beyond = (np.log(ru) > self.spread * self._scatter("update", names)) & (
                 np.log(rg) > self.spread * self._scatter("grad", names))
+        # a step that moves the weight by 2% or more is what a runaway needs (healthy updates are ~1e-3 of the
+        # weight); an update that follows the gradient (SGD) grows with every noisy batch: "the update grew with
+        # the gradient" is one fact counted twice there, and the rule stands down
+        large = np.nan_to_num(u, nan=0.0) >= self.min_update
+        if self._follows_gradient(u * m.values("weight_norm")[idx], g):
+            large[:] = False
         branch = self._branch_ratio(m)
+        dropped = self._dropped(branch) if bool(large.any()) else {}
         self._remember("update", names, u)
         self._remember("grad", names, g)
         since: dict[str, int] = self.state["since"]
         growing, calm = [], True
-        for name, a, b, far in zip(names, ru, rg, beyond):
-            fire = bool(a > self.update_growth and b > self.grad_growth and far)
+        for name, a, b, far, big in zip(names, ru, rg, beyond, large):
+            fire = bool(a > self.update_growth and b > self.grad_growth and far and big)
             clear = not (a > math.sqrt(self.update_growth) or b > math.sqrt(self.grad_growth))
             n = self.hold(name, fire, clear)
             if n:
@@ -97,21 +120,32 @@ class Instability(Rule):
                     growing.append(name)
             else:
                 since.pop(name, None)
+        quiet = []
+        for block in branch:  # a branch knocked quiet: its gradient fell branch_drop x against its skip
+            key = f"branch:{block}"
+            n = self.hold(key, block in dropped, block not in dropped)
+            if n:
+                since.setdefault(key, int(m.step))
+                calm = False
+                if n >= self.patience:
+                    quiet.append(block)
+            else:
+                since.pop(key, None)
         opened = self.state["opened"]
-        if growing and opened is None:  # the branches' level before it began: the medians of their window
+        if (growing or quiet) and opened is None:  # the branches' level before it began: their window medians
             opened = self.state["opened"] = int(m.step)
             self.state["baseline"] = {k: float(np.nanmedian(h)) for k, h in self.state["branch"].items() if h}
         exploded = self._exploded(branch) if opened is not None else []
         if opened is None or not exploded:  # the level before: kept while no warning is open
             self._remember("branch", list(branch), np.array(list(branch.values()), dtype=np.float64))
-        if not growing and not exploded:
+        if not growing and not exploded and not quiet:
             if calm:
                 self.state["opened"] = None
                 self.state["baseline"] = {}
             return []
         if exploded:
             m.context["unstable_blocks"] = set(exploded)
-        return [self._finding(m, names, ru, rg, growing, exploded, int(opened))]
+        return [self._finding(m, names, u, ru, rg, growing, exploded, quiet, dropped, int(opened))]
 
     def _ratios(self, key: str, names: list[str], values: np.ndarray) -> np.ndarray:
         """Each value over the median of its last ``window`` values (NaN until ``window`` are kept)."""
@@ -154,27 +188,67 @@ class Instability(Rule):
         br, sk = m.block_values("branch_grad"), m.block_values("skip_grad")
         with np.errstate(divide="ignore", invalid="ignore"):
             r = br / sk
-        return {b: float(v) for b, v in zip(m.blocks, r) if math.isfinite(v) and v > 0}
+        return {b: float(v) for b, v in zip(m.blocks, r) if math.isfinite(v) and v >= 0}
 
     def _exploded(self, branch: dict[str, float]) -> list[str]:
         base = self.state["baseline"]
         return [b for b, v in branch.items() if b in base and base[b] > 0 and v > self.branch_growth * base[b]]
 
-    def _finding(self, m: Measurements, names: list[str], ru: np.ndarray, rg: np.ndarray, growing: list[str],
-                 exploded: list[str], opened: int) -> Alert:
+    def _follows_gradient(self, step: np.ndarray, grad: np.ndarray) -> bool:
+        """Whether the update follows the gradient, as SGD's does: every weight layer takes about the same step
+        per unit of gradient, ``|update| / |gradient|`` (one learning rate times the momentum-averaged
+        gradient): its 10-90% range over the layers, median over the window, is under ``follows_gradient``
+        decades. An adaptive optimizer (Adam) divides each coordinate by its own gradient scale, so its layers'
+        steps per unit gradient span what their gradients span (docs/alerts.md has the measured ranges).
+        Unknown (fewer than 3 layers) reads as adaptive: the rule judges."""
+        with np.errstate(divide="ignore", invalid="ignore"):
+            r = np.log10(step / grad)
+        r = r[np.isfinite(r)]
+        hist: list[float] = self.state["spread"]
+        if len(r) >= 3:
+            hist.append(float(np.quantile(r, 0.9) - np.quantile(r, 0.1)))
+            del hist[: max(0, len(hist) - self.window)]
+        return bool(hist) and float(np.median(hist)) < self.follows_gradient
+
+    def _dropped(self, branch: dict[str, float]) -> dict[str, float]:
+        """Blocks whose branch/skip amplitude is ``branch_drop`` times below its median over the window (the
+        window full), with that factor."""
+        hist: dict[str, list[float]] = self.state["branch"]
+        out = {}
+        for b, v in branch.items():
+            h = hist.get(b, ())
+            if len(h) >= self.window:
+                med = float(np.nanmedian(h))
+                if med > 0 and v * self.branch_drop < med:
+                    out[b] = med / v if v > 0 else math.inf
+        return out
+
+    def _finding(self, m: Measurements, names: list[str], u: np.ndarray, ru: np.ndarray, rg: np.ndarray,
+                 growing: list[str], exploded: list[str], quiet: list[str], dropped: dict[str, float],
+                 opened: int) -> Alert:
         since: dict[str, int] = self.state["since"]
         first = sorted((n for n in growing if n in since), key=lambda n: (since[n], names.index(n)))
         pos = {n: i for i, n in enumerate(names)}
         parts = [f"{n} (update {ru[pos[n]]:.2g}x, gradient {rg[pos[n]]:.2g}x, since step {since[n]})" for n in first[:3]]
-        start = min((since[n] for n in first), default=opened)
+        starts = [since[n] for n in first] + [since[f"branch:{b}"] for b in quiet if f"branch:{b}" in since]
+        start = min(starts, default=opened)
+        said = []
         if first:
-            what = (f"instability ahead: the update and the gradient of {len(first)} of {len(names)} weight layers "
-                    f"grew together against their medians over the last {self.window} logging steps, first "
-                    + "; ".join(parts) + (f"; {short_list(first[3:], 4)}" if len(first) > 3 else ""))
-            value = float(np.nanmax(ru[[pos[n] for n in first]]))
+            said.append(f"the update and the gradient of {len(first)} of {len(names)} weight layers grew together "
+                        f"against their medians over the last {self.window} logging steps, first "
+                        + "; ".join(parts) + (f"; {short_list(first[3:], 4)}" if len(first) > 3 else ""))
+        if quiet:
+            drops = [f"{b} ({dropped[b]:.2g}x, since step {since.get(f'branch:{b}', opened)})" if b in dropped
+                     else b for b in sorted(quiet)]
+            said.append(f"residual branches went quiet, their gradient fallen {self.branch_drop:g}x and more "
+                        f"against their skip's below their median over the last {self.window} logging steps: "
+                        f"{short_list(drops, 4)} (units knocked out by too large steps)")
+        big = float(np.nanmax(u)) if len(u) and np.isfinite(u).any() else math.nan
+        if said:
+            what = (f"instability ahead at steps of up to {big:.2g} of the weight: " + "; ".join(said))
         else:
             what = f"instability since step {opened}: the layers' growth has settled"
-            value = math.nan
+        value = float(np.nanmax(ru[[pos[n] for n in first]])) if first else big
         if exploded:
             what += (f"; residual branches grown {self.branch_growth:g}x and more against their skip since step "
                      f"{opened}: {short_list(sorted(exploded), 4)} (their skip_share falls because the branch "
@@ -188,12 +262,13 @@ class Instability(Rule):
             hint.append(f"most layers moved in the same step: check the data at step {start}")
         else:
             hint.append(f"if the schedule or the data changed near step {start}, look there first")
-        return self.alert(m, "warning", first[0] if len(first) == 1 else None, value, self.update_growth,
-                          what, "; ".join(hint), subject="training stability")
+        name = first[0] if len(first) == 1 and not quiet else (quiet[0] if len(quiet) == 1 and not first else None)
+        return self.alert(m, "warning", name, value, self.update_growth, what, "; ".join(hint),
+                          subject="training stability")
 
     def load_state_dict(self, state: Any) -> None:
         """Restore the saved state (JSON turns the step keys and histories into plain types: kept as is)."""
         super().load_state_dict(state)
         for key, empty in (("update", {}), ("grad", {}), ("branch", {}), ("since", {}), ("opened", None),
-                           ("baseline", {})):
+                           ("baseline", {}), ("spread", [])):
             self.state.setdefault(key, empty)

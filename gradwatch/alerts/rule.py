@@ -29,6 +29,9 @@ class Rule:
     saved in the monitor's ``state_dict``. :meth:`streak` counts consecutive logging steps a condition held;
     :meth:`hold` does the same with hysteresis.
 
+    A subclass may set ``on_by_default = False`` to stay out of ``rules=None`` (the defaults) until asked for
+    by name; every built-in rule is on by default (``instability`` too, since issue 26: ``docs/alerts.md``).
+
     A rule returns a finding at every step its condition holds, not only the first: the monitor's incident
     tracker (:mod:`gradwatch.alerts.tracker`) turns the findings into one incident per condition, opened,
     reminded with back-off and resolved when the findings stop.

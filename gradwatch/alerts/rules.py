@@ -54,6 +54,11 @@ __all__ = [
 ]
 
 
+#: A skip whose gain ``skip_grad / grad_out`` is within this of 1 passes the gradient on as an identity does
+#: (:func:`~gradwatch.alerts.highway.highway`'s default band): ``skip_collapse`` does not read it as broken.
+IDENTITY_BAND = 0.1
+
+
 class SkipCollapse(Rule):
     """A residual block's skip carries (almost) no gradient, or has lost it.
 
@@ -72,6 +77,9 @@ class SkipCollapse(Rule):
     logging step; a detached skip gives 0 and a skip scaled by 1e-4 ~1e-8, both far below ``threshold / far``
     = 2e-4.
 
+    A block whose skip passes the gradient on unchanged (gain ``skip_grad / grad_out`` within
+    :data:`IDENTITY_BAND` of 1, when both are measured) is not a collapse: its share is low because its branch
+    is large, not because the skip lost the gradient (a detached or scaled skip has a gain of 0 or 1e-4).
     A block the ``instability`` rule lists in ``m.context["unstable_blocks"]`` (its branch grew against its
     skip since an instability warning opened) is left to that rule: its streak restarts, so it is judged
     again only once the instability is over. A lost block (``m.lost``: its merge is gone from the graph) is
@@ -95,9 +103,15 @@ class SkipCollapse(Rule):
         # Left to the rule that says why: a branch that exploded (instability), a merge gone from the graph
         # (lost_skip, whose skip_share reads 0): one incident per cause, not two naming the same block.
         explained = set(m.context.get("unstable_blocks", ())) | set(m.lost)
+        # A skip that passes the gradient on unchanged (gain skip_grad / grad_out within 10% of 1: an intact
+        # identity) is not broken: its share fell because its branch grew (a pre-LN MLP branch 30x its skip in a
+        # stable TinyGPT run), which is the business of `instability`, not of a detach or a gate on the skip.
+        with np.errstate(divide="ignore", invalid="ignore"):
+            gain = m.block_values("skip_grad") / m.block_values("grad_out")
+        intact = np.isfinite(gain) & (gain > 1 - IDENTITY_BAND) & (gain < 1 / (1 - IDENTITY_BAND))
         out = []
-        for name, s in zip(m.blocks, share):
-            if name in explained:
+        for name, s, whole in zip(m.blocks, share, intact):
+            if name in explained or whole:
                 self.streak(name, False)
                 continue
             finite = bool(np.isfinite(s))

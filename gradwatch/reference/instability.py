@@ -189,6 +189,11 @@ def run_one(run: Run, out: str | None = None, threads: int = 1, every: int = 1) 
     return score(run, mon, values, time.perf_counter() - start)
 
 
+def _named(message: str) -> list[str]:
+    """The layers and blocks an instability warning names, in its order: ``name (..., since step N)``."""
+    return re.findall(r"(\S+) \([^()]*since step", message)
+
+
 def score(run: Run, mon: Monitor, losses: list[float], seconds: float) -> RunOutcome:
     """The spike, the first warning and the lead of a finished run, and the leading signal for the picture: the
     ``update_to_weight`` of the first layer the first instability warning named."""
@@ -202,12 +207,12 @@ def score(run: Run, mon: Monitor, losses: list[float], seconds: float) -> RunOut
     lead = spike - warn.step if warn is not None and spike is not None and warn.step < spike else None
     layers = None
     if warn is not None:
-        named = re.findall(r"(\S+) \(update [^)]*since step", warn.message) if warn.rule == "instability" else []
+        named = _named(warn.message) if warn.rule == "instability" else []
         layers = ", ".join(named) if named else (warn.name or warn.subject)
     first = next((a for a in told if a.rule == "instability"), None)
     signal: list[float] = []
     if first is not None:
-        named = re.findall(r"(\S+) \(update [^)]*since step", first.message)
+        named = [n for n in _named(first.message) if n in mon.records[-1].layers] if mon.records else []
         if named:
             signal = [float(r.value(named[0], "update_to_weight")) for r in mon.records]
     return RunOutcome(run.name, run.trigger, spike, warn.step if warn else None, warn.rule if warn else None,

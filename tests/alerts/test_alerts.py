@@ -381,7 +381,8 @@ def test_arguments_are_validated():
     train(model, off, 2)
     assert off.alerts == [] and off.state_dict().get("alerts") is None
     assert [r.name for r in build_rules({"dead_layer": False})] == [
-        "nonfinite", "skip_collapse", "lost_skip", "attenuated_identity", "vanishing", "exploding", "depth_trend"]
+        "nonfinite", "instability", "skip_collapse", "lost_skip", "attenuated_identity", "vanishing", "exploding",
+        "depth_trend"]
 
 
 @pytest.mark.parametrize("bad,error", [

@@ -17,10 +17,10 @@ LAYERS = ["emb", "a.qkv", "a.proj", "m.fc1", "m.fc2", "head"]
 KINDS = {"emb": "embedding", **{n: "weight" for n in LAYERS[1:]}}
 
 
-def step(t: int, update: dict[str, float] | float = 1e-3, grad: dict[str, float] | float = 1.0,
+def step(t: int, update: dict[str, float] | float = 2e-2, grad: dict[str, float] | float = 1.0,
          branch: float = 1.0, skip: float = 1.0) -> Measurements:
     m = Measurements(step=t, kinds=KINDS)
-    u = [update.get(n, 1e-3) if isinstance(update, dict) else update for n in LAYERS]
+    u = [update.get(n, 2e-2) if isinstance(update, dict) else update for n in LAYERS]
     g = [grad.get(n, 1.0) if isinstance(grad, dict) else grad for n in LAYERS]
     noise = 1 + 0.05 * np.sin(np.arange(len(LAYERS)) + t)  # a little batch-to-batch wobble
     m.add(LAYERS, "update_to_weight", np.array(u) * noise)
@@ -39,8 +39,8 @@ def run(rule, measurements):
 def test_a_layer_whose_update_and_gradient_grow_together_is_warned_about_naming_it_first():
     rule = Instability(window=10, patience=2)
     steps = [step(t) for t in range(20)]
-    steps += [step(t, update={"a.qkv": 3e-3}, grad={"a.qkv": 4.0}) for t in range(20, 22)]
-    steps += [step(t, update={"a.qkv": 4e-3, "m.fc1": 3e-3}, grad={"a.qkv": 6.0, "m.fc1": 5.0}) for t in range(22, 26)]
+    steps += [step(t, update={"a.qkv": 6e-2}, grad={"a.qkv": 4.0}) for t in range(20, 22)]
+    steps += [step(t, update={"a.qkv": 8e-2, "m.fc1": 6e-2}, grad={"a.qkv": 6.0, "m.fc1": 5.0}) for t in range(22, 26)]
     fired = [(t, found) for t, found, _ in run(rule, steps) if found]
     assert fired[0][0] == 21  # growth from step 20, held for patience = 2 logging steps
     first = fired[0][1][0]
@@ -53,18 +53,18 @@ def test_a_layer_whose_update_and_gradient_grow_together_is_warned_about_naming_
 
 def test_a_warm_up_growing_every_update_and_one_noisy_batch_are_quiet():
     rule = Instability(window=10)
-    warm = [step(t, update=1e-4 * (t + 1)) for t in range(60)]  # lr warm-up: updates x60, gradients flat
-    noisy = [step(t, grad=10.0 if t == 70 else 1.0, update=6e-3) for t in range(60, 90)]  # one bad batch
+    warm = [step(t, update=2e-3 * (t + 1)) for t in range(60)]  # lr warm-up: updates x60, gradients flat
+    noisy = [step(t, grad=10.0 if t == 70 else 1.0, update=0.12) for t in range(60, 90)]  # one bad batch
     assert all(not found for _, found, _ in run(rule, warm + noisy))
 
 
 def test_the_output_layer_moving_first_points_at_z_loss_and_all_at_once_at_the_data():
     rule = Instability(window=10)
-    out = run(rule, [step(t) for t in range(15)] + [step(t, update={"head": 5e-3}, grad={"head": 5.0})
+    out = run(rule, [step(t) for t in range(15)] + [step(t, update={"head": 0.1}, grad={"head": 5.0})
                                                      for t in range(15, 18)])
     assert "z-loss" in out[-1][1][0].hint
     rule = Instability(window=10)
-    out = run(rule, [step(t) for t in range(15)] + [step(t, update=5e-3, grad=5.0) for t in range(15, 18)])
+    out = run(rule, [step(t) for t in range(15)] + [step(t, update=0.1, grad=5.0) for t in range(15, 18)])
     assert "check the data at step 15" in out[-1][1][0].hint
 
 
@@ -72,7 +72,7 @@ def test_skip_collapse_leaves_a_block_whose_branch_exploded_to_the_instability()
     # the branch of b[0] grows 100x against its skip once the instability warning is open: skip_share ~1e-4
     rules = [Instability(window=10), SkipCollapse()]  # in RULES order: instability first
     seq = [step(t) for t in range(20)]
-    seq += [step(t, update=5e-3, grad=5.0, branch=100.0 if t >= 23 else 1.0) for t in range(20, 32)]
+    seq += [step(t, update=0.1, grad=5.0, branch=100.0 if t >= 23 else 1.0) for t in range(20, 32)]
     told = []
     for m in seq:
         for r in rules:
@@ -88,7 +88,7 @@ def test_skip_collapse_leaves_a_block_whose_branch_exploded_to_the_instability()
 
 def test_state_survives_a_json_checkpoint_mid_growth():
     a, b = Instability(window=10), Instability(window=10)
-    seq = [step(t) for t in range(20)] + [step(t, update={"a.proj": 5e-3}, grad={"a.proj": 5.0}) for t in (20, 21)]
+    seq = [step(t) for t in range(20)] + [step(t, update={"a.proj": 0.1}, grad={"a.proj": 5.0}) for t in (20, 21)]
     for m in seq[:21]:
         a.check(m)
     b.load_state_dict(json.loads(json.dumps(a.state_dict())))
@@ -101,8 +101,80 @@ def test_bad_settings_are_refused(kw):
         Instability(**kw)
 
 
-def test_it_is_off_by_default_on_when_asked_and_runs_before_skip_collapse():
-    assert "instability" not in [r.name for r in build_rules(None)]
-    names = [r.name for r in build_rules({"instability": {}})]
+def test_it_is_on_by_default_and_runs_before_skip_collapse():
+    names = [r.name for r in build_rules(None)]
     assert "instability" in names and names.index("instability") < names.index("skip_collapse")
+    assert "instability" not in [r.name for r in build_rules({"instability": False})]
     assert list(RULES).index("instability") < list(RULES).index("skip_collapse")
+
+
+def test_the_same_growth_at_steps_under_two_percent_of_the_weight_is_quiet():
+    # what healthy training looks like (updates ~1e-3 of the weight) growing as a runaway would: not one
+    rule = Instability(window=10)
+    steps = [step(t, update=1e-3) for t in range(20)]
+    steps += [step(t, update={"a.qkv": 3e-3, "m.fc1": 3e-3}, grad={"a.qkv": 4.0, "m.fc1": 5.0}) for t in range(20, 30)]
+    assert all(not found for _, found, _ in run(rule, steps))
+    # the same values 20x larger (2e-2 -> 6e-2 of the weight per step): warned
+    rule = Instability(window=10)
+    steps = [step(t) for t in range(20)]
+    steps += [step(t, update={"a.qkv": 6e-2, "m.fc1": 6e-2}, grad={"a.qkv": 4.0, "m.fc1": 5.0}) for t in range(20, 30)]
+    assert [t for t, found, _ in run(rule, steps) if found][0] == 21
+
+
+def sgd_like(t: int, grad: dict[str, float] | None = None, adaptive: bool = False) -> Measurements:
+    """Layers whose gradients differ 100x; SGD's update is lr x gradient (one step per unit gradient), an
+    adaptive one the same size whatever the gradient."""
+    g = np.array([1.0, 0.1, 0.01, 0.5, 0.05]) * (1 + 0.05 * np.sin(np.arange(5) + t))
+    for i, n in enumerate(LAYERS[1:]):
+        g[i] *= (grad or {}).get(n, 1.0)
+    u = np.full(5, 0.03) if adaptive else 0.03 * g / g.mean()
+    m = Measurements(step=t, kinds=KINDS)
+    m.add(LAYERS[1:], "update_to_weight", u)
+    m.add(LAYERS[1:], "grad_norm", g)
+    m.add(LAYERS[1:], "weight_norm", np.ones(5))
+    return m
+
+
+def test_an_update_that_follows_the_gradient_is_left_to_the_gradient_rules():
+    # under SGD "the update grew with the gradient" is one fact counted twice: a noisy batch lifts both alike
+    def grown(adaptive):
+        rule = Instability(window=10)
+        seq = [sgd_like(t, adaptive=adaptive) for t in range(20)]
+        seq += [sgd_like(t, {"a.proj": 4.0}, adaptive) for t in range(20, 24)]
+        if adaptive:  # the adaptive update grows too, by less than the gradient
+            for m in seq[20:]:
+                m.layer["update_to_weight"][1] *= 2.0
+        return [t for t, found, _ in run(rule, seq) if found]
+
+    assert grown(adaptive=False) == []
+    assert grown(adaptive=True) == [21, 22, 23]
+
+
+def test_a_residual_branch_knocked_quiet_is_warned_about_naming_it():
+    rule = Instability(window=10, patience=2)
+    seq = [step(t) for t in range(20)] + [step(t, branch=0.05) for t in range(20, 24)]  # 20x below its level
+    fired = [(t, found[0]) for t, found, _ in run(rule, seq) if found]
+    assert [t for t, _ in fired] == [21, 22, 23]
+    first = fired[0][1]
+    assert first.name == "b[0]" and "b[0] (20x, since step 20)" in first.message and "went quiet" in first.message
+    assert "lower the peak learning rate" in first.hint
+    # 5x below is within a branch's wander: quiet
+    rule = Instability(window=10, patience=2)
+    seq = [step(t) for t in range(20)] + [step(t, branch=0.2) for t in range(20, 24)]
+    assert not [t for t, found, _ in run(rule, seq) if found]
+
+
+def test_skip_collapse_leaves_a_skip_that_passes_the_gradient_at_identity_gain():
+    # an identity skip (skip_grad == grad_out) beside a branch 300x larger: skip_share ~1e-5, the skip intact
+    def m(t, skip):
+        x = Measurements(step=t)
+        x.add(["b"], "grad_out", [1.0])
+        x.add(["b"], "skip_grad", [skip])
+        x.add(["b"], "branch_grad", [300.0])
+        x.add(["b"], "skip_share", [skip ** 2 / (skip ** 2 + 300.0 ** 2)])
+        return x
+
+    intact = SkipCollapse()
+    assert [a for t in range(6) for a in intact.check(m(t, 1.0))] == []
+    scaled = SkipCollapse()  # the same share with the skip scaled by 1e-4 (gain 1e-4): the fault it is for
+    assert [a.step for t in range(6) for a in scaled.check(m(t, 1e-4))] == [2, 3, 4, 5]

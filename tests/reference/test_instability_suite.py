@@ -54,7 +54,10 @@ def test_quick_suite_warns_ahead_of_the_spike_and_is_quiet_on_the_stable_run(tmp
     first = next(e for e in events if e.get("event") == "opened" and e["severity"] != "info")
     assert first["rule"] == "instability" and first["step"] == unstable["warning"] < unstable["spike"]
     assert unstable["lead"] == unstable["spike"] - first["step"]
-    assert unstable["layers"].split(", ")[0] in first["message"] and "attn" in unstable["layers"]
+    assert unstable["layers"].split(", ")[0] in first["message"] and unstable["layers"].startswith("blocks.")
+    # the last MLP branch knocked quiet by the warm-up's large steps, well before the loss moves:
+    # at peak LR 0.5 it came 21 steps ahead (docs/alerts.md, the instability section)
+    assert unstable["lead"] >= 10 and "went quiet" in first["message"]
     assert "lower the peak learning rate" in first["hint"]
     s = summary["instability"]["scores"]
     assert (s["spiked"], s["warned_ahead"], s["recall"], s["median_lead"], s["false_alarms"], s["misses"]) == (
