@@ -108,7 +108,7 @@ class Outputs:
         if engine is not None:
             if self._order is not None and not self._order.finished:  # known after the first measured step
                 self._forward = self._order.finish()
-                self._siblings = Siblings(self._order.siblings)
+                self._siblings = Siblings(self._order.siblings, self._forward)
             if record.kinds and any(n not in self._forward for n in record.layers):
                 self._forward = _across_stages(record.layers, self._forward)
             events = engine.evaluate(record, self._forward, self._siblings)

@@ -24,8 +24,9 @@ class Siblings:
     depth of its own. :meth:`ids` maps a record's layers to group ids, computed once per set of layer names
     (the monitor's layers rarely change), so the per-step statistic is vectorised."""
 
-    def __init__(self, groups: Iterable[Sequence[str]] = ()) -> None:
+    def __init__(self, groups: Iterable[Sequence[str]] = (), modules: Iterable[str] = ()) -> None:
         self.groups: tuple[tuple[str, ...], ...] = tuple(tuple(g) for g in groups if len(g) > 1)
+        self._modules = frozenset(modules)  # module names: a name that is one is never read as a parameter's
         self._of = {name: i for i, g in enumerate(self.groups) for name in g}
         self._cache: tuple[tuple[str, ...], np.ndarray] | None = None
 
@@ -37,7 +38,9 @@ class Siblings:
 
     def ids(self, layers: Sequence[str]) -> np.ndarray:
         """One group id per layer of ``layers``: the index of its group, or ``len(groups) + i`` (its own) for
-        a layer in none. A parameter-granularity name (``"q_proj.weight"``) takes its module's group."""
+        a layer in none. A parameter-granularity name (``"q_proj.weight"``: not one of the ``modules`` given)
+        takes its module's group; a module's own name never takes its parent's (an attention's output
+        projection is not its input projection's sibling because the attention module reads that input too)."""
         key = tuple(layers)
         cached = self._cache
         if cached is not None and cached[0] == key:
@@ -46,7 +49,7 @@ class Siblings:
         out = np.empty(len(key), dtype=np.int64)
         for i, name in enumerate(key):
             g = of.get(name)
-            if g is None and "." in name:
+            if g is None and "." in name and name not in self._modules:
                 g = of.get(name.rsplit(".", 1)[0])
             out[i] = base + i if g is None else g
         self._cache = (key, out)
