@@ -84,8 +84,11 @@ class ForwardOrder:
     def _read(self, name: str, x: torch.Tensor) -> None:
         if self._finished:
             return
+        try:
+            version = x._version
+        except RuntimeError:  # an inference-mode tensor has no version counter: no sibling found through it
+            return
         seen = self._readers.get(id(x))
-        version = x._version
         if seen is not None and seen[0]() is x and seen[1] == version:
             seen[2].append(name)
             return
