@@ -15,6 +15,7 @@ from torch import nn
 
 from .alerts import Alert, AlertEngine, Incident, IncidentTracker, Rule
 from .alerts.engine import default_path
+from .alerts.siblings import Siblings
 from .config import Config
 from .health import health
 from .measure.layers import layer_kinds
@@ -47,6 +48,7 @@ class Outputs:
         self._kinds = layer_kinds(model)
         self._kinds_of: tuple[tuple[str, ...], tuple[str, ...]] | None = None
         self._forward: dict[str, int] = {}
+        self._siblings = Siblings()  # layers that read one input, found with the forward order
         self._order: ForwardOrder | None = None
         self.owned: list[Sink] = []  # the sinks opened here (closed at close(); the user's are only flushed)
         self._owns_writer = log_dir is not None and rank_zero
@@ -106,15 +108,16 @@ class Outputs:
         if engine is not None:
             if self._order is not None and not self._order.finished:  # known after the first measured step
                 self._forward = self._order.finish()
+                self._siblings = Siblings(self._order.siblings, self._forward)
             if record.kinds and any(n not in self._forward for n in record.layers):
                 self._forward = _across_stages(record.layers, self._forward)
-            events = engine.evaluate(record, self._forward)
+            events = engine.evaluate(record, self._forward, self._siblings)
             record = dataclasses.replace(record, events=events, open_incidents=engine.open_counts(),
                                          alerts=tuple(e.alert for e in events if e.kind != "resolved"))
             seen = engine.measurements if engine.measurements is not None \
                 and engine.measurements.step == record.step else None
         record = dataclasses.replace(record, kinds=self._record_kinds(record.layers),
-                                     health=health(record, self._kinds, self._forward, seen))
+                                     health=health(record, self._kinds, self._forward, seen, self._siblings))
         self.latest = record
         self.history.write(record)  # every rank keeps its history
         for sink in self.sinks:

@@ -3,7 +3,8 @@
 Each answers "is the gradient flowing, and where not?" for the whole model in one line per run:
 
 - ``grad_to_weight_early``: median gradient-to-weight ratio of the early weight layers over that of all weight
-  layers, computed exactly as the ``vanishing`` and ``exploding`` rules compute it
+  layers, siblings (layers reading one input, as an attention's query, key and value) counted as one depth at
+  their largest ratio, computed exactly as the ``vanishing`` and ``exploding`` rules compute it
   (:func:`gradwatch.alerts.early_ratio`): ~1 when early layers learn as fast as the rest, far below 1 when
   their gradient vanishes, far above when it explodes;
 - ``skip_share_min``: the lowest ``skip_share`` over the residual blocks (the ``skip_collapse`` rule names the
@@ -29,6 +30,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from .alerts.measurements import Measurements, early_ratio_shown
+from .alerts.siblings import Siblings
 from .depth import DEPTH, effective_depth
 from .record import StepRecord
 
@@ -39,11 +41,14 @@ HEALTH = ("grad_to_weight_early", "skip_share_min", "transmission_end_to_end", *
 
 
 def health(record: StepRecord, kinds: Mapping[str, str] | None = None,
-           forward: Mapping[str, int] | None = None, measurements: Measurements | None = None) -> dict[str, float]:
-    """The :data:`HEALTH` figures of ``record`` (``kinds``: layer kinds, ``forward``: forward order, as the
-    rules receive them; ``measurements``: the rules' own :class:`Measurements` of ``record``, made with the
-    same ``kinds`` and ``forward``, whose statistics are then reused)."""
-    m = measurements if measurements is not None else Measurements.from_record(record, kinds or {}, forward or {})
+           forward: Mapping[str, int] | None = None, measurements: Measurements | None = None,
+           siblings: Siblings | None = None) -> dict[str, float]:
+    """The :data:`HEALTH` figures of ``record`` (``kinds``: layer kinds, ``forward``: forward order,
+    ``siblings``: the layers that read one input, as the rules receive them; ``measurements``: the rules' own
+    :class:`Measurements` of ``record``, made with the same ``kinds``, ``forward`` and ``siblings``, whose
+    statistics are then reused)."""
+    m = measurements if measurements is not None else \
+        Measurements.from_record(record, kinds or {}, forward or {}, siblings)
     er = early_ratio_shown(m)
     out = {
         "grad_to_weight_early": er.ratio if er is not None else math.nan,

@@ -4,7 +4,8 @@ a rule; the sinks that tell incidents (logging, webhook, your callable) are in :
 (:mod:`gradwatch.sinks.alerting` to add one).
 
 Modules, leaf first: ``alert`` (the :class:`Alert` type, severities, :class:`GradientAlarm`), ``incident``
-(:class:`Incident`, :class:`IncidentEvent`, :class:`RunSummary`), ``measurements`` (what rules see), ``rule``
+(:class:`Incident`, :class:`IncidentEvent`, :class:`RunSummary`), ``siblings`` (layers that read one input:
+one depth), ``measurements`` (what rules see), ``rule``
 (the :class:`Rule` base), ``rules`` (the built-in rules), ``tracker`` (the :class:`IncidentTracker`: back-off,
 hysteresis, inhibition) and ``engine`` (the ``alerts.jsonl`` record, the ``on_critical`` policy).
 """

@@ -42,6 +42,7 @@ from .alert import POLICIES, Alert, GradientAlarm
 from .incident import IncidentEvent, RunSummary
 from .tracker import IncidentTracker
 from .measurements import Measurements
+from .siblings import Siblings
 
 log = logging.getLogger("gradwatch")
 
@@ -172,13 +173,15 @@ class AlertEngine:
         #: The :class:`Measurements` of the record evaluated last (what the rules saw).
         self.measurements: Measurements | None = None
 
-    def evaluate(self, record: StepRecord, forward: Mapping[str, int] | None = None) -> tuple[IncidentEvent, ...]:
-        """Run the rules on ``record`` (``forward``: module name -> position in the forward pass), update the
-        incidents, record every event and return those to tell."""
+    def evaluate(self, record: StepRecord, forward: Mapping[str, int] | None = None,
+                 siblings: Siblings | None = None) -> tuple[IncidentEvent, ...]:
+        """Run the rules on ``record`` (``forward``: module name -> position in the forward pass; ``siblings``:
+        the layers that read one input, :class:`~gradwatch.alerts.siblings.Siblings`), update the incidents,
+        record every event and return those to tell."""
         self.measurements = None
         if self._closed:
             return ()
-        m = self.measurements = Measurements.from_record(record, self.kinds, forward or {})
+        m = self.measurements = Measurements.from_record(record, self.kinds, forward or {}, siblings)
         found: list[Alert] = []
         for rule in self.rules:
             try:

@@ -12,6 +12,7 @@ import numpy as np
 
 from ..names import EARLY_FRACTION, FLOW_METRICS, GLOBAL_NAME, ROOT_NAME, early_count
 from ..record import StepRecord
+from .siblings import Siblings
 
 __all__ = ["Measurements", "EarlyRatio", "early_ratio", "early_ratio_shown", "depth_slope", "DORMANT_SHARE"]
 
@@ -32,7 +33,9 @@ class Measurements:
     ``blocks`` and ``block[metric]`` are the same for the residual blocks of block flow (empty without it).
     ``kinds`` maps layer names to :func:`gradwatch.measure.layers.layer_kinds` kinds. ``forward`` maps module names to the position in
     which they first ran in a forward pass, as the monitor recorded it on its first measured step (empty when
-    unknown, e.g. in :func:`replay`); :meth:`forward_sorted` orders layers by it.
+    unknown, e.g. in :func:`replay`); :meth:`forward_sorted` orders layers by it. ``siblings`` are the layers
+    that read one input (:class:`~gradwatch.alerts.siblings.Siblings`, found with the forward order): one depth
+    each for :func:`early_ratio`.
 
     The monitor builds one per logging step from its :class:`~gradwatch.StepRecord` (:meth:`from_record`);
     rules can also be fed by hand::
@@ -50,6 +53,7 @@ class Measurements:
     block: dict[str, np.ndarray] = field(default_factory=dict)
     forward: Mapping[str, int] = field(default_factory=dict)
     lost: list[str] = field(default_factory=list)  # blocks whose merge is gone (StepRecord.lost)
+    siblings: Siblings = field(default_factory=Siblings)
     #: What a rule found this step for the rules after it (``"unstable_blocks"``: the blocks whose skip the
     #: ``instability`` rule explains, which ``skip_collapse`` then leaves to it); rules run in ``RULES`` order.
     context: dict[str, Any] = field(default_factory=dict)
@@ -117,7 +121,7 @@ class Measurements:
 
     @classmethod
     def from_record(cls, record: StepRecord, kinds: Mapping[str, str] | None = None,
-                    forward: Mapping[str, int] | None = None) -> Measurements:
+                    forward: Mapping[str, int] | None = None, siblings: Siblings | None = None) -> Measurements:
         """The measurements of one :class:`~gradwatch.StepRecord` (how the monitor feeds its rules)."""
         return cls(
             step=record.step, kinds=dict(kinds or {}), layers=list(record.layers),
@@ -125,6 +129,7 @@ class Measurements:
             whole={m: record.global_value(m) for m in record.layer_metrics},
             blocks=list(record.blocks), block={m: record.block(m) for m in FLOW_METRICS} if record.blocks else {},
             forward=dict(forward or {}), lost=list(record.lost),
+            siblings=siblings if siblings is not None else Siblings(),
         )
 
     def values(self, metric: str) -> np.ndarray:
@@ -173,13 +178,43 @@ class Measurements:
         return np.fromiter((n.startswith(inside) for n in self.layers), dtype=bool, count=len(self.layers))
 
 
-def _early(idx: np.ndarray, fraction: float) -> np.ndarray:
-    return idx[: early_count(len(idx), fraction)]
+def _by_depth(m: Measurements, idx: np.ndarray, g2w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """One value per depth of the weight layers ``idx`` (in forward order): a layer's own ``grad_to_weight``, or
+    for siblings (:attr:`Measurements.siblings`) the largest of the group's — the gradient that reaches that
+    depth — at the position of the group's first layer. Returns the values and, per layer of ``idx``, the
+    index of its depth. Vectorised: the group ids are computed once per set of layers."""
+    vals = g2w[idx]
+    if not m.siblings:
+        return vals, np.arange(len(idx))
+    gid = m.siblings.ids(m.layers)[idx]
+    uniq, first, inv = np.unique(gid, return_index=True, return_inverse=True)
+    if len(uniq) == len(idx):  # no two of these layers are siblings
+        return vals, np.arange(len(idx))
+    best = np.full(len(uniq), -np.inf)
+    np.maximum.at(best, inv, vals)
+    order = np.argsort(first, kind="stable")  # depths in the forward order of their first layer
+    depth = np.empty(len(uniq), dtype=np.int64)
+    depth[order] = np.arange(len(uniq))
+    return best[order], depth[inv]
+
+
+def _ratio(m: Measurements, idx: np.ndarray, g2w: np.ndarray, early: float, min_depths: int,
+           fallback: bool = False) -> EarlyRatio | None:
+    vals, depth = _by_depth(m, idx, g2w)
+    if len(vals) < min_depths:
+        return None
+    n = early_count(len(vals), early)
+    typical = float(np.median(vals))
+    early_med = float(np.median(vals[:n]))
+    ratio = early_med / typical if typical > 0 else math.nan
+    return EarlyRatio(ratio, early_med, typical, [m.layers[i] for i in idx[depth < n]], fallback=fallback)
 
 
 @dataclass
 class EarlyRatio:
-    """median(grad_to_weight of the early weight layers) / median(grad_to_weight of all weight layers)."""
+    """median(grad_to_weight of the early depths) / median(grad_to_weight of all depths), a depth being one
+    weight layer or one group of siblings (layers reading one input: :mod:`gradwatch.alerts.siblings`),
+    which counts with its largest ratio. ``early`` names every layer of the early depths."""
 
     ratio: float
     early_median: float
@@ -190,9 +225,13 @@ class EarlyRatio:
 
 def early_ratio(m: Measurements, early: float = EARLY_FRACTION, min_layers: int = 4) -> EarlyRatio | None:
     """The statistic of :class:`Vanishing` and :class:`Exploding` (None with fewer than ``min_layers``
-    weight layers with a finite ratio). Layers of dormant branches (:meth:`Measurements.dormant`) are left out
-    of both the early set and the typical value; while they are most of the weight layers (a zero-initialised
-    resnet50's 48 of 53 for its first steps), there is no typical value and the statistic is None."""
+    depths with a finite ratio). Weight layers are taken in forward order; siblings (layers that read the same
+    input, such as an attention's query, key and value) are one depth, valued at their largest ratio: query
+    and key get tiny gradients at initialisation by the bilinear form of attention, not by depth. The early
+    depths are the first ``early`` fraction. Layers of dormant branches (:meth:`Measurements.dormant`) are
+    left out of both the early set and the typical value; while they are most of the weight layers (a
+    zero-initialised resnet50's 48 of 53 for its first steps), there is no typical value and the statistic
+    is None."""
     key = ("early_ratio", early, min_layers)
     if key not in m._memo:  # Vanishing, Exploding and the health figures all ask, on the same step
         m._memo[key] = _early_ratio(m, early, min_layers)
@@ -206,35 +245,24 @@ def _early_ratio(m: Measurements, early: float, min_layers: int) -> EarlyRatio |
     if asleep.sum() * 2 > len(idx):  # most of the net learns from ~0 by design: there is no "typical" yet
         return None
     idx = idx[np.isfinite(g2w[idx]) & ~asleep]
-    if len(idx) < min_layers:
-        return None
-    first = _early(idx, early)
-    typical = float(np.median(g2w[idx]))
-    early_med = float(np.median(g2w[first]))
-    ratio = early_med / typical if typical > 0 else math.nan
-    return EarlyRatio(ratio, early_med, typical, [m.layers[i] for i in first])
+    return _ratio(m, idx, g2w, early, min_layers)
 
 
 def early_ratio_shown(m: Measurements, early: float = EARLY_FRACTION) -> EarlyRatio | None:
     """What the health figure ``grad_to_weight_early`` shows: :func:`early_ratio` when it exists, else the
-    same quotient over every weight layer with a finite, non-zero ratio, dormant branches included (at least
-    two layers), marked ``fallback``. The rules keep :func:`early_ratio`'s None there (a net learning from ~0
-    by design, or too few layers, says nothing about vanishing), but the seed's headline figure is on the
-    first screen of any model with weight layers: a zero-initialised ResNet, a post-LN BERT whose 0.02-std
-    branches start near-dormant, a 2-layer transformer. Zero ratios are left out: a branch behind a
-    zero-initialised norm gets exactly no gradient, and would make the typical value 0."""
+    same quotient (siblings one depth alike) over every weight layer with a finite, non-zero ratio, dormant
+    branches included (at least two depths), marked ``fallback``. The rules keep :func:`early_ratio`'s None
+    there (a net learning from ~0 by design, or too few layers, says nothing about vanishing), but the seed's
+    headline figure is on the first screen of any model with weight layers: a zero-initialised ResNet, a
+    post-LN BERT whose 0.02-std branches start near-dormant, a 2-layer transformer. Zero ratios are left out:
+    a branch behind a zero-initialised norm gets exactly no gradient, and would make the typical value 0."""
     found = early_ratio(m)
     if found is not None:
         return found
     g2w = m.values("grad_to_weight")
     idx = m.weight_layers()
     idx = idx[np.isfinite(g2w[idx]) & (g2w[idx] > 0)]
-    if len(idx) < 2:
-        return None
-    first = _early(idx, early)
-    typical = float(np.median(g2w[idx]))
-    early_med = float(np.median(g2w[first]))
-    return EarlyRatio(early_med / typical, early_med, typical, [m.layers[i] for i in first], fallback=True)
+    return _ratio(m, idx, g2w, early, 2, fallback=True)
 
 
 def depth_slope(m: Measurements, min_points: int = 6) -> tuple[str, float, int] | None:

@@ -8,10 +8,17 @@ again as the output head) has no single depth, and its gradient sums what every 
 come after the modules run once (among themselves by the mean position of their calls), so a layer shared by
 every depth never counts as "early" (an ALBERT's shared query and key, whose gradients are tiny at
 initialisation, had made its early layers read as vanishing).
+
+The same pass records *siblings*: modules called on the very same input tensor (one object, not modified in
+place in between), such as an attention's query, key and value projections reading one LayerNorm's output, a
+gated MLP's gate and up projections, or the parallel branches of an Inception block. Siblings sit at the same
+depth; :attr:`ForwardOrder.siblings` hands them to the rules' depth statistics (:mod:`gradwatch.alerts.siblings`).
+Only weak references to the inputs are kept, and only until :meth:`ForwardOrder.finish`.
 """
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -46,6 +53,10 @@ class ForwardOrder:
         self._tick = 0
         self._handles: list[Any] = []
         self._finished = False
+        # id(input) -> (weak reference to it, its version counter then, the modules that read it): an id is
+        # reused once its tensor is freed, and an in-place op changes what the tensor holds, so both are checked
+        self._readers: dict[int, tuple[Any, int, list[str]]] = {}
+        self.siblings: list[tuple[str, ...]] = []  # groups of >= 2 modules run once on one input; set by finish()
         if any(is_compiled(m) for m in model.modules()):
             return
         for qualified, module in model.named_modules():
@@ -64,9 +75,40 @@ class ForwardOrder:
             if self._passes == 1:
                 self._calls.setdefault(name, []).append(self._tick)
                 self._tick += 1
+                if args and isinstance(args[0], torch.Tensor):
+                    self._read(name, args[0])
             if name not in self.order:
                 self.order[name] = len(self.order)
         return hook
+
+    def _read(self, name: str, x: torch.Tensor) -> None:
+        if self._finished:
+            return
+        try:
+            version = x._version
+        except RuntimeError:  # an inference-mode tensor has no version counter: no sibling found through it
+            return
+        seen = self._readers.get(id(x))
+        if seen is not None and seen[0]() is x and seen[1] == version:
+            seen[2].append(name)
+            return
+        try:
+            ref = weakref.ref(x)
+        except TypeError:  # a tensor subclass without weak references: no sibling found through it
+            return
+        self._readers[id(x)] = (ref, version, [name])
+
+    def _groups(self) -> list[tuple[str, ...]]:
+        """Modules that read one input, each run once in the first pass (a module run at several depths has
+        none), in the order they ran; only groups of two or more."""
+        once = {n for n, t in self._calls.items() if len(t) == 1}
+        groups = []
+        for _, _, names in self._readers.values():
+            names = [n for n in dict.fromkeys(names) if n in once]
+            if len(names) > 1:
+                groups.append(tuple(names))
+        self._readers.clear()  # no reference to any activation is kept
+        return groups
 
     def _positions(self) -> dict[str, int]:
         """Module -> rank: modules run once in the first pass by position, then those run several times by their
@@ -79,6 +121,8 @@ class ForwardOrder:
     def finish(self) -> dict[str, int]:
         """Stop recording and return module name -> position, first module 0. The hooks are removed if they
         recorded anything (see the class docstring)."""
+        if not self._finished:
+            self.siblings = self._groups()
         self._finished = True
         if self.order:
             self.close()

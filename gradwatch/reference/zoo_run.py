@@ -24,6 +24,7 @@ import torch
 
 from ..alerts import Measurements, default_rules, depth_slope, early_ratio
 from ..alerts._spike import spike_factors
+from ..alerts.siblings import Siblings
 from ..measure.layers import layer_kinds
 from ..monitor import Monitor
 from ..measure.order import ForwardOrder
@@ -108,7 +109,7 @@ def _spikes(norms: Sequence[float], rule: Any) -> list[float]:
 
 
 def _series(records: Sequence[Any], kinds: dict[str, str], forward: dict[str, int] | None,
-            rules: dict[str, Any]) -> dict[str, Any]:
+            rules: dict[str, Any], siblings: Siblings | None = None) -> dict[str, Any]:
     """Each rule's statistic at every logging step (NaN where it could not be computed)."""
     van, dep, dead = rules.get("vanishing"), rules.get("depth_trend"), rules.get("dead_layer")
     min_total = math.log10(getattr(dep, "min_total", 100.0))
@@ -117,7 +118,7 @@ def _series(records: Sequence[Any], kinds: dict[str, str], forward: dict[str, in
     streak: dict[str, int] = {}
     dead_layers: set[str] = set()
     for i, rec in enumerate(records):
-        m = Measurements.from_record(rec, kinds, forward)
+        m = Measurements.from_record(rec, kinds, forward, siblings)
         er = early_ratio(m, getattr(van, "early", 0.25), getattr(van, "min_layers", 4))
         out["ratio"].append(er.ratio if er else math.nan)
         out["median"].append(er.early_median if er else math.nan)
@@ -148,15 +149,16 @@ def _series(records: Sequence[Any], kinds: dict[str, str], forward: dict[str, in
 
 
 def statistics(records: Sequence[Any], kinds: dict[str, str],
-               forward: dict[str, int] | None = None) -> dict[str, dict[str, Any]]:
+               forward: dict[str, int] | None = None, siblings: Siblings | None = None) -> dict[str, dict[str, Any]]:
     """Per rule, the statistic it judged over ``records`` (``mon.records``): its worst value, the worst value
     held for the rule's ``patience`` logging steps (``worst_run``), the threshold (from
     :func:`~gradwatch.alerts.default_rules`) and the margin. ``kinds``: :func:`~gradwatch.measure.layers.layer_kinds`;
     ``forward``: module name -> position in the forward pass (:class:`~gradwatch.measure.order.ForwardOrder`), as the
-    monitor gives its rules. Reproduces the current rules' arithmetic; a threshold a rule lacks gives NaN."""
+    monitor gives its rules; ``siblings``: the layers that read one input (:class:`~gradwatch.alerts.siblings.Siblings`
+    of the same ForwardOrder), likewise. Reproduces the current rules' arithmetic; a threshold a rule lacks gives NaN."""
     rules = {r.name: r for r in default_rules()}
     pat = {name: getattr(r, "patience", 1) for name, r in rules.items()}
-    s = _series(records, kinds, forward, rules)
+    s = _series(records, kinds, forward, rules, siblings)
     out: dict[str, dict[str, Any]] = {}
     if "vanishing" in rules:
         van = rules["vanishing"]
@@ -243,6 +245,7 @@ def run_entry(entry: ZooEntry, steps: int, every: int, out: str, seed: int = 0) 
     res.every = entry.every if entry.every is not None else every
     losses: list[float] = []
     forward: dict[str, int] = {}
+    siblings = Siblings()
     try:
         torch.manual_seed(seed)
         model = entry.build()
@@ -262,6 +265,7 @@ def run_entry(entry: ZooEntry, steps: int, every: int, out: str, seed: int = 0) 
                 losses.append(float(loss.detach()))
                 if not order.finished:
                     forward = order.finish()
+                    siblings = Siblings(order.siblings, forward)
         finally:
             res.seconds = time.perf_counter() - start
             mon.close()
@@ -277,7 +281,7 @@ def run_entry(entry: ZooEntry, steps: int, every: int, out: str, seed: int = 0) 
     res.alerts = [{"rule": a.rule, "severity": a.severity, "step": a.step, "name": a.name,
                    "value": _num(a.value), "threshold": _num(a.threshold), "message": a.message}
                   for a in mon.alerts]
-    res.stats = statistics(mon.records, layer_kinds(model), forward)
+    res.stats = statistics(mon.records, layer_kinds(model), forward, siblings)
     if mon.errors:
         res.reasons.append(f"monitor errors: {mon.errors[:3]}")
     _judge(res)
