@@ -178,11 +178,13 @@ class Measurements:
         return np.fromiter((n.startswith(inside) for n in self.layers), dtype=bool, count=len(self.layers))
 
 
-def _by_depth(m: Measurements, idx: np.ndarray, g2w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _by_depth(m: Measurements, idx: np.ndarray, g2w: np.ndarray,
+              agree: str = "max") -> tuple[np.ndarray, np.ndarray]:
     """One value per depth of the weight layers ``idx`` (in forward order): a layer's own ``grad_to_weight``, or
-    for siblings (:attr:`Measurements.siblings`) the largest of the group's — the gradient that reaches that
-    depth — at the position of the group's first layer. Returns the values and, per layer of ``idx``, the
-    index of its depth. Vectorised: the group ids are computed once per set of layers."""
+    for siblings (:attr:`Measurements.siblings`) the largest of the group's (``agree="max"``: the gradient that
+    reaches that depth) or the smallest (``"min"``), at the position of the group's first layer. Returns the
+    values and, per layer of ``idx``, the index of its depth. Vectorised: the group ids are computed once per
+    set of layers."""
     vals = g2w[idx]
     if not m.siblings:
         return vals, np.arange(len(idx))
@@ -190,8 +192,12 @@ def _by_depth(m: Measurements, idx: np.ndarray, g2w: np.ndarray) -> tuple[np.nda
     uniq, first, inv = np.unique(gid, return_index=True, return_inverse=True)
     if len(uniq) == len(idx):  # no two of these layers are siblings
         return vals, np.arange(len(idx))
-    best = np.full(len(uniq), -np.inf)
-    np.maximum.at(best, inv, vals)
+    if agree == "max":
+        best = np.full(len(uniq), -np.inf)
+        np.maximum.at(best, inv, vals)
+    else:
+        best = np.full(len(uniq), np.inf)
+        np.minimum.at(best, inv, vals)
     order = np.argsort(first, kind="stable")  # depths in the forward order of their first layer
     depth = np.empty(len(uniq), dtype=np.int64)
     depth[order] = np.arange(len(uniq))
@@ -199,8 +205,8 @@ def _by_depth(m: Measurements, idx: np.ndarray, g2w: np.ndarray) -> tuple[np.nda
 
 
 def _ratio(m: Measurements, idx: np.ndarray, g2w: np.ndarray, early: float, min_depths: int,
-           fallback: bool = False) -> EarlyRatio | None:
-    vals, depth = _by_depth(m, idx, g2w)
+           fallback: bool = False, agree: str = "max") -> EarlyRatio | None:
+    vals, depth = _by_depth(m, idx, g2w, agree)
     if len(vals) < min_depths:
         return None
     n = early_count(len(vals), early)
@@ -223,7 +229,8 @@ class EarlyRatio:
     fallback: bool = False  # shown only (early_ratio_shown): no rule reads it
 
 
-def early_ratio(m: Measurements, early: float = EARLY_FRACTION, min_layers: int = 4) -> EarlyRatio | None:
+def early_ratio(m: Measurements, early: float = EARLY_FRACTION, min_layers: int = 4,
+                agree: str = "max") -> EarlyRatio | None:
     """The statistic of :class:`Vanishing` and :class:`Exploding` (None with fewer than ``min_layers``
     depths with a finite ratio). Weight layers are taken in forward order; siblings (layers that read the same
     input, such as an attention's query, key and value) are one depth, valued at their largest ratio: query
@@ -231,21 +238,29 @@ def early_ratio(m: Measurements, early: float = EARLY_FRACTION, min_layers: int 
     depths are the first ``early`` fraction. Layers of dormant branches (:meth:`Measurements.dormant`) are
     left out of both the early set and the typical value; while they are most of the weight layers (a
     zero-initialised resnet50's 48 of 53 for its first steps), there is no typical value and the statistic
-    is None."""
-    key = ("early_ratio", early, min_layers)
+    is None.
+
+    ``agree`` says which sibling speaks for a depth, so that a rule fires only when every layer at that depth
+    agrees: ``"max"`` (:class:`Vanishing`, the health figure): the depth is starved only if even its
+    best-fed layer is; ``"min"`` (:class:`Exploding`): it is flooded only if even its least-fed layer is (on a
+    2-layer OPT near its stability edge the value projection alone ran 36x the network's median while query
+    and key sat below it: the maximum read that as an exploding depth)."""
+    if agree not in ("max", "min"):
+        raise ValueError(f"early_ratio: agree must be 'max' or 'min', got {agree!r}")
+    key = ("early_ratio", early, min_layers, agree)
     if key not in m._memo:  # Vanishing, Exploding and the health figures all ask, on the same step
-        m._memo[key] = _early_ratio(m, early, min_layers)
+        m._memo[key] = _early_ratio(m, early, min_layers, agree)
     return m._memo[key]
 
 
-def _early_ratio(m: Measurements, early: float, min_layers: int) -> EarlyRatio | None:
+def _early_ratio(m: Measurements, early: float, min_layers: int, agree: str) -> EarlyRatio | None:
     g2w = m.values("grad_to_weight")
     idx = m.weight_layers()
     asleep = m.dormant()[idx]
     if asleep.sum() * 2 > len(idx):  # most of the net learns from ~0 by design: there is no "typical" yet
         return None
     idx = idx[np.isfinite(g2w[idx]) & ~asleep]
-    return _ratio(m, idx, g2w, early, min_layers)
+    return _ratio(m, idx, g2w, early, min_layers, agree=agree)
 
 
 def early_ratio_shown(m: Measurements, early: float = EARLY_FRACTION) -> EarlyRatio | None:

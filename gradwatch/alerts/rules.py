@@ -304,7 +304,8 @@ class Exploding(Rule):
         """Up to two findings: early layers far above the network's typical ``grad_to_weight``, and a ``grad_norm``
         spike."""
         out = []
-        stat = early_ratio(m, self.early, self.min_layers)
+        # siblings (layers reading one input) count at their smallest ratio: a depth is flooded only if all agree
+        stat = early_ratio(m, self.early, self.min_layers, agree="min")
         ratio = stat.ratio if stat is not None else math.nan  # NaN compares False: neither high nor far
         high = bool(ratio > self.relative)
         low = stat is None or bool(ratio <= self.relative / self.clear_margin)

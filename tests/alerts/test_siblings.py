@@ -17,6 +17,7 @@ from torch import nn
 
 import gradwatch
 from gradwatch.alerts import Measurements, early_ratio
+from gradwatch.alerts.rules import Exploding
 from gradwatch.alerts.siblings import Siblings
 from gradwatch.measure.layers import layer_kinds
 from gradwatch.measure.order import ForwardOrder
@@ -180,3 +181,29 @@ def test_hand_fed_siblings_count_once_at_their_largest_ratio():
     assert found.typical == pytest.approx(1.5) and found.ratio == pytest.approx(1.0 / 1.5)
     two = early_ratio(m, early=0.5)  # two early depths: a and the group, every member named
     assert two is not None and two.early == names[:4] and two.early_median == pytest.approx(0.75)
+
+
+def test_exploding_reads_siblings_at_their_smallest_ratio_so_one_loud_sibling_is_not_a_flooded_depth():
+    # four depths, the first (the early one) {q, k, v}; only v is far above the network (a 2-layer OPT near its
+    # stability edge): at its largest the depth reads 30x the typical value, past Exploding's 20x
+    names = ["q.weight", "k.weight", "v.weight", "b.weight", "c.weight", "d.weight"]
+    sib = Siblings([("q", "k", "v")], modules=["q", "k", "v", "b", "c", "d"])
+    m = Measurements(step=0, kinds={}, siblings=sib)
+    m.add(names, "grad_to_weight", [0.05, 0.08, 3.0, 0.1, 0.1, 0.1])
+    assert early_ratio(m).ratio == pytest.approx(30.0)  # the vanishing side: the best-fed sibling
+    assert early_ratio(m, agree="min").ratio == pytest.approx(0.5)  # the exploding side: the least-fed one
+    with pytest.raises(ValueError, match="agree"):
+        early_ratio(m, agree="median")
+    rule, fired = Exploding(), []
+    for step in range(5):  # five logging steps: past the rule's patience and its warm-up of spikes
+        one = Measurements(step=step, kinds={}, siblings=sib)
+        one.add(names, "grad_to_weight", [0.05, 0.08, 3.0, 0.1, 0.1, 0.1])
+        fired += rule.check(one)
+    assert fired == []
+    # the same values with v's siblings as loud as v: every layer of the depth agrees, and it fires
+    loud = Exploding()
+    for step in range(5):
+        one = Measurements(step=step, kinds={}, siblings=sib)
+        one.add(names, "grad_to_weight", [3.0, 3.0, 3.0, 0.1, 0.1, 0.1])
+        fired += loud.check(one)
+    assert fired and fired[-1].rule == "exploding"
