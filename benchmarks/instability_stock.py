@@ -70,6 +70,7 @@ GRID: dict[str, tuple[float, ...]] = {
     "llama": (0.03, 0.3, 1.0, 2.0, 3.0),
     "neox": (0.03, 0.3, 0.5, 1.0, 2.0),
     "opt": (0.01, 0.1, 0.3, 1.0, 2.0),
+    "phi": (0.01, 0.1, 0.3, 1.0, 2.0),
 }
 
 
@@ -110,7 +111,19 @@ def _opt() -> nn.Module:
     return OPTForCausalLM(cfg)
 
 
-FAMILIES: dict[str, Callable[[], nn.Module]] = {"gpt2": _gpt2, "llama": _llama, "neox": _neox, "opt": _opt}
+def _phi() -> nn.Module:
+    # added in round 2 as test data: its grid was read off loss curves only, before any warning of it was seen
+    from transformers import PhiConfig, PhiForCausalLM
+    cfg = PhiConfig(vocab_size=VOCAB, hidden_size=WIDTH, intermediate_size=4 * WIDTH, num_hidden_layers=DEPTH,
+                    num_attention_heads=HEADS, num_key_value_heads=HEADS, max_position_embeddings=CONTEXT,
+                    resid_pdrop=0.0, embd_pdrop=0.0, attention_dropout=0.0, tie_word_embeddings=False,
+                    use_cache=False, bos_token_id=None, eos_token_id=None)
+    cfg._attn_implementation = "eager"
+    return PhiForCausalLM(cfg)
+
+
+FAMILIES: dict[str, Callable[[], nn.Module]] = {"gpt2": _gpt2, "llama": _llama, "neox": _neox, "opt": _opt,
+                                                "phi": _phi}
 
 
 def lm_loss(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
