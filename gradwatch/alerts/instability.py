@@ -98,7 +98,7 @@ class Instability(Rule):
 
     def check(self, m: Measurements) -> list[Alert]:
         """One finding while some layer's update and gradient have both outgrown their recent medians, or a
-        residual branch went quiet, at steps large enough to run away."""
+        residual branch went quiet, at steps large enough to run away, the whole model's gradient grown too."""
         idx = m.weight_layers()
         names = [m.layers[i] for i in idx]
         u, g = m.values("update_to_weight")[idx], m.values("grad_norm")[idx]
