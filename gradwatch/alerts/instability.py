@@ -31,6 +31,14 @@ class Instability(Rule):
     |gradient|`` within ``follows_gradient`` decades over the layers, median over the window): there "the update
     grew with the gradient" is one fact counted twice, and a runaway shows in the gradient (``exploding``).
 
+    **A runaway, not a local swing** (round 2): both triggers below count only at logging steps where the
+    whole model's gradient norm (the monitor's ``_global``; else the root sum of squares of the layers') is
+    ``grad_growth`` times its median over the previous ``window`` logging steps. Too large a step raises the
+    loss, and with it the gradient of the whole model; one layer's update and gradient swinging together, or
+    one branch going quiet, while the model's gradient stays where it was, is what near-edge runs that never
+    spike did out of sample (docs/alerts.md: 14 of 31 stable held-out and stock runs warned before this
+    condition, 3 after). No new threshold: the model's gradient must grow as a layer's must.
+
     Then, per ``"weight"`` layer, ``update_to_weight`` and ``grad_norm`` are compared with their medians over
     the previous ``window`` logging steps; the rule fires (warning) when, for ``patience`` consecutive logging
     steps, some layer's update has grown ``update_growth`` times *and* its gradient ``grad_growth`` times,
@@ -53,10 +61,12 @@ class Instability(Rule):
     :class:`~gradwatch.alerts.rules.SkipCollapse` leaves them to this rule (a skip that "collapses" because
     its branch exploded is this instability, not an architectural fault).
 
-    On by default. Defaults chosen on the instability suite (``gradwatch validate --only instability``,
+    On by default. Defaults chosen (round 1) on the instability suite (``gradwatch validate --only instability``,
     logging every step), three healthy reference ResNets, a 10-layer SGD MLP and five stock models trained as
     the zoo trains them, all logged every step: the figures, all in-sample, and the limits are in
-    ``docs/alerts.md``. Windows and patience count logging steps: with ``every=50`` the rule judges after
+    ``docs/alerts.md``; the whole-model condition (round 2) on those runs, the suite's held-out runs and four
+    stock LM families at seeds 5-6 (``benchmarks/instability_stock.py``), tested on seeds 7-8 and a fifth
+    family. Windows and patience count logging steps: with ``every=50`` the rule judges after
     1,500 steps.
     """
 
@@ -84,11 +94,11 @@ class Instability(Rule):
         # per layer: the last `window` values (oldest first); when each layer's growth began; the branch/skip
         # ratios of the blocks before the warning opened, and the step it opened
         self.state.update({"update": {}, "grad": {}, "branch": {}, "since": {}, "opened": None,
-                           "baseline": {}, "spread": []})
+                           "baseline": {}, "spread": [], "whole": [], "whole_ratio": None})
 
     def check(self, m: Measurements) -> list[Alert]:
         """One finding while some layer's update and gradient have both outgrown their recent medians, or a
-        residual branch went quiet, at steps large enough to run away."""
+        residual branch went quiet, at steps large enough to run away, the whole model's gradient grown too."""
         idx = m.weight_layers()
         names = [m.layers[i] for i in idx]
         u, g = m.values("update_to_weight")[idx], m.values("grad_norm")[idx]
@@ -104,13 +114,18 @@ class Instability(Rule):
         if self._follows_gradient(u * m.values("weight_norm")[idx], g):
             large[:] = False
         branch = self._branch_ratio(m)
-        dropped = self._dropped(branch) if bool(large.any()) else {}
+        # a runaway raises the whole model's gradient (the loss climbs): one layer's or one branch's own swing,
+        # with the model's gradient where it was, is not one (round 2, docs/alerts.md: most out-of-sample
+        # false alarms were such local swings)
+        whole = self._whole_ratio(m)
+        runaway = bool(whole > self.grad_growth)
+        dropped = self._dropped(branch) if bool(large.any()) and runaway else {}
         self._remember("update", names, u)
         self._remember("grad", names, g)
         since: dict[str, int] = self.state["since"]
         growing, calm = [], True
         for name, a, b, far, big in zip(names, ru, rg, beyond, large):
-            fire = bool(a > self.update_growth and b > self.grad_growth and far and big)
+            fire = bool(a > self.update_growth and b > self.grad_growth and far and big and runaway)
             clear = not (a > math.sqrt(self.update_growth) or b > math.sqrt(self.grad_growth))
             n = self.hold(name, fire, clear)
             if n:
@@ -160,6 +175,28 @@ class Instability(Rule):
             with np.errstate(divide="ignore", invalid="ignore"):
                 out[full] = np.where((med > 0) & np.isfinite(v), v / med, np.nan)
         return out
+
+    def _whole_ratio(self, m: Measurements) -> float:
+        """The whole model's gradient norm over its median over the previous ``window`` logging steps (NaN until
+        ``window`` are kept); the norm is the monitor's ``_global`` entry, else the root sum of squares of the
+        layers' gradient norms. The value is then kept for the next steps."""
+        g = float(m.whole.get("grad_norm", math.nan))
+        if not math.isfinite(g):
+            layers = m.values("grad_norm")
+            layers = layers[np.isfinite(layers)]
+            g = float(np.sqrt(np.sum(layers ** 2))) if len(layers) else math.nan
+        hist: list[float] = self.state["whole"]
+        ratio = math.nan
+        if len(hist) >= self.window:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                med = float(np.nanmedian(hist[-self.window:]))
+            if med > 0 and math.isfinite(g):
+                ratio = g / med
+        hist.append(g if math.isfinite(g) else math.nan)
+        del hist[: max(0, len(hist) - self.window)]
+        self.state["whole_ratio"] = ratio if math.isfinite(ratio) else None
+        return ratio
 
     def _scatter(self, key: str, names: list[str]) -> np.ndarray:
         """Each layer's median absolute deviation of log values over its window (NaN until it is full)."""
@@ -244,6 +281,9 @@ class Instability(Rule):
                         f"against their skip's below their median over the last {self.window} logging steps: "
                         f"{short_list(drops, 4)} (units knocked out by too large steps)")
         big = float(np.nanmax(u)) if len(u) and np.isfinite(u).any() else math.nan
+        whole = self.state.get("whole_ratio")
+        if said and whole is not None:
+            said.append(f"the whole model's gradient at {whole:.2g}x its median over the same window")
         if said:
             what = (f"instability ahead at steps of up to {big:.2g} of the weight: " + "; ".join(said))
         else:
@@ -270,5 +310,5 @@ class Instability(Rule):
         """Restore the saved state (JSON turns the step keys and histories into plain types: kept as is)."""
         super().load_state_dict(state)
         for key, empty in (("update", {}), ("grad", {}), ("branch", {}), ("since", {}), ("opened", None),
-                           ("baseline", {}), ("spread", [])):
+                           ("baseline", {}), ("spread", []), ("whole", []), ("whole_ratio", None)):
             self.state.setdefault(key, empty)

@@ -1,5 +1,6 @@
 """The instability rule on measurements fed by hand: what fires it (a layer's update and gradient growing
-together), what does not (a learning-rate warm-up, one noisy batch), the layers it names, its checkpoint, and
+together with the whole model's gradient), what does not (a learning-rate warm-up, one noisy batch, one layer's
+swing under a flat whole-model gradient), the layers it names, its checkpoint, and
 skip_collapse leaving an exploded branch to it. The rule on real training runs: tests/reference/test_instability.py."""
 
 from __future__ import annotations
@@ -18,8 +19,12 @@ KINDS = {"emb": "embedding", **{n: "weight" for n in LAYERS[1:]}}
 
 
 def step(t: int, update: dict[str, float] | float = 2e-2, grad: dict[str, float] | float = 1.0,
-         branch: float = 1.0, skip: float = 1.0) -> Measurements:
+         branch: float = 1.0, skip: float = 1.0, whole: float | None = None) -> Measurements:
+    """One logging step; ``whole``: the monitor's whole-model gradient norm (``_global``), else the rule takes
+    the root sum of squares of the layers'."""
     m = Measurements(step=t, kinds=KINDS)
+    if whole is not None:
+        m.add(["_global"], "grad_norm", [whole])
     u = [update.get(n, 2e-2) if isinstance(update, dict) else update for n in LAYERS]
     g = [grad.get(n, 1.0) if isinstance(grad, dict) else grad for n in LAYERS]
     noise = 1 + 0.05 * np.sin(np.arange(len(LAYERS)) + t)  # a little batch-to-batch wobble
@@ -140,10 +145,10 @@ def test_an_update_that_follows_the_gradient_is_left_to_the_gradient_rules():
     def grown(adaptive):
         rule = Instability(window=10)
         seq = [sgd_like(t, adaptive=adaptive) for t in range(20)]
-        seq += [sgd_like(t, {"a.proj": 4.0}, adaptive) for t in range(20, 24)]
+        seq += [sgd_like(t, {"a.qkv": 4.0}, adaptive) for t in range(20, 24)]
         if adaptive:  # the adaptive update grows too, by less than the gradient
             for m in seq[20:]:
-                m.layer["update_to_weight"][1] *= 2.0
+                m.layer["update_to_weight"][0] *= 2.0
         return [t for t, found, _ in run(rule, seq) if found]
 
     assert grown(adaptive=False) == []
@@ -151,17 +156,36 @@ def test_an_update_that_follows_the_gradient_is_left_to_the_gradient_rules():
 
 
 def test_a_residual_branch_knocked_quiet_is_warned_about_naming_it():
+    # the branch 20x below its level while the model's gradient doubles (the layers' updates where they were)
     rule = Instability(window=10, patience=2)
-    seq = [step(t) for t in range(20)] + [step(t, branch=0.05) for t in range(20, 24)]  # 20x below its level
+    seq = [step(t) for t in range(20)] + [step(t, branch=0.05, grad=2.0) for t in range(20, 24)]
     fired = [(t, found[0]) for t, found, _ in run(rule, seq) if found]
     assert [t for t, _ in fired] == [21, 22, 23]
     first = fired[0][1]
     assert first.name == "b[0]" and "b[0] (20x, since step 20)" in first.message and "went quiet" in first.message
+    assert "the whole model's gradient at 2x its median" in first.message
     assert "lower the peak learning rate" in first.hint
     # 5x below is within a branch's wander: quiet
     rule = Instability(window=10, patience=2)
-    seq = [step(t) for t in range(20)] + [step(t, branch=0.2) for t in range(20, 24)]
+    seq = [step(t) for t in range(20)] + [step(t, branch=0.2, grad=2.0) for t in range(20, 24)]
     assert not [t for t, found, _ in run(rule, seq) if found]
+    # the same 20x drop with the model's gradient where it was: no runaway behind it, quiet
+    rule = Instability(window=10, patience=2)
+    seq = [step(t) for t in range(20)] + [step(t, branch=0.05) for t in range(20, 24)]
+    assert not [t for t, found, _ in run(rule, seq) if found]
+
+
+def test_a_layer_growing_while_the_whole_model_gradient_stays_put_is_quiet():
+    # a runaway raises the whole model's gradient; one layer's swing under a flat _global norm is not one
+    def fired(whole_after):
+        rule = Instability(window=10, patience=2)
+        seq = [step(t, whole=10.0) for t in range(20)]
+        seq += [step(t, update={"a.qkv": 8e-2}, grad={"a.qkv": 6.0}, whole=whole_after) for t in range(20, 24)]
+        return [t for t, found, _ in run(rule, seq) if found]
+
+    assert fired(10.0) == [] and fired(14.0) == []  # flat, or 1.4x: under grad_growth (1.5x)
+    assert fired(20.0) == [21, 22, 23]
+    # (the layers' own root sum of squares grows 2.6x here: fired(10.0) == [] shows the _global norm is what is read)
 
 
 def test_skip_collapse_leaves_a_skip_that_passes_the_gradient_at_identity_gain():

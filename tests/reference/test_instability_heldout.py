@@ -66,7 +66,7 @@ def test_the_scorecard_scores_each_set_apart(tmp_path):
     write_markdown(cal + held, str(page), "gradwatch validate --only instability", "2026-12-07", 1.0)
     text = page.read_text()
     assert f"- **{lines[0]}.**" in text and f"- **{lines[1]}.**" in text
-    assert "**Held-out set**" in text and "never used to tune a rule" in text
+    assert "**Held-out set**" in text and "no longer out of sample" in text
     assert len(re.findall(r"^\| h\d \| held-out \|", text, re.M)) == 5
 
 

@@ -55,9 +55,10 @@ def test_quick_suite_warns_ahead_of_the_spike_and_is_quiet_on_the_stable_run(tmp
     assert first["rule"] == "instability" and first["step"] == unstable["warning"] < unstable["spike"]
     assert unstable["lead"] == unstable["spike"] - first["step"]
     assert unstable["layers"].split(", ")[0] in first["message"] and unstable["layers"].startswith("blocks.")
-    # the last MLP branch knocked quiet by the warm-up's large steps, well before the loss moves:
-    # at peak LR 0.5 it came 21 steps ahead (docs/alerts.md, the instability section)
-    assert unstable["lead"] >= 10 and "went quiet" in first["message"]
+    # the warning needs the whole model's gradient grown with the layer's (round 2, docs/alerts.md): at peak LR
+    # 0.5 that comes the step before the spike (the dead MLP branch alone warned 21 steps ahead, and warned on
+    # runs that never spiked too)
+    assert unstable["lead"] >= 1 and "the whole model's gradient at" in first["message"]
     assert "lower the peak learning rate" in first["hint"]
     s = summary["instability"]["scores"]
     assert (s["spiked"], s["warned_ahead"], s["recall"], s["median_lead"], s["false_alarms"], s["misses"]) == (
