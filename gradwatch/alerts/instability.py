@@ -122,30 +122,19 @@ class Instability(Rule):
         dropped = self._dropped(branch) if bool(large.any()) and runaway else {}
         self._remember("update", names, u)
         self._remember("grad", names, g)
-        since: dict[str, int] = self.state["since"]
-        growing, calm = [], True
+        growing, quiet, calm = [], [], True
         for name, a, b, far, big in zip(names, ru, rg, beyond, large):
             fire = bool(a > self.update_growth and b > self.grad_growth and far and big and runaway)
             clear = not (a > math.sqrt(self.update_growth) or b > math.sqrt(self.grad_growth))
-            n = self.hold(name, fire, clear)
-            if n:
-                since.setdefault(name, int(m.step))
-                calm = False
-                if n >= self.patience:
-                    growing.append(name)
-            else:
-                since.pop(name, None)
-        quiet = []
+            n = self._streak_since(name, fire, clear, int(m.step))
+            calm = calm and not n
+            if n >= self.patience:
+                growing.append(name)
         for block in branch:  # a branch knocked quiet: its gradient fell branch_drop x against its skip
-            key = f"branch:{block}"
-            n = self.hold(key, block in dropped, block not in dropped)
-            if n:
-                since.setdefault(key, int(m.step))
-                calm = False
-                if n >= self.patience:
-                    quiet.append(block)
-            else:
-                since.pop(key, None)
+            n = self._streak_since(f"branch:{block}", block in dropped, block not in dropped, int(m.step))
+            calm = calm and not n
+            if n >= self.patience:
+                quiet.append(block)
         opened = self.state["opened"]
         if (growing or quiet) and opened is None:  # the branches' level before it began: their window medians
             opened = self.state["opened"] = int(m.step)
@@ -161,6 +150,17 @@ class Instability(Rule):
         if exploded:
             m.context["unstable_blocks"] = set(exploded)
         return [self._finding(m, names, u, ru, rg, growing, exploded, quiet, dropped, int(opened))]
+
+    def _streak_since(self, key: str, fire: bool, clear: bool, step: int) -> int:
+        """``key``'s streak (:meth:`Rule.hold`), keeping the step it began in ``state["since"]`` (the incident
+        names layers and blocks in the order they moved) while it lasts."""
+        n = self.hold(key, fire, clear)
+        since: dict[str, int] = self.state["since"]
+        if n:
+            since.setdefault(key, step)
+        else:
+            since.pop(key, None)
+        return n
 
     def _ratios(self, key: str, names: list[str], values: np.ndarray) -> np.ndarray:
         """Each value over the median of its last ``window`` values (NaN until ``window`` are kept)."""
