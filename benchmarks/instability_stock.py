@@ -50,7 +50,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import logging
 import math
 import sys
 import time
@@ -64,7 +63,7 @@ from torch import nn
 
 from gradwatch import Monitor
 from gradwatch.reference.gpt import synthetic_language
-from gradwatch.reference.instability import Run, RunOutcome, _lr, score
+from gradwatch.reference.instability import Run, RunOutcome, score, train
 from gradwatch.reference.instability_report import scores, summary_line
 
 VOCAB, CONTEXT, WIDTH, DEPTH, HEADS, BATCH, STEPS, WARMUP = 64, 32, 64, 2, 4, 16, 250, 200
@@ -149,27 +148,9 @@ def run_stock(family: str, lr: float, seed: int, steps: int = STEPS,
     model = FAMILIES[family]()
     model.train()
     data = synthetic_language(4096, context=CONTEXT, vocab=VOCAB, seed=seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, run.beta2), eps=run.eps, weight_decay=0.0)
-    gen = torch.Generator().manual_seed(seed)
-    losses: list[torch.Tensor] = []
-    log = logging.getLogger("gradwatch")
-    level = log.level
-    log.setLevel(logging.CRITICAL + 1)  # the incidents are read from mon.alerts; as run_one does
-    start = time.perf_counter()
-    try:
-        with Monitor(model, optimizer=opt, every=1, remind_after=None, pictures=0,
-                     rules={"instability": {}}) as mon:
-            for i in range(steps):
-                for g in opt.param_groups:
-                    g["lr"] = _lr(run, i)  # the suite's schedule: linear warm-up over WARMUP steps, then flat
-                loss = lm_loss(model, data[torch.randint(0, len(data), (BATCH,), generator=gen)])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                losses.append(loss.detach())
-    finally:
-        log.setLevel(level)
-    values, seconds = torch.stack(losses).tolist(), time.perf_counter() - start
+    # the suite's loop: its optimizer, schedule (linear warm-up over WARMUP steps, then flat) and monitor
+    mon, values, seconds = train(run, model, lambda i, gen: data[torch.randint(0, len(data), (BATCH,), generator=gen)],
+                                 lm_loss)
     # the same run scored twice by the suite's score(): every rule's incidents (the suite's scorecard counts
     # the first warning of any rule), and the instability rule's alone (what this script is for: the other
     # rules were not calibrated on the suite and speak on these models for their own reasons)

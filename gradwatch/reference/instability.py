@@ -20,15 +20,17 @@ import os
 import re
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
+from torch import nn
 
 from ..monitor import Monitor
 from .gpt import TinyGPT, synthetic_language
 
-__all__ = ["Run", "RunOutcome", "runs", "run_one", "spike_step", "SPIKE_NATS", "SPIKE_WINDOW", "SPIKE_FROM",
+__all__ = ["Run", "RunOutcome", "runs", "run_one", "train", "spike_step", "SPIKE_NATS", "SPIKE_WINDOW", "SPIKE_FROM",
            "LEADING_RULES", "heldout_runs"]
 
 #: The spike definition (:func:`spike_step`): the loss at a step exceeds the median of the ``SPIKE_WINDOW``
@@ -165,6 +167,24 @@ def run_one(run: Run, out: str | None = None, threads: int = 1, every: int = 1) 
     model = TinyGPT(dim=run.dim, depth=run.depth, qk_norm=run.qk_norm)
     data = synthetic_language(4096, seed=run.seed)
     shifted = synthetic_language(4096, seed=run.seed, grammar=1) if run.shift is not None else data
+
+    def batch(i: int, gen: torch.Generator) -> torch.Tensor:
+        source = shifted if run.shift is not None and i >= run.shift else data
+        return source[torch.randint(0, len(source), (16,), generator=gen)]
+
+    mon, losses, seconds = train(run, model, batch, lambda net, b: net.loss(b),
+                                 log_dir=os.path.join(out, run.name) if out else None, every=every)
+    return score(run, mon, losses, seconds)
+
+
+def train(run: Run, model: nn.Module, batch: Callable[[int, torch.Generator], torch.Tensor],
+          loss_of: Callable[[Any, torch.Tensor], torch.Tensor], log_dir: str | None = None,
+          every: int = 1) -> tuple[Monitor, list[float], float]:
+    """The suite's training loop, for its own models and others (``benchmarks/instability_stock.py``): AdamW
+    with ``run``'s β2, ε and schedule, ``batch(i, generator)`` the batch of step ``i`` (the generator seeded with
+    ``run.seed``), ``loss_of(model, batch)`` its loss, under a default monitor logging every ``every`` steps with
+    no pictures; gradwatch's log lines are silenced (the incidents are read from ``mon.alerts``). Returns the
+    monitor, the loss per step and the seconds taken; the model is built (and seeded) by the caller."""
     opt = torch.optim.AdamW(model.parameters(), lr=run.lr, betas=(0.9, run.beta2), eps=run.eps, weight_decay=0.0)
     gen = torch.Generator().manual_seed(run.seed)
     losses: list[torch.Tensor] = []
@@ -174,20 +194,18 @@ def run_one(run: Run, out: str | None = None, threads: int = 1, every: int = 1) 
     start = time.perf_counter()
     try:
         with Monitor(model, optimizer=opt, every=every, remind_after=None, pictures=0, rules={"instability": {}},
-                     log_dir=os.path.join(out, run.name) if out else None) as mon:
+                     log_dir=log_dir) as mon:
             for i in range(run.steps):
                 for g in opt.param_groups:
                     g["lr"] = _lr(run, i)
-                source = shifted if run.shift is not None and i >= run.shift else data
-                loss = model.loss(source[torch.randint(0, len(source), (16,), generator=gen)])
+                loss = loss_of(model, batch(i, gen))
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
                 losses.append(loss.detach())
     finally:
         log.setLevel(level)
-    values = torch.stack(losses).tolist()
-    return score(run, mon, values, time.perf_counter() - start)
+    return mon, torch.stack(losses).tolist(), time.perf_counter() - start
 
 
 def _named(message: str) -> list[str]:
