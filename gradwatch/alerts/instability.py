@@ -75,7 +75,7 @@ class Instability(Rule):
     def __init__(self, window: int = 30, update_growth: float = 1.5, grad_growth: float = 1.5,
                  patience: int = 2, branch_growth: float = 2.0, spread: float = 3.0,
                  clear_margin: float = 2.0, min_update: float = 2e-2, branch_drop: float = 10.0,
-                 follows_gradient: float = 0.3) -> None:
+                 follows_gradient: float = 0.3, runaway: float = 2.0, sustained: int = 5) -> None:
         super().__init__(patience, clear_margin)
         self.spread = check_number(spread, "spread", owner=self.name)
         self.min_update = check_number(min_update, "min_update", owner=self.name)
@@ -84,17 +84,20 @@ class Instability(Rule):
         if self.branch_drop <= 1:
             raise ValueError(f"{self.name}: branch_drop must be > 1, got {branch_drop!r}")
         self.window = check_int(window, "window", minimum=2, owner=self.name)
+        self.sustained = check_int(sustained, "sustained", minimum=1, owner=self.name)
+        self.runaway = check_number(runaway, "runaway", owner=self.name)
         self.update_growth = check_number(update_growth, "update_growth", owner=self.name)
         self.grad_growth = check_number(grad_growth, "grad_growth", owner=self.name)
         self.branch_growth = check_number(branch_growth, "branch_growth", owner=self.name)
         for key, v in (("update_growth", self.update_growth), ("grad_growth", self.grad_growth),
-                       ("branch_growth", self.branch_growth)):
+                       ("branch_growth", self.branch_growth), ("runaway", self.runaway)):
             if v <= 1:
                 raise ValueError(f"{self.name}: {key} must be > 1, got {v!r}")
         # per layer: the last `window` values (oldest first); when each layer's growth began; the branch/skip
         # ratios of the blocks before the warning opened, and the step it opened
         self.state.update({"update": {}, "grad": {}, "branch": {}, "since": {}, "opened": None,
-                           "baseline": {}, "spread": [], "whole": [], "whole_ratio": None})
+                           "baseline": {}, "spread": [], "whole": [], "whole_ratio": None,
+                           "climbing": False})
 
     def check(self, m: Measurements) -> list[Alert]:
         """One finding while some layer's update and gradient have both outgrown their recent medians, or a
@@ -118,8 +121,19 @@ class Instability(Rule):
         # with the model's gradient where it was, is not one (round 2, docs/alerts.md: most out-of-sample
         # false alarms were such local swings)
         whole = self._whole_ratio(m)
-        runaway = bool(whole > self.grad_growth)
+        runaway = bool(whole > self.runaway)
         dropped = self._dropped(branch) if bool(large.any()) and runaway else {}
+        # the slow road (round 3): the whole model's gradient held above grad_growth x its median for
+        # `sustained` logging steps in a row, at large adaptive steps; stock LMs climb this way 10-40 steps
+        # before their spike, while one noisy batch or one layer's swing lasts a step or two
+        rising = bool(large.any()) and bool(whole > self.grad_growth)
+        climbing = self.streak("whole", rising) >= self.sustained or (
+            self.state["climbing"] and bool(large.any()) and bool(whole > math.sqrt(self.grad_growth)))
+        self.state["climbing"] = climbing
+        if rising:
+            self.state["since"].setdefault("whole", int(m.step))
+        elif not climbing:
+            self.state["since"].pop("whole", None)
         self._remember("update", names, u)
         self._remember("grad", names, g)
         growing, quiet, calm = [], [], True
@@ -136,20 +150,20 @@ class Instability(Rule):
             if n >= self.patience:
                 quiet.append(block)
         opened = self.state["opened"]
-        if (growing or quiet) and opened is None:  # the branches' level before it began: their window medians
+        if (growing or quiet or climbing) and opened is None:  # the branches' level before it began: their window medians
             opened = self.state["opened"] = int(m.step)
             self.state["baseline"] = {k: float(np.nanmedian(h)) for k, h in self.state["branch"].items() if h}
         exploded = self._exploded(branch) if opened is not None else []
         if opened is None or not exploded:  # the level before: kept while no warning is open
             self._remember("branch", list(branch), np.array(list(branch.values()), dtype=np.float64))
-        if not growing and not exploded and not quiet:
-            if calm:
+        if not growing and not exploded and not quiet and not climbing:
+            if calm and not rising:
                 self.state["opened"] = None
                 self.state["baseline"] = {}
             return []
         if exploded:
             m.context["unstable_blocks"] = set(exploded)
-        return [self._finding(m, names, u, ru, rg, growing, exploded, quiet, dropped, int(opened))]
+        return [self._finding(m, names, u, ru, rg, growing, exploded, quiet, dropped, int(opened), climbing)]
 
     def _streak_since(self, key: str, fire: bool, clear: bool, step: int) -> int:
         """``key``'s streak (:meth:`Rule.hold`), keeping the step it began in ``state["since"]`` (the incident
@@ -262,12 +276,13 @@ class Instability(Rule):
 
     def _finding(self, m: Measurements, names: list[str], u: np.ndarray, ru: np.ndarray, rg: np.ndarray,
                  growing: list[str], exploded: list[str], quiet: list[str], dropped: dict[str, float],
-                 opened: int) -> Alert:
+                 opened: int, climbing: bool = False) -> Alert:
         since: dict[str, int] = self.state["since"]
         first = sorted((n for n in growing if n in since), key=lambda n: (since[n], names.index(n)))
         pos = {n: i for i, n in enumerate(names)}
         parts = [f"{n} (update {ru[pos[n]]:.2g}x, gradient {rg[pos[n]]:.2g}x, since step {since[n]})" for n in first[:3]]
-        starts = [since[n] for n in first] + [since[f"branch:{b}"] for b in quiet if f"branch:{b}" in since]
+        starts = [since[n] for n in first] + [since[f"branch:{b}"] for b in quiet if f"branch:{b}" in since] + (
+            [since["whole"]] if climbing and "whole" in since else [])
         start = min(starts, default=opened)
         said = []
         if first:
@@ -282,27 +297,35 @@ class Instability(Rule):
                         f"{short_list(drops, 4)} (units knocked out by too large steps)")
         big = float(np.nanmax(u)) if len(u) and np.isfinite(u).any() else math.nan
         whole = self.state.get("whole_ratio")
+        if climbing:  # the layers whose gradient grew most: where the climb shows
+            top = [names[i] for i in np.argsort(-np.nan_to_num(rg, nan=0.0)) if rg[i] > self.grad_growth][:3]
+            said.append(f"the whole model's gradient has stayed above {self.grad_growth:g}x its median over the "
+                        f"last {self.window} logging steps since step {since.get('whole', opened)}"
+                        + (f", most in {', '.join(f'{n} ({rg[pos[n]]:.2g}x)' for n in top)}" if top else ""))
+        else:
+            top = []
         if said and whole is not None:
             said.append(f"the whole model's gradient at {whole:.2g}x its median over the same window")
         if said:
             what = (f"instability ahead at steps of up to {big:.2g} of the weight: " + "; ".join(said))
         else:
             what = f"instability since step {opened}: the layers' growth has settled"
-        value = float(np.nanmax(ru[[pos[n] for n in first]])) if first else big
+        value = float(np.nanmax(ru[[pos[n] for n in first]])) if first else (whole if climbing and whole else big)
+        moved = first or top  # the layers the hints read: those that moved first, else where the climb shows
         if exploded:
             what += (f"; residual branches grown {self.branch_growth:g}x and more against their skip since step "
                      f"{opened}: {short_list(sorted(exploded), 4)} (their skip_share falls because the branch "
                      "exploded, not because the skip is broken)")
         hint = ["lower the peak learning rate or lengthen the warm-up (or clip gradients)"]
-        if any(any(a in n.lower() for a in _ATTENTION) for n in first[:3]):
+        if any(any(a in n.lower() for a in _ATTENTION) for n in moved[:3]):
             hint.append("attention layers moved first: qk-layernorm bounds the attention logits")
-        if names and first and first[0] == names[-1]:
+        if names and moved and moved[0] == names[-1]:
             hint.append("the output layer moved first: a z-loss keeps the output logits from drifting")
         if len(first) >= max(2, len(names) // 2) and len({since[n] for n in first}) == 1:
             hint.append(f"most layers moved in the same step: check the data at step {start}")
         else:
             hint.append(f"if the schedule or the data changed near step {start}, look there first")
-        name = first[0] if len(first) == 1 and not quiet else (quiet[0] if len(quiet) == 1 and not first else None)
+        name = first[0] if len(first) == 1 and not quiet and not climbing else (quiet[0] if len(quiet) == 1 and not first else None)
         return self.alert(m, "warning", name, value, self.update_growth, what, "; ".join(hint),
                           subject="training stability")
 
@@ -310,5 +333,6 @@ class Instability(Rule):
         """Restore the saved state (JSON turns the step keys and histories into plain types: kept as is)."""
         super().load_state_dict(state)
         for key, empty in (("update", {}), ("grad", {}), ("branch", {}), ("since", {}), ("opened", None),
-                           ("baseline", {}), ("spread", []), ("whole", []), ("whole_ratio", None)):
+                           ("baseline", {}), ("spread", []), ("whole", []), ("whole_ratio", None),
+                           ("climbing", False)):
             self.state.setdefault(key, empty)
