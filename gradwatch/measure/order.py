@@ -56,6 +56,7 @@ class ForwardOrder:
         # id(input) -> (weak reference to it, its version counter then, the modules that read it): an id is
         # reused once its tensor is freed, and an in-place op changes what the tensor holds, so both are checked
         self._readers: dict[int, tuple[Any, int, list[str]]] = {}
+        self._read_before: list[list[str]] = []  # readers of inputs whose id was taken over by a later tensor
         self.siblings: list[tuple[str, ...]] = []  # groups of >= 2 modules run once on one input; set by finish()
         if any(is_compiled(m) for m in model.modules()):
             return
@@ -92,6 +93,8 @@ class ForwardOrder:
         if seen is not None and seen[0]() is x and seen[1] == version:
             seen[2].append(name)
             return
+        if seen is not None:  # its tensor was freed (the id is reused) or changed in place: its readers are kept
+            self._read_before.append(seen[2])
         try:
             ref = weakref.ref(x)
         except TypeError:  # a tensor subclass without weak references: no sibling found through it
@@ -103,11 +106,12 @@ class ForwardOrder:
         none), in the order they ran; only groups of two or more."""
         once = {n for n, t in self._calls.items() if len(t) == 1}
         groups = []
-        for _, _, names in self._readers.values():
+        for names in self._read_before + [names for _, _, names in self._readers.values()]:
             names = [n for n in dict.fromkeys(names) if n in once]
             if len(names) > 1:
                 groups.append(tuple(names))
         self._readers.clear()  # no reference to any activation is kept
+        self._read_before.clear()
         return groups
 
     def _positions(self) -> dict[str, int]:

@@ -107,6 +107,30 @@ def test_a_tensor_changed_in_place_between_two_reads_makes_no_siblings_and_no_in
     assert not any({"a", "b"} <= set(g) for g in order.siblings)
 
 
+def test_siblings_read_before_their_input_changed_are_kept_when_a_later_read_takes_its_place():
+    # an input changed in place (or freed, its id then reused by a later tensor) must not erase the siblings
+    # already read from it: q, k and v read h, then h changes and u, w read it anew; two groups, not one
+    class TwoReads(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.norm = nn.LayerNorm(4)
+            self.q, self.k, self.v, self.u, self.w = (nn.Linear(4, 4) for _ in range(5))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.norm(x)
+            out = self.q(h) + self.k(h) + self.v(h)
+            h.mul_(2.0)
+            return out + self.u(h) + self.w(h)
+
+    model = TwoReads()
+    order = ForwardOrder(model)
+    with torch.no_grad():
+        model(torch.randn(2, 4))
+    order.finish()
+    groups = [set(g) for g in order.siblings]
+    assert {"q", "k", "v"} in groups and {"u", "w"} in groups
+
+
 @pytest.fixture(scope="module")
 def lm_run():
     model = TinyLM()
