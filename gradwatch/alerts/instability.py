@@ -75,7 +75,8 @@ class Instability(Rule):
     def __init__(self, window: int = 30, update_growth: float = 1.5, grad_growth: float = 1.5,
                  patience: int = 2, branch_growth: float = 2.0, spread: float = 3.0,
                  clear_margin: float = 2.0, min_update: float = 2e-2, branch_drop: float = 10.0,
-                 follows_gradient: float = 0.3, runaway: float = 2.0, sustained: int = 5) -> None:
+                 follows_gradient: float = 0.3, runaway: float = 2.0, climb: float = 1.75,
+                 climb_window: int = 50, sustained: int = 5) -> None:
         super().__init__(patience, clear_margin)
         self.spread = check_number(spread, "spread", owner=self.name)
         self.min_update = check_number(min_update, "min_update", owner=self.name)
@@ -85,19 +86,22 @@ class Instability(Rule):
             raise ValueError(f"{self.name}: branch_drop must be > 1, got {branch_drop!r}")
         self.window = check_int(window, "window", minimum=2, owner=self.name)
         self.sustained = check_int(sustained, "sustained", minimum=1, owner=self.name)
+        self.climb_window = check_int(climb_window, "climb_window", minimum=2, owner=self.name)
         self.runaway = check_number(runaway, "runaway", owner=self.name)
+        self.climb = check_number(climb, "climb", owner=self.name)
         self.update_growth = check_number(update_growth, "update_growth", owner=self.name)
         self.grad_growth = check_number(grad_growth, "grad_growth", owner=self.name)
         self.branch_growth = check_number(branch_growth, "branch_growth", owner=self.name)
         for key, v in (("update_growth", self.update_growth), ("grad_growth", self.grad_growth),
-                       ("branch_growth", self.branch_growth), ("runaway", self.runaway)):
+                       ("branch_growth", self.branch_growth), ("runaway", self.runaway),
+                       ("climb", self.climb)):
             if v <= 1:
                 raise ValueError(f"{self.name}: {key} must be > 1, got {v!r}")
         # per layer: the last `window` values (oldest first); when each layer's growth began; the branch/skip
         # ratios of the blocks before the warning opened, and the step it opened
         self.state.update({"update": {}, "grad": {}, "branch": {}, "since": {}, "opened": None,
                            "baseline": {}, "spread": [], "whole": [], "whole_ratio": None,
-                           "climbing": False})
+                           "climb_ratio": None, "climbing": False})
 
     def check(self, m: Measurements) -> list[Alert]:
         """One finding while some layer's update and gradient have both outgrown their recent medians, or a
@@ -120,15 +124,16 @@ class Instability(Rule):
         # a runaway raises the whole model's gradient (the loss climbs): one layer's or one branch's own swing,
         # with the model's gradient where it was, is not one (round 2, docs/alerts.md: most out-of-sample
         # false alarms were such local swings)
-        whole = self._whole_ratio(m)
+        whole, climb = self._whole_ratio(m)
         runaway = bool(whole > self.runaway)
         dropped = self._dropped(branch) if bool(large.any()) and runaway else {}
-        # the slow road (round 3): the whole model's gradient held above grad_growth x its median for
-        # `sustained` logging steps in a row, at large adaptive steps; stock LMs climb this way 10-40 steps
-        # before their spike, while one noisy batch or one layer's swing lasts a step or two
-        rising = bool(large.any()) and bool(whole > self.grad_growth)
+        # the slow road (round 3): the whole model's gradient held above `climb` x its median over the
+        # previous `climb_window` logging steps for `sustained` logging steps in a row, at large adaptive steps:
+        # stock LMs climb this way 10-40 steps before their spike, while one noisy batch or one layer's swing
+        # lasts a step or two
+        rising = bool(large.any()) and bool(climb > self.climb)
         climbing = self.streak("whole", rising) >= self.sustained or (
-            self.state["climbing"] and bool(large.any()) and bool(whole > math.sqrt(self.grad_growth)))
+            self.state["climbing"] and bool(large.any()) and bool(climb > math.sqrt(self.climb)))
         self.state["climbing"] = climbing
         if rising:
             self.state["since"].setdefault("whole", int(m.step))
@@ -190,27 +195,31 @@ class Instability(Rule):
                 out[full] = np.where((med > 0) & np.isfinite(v), v / med, np.nan)
         return out
 
-    def _whole_ratio(self, m: Measurements) -> float:
-        """The whole model's gradient norm over its median over the previous ``window`` logging steps (NaN until
-        ``window`` are kept); the norm is the monitor's ``_global`` entry, else the root sum of squares of the
-        layers' gradient norms. The value is then kept for the next steps."""
+    def _whole_ratio(self, m: Measurements) -> tuple[float, float]:
+        """The whole model's gradient norm over its median over the previous ``window`` and over the previous
+        ``climb_window`` logging steps (each NaN until that many are kept); the norm is the monitor's ``_global``
+        entry, else the root sum of squares of the layers' gradient norms. The value is then kept."""
         g = float(m.whole.get("grad_norm", math.nan))
         if not math.isfinite(g):
             layers = m.values("grad_norm")
             layers = layers[np.isfinite(layers)]
             g = float(np.sqrt(np.sum(layers ** 2))) if len(layers) else math.nan
         hist: list[float] = self.state["whole"]
-        ratio = math.nan
-        if len(hist) >= self.window:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", RuntimeWarning)
-                med = float(np.nanmedian(hist[-self.window:]))
-            if med > 0 and math.isfinite(g):
-                ratio = g / med
+        ratios = []
+        for w in (self.window, self.climb_window):
+            ratio = math.nan
+            if len(hist) >= w:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", RuntimeWarning)
+                    med = float(np.nanmedian(hist[-w:]))
+                if med > 0 and math.isfinite(g):
+                    ratio = g / med
+            ratios.append(ratio)
         hist.append(g if math.isfinite(g) else math.nan)
-        del hist[: max(0, len(hist) - self.window)]
-        self.state["whole_ratio"] = ratio if math.isfinite(ratio) else None
-        return ratio
+        del hist[: max(0, len(hist) - max(self.window, self.climb_window))]
+        self.state["whole_ratio"] = ratios[0] if math.isfinite(ratios[0]) else None
+        self.state["climb_ratio"] = ratios[1] if math.isfinite(ratios[1]) else None
+        return ratios[0], ratios[1]
 
     def _scatter(self, key: str, names: list[str]) -> np.ndarray:
         """Each layer's median absolute deviation of log values over its window (NaN until it is full)."""
@@ -297,20 +306,23 @@ class Instability(Rule):
                         f"{short_list(drops, 4)} (units knocked out by too large steps)")
         big = float(np.nanmax(u)) if len(u) and np.isfinite(u).any() else math.nan
         whole = self.state.get("whole_ratio")
+        climbed = self.state.get("climb_ratio")
         if climbing:  # the layers whose gradient grew most: where the climb shows
             top = [names[i] for i in np.argsort(-np.nan_to_num(rg, nan=0.0)) if rg[i] > self.grad_growth][:3]
-            said.append(f"the whole model's gradient has stayed above {self.grad_growth:g}x its median over the "
-                        f"last {self.window} logging steps since step {since.get('whole', opened)}"
+            said.append(f"the whole model's gradient has stayed above {self.climb:g}x its median over the "
+                        f"last {self.climb_window} logging steps since step {since.get('whole', opened)}"
+                        + (f" (now {climbed:.2g}x)" if climbed else "")
                         + (f", most in {', '.join(f'{n} ({rg[pos[n]]:.2g}x)' for n in top)}" if top else ""))
         else:
             top = []
-        if said and whole is not None:
-            said.append(f"the whole model's gradient at {whole:.2g}x its median over the same window")
+        if (first or quiet) and whole is not None:
+            said.append(f"the whole model's gradient at {whole:.2g}x its median over the last {self.window} "
+                        "logging steps")
         if said:
             what = (f"instability ahead at steps of up to {big:.2g} of the weight: " + "; ".join(said))
         else:
             what = f"instability since step {opened}: the layers' growth has settled"
-        value = float(np.nanmax(ru[[pos[n] for n in first]])) if first else (whole if climbing and whole else big)
+        value = float(np.nanmax(ru[[pos[n] for n in first]])) if first else (climbed if climbing and climbed else big)
         moved = first or top  # the layers the hints read: those that moved first, else where the climb shows
         if exploded:
             what += (f"; residual branches grown {self.branch_growth:g}x and more against their skip since step "
@@ -326,7 +338,8 @@ class Instability(Rule):
         else:
             hint.append(f"if the schedule or the data changed near step {start}, look there first")
         name = first[0] if len(first) == 1 and not quiet and not climbing else (quiet[0] if len(quiet) == 1 and not first else None)
-        return self.alert(m, "warning", name, value, self.update_growth, what, "; ".join(hint),
+        threshold = self.climb if climbing and not first else self.update_growth
+        return self.alert(m, "warning", name, value, threshold, what, "; ".join(hint),
                           subject="training stability")
 
     def load_state_dict(self, state: Any) -> None:
@@ -334,5 +347,5 @@ class Instability(Rule):
         super().load_state_dict(state)
         for key, empty in (("update", {}), ("grad", {}), ("branch", {}), ("since", {}), ("opened", None),
                            ("baseline", {}), ("spread", []), ("whole", []), ("whole_ratio", None),
-                           ("climbing", False)):
+                           ("climb_ratio", None), ("climbing", False)):
             self.state.setdefault(key, empty)
