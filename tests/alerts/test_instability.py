@@ -235,3 +235,19 @@ def test_the_layers_whose_gradient_grew_most_are_named_in_a_climb():
     assert told and told[0].threshold == 1.75
     said = told[0].message
     assert "most in m.fc2 (2" in said and "a.proj (1." in said and said.index("m.fc2") < said.index("a.proj")
+
+
+def test_three_layers_growing_at_once_need_the_model_gradient_at_one_and_a_half_one_layer_at_two():
+    # a runaway spreads; a near-edge swing is one layer at a time (round 3: `together`, `runaway`)
+    def fired(layers, whole):
+        rule = Instability(window=10)
+        seq = [step(t, whole=10.0) for t in range(20)]
+        seq += [step(t, update={n: 6e-2 for n in layers}, grad={n: 4.0 for n in layers}, whole=whole)
+                for t in range(20, 24)]
+        return [t for t, found, _ in run(rule, seq) if found]
+
+    three = ["a.qkv", "a.proj", "m.fc1"]
+    assert fired(three, 16.0) == [21, 22, 23]
+    assert fired(three[:2], 16.0) == [] and fired(three[:1], 16.0) == []
+    assert fired(three[:1], 25.0) == [21, 22, 23]
+    assert fired(three, 14.0) == []  # 1.4x: under grad_growth, however many layers

@@ -1,0 +1,171 @@
+"""The decoder-only LM families of ``benchmarks/instability_stock.py``, built from ``transformers`` configs (no
+weights downloaded, each library's own initialisation): 2 layers, width 64, 4 heads, MLP width 256 (SwiGLU 172),
+~90-125k parameters, context 32, vocabulary 64, dropout 0, attention ``"eager"`` (no sdpa kernel choice between
+machines), no KV cache, no padding/BOS/EOS token (every token of the generated language is real).
+
+Three sets, each with the seeds and the round it served (docs/alerts.md, the instability section):
+
+- ``lm5`` (round 1 and 2): GPT-2, Llama, GPT-NeoX, OPT, Phi; seeds 5-6 calibrated round 2, 7-8 tested it.
+- ``more6`` (round 3 calibration): Gemma (GeGLU, MQA, sqrt(d)-scaled embedding), BLOOM (ALiBi, embedding
+  LayerNorm), GPT-J (parallel attention and MLP, rotary), GPTBigCode (multi-query), OLMo2 (norm after each
+  sublayer, qk-norm), Qwen2 (qkv biases, grouped-query); seeds 9-10.
+- ``test6`` (round 3 test, run once after the rule was frozen): Falcon (parallel, multi-query), StableLM
+  (partial rotary), Qwen3 (qk RMSNorm), OLMo (non-parametric LayerNorm), GPT-Neo (local attention layers),
+  Persimmon (qk-LayerNorm, squared ReLU); seeds 11-12.
+
+Each family's learning-rate grid was read off loss curves alone (a loss-only sweep at the set's seeds, no
+monitor) before any of its runs was watched: the lowest peak never spiked on either seed; the highest spiked on
+both. The 12 families of ``more6`` and ``test6`` share one grid, 0.01, 0.1, 0.3, 1, 2."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import nn
+
+VOCAB, CONTEXT, WIDTH, DEPTH, HEADS = 64, 32, 64, 2, 4
+NOTOK = {"use_cache": False, "pad_token_id": None, "bos_token_id": None, "eos_token_id": None}
+
+
+def _eager(cfg):  # no sdpa kernel choice between machines
+    cfg._attn_implementation = "eager"
+    return cfg
+
+def _gemma() -> nn.Module:
+    from transformers import GemmaConfig, GemmaForCausalLM
+    return GemmaForCausalLM(_eager(GemmaConfig(vocab_size=VOCAB, hidden_size=WIDTH, intermediate_size=4 * WIDTH,
+        num_hidden_layers=DEPTH, num_attention_heads=HEADS, num_key_value_heads=1, head_dim=WIDTH // HEADS,
+        max_position_embeddings=CONTEXT, use_cache=False, pad_token_id=None, bos_token_id=None, eos_token_id=None)))
+
+def _bloom() -> nn.Module:
+    from transformers import BloomConfig, BloomForCausalLM
+    return BloomForCausalLM(_eager(BloomConfig(vocab_size=VOCAB, hidden_size=WIDTH, n_layer=DEPTH, n_head=HEADS,
+        hidden_dropout=0.0, attention_dropout=0.0, use_cache=False, pad_token_id=None, bos_token_id=None, eos_token_id=None)))
+
+def _gptj() -> nn.Module:
+    from transformers import GPTJConfig, GPTJForCausalLM
+    return GPTJForCausalLM(_eager(GPTJConfig(vocab_size=VOCAB, n_positions=CONTEXT, n_embd=WIDTH, n_layer=DEPTH,
+        n_head=HEADS, rotary_dim=8, n_inner=4 * WIDTH, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+        use_cache=False, bos_token_id=None, eos_token_id=None, tie_word_embeddings=False)))
+
+def _bigcode() -> nn.Module:
+    from transformers import GPTBigCodeConfig, GPTBigCodeForCausalLM
+    return GPTBigCodeForCausalLM(_eager(GPTBigCodeConfig(vocab_size=VOCAB, n_positions=CONTEXT, n_embd=WIDTH,
+        n_layer=DEPTH, n_head=HEADS, n_inner=4 * WIDTH, multi_query=True, resid_pdrop=0.0, embd_pdrop=0.0,
+        attn_pdrop=0.0, use_cache=False, bos_token_id=None, eos_token_id=None)))
+
+def _olmo2() -> nn.Module:
+    from transformers import Olmo2Config, Olmo2ForCausalLM
+    return Olmo2ForCausalLM(_eager(Olmo2Config(vocab_size=VOCAB, hidden_size=WIDTH, intermediate_size=172,
+        num_hidden_layers=DEPTH, num_attention_heads=HEADS, num_key_value_heads=HEADS, max_position_embeddings=CONTEXT,
+        use_cache=False, pad_token_id=None, bos_token_id=None, eos_token_id=None, tie_word_embeddings=False)))
+
+def _qwen2() -> nn.Module:
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    return Qwen2ForCausalLM(_eager(Qwen2Config(vocab_size=VOCAB, hidden_size=WIDTH, intermediate_size=172,
+        num_hidden_layers=DEPTH, num_attention_heads=HEADS, num_key_value_heads=2, max_position_embeddings=CONTEXT,
+        use_cache=False, tie_word_embeddings=False, pad_token_id=None, bos_token_id=None, eos_token_id=None)))
+
+def _falcon() -> nn.Module:
+    from transformers import FalconConfig, FalconForCausalLM
+    return FalconForCausalLM(_eager(FalconConfig(vocab_size=VOCAB, hidden_size=WIDTH, num_hidden_layers=DEPTH,
+        num_attention_heads=HEADS, multi_query=True, parallel_attn=True, bias=False, alibi=False,
+        max_position_embeddings=CONTEXT, hidden_dropout=0.0, attention_dropout=0.0, **NOTOK)))
+
+def _stablelm() -> nn.Module:
+    from transformers import StableLmConfig, StableLmForCausalLM
+    return StableLmForCausalLM(_eager(StableLmConfig(vocab_size=VOCAB, hidden_size=WIDTH, intermediate_size=172,
+        num_hidden_layers=DEPTH, num_attention_heads=HEADS, num_key_value_heads=HEADS, max_position_embeddings=CONTEXT,
+        tie_word_embeddings=False, **NOTOK)))
+
+def _qwen3() -> nn.Module:
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+    return Qwen3ForCausalLM(_eager(Qwen3Config(vocab_size=VOCAB, hidden_size=WIDTH, intermediate_size=172,
+        num_hidden_layers=DEPTH, num_attention_heads=HEADS, num_key_value_heads=2, head_dim=WIDTH // HEADS,
+        max_position_embeddings=CONTEXT, tie_word_embeddings=False, **NOTOK)))
+
+def _olmo() -> nn.Module:
+    from transformers import OlmoConfig, OlmoForCausalLM
+    return OlmoForCausalLM(_eager(OlmoConfig(vocab_size=VOCAB, hidden_size=WIDTH, intermediate_size=172,
+        num_hidden_layers=DEPTH, num_attention_heads=HEADS, num_key_value_heads=HEADS, max_position_embeddings=CONTEXT,
+        tie_word_embeddings=False, **NOTOK)))
+
+def _gptneo() -> nn.Module:
+    from transformers import GPTNeoConfig, GPTNeoForCausalLM
+    return GPTNeoForCausalLM(_eager(GPTNeoConfig(vocab_size=VOCAB, max_position_embeddings=CONTEXT, hidden_size=WIDTH,
+        num_layers=DEPTH, num_heads=HEADS, attention_types=[[["global", "local"], 1]], window_size=16,
+        intermediate_size=4 * WIDTH, embed_dropout=0.0, attention_dropout=0.0, resid_dropout=0.0, **NOTOK)))
+
+def _persimmon() -> nn.Module:
+    from transformers import PersimmonConfig, PersimmonForCausalLM
+    return PersimmonForCausalLM(_eager(PersimmonConfig(vocab_size=VOCAB, hidden_size=WIDTH, intermediate_size=4 * WIDTH,
+        num_hidden_layers=DEPTH, num_attention_heads=HEADS, max_position_embeddings=CONTEXT, qk_layernorm=True,
+        hidden_dropout=0.0, attention_dropout=0.0, tie_word_embeddings=False, **NOTOK)))
+
+def _gpt2() -> nn.Module:
+    from transformers import GPT2Config, GPT2LMHeadModel
+    cfg = GPT2Config(vocab_size=VOCAB, n_positions=CONTEXT, n_embd=WIDTH, n_layer=DEPTH, n_head=HEADS,
+                     n_inner=4 * WIDTH, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, use_cache=False,
+                     bos_token_id=None, eos_token_id=None)  # GPT-2's 50256 is outside a 64-token vocabulary
+    return GPT2LMHeadModel(_eager(cfg))
+
+
+def _llama() -> nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=WIDTH, intermediate_size=172, num_hidden_layers=DEPTH,
+                      num_attention_heads=HEADS, num_key_value_heads=HEADS, max_position_embeddings=CONTEXT,
+                      attention_dropout=0.0, tie_word_embeddings=False, use_cache=False)
+    return LlamaForCausalLM(_eager(cfg))
+
+
+def _neox() -> nn.Module:
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+    cfg = GPTNeoXConfig(vocab_size=VOCAB, hidden_size=WIDTH, num_hidden_layers=DEPTH, num_attention_heads=HEADS,
+                        intermediate_size=4 * WIDTH, max_position_embeddings=CONTEXT, attention_dropout=0.0,
+                        hidden_dropout=0.0, tie_word_embeddings=False, use_cache=False)
+    return GPTNeoXForCausalLM(_eager(cfg))
+
+
+def _opt() -> nn.Module:
+    from transformers import OPTConfig, OPTForCausalLM
+    cfg = OPTConfig(vocab_size=VOCAB, hidden_size=WIDTH, num_hidden_layers=DEPTH, ffn_dim=4 * WIDTH,
+                    num_attention_heads=HEADS, max_position_embeddings=CONTEXT, word_embed_proj_dim=WIDTH,
+                    do_layer_norm_before=True, dropout=0.0, attention_dropout=0.0, layerdrop=0.0,
+                    pad_token_id=None, use_cache=False)  # no padding row: every token of the language is real
+    return OPTForCausalLM(_eager(cfg))
+
+
+def _phi() -> nn.Module:
+    # added in round 2 as test data: its grid was read off loss curves only, before any warning of it was seen
+    from transformers import PhiConfig, PhiForCausalLM
+    cfg = PhiConfig(vocab_size=VOCAB, hidden_size=WIDTH, intermediate_size=4 * WIDTH, num_hidden_layers=DEPTH,
+                    num_attention_heads=HEADS, num_key_value_heads=HEADS, max_position_embeddings=CONTEXT,
+                    resid_pdrop=0.0, embd_pdrop=0.0, attention_dropout=0.0, tie_word_embeddings=False,
+                    use_cache=False, bos_token_id=None, eos_token_id=None)
+    return PhiForCausalLM(_eager(cfg))
+
+
+
+FAMILIES: dict[str, Callable[[], nn.Module]] = {
+    "gpt2": _gpt2, "llama": _llama, "neox": _neox, "opt": _opt, "phi": _phi,
+    "gemma": _gemma, "bloom": _bloom, "gptj": _gptj, "bigcode": _bigcode, "olmo2": _olmo2, "qwen2": _qwen2,
+    "falcon": _falcon, "stablelm": _stablelm, "qwen3": _qwen3, "olmo": _olmo, "gptneo": _gptneo,
+    "persimmon": _persimmon,
+}
+_ROUND3 = (0.01, 0.1, 0.3, 1.0, 2.0)
+#: Peak learning rates per family, lowest first (the module docstring says how they were read).
+GRID: dict[str, tuple[float, ...]] = {
+    "gpt2": (0.01, 0.03, 0.1, 0.2, 0.5),
+    "llama": (0.03, 0.3, 1.0, 2.0, 3.0),
+    "neox": (0.03, 0.3, 0.5, 1.0, 2.0),
+    "opt": (0.01, 0.1, 0.3, 1.0, 2.0),
+    "phi": (0.01, 0.1, 0.3, 1.0, 2.0),
+    **{f: _ROUND3 for f in ("gemma", "bloom", "gptj", "bigcode", "olmo2", "qwen2", "falcon", "stablelm", "qwen3",
+                            "olmo", "gptneo", "persimmon")},
+}
+#: The sets: their families and default seeds (the suite uses seeds 0-2 to calibrate, 3-4 held out).
+SETS: dict[str, tuple[tuple[str, ...], tuple[int, ...]]] = {
+    "lm5": (("gpt2", "llama", "neox", "opt", "phi"), (5, 6)),
+    "more6": (("gemma", "bloom", "gptj", "bigcode", "olmo2", "qwen2"), (9, 10)),
+    "test6": (("falcon", "stablelm", "qwen3", "olmo", "gptneo", "persimmon"), (11, 12)),
+}
