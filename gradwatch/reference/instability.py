@@ -209,8 +209,11 @@ def train(run: Run, model: nn.Module, batch: Callable[[int, torch.Generator], to
 
 
 def _named(message: str) -> list[str]:
-    """The layers and blocks an instability warning names, in its order: ``name (..., since step N)``."""
-    return re.findall(r"(\S+) \([^()]*since step", message)
+    """The layers and blocks an instability warning names, in its order: ``name (..., since step N)``, else the
+    layers a climb shows most in (``most in name (1.8x), name (1.6x)``)."""
+    named = re.findall(r"(\S+) \([^()]*since step", message)
+    climb = re.search(r"most in ((?:\S+ \([\d.e+-]+x\)(?:, )?)+)", message)
+    return named or (re.findall(r"(\S+) \([\d.e+-]+x\)", climb.group(1)) if climb else [])
 
 
 def score(run: Run, mon: Monitor, losses: list[float], seconds: float) -> RunOutcome:

@@ -80,3 +80,22 @@ def test_scores_count_recall_lead_false_alarms_and_misses():
     rows = table(runs).splitlines()
     assert "| c | calibration | lr | 60 | 70 | instability | – | – | late | 0 |" in rows
     assert rows[-2].endswith("| false alarm | 0 |") and "| missed |" in rows[5]
+
+
+def test_the_scorecard_names_the_layers_of_a_layer_warning_and_of_a_climb():
+    from types import SimpleNamespace
+
+    from gradwatch.alerts import Alert
+    from gradwatch.reference.instability import Run, score
+
+    def said(message):
+        warn = Alert("instability", "warning", 40, None, 1.8, 1.75, message, "lower the peak learning rate")
+        mon = SimpleNamespace(alerts=[warn], records=[], errors=[])
+        return score(Run("r", "lr", 0.5), mon, [3.0] * 45 + [9.0] * 5, 1.0)
+
+    layer = said("the update and the gradient of 2 of 9 weight layers grew together ..., first a.qkv (update 1.9x, "
+                 "gradient 4.9x, since step 38); m.fc1 (update 1.6x, gradient 1.9x, since step 39)")
+    assert (layer.spike, layer.warning, layer.lead, layer.layers) == (45, 40, 5, "a.qkv, m.fc1")
+    climb = said("the whole model's gradient has stayed above 1.75x its median over the last 50 logging steps since "
+                 "step 36 (now 1.8x), most in m.fc2 (2.3x), a.proj (1.7x)")
+    assert climb.layers == "m.fc2, a.proj"
