@@ -20,7 +20,7 @@ per family and over all: recall (spiking runs warned strictly before the spike),
 false alarms (runs that never spiked yet got a warning).
 
     cd <worktree> && PYTHONPATH=$PWD nice -n 10 /work/zoovenv/bin/python benchmarks/instability_stock.py \\
-        [--set lm5|more6|test6] [--only FAMILY ...] [--seeds ...] [--lrs ...] [--json out.json] [--threads 1]
+        [--set lm5|more6|test6] [--usual] [--only FAMILY ...] [--seeds ...] [--lrs ...] [--json out.json]
 
 The markdown goes to stdout, one progress line per run to stderr. 3-6 s a run at one thread on the shared
 2-core dev machine (60 runs of a set: ~4-5 min). Needs ``transformers`` (the zoo venv); the project venv has
@@ -63,6 +63,9 @@ from gradwatch.reference.instability import Run, RunOutcome, score, train
 from gradwatch.reference.instability_report import scores, summary_line
 
 BATCH, STEPS, WARMUP = 16, 250, 200
+#: ``--usual``: the peak learning rates of usual recipes for models this size (a nanoGPT-like 6e-4 and up), the
+#: steps and the warm-up: healthy training whose steps move the weights by 2-10% (past the rule's 2% floor)
+USUAL = ((6e-4, 1e-3, 3e-3), 400, 10)
 SEEDS = SETS["lm5"][1]  # the instability suite uses 0-2 (calibration) and 3-4 (held out)
 
 
@@ -73,12 +76,12 @@ def lm_loss(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
 
 
-def run_stock(family: str, lr: float, seed: int, steps: int = STEPS,
-              threads: int = 1) -> tuple[RunOutcome, RunOutcome]:
+def run_stock(family: str, lr: float, seed: int, steps: int = STEPS, threads: int = 1,
+              warmup: int = WARMUP) -> tuple[RunOutcome, RunOutcome]:
     """Train ``family`` at peak ``lr`` under the suite's monitor and score it with the suite's ``score``: on
     every rule's warnings, and on the ``instability`` rule's alone."""
     torch.set_num_threads(threads)
-    run = Run(f"{family}-lr{lr:g}-s{seed}", family, lr, seed=seed, steps=steps, warmup=WARMUP, group="stock")
+    run = Run(f"{family}-lr{lr:g}-s{seed}", family, lr, seed=seed, steps=steps, warmup=warmup, group="stock")
     torch.manual_seed(seed)  # the library's own init, seeded
     model = FAMILIES[family]()
     model.train()
@@ -144,17 +147,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--only", nargs="+", choices=sorted(FAMILIES), help="these families (default: the set's)")
     ap.add_argument("--lrs", nargs="+", type=float, help="peak learning rates (default: each family's GRID)")
     ap.add_argument("--seeds", nargs="+", type=int, help="default: the set's")
-    ap.add_argument("--steps", type=int, default=STEPS)
+    ap.add_argument("--steps", type=int, help=f"default {STEPS}; --usual {USUAL[1]}")
+    ap.add_argument("--usual", action="store_true",
+                    help=f"healthy runs: every family of the set at peaks {', '.join(map(str, USUAL[0]))} reached in "
+                         f"{USUAL[2]} steps, {USUAL[1]} steps, seed 0 (what no rule may warn about)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", help="write every run's outcome (losses, incidents) here")
     args = ap.parse_args(argv)
     args.only = args.only or list(SETS[args.set][0])
-    args.seeds = args.seeds or list(SETS[args.set][1])
+    args.seeds = args.seeds or ([0] if args.usual else list(SETS[args.set][1]))
+    steps, warmup = (args.steps or USUAL[1], USUAL[2]) if args.usual else (args.steps or STEPS, WARMUP)
     every, alone, start = [], [], time.perf_counter()
     for family in args.only:
-        for lr in args.lrs or GRID[family]:
+        for lr in args.lrs or (USUAL[0] if args.usual else GRID[family]):
             for seed in args.seeds:
-                o, i = run_stock(family, lr, seed, args.steps, args.threads)
+                o, i = run_stock(family, lr, seed, steps, args.threads, warmup)
                 every.append(o)
                 alone.append(i)
                 print(f"{o.run}: spike {o.spike}; first warning {o.warning} ({o.rule}), {verdict(o)}; "
