@@ -20,7 +20,8 @@ __all__ = ["Instability"]
 
 class Instability(Rule):
     """Training is about to go unstable: at steps large enough to run away, a weight layer's update and its
-    gradient grow fast at once, or a residual branch is knocked quiet.
+    gradient grow fast at once, a residual branch is knocked quiet, or the whole model's gradient climbs and
+    stays up.
 
     Two gates first, both measured. **Large steps**: a layer is judged only while its ``update_to_weight`` is at
     least ``min_update`` (2% of the weight per step; healthy training moves ~0.1%, AdamW at 3e-4 on 0.02-std
@@ -110,7 +111,8 @@ class Instability(Rule):
 
     def check(self, m: Measurements) -> list[Alert]:
         """One finding while some layer's update and gradient have both outgrown their recent medians, or a
-        residual branch went quiet, at steps large enough to run away, the whole model's gradient grown too."""
+        residual branch went quiet, with the whole model's gradient grown too, or while that gradient has
+        climbed and stayed up, at steps large enough to run away."""
         idx = m.weight_layers()
         names = [m.layers[i] for i in idx]
         u, g = m.values("update_to_weight")[idx], m.values("grad_norm")[idx]
