@@ -74,7 +74,8 @@ def finding(rule: Instability, m: Measurements, names: list[str], u: np.ndarray,
         hint.append(f"most layers moved in the same step: check the data at step {start}")
     else:
         hint.append(f"if the schedule or the data changed near step {start}, look there first")
-    name = first[0] if len(first) == 1 and not quiet and not climbing else (quiet[0] if len(quiet) == 1 and not first else None)
+    name = first[0] if len(first) == 1 and not quiet and not climbing else (
+        quiet[0] if len(quiet) == 1 and not first else None)
     threshold = rule.climb if climbing and not first else rule.update_growth
     return rule.alert(m, "warning", name, value, threshold, what, "; ".join(hint),
                       subject="training stability")

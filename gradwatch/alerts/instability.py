@@ -107,7 +107,7 @@ class Instability(Rule):
         # ratios of the blocks before the warning opened, and the step it opened
         self.state.update({"update": {}, "grad": {}, "branch": {}, "since": {}, "opened": None,
                            "baseline": {}, "spread": [], "whole": [], "whole_ratio": None,
-                           "climb_ratio": None, "climbing": False})
+                           "climb_ratio": None})
 
     def check(self, m: Measurements) -> list[Alert]:
         """One finding while some layer's update and gradient have both outgrown their recent medians, or a
@@ -132,23 +132,18 @@ class Instability(Rule):
         # with the model's gradient where it was, is not one (round 2, docs/alerts.md: most out-of-sample
         # false alarms were such local swings)
         whole, climb = self._whole_ratio(m)
-        runaway = bool(whole > self.runaway)
-        dropped = self._dropped(branch) if bool(large.any()) and runaway else {}
+        runaway, on = bool(whole > self.runaway), bool(large.any())
+        dropped = self._dropped(branch) if on and runaway else {}
         # the slow road (round 3): the whole model's gradient held above `climb` x its median over the
         # previous `climb_window` logging steps for `sustained` logging steps in a row, at large adaptive steps:
         # stock LMs climb this way 10-40 steps before their spike, while one noisy batch or one layer's swing
         # lasts a step or two
-        rising = bool(large.any()) and bool(climb > self.climb)
-        climbing = self.streak("whole", rising) >= self.sustained or (
-            self.state["climbing"] and bool(large.any()) and bool(climb > math.sqrt(self.climb)))
-        self.state["climbing"] = climbing
-        if rising:
-            self.state["since"].setdefault("whole", int(m.step))
-        elif not climbing:
-            self.state["since"].pop("whole", None)
+        n = self._streak_since("whole", on and bool(climb > self.climb),
+                               not (on and bool(climb > math.sqrt(self.climb))), int(m.step), self.sustained)
+        climbing, calm = n >= self.sustained, not n
         self._remember("update", names, u)
         self._remember("grad", names, g)
-        growing, quiet, calm = [], [], True
+        growing, quiet = [], []
         grown = (ru > self.update_growth) & (rg > self.grad_growth) & beyond & large
         # a runaway spreads: `together` layers or more growing in one logging step need the whole model's gradient
         # at grad_growth only, one or two at `runaway` (near-edge runs swing one layer at a time, docs/alerts.md)
@@ -165,14 +160,14 @@ class Instability(Rule):
             if n >= self.patience:
                 quiet.append(block)
         opened = self.state["opened"]
-        if (growing or quiet or climbing) and opened is None:  # the branches' level before it began: their window medians
+        if (growing or quiet or climbing) and opened is None:  # the branches' level before: their window medians
             opened = self.state["opened"] = int(m.step)
             self.state["baseline"] = {k: float(np.nanmedian(h)) for k, h in self.state["branch"].items() if h}
         exploded = self._exploded(branch) if opened is not None else []
         if opened is None or not exploded:  # the level before: kept while no warning is open
             self._remember("branch", list(branch), np.array(list(branch.values()), dtype=np.float64))
         if not growing and not exploded and not quiet and not climbing:
-            if calm and not rising:
+            if calm:
                 self.state["opened"] = None
                 self.state["baseline"] = {}
             return []
@@ -180,10 +175,10 @@ class Instability(Rule):
             m.context["unstable_blocks"] = set(exploded)
         return [finding(self, m, names, u, ru, rg, growing, exploded, quiet, dropped, int(opened), climbing)]
 
-    def _streak_since(self, key: str, fire: bool, clear: bool, step: int) -> int:
-        """``key``'s streak (:meth:`Rule.hold`), keeping the step it began in ``state["since"]`` (the incident
-        names layers and blocks in the order they moved) while it lasts."""
-        n = self.hold(key, fire, clear)
+    def _streak_since(self, key: str, fire: bool, clear: bool, step: int, patience: int | None = None) -> int:
+        """``key``'s streak (:meth:`Rule.hold`, ``patience`` its own), keeping the step it began in
+        ``state["since"]`` (the incident names layers, blocks and the climb from when they moved) while it lasts."""
+        n = self.hold(key, fire, clear, patience=patience)
         since: dict[str, int] = self.state["since"]
         if n:
             since.setdefault(key, step)
@@ -298,5 +293,5 @@ class Instability(Rule):
         super().load_state_dict(state)
         for key, empty in (("update", {}), ("grad", {}), ("branch", {}), ("since", {}), ("opened", None),
                            ("baseline", {}), ("spread", []), ("whole", []), ("whole_ratio", None),
-                           ("climb_ratio", None), ("climbing", False)):
+                           ("climb_ratio", None)):
             self.state.setdefault(key, empty)

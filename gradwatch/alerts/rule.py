@@ -72,14 +72,18 @@ class Rule:
             streaks.pop(key, None)
         return n
 
-    def hold(self, key: str, fire: bool, clear: bool, far: bool = False) -> int:
+    def hold(self, key: str, fire: bool, clear: bool, far: bool = False, patience: int | None = None) -> int:
         """:meth:`streak` with hysteresis: a streak that reached :attr:`patience` goes on until ``clear``
         (the value past the threshold by :attr:`clear_margin`), not merely until ``fire`` stops. ``far`` (the
         value past the threshold by :attr:`far`) makes the condition fire at once. Returns the streak (the
-        logging steps it has held); :meth:`firing` says whether it fires."""
+        logging steps it has held); :meth:`firing` says whether it fires. ``patience`` overrides the rule's for
+        this condition (one rule, conditions of different patience); read such a condition from the streak
+        returned, as :meth:`firing` assumes the rule's own."""
+        p = self.patience if patience is None else patience
         fired = self.state.setdefault("firing", {})
-        n = self.streak(key, fire or far or (self.firing(key) and not clear))
-        if n and (far or n >= self.patience or key in fired):
+        was = key in fired or self.state["streaks"].get(key, 0) >= p
+        n = self.streak(key, fire or far or (was and not clear))
+        if n and (far or n >= p or key in fired):
             fired[key] = n
         else:
             fired.pop(key, None)
