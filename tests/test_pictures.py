@@ -116,6 +116,9 @@ def test_a_failing_drawing_costs_only_the_pictures(tmp_path, monkeypatch, caplog
         mon = _train(tmp_path, steps=3, pictures=1)
         mon.close()
     assert "drawing the pictures failed (RuntimeError: no fonts)" in caplog.text
+    # drawn at each of the 3 steps, failing each time: said once per kind, not once per drawing (no storm)
+    assert caplog.text.count("drawing the pictures failed") == 1
+    assert caplog.text.count("drawing the health card failed") == 1
     acc = EventAccumulator(str(tmp_path), size_guidance={"scalars": 0})
     acc.Reload()
     assert [e.step for e in acc.Scalars("zz_gradwatch.health/4_grad_norm_log10")] == [0, 1, 2]

@@ -37,6 +37,7 @@ from ...names import GLOBAL_NAME
 from ...record import Sink, StepRecord
 from ..tags import DEFAULT_NAMESPACE, Tags
 from ..._checks import check_bool, check_int, check_number, check_prefix
+from ..._once import Once
 
 __all__ = ["TensorBoardSink", "open_writer", "alert_markdown"]
 
@@ -88,6 +89,7 @@ class _PictureSchedule:
         self._since = 0  # records since the last drawing
         self._start: float | None = None
         self._spent = 0.0
+        self._failed = Once()  # a drawing that fails fails again at every drawing: said once per kind
 
     def add(self, record: StepRecord, tags: Tags) -> list[Summary.Value]:
         self.timeline.add(record)
@@ -100,6 +102,14 @@ class _PictureSchedule:
             # it is the first card of the dashboard and must not lag (~30 ms to draw: benchmarks/picture_cost.py)
             return self._card(record.step, tags) if changed else []
         return self._card(record.step, tags) + self._draw(tags)
+
+    def _fail(self, what: str, err: Exception) -> None:
+        """Say a failed drawing once per kind of failure (a missing matplotlib fails every drawing of a
+        week-long run: one line, not one per logging step); the same again goes to DEBUG."""
+        said = f"drawing {what} failed ({type(err).__name__}: {err})"
+        self._failed.log(said, f"gradwatch: {said}; the scalars are written (said once; the same failure again "
+                               "is logged at DEBUG)")
+        log.debug("gradwatch: %s", said)
 
     def final(self, tags: Tags) -> tuple[int, list[Summary.Value]]:
         latest = self.timeline.latest
@@ -117,7 +127,7 @@ class _PictureSchedule:
             pictures = draw_pictures(HealthCard(step, self.incidents.rows(), card_figures(latest),
                                                 self.incidents.alerting))
         except Exception as err:  # a picture must never cost the scalars of the step
-            log.warning("gradwatch: drawing the health card failed (%s: %s)", type(err).__name__, err)
+            self._fail("the health card", err)
             return []
         return [Summary.Value(tag=tags.card, image=Summary.Image(
             height=p.height, width=p.width, colorspace=4, encoded_image_string=p.png)) for p in pictures]
@@ -128,8 +138,7 @@ class _PictureSchedule:
         try:
             pictures = draw_pictures(scene(self.timeline))
         except Exception as err:  # a picture must never cost the scalars of the step
-            log.warning("gradwatch: drawing the pictures failed (%s: %s); the scalars are written",
-                        type(err).__name__, err)
+            self._fail("the pictures", err)
             return []
         finally:
             self._spent += time.perf_counter() - t0
