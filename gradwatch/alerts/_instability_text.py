@@ -22,13 +22,14 @@ _ATTENTION = ("attn", "attention", "qkv", "query", "key", "q_proj", "k_proj", "i
 
 def finding(rule: Instability, m: Measurements, names: list[str], u: np.ndarray, ru: np.ndarray, rg: np.ndarray,
              growing: list[str], exploded: list[str], quiet: list[str], dropped: dict[str, float],
-             opened: int, climbing: bool = False) -> Alert:
+             opened: int, climbing: bool = False, align: np.ndarray | None = None) -> Alert:
     since: dict[str, int] = rule.state["since"]
     first = sorted((n for n in growing if n in since), key=lambda n: (since[n], names.index(n)))
     pos = {n: i for i, n in enumerate(names)}
     parts = [f"{n} (update {ru[pos[n]]:.2g}x, gradient {rg[pos[n]]:.2g}x, since step {since[n]})" for n in first[:3]]
     starts = [since[n] for n in first] + [since[f"branch:{b}"] for b in quiet if f"branch:{b}" in since] + (
-        [since["whole"]] if climbing and "whole" in since else [])
+        [since["whole"]] if climbing and "whole" in since else []) + (
+        [since["inflate"]] if align is not None and "inflate" in since else [])
     start = min(starts, default=opened)
     said = []
     if first:
@@ -52,6 +53,15 @@ def finding(rule: Instability, m: Measurements, names: list[str], u: np.ndarray,
                     + (f", most in {', '.join(f'{n} ({rg[pos[n]]:.2g}x)' for n in top)}" if top else ""))
     else:
         top = []
+    inflated: list[str] = []
+    if align is not None:  # the layers whose steps went most into their weight's norm
+        order = np.argsort(-np.nan_to_num(align, nan=-np.inf))
+        inflated = [names[i] for i in order if align[i] > rule.inflate]
+        said.append(f"the weights inflate: in {len(inflated)} of {len(names)} weight layers, "
+                    f"{rule.inflate:.0%} or more of the steps' length over the last {rule.inflate_window} "
+                    f"logging steps went into growing the weight's norm (each step scales the weight up) since "
+                    f"step {since.get('inflate', opened)}, most in "
+                    + ", ".join(f"{names[i]} ({align[i]:.2f})" for i in order[:3] if align[i] > rule.inflate))
     if (first or quiet) and whole is not None:
         said.append(f"the whole model's gradient at {whole:.2g}x its median over the last {rule.window} "
                     "logging steps")
@@ -59,13 +69,17 @@ def finding(rule: Instability, m: Measurements, names: list[str], u: np.ndarray,
         what = (f"instability ahead at steps of up to {big:.2g} of the weight: " + "; ".join(said))
     else:
         what = f"instability since step {opened}: the layers' growth has settled"
-    value = float(np.nanmax(ru[[pos[n] for n in first]])) if first else (climbed if climbing and climbed else big)
-    moved = first or top  # the layers the hints read: those that moved first, else where the climb shows
+    value = float(np.nanmax(ru[[pos[n] for n in first]])) if first else (
+        climbed if climbing and climbed else (float(align[pos[inflated[0]]]) if inflated and align is not None
+                                              else big))
+    moved = first or top or inflated  # the layers the hints read: those that moved first, else where it shows
     if exploded:
         what += (f"; residual branches grown {rule.branch_growth:g}x and more against their skip since step "
                  f"{opened}: {short_list(sorted(exploded), 4)} (their skip_share falls because the branch "
                  "exploded, not because the skip is broken)")
     hint = ["lower the peak learning rate or lengthen the warm-up (or clip gradients)"]
+    if inflated:
+        hint.append("weight decay bounds growing weights")
     if any(any(a in n.lower() for a in _ATTENTION) for n in moved[:3]):
         hint.append("attention layers moved first: qk-layernorm bounds the attention logits")
     if names and moved and moved[0] == names[-1]:
@@ -74,8 +88,9 @@ def finding(rule: Instability, m: Measurements, names: list[str], u: np.ndarray,
         hint.append(f"most layers moved in the same step: check the data at step {start}")
     else:
         hint.append(f"if the schedule or the data changed near step {start}, look there first")
-    name = first[0] if len(first) == 1 and not quiet and not climbing else (
-        quiet[0] if len(quiet) == 1 and not first else None)
-    threshold = rule.climb if climbing and not first else rule.update_growth
+    name = first[0] if len(first) == 1 and not quiet and not climbing and not inflated else (
+        quiet[0] if len(quiet) == 1 and not first and not inflated else None)
+    threshold = rule.update_growth if first else (rule.climb if climbing else (
+        rule.inflate if inflated else rule.update_growth))
     return rule.alert(m, "warning", name, value, threshold, what, "; ".join(hint),
                       subject="training stability")

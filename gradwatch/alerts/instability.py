@@ -81,7 +81,8 @@ class Instability(Rule):
                  patience: int = 2, branch_growth: float = 2.0, spread: float = 3.0,
                  clear_margin: float = 2.0, min_update: float = 2e-2, branch_drop: float = 10.0,
                  follows_gradient: float = 0.3, runaway: float = 2.0, climb: float = 1.75,
-                 climb_window: int = 50, sustained: int = 5, together: int = 3) -> None:
+                 climb_window: int = 50, sustained: int = 5, together: int = 3, inflate: float = 0.9,
+                 inflate_window: int = 10, inflate_share: float = 0.25, inflate_patience: int = 3) -> None:
         super().__init__(patience, clear_margin)
         self.spread = check_number(spread, "spread", owner=self.name)
         self.min_update = check_number(min_update, "min_update", owner=self.name)
@@ -93,6 +94,15 @@ class Instability(Rule):
         self.sustained = check_int(sustained, "sustained", minimum=1, owner=self.name)
         self.together = check_int(together, "together", minimum=1, owner=self.name)
         self.climb_window = check_int(climb_window, "climb_window", minimum=2, owner=self.name)
+        self.inflate_window = check_int(inflate_window, "inflate_window", minimum=1, owner=self.name)
+        self.inflate_patience = check_int(inflate_patience, "inflate_patience", minimum=1, owner=self.name)
+        self.inflate = check_number(inflate, "inflate", owner=self.name)
+        self.inflate_share = check_number(inflate_share, "inflate_share", owner=self.name)
+        if not 0 < self.inflate <= 1:
+            raise ValueError(f"{self.name}: inflate must be in (0, 1] (the share of a step's length that grows "
+                             f"the weight's norm), got {inflate!r}")
+        if not 0 < self.inflate_share <= 1:
+            raise ValueError(f"{self.name}: inflate_share must be in (0, 1], got {inflate_share!r}")
         self.runaway = check_number(runaway, "runaway", owner=self.name)
         self.climb = check_number(climb, "climb", owner=self.name)
         self.update_growth = check_number(update_growth, "update_growth", owner=self.name)
@@ -107,7 +117,8 @@ class Instability(Rule):
         # ratios of the blocks before the warning opened, and the step it opened
         self.state.update({"update": {}, "grad": {}, "branch": {}, "since": {}, "opened": None,
                            "baseline": {}, "spread": [], "whole": [], "whole_ratio": None,
-                           "climb_ratio": None})
+                           "climb_ratio": None, "norms": {"names": [], "steps": [], "log_weight": [],
+                                                           "update": []}})
 
     def check(self, m: Measurements) -> list[Alert]:
         """One finding while some layer's update and gradient have both outgrown their recent medians, or a
@@ -141,6 +152,15 @@ class Instability(Rule):
         n = self._streak_since("whole", on and bool(climb > self.climb),
                                not (on and bool(climb > math.sqrt(self.climb))), int(m.step), self.sustained)
         climbing, calm = n >= self.sustained, not n
+        # the weights inflate (round 4): the weight norms of a share of the layers grow by nearly the whole
+        # length of their steps, each step scaling the weight up (the logit growth of Wortsman et al. 2023: a
+        # softmax sharpened by growing its weights); judged once `window` logging steps are seen, as above
+        align = self._alignment(names, m.values("weight_norm")[idx], u, int(m.step))
+        share = self._inflated_share(align)
+        n = self._streak_since("inflate", on and share > self.inflate,
+                               not (on and share > self.inflate / 2), int(m.step), self.inflate_patience)
+        inflating = n >= self.inflate_patience
+        calm = calm and not n
         self._remember("update", names, u)
         self._remember("grad", names, g)
         growing, quiet = [], []
@@ -160,20 +180,21 @@ class Instability(Rule):
             if n >= self.patience:
                 quiet.append(block)
         opened = self.state["opened"]
-        if (growing or quiet or climbing) and opened is None:  # the branches' level before: their window medians
+        if (growing or quiet or climbing or inflating) and opened is None:  # the branches' level before: their window medians
             opened = self.state["opened"] = int(m.step)
             self.state["baseline"] = {k: float(np.nanmedian(h)) for k, h in self.state["branch"].items() if h}
         exploded = self._exploded(branch) if opened is not None else []
         if opened is None or not exploded:  # the level before: kept while no warning is open
             self._remember("branch", list(branch), np.array(list(branch.values()), dtype=np.float64))
-        if not growing and not exploded and not quiet and not climbing:
+        if not growing and not exploded and not quiet and not climbing and not inflating:
             if calm:
                 self.state["opened"] = None
                 self.state["baseline"] = {}
             return []
         if exploded:
             m.context["unstable_blocks"] = set(exploded)
-        return [finding(self, m, names, u, ru, rg, growing, exploded, quiet, dropped, int(opened), climbing)]
+        return [finding(self, m, names, u, ru, rg, growing, exploded, quiet, dropped, int(opened), climbing,
+                        align if inflating else None)]
 
     def _streak_since(self, key: str, fire: bool, clear: bool, step: int, patience: int | None = None) -> int:
         """``key``'s streak (:meth:`Rule.hold`, ``patience`` its own), keeping the step it began in
@@ -185,6 +206,39 @@ class Instability(Rule):
         else:
             since.pop(key, None)
         return n
+
+    def _alignment(self, names: list[str], weight: np.ndarray, update: np.ndarray, step: int) -> np.ndarray:
+        """Per layer, the share of its steps' length over the last ``inflate_window`` logging steps that went
+        into growing its weight's norm: ``log(|w_now| / |w_then|)`` over the summed ``update_to_weight`` of
+        the steps between (each logged update standing for the steps up to the next logging step, so
+        ``every`` does not change it). ~1 when every step scales the weight up, ~0 for steps across it (a
+        random walk grows the norm by the square of its steps only), negative when it shrinks. NaN until
+        ``window`` logging steps are seen, and for layers without an update. One array op per logging step:
+        the history is a (steps x layers) table, restarted when the set of layers changes."""
+        hist = self.state["norms"]
+        if hist["names"] != names:
+            hist.update(names=list(names), steps=[], log_weight=[], update=[])
+        out = np.full(len(names), np.nan)
+        k = self.inflate_window
+        with np.errstate(divide="ignore", invalid="ignore"):
+            logw = np.log(np.asarray(weight, dtype=np.float64))
+            if len(hist["steps"]) >= k and len(self.state["whole"]) > self.window:
+                steps = np.diff(np.array(hist["steps"][-k:] + [step], dtype=np.float64))
+                length = (np.array(hist["update"][-k:], dtype=np.float64) * steps[:, None]).sum(axis=0)
+                grown = logw - np.array(hist["log_weight"][-k], dtype=np.float64)
+                out = np.where(length > 0, grown / length, np.nan)
+        hist["steps"].append(step)
+        hist["log_weight"].append(logw.tolist())  # plain lists: the state is checkpointed as JSON
+        hist["update"].append(np.asarray(update, dtype=np.float64).tolist())
+        for key in ("steps", "log_weight", "update"):
+            del hist[key][: max(0, len(hist[key]) - k)]
+        return out
+
+    def _inflated_share(self, align: np.ndarray) -> float:
+        """The alignment that ``inflate_share`` of the weight layers reach (their 1 - share quantile); NaN
+        while none is known."""
+        a = align[np.isfinite(align)]
+        return float(np.quantile(a, 1 - self.inflate_share)) if len(a) else math.nan
 
     def _ratios(self, key: str, names: list[str], values: np.ndarray) -> np.ndarray:
         """Each value over the median of its last ``window`` values (NaN until ``window`` are kept)."""
@@ -293,5 +347,6 @@ class Instability(Rule):
         super().load_state_dict(state)
         for key, empty in (("update", {}), ("grad", {}), ("branch", {}), ("since", {}), ("opened", None),
                            ("baseline", {}), ("spread", []), ("whole", []), ("whole_ratio", None),
-                           ("climb_ratio", None)):
+                           ("climb_ratio", None),
+                           ("norms", {"names": [], "steps": [], "log_weight": [], "update": []})):
             self.state.setdefault(key, empty)

@@ -19,7 +19,8 @@ KINDS = {"emb": "embedding", **{n: "weight" for n in LAYERS[1:]}}
 
 
 def step(t: int, update: dict[str, float] | float = 2e-2, grad: dict[str, float] | float = 1.0,
-         branch: float = 1.0, skip: float = 1.0, whole: float | None = None) -> Measurements:
+         branch: float = 1.0, skip: float = 1.0, whole: float | None = None,
+         weight: dict[str, float] | None = None) -> Measurements:
     """One logging step; ``whole``: the monitor's whole-model gradient norm (``_global``), else the rule takes
     the root sum of squares of the layers'."""
     m = Measurements(step=t, kinds=KINDS)
@@ -30,6 +31,8 @@ def step(t: int, update: dict[str, float] | float = 2e-2, grad: dict[str, float]
     noise = 1 + 0.05 * np.sin(np.arange(len(LAYERS)) + t)  # a little batch-to-batch wobble
     m.add(LAYERS, "update_to_weight", np.array(u) * noise)
     m.add(LAYERS, "grad_norm", np.array(g) * noise)
+    if weight is not None:
+        m.add(LAYERS, "weight_norm", [weight.get(n, 10.0) for n in LAYERS])
     m.add(["b[0]", "b[1]"], "branch_grad", [branch, 1.0])
     m.add(["b[0]", "b[1]"], "skip_grad", [skip, 1.0])
     share = skip ** 2 / (skip ** 2 + branch ** 2)
@@ -100,7 +103,8 @@ def test_state_survives_a_json_checkpoint_mid_growth():
     assert [x.message for x in a.check(seq[21])] == [x.message for x in b.check(seq[21])] != []
 
 
-@pytest.mark.parametrize("kw", [{"window": 1}, {"update_growth": 1.0}, {"grad_growth": 0.5}, {"patience": 0}])
+@pytest.mark.parametrize("kw", [{"window": 1}, {"update_growth": 1.0}, {"grad_growth": 0.5}, {"patience": 0},
+                                {"inflate": 1.5}, {"inflate": 0}, {"inflate_share": 0}, {"inflate_window": 0}])
 def test_bad_settings_are_refused(kw):
     with pytest.raises(ValueError):
         Instability(**kw)
@@ -251,3 +255,44 @@ def test_three_layers_growing_at_once_need_the_model_gradient_at_one_and_a_half_
     assert fired(three[:2], 16.0) == [] and fired(three[:1], 16.0) == []
     assert fired(three[:1], 25.0) == [21, 22, 23]
     assert fired(three, 14.0) == []  # 1.4x: under grad_growth, however many layers
+
+
+def test_weights_that_grow_by_the_length_of_their_steps_are_warned_about():
+    # round 4: every step scales the weight up (the logit growth before a spike): log|w| grows by the summed
+    # update_to_weight. Steps of 4% of the weight across it (a random walk: the norm stays) are the control
+    adam = {n: 10.0 ** (i - 2) for i, n in enumerate(LAYERS)}  # the same steps whatever the gradient: Adam's
+
+    def fired(inflating, grow=1.04, update=4e-2, every=1, rule=None):
+        rule = rule or Instability()
+        seq = [step(t * every, update={n: update for n in LAYERS}, grad=adam,
+                    weight={n: 10.0 * (grow ** (t * every) if n in inflating else 1.0) for n in LAYERS})
+               for t in range(45)]
+        return [(t, found[0]) for t, found, _ in run(rule, seq) if found]
+
+    told = fired(["a.qkv", "a.proj"])  # 2 of the 5 weight layers: a quarter or more (inflate_share)
+    assert [t for t, _ in told][0] == 32  # judged from the 30th logging step, held 3 (inflate_patience)
+    first = told[0][1]
+    assert first.rule == "instability" and first.name is None and first.threshold == 0.9
+    # 0.98 of each step grows the weight (the fixture wobbles each update by up to 5%)
+    assert first.value == pytest.approx(np.log(1.04) / 0.04, rel=0.02)
+    assert "the weights inflate: in 2 of 5 weight layers" in first.message and "since step 30" in first.message
+    assert "most in a.qkv (0.9" in first.message and ", a.proj (0.9" in first.message
+    assert "weight decay" in first.hint and "qk-layernorm" in first.hint
+    assert fired([]) == []  # the same steps across the weight
+    assert fired(["a.qkv"]) == []  # one layer of five: under a quarter
+    assert fired(["a.qkv", "a.proj"], grow=1.02) == []  # half of each step into the norm: 0.5 < 0.9
+    assert fired(["a.qkv", "a.proj"], grow=1.001, update=1e-3) == []  # healthy step sizes: nothing to run away
+    # logging every 5 steps: each logged update stands for the 5 steps to the next log, the same share
+    assert [t for t, _ in fired(["a.qkv", "a.proj"], every=5)][0] == 32 * 5
+    assert [t for t, _ in fired(["a.qkv", "a.proj"], rule=Instability(inflate_patience=1))][0] == 30
+
+
+def test_the_inflation_state_survives_a_json_checkpoint():
+    a, b = Instability(), Instability()
+    seq = [step(t, update=4e-2, grad={n: 10.0 ** (i - 2) for i, n in enumerate(LAYERS)},
+                weight={"a.qkv": 10 * 1.04 ** t, "a.proj": 10 * 1.04 ** t}) for t in range(34)]
+    for m in seq[:32]:
+        a.check(m)
+    b.load_state_dict(json.loads(json.dumps(a.state_dict())))
+    for m in seq[32:]:
+        assert [x.message for x in a.check(m)] == [x.message for x in b.check(m)] != []
