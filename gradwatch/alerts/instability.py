@@ -20,8 +20,8 @@ __all__ = ["Instability"]
 
 class Instability(Rule):
     """Training is about to go unstable: at steps large enough to run away, a weight layer's update and its
-    gradient grow fast at once, a residual branch is knocked quiet, or the whole model's gradient climbs and
-    stays up.
+    gradient grow fast at once, a residual branch is knocked quiet, the whole model's gradient climbs and
+    stays up, or the weights inflate, each step scaling them up.
 
     Two gates first, both measured. **Large steps**: a layer is judged only while its ``update_to_weight`` is at
     least ``min_update`` (2% of the weight per step; healthy training moves ~0.1%, AdamW at 3e-4 on 0.02-std
@@ -43,6 +43,16 @@ class Instability(Rule):
     ahead of it (one noisy batch or one layer's swing lasts a step or two). The incident names the layers whose
     gradient grew most against their medians. It keeps firing while the ratio stays above the square root of
     ``climb``.
+
+    **The weights inflate** (round 4): the rule also fires when, for ``inflate_patience`` (3) logging steps in a
+    row at large adaptive steps, ``inflate_share`` (a quarter) or more of the weight layers grew their weight's
+    norm by ``inflate`` (90%) or more of their steps' length over the last ``inflate_window`` (10) logging steps:
+    ``log(|w_now| / |w_then|)`` against the summed ``update_to_weight`` in between (each logged update standing
+    for the steps to the next log). Steps across the weight (a random walk) grow its norm only by their square;
+    steps that scale the weight up grow it by their whole length: the weights and the logits they make grow
+    without bound, the road to the logit-growth instability (Wortsman et al. 2023). Healthy stock LMs, trained
+    the usual way, read 0.12-0.61; stock LMs at peaks that spike read 0.9-1 tens of steps ahead
+    (docs/alerts.md). The incident names the layers whose steps went most into their norm.
 
     Then, per ``"weight"`` layer, ``update_to_weight`` and ``grad_norm`` are compared with their medians over
     the previous ``window`` logging steps; the rule fires (warning) when, for ``patience`` consecutive logging
@@ -71,7 +81,8 @@ class Instability(Rule):
     the zoo trains them, all logged every step; the whole-model condition (round 2) on those runs, the suite's
     held-out runs and stock LM families (``benchmarks/instability_stock.py``); the climb and ``runaway``
     (round 3) offline on all of those and six more families, tested once on six families never seen
-    (``--set test6``). The figures, in-sample and out, and the limits are in ``docs/alerts.md``. Windows and
+    (``--set test6``); the inflation (round 4) offline on the same calibration runs and 51 healthy ones
+    (``--usual``), tested once on six more families never seen (``--set round4``). The figures, in-sample and out, and the limits are in ``docs/alerts.md``. Windows and
     patience count logging steps: with ``every=50`` the rule judges after 2,500 steps.
     """
 

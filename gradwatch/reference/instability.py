@@ -8,8 +8,9 @@ only: the monitor never sees it) against the first warning gradwatch raised
 Two sets: the **calibration** set (:func:`runs`, seeds 0-2), on which the ``instability`` rule was tuned, so
 its figures are in-sample; and the **held-out** set (``runs(heldout=True)``, :func:`heldout_runs`): other
 seeds, a TinyGPT of another shape, triggers the calibration set lacks (a tiny Adam ε, a data shift, a short
-warm-up) and stable controls, not used to tune the rule's round-1 thresholds (rounds 2 and 3 were chosen on
-both sets and on stock LMs, docs/alerts.md: the test is now ``benchmarks/instability_stock.py --set test6``).
+warm-up) and stable controls, not used to tune the rule's round-1 thresholds (rounds 2 to 4 were chosen on
+both sets and on stock LMs, docs/alerts.md: the tests are now ``benchmarks/instability_stock.py --set test6``
+and ``--set round4``).
 The scorecard reports the two apart."""
 
 from __future__ import annotations

@@ -143,8 +143,8 @@ def write_markdown(outcomes: Sequence[RunOutcome], out_md: str, command: str, da
         "to unstable by the peak learning rate (with and without qk-layernorm), an LR schedule restart and a "
         "too-high β2; seeds 0, 1, 2 (`gradwatch/reference/instability.py`, `runs()`). " + (
             "**Held-out set** (`runs(heldout=True)`; not used to tune the rule's round-1 thresholds, but rounds 2 "
-            "and 3 were chosen on it as well (docs/alerts.md): no longer out of sample; the test is six stock LM "
-            "families never tuned on, `benchmarks/instability_stock.py --set test6`): "
+            "to 4 were chosen on it as well (docs/alerts.md): no longer out of sample; the tests are stock LM "
+            "families never tuned on, `benchmarks/instability_stock.py --set test6` and `--set round4`): "
             "seeds 3 and 4; the calibration peaks 0.03, 0.1 and 0.5 and one between, 0.15; a TinyGPT of another "
             "shape (4 blocks, width 128) at peaks 0.03, 0.1 and 0.3; Adam's ε at 1e-15 (at peak 0.1: stable); a "
             "data shift to another grammar at step 150 (the spike is the data event itself: no rule can warn "
