@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from .._checks import check_int, check_number
+from . import _inflation
 from ._instability_text import finding
 from .alert import Alert
 from .measurements import Measurements
@@ -82,8 +83,9 @@ class Instability(Rule):
     held-out runs and stock LM families (``benchmarks/instability_stock.py``); the climb and ``runaway``
     (round 3) offline on all of those and six more families, tested once on six families never seen
     (``--set test6``); the inflation (round 4) offline on the same calibration runs and 51 healthy ones
-    (``--usual``), tested once on six more families never seen (``--set round4``). The figures, in-sample and out, and the limits are in ``docs/alerts.md``. Windows and
-    patience count logging steps: with ``every=50`` the rule judges after 2,500 steps.
+    (``--usual``), tested once on six more families never seen (``--set round4``). The figures, in-sample and
+    out, and the limits are in ``docs/alerts.md``. Windows and patience count logging steps: with ``every=50``
+    the rule judges after 2,500 steps.
     """
 
     name = "instability"
@@ -128,8 +130,7 @@ class Instability(Rule):
         # ratios of the blocks before the warning opened, and the step it opened
         self.state.update({"update": {}, "grad": {}, "branch": {}, "since": {}, "opened": None,
                            "baseline": {}, "spread": [], "whole": [], "whole_ratio": None,
-                           "climb_ratio": None, "norms": {"names": [], "steps": [], "log_weight": [],
-                                                           "update": []}})
+                           "climb_ratio": None, "norms": _inflation.empty()})
 
     def check(self, m: Measurements) -> list[Alert]:
         """One finding while some layer's update and gradient have both outgrown their recent medians, or a
@@ -166,8 +167,9 @@ class Instability(Rule):
         # the weights inflate (round 4): the weight norms of a share of the layers grow by nearly the whole
         # length of their steps, each step scaling the weight up (the logit growth of Wortsman et al. 2023: a
         # softmax sharpened by growing its weights); judged once `window` logging steps are seen, as above
-        align = self._alignment(names, m.values("weight_norm")[idx], u, int(m.step))
-        share = self._inflated_share(align)
+        align = _inflation.alignment(self.state["norms"], names, m.values("weight_norm")[idx], u, int(m.step),
+                                     self.inflate_window, judge=len(self.state["whole"]) > self.window)
+        share = _inflation.reached(align, self.inflate_share)
         n = self._streak_since("inflate", on and share > self.inflate,
                                not (on and share > self.inflate / 2), int(m.step), self.inflate_patience)
         inflating = n >= self.inflate_patience
@@ -191,7 +193,7 @@ class Instability(Rule):
             if n >= self.patience:
                 quiet.append(block)
         opened = self.state["opened"]
-        if (growing or quiet or climbing or inflating) and opened is None:  # the branches' level before: their window medians
+        if (growing or quiet or climbing or inflating) and opened is None:  # the branches' level before: medians
             opened = self.state["opened"] = int(m.step)
             self.state["baseline"] = {k: float(np.nanmedian(h)) for k, h in self.state["branch"].items() if h}
         exploded = self._exploded(branch) if opened is not None else []
@@ -217,39 +219,6 @@ class Instability(Rule):
         else:
             since.pop(key, None)
         return n
-
-    def _alignment(self, names: list[str], weight: np.ndarray, update: np.ndarray, step: int) -> np.ndarray:
-        """Per layer, the share of its steps' length over the last ``inflate_window`` logging steps that went
-        into growing its weight's norm: ``log(|w_now| / |w_then|)`` over the summed ``update_to_weight`` of
-        the steps between (each logged update standing for the steps up to the next logging step, so
-        ``every`` does not change it). ~1 when every step scales the weight up, ~0 for steps across it (a
-        random walk grows the norm by the square of its steps only), negative when it shrinks. NaN until
-        ``window`` logging steps are seen, and for layers without an update. One array op per logging step:
-        the history is a (steps x layers) table, restarted when the set of layers changes."""
-        hist = self.state["norms"]
-        if hist["names"] != names:
-            hist.update(names=list(names), steps=[], log_weight=[], update=[])
-        out = np.full(len(names), np.nan)
-        k = self.inflate_window
-        with np.errstate(divide="ignore", invalid="ignore"):
-            logw = np.log(np.asarray(weight, dtype=np.float64))
-            if len(hist["steps"]) >= k and len(self.state["whole"]) > self.window:
-                steps = np.diff(np.array(hist["steps"][-k:] + [step], dtype=np.float64))
-                length = (np.array(hist["update"][-k:], dtype=np.float64) * steps[:, None]).sum(axis=0)
-                grown = logw - np.array(hist["log_weight"][-k], dtype=np.float64)
-                out = np.where(length > 0, grown / length, np.nan)
-        hist["steps"].append(step)
-        hist["log_weight"].append(logw.tolist())  # plain lists: the state is checkpointed as JSON
-        hist["update"].append(np.asarray(update, dtype=np.float64).tolist())
-        for key in ("steps", "log_weight", "update"):
-            del hist[key][: max(0, len(hist[key]) - k)]
-        return out
-
-    def _inflated_share(self, align: np.ndarray) -> float:
-        """The alignment that ``inflate_share`` of the weight layers reach (their 1 - share quantile); NaN
-        while none is known."""
-        a = align[np.isfinite(align)]
-        return float(np.quantile(a, 1 - self.inflate_share)) if len(a) else math.nan
 
     def _ratios(self, key: str, names: list[str], values: np.ndarray) -> np.ndarray:
         """Each value over the median of its last ``window`` values (NaN until ``window`` are kept)."""
@@ -358,6 +327,5 @@ class Instability(Rule):
         super().load_state_dict(state)
         for key, empty in (("update", {}), ("grad", {}), ("branch", {}), ("since", {}), ("opened", None),
                            ("baseline", {}), ("spread", []), ("whole", []), ("whole_ratio", None),
-                           ("climb_ratio", None),
-                           ("norms", {"names": [], "steps": [], "log_weight": [], "update": []})):
+                           ("climb_ratio", None), ("norms", _inflation.empty())):
             self.state.setdefault(key, empty)
