@@ -265,6 +265,7 @@ class Monitor:
         self._stride = 1  # the caller's step stride under step(step=...): predicts the step flow is armed for
         self._last_user_step: int | None = None
         self._closed = False
+        self._loss: Any = None  # the last loss given (Monitor.loss), read on logging steps only
         self._once = Once()
         self._handles: list[Any] = []
         #: The directory this monitor opened a TensorBoard writer on (``log_dir``), else None.
@@ -346,6 +347,14 @@ class Monitor:
         if self._layout_state == "unreadable":
             return FlowStatus("off", "the model's sharded layout is unsupported: nothing is recorded (see errors)")
         return self._flow.status
+
+    def loss(self, value: Any) -> None:
+        """Give the monitor this step's training loss (a tensor or a number), for the ``instability`` rule: it
+        holds its warnings back while the loss falls (a gradient that climbs while the model learns is not a
+        runaway). Optional; call it any time in the iteration. The tensor is kept, not read: it is read (one
+        host sync) only when a logging step is measured, so the other steps stay free of syncs. The framework
+        adapters give it for you where the framework hands it over."""
+        self._loss = value
 
     def step(self, step: int | None = None) -> None:
         """Mark the end of a backward pass; measure if this step logs.
@@ -597,7 +606,10 @@ class Monitor:
             return
         record = self._check.finish(self._meter.finish(pending))
         if record is not None:  # checked as this rank measured it, then joined with other pipeline stages
-            self._out.publish(self._meter.merge(record, self._out.kinds))
+            record = self._meter.merge(record, self._out.kinds)
+            if self._loss is not None:
+                record = dataclasses.replace(record, loss=_as_loss(self._loss))
+            self._out.publish(record)
 
     def _raise_alarm(self) -> None:
         self._out.raise_alarm()  # GradientAlarm (on_critical="raise"): deliberately not contained
@@ -615,6 +627,15 @@ class Monitor:
         if len(self.errors) <= 3:
             log.error("gradwatch: error inside gradwatch (%s); training goes on", text, exc_info=err)
 
+
+
+def _as_loss(value: Any) -> float | None:
+    """A loss as a float (a tensor's mean, so a per-sample loss works too); None when it is not a number."""
+    try:
+        v = float(value.detach().float().mean()) if isinstance(value, torch.Tensor) else float(value)
+    except (TypeError, ValueError, RuntimeError):
+        return None
+    return v
 
 
 def _select(model: nn.Module, cfg: Config, optimizer: Any, params: Any) -> Selection:

@@ -61,6 +61,9 @@ class StepRecord:
             runs (``out = branch(x)`` where it was ``x + branch(x)``): they keep their row, in depth order,
             measured as blocks whose skip carries nothing (``skip_grad`` 0, so ``skip_share`` 0); the
             ``lost_skip`` rule reports them. Empty when none.
+        loss: the training loss last given to :meth:`Monitor.loss <gradwatch.Monitor.loss>` (by the user or
+            a framework adapter) when this step was measured, read on logging steps only; None when none was
+            given. The ``instability`` rule holds its warnings back while it falls (the model is learning).
     """
 
     step: int
@@ -77,6 +80,7 @@ class StepRecord:
     kinds: tuple[str, ...] = ()
     verified: bool | None = None
     lost: tuple[str, ...] = ()
+    loss: float | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.health, MappingProxyType):

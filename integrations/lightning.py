@@ -256,9 +256,13 @@ class GradWatchCallback(*_BASES):  # type: ignore[misc]
             self._contain(err, slot)
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
-        """Drop steps the AMP scaler skipped, stop training when the monitors say so, update the progress bar."""
+        """Drop steps the AMP scaler skipped, hand the loss to the monitors, stop training when they say so,
+        update the progress bar."""
         try:
             for slot in self._slots.values():
+                # kept, read at the next measured logging step: one step late (this step's optimizer step, where
+                # it was measured, came before this hook); None when training_step returned nothing
+                slot.monitor.loss(outputs.get("loss") if isinstance(outputs, dict) else outputs)
                 if slot.pending:  # the optimizer never stepped after its measurement: GradScaler skipped it
                     slot.pending = False
                     slot.driver.discard()

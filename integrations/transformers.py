@@ -224,7 +224,10 @@ class GradWatchTrainerCallback(TrainerCallback):
             control.should_training_stop = True
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
-        """Add the health section's scalars to ``logs`` on a measured step, for the reporters after the callback."""
+        """Hand the Trainer's logged loss (its mean over the last ``logging_steps``) to the monitor, and add the
+        health section's scalars to ``logs`` on a measured step, for the reporters after the callback."""
+        if self.monitor is not None and logs is not None and isinstance(logs.get("loss"), (int, float)):
+            self.monitor.loss(logs["loss"])  # the only loss the Trainer hands a callback
         rec = self.monitor.latest if self.monitor is not None else None
         if logs is None or rec is None or rec.step != state.global_step:
             return

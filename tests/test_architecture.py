@@ -211,9 +211,10 @@ def _logic_lines(path: str) -> int:
 def test_the_lightning_adapter_is_thin():
     # 706 lines in all before it was made thin, 369 after; its logic (no docstrings, comments or the options'
     # declarations) was 244 lines then, 250 with the options explicit (the signature's own lines); 256 with the
-    # call that says the TensorBoard pin link (its logic is gradwatch.sinks.tensorboard.link.say_pins).
+    # call that says the TensorBoard pin link (its logic is gradwatch.sinks.tensorboard.link.say_pins); 257 with
+    # the loss handed to the monitor (Monitor.loss, for the instability rule).
     lines = _logic_lines(os.path.join(ADAPTERS, "lightning.py"))
-    assert lines <= 256, f"integrations/lightning.py has {lines} lines of logic (244 when it was made thin)"
+    assert lines <= 257, f"integrations/lightning.py has {lines} lines of logic (244 when it was made thin)"
 
 
 @pytest.mark.parametrize("adapter", ["transformers.py", "accelerate.py"])

@@ -162,6 +162,35 @@ def test_update_to_weight_measures_the_optimizer_step():
         assert upd[step] == pytest.approx(value, rel=1e-5)
 
 
+def test_the_loss_given_is_read_into_the_records_of_logging_steps_only():
+    # Monitor.loss keeps the tensor and reads it when a logging step is measured (one host sync there only);
+    # the instability rule holds its warnings back while it falls (tests/alerts/test_instability.py)
+    model = tiny_resnet()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    mon = gradwatch.Monitor(model, optimizer=opt, every=2, strict=True)
+    given = {}
+    for step in range(5):
+        x, y = small_batch(seed=step)
+        loss = F.cross_entropy(model(x), y, reduction="none")  # per sample: its mean is read
+        if step != 2:
+            mon.loss(loss)
+            given[step] = float(loss.detach().mean())
+        loss.mean().backward()
+        opt.step()
+        opt.zero_grad()
+    mon.loss("not a number")  # a value that is no number is recorded as none, training goes on
+    for step in (5, 6):
+        x, y = small_batch(seed=step)
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+    mon.close()
+    got = {r.step: r.loss for r in mon.records}
+    # step 2 gave none: the last one given (step 1's) is what the monitor holds
+    assert got == {0: pytest.approx(given[0]), 2: pytest.approx(given[1]), 4: pytest.approx(given[4]), 6: None}
+    assert not mon.errors
+
+
 def test_context_manager_removes_every_hook(tmp_path):
     model = tiny_resnet(inplace=True)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)

@@ -55,6 +55,12 @@ class Instability(Rule):
     the usual way, read 0.12-0.61; stock LMs at peaks that spike read 0.9-1 tens of steps ahead
     (docs/alerts.md). The incident names the layers whose steps went most into their norm.
 
+    **While the loss falls** (round 4) no new warning opens: when the training loss is given
+    (:meth:`Monitor.loss <gradwatch.Monitor.loss>`; the Lightning and HF adapters give it), the rule holds back
+    while the median of the last ``falling_window`` (10) losses is ``falling`` (2%) or more below the median of
+    the 10 before: a gradient that climbs as the model leaves a plateau is learning, not a runaway (a healthy
+    Gemma 2 at the usual 1e-3 did). A warning already open stays. Without a loss the rule judges as before.
+
     Then, per ``"weight"`` layer, ``update_to_weight`` and ``grad_norm`` are compared with their medians over
     the previous ``window`` logging steps; the rule fires (warning) when, for ``patience`` consecutive logging
     steps, some layer's update has grown ``update_growth`` times *and* its gradient ``grad_growth`` times,
@@ -95,7 +101,8 @@ class Instability(Rule):
                  clear_margin: float = 2.0, min_update: float = 2e-2, branch_drop: float = 10.0,
                  follows_gradient: float = 0.3, runaway: float = 2.0, climb: float = 1.75,
                  climb_window: int = 50, sustained: int = 5, together: int = 3, inflate: float = 0.9,
-                 inflate_window: int = 10, inflate_share: float = 0.25, inflate_patience: int = 3) -> None:
+                 inflate_window: int = 10, inflate_share: float = 0.25, inflate_patience: int = 3,
+                 falling: float = 0.02, falling_window: int = 10) -> None:
         super().__init__(patience, clear_margin)
         self.spread = check_number(spread, "spread", owner=self.name)
         self.min_update = check_number(min_update, "min_update", owner=self.name)
@@ -111,6 +118,8 @@ class Instability(Rule):
         self.inflate_patience = check_int(inflate_patience, "inflate_patience", minimum=1, owner=self.name)
         self.inflate = check_number(inflate, "inflate", owner=self.name)
         self.inflate_share = check_number(inflate_share, "inflate_share", owner=self.name)
+        self.falling = check_number(falling, "falling", owner=self.name)
+        self.falling_window = check_int(falling_window, "falling_window", minimum=1, owner=self.name)
         if not 0 < self.inflate <= 1:
             raise ValueError(f"{self.name}: inflate must be in (0, 1] (the share of a step's length that grows "
                              f"the weight's norm), got {inflate!r}")
@@ -130,12 +139,13 @@ class Instability(Rule):
         # ratios of the blocks before the warning opened, and the step it opened
         self.state.update({"update": {}, "grad": {}, "branch": {}, "since": {}, "opened": None,
                            "baseline": {}, "spread": [], "whole": [], "whole_ratio": None,
-                           "climb_ratio": None, "norms": _inflation.empty()})
+                           "climb_ratio": None, "norms": _inflation.empty(), "losses": []})
 
     def check(self, m: Measurements) -> list[Alert]:
         """One finding while some layer's update and gradient have both outgrown their recent medians, or a
         residual branch went quiet, with the whole model's gradient grown too, or while that gradient has
         climbed and stayed up, at steps large enough to run away."""
+        learning = self._learning(m.loss)
         idx = m.weight_layers()
         names = [m.layers[i] for i in idx]
         u, g = m.values("update_to_weight")[idx], m.values("grad_norm")[idx]
@@ -193,13 +203,17 @@ class Instability(Rule):
             if n >= self.patience:
                 quiet.append(block)
         opened = self.state["opened"]
-        if (growing or quiet or climbing or inflating) and opened is None:  # the branches' level before: medians
+        # while the loss falls the model is learning: a gradient that climbs as it leaves a plateau is no runaway
+        # (round 4, docs/alerts.md: the one healthy usual-recipe run warned); a warning already open stays
+        held = learning and opened is None
+        if (growing or quiet or climbing or inflating) and opened is None and not held:
+            # the branches' level before: their window medians
             opened = self.state["opened"] = int(m.step)
             self.state["baseline"] = {k: float(np.nanmedian(h)) for k, h in self.state["branch"].items() if h}
         exploded = self._exploded(branch) if opened is not None else []
         if opened is None or not exploded:  # the level before: kept while no warning is open
             self._remember("branch", list(branch), np.array(list(branch.values()), dtype=np.float64))
-        if not growing and not exploded and not quiet and not climbing and not inflating:
+        if held or not (growing or exploded or quiet or climbing or inflating):
             if calm:
                 self.state["opened"] = None
                 self.state["baseline"] = {}
@@ -219,6 +233,23 @@ class Instability(Rule):
         else:
             since.pop(key, None)
         return n
+
+    def _learning(self, loss: float | None) -> bool:
+        """Whether the loss is falling: the median of the last ``falling_window`` losses given is ``falling``
+        (2%) or more below the median of the ``falling_window`` before. False while fewer are known (no loss
+        given: the rule judges as without this check)."""
+        hist: list[float] = self.state["losses"]
+        if loss is None:
+            return False
+        hist.append(float(loss) if math.isfinite(loss) else math.nan)
+        k = self.falling_window
+        del hist[: max(0, len(hist) - 2 * k)]
+        if len(hist) < 2 * k:
+            return False
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            before, now = float(np.nanmedian(hist[:k])), float(np.nanmedian(hist[k:]))
+        return math.isfinite(before) and math.isfinite(now) and now < before - self.falling * abs(before)
 
     def _ratios(self, key: str, names: list[str], values: np.ndarray) -> np.ndarray:
         """Each value over the median of its last ``window`` values (NaN until ``window`` are kept)."""
@@ -327,5 +358,5 @@ class Instability(Rule):
         super().load_state_dict(state)
         for key, empty in (("update", {}), ("grad", {}), ("branch", {}), ("since", {}), ("opened", None),
                            ("baseline", {}), ("spread", []), ("whole", []), ("whole_ratio", None),
-                           ("climb_ratio", None), ("norms", _inflation.empty())):
+                           ("climb_ratio", None), ("norms", _inflation.empty()), ("losses", [])):
             self.state.setdefault(key, empty)

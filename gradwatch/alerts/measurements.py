@@ -54,6 +54,7 @@ class Measurements:
     forward: Mapping[str, int] = field(default_factory=dict)
     lost: list[str] = field(default_factory=list)  # blocks whose merge is gone (StepRecord.lost)
     siblings: Siblings = field(default_factory=Siblings)
+    loss: float | None = None  # the training loss given to the monitor (StepRecord.loss); None if not given
     #: What a rule found this step for the rules after it (``"unstable_blocks"``: the blocks whose skip the
     #: ``instability`` rule explains, which ``skip_collapse`` then leaves to it); rules run in ``RULES`` order.
     context: dict[str, Any] = field(default_factory=dict)
@@ -129,7 +130,7 @@ class Measurements:
             whole={m: record.global_value(m) for m in record.layer_metrics},
             blocks=list(record.blocks), block={m: record.block(m) for m in FLOW_METRICS} if record.blocks else {},
             forward=dict(forward or {}), lost=list(record.lost),
-            siblings=siblings if siblings is not None else Siblings(),
+            siblings=siblings if siblings is not None else Siblings(), loss=record.loss,
         )
 
     def values(self, metric: str) -> np.ndarray:

@@ -200,6 +200,7 @@ def train(run: Run, model: nn.Module, batch: Callable[[int, torch.Generator], to
                 for g in opt.param_groups:
                     g["lr"] = _lr(run, i)
                 loss = loss_of(model, batch(i, gen))
+                mon.loss(loss)  # read on logging steps only (the rule holds back while it falls)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()

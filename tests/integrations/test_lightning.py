@@ -248,6 +248,27 @@ def test_fit_writes_reference_values_to_tensorboard(name, tmp_path, events):
     assert not cb.errors and not cb.monitor.errors
 
 
+@pytest.mark.parametrize("name", NAMESPACES)
+def test_the_training_loss_reaches_the_records_one_step_late(name, tmp_path):
+    # Lightning hands the loss over in on_train_batch_end, after the step's measurement: each record carries
+    # the previous step's loss (the instability rule reads its trend over 10 logging steps)
+    pl = ns(name)
+    from gradwatch.integrations.lightning import GradWatchCallback
+
+    class Losses(pl.Callback):
+        def __init__(self) -> None:
+            self.seen: dict[int, float] = {}
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            self.seen[trainer.global_step - 1] = float(outputs["loss"])
+
+    cb, losses = GradWatchCallback(every=1), Losses()
+    pl.Trainer(callbacks=[cb, losses], logger=False, **trainer_kwargs(tmp_path, max_steps=4)).fit(make_module(pl))
+    got = {r.step: r.loss for r in cb.monitor.records}
+    assert got[0] is None and {s: got[s] for s in (1, 2, 3)} == {s: pytest.approx(losses.seen[s - 1]) for s in (1, 2, 3)}
+    assert not cb.errors and not cb.monitor.errors
+
+
 def test_accumulated_gradients_are_measured_once_per_optimizer_step(tmp_path, events):
     pl = ns("lightning.pytorch")
     from gradwatch.integrations.lightning import GradWatchCallback

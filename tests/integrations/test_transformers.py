@@ -68,7 +68,8 @@ def grad_norms(cb, step):
 
 def test_values_equal_an_independent_reference_at_the_trainers_logging_steps(tmp_path):
     cb, ref = GradWatchTrainerCallback(), Reference({1, 4, 8})
-    trainer(tmp_path, tiny_gpt2(), [ref, cb], max_grad_norm=0.0, report_to=["tensorboard"]).train()
+    run = trainer(tmp_path, tiny_gpt2(), [ref, cb], max_grad_norm=0.0, report_to=["tensorboard"])
+    run.train()
     assert [r.step for r in cb.monitor.records] == [1, 4, 8]  # the first step, then logging_steps=4
     for step in (1, 4, 8):
         got, want = grad_norms(cb, step), ref.got[step]
@@ -79,6 +80,11 @@ def test_values_equal_an_independent_reference_at_the_trainers_logging_steps(tmp
     assert sorted(scalars["zz_gradwatch.layers/grad_norm/_global"]) == [1, 4, 8]
     series = read_events(os.path.join(tmp_path, "runs", "gradwatch"))["series"]
     assert any(tag.startswith("zz_gradwatch.blocks/skip_share/transformer.h.") for tag in series)  # block flow found GPT-2's merges
+    # the Trainer hands a callback its loss only in on_log (the mean over logging_steps), after the step's
+    # measurement: record 8 carries the loss logged at step 4, record 4 none yet
+    logged = {h["step"]: h["loss"] for h in run.state.log_history if "loss" in h}
+    loss = {r.step: r.loss for r in cb.monitor.records}
+    assert loss[1] is None and loss[4] is None and loss[8] == pytest.approx(logged[4])
 
 
 def test_values_are_before_clipping(tmp_path):
