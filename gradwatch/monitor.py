@@ -354,7 +354,8 @@ class Monitor:
         runaway). Optional; call it any time in the iteration. The tensor is kept, not read: it is read (one
         host sync) only when a logging step is measured, so the other steps stay free of syncs. The framework
         adapters give it for you where the framework hands it over."""
-        self._loss = value
+        # detached (no sync, no copy): holding the tensor must not keep its autograd graph alive
+        self._loss = value.detach() if isinstance(value, torch.Tensor) else value
 
     def step(self, step: int | None = None) -> None:
         """Mark the end of a backward pass; measure if this step logs.
@@ -608,7 +609,11 @@ class Monitor:
         if record is not None:  # checked as this rank measured it, then joined with other pipeline stages
             record = self._meter.merge(record, self._out.kinds)
             if self._loss is not None:
-                record = dataclasses.replace(record, loss=_as_loss(self._loss))
+                loss = _as_loss(self._loss)
+                if loss is None:
+                    self._once.log("loss", f"gradwatch: Monitor.loss() was given {type(self._loss).__name__}, not a "
+                                   "number or tensor; the records carry no loss (the instability rule judges without)")
+                record = dataclasses.replace(record, loss=loss)
             self._out.publish(record)
 
     def _raise_alarm(self) -> None:
@@ -632,10 +637,9 @@ class Monitor:
 def _as_loss(value: Any) -> float | None:
     """A loss as a float (a tensor's mean, so a per-sample loss works too); None when it is not a number."""
     try:
-        v = float(value.detach().float().mean()) if isinstance(value, torch.Tensor) else float(value)
+        return float(value.float().mean()) if isinstance(value, torch.Tensor) else float(value)
     except (TypeError, ValueError, RuntimeError):
         return None
-    return v
 
 
 def _select(model: nn.Module, cfg: Config, optimizer: Any, params: Any) -> Selection:
