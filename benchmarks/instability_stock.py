@@ -13,12 +13,13 @@ learning rate swept from stable to unstable, batch 16) on the suite's generated 
 (:func:`~gradwatch.reference.gpt.synthetic_language`), watched as the suite's ``run_one`` watches
 (``Monitor(model, optimizer=opt, every=1, pictures=0, remind_after=None, rules={"instability": {}})``, the
 other rules at their defaults) and scored twice by the suite's own
-:func:`~gradwatch.reference.instability.score` (:func:`~gradwatch.reference.instability.spike_step` is the
-spike: the loss 1 nat above the median of the 20 steps before, or non-finite): on the ``instability`` rule's
-incidents alone -- what this script is for -- and on every rule's, as the suite's scorecard counts (the first
-warning of any rule). Per run: the spike step, the first warning (step, rule, layers), the lead, the verdict;
-per family and over all: recall (spiking runs warned strictly before the spike), median lead, misses and
-false alarms (runs that never spiked yet got a warning).
+:func:`~gradwatch.reference.instability.score` (:func:`~gradwatch.reference.instability.blowup` is the step a
+run blew up: its loss spiked, 1 nat above the median of the 20 steps before, or non-finite; or diverged, its
+median over 20 steps 1 nat above the lowest such median before): on the ``instability`` rule's incidents alone
+-- what this script is for -- and on every rule's, as the suite's scorecard counts (the first warning of any
+rule). Per run: the step it blew up, the first warning (step, rule, layers), the lead, the verdict; per family
+and over all: recall (runs that blew up warned strictly before it), median lead, misses and false alarms (runs
+that did neither yet got a warning).
 
     cd <worktree> && PYTHONPATH=$PWD nice -n 10 /work/zoovenv/bin/python benchmarks/instability_stock.py \\
         [--set lm5|more6|test6|round4] [--usual] [--only FAMILY ...] [--seeds ...] [--lrs ...] [--json out.json]
@@ -26,8 +27,8 @@ false alarms (runs that never spiked yet got a warning).
 The markdown goes to stdout, one progress line per run to stderr. 3-6 s a run at one thread on the shared
 2-core dev machine (60 runs of a set: ~4-5 min). Needs ``transformers`` (the zoo venv); the project venv has
 not got it. Just below a family's edge (GPT-2 0.1, Llama 0.3, NeoX 0.3-0.5, Falcon 0.3, Qwen2 0.3) the loss
-can drift up by 0.2-1.4 nat over the run without ever rising the spike definition's nat above the 20 steps
-before: counted as never spiked all the same (the ``loss min/last`` column shows it). The runs are
+can drift up by 0.2-1.8 nat over the run without ever rising a nat above the 20 steps before: a drift of a nat
+or more is a divergence, less is counted as never blown up (the ``loss min/last`` column shows it). The runs are
 deterministic on one machine; on another machine or torch version a run near the edge may land the other way:
 the table says what each run did, and the figures count what happened.
 
@@ -61,7 +62,7 @@ from torch import nn
 from gradwatch import Monitor
 from gradwatch.reference.gpt import synthetic_language
 from gradwatch.reference.instability import Run, RunOutcome, score, train
-from gradwatch.reference.instability_report import scores, summary_line
+from gradwatch.reference.instability_report import blew_up, scores, summary_line
 
 BATCH, STEPS, WARMUP = 16, 250, 200
 #: ``--usual``: the peak learning rates of usual recipes for models this size (a nanoGPT-like 6e-4 and up), the
@@ -99,23 +100,23 @@ def run_stock(family: str, lr: float, seed: int, steps: int = STEPS, threads: in
 
 
 def verdict(o: RunOutcome) -> str:
-    """As the suite's scorecard: quiet / false alarm on runs that never spiked, else warned ahead / late / missed."""
+    """As the suite's scorecard: quiet / false alarm on runs that never blew up, else warned ahead / late / missed."""
     if o.spike is None:
         return "quiet" if o.warning is None else "false alarm"
     return "warned ahead" if o.lead is not None and o.lead > 0 else ("late" if o.warning is not None else "missed")
 
 
 def table(outcomes: Sequence[RunOutcome]) -> str:
-    """One markdown row per run. ``loss min/last``: a run that never spiked by the suite's definition can still
-    drift up (by less than a nat over 20 steps at a time) at a peak near the edge; a warning there is counted a
-    false alarm all the same, and this column lets a reader tell those runs from ones that kept learning."""
-    rows = ["| model | peak LR | seed | spike step | first warning | rule | layers | lead | verdict | loss min/last "
+    """One markdown row per run. ``loss min/last``: a run that never blew up by the suite's definitions can still
+    drift up by less than a nat at a peak near the edge; a warning there is counted a false alarm all the same,
+    and this column lets a reader tell those runs from ones that kept learning."""
+    rows = ["| model | peak LR | seed | blew up at | first warning | rule | layers | lead | verdict | loss min/last "
             "| s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for o in outcomes:
         family, lr, seed = _parts(o.run)
         finite = [x for x in o.losses if math.isfinite(x)]
         loss = f"{min(finite):.2f}/{o.losses[-1]:.2f}" if finite else "–"
-        rows.append(f"| {family} | {lr} | {seed} | {_or(o.spike, 'none')} | {_or(o.warning, 'none')} | "
+        rows.append(f"| {family} | {lr} | {seed} | {blew_up(o)} | {_or(o.warning, 'none')} | "
                     f"{o.rule or '–'} | {o.layers or '–'} | {_or(o.lead, '–')} | {verdict(o)} | {loss} | "
                     f"{o.seconds:.0f} |")
     return "\n".join(rows)
@@ -165,7 +166,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 o, i = run_stock(family, lr, seed, steps, args.threads, warmup)
                 every.append(o)
                 alone.append(i)
-                print(f"{o.run}: spike {o.spike}; first warning {o.warning} ({o.rule}), {verdict(o)}; "
+                print(f"{o.run}: blew up at {blew_up(o)}; first warning {o.warning} ({o.rule}), {verdict(o)}; "
                       f"instability {i.warning}, {verdict(i)}; {o.seconds:.1f} s"
                       + (f", errors {o.errors}" if o.errors else ""), file=sys.stderr, flush=True)
     for title, outcomes in (("The instability rule alone", alone),

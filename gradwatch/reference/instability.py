@@ -1,9 +1,9 @@
 """``gradwatch validate --only instability``: the instability suite. Small decoder-only pre-LN transformers
 (:class:`gradwatch.reference.gpt.TinyGPT`) trained with AdamW on a generated language, pushed from stable to
 unstable by the peak learning rate (with and without qk-layernorm), an LR schedule restart, and a high β2;
-several seeds. Each run is scored on when its loss spiked (:func:`spike_step`, the loss is read by the suite
-only: the monitor never sees it) against the first warning gradwatch raised
-(:mod:`gradwatch.reference.instability_report` writes the scorecard).
+several seeds. Each run is scored on when its loss spiked or diverged (:func:`blowup`: the suite reads the loss
+it records; the monitor is given the loss only for its hold-back while the loss falls) against the first warning
+gradwatch raised (:mod:`gradwatch.reference.instability_report` writes the scorecard).
 
 Two sets: the **calibration** set (:func:`runs`, seeds 0-2), on which the ``instability`` rule was tuned, so
 its figures are in-sample; and the **held-out** set (``runs(heldout=True)``, :func:`heldout_runs`): other
@@ -31,11 +31,12 @@ from torch import nn
 from ..monitor import Monitor
 from .gpt import TinyGPT, synthetic_language
 
-__all__ = ["Run", "RunOutcome", "runs", "run_one", "train", "spike_step", "SPIKE_NATS", "SPIKE_WINDOW", "SPIKE_FROM",
-           "LEADING_RULES", "heldout_runs"]
+__all__ = ["Run", "RunOutcome", "runs", "run_one", "train", "spike_step", "divergence_step", "blowup", "SPIKE_NATS",
+           "SPIKE_WINDOW", "SPIKE_FROM", "LEADING_RULES", "heldout_runs"]
 
 #: The spike definition (:func:`spike_step`): the loss at a step exceeds the median of the ``SPIKE_WINDOW``
-#: steps before it by ``SPIKE_NATS`` nats or more, or is not finite, at step ``SPIKE_FROM`` or later.
+#: steps before it by ``SPIKE_NATS`` nats or more, or is not finite, at step ``SPIKE_FROM`` or later. The same
+#: three define a divergence (:func:`divergence_step`); a run blew up at the first of the two (:func:`blowup`).
 SPIKE_NATS = 1.0
 SPIKE_WINDOW = 20
 SPIKE_FROM = 10
@@ -58,6 +59,34 @@ def spike_step(losses: Sequence[float], nats: float = SPIKE_NATS, window: int = 
         if before and v >= statistics.median(before) + nats:
             return t
     return None
+
+
+def divergence_step(losses: Sequence[float], nats: float = SPIKE_NATS, window: int = SPIKE_WINDOW,
+                    start: int = SPIKE_FROM) -> int | None:
+    """The first step ``t >= start`` at which the median loss of the ``window`` steps up to ``t`` (fewer at the
+    start; finite losses only) is at least ``nats`` above the lowest such median before it; None when the loss
+    never climbed that far. The divergence a spike's definition cannot see: a loss that climbs by a nat or
+    more and stays up, too slowly ever to stand a nat above the steps just before it (stock LMs just below
+    their edge drift up 1-2 nats over 100 steps, docs/alerts.md)."""
+    lowest = math.inf
+    for t in range(max(start, 1), len(losses)):
+        recent = [x for x in losses[max(0, t - window + 1):t + 1] if math.isfinite(x)]
+        if not recent:
+            continue
+        level = statistics.median(recent)
+        if level >= lowest + nats:
+            return t
+        lowest = min(lowest, level)
+    return None
+
+
+def blowup(losses: Sequence[float]) -> tuple[int | None, str | None]:
+    """When and how the run blew up: the first of :func:`spike_step` (``"spike"``) and :func:`divergence_step`
+    (``"divergence"``; a spike on the same step wins), or ``(None, None)`` when it did neither."""
+    spike, diverged = spike_step(losses), divergence_step(losses)
+    if diverged is not None and (spike is None or diverged < spike):
+        return diverged, "divergence"
+    return spike, "spike" if spike is not None else None
 
 
 @dataclass(frozen=True)
@@ -88,7 +117,7 @@ class RunOutcome:
 
     run: str
     trigger: str
-    spike: int | None
+    spike: int | None  # the step it blew up (:func:`blowup`): its loss spiked or diverged
     warning: int | None  # step of the first warning (or critical) incident of any rule
     rule: str | None
     layers: str | None
@@ -99,6 +128,7 @@ class RunOutcome:
     seconds: float = 0.0
     errors: list[str] = field(default_factory=list)
     group: str = "calibration"  # the run's set: "calibration" (tuned on) or "held-out" (never tuned on)
+    event: str | None = None  # how it blew up at ``spike``: "spike" or "divergence" (:func:`blowup`)
 
 
 def _lr(run: Run, i: int) -> float:
@@ -134,7 +164,7 @@ def runs(quick: bool = False, heldout: bool = False) -> list[Run]:
 def heldout_runs() -> list[Run]:
     """The held-out set: runs no rule was tuned on (the team's standard: calibrate on some models, test on
     others), to measure recall, lead and false alarms out of sample. Seeds 3 and 4 (the calibration set has
-    0-2), 20 runs, 12 of them stable controls (they never spiked by :func:`spike_step` on this machine), some
+    0-2), 20 runs, 12 of them stable controls (they never blew up by :func:`blowup` on this machine), some
     of them just below the edge, where a false alarm is likeliest:
 
     - ``lr``: the calibration set's peaks 0.03, 0.1 (stable) and 0.5 (spikes), and 0.15 between its stable
@@ -221,7 +251,7 @@ def _named(message: str) -> list[str]:
 def score(run: Run, mon: Monitor, losses: list[float], seconds: float) -> RunOutcome:
     """The spike, the first warning and the lead of a finished run, and the leading signal for the picture: the
     ``update_to_weight`` of the first layer the first instability warning named."""
-    spike = spike_step(losses)
+    spike, event = blowup(losses)
     seen, told = set(), []
     for a in mon.alerts:
         if (a.rule, a.name, a.severity) not in seen:
@@ -241,4 +271,4 @@ def score(run: Run, mon: Monitor, losses: list[float], seconds: float) -> RunOut
             signal = [float(r.value(named[0], "update_to_weight")) for r in mon.records]
     return RunOutcome(run.name, run.trigger, spike, warn.step if warn else None, warn.rule if warn else None,
                       layers, lead, [f"{a.rule}@{a.step} ({a.name or '-'}) [{a.severity}]" for a in told], losses,
-                      signal, seconds, list(mon.errors), run.group)
+                      signal, seconds, list(mon.errors), run.group, event)

@@ -1,7 +1,8 @@
-"""The instability suite's scorecard (:mod:`gradwatch.reference.instability` runs it): per run the spike step,
-the first warning (step, rule, layers) and the lead; recall, median lead, false alarms and misses for the
-calibration set (the runs the rule was tuned on: in-sample figures) and the held-out set (runs never tuned on:
-the out-of-sample ones) apart, never pooled; the table, the picture and their section of ``docs/validation.md``."""
+"""The instability suite's scorecard (:mod:`gradwatch.reference.instability` runs it): per run the step it blew
+up (its loss spiked or diverged), the first warning (step, rule, layers) and the lead; recall, median lead,
+false alarms and misses for the calibration set (the runs the rule was tuned on: in-sample figures) and the
+held-out set (runs never tuned on: the out-of-sample ones) apart, never pooled; the table, the picture and their
+section of ``docs/validation.md``."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from ._sections import marker, write_section
 from .instability import SPIKE_FROM, SPIKE_NATS, SPIKE_WINDOW, RunOutcome
 
 __all__ = ["MARKER", "GROUPS", "Scores", "scores", "scores_by_group", "summary_line", "summary_lines", "table",
-           "figure", "write_markdown"]
+           "blew_up", "figure", "write_markdown"]
 
 #: Where the instability suite's section of docs/validation.md starts.
 MARKER = marker("gradwatch validate --only instability")
@@ -27,9 +28,9 @@ GROUPS = ("calibration", "held-out")
 
 @dataclass(frozen=True)
 class Scores:
-    """The suite's figures. ``recall``: spiking runs warned strictly before the spike / spiking runs;
-    ``false_alarms``: runs that never spiked yet got a warning (any rule); ``misses``: spiking runs not warned
-    before the spike (warned late or not at all)."""
+    """The suite's figures. ``spiked``: runs whose loss spiked or diverged (:func:`~.instability.blowup`);
+    ``recall``: those warned strictly before it / ``spiked``; ``false_alarms``: runs that did neither yet got a
+    warning (any rule); ``misses``: runs that blew up without a warning before it (warned late or not at all)."""
 
     runs: int
     spiked: int
@@ -61,14 +62,14 @@ def scores_by_group(outcomes: Sequence[RunOutcome]) -> dict[str, Scores]:
 
 def summary_line(s: Scores) -> str:
     """One sentence with the suite's figures."""
-    return (f"{s.runs} runs, {s.spiked} spiked: recall {s.warned_ahead}/{s.spiked} "
+    return (f"{s.runs} runs, {s.spiked} spiked or diverged: recall {s.warned_ahead}/{s.spiked} "
             f"({100 * s.recall:.0f}%), median lead {s.median_lead:g} steps, {s.misses} missed; "
-            f"{s.false_alarms} of {s.stable} runs that never spiked got a warning")
+            f"{s.false_alarms} of {s.stable} runs that did neither got a warning")
 
 
 def table(outcomes: Sequence[RunOutcome]) -> str:
     """One row per run."""
-    rows = ["| run | set | trigger | spike step | first warning | rule | layers | lead (steps) | verdict | s |",
+    rows = ["| run | set | trigger | blew up at | first warning | rule | layers | lead (steps) | verdict | s |",
             "|---|---|---|---|---|---|---|---|---|---|"]
     for o in outcomes:
         if o.spike is None:
@@ -76,10 +77,17 @@ def table(outcomes: Sequence[RunOutcome]) -> str:
         else:
             verdict = "warned ahead" if o.lead is not None and o.lead > 0 else (
                 "late" if o.warning is not None else "missed")
-        rows.append(f"| {o.run} | {o.group} | {o.trigger} | {o.spike if o.spike is not None else 'none'} | "
+        rows.append(f"| {o.run} | {o.group} | {o.trigger} | {blew_up(o)} | "
                     f"{o.warning if o.warning is not None else 'none'} | {o.rule or '–'} | {o.layers or '–'} | "
                     f"{o.lead if o.lead is not None else '–'} | {verdict} | {o.seconds:.0f} |")
     return "\n".join(rows)
+
+
+def blew_up(o: RunOutcome) -> str:
+    """The step a run blew up, with ``(divergence)`` when its loss diverged rather than spiked; ``none``."""
+    if o.spike is None:
+        return "none"
+    return f"{o.spike} (divergence)" if o.event == "divergence" else str(o.spike)
 
 
 def figure(outcomes: Sequence[RunOutcome], path: str, per_trigger: int = 4) -> str | None:
@@ -150,9 +158,13 @@ def write_markdown(outcomes: Sequence[RunOutcome], out_md: str, command: str, da
             "data shift to another grammar at step 150 (the spike is the data event itself: no rule can warn "
             "before it); a warm-up too short (peak 0.2 in 50 steps)." if heldout else "The held-out set is not run here (`--quick`)."), "",
         f"**Spike step**, mechanically: the first step from {SPIKE_FROM} on whose loss is not finite or at least "
-        f"{SPIKE_NATS:g} nat above the median loss of the {SPIKE_WINDOW} steps before it; runs go on past it. "
-        "The loss is read by the suite only: the monitor never sees it. **First warning**: the first warning or "
-        "critical incident of any rule; **lead** = spike step - warning step when the warning came first.", "",
+        f"{SPIKE_NATS:g} nat above the median loss of the {SPIKE_WINDOW} steps before it. **Divergence step**: the "
+        f"first step from {SPIKE_FROM} on at which the median loss of the {SPIKE_WINDOW} steps up to it is "
+        f"{SPIKE_NATS:g} nat or more above the lowest such median before it (a loss that climbs and stays up, too "
+        "slowly to spike). A run **blew up** at the first of the two; runs go on past it. The suite reads the "
+        "loss it records; the monitor is given the loss too (`Monitor.loss`), which only holds the `instability` "
+        "rule back while the loss falls. **First warning**: the first warning or critical incident of any rule; "
+        "**lead** = the step it blew up - warning step when the warning came first.", "",
         *[f"- **{line}.**" for line in summary_lines(outcomes)], "",
-        "Targets (for each set): recall ≥ 90%, median lead ≥ 10 steps, no warning on runs that never spike.", "",
+        "Targets (for each set): recall ≥ 90%, median lead ≥ 10 steps, no warning on runs that never blow up.", "",
         table(outcomes), "", *shown]))

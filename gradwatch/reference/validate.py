@@ -12,7 +12,7 @@ A scorecard over reference networks trained on the embedded data with the defaul
   which the paper found train worse than the identity; what gradwatch flags and what it only shows is
   recorded, never counted as a miss or a false alarm;
 - **instability** (:mod:`gradwatch.reference.instability`): tiny transformers pushed into loss spikes, each
-  run scored on whether a warning came before its spike, and runs that never spike must stay quiet
+  run scored on whether a warning came before its loss spiked or diverged, and runs that do neither must stay quiet
   (``--only instability``; two runs under ``--quick``): its calibration set (the runs the rule was tuned on)
   and its held-out set (never tuned on; not under ``--quick``), scored apart.
 
@@ -358,7 +358,7 @@ def _run_suite(quick: bool, out: str, jobs: int, stream: Any, out_md: str | None
         for i, o in enumerate(mapped.map(work, todo) if mapped else map(work, todo), 1):
             done.append(o)
             print(f"[{i:>2}/{len(todo)}] {o.run:<21} {o.group:<11} "
-                  f"spike {o.spike if o.spike is not None else 'none':>4}  "
+                  f"blew up {instability_report.blew_up(o):>4}  "
                   f"first warning {o.warning if o.warning is not None else 'none':>4} {o.rule or ''} "
                   f"{'(' + o.layers + ')' if o.layers else ''}  {o.seconds:5.1f} s", file=stream, flush=True)
     finally:
@@ -373,14 +373,15 @@ def _run_suite(quick: bool, out: str, jobs: int, stream: Any, out_md: str | None
 
 
 def _as_outcome(r: instability.RunOutcome) -> Outcome:
-    """A suite run as a scorecard case: a spiking run must be warned before its spike, one that never spiked
-    must stay quiet (exit status 1 otherwise)."""
+    """A suite run as a scorecard case: a run that blew up (its loss spiked or diverged) must be warned before
+    it, one that did neither must stay quiet (exit status 1 otherwise)."""
     if r.spike is None:
         expected, missed = [], []
         false = [x for x in r.observed if not x.endswith("[info]")]
     else:
         expected = [f"a warning before step {r.spike}"]
-        missed = [] if r.lead is not None and r.lead > 0 else [f"a warning before step {r.spike} (the spike)"]
+        warned = r.lead is not None and r.lead > 0
+        missed = [] if warned else [f"a warning before step {r.spike} (the {r.event or 'spike'})"]
         false = []
     about = f"tiny transformer, trigger {r.trigger}, {r.group} set"
     return Outcome(r.run, "instability", about, expected, r.observed, missed,

@@ -55,9 +55,9 @@ def test_the_scorecard_scores_each_set_apart(tmp_path):
     assert h.recall == pytest.approx(2 / 3) and h.median_lead == 17  # leads 30 and 4
     assert scores(cal + held).runs == 8  # pooled, only when asked
     lines = summary_lines(cal + held)
-    assert lines[0].startswith("calibration: 3 runs, 2 spiked: recall 1/2 (50%), median lead 20 steps, 1 missed")
-    assert lines[1].startswith("held-out: 5 runs, 3 spiked: recall 2/3 (67%), median lead 17 steps, 1 missed")
-    assert lines[1].endswith("1 of 2 runs that never spiked got a warning")
+    assert lines[0].startswith("calibration: 3 runs, 2 spiked or diverged: recall 1/2 (50%), median lead 20 steps, 1 missed")
+    assert lines[1].startswith("held-out: 5 runs, 3 spiked or diverged: recall 2/3 (67%), median lead 17 steps, 1 missed")
+    assert lines[1].endswith("1 of 2 runs that did neither got a warning")
     rows = table(cal + held).splitlines()
     assert rows[0].startswith("| run | set | trigger |")
     assert "| h4 | held-out | lr | none | 12 | instability | – | – | false alarm | 0 |" in rows

@@ -11,7 +11,7 @@ import statistics
 import pytest
 
 from gradwatch.cli import main
-from gradwatch.reference.instability import SPIKE_NATS, RunOutcome, spike_step
+from gradwatch.reference.instability import SPIKE_NATS, RunOutcome, blowup, divergence_step, spike_step
 from gradwatch.reference.instability_report import scores, table
 
 
@@ -26,6 +26,31 @@ def test_the_spike_is_the_first_step_a_nat_above_the_median_of_the_twenty_before
     assert spike_step(creep) is None
     assert spike_step([4.0] * 5 + [9.0] + [4.0] * 20) is None  # before step 10: still falling from init
     assert spike_step([4.0] * 12 + [9.0]) == 12
+
+
+def _divergence(losses):  # the documented definition again, written out independently
+    levels = {t: statistics.median(losses[max(0, t - 19):t + 1]) for t in range(10, len(losses))}
+    return next((t for t in levels if levels[t] - min((levels[s] for s in range(10, t)), default=math.inf)
+                 >= SPIKE_NATS), None)
+
+
+def test_a_divergence_is_a_median_loss_a_nat_above_its_lowest_and_a_run_blew_up_at_the_first_of_the_two():
+    creep = [2.0 + 0.03 * t for t in range(60)]  # never a spike, 1.8 nats up in all
+    drift = [3.0 - 0.02 * t for t in range(50)] + [2.0 + 0.025 * t for t in range(80)]  # down to 2.0, then up 2 nats
+    for losses in (creep, drift):
+        assert spike_step(losses) is None
+        assert divergence_step(losses) == _divergence(losses) is not None
+        assert blowup(losses) == (_divergence(losses), "divergence")
+    # lowest at step 10 (the median of steps 0-10: 2.15); from step 19 the median is creep at t - 9.5, which
+    # reaches 3.15 at t = 47.8
+    assert divergence_step(creep) == 48
+    calm = [4.0 - 0.01 * t + (0.3 if t % 2 else -0.3) for t in range(60)]
+    assert divergence_step(calm) is None and blowup(calm) == (None, None)
+    assert divergence_step([2.0 + 0.015 * t for t in range(60)]) is None  # 0.9 nat up: no divergence
+    spiked = calm[:40] + [calm[40] + 1.5] + [9.0] * 30  # it spikes at 40; the median follows 10 steps later
+    assert blowup(spiked) == (40, "spike") and divergence_step(spiked) == _divergence(spiked) == 50
+    assert divergence_step([math.nan] * 30) is None  # no finite loss: nothing to compare (a spike, at 10)
+    assert blowup([math.nan] * 30) == (10, "spike")
 
 
 def _spike(losses):  # the documented definition again, written out independently
@@ -64,7 +89,7 @@ def test_quick_suite_warns_ahead_of_the_spike_and_is_quiet_on_the_stable_run(tmp
     assert (s["spiked"], s["warned_ahead"], s["recall"], s["median_lead"], s["false_alarms"], s["misses"]) == (
         1, 1, 1.0, unstable["lead"], 0, 0)
     assert summary["instability"]["scores_by_set"] == {"calibration": s}  # --quick runs no held-out set
-    assert "| lr0.5-s0 | calibration | lr |" in out and "calibration: 2 runs, 1 spiked: recall 1/1 (100%)" in out
+    assert "| lr0.5-s0 | calibration | lr |" in out and "calibration: 2 runs, 1 spiked or diverged: recall 1/1 (100%)" in out
 
 
 def test_scores_count_recall_lead_false_alarms_and_misses():
