@@ -2,7 +2,8 @@
 
 A *residual merge* is an ``AddBackward0`` node ``y = a + b`` whose two operands both trace back, inside one
 module's forward, to a common tensor ``x`` (the *fork*), where the path through one operand (the *branch*)
-holds learnable parameters. The operand with the shorter path to the fork is the *skip*. Concatenation
+holds learnable parameters other than scalars (a learnable activation's coefficients, as in xIELU, do not make a
+block). The operand with the shorter path to the fork is the *skip*. Concatenation
 (DenseNet) and multiplicative gates (squeeze-excitation) are not additions and are not merges.
 
 This module only reads graphs: it never registers a hook and keeps no node after it returns. What it
@@ -160,6 +161,14 @@ class Graph:
         """A leaf that is not one of the module's inputs: a parameter (or a captured trainable tensor)."""
         return nid not in self.boundary and type(self.nodes[nid]).__name__ == _ACCUMULATE
 
+    def is_leaf_tensor(self, nid: int) -> bool:
+        """A leaf parameter of more than one element: not a learned scalar (a flattened FSDP1 parameter, whose
+        shape says nothing of the layer's, counts)."""
+        if not self.is_leaf_param(nid):
+            return False
+        variable = getattr(self.nodes[nid], "variable", None)
+        return variable is None or variable.numel() > 1
+
     def reach(self, start: int) -> dict[int, int]:
         """Nodes reachable from ``start`` (itself included) with their distance in edges."""
         dist = {start: 0}
@@ -229,7 +238,7 @@ _MAX_FORK_CANDIDATES = 16
 _SCAN = object()  # :func:`_try_fork`: a sum of parts of one tensor; no earlier fork makes it a residual
 
 
-def _try_fork(g: Graph, root: int, terms, adds: set[int], reaches, fork: int, has_param,
+def _try_fork(g: Graph, root: int, terms, adds: set[int], reaches, fork: int, has_param, has_tensor,
               relaxed: bool) -> MergePattern | object | None:
     """The sum rooted at ``root`` split at ``fork``, or None if that split is not a residual.
 
@@ -240,6 +249,7 @@ def _try_fork(g: Graph, root: int, terms, adds: set[int], reaches, fork: int, ha
     rf = g.reach(fork)
     sides = [{n for n in r if n not in rf} for r in reaches]
     params = [any(has_param.get(n, False) for n in side) for side in sides]
+    tensors = [any(has_tensor.get(n, False) for n in side) for side in sides]
     dists = [r[fork] for r in reaches]
     shortest = min(dists)
     tied = [i for i, d in enumerate(dists) if d == shortest]
@@ -251,8 +261,10 @@ def _try_fork(g: Graph, root: int, terms, adds: set[int], reaches, fork: int, ha
     branch_side: set[int] = set().union(*(sides[i] for i in range(len(terms)) if i != k))
     if params[k] and any(dists[i] == shortest for i in range(len(terms)) if i != k):
         return None  # two parallel sub-networks of equal depth (the average of two heads), not a shortcut
-    if not relaxed and not all(params[i] for i in range(len(terms)) if i != k):
-        return None  # no parameter on a branch: an op's internals (GELU, rotary embedding), not a block
+    if not relaxed and not all(tensors[i] for i in range(len(terms)) if i != k):
+        # no parameter but scalars on a branch: an op's internals (GELU, rotary embedding; a learnable
+        # activation such as xIELU, whose learned scalars weigh `x * x` beside `x`), not a block
+        return None
     between = set().union(*sides) | adds
     consumers = []
     nrs = set()
@@ -314,7 +326,8 @@ def _sum_terms(g: Graph, root: int, indegree: dict[int, int], skip: set[int]) ->
 _UNRELATED = object()  # :func:`_merge_at`: the operands share no ancestor here (an enclosing module may)
 
 
-def _merge_at(g: Graph, nid: int, terms, adds: set[int], has_param, relaxed: bool) -> MergePattern | object | None:
+def _merge_at(g: Graph, nid: int, terms, adds: set[int], has_param, has_tensor,
+              relaxed: bool) -> MergePattern | object | None:
     """The residual merge of the sum at ``nid`` with these terms, trying its latest common ancestors; None when
     it is no residual, :data:`_UNRELATED` when its operands share no ancestor in this module."""
     if len({t[2] for t in terms}) != len(terms) or any(g.is_leaf_param(t[2]) for t in terms):
@@ -327,7 +340,7 @@ def _merge_at(g: Graph, nid: int, terms, adds: set[int], has_param, relaxed: boo
         return _UNRELATED
     common.sort(key=lambda c: _seq(g.nodes[c]), reverse=True)
     for fork in common[:_MAX_FORK_CANDIDATES]:
-        pattern = _try_fork(g, nid, terms, adds, reaches, fork, has_param, relaxed)
+        pattern = _try_fork(g, nid, terms, adds, reaches, fork, has_param, has_tensor, relaxed)
         if pattern is _SCAN:
             return None  # its operands read parts of one tensor (dA[t] * state + dBu[t]): an earlier fork is moot
         if pattern is not None:
@@ -340,21 +353,22 @@ def find_merges(
 ) -> list[tuple[MergePattern, int, int]]:
     """Residual merges created in the walked module and not already claimed by an inner module.
 
-    Returns ``(pattern, creation order, merge node id)`` in creation order. The fork is the latest common
-    ancestor of the operands that gives a valid split (a consumer only the skip reaches, a branch with
-    parameters); going further back than the latest one matters for gated skips, where the gate computed
-    from ``x`` is itself shared by both operands (highway: ``t * h(x) + (1 - t) * x``). A sum of n operands
-    (``x + attn(ln x) + mlp(ln x)``: adds whose result only feeds the next add) is one merge with n - 1
-    branches when all its operands share the fork; otherwise its adds are looked at one by one. Adds whose
-    operands share no ancestor inside this module stay unclaimed (an enclosing module may see the fork); adds
-    with common ancestors but no valid split go to ``rejected`` and are not looked at again: an op's internals
-    (``x + 0.04 * x**3`` inside GELU, rotary embeddings), and the adds that are not a path around a
-    sub-network (see :func:`_not_a_skip` and ``docs/flow.md``: attention-score adds, scan recurrences, fusion
-    of parallel sub-networks, averages of heads). ``relaxed`` (explicitly watched modules) drops the
-    parameter requirement.
+    Returns ``(pattern, creation order, merge node id)`` in creation order. The fork is the latest common ancestor
+    of the operands that gives a valid split (a consumer only the skip reaches, a branch with parameters other than
+    scalars); going further back than the latest one matters for gated skips, where the gate computed from ``x`` is
+    itself shared by both operands (highway: ``t * h(x) + (1 - t) * x``). A sum of n operands (``x + attn(ln x) +
+    mlp(ln x)``: adds whose result only feeds the next add) is one merge with n - 1 branches when all its operands
+    share the fork; otherwise its adds are looked at one by one. Adds whose operands share no ancestor inside this
+    module stay unclaimed (an enclosing module may see the fork); adds with common ancestors but no valid split go
+    to ``rejected`` and are not looked at again: an op's internals (``x + 0.04 * x**3`` inside GELU, rotary
+    embeddings, a learnable activation's ``a * x * x + b * x``), and the adds that are not a path around a
+    sub-network (see :func:`_not_a_skip` and ``docs/flow.md``: attention-score adds, scan recurrences, fusion of
+    parallel sub-networks, averages of heads). ``relaxed`` (explicitly watched modules) drops the parameter
+    requirement.
     """
     found = []
     has_param = {nid: any(g.is_leaf_param(c) for _, c, _ in kids) for nid, kids in g.children.items()}
+    has_tensor = {nid: any(g.is_leaf_tensor(c) for _, c, _ in kids) for nid, kids in g.children.items()}
     indegree: dict[int, int] = {}
     for kids in g.children.values():
         for _, cid, _ in kids:
@@ -367,11 +381,11 @@ def find_merges(
         pattern: MergePattern | object | None = None
         terms, adds = _sum_terms(g, nid, indegree, claimed | rejected)
         if len(terms) > 2:
-            pattern = _merge_at(g, nid, terms, adds, has_param, relaxed)
+            pattern = _merge_at(g, nid, terms, adds, has_param, has_tensor, relaxed)
         if not isinstance(pattern, MergePattern):
             kids = g.children[nid]
             adds = {nid}
-            pattern = _merge_at(g, nid, [(nid, e, c) for e, c, _ in kids], adds, has_param, relaxed)
+            pattern = _merge_at(g, nid, [(nid, e, c) for e, c, _ in kids], adds, has_param, has_tensor, relaxed)
         if pattern is _UNRELATED:
             continue
         if not isinstance(pattern, MergePattern):

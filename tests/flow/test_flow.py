@@ -356,6 +356,48 @@ def test_concatenation_and_plain_nets_have_no_blocks():
         mon.close()
 
 
+class LearnedActivation(nn.Module):
+    """xIELU's form (Apertus' MLP activation): learned scalars weigh ``x * x`` beside ``x`` for x > 0, an add of
+    two tensors from one input whose only parameters are scalars."""
+
+    def __init__(self):
+        super().__init__()
+        self.alpha_p, self.alpha_n = nn.Parameter(torch.tensor([0.8])), nn.Parameter(torch.tensor([0.8]))
+
+    def forward(self, x):
+        neg = self.alpha_n * torch.expm1(torch.clamp(x, max=0.0)) - self.alpha_n * x + 0.5 * x
+        return torch.where(x > 0, self.alpha_p * x * x + 0.5 * x, neg)
+
+
+class ScaledMLPBlock(nn.Module):
+    """A residual block whose MLP uses the learned activation; its branch ends in a per-channel scale."""
+
+    def __init__(self, d=8):
+        super().__init__()
+        self.fc1, self.act, self.fc2 = nn.Linear(d, 2 * d), LearnedActivation(), nn.Linear(2 * d, d)
+        self.gamma = nn.Parameter(torch.full((d,), 0.5))
+
+    def forward(self, x):
+        return x + self.gamma * self.fc2(self.act(self.fc1(x)))
+
+
+def test_a_learned_activation_whose_parameters_are_scalars_is_no_block():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), ScaledMLPBlock(), ScaledMLPBlock(), nn.Linear(8, 2))
+    mon = gradwatch.Monitor(model, every=1, strict=True)
+    model(torch.randn(4, 8)).square().mean().backward()
+    mon.step()
+    # the two residual blocks, not the adds inside their activations
+    assert [(b.name, b.kind) for b in mon.describe()] == [("1", "identity"), ("2", "identity")]
+    mon.close()
+    alone = nn.Sequential(nn.Linear(8, 8), LearnedActivation(), nn.Linear(8, 2))
+    mon = gradwatch.Monitor(alone, every=1, strict=True)
+    alone(torch.randn(4, 8)).square().mean().backward()
+    mon.step()
+    assert list(mon.describe()) == [] and mon.flow_status.state == "none"
+    mon.close()
+
+
 # ---------------------------------------------------------------------------------------- faults and ranges
 def test_detached_and_scaled_skips_are_seen():
     torch.manual_seed(0)
