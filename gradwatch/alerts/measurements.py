@@ -212,7 +212,11 @@ def _ratio(m: Measurements, idx: np.ndarray, g2w: np.ndarray, early: float, min_
         return None
     n = early_count(len(vals), early)
     typical = float(np.median(vals))
-    early_med = float(np.median(vals[:n]))
+    # the exploding side (agree="min") reads the lower median of the early depths: at least half of them are at
+    # it or above. np.median averages the middle two, so of two early depths one alone carried the pair: a
+    # post-LN GPT-1's first attention projection reads ~35x the network's median (its LayerNorm divides the
+    # small embedding stream by its scale), the other early depth ~5x, and "the early layers" read 21x
+    early_med = float(np.median(vals[:n])) if agree == "max" else float(np.sort(vals[:n])[(n - 1) // 2])
     ratio = early_med / typical if typical > 0 else math.nan
     return EarlyRatio(ratio, early_med, typical, [m.layers[i] for i in idx[depth < n]], fallback=fallback)
 
@@ -221,7 +225,8 @@ def _ratio(m: Measurements, idx: np.ndarray, g2w: np.ndarray, early: float, min_
 class EarlyRatio:
     """median(grad_to_weight of the early depths) / median(grad_to_weight of all depths), a depth being one
     weight layer or one group of siblings (layers reading one input: :mod:`gradwatch.alerts.siblings`),
-    which counts with its largest ratio. ``early`` names every layer of the early depths."""
+    which counts with its largest ratio (its smallest, and the lower median of the early depths, on the
+    exploding side: ``agree="min"``). ``early`` names every layer of the early depths."""
 
     ratio: float
     early_median: float
@@ -245,7 +250,8 @@ def early_ratio(m: Measurements, early: float = EARLY_FRACTION, min_layers: int 
     agrees: ``"max"`` (:class:`Vanishing`, the health figure): the depth is starved only if even its
     best-fed layer is; ``"min"`` (:class:`Exploding`): it is flooded only if even its least-fed layer is (on a
     2-layer OPT near its stability edge the value projection alone ran 36x the network's median while query
-    and key sat below it: the maximum read that as an exploding depth)."""
+    and key sat below it: the maximum read that as an exploding depth); with ``"min"`` the early depths are
+    flooded only if half of them are, too (their lower median)."""
     if agree not in ("max", "min"):
         raise ValueError(f"early_ratio: agree must be 'max' or 'min', got {agree!r}")
     key = ("early_ratio", early, min_layers, agree)

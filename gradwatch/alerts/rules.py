@@ -275,7 +275,8 @@ class Exploding(Rule):
 
     Two conditions, one rule: (1) median(grad_to_weight of early weight layers) / median(all weight layers)
     above ``relative`` for ``patience`` consecutive logging steps, or at once when above ``relative * far``
-    (with the same *early* as :class:`Vanishing`); (2) ``grad_norm`` of ``_global`` more than ``spike`` times
+    (with the same *early* as :class:`Vanishing`; the lower median of the early depths, so that half of them
+    must read it: one layer alone is not "the early layers"); (2) ``grad_norm`` of ``_global`` more than ``spike`` times
     its reference: the ``spike_quantile`` (0.9) of the last ``spike_window`` logging steps' norms, what a hard
     batch of this run reads (:mod:`gradwatch.alerts._spike`; judged after ``warmup`` steps). A spike is
     ``info`` when it lasts less than ``spike_patience`` consecutive logging steps (healthy stock models spike

@@ -231,3 +231,27 @@ def test_exploding_reads_siblings_at_their_smallest_ratio_so_one_loud_sibling_is
         one.add(names, "grad_to_weight", [3.0, 3.0, 3.0, 0.1, 0.1, 0.1])
         fired += loud.check(one)
     assert fired and fired[-1].rule == "exploding"
+
+
+def test_exploding_needs_half_the_early_depths_flooded_one_loud_depth_is_not_the_early_layers():
+    # eight depths, two of them early (ceil(8 / 4)): a post-LN GPT-1, whose first attention projection reads
+    # ~35x the network's median (its LayerNorm divides the small embedding stream by its scale), the other early
+    # depth ~5x. np.median of the two read 20x, the rule's threshold; the lower median reads 5x
+    names = [f"l{i}.weight" for i in range(8)]
+    values = [0.05, 0.35, 0.01, 0.01, 0.01, 0.01, 0.01, 0.01]
+    m = Measurements(step=0, kinds={})
+    m.add(names, "grad_to_weight", values)
+    assert early_ratio(m).ratio == pytest.approx(20.0)  # the vanishing side (and the health figure): the median
+    assert early_ratio(m, agree="min").ratio == pytest.approx(5.0)  # the exploding side: half must read it
+    quiet, fired = Exploding(), []
+    for step in range(5):
+        one = Measurements(step=step, kinds={})
+        one.add(names, "grad_to_weight", [v * 1.2 for v in values[:2]] + values[2:])  # 24x by the median
+        fired += quiet.check(one)
+    assert fired == []
+    loud = Exploding()  # both early depths flooded: it fires on the third logging step
+    for step in range(5):
+        one = Measurements(step=step, kinds={})
+        one.add(names, "grad_to_weight", [0.3, 0.35] + values[2:])
+        fired += loud.check(one)
+    assert fired and fired[0].rule == "exploding" and fired[0].step == 2
