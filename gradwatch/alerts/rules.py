@@ -273,15 +273,15 @@ class Vanishing(Rule):
 class Exploding(Rule):
     """Early layers far above the typical value, or a spike of the whole-model gradient norm.
 
-    Two conditions, one rule: (1) median(grad_to_weight of early weight layers) / median(all weight layers)
-    above ``relative`` for ``patience`` consecutive logging steps, or at once when above ``relative * far``
-    (with the same *early* as :class:`Vanishing`; the lower median of the early depths, so that half of them
-    must read it: one layer alone is not "the early layers"); (2) ``grad_norm`` of ``_global`` more than ``spike`` times
-    its reference: the ``spike_quantile`` (0.9) of the last ``spike_window`` logging steps' norms, what a hard
-    batch of this run reads (:mod:`gradwatch.alerts._spike`; judged after ``warmup`` steps). A spike is
-    ``info`` when it lasts less than ``spike_patience`` consecutive logging steps (healthy stock models spike
-    and recover: ``docs/validation.md``), ``warning`` once it has lasted that long, ``critical`` when it
-    exceeds ``critical_spike``.
+    Two conditions, one rule: (1) median(grad_to_weight of early weight layers) / median(all weight layers) above
+    ``relative`` for ``patience`` consecutive logging steps, or at once when above ``relative * far`` (with the
+    same *early* as :class:`Vanishing`; the lower median of the early depths, so that half of them must read it:
+    one layer alone is not "the early layers"); (2) ``grad_norm`` of ``_global`` more than ``spike`` times its
+    reference: the ``spike_quantile`` (0.9) of the last ``spike_window`` logging steps' norms, what a hard batch
+    of this run reads (:mod:`gradwatch.alerts._spike`; judged after ``warmup`` steps). A spike is ``info`` when it
+    lasts less than ``spike_patience`` consecutive logging steps (healthy stock models spike and recover:
+    ``docs/validation.md``), ``warning`` once it has lasted that long, ``critical`` when it exceeds
+    ``critical_spike``.
     """
 
     name = "exploding"
