@@ -53,7 +53,9 @@ class Instability(Rule):
     steps that scale the weight up grow it by their whole length: the weights and the logits they make grow
     without bound, the road to the logit-growth instability (Wortsman et al. 2023). Healthy stock LMs, trained
     the usual way, read 0.12-0.61; stock LMs at peaks that spike read 0.9-1 tens of steps ahead
-    (docs/alerts.md). The incident names the layers whose steps went most into their norm.
+    (docs/alerts.md). The incident names the layers whose steps went most into their norm. It is judged from the
+    ``inflate_from``-th (20) logging step (round 6; the other triggers from the ``window``-th): it needs only its
+    own window, and at the highest peaks the weights inflate from the first steps.
 
     **While the loss falls** (round 4) no new warning opens: when the training loss is given
     (:meth:`Monitor.loss <gradwatch.Monitor.loss>`; the Lightning and HF adapters give it), the rule holds back
@@ -89,7 +91,8 @@ class Instability(Rule):
     held-out runs and stock LM families (``benchmarks/instability_stock.py``); the climb and ``runaway``
     (round 3) offline on all of those and six more families, tested once on six families never seen
     (``--set test6``); the inflation (round 4) offline on the same calibration runs and 51 healthy ones
-    (``--usual``), tested once on six more families never seen (``--set round4``). The figures, in-sample and
+    (``--usual``), tested once on six more families never seen (``--set round4``); ``inflate_from`` (round 6)
+    offline on all of those and round 5's test, tested once on ``--set round6``. The figures, in-sample and
     out, and the limits are in ``docs/alerts.md``. Windows and patience count logging steps: with ``every=50``
     the rule judges after 2,500 steps.
     """
@@ -102,7 +105,7 @@ class Instability(Rule):
                  follows_gradient: float = 0.3, runaway: float = 2.0, climb: float = 1.75,
                  climb_window: int = 50, sustained: int = 5, together: int = 3, inflate: float = 0.9,
                  inflate_window: int = 10, inflate_share: float = 0.25, inflate_patience: int = 3,
-                 falling: float = 0.02, falling_window: int = 10) -> None:
+                 inflate_from: int = 20, falling: float = 0.02, falling_window: int = 10) -> None:
         super().__init__(patience, clear_margin)
         self.spread = check_number(spread, "spread", owner=self.name)
         self.min_update = check_number(min_update, "min_update", owner=self.name)
@@ -116,6 +119,7 @@ class Instability(Rule):
         self.climb_window = check_int(climb_window, "climb_window", minimum=2, owner=self.name)
         self.inflate_window = check_int(inflate_window, "inflate_window", minimum=1, owner=self.name)
         self.inflate_patience = check_int(inflate_patience, "inflate_patience", minimum=1, owner=self.name)
+        self.inflate_from = check_int(inflate_from, "inflate_from", minimum=1, owner=self.name)
         self.inflate = check_number(inflate, "inflate", owner=self.name)
         self.inflate_share = check_number(inflate_share, "inflate_share", owner=self.name)
         self.falling = check_number(falling, "falling", owner=self.name)
@@ -139,7 +143,7 @@ class Instability(Rule):
         # ratios of the blocks before the warning opened, and the step it opened
         self.state.update({"update": {}, "grad": {}, "branch": {}, "since": {}, "opened": None,
                            "baseline": {}, "spread": [], "whole": [], "whole_ratio": None,
-                           "climb_ratio": None, "norms": _inflation.empty(), "losses": []})
+                           "climb_ratio": None, "norms": _inflation.empty(), "losses": [], "logged": 0})
 
     def check(self, m: Measurements) -> list[Alert]:
         """One finding while some layer's update and gradient have both outgrown their recent medians, or a
@@ -176,9 +180,11 @@ class Instability(Rule):
         climbing, calm = n >= self.sustained, not n
         # the weights inflate (round 4): the weight norms of a share of the layers grow by nearly the whole
         # length of their steps, each step scaling the weight up (the logit growth of Wortsman et al. 2023: a
-        # softmax sharpened by growing its weights); judged once `window` logging steps are seen, as above
+        # softmax sharpened by growing its weights); judged from the `inflate_from`-th logging step: it needs only
+        # its own window, and at the highest peaks the weights inflate from the first steps (round 6)
+        self.state["logged"] = logged = int(self.state["logged"]) + 1
         align = _inflation.alignment(self.state["norms"], names, m.values("weight_norm")[idx], u, int(m.step),
-                                     self.inflate_window, judge=len(self.state["whole"]) > self.window)
+                                     self.inflate_window, judge=logged > self.inflate_from)
         share = _inflation.reached(align, self.inflate_share)
         n = self._streak_since("inflate", on and share > self.inflate,
                                not (on and share > self.inflate / 2), int(m.step), self.inflate_patience)
@@ -358,5 +364,5 @@ class Instability(Rule):
         super().load_state_dict(state)
         for key, empty in (("update", {}), ("grad", {}), ("branch", {}), ("since", {}), ("opened", None),
                            ("baseline", {}), ("spread", []), ("whole", []), ("whole_ratio", None),
-                           ("climb_ratio", None), ("norms", _inflation.empty()), ("losses", [])):
+                           ("climb_ratio", None), ("norms", _inflation.empty()), ("losses", []), ("logged", 0)):
             self.state.setdefault(key, empty)
