@@ -21,11 +21,15 @@ The sets, each with the seeds and the round it served (docs/alerts.md, the insta
   MLP, LayerNorm1P, partial rotary), XGLM (sinusoidal positions, scaled embedding), Apertus (xIELU MLP,
   qk-norm), Mixtral (sparse mixture of 4 experts, 2 per token), GPT-1 (``openai-gpt``: post-LN), DiffLlama
   (differential attention); seeds 15-16.
+- ``round6`` (round 6 test, run once after ``inflate_from`` was committed): BioGPT (scaled embedding, learned
+  positions), GLM (partial rotary, fused gate/up), EXAONE 4 (norms after attention and MLP, qk-norm, sliding
+  window), SmolLM3 (no rotary in every fourth layer), OLMoE (sparse mixture of experts, qk-norm), BERT as a
+  causal decoder (post-LN with an embedding LayerNorm); seeds 17-18.
 
 Each family's learning-rate grid was read off loss curves alone (a loss-only sweep at the set's seeds, no monitor)
 before any of its runs was watched: the lowest peak never spiked on either seed; the highest spiked on both. The
-families of ``more6``, ``test6``, ``round4`` and ``round5`` share one grid, 0.01, 0.1, 0.3, 1, 2, but Cohere and
-Granite, which needed higher peaks to spike."""
+families of ``more6``, ``test6``, ``round4``, ``round5`` and ``round6`` share one grid, 0.01, 0.1, 0.3, 1, 2, but
+Cohere and Granite, which needed higher peaks to spike."""
 
 from __future__ import annotations
 
@@ -188,6 +192,44 @@ def _diffllama() -> nn.Module:
         num_hidden_layers=DEPTH, num_attention_heads=HEADS, num_key_value_heads=HEADS, max_position_embeddings=CONTEXT,
         tie_word_embeddings=False, **NOTOK)))
 
+def _biogpt() -> nn.Module:
+    from transformers import BioGptConfig, BioGptForCausalLM
+    return BioGptForCausalLM(_eager(BioGptConfig(vocab_size=VOCAB, hidden_size=WIDTH, intermediate_size=4 * WIDTH,
+        num_hidden_layers=DEPTH, num_attention_heads=HEADS, max_position_embeddings=CONTEXT, hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0, activation_dropout=0.0, layerdrop=0.0, **NOTOK)))
+
+def _glm() -> nn.Module:
+    from transformers import GlmConfig, GlmForCausalLM
+    return GlmForCausalLM(_eager(GlmConfig(vocab_size=VOCAB, hidden_size=WIDTH, intermediate_size=172,
+        num_hidden_layers=DEPTH, num_attention_heads=HEADS, num_key_value_heads=2, head_dim=WIDTH // HEADS,
+        max_position_embeddings=CONTEXT, tie_word_embeddings=False, **NOTOK)))
+
+def _exaone4() -> nn.Module:
+    from transformers import Exaone4Config, Exaone4ForCausalLM
+    return Exaone4ForCausalLM(_eager(Exaone4Config(vocab_size=VOCAB, hidden_size=WIDTH, intermediate_size=172,
+        num_hidden_layers=DEPTH, num_attention_heads=HEADS, num_key_value_heads=2, head_dim=WIDTH // HEADS,
+        max_position_embeddings=CONTEXT, sliding_window=16, tie_word_embeddings=False, **NOTOK)))
+
+def _smollm3() -> nn.Module:
+    from transformers import SmolLM3Config, SmolLM3ForCausalLM
+    return SmolLM3ForCausalLM(_eager(SmolLM3Config(vocab_size=VOCAB, hidden_size=WIDTH, intermediate_size=172,
+        num_hidden_layers=DEPTH, num_attention_heads=HEADS, num_key_value_heads=2, max_position_embeddings=CONTEXT,
+        tie_word_embeddings=False, **NOTOK)))
+
+def _olmoe() -> nn.Module:
+    # 4 experts of width 88, 2 per token, as Mixtral's here
+    from transformers import OlmoeConfig, OlmoeForCausalLM
+    return OlmoeForCausalLM(_eager(OlmoeConfig(vocab_size=VOCAB, hidden_size=WIDTH, intermediate_size=88,
+        num_hidden_layers=DEPTH, num_attention_heads=HEADS, num_key_value_heads=HEADS, max_position_embeddings=CONTEXT,
+        num_experts=4, num_experts_per_tok=2, router_aux_loss_coef=0.0, tie_word_embeddings=False, **NOTOK)))
+
+def _bertdec() -> nn.Module:
+    # BERT as a causal decoder (is_decoder): post-LN, with a LayerNorm on the embeddings (GPT-1 has none)
+    from transformers import BertConfig, BertLMHeadModel
+    return BertLMHeadModel(_eager(BertConfig(vocab_size=VOCAB, hidden_size=WIDTH, intermediate_size=4 * WIDTH,
+        num_hidden_layers=DEPTH, num_attention_heads=HEADS, max_position_embeddings=CONTEXT, is_decoder=True,
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, type_vocab_size=1, **NOTOK)))
+
 
 def _gpt2() -> nn.Module:
     from transformers import GPT2Config, GPT2LMHeadModel
@@ -241,6 +283,7 @@ FAMILIES: dict[str, Callable[[], nn.Module]] = {
     "starcoder2": _starcoder2, "phi3": _phi3, "gemma2": _gemma2, "cohere": _cohere, "mpt": _mpt, "granite": _granite,
     "nemotron": _nemotron, "xglm": _xglm, "apertus": _apertus, "mixtral": _mixtral, "openaigpt": _openaigpt,
     "diffllama": _diffllama,
+    "biogpt": _biogpt, "glm": _glm, "exaone4": _exaone4, "smollm3": _smollm3, "olmoe": _olmoe, "bertdec": _bertdec,
 }
 _ROUND3 = (0.01, 0.1, 0.3, 1.0, 2.0)
 #: Peak learning rates per family, lowest first (the module docstring says how they were read).
@@ -252,7 +295,8 @@ GRID: dict[str, tuple[float, ...]] = {
     "phi": (0.01, 0.1, 0.3, 1.0, 2.0),
     **{f: _ROUND3 for f in ("gemma", "bloom", "gptj", "bigcode", "olmo2", "qwen2", "falcon", "stablelm", "qwen3",
                             "olmo", "gptneo", "persimmon", "starcoder2", "phi3", "gemma2", "mpt", "nemotron", "xglm",
-                            "apertus", "mixtral", "openaigpt", "diffllama")},
+                            "apertus", "mixtral", "openaigpt", "diffllama", "biogpt", "glm", "exaone4", "smollm3",
+                            "olmoe", "bertdec")},
     "cohere": (0.01, 0.3, 1.0, 2.0, 5.0),  # no spike up to 2 (its logits scaled by 1/16)
     "granite": (0.01, 0.1, 0.3, 1.0, 3.0),  # 1 spiked on neither seed, 3 on both
 }
@@ -263,4 +307,5 @@ SETS: dict[str, tuple[tuple[str, ...], tuple[int, ...]]] = {
     "test6": (("falcon", "stablelm", "qwen3", "olmo", "gptneo", "persimmon"), (11, 12)),
     "round4": (("starcoder2", "phi3", "gemma2", "cohere", "mpt", "granite"), (13, 14)),
     "round5": (("nemotron", "xglm", "apertus", "mixtral", "openaigpt", "diffllama"), (15, 16)),
+    "round6": (("biogpt", "glm", "exaone4", "smollm3", "olmoe", "bertdec"), (17, 18)),
 }
