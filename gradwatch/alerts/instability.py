@@ -54,8 +54,9 @@ class Instability(Rule):
     without bound, the road to the logit-growth instability (Wortsman et al. 2023). Healthy stock LMs, trained
     the usual way, read 0.12-0.61; stock LMs at peaks that spike read 0.9-1 tens of steps ahead
     (docs/alerts.md). The incident names the layers whose steps went most into their norm. It is judged from the
-    ``inflate_from``-th (20) logging step (round 6; the other triggers from the ``window``-th): it needs only its
-    own window, and at the highest peaks the weights inflate from the first steps.
+    ``inflate_from``-th (30) logging step: round 6 tried the 20th (it needs only its own window) and kept the
+    30th, which the other triggers need (the 20th won 4 calibration runs and none out of sample, and warned on
+    a healthy MobileNetV2 of the zoo).
 
     **While the loss falls** (round 4) no new warning opens: when the training loss is given
     (:meth:`Monitor.loss <gradwatch.Monitor.loss>`; the Lightning and HF adapters give it), the rule holds back
@@ -91,8 +92,8 @@ class Instability(Rule):
     held-out runs and stock LM families (``benchmarks/instability_stock.py``); the climb and ``runaway``
     (round 3) offline on all of those and six more families, tested once on six families never seen
     (``--set test6``); the inflation (round 4) offline on the same calibration runs and 51 healthy ones
-    (``--usual``), tested once on six more families never seen (``--set round4``); ``inflate_from`` (round 6)
-    offline on all of those and round 5's test, tested once on ``--set round6``. The figures, in-sample and
+    (``--usual``), tested once on six more families never seen (``--set round4``), and again on ``--set round5``
+    and ``--set round6``. The figures, in-sample and
     out, and the limits are in ``docs/alerts.md``. Windows and patience count logging steps: with ``every=50``
     the rule judges after 2,500 steps.
     """
@@ -105,7 +106,7 @@ class Instability(Rule):
                  follows_gradient: float = 0.3, runaway: float = 2.0, climb: float = 1.75,
                  climb_window: int = 50, sustained: int = 5, together: int = 3, inflate: float = 0.9,
                  inflate_window: int = 10, inflate_share: float = 0.25, inflate_patience: int = 3,
-                 inflate_from: int = 20, falling: float = 0.02, falling_window: int = 10) -> None:
+                 inflate_from: int = 30, falling: float = 0.02, falling_window: int = 10) -> None:
         super().__init__(patience, clear_margin)
         self.spread = check_number(spread, "spread", owner=self.name)
         self.min_update = check_number(min_update, "min_update", owner=self.name)
@@ -180,8 +181,8 @@ class Instability(Rule):
         climbing, calm = n >= self.sustained, not n
         # the weights inflate (round 4): the weight norms of a share of the layers grow by nearly the whole
         # length of their steps, each step scaling the weight up (the logit growth of Wortsman et al. 2023: a
-        # softmax sharpened by growing its weights); judged from the `inflate_from`-th logging step: it needs only
-        # its own window, and at the highest peaks the weights inflate from the first steps (round 6)
+        # softmax sharpened by growing its weights); judged from the `inflate_from`-th logging step (30, as the
+        # other triggers: 20 won 4 calibration runs, none on round 6's test, and warned on the zoo's MobileNetV2)
         self.state["logged"] = logged = int(self.state["logged"]) + 1
         align = _inflation.alignment(self.state["norms"], names, m.values("weight_norm")[idx], u, int(m.step),
                                      self.inflate_window, judge=logged > self.inflate_from)
