@@ -91,9 +91,9 @@ def blew_up(o: RunOutcome) -> str:
 
 
 def figure(outcomes: Sequence[RunOutcome], path: str, per_trigger: int = 4) -> str | None:
-    """Loss curves with the spike (dotted) and the first warning (dashed) marked, and underneath the leading
-    signal: the ``update_to_weight`` of the first layer the instability warning named (log scale). Up to
-    ``per_trigger`` runs per trigger, spiking ones first."""
+    """Loss curves with the step each run blew up (dotted: its spike or divergence) and the first warning (dashed)
+    marked, and underneath the leading signal: the ``update_to_weight`` of the first layer the instability warning
+    named (log scale). Up to ``per_trigger`` runs per trigger, those that blew up first."""
     from matplotlib.figure import Figure
 
     triggers = list(dict.fromkeys(o.trigger for o in outcomes))
@@ -117,7 +117,7 @@ def figure(outcomes: Sequence[RunOutcome], path: str, per_trigger: int = 4) -> s
                             if o.layers else None)
                 if o.warning is not None:
                     bottom.axvline(o.warning, color=c, ls="--", lw=1.2)
-        top.set_title(f"{trig}: loss (clipped at 12); dotted: spike, dashed: first warning", fontsize=8)
+        top.set_title(f"{trig}: loss (clipped at 12); dotted: blew up, dashed: first warning", fontsize=8)
         top.legend(fontsize=6)
         bottom.set_title("update_to_weight of the first layer warned about", fontsize=8)
         bottom.set_yscale("log")
@@ -138,7 +138,7 @@ def summary_lines(outcomes: Sequence[RunOutcome]) -> list[str]:
 def write_markdown(outcomes: Sequence[RunOutcome], out_md: str, command: str, date: str, seconds: float) -> None:
     """The suite's section of ``out_md``: how it was made, the figures per set, the table and the picture."""
     picture = figure(outcomes, os.path.join(os.path.dirname(out_md) or ".", "img", "instability.png"))
-    shown = [f"![loss curves with the spike and first warning marked; the leading signal underneath]"
+    shown = [f"![loss curves with the blow-up and first warning marked; the leading signal underneath]"
              f"({os.path.relpath(picture, os.path.dirname(out_md) or '.')})", ""] if picture else []
     heldout = any(o.group == "held-out" for o in outcomes)
     write_section(out_md, MARKER, "\n".join([
