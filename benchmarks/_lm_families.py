@@ -45,11 +45,17 @@ def _eager(cfg):  # no sdpa kernel choice between machines
     cfg._attn_implementation = "eager"
     return cfg
 
+def _standard(kind: str, head: str = "ForCausalLM", **kw) -> nn.Module:
+    """``transformers``' ``<kind><head>`` from its ``<kind>Config`` at the suite's size, for the families whose
+    configs take the Llama-style names (vocab_size, hidden_size, num_hidden_layers, num_attention_heads,
+    max_position_embeddings), with ``kw`` on top: each family's own settings."""
+    import transformers
+    cfg = getattr(transformers, f"{kind}Config")(vocab_size=VOCAB, hidden_size=WIDTH, num_hidden_layers=DEPTH,
+        num_attention_heads=HEADS, max_position_embeddings=CONTEXT, **NOTOK, **kw)
+    return getattr(transformers, kind + head)(_eager(cfg))
+
 def _gemma() -> nn.Module:
-    from transformers import GemmaConfig, GemmaForCausalLM
-    return GemmaForCausalLM(_eager(GemmaConfig(vocab_size=VOCAB, hidden_size=WIDTH, intermediate_size=4 * WIDTH,
-        num_hidden_layers=DEPTH, num_attention_heads=HEADS, num_key_value_heads=1, head_dim=WIDTH // HEADS,
-        max_position_embeddings=CONTEXT, use_cache=False, pad_token_id=None, bos_token_id=None, eos_token_id=None)))
+    return _standard("Gemma", intermediate_size=4 * WIDTH, num_key_value_heads=1, head_dim=WIDTH // HEADS)
 
 def _bloom() -> nn.Module:
     from transformers import BloomConfig, BloomForCausalLM
@@ -69,16 +75,10 @@ def _bigcode() -> nn.Module:
         attn_pdrop=0.0, use_cache=False, bos_token_id=None, eos_token_id=None)))
 
 def _olmo2() -> nn.Module:
-    from transformers import Olmo2Config, Olmo2ForCausalLM
-    return Olmo2ForCausalLM(_eager(Olmo2Config(vocab_size=VOCAB, hidden_size=WIDTH, intermediate_size=172,
-        num_hidden_layers=DEPTH, num_attention_heads=HEADS, num_key_value_heads=HEADS, max_position_embeddings=CONTEXT,
-        use_cache=False, pad_token_id=None, bos_token_id=None, eos_token_id=None, tie_word_embeddings=False)))
+    return _standard("Olmo2", intermediate_size=172, num_key_value_heads=HEADS, tie_word_embeddings=False)
 
 def _qwen2() -> nn.Module:
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-    return Qwen2ForCausalLM(_eager(Qwen2Config(vocab_size=VOCAB, hidden_size=WIDTH, intermediate_size=172,
-        num_hidden_layers=DEPTH, num_attention_heads=HEADS, num_key_value_heads=2, max_position_embeddings=CONTEXT,
-        use_cache=False, tie_word_embeddings=False, pad_token_id=None, bos_token_id=None, eos_token_id=None)))
+    return _standard("Qwen2", intermediate_size=172, num_key_value_heads=2, tie_word_embeddings=False)
 
 def _falcon() -> nn.Module:
     from transformers import FalconConfig, FalconForCausalLM
@@ -87,22 +87,14 @@ def _falcon() -> nn.Module:
         max_position_embeddings=CONTEXT, hidden_dropout=0.0, attention_dropout=0.0, **NOTOK)))
 
 def _stablelm() -> nn.Module:
-    from transformers import StableLmConfig, StableLmForCausalLM
-    return StableLmForCausalLM(_eager(StableLmConfig(vocab_size=VOCAB, hidden_size=WIDTH, intermediate_size=172,
-        num_hidden_layers=DEPTH, num_attention_heads=HEADS, num_key_value_heads=HEADS, max_position_embeddings=CONTEXT,
-        tie_word_embeddings=False, **NOTOK)))
+    return _standard("StableLm", intermediate_size=172, num_key_value_heads=HEADS, tie_word_embeddings=False)
 
 def _qwen3() -> nn.Module:
-    from transformers import Qwen3Config, Qwen3ForCausalLM
-    return Qwen3ForCausalLM(_eager(Qwen3Config(vocab_size=VOCAB, hidden_size=WIDTH, intermediate_size=172,
-        num_hidden_layers=DEPTH, num_attention_heads=HEADS, num_key_value_heads=2, head_dim=WIDTH // HEADS,
-        max_position_embeddings=CONTEXT, tie_word_embeddings=False, **NOTOK)))
+    return _standard("Qwen3", intermediate_size=172, num_key_value_heads=2, head_dim=WIDTH // HEADS,
+                     tie_word_embeddings=False)
 
 def _olmo() -> nn.Module:
-    from transformers import OlmoConfig, OlmoForCausalLM
-    return OlmoForCausalLM(_eager(OlmoConfig(vocab_size=VOCAB, hidden_size=WIDTH, intermediate_size=172,
-        num_hidden_layers=DEPTH, num_attention_heads=HEADS, num_key_value_heads=HEADS, max_position_embeddings=CONTEXT,
-        tie_word_embeddings=False, **NOTOK)))
+    return _standard("Olmo", intermediate_size=172, num_key_value_heads=HEADS, tie_word_embeddings=False)
 
 def _gptneo() -> nn.Module:
     from transformers import GPTNeoConfig, GPTNeoForCausalLM
@@ -111,35 +103,23 @@ def _gptneo() -> nn.Module:
         intermediate_size=4 * WIDTH, embed_dropout=0.0, attention_dropout=0.0, resid_dropout=0.0, **NOTOK)))
 
 def _persimmon() -> nn.Module:
-    from transformers import PersimmonConfig, PersimmonForCausalLM
-    return PersimmonForCausalLM(_eager(PersimmonConfig(vocab_size=VOCAB, hidden_size=WIDTH, intermediate_size=4 * WIDTH,
-        num_hidden_layers=DEPTH, num_attention_heads=HEADS, max_position_embeddings=CONTEXT, qk_layernorm=True,
-        hidden_dropout=0.0, attention_dropout=0.0, tie_word_embeddings=False, **NOTOK)))
+    return _standard("Persimmon", intermediate_size=4 * WIDTH, qk_layernorm=True, hidden_dropout=0.0,
+                     attention_dropout=0.0, tie_word_embeddings=False)
 
 def _starcoder2() -> nn.Module:
-    from transformers import Starcoder2Config, Starcoder2ForCausalLM
-    return Starcoder2ForCausalLM(_eager(Starcoder2Config(vocab_size=VOCAB, hidden_size=WIDTH, intermediate_size=4 * WIDTH,
-        num_hidden_layers=DEPTH, num_attention_heads=HEADS, num_key_value_heads=2, max_position_embeddings=CONTEXT,
-        residual_dropout=0.0, embedding_dropout=0.0, attention_dropout=0.0, tie_word_embeddings=False, **NOTOK)))
+    return _standard("Starcoder2", intermediate_size=4 * WIDTH, num_key_value_heads=2, residual_dropout=0.0,
+                     embedding_dropout=0.0, attention_dropout=0.0, tie_word_embeddings=False)
 
 def _phi3() -> nn.Module:
-    from transformers import Phi3Config, Phi3ForCausalLM
-    return Phi3ForCausalLM(_eager(Phi3Config(vocab_size=VOCAB, hidden_size=WIDTH, intermediate_size=172,
-        num_hidden_layers=DEPTH, num_attention_heads=HEADS, num_key_value_heads=HEADS, max_position_embeddings=CONTEXT,
-        original_max_position_embeddings=CONTEXT, resid_pdrop=0.0, embd_pdrop=0.0, attention_dropout=0.0,
-        tie_word_embeddings=False, **NOTOK)))
+    return _standard("Phi3", intermediate_size=172, num_key_value_heads=HEADS, original_max_position_embeddings=CONTEXT,
+                     resid_pdrop=0.0, embd_pdrop=0.0, attention_dropout=0.0, tie_word_embeddings=False)
 
 def _gemma2() -> nn.Module:
-    from transformers import Gemma2Config, Gemma2ForCausalLM
-    return Gemma2ForCausalLM(_eager(Gemma2Config(vocab_size=VOCAB, hidden_size=WIDTH, intermediate_size=4 * WIDTH,
-        num_hidden_layers=DEPTH, num_attention_heads=HEADS, num_key_value_heads=2, head_dim=WIDTH // HEADS,
-        max_position_embeddings=CONTEXT, sliding_window=16, **NOTOK)))
+    return _standard("Gemma2", intermediate_size=4 * WIDTH, num_key_value_heads=2, head_dim=WIDTH // HEADS,
+                     sliding_window=16)
 
 def _cohere() -> nn.Module:
-    from transformers import CohereConfig, CohereForCausalLM
-    return CohereForCausalLM(_eager(CohereConfig(vocab_size=VOCAB, hidden_size=WIDTH, intermediate_size=172,
-        num_hidden_layers=DEPTH, num_attention_heads=HEADS, num_key_value_heads=HEADS, max_position_embeddings=CONTEXT,
-        tie_word_embeddings=False, **NOTOK)))
+    return _standard("Cohere", intermediate_size=172, num_key_value_heads=HEADS, tie_word_embeddings=False)
 
 def _mpt() -> nn.Module:
     from transformers import MptConfig, MptForCausalLM
@@ -147,18 +127,14 @@ def _mpt() -> nn.Module:
         expansion_ratio=4, max_seq_len=CONTEXT, resid_pdrop=0.0, emb_pdrop=0.0, **NOTOK)))
 
 def _granite() -> nn.Module:
-    from transformers import GraniteConfig, GraniteForCausalLM
     # Granite's muP-style multipliers (as Granite 3 sets them, attention at 1/head_dim)
-    return GraniteForCausalLM(_eager(GraniteConfig(vocab_size=VOCAB, hidden_size=WIDTH, intermediate_size=172,
-        num_hidden_layers=DEPTH, num_attention_heads=HEADS, num_key_value_heads=HEADS, max_position_embeddings=CONTEXT,
-        embedding_multiplier=12.0, residual_multiplier=0.22, attention_multiplier=1 / 16, logits_scaling=8.0,
-        tie_word_embeddings=False, **NOTOK)))
+    return _standard("Granite", intermediate_size=172, num_key_value_heads=HEADS, embedding_multiplier=12.0,
+                     residual_multiplier=0.22, attention_multiplier=1 / 16, logits_scaling=8.0,
+                     tie_word_embeddings=False)
 
 def _nemotron() -> nn.Module:
-    from transformers import NemotronConfig, NemotronForCausalLM
-    return NemotronForCausalLM(_eager(NemotronConfig(vocab_size=VOCAB, hidden_size=WIDTH, intermediate_size=4 * WIDTH,
-        num_hidden_layers=DEPTH, num_attention_heads=HEADS, num_key_value_heads=HEADS, head_dim=WIDTH // HEADS,
-        max_position_embeddings=CONTEXT, tie_word_embeddings=False, **NOTOK)))
+    return _standard("Nemotron", intermediate_size=4 * WIDTH, num_key_value_heads=HEADS, head_dim=WIDTH // HEADS,
+                     tie_word_embeddings=False)
 
 def _xglm() -> nn.Module:
     from transformers import XGLMConfig, XGLMForCausalLM
@@ -167,18 +143,14 @@ def _xglm() -> nn.Module:
         activation_dropout=0.0, layerdrop=0.0, **NOTOK)))
 
 def _apertus() -> nn.Module:
-    from transformers import ApertusConfig, ApertusForCausalLM
     # the default rope (Apertus' llama3 scaling assumes 8192 positions of a 32-position model)
-    return ApertusForCausalLM(_eager(ApertusConfig(vocab_size=VOCAB, hidden_size=WIDTH, intermediate_size=4 * WIDTH,
-        num_hidden_layers=DEPTH, num_attention_heads=HEADS, num_key_value_heads=HEADS, max_position_embeddings=CONTEXT,
-        rope_parameters={"rope_type": "default", "rope_theta": 12000000.0}, tie_word_embeddings=False, **NOTOK)))
+    return _standard("Apertus", intermediate_size=4 * WIDTH, num_key_value_heads=HEADS,
+                     rope_parameters={"rope_type": "default", "rope_theta": 12000000.0}, tie_word_embeddings=False)
 
 def _mixtral() -> nn.Module:
     # 4 experts of width 88, 2 per token (88: torch's grouped matmul on CPU wants 16-byte strides)
-    from transformers import MixtralConfig, MixtralForCausalLM
-    return MixtralForCausalLM(_eager(MixtralConfig(vocab_size=VOCAB, hidden_size=WIDTH, intermediate_size=88,
-        num_hidden_layers=DEPTH, num_attention_heads=HEADS, num_key_value_heads=2, max_position_embeddings=CONTEXT,
-        num_local_experts=4, num_experts_per_tok=2, router_aux_loss_coef=0.0, tie_word_embeddings=False, **NOTOK)))
+    return _standard("Mixtral", intermediate_size=88, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+                     router_aux_loss_coef=0.0, tie_word_embeddings=False)
 
 def _openaigpt() -> nn.Module:
     # GPT-1: post-LN (the LayerNorm after each residual add), the one such family here
@@ -187,48 +159,32 @@ def _openaigpt() -> nn.Module:
         n_positions=CONTEXT, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **NOTOK)))
 
 def _diffllama() -> nn.Module:
-    from transformers import DiffLlamaConfig, DiffLlamaForCausalLM
-    return DiffLlamaForCausalLM(_eager(DiffLlamaConfig(vocab_size=VOCAB, hidden_size=WIDTH, intermediate_size=172,
-        num_hidden_layers=DEPTH, num_attention_heads=HEADS, num_key_value_heads=HEADS, max_position_embeddings=CONTEXT,
-        tie_word_embeddings=False, **NOTOK)))
+    return _standard("DiffLlama", intermediate_size=172, num_key_value_heads=HEADS, tie_word_embeddings=False)
 
 def _biogpt() -> nn.Module:
-    from transformers import BioGptConfig, BioGptForCausalLM
-    return BioGptForCausalLM(_eager(BioGptConfig(vocab_size=VOCAB, hidden_size=WIDTH, intermediate_size=4 * WIDTH,
-        num_hidden_layers=DEPTH, num_attention_heads=HEADS, max_position_embeddings=CONTEXT, hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0, activation_dropout=0.0, layerdrop=0.0, **NOTOK)))
+    return _standard("BioGpt", intermediate_size=4 * WIDTH, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                     activation_dropout=0.0, layerdrop=0.0)
 
 def _glm() -> nn.Module:
-    from transformers import GlmConfig, GlmForCausalLM
-    return GlmForCausalLM(_eager(GlmConfig(vocab_size=VOCAB, hidden_size=WIDTH, intermediate_size=172,
-        num_hidden_layers=DEPTH, num_attention_heads=HEADS, num_key_value_heads=2, head_dim=WIDTH // HEADS,
-        max_position_embeddings=CONTEXT, tie_word_embeddings=False, **NOTOK)))
+    return _standard("Glm", intermediate_size=172, num_key_value_heads=2, head_dim=WIDTH // HEADS,
+                     tie_word_embeddings=False)
 
 def _exaone4() -> nn.Module:
-    from transformers import Exaone4Config, Exaone4ForCausalLM
-    return Exaone4ForCausalLM(_eager(Exaone4Config(vocab_size=VOCAB, hidden_size=WIDTH, intermediate_size=172,
-        num_hidden_layers=DEPTH, num_attention_heads=HEADS, num_key_value_heads=2, head_dim=WIDTH // HEADS,
-        max_position_embeddings=CONTEXT, sliding_window=16, tie_word_embeddings=False, **NOTOK)))
+    return _standard("Exaone4", intermediate_size=172, num_key_value_heads=2, head_dim=WIDTH // HEADS,
+                     sliding_window=16, tie_word_embeddings=False)
 
 def _smollm3() -> nn.Module:
-    from transformers import SmolLM3Config, SmolLM3ForCausalLM
-    return SmolLM3ForCausalLM(_eager(SmolLM3Config(vocab_size=VOCAB, hidden_size=WIDTH, intermediate_size=172,
-        num_hidden_layers=DEPTH, num_attention_heads=HEADS, num_key_value_heads=2, max_position_embeddings=CONTEXT,
-        tie_word_embeddings=False, **NOTOK)))
+    return _standard("SmolLM3", intermediate_size=172, num_key_value_heads=2, tie_word_embeddings=False)
 
 def _olmoe() -> nn.Module:
     # 4 experts of width 88, 2 per token, as Mixtral's here
-    from transformers import OlmoeConfig, OlmoeForCausalLM
-    return OlmoeForCausalLM(_eager(OlmoeConfig(vocab_size=VOCAB, hidden_size=WIDTH, intermediate_size=88,
-        num_hidden_layers=DEPTH, num_attention_heads=HEADS, num_key_value_heads=HEADS, max_position_embeddings=CONTEXT,
-        num_experts=4, num_experts_per_tok=2, router_aux_loss_coef=0.0, tie_word_embeddings=False, **NOTOK)))
+    return _standard("Olmoe", intermediate_size=88, num_key_value_heads=HEADS, num_experts=4, num_experts_per_tok=2,
+                     router_aux_loss_coef=0.0, tie_word_embeddings=False)
 
 def _bertdec() -> nn.Module:
     # BERT as a causal decoder (is_decoder): post-LN, with a LayerNorm on the embeddings (GPT-1 has none)
-    from transformers import BertConfig, BertLMHeadModel
-    return BertLMHeadModel(_eager(BertConfig(vocab_size=VOCAB, hidden_size=WIDTH, intermediate_size=4 * WIDTH,
-        num_hidden_layers=DEPTH, num_attention_heads=HEADS, max_position_embeddings=CONTEXT, is_decoder=True,
-        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, type_vocab_size=1, **NOTOK)))
+    return _standard("Bert", "LMHeadModel", intermediate_size=4 * WIDTH, is_decoder=True, hidden_dropout_prob=0.0,
+                     attention_probs_dropout_prob=0.0, type_vocab_size=1)
 
 
 def _gpt2() -> nn.Module:
