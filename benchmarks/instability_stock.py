@@ -45,6 +45,8 @@ import argparse
 import dataclasses
 import json
 import math
+import os
+import pickle
 import sys
 import time
 from collections.abc import Sequence
@@ -82,9 +84,10 @@ def lm_loss(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
 
 
 def run_stock(family: str, lr: float, seed: int, steps: int = STEPS, threads: int = 1,
-              warmup: int = WARMUP) -> tuple[RunOutcome, RunOutcome]:
+              warmup: int = WARMUP, record: str | None = None) -> tuple[RunOutcome, RunOutcome]:
     """Train ``family`` at peak ``lr`` under the suite's monitor and score it with the suite's ``score``: on
-    every rule's warnings, and on the ``instability`` rule's alone."""
+    every rule's warnings, and on the ``instability`` rule's alone. With ``record`` (a folder), the run's
+    records and losses are pickled there for ``benchmarks/instability_replay.py``."""
     torch.set_num_threads(threads)
     run = Run(f"{family}-lr{lr:g}-s{seed}", family, lr, seed=seed, steps=steps, warmup=warmup, group="stock")
     torch.manual_seed(seed)  # the library's own init, seeded
@@ -99,7 +102,20 @@ def run_stock(family: str, lr: float, seed: int, steps: int = STEPS, threads: in
     # rules were not calibrated on the suite and speak on these models for their own reasons)
     own = SimpleNamespace(alerts=[a for a in mon.alerts if a.rule == "instability"], records=mon.records,
                           errors=mon.errors)
-    return score(run, mon, values, seconds), score(run, cast(Monitor, own), values, seconds)
+    outcomes = score(run, mon, values, seconds), score(run, cast(Monitor, own), values, seconds)
+    if record:
+        _record(record, run, mon, values, outcomes[1])
+    return outcomes
+
+
+def _record(folder: str, run: Run, mon: Monitor, losses: list[float], alone: RunOutcome) -> None:
+    """One pickle per run: what ``benchmarks/instability_replay.py`` feeds the rule again (every logging step's
+    record, with the loss the rule's gate reads) and scores (the losses), with the live outcome to check the
+    replay against. Records hold numpy arrays: ~1-3 MB a run."""
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, f"{run.name}.pkl"), "wb") as f:
+        pickle.dump({"run": run, "records": mon.records, "losses": losses, "live_warning": alone.warning,
+                     "torch": torch.__version__}, f, protocol=pickle.HIGHEST_PROTOCOL)
 
 
 def verdict(o: RunOutcome) -> str:
@@ -158,6 +174,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                          f"{USUAL[2]} steps, {USUAL[1]} steps, seed 0 (what no rule may warn about)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", help="write every run's outcome (losses, incidents) here")
+    ap.add_argument("--record", metavar="DIR", help="pickle each run's records and losses here, for "
+                                                    "benchmarks/instability_replay.py")
     args = ap.parse_args(argv)
     args.only = args.only or list(SETS[args.set][0])
     args.seeds = args.seeds or ([0] if args.usual else list(SETS[args.set][1]))
@@ -166,7 +184,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for family in args.only:
         for lr in args.lrs or (USUAL[0] if args.usual else GRID[family]):
             for seed in args.seeds:
-                o, i = run_stock(family, lr, seed, steps, args.threads, warmup)
+                o, i = run_stock(family, lr, seed, steps, args.threads, warmup, args.record)
                 every.append(o)
                 alone.append(i)
                 print(f"{o.run}: blew up at {blew_up(o)}; first warning {o.warning} ({o.rule}), {verdict(o)}; "

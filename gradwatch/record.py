@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -94,6 +94,16 @@ class StepRecord:
                 raise ValueError(f"StepRecord.{name} has shape {np.shape(arr)}, expected {shape}")
             if not isinstance(arr, np.ndarray) or arr.flags.writeable:
                 object.__setattr__(self, name, _frozen(arr, *shape))
+
+    def __getstate__(self) -> dict[str, Any]:
+        # the health mapping is read-only (a mappingproxy, which pickle refuses): pickled as a plain dict, and
+        # __setstate__ freezes it and the arrays again, as construction does
+        return {**self.__dict__, "health": dict(self.health)}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        for key, value in state.items():
+            object.__setattr__(self, key, value)
+        self.__post_init__()
 
     @classmethod
     def build(

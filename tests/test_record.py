@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 import logging
 import os
+import pickle
 
 import numpy as np
 import pytest
@@ -85,6 +86,27 @@ def test_a_record_is_immutable_and_reads_by_name():
     assert len(flat) == len(r) + 1 + 1 + 3
     with pytest.raises(KeyError):
         r.value("no.such.layer", "grad_norm")
+    mon.close()
+
+
+def test_a_record_pickles_whole_and_stays_immutable():
+    # records cross process boundaries (multiprocessing, an offline replay of a rule): pickle keeps every field
+    # and the unpickled record is as read-only as the original
+    model = resnet(8, width=4)
+    mon = gradwatch.Monitor(model, every=1, strict=True)
+    mon.loss(torch.tensor(2.5))
+    train(model, mon, 2)
+    r = mon.latest
+    q = pickle.loads(pickle.dumps(r))
+    assert (q.step, q.layers, q.layer_metrics, q.blocks, q.kinds, q.loss) == (r.step, r.layers, r.layer_metrics,
+                                                                              r.blocks, r.kinds, r.loss)
+    np.testing.assert_array_equal(q.layer_values, r.layer_values)
+    np.testing.assert_array_equal(q.block_values, r.block_values)
+    assert dict(q.health) == dict(r.health) and len(q.health) > 0
+    with pytest.raises(ValueError):
+        q.layer_values[0, 0] = 1.0
+    with pytest.raises(TypeError):
+        q.health["x"] = 1.0  # type: ignore[index]
     mon.close()
 
 

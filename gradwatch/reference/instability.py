@@ -31,7 +31,7 @@ from torch import nn
 from ..monitor import Monitor
 from .gpt import TinyGPT, synthetic_language
 
-__all__ = ["Run", "RunOutcome", "runs", "run_one", "train", "spike_step", "divergence_step", "blowup", "SPIKE_NATS",
+__all__ = ["Run", "RunOutcome", "runs", "run_one", "train_run", "train", "spike_step", "divergence_step", "blowup", "SPIKE_NATS",
            "SPIKE_WINDOW", "SPIKE_FROM", "LEADING_RULES", "heldout_runs"]
 
 #: The spike definition (:func:`spike_step`): the loss at a step exceeds the median of the ``SPIKE_WINDOW``
@@ -193,6 +193,13 @@ def heldout_runs() -> list[Run]:
 def run_one(run: Run, out: str | None = None, threads: int = 1, every: int = 1) -> RunOutcome:
     """Train ``run`` with a default monitor (logging every ``every`` steps; TensorBoard logs under
     ``<out>/<run>`` without pictures, when ``out`` is given) and score it."""
+    return score(run, *train_run(run, out, threads, every))
+
+
+def train_run(run: Run, out: str | None = None, threads: int = 1,
+              every: int = 1) -> tuple[Monitor, list[float], float]:
+    """:func:`run_one` before scoring: the suite's TinyGPT for ``run`` trained by :func:`train`; returns the
+    monitor (its records replay a rule offline), the loss per step and the seconds taken."""
     torch.set_num_threads(threads)
     torch.manual_seed(run.seed)
     model = TinyGPT(dim=run.dim, depth=run.depth, qk_norm=run.qk_norm)
@@ -203,9 +210,8 @@ def run_one(run: Run, out: str | None = None, threads: int = 1, every: int = 1) 
         source = shifted if run.shift is not None and i >= run.shift else data
         return source[torch.randint(0, len(source), (16,), generator=gen)]
 
-    mon, losses, seconds = train(run, model, batch, lambda net, b: net.loss(b),
-                                 log_dir=os.path.join(out, run.name) if out else None, every=every)
-    return score(run, mon, losses, seconds)
+    return train(run, model, batch, lambda net, b: net.loss(b),
+                 log_dir=os.path.join(out, run.name) if out else None, every=every)
 
 
 def train(run: Run, model: nn.Module, batch: Callable[[int, torch.Generator], torch.Tensor],
