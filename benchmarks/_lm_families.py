@@ -25,10 +25,14 @@ The sets, each with the seeds and the round it served (docs/alerts.md, the insta
   positions), GLM (partial rotary, fused gate/up), EXAONE 4 (norms after attention and MLP, qk-norm, sliding
   window), SmolLM3 (no rotary in every fourth layer), OLMoE (sparse mixture of experts, qk-norm), BERT as a
   causal decoder (post-LN with an embedding LayerNorm); seeds 17-18.
+- ``round7`` (round 7 test, run once after the rule was frozen; three post-LN families, to test a precursor of
+  the post-LN collapse that GPT-1 and the BERT decoder showed): BART's and Marian's decoders (post-LN, with
+  and without an embedding LayerNorm), RoFormer as a causal decoder (post-LN, rotary), Helium, ERNIE 4.5 and
+  CodeGen (parallel attention and MLP, partial rotary); seeds 19-20.
 
 Each family's learning-rate grid was read off loss curves alone (a loss-only sweep at the set's seeds, no monitor)
 before any of its runs was watched: the lowest peak never spiked on either seed; the highest spiked on both. The
-families of ``more6``, ``test6``, ``round4``, ``round5`` and ``round6`` share one grid, 0.01, 0.1, 0.3, 1, 2, but
+families of ``more6``, ``test6``, ``round4``, ``round5``, ``round6`` and ``round7`` share one grid, 0.01, 0.1, 0.3, 1, 2, but
 Cohere and Granite, which needed higher peaks to spike."""
 
 from __future__ import annotations
@@ -186,6 +190,45 @@ def _bertdec() -> nn.Module:
     return _standard("Bert", "LMHeadModel", intermediate_size=4 * WIDTH, is_decoder=True, hidden_dropout_prob=0.0,
                      attention_probs_dropout_prob=0.0, type_vocab_size=1)
 
+def _bart() -> nn.Module:
+    # BART's decoder alone (BartForCausalLM): post-LN with an embedding LayerNorm, learned positions; its
+    # cross-attention layers are built and never run (no encoder), as for anyone who loads it this way
+    from transformers import BartConfig, BartForCausalLM
+    return BartForCausalLM(_eager(BartConfig(**_SEQ2SEQ, decoder_start_token_id=None)))
+
+def _marian() -> nn.Module:
+    # Marian's decoder alone: post-LN without an embedding LayerNorm, sinusoidal positions
+    from transformers import MarianConfig, MarianForCausalLM
+    return MarianForCausalLM(_eager(MarianConfig(**_SEQ2SEQ, decoder_start_token_id=0, decoder_vocab_size=VOCAB)))
+
+def _roformer() -> nn.Module:
+    # RoFormer as a causal decoder: post-LN (as BERT) with rotary positions
+    return _standard("RoFormer", intermediate_size=4 * WIDTH, is_decoder=True, hidden_dropout_prob=0.0,
+                     attention_probs_dropout_prob=0.0, type_vocab_size=1, embedding_size=WIDTH)
+
+def _helium() -> nn.Module:
+    return _standard("Helium", intermediate_size=172, num_key_value_heads=HEADS, head_dim=WIDTH // HEADS,
+                     tie_word_embeddings=False)
+
+def _ernie45() -> nn.Module:
+    return _standard("Ernie4_5", intermediate_size=172, num_key_value_heads=2, head_dim=WIDTH // HEADS,
+                     tie_word_embeddings=False)
+
+def _codegen() -> nn.Module:
+    # CodeGen: parallel attention and MLP (as GPT-J) with partial rotary
+    from transformers import CodeGenConfig, CodeGenForCausalLM
+    return CodeGenForCausalLM(_eager(CodeGenConfig(vocab_size=VOCAB, n_positions=CONTEXT, n_ctx=CONTEXT, n_embd=WIDTH,
+        n_layer=DEPTH, n_head=HEADS, rotary_dim=8, n_inner=4 * WIDTH, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+        tie_word_embeddings=False, **NOTOK)))
+
+#: the decoder of an encoder-decoder config, at the suite's size
+_SEQ2SEQ = dict(vocab_size=VOCAB, d_model=WIDTH, decoder_layers=DEPTH, decoder_attention_heads=HEADS,
+                decoder_ffn_dim=4 * WIDTH, encoder_layers=DEPTH, encoder_attention_heads=HEADS,
+                encoder_ffn_dim=4 * WIDTH, max_position_embeddings=CONTEXT, dropout=0.0, attention_dropout=0.0,
+                activation_dropout=0.0, decoder_layerdrop=0.0, is_decoder=True, is_encoder_decoder=False,
+                forced_eos_token_id=None, **NOTOK)
+
+
 
 def _gpt2() -> nn.Module:
     from transformers import GPT2Config, GPT2LMHeadModel
@@ -240,6 +283,8 @@ FAMILIES: dict[str, Callable[[], nn.Module]] = {
     "nemotron": _nemotron, "xglm": _xglm, "apertus": _apertus, "mixtral": _mixtral, "openaigpt": _openaigpt,
     "diffllama": _diffllama,
     "biogpt": _biogpt, "glm": _glm, "exaone4": _exaone4, "smollm3": _smollm3, "olmoe": _olmoe, "bertdec": _bertdec,
+    "bart": _bart, "marian": _marian, "roformer": _roformer, "helium": _helium, "ernie45": _ernie45,
+    "codegen": _codegen,
 }
 _ROUND3 = (0.01, 0.1, 0.3, 1.0, 2.0)
 #: Peak learning rates per family, lowest first (the module docstring says how they were read).
@@ -252,7 +297,7 @@ GRID: dict[str, tuple[float, ...]] = {
     **{f: _ROUND3 for f in ("gemma", "bloom", "gptj", "bigcode", "olmo2", "qwen2", "falcon", "stablelm", "qwen3",
                             "olmo", "gptneo", "persimmon", "starcoder2", "phi3", "gemma2", "mpt", "nemotron", "xglm",
                             "apertus", "mixtral", "openaigpt", "diffllama", "biogpt", "glm", "exaone4", "smollm3",
-                            "olmoe", "bertdec")},
+                            "olmoe", "bertdec", "bart", "marian", "roformer", "helium", "ernie45", "codegen")},
     "cohere": (0.01, 0.3, 1.0, 2.0, 5.0),  # no spike up to 2 (its logits scaled by 1/16)
     "granite": (0.01, 0.1, 0.3, 1.0, 3.0),  # 1 spiked on neither seed, 3 on both
 }
@@ -264,4 +309,5 @@ SETS: dict[str, tuple[tuple[str, ...], tuple[int, ...]]] = {
     "round4": (("starcoder2", "phi3", "gemma2", "cohere", "mpt", "granite"), (13, 14)),
     "round5": (("nemotron", "xglm", "apertus", "mixtral", "openaigpt", "diffllama"), (15, 16)),
     "round6": (("biogpt", "glm", "exaone4", "smollm3", "olmoe", "bertdec"), (17, 18)),
+    "round7": (("bart", "marian", "roformer", "helium", "ernie45", "codegen"), (19, 20)),
 }

@@ -24,8 +24,8 @@ and over all: recall (runs that blew up warned strictly before it), median lead,
 that did neither yet got a warning).
 
     cd <worktree> && PYTHONPATH=$PWD nice -n 10 /work/zoovenv/bin/python benchmarks/instability_stock.py \\
-        [--set lm5|more6|test6|round4|round5|round6] [--usual] [--only FAMILY ...] [--seeds ...] [--lrs ...] \\
-        [--json out.json]
+        [--set lm5|more6|test6|round4|round5|round6|round7] [--usual] [--only FAMILY ...] [--seeds ...] \\
+        [--lrs ...] [--json out.json] [--record DIR] [--loss-only]
 
 The markdown goes to stdout, one progress line per run to stderr. 3-6 s a run at one thread on the shared
 2-core dev machine (60 runs of a set: ~4-5 min). Needs ``transformers`` (the zoo venv); the project venv has
@@ -133,12 +133,16 @@ def table(outcomes: Sequence[RunOutcome]) -> str:
             "| s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for o in outcomes:
         family, lr, seed = _parts(o.run)
-        finite = [x for x in o.losses if math.isfinite(x)]
-        loss = f"{min(finite):.2f}/{o.losses[-1]:.2f}" if finite else "–"
         rows.append(f"| {family} | {lr} | {seed} | {blew_up(o)} | {_or(o.warning, 'none')} | "
-                    f"{o.rule or '–'} | {o.layers or '–'} | {_or(o.lead, '–')} | {verdict(o)} | {loss} | "
+                    f"{o.rule or '–'} | {o.layers or '–'} | {_or(o.lead, '–')} | {verdict(o)} | {_loss(o)} | "
                     f"{o.seconds:.0f} |")
     return "\n".join(rows)
+
+
+def _loss(o: RunOutcome) -> str:
+    """``min/last`` of the run's finite losses."""
+    finite = [x for x in o.losses if math.isfinite(x)]
+    return f"{min(finite):.2f}/{o.losses[-1]:.2f}" if finite else "–"
 
 
 def _parts(name: str) -> tuple[str, str, str]:
@@ -174,6 +178,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                          f"{USUAL[2]} steps, {USUAL[1]} steps, seed 0 (what no rule may warn about)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", help="write every run's outcome (losses, incidents) here")
+    ap.add_argument("--loss-only", action="store_true",
+                    help="print the losses' blow-ups alone, no warning (how a new set's grid is read before any "
+                         "of its warnings is seen; with --record its runs are replayed once the rule is frozen)")
     ap.add_argument("--record", metavar="DIR", help="pickle each run's records and losses here, for "
                                                     "benchmarks/instability_replay.py")
     args = ap.parse_args(argv)
@@ -187,9 +194,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                 o, i = run_stock(family, lr, seed, steps, args.threads, warmup, args.record)
                 every.append(o)
                 alone.append(i)
+                if args.loss_only:
+                    print(f"{o.run}: blew up at {blew_up(o)}; loss {_loss(o)}; {o.seconds:.1f} s", flush=True)
+                    continue
                 print(f"{o.run}: blew up at {blew_up(o)}; first warning {o.warning} ({o.rule}), {verdict(o)}; "
                       f"instability {i.warning}, {verdict(i)}; {o.seconds:.1f} s"
                       + (f", errors {o.errors}" if o.errors else ""), file=sys.stderr, flush=True)
+    if args.loss_only:
+        return 0
     for title, outcomes in (("The instability rule alone", alone),
                             ("Every rule (the suite's scorecard: the first warning of any rule)", every)):
         print(f"### {title}\n\n{table(outcomes)}\n\n" + "\n".join(summary(outcomes)) + "\n")
