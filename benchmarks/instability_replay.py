@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import glob
 import json
+import multiprocessing
 import os
 import pickle
 import sys
@@ -79,32 +80,41 @@ def figures(rows: Sequence[tuple[int | None, int | None]]) -> str:
             f"{sum(w is not None for w in calm)} of {len(calm)} that did neither were warned")
 
 
-def replay(folders: Sequence[str], settings: dict[str, Any], show_runs: bool) -> int:
+def _one(job: tuple[str, dict[str, Any], bool]) -> tuple[str, int | None, int | None, int | None, int | None]:
+    """One recorded run: its name, blow-up, live first warning, the default rule's replayed (the live one when
+    not ``check``ed) and the tried settings'."""
+    path, settings, check = job
+    with open(path, "rb") as f:
+        rec = pickle.load(f)
+    blew, _ = blowup(rec["losses"])
+    base = first_warning(rec["records"], {}) if check or not settings else rec["live_warning"]
+    tried = first_warning(rec["records"], settings) if settings else base
+    return rec["run"].name, blew, rec["live_warning"], base, tried
+
+
+def replay(folders: Sequence[str], settings: dict[str, Any], show_runs: bool, check: bool = True,
+           jobs: int = 1) -> int:
     total: dict[str, list[tuple[int | None, int | None]]] = {"default": [], "tried": []}
     mismatches, start = [], time.perf_counter()
-    for folder in folders:
-        rows: dict[str, list[tuple[int | None, int | None]]] = {"default": [], "tried": []}
-        for path in sorted(glob.glob(os.path.join(folder, "*.pkl"))):
-            with open(path, "rb") as f:
-                rec = pickle.load(f)
-            run: Run = rec["run"]
-            blew, _ = blowup(rec["losses"])
-            base = first_warning(rec["records"], {})
-            tried = first_warning(rec["records"], settings) if settings else base
-            if rec["live_warning"] != base:  # the replay must reproduce what the rule did live
-                mismatches.append(f"{run.name}: live {rec['live_warning']}, replayed {base}")
-            rows["default"].append((blew, base))
-            rows["tried"].append((blew, tried))
-            if show_runs and base != tried:
-                print(f"  {os.path.basename(folder)}/{run.name}: blew up {blew}; {base} ({verdict(blew, base)}) -> "
-                      f"{tried} ({verdict(blew, tried)})")
-        for k in total:
-            total[k] += rows[k]
-        print(f"- **{os.path.basename(folder.rstrip('/'))}** default: {figures(rows['default'])}"
-              + (f"; tried: {figures(rows['tried'])}" if settings else ""))
+    with multiprocessing.Pool(jobs) as pool:
+        for folder in folders:
+            rows: dict[str, list[tuple[int | None, int | None]]] = {"default": [], "tried": []}
+            paths = sorted(glob.glob(os.path.join(folder, "*.pkl")))
+            for name, blew, live, base, tried in pool.imap(_one, [(p, settings, check) for p in paths]):
+                if live != base:  # the replay must reproduce what the rule did live
+                    mismatches.append(f"{name}: live {live}, replayed {base}")
+                rows["default"].append((blew, base))
+                rows["tried"].append((blew, tried))
+                if show_runs and base != tried:
+                    print(f"  {os.path.basename(folder.rstrip('/'))}/{name}: blew up {blew}; {base} "
+                          f"({verdict(blew, base)}) -> {tried} ({verdict(blew, tried)})")
+            for k in total:
+                total[k] += rows[k]
+            print(f"- **{os.path.basename(folder.rstrip('/'))}** default: {figures(rows['default'])}"
+                  + (f"; tried: {figures(rows['tried'])}" if settings else ""), flush=True)
     print(f"- **all** default: {figures(total['default'])}" + (f"; tried: {figures(total['tried'])}" if settings else ""))
     print(f"{len(total['default'])} runs replayed in {time.perf_counter() - start:.0f} s; settings tried: "
-          f"{json.dumps(settings)}")
+          f"{json.dumps(settings)}" + ("" if check or not settings else "; the default taken from the live runs"))
     for m in mismatches:
         print(f"replay differs from the live run: {m}")
     return 1 if mismatches else 0
@@ -129,11 +139,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     rep.add_argument("folders", nargs="+")
     rep.add_argument("--rule", nargs="+", type=_setting, default=[], help="Instability settings tried: key=value")
     rep.add_argument("--runs", action="store_true", help="print the runs whose first warning changed")
+    rep.add_argument("--no-check", action="store_true",
+                     help="take the default rule's warnings from the live runs instead of replaying them too")
+    rep.add_argument("--jobs", type=int, default=1, help="runs replayed at once (processes)")
     args = ap.parse_args(argv)
     if args.cmd == "record-suite":
         record_suite(args.folder, args.heldout, args.only)
         return 0
-    return replay(args.folders, dict(args.rule), args.runs)
+    return replay(args.folders, dict(args.rule), args.runs, not args.no_check, args.jobs)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,14 @@ from .rule import Rule
 __all__ = ["Instability"]
 
 
+def _nanmedian(x: np.ndarray, axis: int | None = None, keepdims: bool = False) -> np.ndarray:
+    """``np.nanmedian``, taking ``np.median``'s path when there is no NaN: the same values, but numpy's NaN-aware
+    median of a small axis goes through masked arrays, ~10x slower, and this runs on every logging step."""
+    if np.isnan(x).any():
+        return np.nanmedian(x, axis=axis, keepdims=keepdims)
+    return np.median(x, axis=axis, keepdims=keepdims)
+
+
 class Instability(Rule):
     """Training is about to go unstable: at steps large enough to run away, a weight layer's update and its
     gradient grow fast at once, a residual branch is knocked quiet, the whole model's gradient climbs and
@@ -266,7 +274,7 @@ class Instability(Rule):
         if full:  # one median over a (layers x window) array: rules run on every logging step
             with warnings.catch_warnings():  # a window of NaN only (a layer never updated): NaN, is no growth
                 warnings.simplefilter("ignore", RuntimeWarning)
-                med = np.nanmedian(np.array([hist[names[i]][-self.window:] for i in full], dtype=np.float64), axis=1)
+                med = _nanmedian(np.array([hist[names[i]][-self.window:] for i in full], dtype=np.float64), axis=1)
             v = np.asarray(values, dtype=np.float64)[full]
             with np.errstate(divide="ignore", invalid="ignore"):
                 out[full] = np.where((med > 0) & np.isfinite(v), v / med, np.nan)
@@ -307,7 +315,7 @@ class Instability(Rule):
             with np.errstate(divide="ignore", invalid="ignore"), warnings.catch_warnings():
                 warnings.simplefilter("ignore", RuntimeWarning)  # as in _ratios
                 x = np.log(np.array([hist[names[i]][-self.window:] for i in full], dtype=np.float64))
-                out[full] = np.nanmedian(np.abs(x - np.nanmedian(x, axis=1, keepdims=True)), axis=1)
+                out[full] = _nanmedian(np.abs(x - _nanmedian(x, axis=1, keepdims=True)), axis=1)
         return out
 
     def _remember(self, key: str, names: list[str], values: np.ndarray) -> None:
