@@ -22,14 +22,16 @@ _ATTENTION = ("attn", "attention", "qkv", "query", "key", "q_proj", "k_proj", "i
 
 def finding(rule: Instability, m: Measurements, names: list[str], u: np.ndarray, ru: np.ndarray, rg: np.ndarray,
              growing: list[str], exploded: list[str], quiet: list[str], dropped: dict[str, float],
-             opened: int, climbing: bool = False, align: np.ndarray | None = None) -> Alert:
+             opened: int, climbing: bool = False, align: np.ndarray | None = None,
+             rise: tuple[float, float] | None = None) -> Alert:
     since: dict[str, int] = rule.state["since"]
     first = sorted((n for n in growing if n in since), key=lambda n: (since[n], names.index(n)))
     pos = {n: i for i, n in enumerate(names)}
     parts = [f"{n} (update {ru[pos[n]]:.2g}x, gradient {rg[pos[n]]:.2g}x, since step {since[n]})" for n in first[:3]]
     starts = [since[n] for n in first] + [since[f"branch:{b}"] for b in quiet if f"branch:{b}" in since] + (
         [since["whole"]] if climbing and "whole" in since else []) + (
-        [since["inflate"]] if align is not None and "inflate" in since else [])
+        [since["inflate"]] if align is not None and "inflate" in since else []) + (
+        [since["loss"]] if rise is not None and "loss" in since else [])
     start = min(starts, default=opened)
     said = []
     if first:
@@ -62,6 +64,10 @@ def finding(rule: Instability, m: Measurements, names: list[str], u: np.ndarray,
                     f"logging steps went into growing the weight's norm (each step scales the weight up) since "
                     f"step {since.get('inflate', opened)}, most in "
                     + ", ".join(f"{names[i]} ({align[i]:.2f})" for i in order[:3] if align[i] > rule.inflate))
+    if rise is not None:
+        said.append(f"the training loss has climbed {rise[0] - rise[1]:.2g} above the best it reached (its median "
+                    f"over the last {rule.risen_window} logging steps {rise[1]:.4g} -> {rise[0]:.4g}) since step "
+                    f"{since.get('loss', opened)}: the run is on its way to diverging")
     if (first or quiet) and whole is not None:
         said.append(f"the whole model's gradient at {whole:.2g}x its median over the last {rule.window} "
                     "logging steps")
@@ -71,7 +77,7 @@ def finding(rule: Instability, m: Measurements, names: list[str], u: np.ndarray,
         what = f"instability since step {opened}: the layers' growth has settled"
     value = float(np.nanmax(ru[[pos[n] for n in first]])) if first else (
         climbed if climbing and climbed else (float(align[pos[inflated[0]]]) if inflated and align is not None
-                                              else big))
+                                              else (rise[0] - rise[1] if rise is not None else big)))
     moved = first or top or inflated  # the layers the hints read: those that moved first, else where it shows
     if exploded:
         what += (f"; residual branches grown {rule.branch_growth:g}x and more against their skip since step "
@@ -91,6 +97,6 @@ def finding(rule: Instability, m: Measurements, names: list[str], u: np.ndarray,
     name = first[0] if len(first) == 1 and not quiet and not climbing and not inflated else (
         quiet[0] if len(quiet) == 1 and not first and not inflated else None)
     threshold = rule.update_growth if first else (rule.climb if climbing else (
-        rule.inflate if inflated else rule.update_growth))
+        rule.inflate if inflated else (rule.risen if rise is not None and rule.risen else rule.update_growth)))
     return rule.alert(m, "warning", name, value, threshold, what, "; ".join(hint),
                       subject="training stability")

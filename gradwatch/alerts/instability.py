@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from .._checks import check_int, check_number
-from . import _inflation
+from . import _inflation, _loss
 from ._instability_text import finding
 from .alert import Alert
 from .measurements import Measurements
@@ -114,7 +114,8 @@ class Instability(Rule):
                  follows_gradient: float = 0.3, runaway: float = 2.0, climb: float = 1.75,
                  climb_window: int = 50, sustained: int = 5, together: int = 3, inflate: float = 0.9,
                  inflate_window: int = 10, inflate_share: float = 0.25, inflate_patience: int = 3,
-                 inflate_from: int = 30, falling: float = 0.02, falling_window: int = 10) -> None:
+                 inflate_from: int = 30, falling: float = 0.02, falling_window: int = 10,
+                 risen: float | None = None, risen_window: int = 20) -> None:
         super().__init__(patience, clear_margin)
         self.spread = check_number(spread, "spread", owner=self.name)
         self.min_update = check_number(min_update, "min_update", owner=self.name)
@@ -133,6 +134,8 @@ class Instability(Rule):
         self.inflate_share = check_number(inflate_share, "inflate_share", owner=self.name)
         self.falling = check_number(falling, "falling", owner=self.name)
         self.falling_window = check_int(falling_window, "falling_window", minimum=1, owner=self.name)
+        self.risen = None if risen is None else check_number(risen, "risen", owner=self.name)
+        self.risen_window = check_int(risen_window, "risen_window", minimum=2, owner=self.name)
         if not 0 < self.inflate <= 1:
             raise ValueError(f"{self.name}: inflate must be in (0, 1] (the share of a step's length that grows "
                              f"the weight's norm), got {inflate!r}")
@@ -152,7 +155,7 @@ class Instability(Rule):
         # ratios of the blocks before the warning opened, and the step it opened
         self.state.update({"update": {}, "grad": {}, "branch": {}, "since": {}, "opened": None,
                            "baseline": {}, "spread": [], "whole": [], "whole_ratio": None,
-                           "climb_ratio": None, "norms": _inflation.empty(), "losses": [], "logged": 0})
+                           "climb_ratio": None, "norms": _inflation.empty(), "loss": _loss.empty(), "logged": 0})
 
     def check(self, m: Measurements) -> list[Alert]:
         """One finding while some layer's update and gradient have both outgrown their recent medians, or a
@@ -199,6 +202,18 @@ class Instability(Rule):
                                not (on and share > self.inflate / 2), int(m.step), self.inflate_patience)
         inflating = n >= self.inflate_patience
         calm = calm and not n
+        # the loss climbs (round 7): its level, the median over the last `risen_window` logging steps, stands
+        # `risen` nats or more above the best level it reached, at large adaptive steps: a run on its way to
+        # diverging (post-LN models climb back to chance this way, with no layer's signal growing first)
+        rise = _loss.risen(self.state["loss"], self.risen_window) if self.risen is not None else None
+        # `risen` in the loss's units (nats for a cross-entropy), and at least a tenth of the best level: a
+        # loss of another scale (a regression's in the thousands) is not judged by a half-nat wobble
+        bar = None if rise is None or self.risen is None else max(self.risen, 0.1 * abs(rise[1]))
+        up = bar is not None and rise is not None and rise[0] >= rise[1] + bar
+        half = bar is not None and rise is not None and rise[0] >= rise[1] + bar / 2
+        n = self._streak_since("loss", on and up, not (on and half), int(m.step))
+        climbed = rise if n >= self.patience else None
+        calm = calm and not n
         self._remember("update", names, u)
         self._remember("grad", names, g)
         growing, quiet = [], []
@@ -221,14 +236,14 @@ class Instability(Rule):
         # while the loss falls the model is learning: a gradient that climbs as it leaves a plateau is no runaway
         # (round 4, docs/alerts.md: the one healthy usual-recipe run warned); a warning already open stays
         held = learning and opened is None
-        if (growing or quiet or climbing or inflating) and opened is None and not held:
+        if (growing or quiet or climbing or inflating or climbed) and opened is None and not held:
             # the branches' level before: their window medians
             opened = self.state["opened"] = int(m.step)
             self.state["baseline"] = {k: float(np.nanmedian(h)) for k, h in self.state["branch"].items() if h}
         exploded = self._exploded(branch) if opened is not None else []
         if opened is None or not exploded:  # the level before: kept while no warning is open
             self._remember("branch", list(branch), np.array(list(branch.values()), dtype=np.float64))
-        if held or not (growing or exploded or quiet or climbing or inflating):
+        if held or not (growing or exploded or quiet or climbing or inflating or climbed):
             if calm:
                 self.state["opened"] = None
                 self.state["baseline"] = {}
@@ -236,7 +251,7 @@ class Instability(Rule):
         if exploded:
             m.context["unstable_blocks"] = set(exploded)
         return [finding(self, m, names, u, ru, rg, growing, exploded, quiet, dropped, int(opened), climbing,
-                        align if inflating else None)]
+                        align if inflating else None, climbed)]
 
     def _streak_since(self, key: str, fire: bool, clear: bool, step: int, patience: int | None = None) -> int:
         """``key``'s streak (:meth:`Rule.hold`, ``patience`` its own), keeping the step it began in
@@ -250,21 +265,13 @@ class Instability(Rule):
         return n
 
     def _learning(self, loss: float | None) -> bool:
-        """Whether the loss is falling: the median of the last ``falling_window`` losses given is ``falling``
-        (2%) or more below the median of the ``falling_window`` before. False while fewer are known (no loss
-        given: the rule judges as without this check)."""
-        hist: list[float] = self.state["losses"]
+        """Keeps ``loss`` (:mod:`._loss`) and says whether it is falling: the median of the last
+        ``falling_window`` losses given is ``falling`` (2%) or more below the median of the ``falling_window``
+        before. False while fewer are known (no loss given: the rule judges as without this check)."""
         if loss is None:
             return False
-        hist.append(float(loss) if math.isfinite(loss) else math.nan)
-        k = self.falling_window
-        del hist[: max(0, len(hist) - 2 * k)]
-        if len(hist) < 2 * k:
-            return False
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            before, now = float(np.nanmedian(hist[:k])), float(np.nanmedian(hist[k:]))
-        return math.isfinite(before) and math.isfinite(now) and now < before - self.falling * abs(before)
+        _loss.add(self.state["loss"], loss, max(2 * self.falling_window, self.risen_window))
+        return _loss.falling(self.state["loss"], self.falling_window, self.falling)
 
     def _ratios(self, key: str, names: list[str], values: np.ndarray) -> np.ndarray:
         """Each value over the median of its last ``window`` values (NaN until ``window`` are kept)."""
@@ -373,5 +380,5 @@ class Instability(Rule):
         super().load_state_dict(state)
         for key, empty in (("update", {}), ("grad", {}), ("branch", {}), ("since", {}), ("opened", None),
                            ("baseline", {}), ("spread", []), ("whole", []), ("whole_ratio", None),
-                           ("climb_ratio", None), ("norms", _inflation.empty()), ("losses", []), ("logged", 0)):
+                           ("climb_ratio", None), ("norms", _inflation.empty()), ("loss", _loss.empty()), ("logged", 0)):
             self.state.setdefault(key, empty)

@@ -105,7 +105,7 @@ def test_state_survives_a_json_checkpoint_mid_growth():
 
 @pytest.mark.parametrize("kw", [{"window": 1}, {"update_growth": 1.0}, {"grad_growth": 0.5}, {"patience": 0},
                                 {"inflate": 1.5}, {"inflate": 0}, {"inflate_share": 0}, {"inflate_window": 0},
-                                {"falling": 0}, {"falling_window": 0}, {"inflate_from": 0}])
+                                {"falling": 0}, {"falling_window": 0}, {"inflate_from": 0}, {"risen": 0}, {"risen_window": 1}])
 def test_bad_settings_are_refused(kw):
     with pytest.raises(ValueError):
         Instability(**kw)
@@ -318,3 +318,50 @@ def test_a_climb_while_the_loss_falls_is_held_back_until_it_stops_falling():
     # a warning already open is not held back by a loss that then falls
     late = fired(lambda t: 3.0 if t < 56 else 3.0 - 0.1 * (t - 56))
     assert late[:3] == [54, 55, 56] and late[-1] == 74
+
+
+def test_a_loss_that_climbs_half_a_nat_above_its_best_at_large_steps_is_warned_about():
+    # round 7: post-LN models (GPT-1, a BERT decoder) climb back to chance with no layer's signal growing first;
+    # the loss's level (median of its last 20 logging steps) half a nat above the best it reached is the warning
+    def fired(losses, update=4e-2, **kw):
+        rule = Instability(**{"risen": 0.5, **kw})
+        seq = [step(t, update=update, whole=10.0) for t in range(130)]
+        for t, m in enumerate(seq):
+            m.loss = losses(t)
+        return [(t, found[0]) for t, found, _ in run(rule, seq) if found]
+
+    def climb(top):  # down to 2.0 by step 20, flat, then up 0.02 per step from step 60, to 2.0 + top
+        return lambda t: max(2.0, 3.0 - 0.05 * t) if t < 60 else min(2.0 + 0.02 * (t - 60), 2.0 + top)
+
+    got = fired(climb(2.0))
+    # the level (median of 20) passes 2.5 at step 95; held for patience (2) logging steps
+    assert got[0][0] == 96 and got[0][1].rule == "instability" and got[0][1].severity == "warning"
+    assert "the training loss has climbed 0.5" in got[0][1].message and "since step 95" in got[0][1].message
+    assert "lower the peak learning rate" in got[0][1].hint
+    assert fired(climb(0.45)) == []  # a drift short of half a nat: quiet
+    assert fired(climb(2.0), update=1e-3) == []  # small steps: no runaway to warn of
+    assert fired(climb(2.0), risen=None) == []  # off
+    assert fired(lambda t: 2.0 if t % 25 else 40.0) == []  # single bad batches do not move the median
+    # the loss's history is checkpointed with the rule: resumed at step 90, the same warning at step 96
+    a, b = Instability(risen=0.5), Instability(risen=0.5)
+    seq = [step(t, update=4e-2, whole=10.0) for t in range(100)]
+    for t, m in enumerate(seq):
+        m.loss = climb(2.0)(t)
+    for m in seq[:90]:
+        a.check(m)
+    b.load_state_dict(json.loads(json.dumps(a.state_dict())))
+    assert [bool(b.check(m)) for m in seq[90:]] == [t >= 96 for t in range(90, 100)]
+
+
+def test_the_loss_climb_is_judged_at_a_tenth_of_the_loss_scale_at_least():
+    # a loss in the thousands (a regression) wobbles by far more than half a unit: the bar is a tenth of its level
+    def fired(scale, top):
+        rule = Instability(risen=0.5)
+        seq = [step(t, update=4e-2, whole=10.0) for t in range(130)]
+        for t, m in enumerate(seq):  # flat, then climbs to (1 + top) x its level from step 60
+            m.loss = scale * (1.0 + min(top, 0.01 * max(0, t - 60)))
+        return [t for t, found, _ in run(rule, seq) if found]
+
+    assert fired(1000.0, 0.05) == []  # 50 units up: under a tenth of 1000
+    assert fired(1000.0, 0.3)[0] > 60  # 300 up: over it
+    assert fired(2.0, 0.2) == [] and fired(2.0, 0.3)[0] > 60  # a cross-entropy at 2: half a nat is the bar
