@@ -66,6 +66,15 @@ class Instability(Rule):
     30th, which the other triggers need (the 20th won 4 calibration runs and none out of sample, and warned on
     a healthy MobileNetV2 of the zoo).
 
+    **The loss climbs** (round 7; ``risen``): the rule also fires when the training loss's level, the median of
+    the last ``risen_window`` (20) losses given, has stood ``risen`` (half a nat) or more above the best level it
+    reached for ``patience`` logging steps, at large adaptive steps: half of the scorecard's divergence (a nat),
+    the road post-LN models (GPT-1, BERT as a decoder) take back to chance with no layer's signal growing first
+    (their last LayerNorm's gain shrinks while every gradient falls). ``risen`` is in the loss's units (nats for
+    a cross-entropy); the bar is at least a tenth of the best level, so a loss of another scale is not judged by
+    a half-unit wobble. Needs the loss (:meth:`Monitor.loss <gradwatch.Monitor.loss>`); ``risen=None`` turns it
+    off.
+
     **While the loss falls** (round 4) no new warning opens: when the training loss is given
     (:meth:`Monitor.loss <gradwatch.Monitor.loss>`; the Lightning and HF adapters give it), the rule holds back
     while the median of the last ``falling_window`` (10) losses is ``falling`` (2%) or more below the median of

@@ -126,6 +126,7 @@ def train(
         for i in range(1, steps + 1):
             idx = torch.randint(0, x.shape[0], (batch_size,), generator=gen)
             loss = F.cross_entropy(model(x[idx]), y[idx])
+            mon.loss(loss)  # as the README's quickstart (read on logging steps only)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -211,6 +211,7 @@ def _run_case(case: Case, out: str, steps: int, every: int, seed: int, batch: in
                 hook = w.register_hook(lambda g: torch.full_like(g, math.nan))
             idx = torch.randint(0, len(x), (batch,), generator=gen).to(device)
             loss = F.cross_entropy(model(x[idx]), y[idx])
+            mon.loss(loss)  # as the Lightning and HF adapters give it (read on logging steps only)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

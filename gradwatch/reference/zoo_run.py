@@ -259,6 +259,7 @@ def run_entry(entry: ZooEntry, steps: int, every: int, out: str, seed: int = 0) 
         try:
             for _ in range(res.steps):
                 loss = entry.task.loss(model, sample(gen))
+                mon.loss(loss)  # as the Lightning and HF adapters give it: the instability rule reads the loss
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
