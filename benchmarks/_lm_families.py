@@ -28,7 +28,9 @@ The sets, each with the seeds and the round it served (docs/alerts.md, the insta
 - ``round7`` (round 7 test, run once after the rule was frozen; three post-LN families, to test a precursor of
   the post-LN collapse that GPT-1 and the BERT decoder showed): BART's and Marian's decoders (post-LN, with
   and without an embedding LayerNorm), RoFormer as a causal decoder (post-LN, rotary), Helium, ERNIE 4.5 and
-  CodeGen (parallel attention and MLP, partial rotary); seeds 19-20.
+  CodeGen (parallel attention and MLP, partial rotary); seeds 19-20. The loss-only sweep (``--loss-only``,
+  recorded for a replay once the rule was frozen) kept the shared grid: 0.01 blew up on no seed, 2 on both,
+  in every family.
 
 Each family's learning-rate grid was read off loss curves alone (a loss-only sweep at the set's seeds, no monitor)
 before any of its runs was watched: the lowest peak never spiked on either seed; the highest spiked on both. The
