@@ -2,14 +2,15 @@
 
 The rule (:mod:`gradwatch.alerts.instability`) was first tuned on gradwatch's own TinyGPT
 (:mod:`gradwatch.reference.instability`). This script trains tiny decoder-only LMs built from ``transformers``
-configs, 35 families in six sets (``benchmarks/_lm_families.py`` has the configurations, the learning-rate
+configs, 41 families in seven sets (``benchmarks/_lm_families.py`` has the configurations, the learning-rate
 grids and how each was read, off loss curves alone): ``lm5`` (GPT-2, Llama, GPT-NeoX, OPT, Phi; seeds 5-6
 calibrated round 2, 7-8 tested it), ``more6`` (Gemma, BLOOM, GPT-J, GPTBigCode, OLMo2, Qwen2; seeds 9-10,
 round 3 calibration), ``test6`` (Falcon, StableLM, Qwen3, OLMo, GPT-Neo, Persimmon; seeds 11-12, round 3's
 test, run once after the rule was frozen), ``round4`` (StarCoder2, Phi-3, Gemma 2, Cohere, MPT, Granite;
 seeds 13-14, round 4's test, likewise), ``round5`` (Nemotron, XGLM, Apertus, Mixtral, GPT-1, DiffLlama;
-seeds 15-16, round 5's test, likewise) and ``round6`` (BioGPT, GLM, EXAONE 4, SmolLM3, OLMoE, BERT as a
-decoder; seeds 17-18, round 6's test, likewise). Each runs the suite's loop
+seeds 15-16, round 5's test, likewise), ``round6`` (BioGPT, GLM, EXAONE 4, SmolLM3, OLMoE, BERT as a
+decoder; seeds 17-18, round 6's test, likewise) and ``round7`` (the BART, Marian and RoFormer decoders, Helium,
+ERNIE 4.5, CodeGen; seeds 19-20, round 7's test). Each runs the suite's loop
 (:func:`~gradwatch.reference.instability.train`: AdamW, a linear warm-up over 200 of 250 steps into a peak
 learning rate swept from stable to unstable, batch 16) on the suite's generated language
 (:func:`~gradwatch.reference.gpt.synthetic_language`), watched as the suite's ``run_one`` watches
@@ -27,7 +28,9 @@ that did neither yet got a warning).
         [--set lm5|more6|test6|round4|round5|round6|round7] [--usual] [--only FAMILY ...] [--seeds ...] \\
         [--lrs ...] [--json out.json] [--record DIR] [--loss-only]
 
-The markdown goes to stdout, one progress line per run to stderr. 3-6 s a run at one thread on the shared
+The markdown goes to stdout, one progress line per run to stderr. ``--record DIR`` pickles each run's records
+and losses for ``benchmarks/instability_replay.py`` (a rule change tried offline on the same runs);
+``--loss-only`` prints the blow-ups alone (how a new set's grid is read before any of its warnings is seen). 3-6 s a run at one thread on the shared
 2-core dev machine (60 runs of a set: ~4-5 min). Needs ``transformers`` (the zoo venv); the project venv has
 not got it. Just below a family's edge (GPT-2 0.1, Llama 0.3, NeoX 0.3-0.5, Falcon 0.3, Qwen2 0.3) the loss
 can drift up by 0.2-1.8 nat over the run without ever rising a nat above the 20 steps before: a drift of a nat

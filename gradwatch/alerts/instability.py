@@ -77,7 +77,7 @@ class Instability(Rule):
 
     **While the loss falls** (round 4) no new warning opens: when the training loss is given
     (:meth:`Monitor.loss <gradwatch.Monitor.loss>`; the Lightning and HF adapters give it), the rule holds back
-    while the median of the last ``falling_window`` (10) losses is ``falling`` (2%) or more below the median of
+    while the median of the last ``falling_window`` (10) losses is ``falling`` (1%; 2% before round 7) or more below the median of
     the 10 before: a gradient that climbs as the model leaves a plateau is learning, not a runaway (a healthy
     Gemma 2 at the usual 1e-3 did). A warning already open stays. Without a loss the rule judges as before.
 
@@ -123,8 +123,8 @@ class Instability(Rule):
                  follows_gradient: float = 0.3, runaway: float = 2.0, climb: float = 1.75,
                  climb_window: int = 50, sustained: int = 5, together: int = 3, inflate: float = 0.9,
                  inflate_window: int = 10, inflate_share: float = 0.25, inflate_patience: int = 3,
-                 inflate_from: int = 30, falling: float = 0.02, falling_window: int = 10,
-                 risen: float | None = None, risen_window: int = 20) -> None:
+                 inflate_from: int = 30, falling: float = 0.01, falling_window: int = 10,
+                 risen: float | None = 0.5, risen_window: int = 20) -> None:
         super().__init__(patience, clear_margin)
         self.spread = check_number(spread, "spread", owner=self.name)
         self.min_update = check_number(min_update, "min_update", owner=self.name)
@@ -275,7 +275,7 @@ class Instability(Rule):
 
     def _learning(self, loss: float | None) -> bool:
         """Keeps ``loss`` (:mod:`._loss`) and says whether it is falling: the median of the last
-        ``falling_window`` losses given is ``falling`` (2%) or more below the median of the ``falling_window``
+        ``falling_window`` losses given is ``falling`` (1%) or more below the median of the ``falling_window``
         before. False while fewer are known (no loss given: the rule judges as without this check)."""
         if loss is None:
             return False
