@@ -23,7 +23,7 @@ _ATTENTION = ("attn", "attention", "qkv", "query", "key", "q_proj", "k_proj", "i
 def finding(rule: Instability, m: Measurements, names: list[str], u: np.ndarray, ru: np.ndarray, rg: np.ndarray,
              growing: list[str], exploded: list[str], quiet: list[str], dropped: dict[str, float],
              opened: int, climbing: bool = False, align: np.ndarray | None = None,
-             rise: tuple[float, float] | None = None) -> Alert:
+             rise: tuple[float, float, float] | None = None) -> Alert:
     since: dict[str, int] = rule.state["since"]
     first = sorted((n for n in growing if n in since), key=lambda n: (since[n], names.index(n)))
     pos = {n: i for i, n in enumerate(names)}

@@ -367,3 +367,20 @@ def test_the_loss_climb_is_judged_at_a_tenth_of_the_loss_scale_at_least():
     assert fired(1000.0, 0.05) == []  # 50 units up: under a tenth of 1000
     assert fired(1000.0, 0.3)[0] > 60  # 300 up: over it
     assert fired(2.0, 0.2) == [] and fired(2.0, 0.3)[0] > 60  # a cross-entropy at 2: half a nat is the bar
+
+
+def test_the_loss_climb_is_judged_against_the_noise_of_the_loss():
+    # the zoo's image models at batch 8 lose 0.4-20 nats a batch (ResNeXt-50): their 20-step median wanders by
+    # more than half a nat with nothing going wrong; the bar is 4 standard errors of the level there
+    noise = np.random.default_rng(0).exponential(3.0, 130)
+
+    def fired(climb):
+        rule = Instability(risen=0.5)
+        seq = [step(t, update=4e-2, whole=10.0) for t in range(130)]
+        for t, m in enumerate(seq):
+            m.loss = 1.0 + noise[t] + climb * max(0, t - 60) / 70
+        return [t for t, found, _ in run(rule, seq) if found]
+
+    assert fired(0.0) == []  # noise alone
+    assert fired(1.0) == []  # a nat's climb under this noise: not told apart from it
+    assert fired(12.0)[0] > 60  # a climb well past the noise
