@@ -34,8 +34,8 @@ The sets, each with the seeds and the round it served (docs/alerts.md, the insta
 
 Each family's learning-rate grid was read off loss curves alone (a loss-only sweep at the set's seeds, no monitor)
 before any of its runs was watched: the lowest peak never spiked on either seed; the highest spiked on both. The
-families of ``more6``, ``test6``, ``round4``, ``round5``, ``round6`` and ``round7`` share one grid, 0.01, 0.1, 0.3, 1, 2, but
-Cohere and Granite, which needed higher peaks to spike."""
+families of ``more6``, ``test6``, ``round4``, ``round5``, ``round6`` and ``round7`` share one grid, 0.01, 0.1,
+0.3, 1, 2, but Cohere and Granite, which needed higher peaks to spike."""
 
 from __future__ import annotations
 

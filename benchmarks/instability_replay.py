@@ -112,7 +112,8 @@ def replay(folders: Sequence[str], settings: dict[str, Any], show_runs: bool, ch
                 total[k] += rows[k]
             print(f"- **{os.path.basename(folder.rstrip('/'))}** default: {figures(rows['default'])}"
                   + (f"; tried: {figures(rows['tried'])}" if settings else ""), flush=True)
-    print(f"- **all** default: {figures(total['default'])}" + (f"; tried: {figures(total['tried'])}" if settings else ""))
+    tried = f"; tried: {figures(total['tried'])}" if settings else ""
+    print(f"- **all** default: {figures(total['default'])}{tried}")
     print(f"{len(total['default'])} runs replayed in {time.perf_counter() - start:.0f} s; settings tried: "
           f"{json.dumps(settings)}" + ("" if check or not settings else "; the default taken from the live runs"))
     for m in mismatches:

@@ -30,8 +30,9 @@ that did neither yet got a warning).
 
 The markdown goes to stdout, one progress line per run to stderr. ``--record DIR`` pickles each run's records
 and losses for ``benchmarks/instability_replay.py`` (a rule change tried offline on the same runs);
-``--loss-only`` prints the blow-ups alone (how a new set's grid is read before any of its warnings is seen). 3-6 s a run at one thread on the shared
-2-core dev machine (60 runs of a set: ~4-5 min). Needs ``transformers`` (the zoo venv); the project venv has
+``--loss-only`` prints the blow-ups alone (how a new set's grid is read before any of its warnings is seen).
+3-6 s a run at one thread on the shared 2-core dev machine (60 runs of a set: ~4-5 min; 8-17 s beside other
+jobs). Needs ``transformers`` (the zoo venv); the project venv has
 not got it. Just below a family's edge (GPT-2 0.1, Llama 0.3, NeoX 0.3-0.5, Falcon 0.3, Qwen2 0.3) the loss
 can drift up by 0.2-1.8 nat over the run without ever rising a nat above the 20 steps before: a drift of a nat
 or more is a divergence, less is counted as never blown up (the ``loss min/last`` column shows it). The runs are

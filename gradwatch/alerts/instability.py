@@ -72,14 +72,16 @@ class Instability(Rule):
     the road post-LN models (GPT-1, BERT as a decoder) take back to chance with no layer's signal growing first
     (their last LayerNorm's gain shrinks while every gradient falls). ``risen`` is in the loss's units (nats for
     a cross-entropy); the bar is at least a tenth of the best level, so a loss of another scale is not judged by
-    a half-unit wobble. Needs the loss (:meth:`Monitor.loss <gradwatch.Monitor.loss>`); ``risen=None`` turns it
-    off.
+    a half-unit wobble, and 4 standard errors of the level, so a loss as noisy as small image batches give
+    (0.4-20 nats a batch) is not judged by its median's wandering. Needs the loss (:meth:`Monitor.loss
+    <gradwatch.Monitor.loss>`); ``risen=None`` turns it off.
 
     **While the loss falls** (round 4) no new warning opens: when the training loss is given
     (:meth:`Monitor.loss <gradwatch.Monitor.loss>`; the Lightning and HF adapters give it), the rule holds back
-    while the median of the last ``falling_window`` (10) losses is ``falling`` (1%; 2% before round 7) or more below the median of
-    the 10 before: a gradient that climbs as the model leaves a plateau is learning, not a runaway (a healthy
-    Gemma 2 at the usual 1e-3 did). A warning already open stays. Without a loss the rule judges as before.
+    while the median of the last ``falling_window`` (10) losses is ``falling`` (1%; 2% before round 7) or more
+    below the median of the 10 before: a gradient that climbs as the model leaves a plateau is learning, not a
+    runaway (a healthy Gemma 2 at the usual 1e-3 did). A warning already open stays. Without a loss the rule
+    judges as before.
 
     Then, per ``"weight"`` layer, ``update_to_weight`` and ``grad_norm`` are compared with their medians over
     the previous ``window`` logging steps; the rule fires (warning) when, for ``patience`` consecutive logging
@@ -390,5 +392,6 @@ class Instability(Rule):
         super().load_state_dict(state)
         for key, empty in (("update", {}), ("grad", {}), ("branch", {}), ("since", {}), ("opened", None),
                            ("baseline", {}), ("spread", []), ("whole", []), ("whole_ratio", None),
-                           ("climb_ratio", None), ("norms", _inflation.empty()), ("loss", _loss.empty()), ("logged", 0)):
+                           ("climb_ratio", None), ("norms", _inflation.empty()), ("loss", _loss.empty()),
+                           ("logged", 0)):
             self.state.setdefault(key, empty)
