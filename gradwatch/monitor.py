@@ -351,7 +351,8 @@ class Monitor:
     def loss(self, value: Any) -> None:
         """Give the monitor this step's training loss (a tensor or a number), for the ``instability`` rule: it
         holds its warnings back while the loss falls (a gradient that climbs while the model learns is not a
-        runaway). Optional; call it any time in the iteration. The tensor is kept, not read: it is read (one
+        runaway) and warns when the loss's level climbs half a nat above its best (a run on its way to
+        diverging). Optional; call it any time in the iteration. The tensor is kept, not read: it is read (one
         host sync) only when a logging step is measured, so the other steps stay free of syncs. The framework
         adapters give it for you where the framework hands it over."""
         # detached (no sync, no copy): holding the tensor must not keep its autograd graph alive

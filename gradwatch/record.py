@@ -63,7 +63,8 @@ class StepRecord:
             ``lost_skip`` rule reports them. Empty when none.
         loss: the training loss last given to :meth:`Monitor.loss <gradwatch.Monitor.loss>` (by the user or
             a framework adapter) when this step was measured, read on logging steps only; None when none was
-            given. The ``instability`` rule holds its warnings back while it falls (the model is learning).
+            given. The ``instability`` rule holds its warnings back while it falls (the model is learning) and
+            warns when it climbs (the run is diverging).
     """
 
     step: int
