@@ -124,3 +124,22 @@ def test_the_scorecard_names_the_layers_of_a_layer_warning_and_of_a_climb():
     climb = said("the whole model's gradient has stayed above 1.75x its median over the last 50 logging steps since "
                  "step 36 (now 1.8x), most in m.fc2 (2.3x), a.proj (1.7x)")
     assert climb.layers == "m.fc2, a.proj"
+
+
+def test_a_run_s_records_replay_the_rule_exactly_as_it_judged_live():
+    # how every rule change is tried (benchmarks/instability_replay.py): the records, pickled and fed again to a
+    # fresh rule, give the live first warning; the loss the rule's gate and climb read travels in the record
+    import pickle
+
+    from gradwatch.alerts import Measurements
+    from gradwatch.alerts.instability import Instability
+    from gradwatch.reference.instability import Run, train_run
+
+    mon, losses, _ = train_run(Run("lr0.5-s0", "lr", 0.5, steps=120))
+    live = next(a.step for a in mon.alerts if a.rule == "instability" and a.severity != "info")
+    records = pickle.loads(pickle.dumps(mon.records))
+    assert [r.loss for r in records] == pytest.approx(losses)
+    rule = Instability()
+    replayed = next(r.step for r in records
+                    if rule.check(Measurements.from_record(r, dict(zip(r.layers, r.kinds)))))
+    assert replayed == live
