@@ -51,18 +51,19 @@ NOISE = 4.0
 
 def risen(hist: dict[str, Any], window: int) -> tuple[float, float, float] | None:
     """The loss's level now, the median of the last ``window`` losses; the lowest level before it, then kept as
-    the best when lower; and :data:`NOISE` standard errors of the level (the median's, from the window's median
-    absolute deviation). None while fewer than ``window`` are kept or no level is known before. A median, so
-    one bad batch does not move the level."""
+    the best when lower; and :data:`NOISE` standard errors of the level (the median's, its scatter read from the
+    median absolute deviation of the last ``2 window`` losses kept: 20 alone read a quiet stretch of a noisy
+    loss, the zoo's RegNetY, as half its noise). None while fewer than ``window`` are kept or no level is known
+    before. A median, so one bad batch does not move the level."""
     losses: list[float] = hist["losses"]
     if len(losses) < window:
         return None
-    recent = np.asarray(losses[-window:], dtype=np.float64)
+    recent = np.asarray(losses[-2 * window:], dtype=np.float64)
     level, best = _median(losses[-window:]), hist["best"]
     if not math.isfinite(level):  # every loss of the window non-finite: the spike itself, not a climb
         return None
     hist["best"] = level if best is None else min(float(best), level)
     finite = recent[np.isfinite(recent)]
     # the median's standard error: sqrt(pi/2) sigma / sqrt(n), sigma from the MAD (1.4826 MAD for a normal)
-    spread = 1.2533 * 1.4826 * float(np.median(np.abs(finite - level))) / math.sqrt(len(finite))
+    spread = 1.2533 * 1.4826 * float(np.median(np.abs(finite - np.median(finite)))) / math.sqrt(window)
     return None if best is None else (level, float(best), NOISE * spread)

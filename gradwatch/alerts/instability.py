@@ -282,7 +282,7 @@ class Instability(Rule):
         before. False while fewer are known (no loss given: the rule judges as without this check)."""
         if loss is None:
             return False
-        _loss.add(self.state["loss"], loss, max(2 * self.falling_window, self.risen_window))
+        _loss.add(self.state["loss"], loss, 2 * max(self.falling_window, self.risen_window))
         return _loss.falling(self.state["loss"], self.falling_window, self.falling)
 
     def _ratios(self, key: str, names: list[str], values: np.ndarray) -> np.ndarray:
