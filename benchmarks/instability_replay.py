@@ -34,7 +34,7 @@ from typing import Any
 
 from gradwatch.alerts.instability import Instability
 from gradwatch.alerts.measurements import Measurements
-from gradwatch.reference.instability import Run, blowup, heldout_runs, runs, train_run
+from gradwatch.reference.instability import blowup, heldout_runs, runs, train_run
 
 
 def record_suite(folder: str, heldout: bool, only: Sequence[str] | None) -> None:
