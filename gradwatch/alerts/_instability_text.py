@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..names import short_list
+from ._loss import Rise
 from .alert import Alert
 from .measurements import Measurements
 
@@ -23,7 +24,7 @@ _ATTENTION = ("attn", "attention", "qkv", "query", "key", "q_proj", "k_proj", "i
 def finding(rule: Instability, m: Measurements, names: list[str], u: np.ndarray, ru: np.ndarray, rg: np.ndarray,
              growing: list[str], exploded: list[str], quiet: list[str], dropped: dict[str, float],
              opened: int, climbing: bool = False, align: np.ndarray | None = None,
-             rise: tuple[float, float, float] | None = None) -> Alert:
+             rise: Rise | None = None) -> Alert:
     since: dict[str, int] = rule.state["since"]
     first = sorted((n for n in growing if n in since), key=lambda n: (since[n], names.index(n)))
     pos = {n: i for i, n in enumerate(names)}
@@ -65,8 +66,9 @@ def finding(rule: Instability, m: Measurements, names: list[str], u: np.ndarray,
                     f"step {since.get('inflate', opened)}, most in "
                     + ", ".join(f"{names[i]} ({align[i]:.2f})" for i in order[:3] if align[i] > rule.inflate))
     if rise is not None:
-        said.append(f"the training loss has climbed {rise[0] - rise[1]:.2g} above the best it reached (its median "
-                    f"over the last {rule.risen_window} logging steps {rise[1]:.4g} -> {rise[0]:.4g}) since step "
+        said.append(f"the training loss has climbed {rise.level - rise.best:.2g} above the best it reached (its "
+                    f"median over the last {rule.risen_window} logging steps {rise.best:.4g} -> {rise.level:.4g}; "
+                    f"{rise.bar:.2g} counts as a climb for this loss's scale and noise) since step "
                     f"{since.get('loss', opened)}: the run is on its way to diverging")
     if (first or quiet) and whole is not None:
         said.append(f"the whole model's gradient at {whole:.2g}x its median over the last {rule.window} "
@@ -77,7 +79,7 @@ def finding(rule: Instability, m: Measurements, names: list[str], u: np.ndarray,
         what = f"instability since step {opened}: the layers' growth has settled"
     value = float(np.nanmax(ru[[pos[n] for n in first]])) if first else (
         climbed if climbing and climbed else (float(align[pos[inflated[0]]]) if inflated and align is not None
-                                              else (rise[0] - rise[1] if rise is not None else big)))
+                                              else (rise.level - rise.best if rise is not None else big)))
     moved = first or top or inflated  # the layers the hints read: those that moved first, else where it shows
     if exploded:
         what += (f"; residual branches grown {rule.branch_growth:g}x and more against their skip since step "
@@ -97,6 +99,6 @@ def finding(rule: Instability, m: Measurements, names: list[str], u: np.ndarray,
     name = first[0] if len(first) == 1 and not quiet and not climbing and not inflated else (
         quiet[0] if len(quiet) == 1 and not first and not inflated else None)
     threshold = rule.update_growth if first else (rule.climb if climbing else (
-        rule.inflate if inflated else (rule.risen if rise is not None and rule.risen else rule.update_growth)))
+        rule.inflate if inflated else (rise.bar if rise is not None else rule.update_growth)))
     return rule.alert(m, "warning", name, value, threshold, what, "; ".join(hint),
                       subject="training stability")

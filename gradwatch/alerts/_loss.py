@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
-__all__ = ["empty", "add", "falling", "risen"]
+__all__ = ["empty", "add", "falling", "risen", "Rise"]
 
 
 def empty() -> dict[str, Any]:
@@ -49,12 +49,32 @@ def falling(hist: dict[str, Any], window: int, share: float) -> bool:
 NOISE = 4.0
 
 
-def risen(hist: dict[str, Any], window: int) -> tuple[float, float, float] | None:
-    """The loss's level now, the median of the last ``window`` losses; the lowest level before it, then kept as
-    the best when lower; and :data:`NOISE` standard errors of the level (the median's, its scatter read from the
-    median absolute deviation of the last ``2 window`` losses kept: 20 alone read a quiet stretch of a noisy
-    loss, the zoo's RegNetY, as half its noise). None while fewer than ``window`` are kept or no level is known
-    before. A median, so one bad batch does not move the level."""
+class Rise(NamedTuple):
+    """The loss's level now, the best level before it, and the climb over it that counts (:func:`risen`)."""
+
+    level: float
+    best: float
+    bar: float
+
+    @property
+    def up(self) -> bool:
+        """The level stands ``bar`` or more above the best."""
+        return self.level >= self.best + self.bar
+
+    @property
+    def half(self) -> bool:
+        """The level stands half of ``bar`` or more above the best: a climb that has not eased yet."""
+        return self.level >= self.best + self.bar / 2
+
+
+def risen(hist: dict[str, Any], window: int, floor: float) -> Rise | None:
+    """The loss's level now, the median of the last ``window`` losses (a median, so one bad batch does not move
+    it); the lowest level before it, then kept as the best when lower; and the bar a climb must pass: the
+    largest of ``floor`` (in the loss's units: nats for a cross-entropy), a tenth of the best level (a loss of
+    another scale, a regression's in the thousands, is not judged by a half-unit wobble) and :data:`NOISE`
+    standard errors of the level. The median's standard error is read from the median absolute deviation of the
+    last ``2 window`` losses kept: 20 alone read a quiet stretch of a noisy loss, the zoo's RegNetY, as half its
+    noise. None while fewer than ``window`` are kept or no level is known before."""
     losses: list[float] = hist["losses"]
     if len(losses) < window:
         return None
@@ -63,7 +83,9 @@ def risen(hist: dict[str, Any], window: int) -> tuple[float, float, float] | Non
     if not math.isfinite(level):  # every loss of the window non-finite: the spike itself, not a climb
         return None
     hist["best"] = level if best is None else min(float(best), level)
+    if best is None:
+        return None
     finite = recent[np.isfinite(recent)]
     # the median's standard error: sqrt(pi/2) sigma / sqrt(n), sigma from the MAD (1.4826 MAD for a normal)
     spread = 1.2533 * 1.4826 * float(np.median(np.abs(finite - np.median(finite)))) / math.sqrt(window)
-    return None if best is None else (level, float(best), NOISE * spread)
+    return Rise(level, float(best), max(floor, 0.1 * abs(float(best)), NOISE * spread))

@@ -214,16 +214,13 @@ class Instability(Rule):
         inflating = n >= self.inflate_patience
         calm = calm and not n
         # the loss climbs (round 7): its level, the median over the last `risen_window` logging steps, stands
-        # `risen` nats or more above the best level it reached, at large adaptive steps: a run on its way to
-        # diverging (post-LN models climb back to chance this way, with no layer's signal growing first)
-        rise = _loss.risen(self.state["loss"], self.risen_window) if self.risen is not None else None
-        # `risen` in the loss's units (nats for a cross-entropy), at least a tenth of the best level (a loss of
-        # another scale, a regression's in the thousands, is not judged by a half-unit wobble) and 4 standard
-        # errors of the level (a loss as noisy as small image batches give moves its median that far unaided)
-        bar = None if rise is None or self.risen is None else max(self.risen, 0.1 * abs(rise[1]), rise[2])
-        up = bar is not None and rise is not None and rise[0] >= rise[1] + bar
-        half = bar is not None and rise is not None and rise[0] >= rise[1] + bar / 2
-        n = self._streak_since("loss", on and up, not (on and half), int(m.step))
+        # a bar (`risen` nats, or more for a loss of larger scale or noise: _loss.risen) above the best level it
+        # reached, at large adaptive steps: a run on its way to diverging (post-LN models climb back to chance
+        # this way, with no layer's signal growing first)
+        rise = (_loss.risen(self.state["loss"], self.risen_window, self.risen) if self.risen is not None
+                else None)
+        n = self._streak_since("loss", on and rise is not None and rise.up,
+                               not (on and rise is not None and rise.half), int(m.step))
         climbed = rise if n >= self.patience else None
         calm = calm and not n
         self._remember("update", names, u)

@@ -340,6 +340,7 @@ def test_a_loss_that_climbs_half_a_nat_above_its_best_at_large_steps_is_warned_a
     assert got[0][0] == 96 and got[0][1].rule == "instability" and got[0][1].severity == "warning"
     assert "the training loss has climbed 0.5" in got[0][1].message and "since step 95" in got[0][1].message
     assert "lower the peak learning rate" in got[0][1].hint
+    assert got[0][1].threshold == 0.5 and "0.5 counts as a climb" in got[0][1].message  # the bar it used
     assert fired(climb(0.45)) == []  # a drift short of half a nat: quiet
     assert fired(climb(2.0), update=1e-3) == []  # small steps: no runaway to warn of
     assert fired(climb(2.0), risen=None) == []  # off
@@ -357,15 +358,20 @@ def test_a_loss_that_climbs_half_a_nat_above_its_best_at_large_steps_is_warned_a
 
 def test_the_loss_climb_is_judged_at_a_tenth_of_the_loss_scale_at_least():
     # a loss in the thousands (a regression) wobbles by far more than half a unit: the bar is a tenth of its level
-    def fired(scale, top):
+    def found(scale, top):
         rule = Instability(risen=0.5)
         seq = [step(t, update=4e-2, whole=10.0) for t in range(130)]
         for t, m in enumerate(seq):  # flat, then climbs to (1 + top) x its level from step 60
             m.loss = scale * (1.0 + min(top, 0.01 * max(0, t - 60)))
-        return [t for t, found, _ in run(rule, seq) if found]
+        return [(t, got[0]) for t, got, _ in run(rule, seq) if got]
+
+    def fired(scale, top):
+        return [t for t, _ in found(scale, top)]
 
     assert fired(1000.0, 0.05) == []  # 50 units up: under a tenth of 1000
     assert fired(1000.0, 0.3)[0] > 60  # 300 up: over it
+    # the incident reports the bar it judged by, a tenth of the level, not `risen`
+    assert found(1000.0, 0.3)[0][1].threshold == 100.0
     assert fired(2.0, 0.2) == [] and fired(2.0, 0.3)[0] > 60  # a cross-entropy at 2: half a nat is the bar
 
 
