@@ -223,6 +223,45 @@ def _codegen() -> nn.Module:
         n_layer=DEPTH, n_head=HEADS, rotary_dim=8, n_inner=4 * WIDTH, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
         tie_word_embeddings=False, **NOTOK)))
 
+def _seedoss() -> nn.Module:
+    # Seed-OSS: qkv biases, grouped-query
+    return _standard("SeedOss", intermediate_size=172, num_key_value_heads=2, head_dim=WIDTH // HEADS,
+                     tie_word_embeddings=False)
+
+def _arcee() -> nn.Module:
+    # Arcee (AFM): an ungated squared-ReLU MLP
+    return _standard("Arcee", intermediate_size=4 * WIDTH, num_key_value_heads=HEADS, head_dim=WIDTH // HEADS,
+                     tie_word_embeddings=False)
+
+def _hunyuan() -> nn.Module:
+    # Hunyuan dense: qk-norm after rotary
+    return _standard("HunYuanDenseV1", intermediate_size=172, num_key_value_heads=HEADS, head_dim=WIDTH // HEADS,
+                     tie_word_embeddings=False)
+
+def _jetmoe() -> nn.Module:
+    # JetMoE: a mixture of attention heads and a mixture of MLP experts (4 of width 88, 2 per token)
+    from transformers import JetMoeConfig, JetMoeForCausalLM
+    return JetMoeForCausalLM(_eager(JetMoeConfig(vocab_size=VOCAB, hidden_size=WIDTH, num_hidden_layers=DEPTH,
+        num_key_value_heads=2, kv_channels=WIDTH // HEADS, intermediate_size=88, num_local_experts=4,
+        num_experts_per_tok=2, max_position_embeddings=CONTEXT, aux_loss_coef=0.0, **NOTOK)))
+
+def _lfm2() -> nn.Module:
+    # LFM2: a gated short-convolution layer, then an attention layer (a hybrid, no attention in the first)
+    return _standard("Lfm2", intermediate_size=172, num_key_value_heads=2, layer_types=["conv", "full_attention"],
+                     block_auto_adjust_ff_dim=False)
+
+def _megatronbert() -> nn.Module:
+    # Megatron-BERT as a causal decoder: BERT made pre-LN (a LayerNorm before each sublayer and one at the end)
+    return _standard("MegatronBert", intermediate_size=4 * WIDTH, is_decoder=True, hidden_dropout_prob=0.0,
+                     attention_probs_dropout_prob=0.0, type_vocab_size=1)
+
+def _gptoss() -> nn.Module:
+    # gpt-oss: attention sinks, alternating sliding-window layers, 4 experts of width 88, 2 per token (the default
+    # rope: its YaRN scaling assumes 4096 positions of a 32-position model)
+    return _standard("GptOss", intermediate_size=88, num_key_value_heads=2, head_dim=WIDTH // HEADS,
+                     num_local_experts=4, num_experts_per_tok=2, sliding_window=16, router_aux_loss_coef=0.0,
+                     rope_parameters={"rope_type": "default", "rope_theta": 150000.0}, tie_word_embeddings=False)
+
 #: the decoder of an encoder-decoder config, at the suite's size
 _SEQ2SEQ = dict(vocab_size=VOCAB, d_model=WIDTH, decoder_layers=DEPTH, decoder_attention_heads=HEADS,
                 decoder_ffn_dim=4 * WIDTH, encoder_layers=DEPTH, encoder_attention_heads=HEADS,
@@ -287,6 +326,8 @@ FAMILIES: dict[str, Callable[[], nn.Module]] = {
     "biogpt": _biogpt, "glm": _glm, "exaone4": _exaone4, "smollm3": _smollm3, "olmoe": _olmoe, "bertdec": _bertdec,
     "bart": _bart, "marian": _marian, "roformer": _roformer, "helium": _helium, "ernie45": _ernie45,
     "codegen": _codegen,
+    "seedoss": _seedoss, "arcee": _arcee, "hunyuan": _hunyuan, "jetmoe": _jetmoe, "lfm2": _lfm2,
+    "megatronbert": _megatronbert, "gptoss": _gptoss,
 }
 _ROUND3 = (0.01, 0.1, 0.3, 1.0, 2.0)
 #: Peak learning rates per family, lowest first (the module docstring says how they were read).
@@ -299,7 +340,8 @@ GRID: dict[str, tuple[float, ...]] = {
     **{f: _ROUND3 for f in ("gemma", "bloom", "gptj", "bigcode", "olmo2", "qwen2", "falcon", "stablelm", "qwen3",
                             "olmo", "gptneo", "persimmon", "starcoder2", "phi3", "gemma2", "mpt", "nemotron", "xglm",
                             "apertus", "mixtral", "openaigpt", "diffllama", "biogpt", "glm", "exaone4", "smollm3",
-                            "olmoe", "bertdec", "bart", "marian", "roformer", "helium", "ernie45", "codegen")},
+                            "olmoe", "bertdec", "bart", "marian", "roformer", "helium", "ernie45", "codegen",
+                            "seedoss", "arcee", "hunyuan", "jetmoe", "lfm2", "megatronbert", "gptoss")},
     "cohere": (0.01, 0.3, 1.0, 2.0, 5.0),  # no spike up to 2 (its logits scaled by 1/16)
     "granite": (0.01, 0.1, 0.3, 1.0, 3.0),  # 1 spiked on neither seed, 3 on both
 }
@@ -312,4 +354,5 @@ SETS: dict[str, tuple[tuple[str, ...], tuple[int, ...]]] = {
     "round5": (("nemotron", "xglm", "apertus", "mixtral", "openaigpt", "diffllama"), (15, 16)),
     "round6": (("biogpt", "glm", "exaone4", "smollm3", "olmoe", "bertdec"), (17, 18)),
     "round7": (("bart", "marian", "roformer", "helium", "ernie45", "codegen"), (19, 20)),
+    "round8": (("seedoss", "arcee", "hunyuan", "jetmoe", "lfm2", "megatronbert", "gptoss"), (21, 22)),
 }

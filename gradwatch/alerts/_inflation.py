@@ -8,6 +8,8 @@ from typing import Any
 
 import numpy as np
 
+from ._stats import quantile
+
 __all__ = ["alignment", "empty", "reached"]
 
 
@@ -48,4 +50,4 @@ def reached(align: np.ndarray, share: float) -> float:
     """The alignment that ``share`` of the layers reach (their ``1 - share`` quantile); NaN while none is
     known."""
     a = align[np.isfinite(align)]
-    return float(np.quantile(a, 1 - share)) if len(a) else math.nan
+    return quantile(a, 1 - share)

@@ -5,10 +5,11 @@ on its way to diverging), kept apart from the rule's per-layer arithmetic."""
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Any, NamedTuple
 
 import numpy as np
+
+from ._stats import nanmedian
 
 __all__ = ["empty", "add", "falling", "risen", "Rise"]
 
@@ -26,19 +27,13 @@ def add(hist: dict[str, Any], loss: float, keep: int) -> None:
     del losses[: max(0, len(losses) - keep)]
 
 
-def _median(values: list[float]) -> float:
-    with warnings.catch_warnings():  # all NaN: NaN
-        warnings.simplefilter("ignore", RuntimeWarning)
-        return float(np.nanmedian(values)) if values else math.nan
-
-
 def falling(hist: dict[str, Any], window: int, share: float) -> bool:
     """Whether the median of the last ``window`` losses is ``share`` or more below the median of the ``window``
     before (False while fewer are kept)."""
     losses: list[float] = hist["losses"]
     if len(losses) < 2 * window:
         return False
-    before, now = _median(losses[-2 * window:-window]), _median(losses[-window:])
+    before, now = nanmedian(losses[-2 * window:-window]), nanmedian(losses[-window:])
     return math.isfinite(before) and math.isfinite(now) and now < before - share * abs(before)
 
 
@@ -79,7 +74,7 @@ def risen(hist: dict[str, Any], window: int, floor: float) -> Rise | None:
     if len(losses) < window:
         return None
     recent = np.asarray(losses[-2 * window:], dtype=np.float64)
-    level, best = _median(losses[-window:]), hist["best"]
+    level, best = nanmedian(losses[-window:]), hist["best"]
     if not math.isfinite(level):  # every loss of the window non-finite: the spike itself, not a climb
         return None
     hist["best"] = level if best is None else min(float(best), level)
@@ -87,5 +82,5 @@ def risen(hist: dict[str, Any], window: int, floor: float) -> Rise | None:
         return None
     finite = recent[np.isfinite(recent)]
     # the median's standard error: sqrt(pi/2) sigma / sqrt(n), sigma from the MAD (1.4826 MAD for a normal)
-    spread = 1.2533 * 1.4826 * float(np.median(np.abs(finite - np.median(finite)))) / math.sqrt(window)
+    spread = 1.2533 * 1.4826 * nanmedian(np.abs(finite - nanmedian(finite))) / math.sqrt(window)
     return Rise(level, float(best), max(floor, 0.1 * abs(float(best)), NOISE * spread))

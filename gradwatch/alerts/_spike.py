@@ -24,7 +24,7 @@ import math
 from collections.abc import MutableMapping, Sequence
 from typing import Any
 
-import numpy as np
+from ._stats import quantile
 
 __all__ = ["SpikeReference", "spike_factors"]
 
@@ -50,7 +50,7 @@ class SpikeReference:
         recent = self.state["recent"]
         if len(recent) < max(self.warmup, 1):
             return None
-        return math.exp(float(np.quantile(np.asarray(recent, dtype=np.float64), self.quantile)))
+        return math.exp(quantile(recent, self.quantile))
 
     def judge(self, norm: float) -> float:
         """``norm`` over the reference (NaN while warming up or for a norm that is not finite and positive), then

@@ -12,19 +12,12 @@ import numpy as np
 from .._checks import check_int, check_number
 from . import _inflation, _loss
 from ._instability_text import finding
+from ._stats import nanmedian, nanmedian_rows, quantile
 from .alert import Alert
 from .measurements import Measurements
 from .rule import Rule
 
 __all__ = ["Instability"]
-
-
-def _nanmedian(x: np.ndarray, axis: int | None = None, keepdims: bool = False) -> np.ndarray:
-    """``np.nanmedian``, taking ``np.median``'s path when there is no NaN: the same values, but numpy's NaN-aware
-    median of a small axis goes through masked arrays, ~10x slower, and this runs on every logging step."""
-    if np.isnan(x).any():
-        return np.nanmedian(x, axis=axis, keepdims=keepdims)
-    return np.median(x, axis=axis, keepdims=keepdims)
 
 
 class Instability(Rule):
@@ -248,7 +241,7 @@ class Instability(Rule):
         if (growing or quiet or climbing or inflating or climbed) and opened is None and not held:
             # the branches' level before: their window medians
             opened = self.state["opened"] = int(m.step)
-            self.state["baseline"] = {k: float(np.nanmedian(h)) for k, h in self.state["branch"].items() if h}
+            self.state["baseline"] = {k: nanmedian(h) for k, h in self.state["branch"].items() if h}
         exploded = self._exploded(branch) if opened is not None else []
         if opened is None or not exploded:  # the level before: kept while no warning is open
             self._remember("branch", list(branch), np.array(list(branch.values()), dtype=np.float64))
@@ -290,7 +283,7 @@ class Instability(Rule):
         if full:  # one median over a (layers x window) array: rules run on every logging step
             with warnings.catch_warnings():  # a window of NaN only (a layer never updated): NaN, is no growth
                 warnings.simplefilter("ignore", RuntimeWarning)
-                med = _nanmedian(np.array([hist[names[i]][-self.window:] for i in full], dtype=np.float64), axis=1)
+                med = nanmedian_rows(np.array([hist[names[i]][-self.window:] for i in full], dtype=np.float64))
             v = np.asarray(values, dtype=np.float64)[full]
             with np.errstate(divide="ignore", invalid="ignore"):
                 out[full] = np.where((med > 0) & np.isfinite(v), v / med, np.nan)
@@ -310,9 +303,7 @@ class Instability(Rule):
         for w in (self.window, self.climb_window):
             ratio = math.nan
             if len(hist) >= w:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", RuntimeWarning)
-                    med = float(np.nanmedian(hist[-w:]))
+                med = nanmedian(hist[-w:])
                 if med > 0 and math.isfinite(g):
                     ratio = g / med
             ratios.append(ratio)
@@ -331,7 +322,7 @@ class Instability(Rule):
             with np.errstate(divide="ignore", invalid="ignore"), warnings.catch_warnings():
                 warnings.simplefilter("ignore", RuntimeWarning)  # as in _ratios
                 x = np.log(np.array([hist[names[i]][-self.window:] for i in full], dtype=np.float64))
-                out[full] = _nanmedian(np.abs(x - _nanmedian(x, axis=1, keepdims=True)), axis=1)
+                out[full] = nanmedian_rows(np.abs(x - nanmedian_rows(x)[:, None]))
         return out
 
     def _remember(self, key: str, names: list[str], values: np.ndarray) -> None:
@@ -367,9 +358,9 @@ class Instability(Rule):
         r = r[np.isfinite(r)]
         hist: list[float] = self.state["spread"]
         if len(r) >= 3:
-            hist.append(float(np.quantile(r, 0.9) - np.quantile(r, 0.1)))
+            hist.append(quantile(r, 0.9) - quantile(r, 0.1))
             del hist[: max(0, len(hist) - self.window)]
-        return bool(hist) and float(np.median(hist)) < self.follows_gradient
+        return bool(hist) and nanmedian(hist) < self.follows_gradient
 
     def _dropped(self, branch: dict[str, float]) -> dict[str, float]:
         """Blocks whose branch/skip amplitude is ``branch_drop`` times below its median over the window (the
@@ -379,7 +370,7 @@ class Instability(Rule):
         for b, v in branch.items():
             h = hist.get(b, ())
             if len(h) >= self.window:
-                med = float(np.nanmedian(h))
+                med = nanmedian(h)
                 if med > 0 and v * self.branch_drop < med:
                     out[b] = med / v if v > 0 else math.inf
         return out

@@ -12,6 +12,7 @@ import numpy as np
 
 from ..names import EARLY_FRACTION, FLOW_METRICS, GLOBAL_NAME, ROOT_NAME, early_count
 from ..record import StepRecord
+from ._stats import nanmedian
 from .siblings import Siblings
 
 __all__ = ["Measurements", "EarlyRatio", "early_ratio", "early_ratio_shown", "depth_slope", "DORMANT_SHARE"]
@@ -211,12 +212,12 @@ def _ratio(m: Measurements, idx: np.ndarray, g2w: np.ndarray, early: float, min_
     if len(vals) < min_depths:
         return None
     n = early_count(len(vals), early)
-    typical = float(np.median(vals))
+    typical = nanmedian(vals)  # finite values: np.median's
     # the exploding side (agree="min") reads the lower median of the early depths: at least half of them are at
     # it or above. np.median averages the middle two, so of two early depths one alone carried the pair: a
     # post-LN GPT-1's first attention projection reads ~35x the network's median (its LayerNorm divides the
     # small embedding stream by its scale), the other early depth ~5x, and "the early layers" read 21x
-    early_med = float(np.median(vals[:n])) if agree == "max" else float(np.sort(vals[:n])[(n - 1) // 2])
+    early_med = nanmedian(vals[:n]) if agree == "max" else float(np.sort(vals[:n])[(n - 1) // 2])
     ratio = early_med / typical if typical > 0 else math.nan
     return EarlyRatio(ratio, early_med, typical, [m.layers[i] for i in idx[depth < n]], fallback=fallback)
 
