@@ -31,11 +31,16 @@ The sets, each with the seeds and the round it served (docs/alerts.md, the insta
   CodeGen (parallel attention and MLP, partial rotary); seeds 19-20. The loss-only sweep (``--loss-only``,
   recorded for a replay once the rule was frozen) kept the shared grid: 0.01 blew up on no seed, 2 on both,
   in every family.
+- ``round8`` (round 8 test, run once on the rule as round 7 left it, with the loss's noise bar): Seed-OSS (qkv
+  biases), Arcee (ungated squared-ReLU MLP), Hunyuan dense (qk-norm), JetMoE (mixtures of attention heads and
+  of MLP experts), LFM2 (a gated short-convolution layer, then attention), Megatron-BERT as a causal decoder
+  (BERT made pre-LN), gpt-oss (attention sinks, alternating sliding windows, mixture of experts); seeds 21-22,
+  recorded with ``--loss-only`` before the rule's warnings were replayed.
 
 Each family's learning-rate grid was read off loss curves alone (a loss-only sweep at the set's seeds, no monitor)
 before any of its runs was watched: the lowest peak never spiked on either seed; the highest spiked on both. The
-families of ``more6``, ``test6``, ``round4``, ``round5``, ``round6`` and ``round7`` share one grid, 0.01, 0.1,
-0.3, 1, 2, but Cohere and Granite, which needed higher peaks to spike."""
+families of ``more6``, ``test6`` and ``round4`` to ``round8`` share one grid, 0.01, 0.1, 0.3, 1, 2, but Cohere and
+Granite, which needed higher peaks to spike."""
 
 from __future__ import annotations
 
