@@ -307,5 +307,9 @@ def depth_slope(m: Measurements, min_points: int = 6) -> tuple[str, float, int] 
         if len(vals) < min_points:
             return None
         unit, y = "layer", np.log10(vals)
-    slope = float(np.polyfit(np.arange(len(y), dtype=np.float64), y, 1)[0])
+    # the least-squares slope in closed form: np.polyfit's general solver costs ~0.3 ms a call, on every
+    # logging step, for the same value (to rounding)
+    x = np.arange(len(y), dtype=np.float64)
+    x -= x.mean()
+    slope = float(np.dot(x, y - y.mean()) / np.dot(x, x))
     return unit, slope, len(y)
