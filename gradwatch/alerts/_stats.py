@@ -15,7 +15,7 @@ __all__ = ["nanmedian", "nanmedian_rows", "quantile"]
 
 def nanmedian_rows(x: np.ndarray) -> np.ndarray:
     """Each row's median over the last axis of a 2-D array, NaN left out, as ``np.nanmedian(x, axis=1)``: one
-    sort, then the middle one or two values (a row holding NaN takes numpy's own path)."""
+    sort, then the middle one or two values (an array holding any NaN takes numpy's own path)."""
     x = np.asarray(x, dtype=np.float64)
     if x.shape[1] == 0 or np.isnan(x).any():
         return np.nanmedian(x, axis=1) if x.shape[1] else np.full(x.shape[0], np.nan)
