@@ -21,6 +21,7 @@ import textwrap
 import pytest
 import torch
 from helpers.collectives import all_reduces as _all_reduces
+from helpers.processes import spawn
 from torch import nn
 
 import gradwatch
@@ -231,7 +232,6 @@ def _fsdp_worker(rank: int, init: str, out: str) -> None:
 
 def test_fsdp2_monitor_equals_unsharded_with_one_all_reduce(tmp_path, events):
     import torch.distributed as dist
-    import torch.multiprocessing as mp
 
     if not dist.is_available():
         pytest.skip("torch built without distributed")
@@ -240,7 +240,7 @@ def test_fsdp2_monitor_equals_unsharded_with_one_all_reduce(tmp_path, events):
 
     if not hasattr(fsdp, "fully_shard"):
         pytest.skip("this torch has no FSDP2 fully_shard")
-    mp.spawn(_fsdp_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    spawn(_fsdp_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2)
     assert set(events(str(tmp_path / "rank0"))["scalars"]["zz_gradwatch.layers/grad_norm/_global"]) == {0, 1, 2}
     assert not (tmp_path / "rank1").exists()  # the raw Monitor logs on rank 0 only
 
@@ -255,9 +255,7 @@ def _mlp_ln(hidden: int) -> nn.Module:
 def _spawn4(worker, layouts: list[str], out: str) -> None:
     """Runs ``worker(rank, layout, out)`` for each layout in turn on 4 gloo processes started once (starting
     them costs more than a layout's run)."""
-    import torch.multiprocessing as mp
-
-    mp.spawn(_in_group, args=(os.path.join(out, "init"), worker, layouts, out), nprocs=4, join=True)
+    spawn(_in_group, args=(os.path.join(out, "init"), worker, layouts, out), nprocs=4)
 
 
 def _in_group(rank: int, init: str, worker, layouts: list[str], out: str) -> None:
@@ -597,7 +595,6 @@ def test_the_self_check_names_the_layer_whose_gradients_differ_between_ranks_and
     ``unverified`` on every step. Then the check alone, on a record whose sharded layer is sqrt(2) too high:
     that layer is named, as gradwatch's fault. (The 4-process mesh tests and the FSDP2 test assert it passes.)"""
     import torch.distributed as dist
-    import torch.multiprocessing as mp
 
     if not dist.is_available():
         pytest.skip("torch built without distributed")
@@ -605,7 +602,7 @@ def test_the_self_check_names_the_layer_whose_gradients_differ_between_ranks_and
 
     if not hasattr(fsdp, "fully_shard"):
         pytest.skip("this torch has no FSDP2 fully_shard")
-    mp.spawn(_unsynced_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    spawn(_unsynced_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2)
     scalars = events(str(tmp_path / "rank0"))["scalars"]
     assert scalars["_gradwatch/0_unverified"] == {0: 1.0, 1: 1.0, 2: 1.0}
     assert set(scalars["zz_gradwatch.health/4_grad_norm_log10"]) == {0, 1, 2}  # the values are still written, marked
@@ -692,12 +689,11 @@ def test_pipeline_stages_join_into_one_record_of_the_whole_model(tmp_path, event
     each rank's monitor measures its stage; every rank's record holds both stages' layers and blocks in model
     order, equal to the float64 unsharded model's, with one all_reduce per logging step; rank 0 writes it."""
     import torch.distributed as dist
-    import torch.multiprocessing as mp
 
     if not dist.is_available():
         pytest.skip("torch built without distributed")
     pytest.importorskip("torch.distributed.pipelining")
-    mp.spawn(_pipeline_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    spawn(_pipeline_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2)
     series = events(str(tmp_path / "rank0"))["series"]
     assert {"zz_gradwatch.layers/grad_norm/0", "zz_gradwatch.layers/grad_norm/5"} <= set(series)  # both stages
     assert not (tmp_path / "rank1").exists()

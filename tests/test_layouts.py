@@ -18,6 +18,7 @@ import tempfile
 import pytest
 import torch
 from helpers.collectives import all_reduces as _all_reduces
+from helpers.processes import spawn
 from torch import nn
 
 import gradwatch
@@ -183,13 +184,12 @@ def _fsdp1_worker(rank: int, init: str, world: int, strategies: list[str]) -> No
 
 def _spawn(world: int, strategies: list[str]) -> None:
     import torch.distributed as dist
-    import torch.multiprocessing as mp
 
     if not dist.is_available():
         pytest.skip("torch built without distributed")
     # a file store, not a TCP port picked beforehand that another process may take meanwhile
     init = os.path.join(tempfile.mkdtemp(prefix="gradwatch-fsdp1-"), "init")
-    mp.spawn(_fsdp1_worker, args=(init, world, strategies), nprocs=world, join=True)
+    spawn(_fsdp1_worker, args=(init, world, strategies), nprocs=world)
 
 
 @pytest.mark.slow

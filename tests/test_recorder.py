@@ -24,6 +24,7 @@ import gradwatch
 from gradwatch.cli import main
 from gradwatch.reference.blocks import resnet
 from helpers.webhook_server import WebhookServer
+from helpers.processes import spawn
 
 N = 3  # the ring's length in these runs: shorter than the lead-up, so the oldest steps must have been let go
 STEPS = 7
@@ -269,12 +270,11 @@ def _ddp_worker(rank: int, init: str, out: str) -> None:
 @pytest.mark.slow
 def test_under_ddp_only_the_rank_that_writes_alerts_writes_the_recording(tmp_path):
     import torch.distributed as dist
-    import torch.multiprocessing as mp
 
     if not dist.is_available():
         pytest.skip("torch built without distributed")
     out = str(tmp_path / "run")
-    mp.spawn(_ddp_worker, args=(str(tmp_path / "init"), out), nprocs=2, join=True)
+    spawn(_ddp_worker, args=(str(tmp_path / "init"), out), nprocs=2)
     (opened,) = _opened(out)  # incident ids differ per rank: a second writer would leave a second file
     assert _files(out) == [opened["recording"]] and sorted(_read(opened["recording"]).step.unique()) == [0, 1, 2]
 

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from helpers.webhook_server import WebhookServer, free_port
+from helpers.processes import spawn
 
 import gradwatch
 from gradwatch.alerts import read_alerts
@@ -151,12 +152,11 @@ def _ddp_worker(rank: int, port: int, url: str, out: str) -> None:
 @pytest.mark.slow
 def test_ddp_two_processes_same_verdict_one_alert_sent(tmp_path):
     import torch.distributed as dist
-    import torch.multiprocessing as mp
 
     if not dist.is_available():
         pytest.skip("torch built without distributed")
     with WebhookServer() as srv:
-        mp.spawn(_ddp_worker, args=(free_port(), srv.url, str(tmp_path)), nprocs=2, join=True)
+        spawn(_ddp_worker, args=(free_port(), srv.url, str(tmp_path)), nprocs=2)
         posts = srv.wait_for(2, timeout=5)
     results = [json.loads((tmp_path / f"result{r}.json").read_text()) for r in (0, 1)]
     for res in results:  # the same verdict on both ranks, at the same step

@@ -15,6 +15,7 @@ from torch.utils.checkpoint import checkpoint
 
 import gradwatch
 from helpers import small_batch
+from helpers.processes import spawn
 from gradwatch import flow
 from gradwatch.flow import _hooks
 from gradwatch.reference.blocks import BasicBlock, resnet
@@ -584,9 +585,8 @@ def _ddp_worker(rank, world, init_file, out_dir):
 def test_ddp_flow_norms_are_the_global_batches(tmp_path):
     """Each rank's mean loss makes its activation gradients 2x the global batch's (2 ranks): the synced norm is
     sqrt(sum of the ranks' squares) / 2, what one process over both batches gives (docs/distributed.md)."""
-    import torch.multiprocessing as mp
 
-    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     assert r0["local"] and r0["local"].keys() == r1["local"].keys()
     assert r0["local"] != pytest.approx(r1["local"])  # unsynced: each rank its own values

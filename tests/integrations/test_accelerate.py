@@ -9,6 +9,7 @@ import os
 import pytest
 import torch
 from helpers.webhook_server import free_port
+from helpers.processes import spawn
 
 pytest.importorskip("accelerate")
 
@@ -50,9 +51,8 @@ def _worker(rank: int, port: int, out: str) -> None:
 
 @pytest.mark.slow
 def test_two_processes_accumulate_sync_and_rank0_writes(tmp_path):
-    import torch.multiprocessing as mp
 
-    mp.spawn(_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
+    spawn(_worker, args=(free_port(), str(tmp_path)), nprocs=2)
     res = [json.loads((tmp_path / f"result{r}.json").read_text()) for r in (0, 1)]
     for r in res:
         assert r["steps"] == [0, 1] and len(r["reference"]) == 2  # once per optimizer step, not per micro-batch

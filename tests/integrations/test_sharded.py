@@ -21,6 +21,7 @@ import textwrap
 import pytest
 import torch
 from helpers.webhook_server import free_port
+from helpers.processes import spawn
 from torch import nn
 
 pytestmark = pytest.mark.slow
@@ -193,6 +194,5 @@ def _accelerate_worker(rank: int, port: int) -> None:
 
 def test_accelerate_fsdp2_and_fsdp1_equal_the_unsharded_model():
     pytest.importorskip("accelerate")
-    import torch.multiprocessing as mp
 
-    mp.spawn(_accelerate_worker, args=(free_port(),), nprocs=2, join=True)
+    spawn(_accelerate_worker, args=(free_port(),), nprocs=2)

@@ -11,6 +11,7 @@ import os
 import pytest
 import torch
 from helpers import read_events
+from helpers.processes import spawn
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
@@ -210,10 +211,9 @@ def _ddp_worker(rank: int, port: int, out: str) -> None:
 def test_ddp_two_processes_agree_and_rank0_writes(tmp_path):
     """Two real processes (gloo) as ``torchrun`` would start them: the same values on both ranks (gradients
     all-reduced; block flow averaged over ranks), one event file, by rank 0."""
-    import torch.multiprocessing as mp
     from helpers.webhook_server import free_port
 
-    mp.spawn(_ddp_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
+    spawn(_ddp_worker, args=(free_port(), str(tmp_path)), nprocs=2)
     res = [json.load(open(tmp_path / f"result{r}.json")) for r in (0, 1)]
     assert sorted(res[0]["got"]) == ["1", "2", "4"] and res[0]["blocks"] == res[1]["blocks"] == 6
     for step in res[0]["got"]:
