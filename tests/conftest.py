@@ -2,10 +2,54 @@
 
 from __future__ import annotations
 
+import gc
+
 import pytest
+import torch
 from helpers import read_events
 
 
 @pytest.fixture
 def events():
     return read_events
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for the module's tests, restored after (the setting is process-wide). Small models
+    gain nothing from a second thread, and on a shared 2-core runner 2 threads ran ~50x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """TensorBoard's reader checks every record's CRC-32C in pure Python when TensorFlow is absent (~0.5 ms a
+    record: 9 s of the 10,000-step test's read-back). The tests read event files with that reader; here it
+    checks them with google-crc32c's C function instead, after checking it gives the same values (the same
+    check gradwatch makes before using it to write)."""
+    try:
+        import google_crc32c
+        from tensorboard.compat.tensorflow_stub import pywrap_tensorflow
+    except ImportError:
+        return
+    if getattr(google_crc32c, "implementation", "c") != "c":
+        return
+    slow = pywrap_tensorflow.masked_crc32c
+
+    def masked_crc32c(data: bytes) -> int:
+        x = google_crc32c.value(bytes(data))
+        return (((x >> 15) | (x << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+    if all(masked_crc32c(b) == slow(b) for b in (b"", b"\x00", b"gradwatch", bytes(range(256)) * 3)):
+        pywrap_tensorflow.masked_crc32c = masked_crc32c
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Collecting imports every test module and what it imports (torch, Lightning, transformers, pandas): a heap
+    of ~10^6 objects that lives to the end. Frozen, the garbage collector's full passes skip it; each full pass
+    over it took ~0.5 s, and the 10,000-step test made dozens of them (68 s alone, 93 s after collecting the
+    whole suite). Objects made by the tests are collected as usual."""
+    gc.collect()
+    gc.freeze()

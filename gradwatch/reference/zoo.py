@@ -45,7 +45,7 @@ except ImportError:  # pragma: no cover
 try:
     import transformers
 except ImportError:  # pragma: no cover
-    transformers = None  # type: ignore[assignment]  # the usual optional-import idiom: None marks it missing
+    transformers = None
 
 __all__ = ["ZooEntry", "Recipe", "ImageTask", "TokenTask", "VectorTask", "LIBRARIES", "entries", "run_entry",
            "report", "ZooResult", "main"]

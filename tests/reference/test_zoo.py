@@ -22,13 +22,7 @@ FALSE_ALARMS: dict[str, str] = {}
 _results: dict[str, object] = {}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Small models gain nothing from more threads, and on a shared 2-core runner 2 threads ran ~50x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def result(name: str, tmp_path_factory: pytest.TempPathFactory):
