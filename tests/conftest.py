@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import os
 
 import pytest
 import torch
@@ -14,17 +15,21 @@ def events():
     return read_events
 
 
-@pytest.fixture(scope="module")
-def one_thread():
-    """One intra-op thread for the module's tests, restored after (the setting is process-wide). Small models
-    gain nothing from a second thread, and on a shared 2-core runner 2 threads ran ~50x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def pytest_configure(config: pytest.Config) -> None:
+    _one_thread()
+    _fast_event_reading()
+
+
+def _one_thread() -> None:
+    """One intra-op thread here and in every process a test starts (the variable is inherited): the tests' models
+    are tiny, and a second thread only adds synchronisation. Measured on the 2-core machine: tests/flow,
+    test_monitor and test_recorder 63 s with 2 threads, 54 s with 1; on a shared 2-core runner 2 threads once
+    ran a zoo model ~50x slower. No test depends on the thread count."""
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+
+
+def _fast_event_reading() -> None:
     """TensorBoard's reader checks every record's CRC-32C in pure Python when TensorFlow is absent (~0.5 ms a
     record: 9 s of the 10,000-step test's read-back). The tests read event files with that reader; here it
     checks them with google-crc32c's C function instead, after checking it gives the same values (the same

@@ -58,8 +58,7 @@ def count(kinds):
 
 # ------------------------------------------------------------------------------------ one condition, 10,000 steps
 @pytest.mark.slow
-def test_a_condition_held_for_10000_steps_is_one_incident_and_a_few_reminders_on_every_sink(tmp_path, caplog,
-                                                                                             one_thread):
+def test_a_condition_held_for_10000_steps_is_one_incident_and_a_few_reminders_on_every_sink(tmp_path, caplog):
     """The issue's run: a 10-layer ReLU MLP (width 32, default init, SGD), every=1, 10,000 steps. Its gradient
     decays ~1,000x toward the input for the whole run (``depth_trend``, info). Reminders every 200, 400, 800...
     logging steps (a wall-time schedule would send none in the ~90 s this takes)."""

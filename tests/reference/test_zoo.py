@@ -22,9 +22,6 @@ FALSE_ALARMS: dict[str, str] = {}
 _results: dict[str, object] = {}
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
-
 def result(name: str, tmp_path_factory: pytest.TempPathFactory):
     """Each zoo entry is trained once per session; the tests below read its result."""
     if name not in _results:
