@@ -15,16 +15,30 @@ def events():
     return read_events
 
 
+_THREADS = {"default": 1}
+
+
+@pytest.fixture
+def all_threads():
+    """torch's default intra-op threads for one test of a model large enough to use them (ResNet-110 for 200
+    steps: 36 s with 2 threads, 43 s with 1), then one again."""
+    torch.set_num_threads(_THREADS["default"])
+    yield
+    torch.set_num_threads(1)
+
+
 def pytest_configure(config: pytest.Config) -> None:
+    _THREADS["default"] = torch.get_num_threads()
     _one_thread()
     _fast_event_reading()
 
 
 def _one_thread() -> None:
-    """One intra-op thread here and in every process a test starts (the variable is inherited): the tests' models
-    are tiny, and a second thread only adds synchronisation. Measured on the 2-core machine: tests/flow,
-    test_monitor and test_recorder 63 s with 2 threads, 54 s with 1; on a shared 2-core runner 2 threads once
-    ran a zoo model ~50x slower. No test depends on the thread count."""
+    """One intra-op thread here and in every process a test starts (the variable is inherited): most tests' models
+    are tiny, where a second thread only adds synchronisation, and the multi-process tests run 2-4 workers on
+    2 cores. Measured on the 2-core machine: tests/flow, test_monitor and test_recorder 63 s with 2 threads,
+    54 s with 1; the 4-process transformer test 37 s, 17 s; on a shared 2-core runner 2 threads once ran a zoo
+    model ~50x slower. No test depends on the thread count; ``all_threads`` gives a large model its threads."""
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
 

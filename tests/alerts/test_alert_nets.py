@@ -41,7 +41,7 @@ def test_planted_skip_fault_fires_skip_collapse_naming_the_block_within_patience
 # ---------------------------------------------------------------------------------------------- no false alarms
 @pytest.mark.slow
 @pytest.mark.parametrize("depth,block", [(56, "postact"), (56, "preact"), (110, "postact"), (110, "preact")])
-def test_healthy_resnets_trained_200_steps_fire_no_warning(depth, block):
+def test_healthy_resnets_trained_200_steps_fire_no_warning(depth, block, all_threads):
     torch.manual_seed(0)
     mon = train_net(resnet(depth, block=block), steps=200, every=5)
     loud = [a.headline() for a in mon.alerts if a.severity != "info"]
