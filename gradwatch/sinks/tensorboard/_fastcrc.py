@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 
 log = logging.getLogger("gradwatch")
 
-__all__ = ["install", "installed"]
+__all__ = ["install", "installed", "checked"]
 
 _STATE = {"tried": False, "on": False}
 
@@ -37,23 +38,35 @@ def install() -> bool:
     if os.environ.get("GRADWATCH_FAST_CRC", "1") == "0":
         return False
     try:
-        import google_crc32c
         from tensorboard.summary.writer import record_writer
     except ImportError:
+        return False
+    fast = checked(record_writer.masked_crc32c)
+    if fast is None:
+        return False
+    record_writer.masked_crc32c = fast
+    _STATE["on"] = True
+    return True
+
+
+def checked(reference: Callable[[bytes], int]) -> Callable[[bytes], int] | None:
+    """google-crc32c's masked CRC-32C (the checksum of TFRecord framing), or None when google-crc32c is missing,
+    has only its pure-Python fallback, or disagrees with ``reference`` (tensorboard's own function) on test
+    records."""
+    try:
+        import google_crc32c
+    except ImportError:
         log.debug("gradwatch: google-crc32c not installed; TensorBoard checksums stay pure Python")
-        return False
+        return None
     if getattr(google_crc32c, "implementation", "c") != "c":
-        return False
-    slow = record_writer.masked_crc32c
+        return None
 
     def masked_crc32c(data: bytes) -> int:
         x = google_crc32c.value(bytes(data))
         return (((x >> 15) | (x << 17)) + 0xA282EAD8) & 0xFFFFFFFF
 
     samples = (b"", b"\x00", b"gradwatch", bytes(range(256)) * 3)
-    if any(masked_crc32c(s) != slow(s) for s in samples):  # never write a file tensorboard cannot read
+    if any(masked_crc32c(s) != reference(s) for s in samples):  # never write a file tensorboard cannot read
         log.warning("gradwatch: google-crc32c disagrees with tensorboard's CRC-32C; not used")
-        return False
-    record_writer.masked_crc32c = masked_crc32c
-    _STATE["on"] = True
-    return True
+        return None
+    return masked_crc32c
