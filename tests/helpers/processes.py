@@ -10,7 +10,8 @@ parent's ``sys.path``, and an error in any worker raised here."""
 from __future__ import annotations
 
 import multiprocessing
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 # imported once by the fork server; what every worker imports anyway
 _PRELOAD = ["torch", "torch.distributed", "torch.distributed.fsdp", "torch.distributed.tensor", "numpy", "gradwatch",
