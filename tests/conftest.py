@@ -15,20 +15,20 @@ def events():
     return read_events
 
 
-_THREADS = {"default": 1}
+#: torch's default intra-op threads, read when this file is imported, before pytest_configure sets one
+_DEFAULT_THREADS = torch.get_num_threads()
 
 
 @pytest.fixture
 def all_threads():
     """torch's default intra-op threads for one test of a model large enough to use them (a ResNet-56, 60 steps
     with a monitor, back to back: 8.0 s with 1 thread, 7.0 s with 2), then one again."""
-    torch.set_num_threads(_THREADS["default"])
+    torch.set_num_threads(_DEFAULT_THREADS)
     yield
     torch.set_num_threads(1)
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    _THREADS["default"] = torch.get_num_threads()
     _one_thread()
     _fast_event_reading()
 

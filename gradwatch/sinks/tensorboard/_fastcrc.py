@@ -8,8 +8,9 @@ the training thread needs. It was the largest single cost of writing to TensorBo
 
 :func:`install` points the record writer at ``google-crc32c``'s C implementation (0.06 ms for the same
 120 KB) — only after checking, on test records, that it returns exactly what tensorboard's own function does,
-so the event files stay byte-identical. It changes nothing when ``google-crc32c`` is missing or has only
-its pure-Python fallback, and can be turned off with ``GRADWATCH_FAST_CRC=0``.
+so the event files stay byte-identical (:func:`checked` makes and checks that function). It changes nothing
+when ``google-crc32c`` is missing or has only its pure-Python fallback, and can be turned off with
+``GRADWATCH_FAST_CRC=0``.
 """
 
 from __future__ import annotations
