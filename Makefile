@@ -19,11 +19,16 @@ $(STAMP): $(PY) pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/gradwatch demo
 
+# One pytest worker per core (pytest-xdist), at most 8 (each imports torch, Lightning and transformers: ~1 GB);
+# worksteal hands the long tests' neighbours to an idle worker. Every test runs in one intra-op thread
+# (tests/conftest.py), so the workers do not oversubscribe the cores.
+PYTEST_WORKERS := -n auto --maxprocesses 8 --dist worksteal
+
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q $(PYTEST_WORKERS)
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q $(PYTEST_WORKERS) -m "not slow"
 
 # The release check: build the sdist and wheel, install the wheel (not editable) into a fresh venv, WHEEL_VENV,
 # and use it from outside the checkout: import, the README's quickstart for 20 steps, `gradwatch --help`, the

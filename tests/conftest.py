@@ -15,14 +15,16 @@ def events():
     return read_events
 
 
-#: torch's default intra-op threads, read when this file is imported, before pytest_configure sets one
-_DEFAULT_THREADS = torch.get_num_threads()
+#: this process's share of torch's default intra-op threads, read when this file is imported (before
+#: pytest_configure sets one): all of them run alone, one per worker's share of the cores under pytest-xdist
+#: (``make test`` runs a worker per core: two threads in each would oversubscribe them)
+_DEFAULT_THREADS = max(1, torch.get_num_threads() // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
 
 
 @pytest.fixture
 def all_threads():
-    """torch's default intra-op threads for one test of a model large enough to use them (a ResNet-56, 60 steps
-    with a monitor, back to back: 8.0 s with 1 thread, 7.0 s with 2), then one again."""
+    """This process's share of torch's default intra-op threads for one test of a model large enough to use them
+    (a ResNet-56, 60 steps with a monitor, back to back: 8.0 s with 1 thread, 7.0 s with 2), then one again."""
     torch.set_num_threads(_DEFAULT_THREADS)
     yield
     torch.set_num_threads(1)
