@@ -10,7 +10,7 @@ from collections.abc import Iterable
 
 import numpy as np
 
-__all__ = ["nanmedian", "nanmedian_rows", "quantile"]
+__all__ = ["nanmedian", "nanmedian_rows", "quantile", "quantiles"]
 
 
 def nanmedian_rows(x: np.ndarray) -> np.ndarray:
@@ -36,11 +36,21 @@ def quantile(values: Iterable[float], q: float) -> float:
     """The ``q`` quantile of ``values`` (NaN if one is NaN or there are none), as ``np.quantile``'s default
     (linear) method computes it: the two values around the index ``(n - 1) q`` of the sorted values,
     interpolated from the nearer end."""
+    return quantiles(values, (q,))[0]
+
+
+def quantiles(values: Iterable[float], qs: Iterable[float]) -> list[float]:
+    """:func:`quantile` of ``values`` at each of ``qs``, from one sort."""
     v = sorted(float(x) for x in values)
     n = len(v)
     if not n or any(x != x for x in v):
-        return math.nan
-    at = (n - 1) * q
+        return [math.nan for _ in qs]
+    return [_interpolated(v, (n - 1) * q) for q in qs]
+
+
+def _interpolated(v: list[float], at: float) -> float:
+    """The value at fractional index ``at`` of the sorted ``v``, as numpy's linear method computes it."""
+    n = len(v)
     i = math.floor(at)
     t = at - i
     # past either end both neighbours are the end value (numpy's lerp then gives NaN for an infinite one)

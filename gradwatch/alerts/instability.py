@@ -12,7 +12,7 @@ import numpy as np
 from .._checks import check_int, check_number
 from . import _inflation, _loss
 from ._instability_text import finding
-from ._stats import nanmedian, nanmedian_rows, quantile
+from ._stats import nanmedian, nanmedian_rows, quantiles
 from .alert import Alert
 from .measurements import Measurements
 from .rule import Rule
@@ -358,7 +358,8 @@ class Instability(Rule):
         r = r[np.isfinite(r)]
         hist: list[float] = self.state["spread"]
         if len(r) >= 3:
-            hist.append(quantile(r, 0.9) - quantile(r, 0.1))
+            high, low = quantiles(r, (0.9, 0.1))  # one sort for both
+            hist.append(high - low)
             del hist[: max(0, len(hist) - self.window)]
         return bool(hist) and nanmedian(hist) < self.follows_gradient
 

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from gradwatch.alerts._stats import nanmedian, nanmedian_rows, quantile
+from gradwatch.alerts._stats import nanmedian, nanmedian_rows, quantile, quantiles
 
 
 def _samples(seed, count):
@@ -40,4 +40,7 @@ def test_quantiles_equal_numpys_linear_method_bit_for_bit():
         for row in x:
             for q in (0.0, 0.1, 0.5, 0.9, 1.0, float(rng.random())):
                 assert np.array_equal(quantile(row, q), np.quantile(row, q), equal_nan=True), (row, q)
+            qs = (0.9, 0.1, float(rng.random()))  # several from one sort: the same values
+            assert np.array_equal(quantiles(row, qs), np.quantile(row, qs), equal_nan=True), (row, qs)
     assert math.isnan(quantile([], 0.5)) and quantile([1.0, 2.0, 3.0, 4.0], 0.9) == pytest.approx(3.7)
+    assert all(math.isnan(v) for v in quantiles([], (0.1, 0.9)))
