@@ -6,7 +6,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 
@@ -39,7 +39,7 @@ def quantile(values: Iterable[float], q: float) -> float:
     return quantiles(values, (q,))[0]
 
 
-def quantiles(values: Iterable[float], qs: Iterable[float]) -> list[float]:
+def quantiles(values: Iterable[float], qs: Sequence[float]) -> list[float]:
     """:func:`quantile` of ``values`` at each of ``qs``, from one sort."""
     v = sorted(float(x) for x in values)
     n = len(v)
