@@ -34,22 +34,18 @@ import numpy as np
 import torch
 from torch import nn
 
-from gradwatch.reference.gpt import TinyGPT, synthetic_language
-from gradwatch.reference.instability import Run, blowup, heldout_runs, runs, train
+from gradwatch.reference.instability import Run, blowup, build, heldout_runs, runs, train
 
 KINDS = ("all", "qkv", "proj", "mlp.0", "mlp.2", "head")
 PATIENCE = 3  # steps in a row, as the instability rule's inflation trigger
 
 
 def record(run: Run) -> dict[str, Any]:
-    """Train ``run`` as the suite does (:func:`gradwatch.reference.instability.train_run`), with a forward hook on
-    every linear layer keeping its output and input RMS at each training step (no ``torch.no_grad`` forward runs
-    in the suite); returns the per-layer log gains, (steps,) each, and the losses."""
+    """Train ``run`` as the suite does (its model and batches from ``build``, then ``train``), with a forward hook
+    on every linear layer keeping its output and input RMS at each training step (no ``torch.no_grad`` forward
+    runs in the suite); returns the per-layer log gains, (steps,) each, and the losses."""
     torch.set_num_threads(1)
-    torch.manual_seed(run.seed)
-    model = TinyGPT(dim=run.dim, depth=run.depth, qk_norm=run.qk_norm)
-    data = synthetic_language(4096, seed=run.seed)
-    shifted = synthetic_language(4096, seed=run.seed, grammar=1) if run.shift is not None else data
+    model, batch = build(run)
     rms: dict[str, list[torch.Tensor]] = {}
 
     def keep(name: str) -> Any:
@@ -60,11 +56,6 @@ def record(run: Run) -> dict[str, Any]:
         return hook
 
     handles = [m.register_forward_hook(keep(n)) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-
-    def batch(i: int, gen: torch.Generator) -> torch.Tensor:
-        source = shifted if run.shift is not None and i >= run.shift else data
-        return source[torch.randint(0, len(source), (16,), generator=gen)]
-
     try:
         _, losses, _ = train(run, model, batch, lambda net, b: net.loss(b))
     finally:

@@ -16,8 +16,8 @@ def events():
 
 
 #: this process's share of torch's default intra-op threads, read when this file is imported (before
-#: pytest_configure sets one): all of them run alone, one per worker's share of the cores under pytest-xdist
-#: (``make test`` runs a worker per core: two threads in each would oversubscribe them)
+#: pytest_configure sets one): all of them when pytest runs alone; under pytest-xdist (``make test``: a worker
+#: per core) the worker's share, as two threads in each worker would oversubscribe the cores
 _DEFAULT_THREADS = max(1, torch.get_num_threads() // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
 
 

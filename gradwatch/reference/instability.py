@@ -31,8 +31,8 @@ from torch import nn
 from ..monitor import Monitor
 from .gpt import TinyGPT, synthetic_language
 
-__all__ = ["Run", "RunOutcome", "runs", "run_one", "train_run", "train", "spike_step", "divergence_step", "blowup", "SPIKE_NATS",
-           "SPIKE_WINDOW", "SPIKE_FROM", "LEADING_RULES", "heldout_runs"]
+__all__ = ["Run", "RunOutcome", "runs", "run_one", "train_run", "build", "train", "spike_step", "divergence_step",
+           "blowup", "SPIKE_NATS", "SPIKE_WINDOW", "SPIKE_FROM", "LEADING_RULES", "heldout_runs"]
 
 #: The spike definition (:func:`spike_step`): the loss at a step exceeds the median of the ``SPIKE_WINDOW``
 #: steps before it by ``SPIKE_NATS`` nats or more, or is not finite, at step ``SPIKE_FROM`` or later. The same
@@ -201,6 +201,14 @@ def train_run(run: Run, out: str | None = None, threads: int = 1,
     """:func:`run_one` before scoring: the suite's TinyGPT for ``run`` trained by :func:`train`; returns the
     monitor (its records replay a rule offline), the loss per step and the seconds taken."""
     torch.set_num_threads(threads)
+    model, batch = build(run)
+    return train(run, model, batch, lambda net, b: net.loss(b),
+                 log_dir=os.path.join(out, run.name) if out else None, every=every)
+
+
+def build(run: Run) -> tuple[TinyGPT, Callable[[int, torch.Generator], torch.Tensor]]:
+    """The suite's TinyGPT for ``run`` (seeded with ``run.seed``) and its batches for :func:`train`: batch ``i``
+    is 16 sequences of the generated language, of the other grammar from ``run.shift`` on."""
     torch.manual_seed(run.seed)
     model = TinyGPT(dim=run.dim, depth=run.depth, qk_norm=run.qk_norm)
     data = synthetic_language(4096, seed=run.seed)
@@ -210,8 +218,7 @@ def train_run(run: Run, out: str | None = None, threads: int = 1,
         source = shifted if run.shift is not None and i >= run.shift else data
         return source[torch.randint(0, len(source), (16,), generator=gen)]
 
-    return train(run, model, batch, lambda net, b: net.loss(b),
-                 log_dir=os.path.join(out, run.name) if out else None, every=every)
+    return model, batch
 
 
 def train(run: Run, model: nn.Module, batch: Callable[[int, torch.Generator], torch.Tensor],
