@@ -22,7 +22,6 @@ then print the frontier (the best recall at each count of false alarms) over the
 from __future__ import annotations
 
 import argparse
-import glob
 import itertools
 import os
 import pickle
@@ -34,6 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from _trigger_scan import frontier, outcome, recordings
 from gradwatch.reference.instability import Run, blowup, build, heldout_runs, runs, train
 
 KINDS = ("all", "qkv", "proj", "mlp.0", "mlp.2", "head")
@@ -88,30 +88,16 @@ def first_warning(gains: dict[str, np.ndarray], kind: str, lag: int, threshold: 
 
 def scan(folders: Sequence[str], starts: Sequence[int]) -> None:
     """Score the grid on the recorded runs; print, per count of false alarms, the setting with the best recall."""
-    recorded = []
-    for folder in folders:
-        for path in sorted(glob.glob(os.path.join(folder, "*.pkl"))):
-            with open(path, "rb") as f:
-                d = pickle.load(f)
-            recorded.append((folder, blowup(d["losses"])[0], d["gains"]))
-    blew = sum(b is not None for _, b, _ in recorded)
+    recorded = [(blowup(d["losses"])[0], d["gains"]) for d in recordings(folders)]
+    blew = sum(b is not None for b, _ in recorded)
     print(f"{len(recorded)} runs, {blew} blew up, from {', '.join(folders)}")
     scored = []
     for kind, lag, threshold, start in itertools.product(KINDS, (10, 20, 30), (1.5, 2, 3, 5), starts):
-        pairs = [(b, first_warning(g, kind, lag, threshold, start)) for _, b, g in recorded]
-        ahead = [b - w for b, w in pairs if b is not None and w is not None and w < b]
-        alarms = sum(b is None and w is not None for b, w in pairs)
-        lead = float(np.median(ahead)) if ahead else float("nan")
-        scored.append((alarms, len(ahead), lead, f"{kind} lag={lag} threshold={threshold:g} start={start}"))
+        pairs = [(b, first_warning(g, kind, lag, threshold, start)) for b, g in recorded]
+        scored.append((*outcome(pairs), f"{kind} lag={lag} threshold={threshold:g} start={start}"))
     print(f"{len(scored)} settings; the best recall at each count of false alarms (of {len(recorded) - blew}) "
           f"where it improves:")
-    shown = -1
-    for most in range(len(recorded) - blew + 1):
-        within = [s for s in scored if s[0] <= most]
-        alarms, recall, lead, setting = max(within or [(0, -1, 0.0, "")], key=lambda s: (s[1], -s[0]))
-        if recall > shown:
-            shown = recall
-            print(f"  <= {most}: recall {recall}/{blew}, median lead {lead:g}, {alarms} false alarms  ({setting})")
+    frontier(scored, len(recorded) - blew, blew)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

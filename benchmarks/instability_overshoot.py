@@ -39,7 +39,6 @@ false alarms, the near-edge runs?)::
 from __future__ import annotations
 
 import argparse
-import glob
 import itertools
 import os
 import pickle
@@ -53,6 +52,7 @@ import numpy as np
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
+from _trigger_scan import frontier, outcome, recordings
 from gradwatch.reference.instability import Run, blowup, build, heldout_runs, runs, score, train
 
 #: per layer and step: g_t.d_t (own step), g_t.d_{t-1}, g_t.g_{t-1}, d_t.d_{t-1}, |g_t|^2, |d_t|^2, |w_t|^2
@@ -172,13 +172,8 @@ def first_warning(sig: dict[str, np.ndarray], signal: str, k: int, bar: float, l
 
 
 def load(folders: Sequence[str]) -> list[tuple[str, int | None, dict[str, np.ndarray]]]:
-    recorded = []
-    for folder in folders:
-        for path in sorted(glob.glob(os.path.join(folder, "*.pkl"))):
-            with open(path, "rb") as f:
-                d = pickle.load(f)
-            recorded.append((d["run"].name, blowup(d["losses"])[0], signals(d["stats"])))
-    return recorded
+    """(name, blew-up step, signals) of each recorded run."""
+    return [(d["run"].name, blowup(d["losses"])[0], signals(d["stats"])) for d in recordings(folders)]
 
 
 GRID = {"r": (-2.0, -1.0, -0.5, 0.0), "cos_d": (0.0, 0.3, 0.5), "cos_g": (-0.3, -0.1, 0.0)}
@@ -193,18 +188,9 @@ def scan(folders: Sequence[str], starts: Sequence[int]) -> None:
     for signal, bars in GRID.items():
         for bar, k, layers, start in itertools.product(bars, (3, 5, 9), (1, 2, 3), starts):
             pairs = [(b, first_warning(s, signal, k, bar, layers, start)) for _, b, s in recorded]
-            ahead = [b - w for b, w in pairs if b is not None and w is not None and w < b]
-            alarms = sum(b is None and w is not None for b, w in pairs)
-            lead = float(np.median(ahead)) if ahead else float("nan")
-            scored.append((alarms, len(ahead), lead, f"{signal}<{bar:g} k={k} layers={layers} start={start}"))
+            scored.append((*outcome(pairs), f"{signal}<{bar:g} k={k} layers={layers} start={start}"))
     print(f"{len(scored)} settings; the best recall at each count of false alarms (of {len(recorded) - blew}):")
-    shown = -1
-    for most in range(len(recorded) - blew + 1):
-        within = [s for s in scored if s[0] <= most]
-        alarms, recall, lead, setting = max(within or [(0, -1, 0.0, "")], key=lambda s: (s[1], s[2], -s[0]))
-        if recall > shown:
-            shown = recall
-            print(f"  <= {most}: recall {recall}/{blew}, median lead {lead:g}, {alarms} false alarms  ({setting})")
+    frontier(scored, len(recorded) - blew, blew)
 
 
 def gate(folders: Sequence[str], k: int = 9) -> None:
@@ -213,20 +199,17 @@ def gate(folders: Sequence[str], k: int = 9) -> None:
     did neither (a false alarm). A signal that could hold the false alarms back reads apart on them."""
     print(f"{'run':28s} {'blew up':>7s} {'warned':>6s}  {'cos_g med/p10':>13s}  {'r med/p10':>13s}  "
           f"{'cos_d med/p10':>13s}  verdict")
-    for folder in folders:
-        for path in sorted(glob.glob(os.path.join(folder, "*.pkl"))):
-            with open(path, "rb") as f:
-                d = pickle.load(f)
-            b, w = blowup(d["losses"])[0], d.get("warning")
-            if w is None:
-                continue
-            sig = signals(d["stats"])
-            cells = []
-            for name in ("cos_g", "r", "cos_d"):
-                med = _rolling_median(sig[name], k)[:, w]
-                cells.append(f"{np.nanquantile(med, 0.5):6.2f} {np.nanquantile(med, 0.1):6.2f}")
-            verdict = "false alarm" if b is None else ("ahead" if w < b else "late")
-            print(f"{d['run'].name:28s} {str(b):>7s} {w:>6d}  " + "  ".join(cells) + f"  {verdict}")
+    for d in recordings(folders):
+        b, w = blowup(d["losses"])[0], d.get("warning")
+        if w is None:
+            continue
+        sig = signals(d["stats"])
+        cells = []
+        for name in ("cos_g", "r", "cos_d"):
+            med = _rolling_median(sig[name], k)[:, w]
+            cells.append(f"{np.nanquantile(med, 0.5):6.2f} {np.nanquantile(med, 0.1):6.2f}")
+        verdict = "false alarm" if b is None else ("ahead" if w < b else "late")
+        print(f"{d['run'].name:28s} {str(b):>7s} {w:>6d}  " + "  ".join(cells) + f"  {verdict}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
